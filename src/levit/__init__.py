@@ -1,0 +1,22 @@
+"""levit: LeViT image classifiers, exact to the released weights, built for fast inference."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .checkpoint import save
+from .config import LeViTConfig
+from .flops import count_flops, count_params
+from .fuse import fuse
+from .registry import create_model, list_models
+
+__all__ = [
+    "LeViTConfig",
+    "__version__",
+    "count_flops",
+    "count_params",
+    "create_model",
+    "fuse",
+    "list_models",
+    "save",
+]

@@ -1,0 +1,7 @@
+"""``python -m levit`` is the ``levit`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

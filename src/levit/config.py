@@ -1,0 +1,130 @@
+"""Model configurations: one frozen dataclass per LeViT variant, derived sizes included."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+__all__ = ["PAPER_RESULTS", "VARIANTS", "LeViTConfig"]
+
+
+@dataclass(frozen=True)
+class LeViTConfig:
+    """Everything that defines a LeViT network.
+
+    The paper's variants live in :data:`VARIANTS`; derive others with
+    :meth:`replace` (unknown fields raise a ``TypeError`` listing the valid ones).
+    """
+
+    name: str
+    embed_dim: tuple[int, ...]  # C per stage
+    key_dim: int  # D (query/key size per head, also used by shrink attention)
+    num_heads: tuple[int, ...]  # attention heads per stage
+    depth: tuple[int, ...]  # (attention, MLP) pairs per stage
+    drop_path_rate: float = 0.0
+    attn_ratio: float = 2.0  # value size = attn_ratio * D in the stage attention
+    mlp_ratio: float = 2.0  # hidden size = mlp_ratio * C
+    down_attn_ratio: float = 4.0  # value size = 4 * D in shrink attention
+    down_mlp_ratio: float = 2.0  # MLP after shrink attention
+    num_classes: int = 1000
+    distillation: bool = True
+    img_size: int = 224
+    in_chans: int = 3
+
+    def __post_init__(self) -> None:
+        n = len(self.embed_dim)
+        if not (len(self.num_heads) == len(self.depth) == n) or n == 0:
+            raise ValueError(
+                f"embed_dim, num_heads and depth need one entry per stage; got {self.embed_dim}, "
+                f"{self.num_heads}, {self.depth}"
+            )
+        if self.embed_dim[0] % 8:
+            raise ValueError(f"embed_dim[0] must be divisible by 8 (stem), got {self.embed_dim[0]}")
+        for c in self.embed_dim[:-1]:
+            if c % self.key_dim:
+                raise ValueError(f"embed_dim {c} must be divisible by key_dim {self.key_dim} (shrink heads)")
+        if self.img_size < 16 or self.img_size % 16:
+            raise ValueError(f"img_size must be a positive multiple of 16, got {self.img_size}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
+
+    # ---- derived sizes -------------------------------------------------------------------
+    @property
+    def num_stages(self) -> int:
+        """Number of attention stages."""
+        return len(self.embed_dim)
+
+    @property
+    def resolutions(self) -> tuple[int, ...]:
+        """Token grid side per stage: 14 -> 7 -> 4 at 224x224."""
+        r = self.img_size // 16
+        out = [r]
+        for _ in range(self.num_stages - 1):
+            r = (r - 1) // 2 + 1
+            out.append(r)
+        return tuple(out)
+
+    @property
+    def shrink_heads(self) -> tuple[int, ...]:
+        """Heads of each shrink attention (between stage s and s+1): C_s / D."""
+        return tuple(c // self.key_dim for c in self.embed_dim[:-1])
+
+    @property
+    def num_features(self) -> int:
+        """Width of the pooled features fed to the classifier."""
+        return self.embed_dim[-1]
+
+    def replace(self, **changes: object) -> LeViTConfig:
+        """A copy with some fields changed; unknown fields are an error listing the valid ones."""
+        valid = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - valid)
+        if unknown:
+            raise TypeError(f"unknown config key(s) {unknown}; valid keys: {sorted(valid)}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """JSON-friendly dict (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LeViTConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - valid)
+        if unknown:
+            raise ValueError(f"unknown config key(s) {unknown}; valid keys: {sorted(valid)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+@dataclass(frozen=True)
+class PaperResult:
+    """Figures reported in the paper (Table 3) for a released model."""
+
+    top1: float
+    top5: float
+    gpu_img_s: float  # V100, fp16
+    cpu_img_s: float  # Xeon Gold 6138, one thread, batch 16
+    arm_img_s: float
+    url: str = field(default="")
+
+
+VARIANTS: dict[str, LeViTConfig] = {
+    "levit_128s": LeViTConfig("levit_128s", (128, 256, 384), 16, (4, 6, 8), (2, 3, 4)),
+    "levit_128": LeViTConfig("levit_128", (128, 256, 384), 16, (4, 8, 12), (4, 4, 4)),
+    "levit_192": LeViTConfig("levit_192", (192, 288, 384), 32, (3, 5, 6), (4, 4, 4)),
+    "levit_256": LeViTConfig("levit_256", (256, 384, 512), 32, (4, 6, 8), (4, 4, 4)),
+    "levit_384": LeViTConfig("levit_384", (384, 512, 768), 32, (6, 9, 12), (4, 4, 4), drop_path_rate=0.1),
+    # A tiny model for tests and demos: same structure, a fraction of the width and depth.
+    "levit_tiny": LeViTConfig("levit_tiny", (32, 48, 64), 8, (2, 3, 4), (1, 1, 1)),
+}
+
+_BASE_URL = "https://dl.fbaipublicfiles.com/LeViT/"
+PAPER_RESULTS: dict[str, PaperResult] = {
+    "levit_128s": PaperResult(76.6, 92.9, 12880, 131.1, 39.1, _BASE_URL + "LeViT-128S-96703c44.pth"),
+    "levit_128": PaperResult(78.6, 94.0, 9266, 94.0, 30.8, _BASE_URL + "LeViT-128-b88c2750.pth"),
+    "levit_192": PaperResult(80.0, 94.7, 8601, 65.0, 24.2, _BASE_URL + "LeViT-192-92712e41.pth"),
+    "levit_256": PaperResult(81.6, 95.4, 6582, 42.5, 16.4, _BASE_URL + "LeViT-256-13b5763e.pth"),
+    "levit_384": PaperResult(82.6, 96.0, 4165, 23.1, 9.4, _BASE_URL + "LeViT-384-9bdaf2e2.pth"),
+}

@@ -1,0 +1,252 @@
+"""Inference form of LeViT: BatchNorms folded, heads merged, attention biases baked in.
+
+:func:`fuse` builds a NEW :class:`FusedLeViT` from a trained :class:`~levit.model.LeViT`; the input
+model is not modified. The fused module holds plain tensors (weights, biases and the gathered
+attention-bias matrices), so there is nothing that can go stale after ``load_state_dict``,
+``.to(device)`` or ``.to(dtype)``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import LeViTConfig
+from .layers import BNLinear, ConvBN, LinearBN
+from .model import LeViT, check_input
+
+__all__ = ["FusedAttention", "FusedLeViT", "FusedMLP", "FusedShrinkAttention", "fuse"]
+
+
+class FusedAttention(nn.Module):
+    """Self-attention with the q scale folded into ``qkv`` and the bias as a (H, N, N) buffer."""
+
+    def __init__(self, dim: int, key_dim: int, num_heads: int, val_dim: int, resolution: int) -> None:
+        super().__init__()
+        self.num_heads, self.key_dim, self.val_dim = num_heads, key_dim, val_dim
+        n = resolution * resolution
+        self.qkv = nn.Linear(dim, num_heads * (2 * key_dim + val_dim))
+        self.proj = nn.Linear(num_heads * val_dim, dim)
+        self.register_buffer("attn_bias", torch.zeros(num_heads, n, n))
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).view(B, N, self.num_heads, -1).split([self.key_dim, self.key_dim, self.val_dim], 3)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, d)
+        attn = torch.baddbmm(
+            self.attn_bias.expand(B, -1, -1, -1).reshape(-1, N, N),
+            q.reshape(-1, N, self.key_dim),
+            k.reshape(-1, N, self.key_dim).transpose(1, 2),
+        )
+        x = attn.softmax(dim=-1) @ v.reshape(-1, N, self.val_dim)  # (B*H, N, val_dim)
+        x = x.view(B, self.num_heads, N, self.val_dim).transpose(1, 2).reshape(B, N, -1)
+        return self.proj(F.hardswish(x))
+
+
+class FusedShrinkAttention(nn.Module):
+    """Shrink attention with folded BNs and a (H, N_q, N_k) bias buffer."""
+
+    def __init__(self, in_dim: int, out_dim: int, key_dim: int, num_heads: int, val_dim: int, resolution: int) -> None:
+        super().__init__()
+        self.num_heads, self.key_dim, self.val_dim = num_heads, key_dim, val_dim
+        self.resolution = resolution
+        self.resolution_out = (resolution - 1) // 2 + 1
+        nq, nk = self.resolution_out**2, resolution**2
+        self.kv = nn.Linear(in_dim, num_heads * (key_dim + val_dim))
+        self.q = nn.Linear(in_dim, num_heads * key_dim)
+        self.proj = nn.Linear(num_heads * val_dim, out_dim)
+        self.register_buffer("attn_bias", torch.zeros(num_heads, nq, nk))
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, C = x.shape
+        r, r2 = self.resolution, self.resolution_out
+        H = self.num_heads
+        k, v = self.kv(x).view(B, N, H, -1).split([self.key_dim, self.val_dim], dim=3)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, d)
+        xs = x.view(B, r, r, C)[:, ::2, ::2].reshape(B, r2 * r2, C)
+        q = self.q(xs).view(B, r2 * r2, H, self.key_dim).transpose(1, 2)
+        attn = q @ k.transpose(-2, -1) + self.attn_bias
+        x = attn.softmax(dim=-1) @ v  # (B, H, N_q, val_dim)
+        x = x.transpose(1, 2).reshape(B, r2 * r2, H * self.val_dim)
+        return self.proj(F.hardswish(x))
+
+
+class FusedMLP(nn.Module):
+    """Linear -> Hardswish -> Linear."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.hardswish(self.fc1(x)))
+
+
+class _FusedBlock(nn.Module):
+    def __init__(self, cfg: LeViTConfig, s: int) -> None:
+        super().__init__()
+        dim = cfg.embed_dim[s]
+        self.attn = FusedAttention(
+            dim, cfg.key_dim, cfg.num_heads[s], int(cfg.attn_ratio * cfg.key_dim), cfg.resolutions[s]
+        )
+        self.mlp = FusedMLP(dim, int(dim * cfg.mlp_ratio))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(x)
+        return x + self.mlp(x)
+
+
+class _FusedShrink(nn.Module):
+    def __init__(self, cfg: LeViTConfig, s: int) -> None:
+        super().__init__()
+        c_out = cfg.embed_dim[s]
+        self.attn = FusedShrinkAttention(
+            cfg.embed_dim[s - 1],
+            c_out,
+            cfg.key_dim,
+            cfg.shrink_heads[s - 1],
+            int(cfg.down_attn_ratio * cfg.key_dim),
+            cfg.resolutions[s - 1],
+        )
+        self.mlp = FusedMLP(c_out, int(c_out * cfg.down_mlp_ratio))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.attn(x)
+        return x + self.mlp(x)
+
+
+class _FusedStage(nn.Module):
+    def __init__(self, cfg: LeViTConfig, s: int) -> None:
+        super().__init__()
+        self.downsample = _FusedShrink(cfg, s) if s > 0 else nn.Identity()
+        self.blocks = nn.Sequential(*[_FusedBlock(cfg, s) for _ in range(cfg.depth[s])])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.blocks(self.downsample(x))
+
+
+class FusedLeViT(nn.Module):
+    """LeViT for inference: plain convs and linears, one head. Build it with :func:`fuse`.
+
+    Constructing it directly gives placeholder weights (used when loading a fused checkpoint).
+    """
+
+    is_fused = True
+
+    def __init__(self, cfg: LeViTConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        c = cfg.embed_dim[0]
+        chans = [cfg.in_chans, c // 8, c // 4, c // 2, c]
+        layers: list[nn.Module] = []
+        for i in range(4):
+            layers.append(nn.Conv2d(chans[i], chans[i + 1], 3, 2, 1))
+            if i < 3:
+                layers.append(nn.Hardswish())
+        self.stem = nn.Sequential(*layers)
+        self.stages = nn.ModuleList([_FusedStage(cfg, s) for s in range(cfg.num_stages)])
+        nc = cfg.num_classes
+        self.head = nn.Linear(cfg.num_features, nc) if nc > 0 else nn.Identity()
+        self.eval()
+
+    @property
+    def num_classes(self) -> int:
+        """Number of output classes (0: the model returns pooled features)."""
+        return self.config.num_classes
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) images -> (B, N, C) tokens of the last stage."""
+        check_input(x, self.config)
+        x = self.stem(x).flatten(2).transpose(1, 2)
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.forward_features(x).mean(1))
+
+
+# ---- folding ---------------------------------------------------------------------------------
+def _bn_scale_shift(bn: nn.BatchNorm1d | nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    w = bn.weight if bn.weight is not None else torch.ones_like(bn.running_mean)
+    b = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
+    scale = w.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    return scale, b.double() - bn.running_mean.double() * scale
+
+
+def _fold(m: ConvBN | LinearBN) -> tuple[Tensor, Tensor]:
+    """(weight, bias) of the affine map equal to ``m`` in eval mode, in float64."""
+    w = (m.conv if isinstance(m, ConvBN) else m.linear).weight.double()
+    scale, shift = _bn_scale_shift(m.bn)
+    return w * scale.view(-1, *([1] * (w.ndim - 1))), shift
+
+
+def _fold_head(m: BNLinear) -> tuple[Tensor, Tensor]:
+    scale, shift = _bn_scale_shift(m.bn)
+    w, b = m.linear.weight.double(), m.linear.bias.double()
+    return w * scale.view(1, -1), b + w @ shift
+
+
+def _set(dst: nn.Linear | nn.Conv2d, w: Tensor, b: Tensor) -> None:
+    dst.weight.copy_(w.to(dst.weight.dtype))
+    dst.bias.copy_(b.to(dst.bias.dtype))
+
+
+def _scale_q_rows(w: Tensor, b: Tensor, heads: int, per_head: int, key_dim: int, scale: float) -> None:
+    """Multiply the q rows (the first ``key_dim`` of each head's ``per_head`` rows) by ``scale``."""
+    w.view(heads, per_head, -1)[:, :key_dim] *= scale
+    b.view(heads, per_head)[:, :key_dim] *= scale
+
+
+@torch.no_grad()
+def fuse(model: LeViT) -> FusedLeViT:
+    """A new inference module equal to ``model.eval()``: BN folded, heads merged, biases baked in.
+
+    The input model is left untouched (mode, weights and device). The result is in eval mode, on the
+    model's device and in its dtype. Accepts an already fused model (returns a copy).
+    """
+    if isinstance(model, FusedLeViT):
+        return copy.deepcopy(model)
+    if not isinstance(model, LeViT):
+        raise TypeError(f"fuse() needs a levit LeViT model, got {type(model).__name__}")
+    cfg = model.config
+    p = next(model.parameters())
+    fused = FusedLeViT(cfg).to(device=p.device, dtype=p.dtype)
+
+    for i in range(0, 7, 2):
+        _set(fused.stem[i], *_fold(model.stem[i]))
+
+    for s_src, s_dst in zip(model.stages, fused.stages):
+        if not isinstance(s_src.downsample, nn.Identity):
+            src, dst = s_src.downsample.attn, s_dst.downsample.attn
+            _set(dst.kv, *_fold(src.kv))
+            w, b = _fold(src.q)
+            _set(dst.q, w * src.scale, b * src.scale)
+            _set(dst.proj, *_fold(src.proj))
+            dst.attn_bias.copy_(src.attention_biases[:, src.attention_bias_idxs])
+            _fold_mlp(s_src.downsample.mlp, s_dst.downsample.mlp)
+        for b_src, b_dst in zip(s_src.blocks, s_dst.blocks):
+            src, dst = b_src.attn, b_dst.attn
+            w, b = _fold(src.qkv)
+            _scale_q_rows(w, b, src.num_heads, 2 * src.key_dim + src.val_dim, src.key_dim, src.scale)
+            _set(dst.qkv, w, b)
+            _set(dst.proj, *_fold(src.proj))
+            dst.attn_bias.copy_(src.attention_biases[:, src.attention_bias_idxs])
+            _fold_mlp(b_src.mlp, b_dst.mlp)
+
+    if cfg.num_classes > 0:
+        w, b = _fold_head(model.head)
+        if model.head_dist is not None:
+            w2, b2 = _fold_head(model.head_dist)
+            w, b = (w + w2) / 2, (b + b2) / 2
+        _set(fused.head, w, b)
+    return fused.eval()
+
+
+def _fold_mlp(src: nn.Module, dst: FusedMLP) -> None:
+    _set(dst.fc1, *_fold(src.fc1))
+    _set(dst.fc2, *_fold(src.fc2))
