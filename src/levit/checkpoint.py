@@ -199,7 +199,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict | 
 
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            sd = {k: f.get_tensor(k) for k in f.keys()}
+            sd = {k: f.get_tensor(k) for k in f}
     except Exception as e:
         raise CheckpointError(
             f"{path}: not a readable checkpoint (expected a torch .pth or a .safetensors file; {_short(e)})"
@@ -251,7 +251,7 @@ def _detect(sd: Mapping[str, Tensor], path: Path) -> str:
 def _resize_bias_table(t: Tensor, r_new: int) -> Tensor:
     """Resample a (H, r*r) relative-offset bias table to (H, r_new*r_new) (bicubic over offsets)."""
     h, n = t.shape
-    r = int(round(n**0.5))
+    r = round(n**0.5)
     grid = t.detach().float().reshape(1, h, r, r)
     # offsets 0..r-1 map to 0..r_new-1 with the same spacing as the token grid they index
     out = F.interpolate(grid, size=(r_new, r_new), mode="bicubic", align_corners=True)
@@ -291,10 +291,10 @@ def _fit_to_model(sd: dict[str, Tensor], model: nn.Module, path: Path, fmt: str)
                 f"{path}: tensor {key!r} of {cfg.name} is missing from the checkpoint (wrong variant?)"
             )
         got = sd[key]
-        if key.endswith("attention_biases") and got.ndim == 2 and got.shape[0] == want.shape[0]:
-            if got.shape != want.shape:
-                sd[key] = _resize_bias_table(got, int(round(want.shape[1] ** 0.5)))
-                continue
+        resizable = key.endswith("attention_biases") and got.ndim == 2 and got.shape[0] == want.shape[0]
+        if resizable and got.shape != want.shape:
+            sd[key] = _resize_bias_table(got, round(want.shape[1] ** 0.5))
+            continue
         if key.endswith("attn_bias") and got.shape != want.shape:
             raise CheckpointError(
                 f"{path}: fused checkpoint was made for another img_size ({key} {tuple(got.shape)} vs "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from torch import nn
 
 from .config import LeViTConfig
@@ -24,7 +26,7 @@ def flops_from_config(cfg: LeViTConfig, fused: bool = False) -> int:
     total = 0
     res = cfg.img_size
     chans = [cfg.in_chans, cfg.embed_dim[0] // 8, cfg.embed_dim[0] // 4, cfg.embed_dim[0] // 2, cfg.embed_dim[0]]
-    for a, b in zip(chans[:-1], chans[1:]):
+    for a, b in itertools.pairwise(chans):
         res = (res - 1) // 2 + 1  # 3x3, stride 2, padding 1
         total += a * b * 9 * res * res
 
