@@ -1,0 +1,458 @@
+"""Run a LeViT as fast as this machine allows: one call picks a backend and a precision.
+
+:func:`deploy` fuses the model (BN folded, heads merged) and hands it to one of
+
+- ``eager``: the fused PyTorch module under ``torch.inference_mode``;
+- ``inductor``: ``torch.compile`` with weight freezing (constant-folded, prepacked weights);
+- ``onnxruntime``: the fused model exported to ONNX, all graph optimisations on;
+- ``openvino``: the fused model converted with ``openvino.convert_model``;
+- ``auto``: the fastest one on this machine for the precision asked for.
+
+Precisions: ``fp32``, ``bf16`` (weights and activations in bfloat16), ``fp16`` (GPU), ``int8``
+(post-training static quantization calibrated on the user's images: NNCF for OpenVINO, QDQ
+quantization for ONNX Runtime). A reduced precision is only as good as its agreement with fp32, so
+every :class:`Predictor` can measure it (:meth:`Predictor.fidelity_on`), and :func:`deploy` does so on
+the calibration images when they are given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import importlib.util
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .errors import LeViTError
+
+__all__ = [
+    "BACKENDS",
+    "PRECISIONS",
+    "SUPPORTED_PRECISIONS",
+    "DeployError",
+    "Predictor",
+    "build_runner",
+    "deploy",
+    "fidelity",
+    "load_calibration",
+]
+
+BACKENDS = ("auto", "eager", "inductor", "onnxruntime", "openvino")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+SUPPORTED_PRECISIONS: dict[str, tuple[str, ...]] = {
+    "eager": ("fp32", "bf16", "fp16"),
+    "inductor": ("fp32", "bf16", "fp16"),
+    "onnxruntime": ("fp32", "int8"),
+    "openvino": ("fp32", "bf16", "int8"),
+}
+# the package each backend (or backend + precision) needs, and the extra that installs it
+_NEEDS: dict[tuple[str, str | None], tuple[str, ...]] = {
+    ("onnxruntime", None): ("onnx", "onnxruntime"),
+    ("openvino", None): ("openvino",),
+    ("openvino", "int8"): ("openvino", "nncf"),
+}
+# `auto`: measured on CPU with `benchmarks/speed_targets.py` (README, Speed); the first installed one wins
+_AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "fp32": ("openvino", "inductor", "onnxruntime", "eager"),
+    "bf16": ("openvino", "inductor", "eager"),
+    "fp16": ("inductor", "eager"),
+    "int8": ("openvino", "onnxruntime"),
+}
+
+
+class DeployError(LeViTError, ValueError):
+    """An unknown backend/precision, a combination that does not exist, or a missing runtime package."""
+
+
+# ---- checks ------------------------------------------------------------------------------------
+def _missing(backend: str, precision: str | None = None) -> list[str]:
+    pkgs = _NEEDS.get((backend, precision), ()) or _NEEDS.get((backend, None), ())
+    return [p for p in pkgs if importlib.util.find_spec(p) is None]
+
+
+def check_backend(backend: str, precision: str) -> None:
+    """Raise :class:`DeployError` (one line, naming the fix) unless ``backend`` can run ``precision`` here."""
+    if backend not in BACKENDS:
+        raise DeployError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if precision not in PRECISIONS:
+        raise DeployError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    if backend == "auto":
+        return
+    ok = SUPPORTED_PRECISIONS[backend]
+    if precision not in ok:
+        others = [b for b, p in SUPPORTED_PRECISIONS.items() if precision in p]
+        raise DeployError(
+            f"precision {precision} is not supported by backend {backend} (it supports {', '.join(ok)}); "
+            f"backends with {precision}: {', '.join(others)}"
+        )
+    missing = _missing(backend, precision)
+    if missing:
+        raise DeployError(
+            f"backend {backend} ({precision}) needs the package(s) {', '.join(missing)}: "
+            f"pip install 'levit[export]'"
+        )
+
+
+def resolve_backend(backend: str, precision: str, device: torch.device | str = "cpu") -> str:
+    """The concrete backend for ``auto`` (the fastest installed one for ``precision``), else ``backend``."""
+    check_backend(backend, precision)
+    if backend != "auto":
+        return backend
+    if torch.device(device).type != "cpu":
+        return "inductor"
+    for b in _AUTO_ORDER[precision]:
+        if not _missing(b, precision):
+            return b
+    raise DeployError(f"no installed backend runs {precision}: pip install 'levit[export]'")
+
+
+# ---- calibration / fidelity ----------------------------------------------------------------
+def load_calibration(
+    images: Tensor | Iterable[Tensor] | str | os.PathLike | Iterable[str | os.PathLike],
+    img_size: int = 224,
+    limit: int | None = None,
+) -> Tensor:
+    """Calibration images as one (N, 3, H, W) float tensor.
+
+    Accepts a tensor, an iterable of tensors (single images or batches), or image files/folders
+    (decoded with the official evaluation preprocessing).
+    """
+    items = [images] if isinstance(images, (Tensor, str, os.PathLike)) else list(images)
+    if items and all(isinstance(i, (str, os.PathLike)) for i in items):
+        x = _read_images(items, img_size, limit)
+    elif items and all(isinstance(i, Tensor) for i in items):
+        x = torch.cat([t if t.ndim == 4 else t.unsqueeze(0) for t in items])
+    else:
+        raise LeViTError("calibration: expected a (N, 3, H, W) tensor, tensors, or image files/folders")
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise LeViTError(f"calibration images must be (N, 3, H, W), got {tuple(x.shape)}")
+    return x[:limit] if limit else x
+
+
+def _read_images(paths: list, img_size: int, limit: int | None) -> Tensor:
+    from PIL import Image
+
+    from .data import eval_transform
+    from .predict import find_images
+
+    files = find_images(paths)[: limit or None]
+    if not files:
+        raise LeViTError(f"no images found for calibration in {', '.join(map(str, paths))}")
+    tf = eval_transform(img_size)
+    xs = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                xs.append(tf(im.convert("RGB")))
+        except Exception as e:
+            raise LeViTError(f"calibration image {f} cannot be read ({type(e).__name__})") from e
+    return torch.stack(xs)
+
+
+def fidelity(logits: Tensor, reference: Tensor) -> dict[str, float]:
+    """Agreement of ``logits`` with fp32 ``reference`` logits (both (N, classes)).
+
+    Returns ``top1_agreement`` (fraction of images with the same arg-max), ``max_rel_error`` (the
+    largest per-image max |difference| / max |reference logit|) and ``images``.
+    """
+    logits, reference = logits.float().cpu(), reference.float().cpu()
+    agree = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    per_img = (logits - reference).abs().amax(-1) / reference.abs().amax(-1).clamp_min(1e-12)
+    return {"images": int(reference.shape[0]), "top1_agreement": agree, "max_rel_error": per_img.max().item()}
+
+
+# ---- runners: (B, 3, H, W) float32 CPU/GPU tensor -> (B, classes) ---------------------------
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    if n is None or n == torch.get_num_threads():
+        yield
+        return
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
+_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _torch_runner(module: nn.Module, precision: str, compile: bool, example: Tensor) -> Callable[[Tensor], Tensor]:
+    dtype = _TORCH_DTYPES[precision]
+    module = copy.deepcopy(module).eval().to(dtype)
+    cl = example.device.type == "cpu"  # oneDNN convolutions are faster channels-last
+    if cl:
+        module = module.to(memory_format=torch.channels_last)
+    if compile:
+        module = torch.compile(module, options={"freezing": True})
+
+    def run(x: Tensor) -> Tensor:
+        with torch.inference_mode():
+            x = x.to(dtype)
+            return module(x.contiguous(memory_format=torch.channels_last) if cl else x).float()
+
+    return run
+
+
+def _onnx_bytes(module: nn.Module, example: Tensor) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module.float().eval(),
+            (example.float(),),
+            buf,
+            dynamo=False,
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=17,
+            do_constant_folding=True,
+        )
+    return buf.getvalue()
+
+
+def _ort_runner(
+    module: nn.Module, precision: str, threads: int | None, example: Tensor, calib: Tensor | None
+) -> Callable[[Tensor], Tensor]:
+    import onnxruntime as ort
+
+    onnx_model = _onnx_bytes(module, example)
+    if precision == "int8":
+        onnx_model = _ort_quantize(onnx_model, calib)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.inter_op_num_threads = 1
+    if threads:
+        so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(onnx_model, so, providers=["CPUExecutionProvider"])
+
+    def run(x: Tensor) -> Tensor:
+        out = sess.run(None, {"images": x.detach().float().cpu().contiguous().numpy()})[0]
+        return torch.from_numpy(out)
+
+    return run
+
+
+def _ort_quantize(onnx_model: bytes, calib: Tensor) -> bytes:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter([{"images": c.numpy()} for c in calib.float().split(8)])
+
+        def get_next(self) -> dict | None:
+            return next(self.it, None)
+
+    with tempfile.TemporaryDirectory() as d:
+        src, dst = Path(d, "fp32.onnx"), Path(d, "int8.onnx")
+        src.write_bytes(onnx_model)
+        quantize_static(
+            str(src),
+            str(dst),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
+        return dst.read_bytes()
+
+
+def _ov_model(module: nn.Module, example: Tensor):
+    import openvino as ov
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ov_model = ov.convert_model(module.float().eval(), example_input=example.float())
+    ov_model.reshape({ov_model.inputs[0]: ov.PartialShape([-1, *example.shape[1:]])})
+    return ov_model
+
+
+def _ov_runner(
+    module: nn.Module, precision: str, threads: int | None, example: Tensor, calib: Tensor | None
+) -> Callable[[Tensor], Tensor]:
+    import openvino as ov
+
+    ov_model = _ov_model(module, example)
+    if precision == "int8":
+        import nncf
+
+        data = nncf.Dataset([c.numpy() for c in calib.float().split(8)])
+        ov_model = nncf.quantize(
+            ov_model, data, model_type=nncf.ModelType.TRANSFORMER, subset_size=int(calib.shape[0])
+        )
+    config: dict[str, object] = {"PERFORMANCE_HINT": "LATENCY"}
+    if precision in ("fp32", "bf16"):
+        config["INFERENCE_PRECISION_HINT"] = {"fp32": "f32", "bf16": "bf16"}[precision]
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    compiled = ov.Core().compile_model(ov_model, "CPU", config)
+    req = compiled.create_infer_request()
+
+    def run(x: Tensor) -> Tensor:
+        req.infer([x.detach().float().cpu().contiguous().numpy()], share_inputs=True)
+        return torch.from_numpy(req.get_output_tensor(0).data.copy())
+
+    return run
+
+
+def build_runner(
+    module: nn.Module,
+    backend: str,
+    precision: str = "fp32",
+    *,
+    example: Tensor,
+    threads: int | None = None,
+    calibration: Tensor | None = None,
+) -> Callable[[Tensor], Tensor]:
+    """A function running any inference module ``module`` on ``backend`` at ``precision``.
+
+    ``example`` is a representative input (its shape fixes H, W and the compiled batch size).
+    Used by :func:`deploy` for LeViT and by the benchmark for the timm competitors.
+    """
+    backend = resolve_backend(backend, precision, example.device)
+    if precision == "int8" and calibration is None:
+        raise DeployError("precision int8 needs calibration images (calibration=... / --calibration)")
+    if backend in ("onnxruntime", "openvino") and example.device.type != "cpu":
+        raise DeployError(f"backend {backend} runs on the CPU only; the model is on {example.device}")
+    with _torch_threads(threads):
+        if backend in ("eager", "inductor"):
+            return _torch_runner(module, precision, backend == "inductor", example)
+        module = copy.deepcopy(module).float().eval()
+        if backend == "onnxruntime":
+            return _ort_runner(module, precision, threads, example, calibration)
+        return _ov_runner(module, precision, threads, example, calibration)
+
+
+# ---- the public API ----------------------------------------------------------------------------
+class Predictor:
+    """A callable ``(B, 3, H, W) float tensor -> (B, classes) float32 logits`` on one backend.
+
+    Inputs larger than ``batch_size`` are split; the compiled backend (``inductor``) pads the last
+    chunk so that it never recompiles. Attributes: ``backend``, ``precision``, ``batch_size``,
+    ``threads``, ``device``, ``img_size`` and ``fidelity`` (a dict, for reduced precisions measured
+    on the calibration images; ``None`` otherwise).
+    """
+
+    def __init__(
+        self,
+        run: Callable[[Tensor], Tensor],
+        *,
+        backend: str,
+        precision: str,
+        batch_size: int,
+        threads: int | None,
+        device: torch.device,
+        img_size: int,
+        reference: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        self._run, self._reference = run, reference
+        self.backend, self.precision = backend, precision
+        self.batch_size, self.threads, self.device, self.img_size = batch_size, threads, device, img_size
+        self.fidelity: dict[str, float] | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"Predictor(backend={self.backend!r}, precision={self.precision!r}, batch_size={self.batch_size}, "
+            f"threads={self.threads}, device={str(self.device)!r}, fidelity={self.fidelity})"
+        )
+
+    def _chunks(self, x: Tensor) -> Iterator[Tensor]:
+        yield from x.split(self.batch_size)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] != self.img_size or x.shape[3] != self.img_size:
+            raise ValueError(
+                f"expected images of shape (B, 3, {self.img_size}, {self.img_size}), got {tuple(x.shape)}"
+            )
+        x = x.to(self.device)
+        outs = []
+        with _torch_threads(self.threads):
+            for c in self._chunks(x):
+                n = c.shape[0]
+                if self.backend == "inductor" and n < self.batch_size:  # fixed shape: no recompilation
+                    c = torch.cat([c, c.new_zeros(self.batch_size - n, *c.shape[1:])])
+                outs.append(self._run(c)[:n])
+        return torch.cat(outs)
+
+    def fidelity_on(self, images: Tensor) -> dict[str, float]:
+        """Top-1 agreement and max relative logit error against the fused fp32 eager model on ``images``."""
+        if self._reference is None:
+            raise RuntimeError("this predictor has no fp32 reference")
+        with torch.inference_mode(), _torch_threads(self.threads):
+            ref = torch.cat([self._reference(c.to(self.device)) for c in images.split(self.batch_size)])
+        return fidelity(self(images), ref)
+
+
+def deploy(
+    model: nn.Module,
+    *,
+    backend: str = "auto",
+    precision: str = "fp32",
+    batch_size: int = 16,
+    threads: int | None = None,
+    calibration: Tensor | Iterable[Tensor] | str | os.PathLike | Iterable[str | os.PathLike] | None = None,
+) -> Predictor:
+    """Fuse ``model`` and put it on the fastest runtime asked for.
+
+    Args:
+        model: a LeViT (fused or not; the input is left untouched).
+        backend: ``auto``, ``eager``, ``inductor``, ``onnxruntime`` or ``openvino``.
+        precision: ``fp32``, ``bf16``, ``fp16`` or ``int8`` (int8 needs ``calibration``).
+        batch_size: the largest batch run at once (bigger inputs are split); also the compiled shape.
+        threads: CPU threads (``None``: the runtime's default).
+        calibration: images for int8 calibration and for the fidelity report of reduced precisions:
+            a (N, 3, H, W) tensor, tensors, or image files/folders.
+
+    Returns:
+        a :class:`Predictor`; for reduced precisions with calibration images, ``predictor.fidelity``
+        holds the top-1 agreement and the max relative logit error against fp32.
+
+    Example:
+        >>> pred = levit.deploy(model, backend="openvino", precision="int8", calibration="photos/")
+        >>> pred.fidelity, pred(images).argmax(-1)
+    """
+    from .fuse import FusedLeViT, fuse
+
+    if batch_size < 1:
+        raise DeployError(f"batch_size must be >= 1, got {batch_size}")
+    if threads is not None and threads < 1:
+        raise DeployError(f"threads must be >= 1, got {threads}")
+    if not isinstance(model, FusedLeViT):
+        model = fuse(model)
+    p = next(model.parameters())
+    device = p.device
+    cfg = model.config
+    backend = resolve_backend(backend, precision, device)
+    calib = load_calibration(calibration, cfg.img_size) if calibration is not None else None
+    if calib is not None and calib.shape[-1] != cfg.img_size:
+        raise DeployError(f"calibration images are {calib.shape[-1]}px, the model takes {cfg.img_size}px")
+    example = torch.zeros(batch_size, 3, cfg.img_size, cfg.img_size, device=device)
+    reference = copy.deepcopy(model).float().eval()
+    run = build_runner(model, backend, precision, example=example, threads=threads, calibration=calib)
+    pred = Predictor(
+        run,
+        backend=backend,
+        precision=precision,
+        batch_size=batch_size,
+        threads=threads,
+        device=device,
+        img_size=cfg.img_size,
+        reference=reference,
+    )
+    pred(example)  # compile / warm up now, not on the user's first call
+    if calib is not None and precision != "fp32":
+        pred.fidelity = pred.fidelity_on(calib)
+    return pred
