@@ -6,6 +6,7 @@ __version__ = "0.1.0"
 
 from .checkpoint import save
 from .config import LeViTConfig
+from .deploy import deploy
 from .flops import count_flops, count_params
 from .fuse import fuse
 from .registry import create_model, list_models
@@ -16,6 +17,7 @@ __all__ = [
     "count_flops",
     "count_params",
     "create_model",
+    "deploy",
     "fuse",
     "list_models",
     "save",

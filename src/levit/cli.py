@@ -110,11 +110,40 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise UsageError(f"--topk must be >= 1, got {args.topk}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    from levit.deploy import check_backend
+
+    try:
+        check_backend(args.backend, args.precision)
+    except ValueError as e:
+        raise UsageError(f"--backend/--precision: {e}") from e
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
     kwargs = {"img_size": args.img_size} if args.img_size else {}
     model = _load_model(args, **kwargs)
+    runner = None
+    if args.backend != "eager" or args.precision != "fp32" or args.threads:
+        import levit
+
+        calib = (args.calibration or args.paths) if args.precision != "fp32" else None
+        runner = levit.deploy(
+            model,
+            backend=args.backend,
+            precision=args.precision,
+            batch_size=args.batch_size,
+            threads=args.threads,
+            calibration=calib,
+        )
+        if runner.fidelity:
+            f = runner.fidelity
+            print(
+                f"{runner.backend} {runner.precision}: top-1 agreement with fp32 {f['top1_agreement'] * 100:.1f}% on "
+                f"{f['images']} images, max relative logit error {f['max_rel_error']:.2e}",
+                file=sys.stderr,
+            )
     results = predict_paths(
         model,
         args.paths,
+        runner=runner,
         topk=args.topk,
         batch_size=args.batch_size,
         crop_pct=args.crop_pct,
@@ -129,6 +158,125 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             for p in r["top"]:
                 print(f"  {p['prob'] * 100:6.2f}%  {p['label']}  (class {p['class']})")
     return 0 if results else 1
+
+
+# ---- bench -------------------------------------------------------------------------------------
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from levit.benchmark import (
+        BENCH_MODELS,
+        DEFAULT_MODELS,
+        QUICK_MODELS,
+        benchmark,
+        format_table,
+        plot_rows,
+        write_rows,
+    )
+    from levit.deploy import check_backend
+
+    if args.list:
+        for name, e in BENCH_MODELS.items():
+            print(f"{name:<26} {e.family:<30} {e.img_size}px  top-1 {e.top1 if e.top1 else '-'}")
+        return 0
+    if args.models:
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+        unknown = [m for m in models if m not in BENCH_MODELS]
+        if unknown:
+            raise UsageError(f"--models: unknown {', '.join(unknown)}; see `levit bench --list`")
+    else:
+        models = list(QUICK_MODELS if args.quick else DEFAULT_MODELS)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is available here")
+    precision = args.precision or ("fp16" if args.device == "cuda" else "fp32")
+    try:
+        check_backend(args.backend, precision)
+    except ValueError as e:
+        raise UsageError(f"--backend/--precision: {e}") from e
+    if precision == "int8":
+        raise UsageError("--precision int8 needs calibration images: use `levit predict` or levit.deploy()")
+    for flag, v in (("--threads", args.threads), ("--batch-size", args.batch_size), ("--windows", args.windows)):
+        if v is not None and v < 1:
+            raise UsageError(f"{flag} must be >= 1, got {v}")
+    for path, flag, sufs in (
+        (args.output, "--output", (".csv", ".json")),
+        (args.plot, "--plot", (".png", ".svg", ".pdf")),
+    ):
+        if path is not None:
+            if path.suffix.lower() not in sufs:
+                raise UsageError(f"{flag} must end in {' or '.join(sufs)}, got {path.name!r}")
+            if not path.parent.is_dir():
+                raise UsageError(f"{flag}: folder {path.parent} does not exist")
+    warmup, windows, window = (1.0, 3, 1.0) if args.quick else (5.0, 5, 3.0)
+    warmup = args.warmup if args.warmup is not None else warmup
+    windows = args.windows or windows
+    window = args.window if args.window is not None else window
+    threads = args.threads if args.device == "cpu" else None
+    batch = args.batch_size or (16 if args.device == "cpu" else None)
+    print(
+        f"levit bench: {len(models)} models, {args.device}, backend {args.backend}, {precision}, "
+        f"batch {batch or 'max power of two'}, threads {threads or '-'}; warm-up {warmup:g}s + "
+        f"{windows} x {window:g}s per model",
+        file=sys.stderr,
+    )
+    import time
+
+    t0 = time.perf_counter()
+
+    def progress(i: int, n: int, name: str, row: dict | None) -> None:
+        if row is None:
+            print(f"[{i + 1}/{n}] {name} ...", end="", file=sys.stderr, flush=True)
+        else:
+            print(
+                f" {row['img_s']:.1f} img/s ({row['backend']} {row['precision']}, batch {row['batch']}) "
+                f"[{time.perf_counter() - t0:.0f}s]",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    rows = benchmark(
+        models,
+        backend=args.backend,
+        precision=precision,
+        device=args.device,
+        batch_size=batch,
+        threads=threads,
+        img_size=args.img_size,
+        warmup_s=warmup,
+        windows=windows,
+        window_s=window,
+        progress=progress,
+    )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_table(rows))
+    if args.output:
+        print(f"wrote {write_rows(rows, args.output)}", file=sys.stderr)
+    if args.plot:
+        print(f"wrote {plot_rows(rows, args.plot)}", file=sys.stderr)
+    return 0
+
+
+# ---- export ------------------------------------------------------------------------------------
+def _cmd_export(args: argparse.Namespace) -> int:
+    from levit.export import FORMATS, export
+
+    if args.format is None:
+        args.format = next((f for f, s in FORMATS.items() if args.output.suffix.lower() == s), None)
+        if args.format is None:
+            raise UsageError(f"--format is required (cannot tell it from {args.output.name!r})")
+    if args.format == "openvino" and args.output.suffix.lower() != ".xml":
+        raise UsageError(f"--output: an OpenVINO model is an .xml file (+ .bin beside it), got {args.output.name!r}")
+    if not args.output.parent.is_dir():
+        raise UsageError(f"--output: folder {args.output.parent} does not exist")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    kwargs = {"img_size": args.img_size} if args.img_size else {}
+    model = _load_model(args, **kwargs)
+    result = export(model, args.output, format=args.format, batch_size=args.batch_size, opset=args.opset)
+    print(f"exported {result}")
+    return 0
 
 
 # ---- entry point -------------------------------------------------------------------------------
@@ -171,10 +319,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", "-b", type=int, default=32, help="images per forward pass")
     p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's, 224)")
     p.add_argument("--crop-pct", type=float, default=0.875, help="centre-crop fraction (resize = img_size / crop_pct)")
+    p.add_argument("--backend", default="eager", help="eager | inductor | onnxruntime | openvino | auto")
+    p.add_argument("--precision", default="fp32", help="fp32 | bf16 | fp16 | int8")
+    p.add_argument("--calibration", type=Path, nargs="+", help="int8: calibration images (default: the input images)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the runtime's)")
     p.add_argument("--json", action="store_true", help="print JSON results")
     p.set_defaults(func=_cmd_predict)
 
     # ---- bench / export (speed) ----
+    p = _sub(
+        sub,
+        "bench",
+        "measure images/s (the paper's Table 3 protocol) for LeViT, EfficientNet and DeiT on this machine",
+        "  levit bench --quick                              # ~1.5 min: one line per family, 1 thread, batch 16\n"
+        "  levit bench --plot speed.png --output speed.csv  # the whole Table 3 + Figure 1\n"
+        "  levit bench --models levit_128s,timm_levit_128s --backend openvino --precision bf16\n"
+        "  levit bench --device cuda                        # fp16, largest power-of-two batch\n"
+        "  levit bench --list",
+    )
+    p.add_argument("--quick", action="store_true", help="a short run over a few models (< 2 minutes)")
+    p.add_argument("--models", help="comma-separated names (see --list); default: all of Table 3")
+    p.add_argument("--list", action="store_true", help="list the models the benchmark knows")
+    p.add_argument("--backend", default="eager", help="eager | inductor | onnxruntime | openvino | auto")
+    p.add_argument("--precision", default=None, help="fp32 | bf16 | fp16 (default: fp32 on CPU, fp16 on GPU)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads")
+    p.add_argument(
+        "--batch-size", "-b", type=int, default=None, help="default: 16 on CPU, the largest fitting power of two on GPU"
+    )
+    p.add_argument("--img-size", type=int, default=None, help="resolution (default: each model's native one)")
+    p.add_argument("--warmup", type=float, default=None, help="warm-up seconds per model (default 5, quick 1)")
+    p.add_argument("--windows", type=int, default=None, help="timed windows per model (default 5, quick 3)")
+    p.add_argument("--window", type=float, default=None, help="seconds per timed window (default 3, quick 1)")
+    p.add_argument("--output", "-o", type=Path, help="write the rows to FILE.csv or FILE.json")
+    p.add_argument("--plot", type=Path, help="write the speed/accuracy plot (Figure 1) to FILE.png")
+    p.add_argument("--json", action="store_true", help="print JSON rows instead of the table")
+    p.set_defaults(func=_cmd_bench)
+
+    p = _sub(
+        sub,
+        "export",
+        "export the fused model to ONNX / OpenVINO / TorchScript and check it against PyTorch",
+        "  levit export --model levit_128s --checkpoint LeViT-128S-96703c44.pth --format onnx --output levit.onnx\n"
+        "  levit export --model levit_256 --pretrained --format openvino --output levit_256.xml\n"
+        "  levit export --checkpoint mine.safetensors --output mine.pt   # format from the suffix",
+    )
+    _add_model_args(p, required=False)
+    p.add_argument(
+        "--format",
+        "-f",
+        choices=["onnx", "openvino", "torchscript"],
+        default=None,
+        help="output format (default: from --output's suffix)",
+    )
+    p.add_argument("--output", "-o", type=Path, required=True, help="output file (.onnx, .xml, .pt)")
+    p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's, 224)")
+    p.add_argument("--batch-size", "-b", type=int, default=2, help="batch traced with (the batch axis stays dynamic)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    p.set_defaults(func=_cmd_export)
+
     # ---- train / eval (training) ----
     return parser
 

@@ -95,8 +95,7 @@ def check_backend(backend: str, precision: str) -> None:
     missing = _missing(backend, precision)
     if missing:
         raise DeployError(
-            f"backend {backend} ({precision}) needs the package(s) {', '.join(missing)}: "
-            f"pip install 'levit[export]'"
+            f"backend {backend} ({precision}) needs the package(s) {', '.join(missing)}: pip install 'levit[export]'"
         )
 
 
@@ -290,9 +289,7 @@ def _ov_runner(
         import nncf
 
         data = nncf.Dataset([c.numpy() for c in calib.float().split(8)])
-        ov_model = nncf.quantize(
-            ov_model, data, model_type=nncf.ModelType.TRANSFORMER, subset_size=int(calib.shape[0])
-        )
+        ov_model = nncf.quantize(ov_model, data, model_type=nncf.ModelType.TRANSFORMER, subset_size=int(calib.shape[0]))
     config: dict[str, object] = {"PERFORMANCE_HINT": "LATENCY"}
     if precision in ("fp32", "bf16"):
         config["INFERENCE_PRECISION_HINT"] = {"fp32": "f32", "bf16": "bf16"}[precision]
@@ -374,9 +371,7 @@ class Predictor:
 
     def __call__(self, x: Tensor) -> Tensor:
         if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] != self.img_size or x.shape[3] != self.img_size:
-            raise ValueError(
-                f"expected images of shape (B, 3, {self.img_size}, {self.img_size}), got {tuple(x.shape)}"
-            )
+            raise ValueError(f"expected images of shape (B, 3, {self.img_size}, {self.img_size}), got {tuple(x.shape)}")
         x = x.to(self.device)
         outs = []
         with _torch_threads(self.threads):

@@ -71,12 +71,14 @@ def predict_paths(
     crop_pct: float = DEFAULT_CROP_PCT,
     progress: bool = True,
     on_error: Callable[[Path, str], None] | None = None,
+    runner: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[dict]:
     """Top-k predictions for every readable image under ``paths``.
 
     Returns one dict per image: ``{"path", "top": [{"class", "label", "prob"}, ...]}``. Unreadable
     images are passed to ``on_error(path, message)`` and skipped. The model is fused first when it
-    is an unfused LeViT (same outputs, faster).
+    is an unfused LeViT (same outputs, faster). ``runner`` (e.g. a :func:`levit.deploy` predictor)
+    replaces the model's forward pass: logits from a (B, 3, H, W) batch.
     """
     from .fuse import FusedLeViT, fuse
 
@@ -97,7 +99,8 @@ def predict_paths(
 
         bar = tqdm(total=len(files), unit="img", desc="predict")
     for batch_paths, x in _batches(files, transform, batch_size, on_error or (lambda path, msg: None)):
-        probs = model(x.to(device=p.device, dtype=p.dtype)).float().softmax(-1)
+        logits = runner(x) if runner is not None else model(x.to(device=p.device, dtype=p.dtype))
+        probs = logits.float().softmax(-1)
         top_p, top_i = probs.topk(k, dim=-1)
         for path, ps, idx in zip(batch_paths, top_p.tolist(), top_i.tolist()):
             top = [{"class": i, "label": names[i], "prob": round(v, 6)} for v, i in zip(ps, idx)]
