@@ -20,6 +20,13 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
     pass
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (and exit code 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _sub(subparsers, name: str, help: str, examples: str) -> argparse.ArgumentParser:
     return subparsers.add_parser(
         name, help=help, description=help, epilog="examples:\n" + examples, formatter_class=_Formatter
@@ -136,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``levit`` command."""
     from levit import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="levit",
         description="LeViT image classifiers: models, prediction, benchmarks, training, export.",
         epilog="examples:\n  levit models\n  levit predict photo.jpg --model levit_256 --pretrained\n"
@@ -182,7 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``levit`` command; returns the exit code (0 ok, 1 failure, 2 usage error)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported by the sub-command, whose --help lists the valid flags
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     from levit.errors import LeViTError
 
     try:
