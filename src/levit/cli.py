@@ -69,6 +69,8 @@ def _load_model(args: argparse.Namespace, **kwargs: object):
 
 # ---- models ------------------------------------------------------------------------------------
 def _cmd_models(args: argparse.Namespace) -> int:
+    import torch
+
     import levit
     from levit.config import PAPER_RESULTS
     from levit.registry import get_config
@@ -76,7 +78,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
     rows = []
     for name in levit.list_models(args.pattern):
         cfg = get_config(name)
-        with __import__("torch").device("meta"):
+        with torch.device("meta"):  # sizes only: no memory, no initialisation
             params = levit.count_params(levit.create_model(name))
         paper = PAPER_RESULTS.get(name)
         rows.append(
