@@ -269,7 +269,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 # ---- export ------------------------------------------------------------------------------------
 def _cmd_export(args: argparse.Namespace) -> int:
-    from levit.export import FORMATS, export
+    from levit.export import FORMATS, check_packages, export
 
     if args.format is None:
         args.format = next((f for f, s in FORMATS.items() if args.output.suffix.lower() == s), None)
@@ -281,6 +281,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise UsageError(f"--output: folder {args.output.parent} does not exist")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_packages(args.format)  # a missing runtime fails before the model is built
     kwargs = {"img_size": args.img_size} if args.img_size else {}
     model = _load_model(args, **kwargs)
     result = export(model, args.output, format=args.format, batch_size=args.batch_size, opset=args.opset)

@@ -47,7 +47,8 @@ def _rel_error(a: Tensor, b: Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
-def _check_packages(fmt: str) -> None:
+def check_packages(fmt: str) -> None:
+    """Raise :class:`ExportError` naming the extra to install when ``fmt``'s runtime is missing."""
     import importlib.util
 
     missing = [p for p in _PACKAGES[fmt] if importlib.util.find_spec(p) is None]
@@ -134,7 +135,7 @@ def export(
         raise ExportError(f"unknown export format {format!r}; choose from {', '.join(FORMATS)}")
     if format == "openvino" and path.suffix.lower() != ".xml":
         raise ExportError(f"an OpenVINO model is an .xml file (+ .bin beside it), got {path.name!r}")
-    _check_packages(format)
+    check_packages(format)
     if not path.parent.is_dir():
         raise ExportError(f"output folder {path.parent} does not exist")
 

@@ -1,0 +1,83 @@
+"""`levit bench`, `levit export` and `levit predict --backend/--precision` on the command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import randomize
+
+import levit
+from levit.cli import main
+
+
+def _err_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["bench", "--backend", "tensorrt"], "unknown backend 'tensorrt'"),
+        (["bench", "--backend", "eager", "--precision", "int8"], "int8 is not supported by backend eager"),
+        (["bench", "--backend", "onnxruntime", "--precision", "bf16"], "bf16 is not supported by backend onnxruntime"),
+        (["bench", "--models", "levit_999"], "--models: unknown levit_999"),
+        (["bench", "--plot", "fig.txt"], "--plot must end in"),
+        (["bench", "--threads", "0"], "--threads must be >= 1"),
+        (["export", "--model", "levit_tiny", "--output", "x.zip"], "--format is required"),
+        (["export", "--model", "levit_tiny", "--format", "openvino", "--output", "x.onnx"], ".xml"),
+        (["export", "--model", "levit_tiny", "--output", "/no/such/dir/x.onnx"], "does not exist"),
+        (["predict", "README.md", "--model", "levit_tiny", "--backend", "tvm"], "unknown backend 'tvm'"),
+        (["predict", "README.md", "--model", "levit_tiny", "--backend", "inductor", "--precision", "int8"], "int8"),
+    ],
+)
+def test_usage_errors_are_one_line_exit_2(capsys, argv, words):
+    assert main(argv) == 2
+    line = _err_line(capsys)
+    assert words in line, line
+
+
+def test_missing_runtime_names_the_extra(capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "onnxruntime" else real(n, *a))
+    assert main(["bench", "--backend", "onnxruntime"]) == 2
+    assert "pip install 'levit[export]'" in _err_line(capsys)
+    assert main(["export", "--model", "levit_tiny", "--format", "onnx", "--output", "x.onnx"]) == 1
+    line = _err_line(capsys)
+    assert "onnxruntime" in line and "levit[export]" in line
+
+
+def test_bench_json_output(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    argv = ["bench", "--models", "levit_tiny", "--img-size", "64", "--batch-size", "2", "--warmup", "0"]
+    assert main([*argv, "--windows", "1", "--window", "0", "--output", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert rows[0]["model"] == "levit_tiny" and rows[0]["img_s"] > 0
+    cap = capsys.readouterr()
+    assert "levit_tiny" in cap.out and "[1/1] levit_tiny" in cap.err  # table + progress
+
+
+def test_export_and_predict_with_backend(tmp_path, capsys):
+    from PIL import Image
+
+    model = randomize(levit.create_model("levit_tiny", img_size=64), seed=2).eval()
+    ckpt = levit.save(model, tmp_path / "tiny.safetensors")
+    out = tmp_path / "tiny.onnx"
+    assert main(["export", "--checkpoint", str(ckpt), "--output", str(out)]) == 0
+    assert out.exists() and "relative error" in capsys.readouterr().out
+
+    Image.fromarray((torch.rand(70, 70, 3) * 255).byte().numpy()).save(tmp_path / "a.png")
+    argv = ["predict", str(tmp_path / "a.png"), "--checkpoint", str(ckpt), "--json", "--topk", "1"]
+    assert main(argv) == 0
+    eager = json.loads(capsys.readouterr().out)
+    assert main([*argv, "--backend", "onnxruntime"]) == 0
+    ort = json.loads(capsys.readouterr().out)
+    assert eager[0]["top"][0]["class"] == ort[0]["top"][0]["class"]
+    assert ort[0]["top"][0]["prob"] == pytest.approx(eager[0]["top"][0]["prob"], abs=1e-4)
+    assert main([*argv, "--backend", "openvino", "--precision", "bf16"]) == 0
+    assert "top-1 agreement with fp32" in capsys.readouterr().err

@@ -1,0 +1,120 @@
+"""levit.deploy: every backend and precision gives the right shape and stays within its fidelity bound."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import randomize
+
+import levit
+from levit.deploy import DeployError, Predictor, check_backend, fidelity, resolve_backend
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return randomize(levit.create_model("levit_tiny", img_size=64), seed=3).eval()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(12, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def reference(model, images):
+    with torch.no_grad():
+        return model(images)
+
+
+# (backend, precision, max relative logit error, min top-1 agreement)
+CASES = [
+    ("eager", "fp32", 1e-5, 1.0),
+    ("onnxruntime", "fp32", 1e-5, 1.0),
+    ("openvino", "fp32", 1e-5, 1.0),
+    ("eager", "bf16", 0.05, 0.75),
+    ("openvino", "bf16", 0.05, 0.75),
+    ("openvino", "int8", 0.5, 0.5),
+    ("onnxruntime", "int8", 0.5, 0.5),
+]
+
+
+@pytest.mark.parametrize(("backend", "precision", "max_err", "min_agree"), CASES)
+def test_backend_precision(model, images, reference, backend, precision, max_err, min_agree):
+    calib = images if precision != "fp32" else None
+    pred = levit.deploy(model, backend=backend, precision=precision, batch_size=5, threads=1, calibration=calib)
+    assert isinstance(pred, Predictor) and pred.backend == backend and pred.precision == precision
+    out = pred(images)  # 12 images, batch 5: three chunks, the last one partial
+    assert out.shape == (12, model.config.num_classes) and out.dtype == torch.float32
+    f = fidelity(out, reference)
+    assert f["max_rel_error"] <= max_err, f
+    assert f["top1_agreement"] >= min_agree, f
+    if precision == "fp32":
+        assert pred.fidelity is None
+    else:  # reduced precision reports its fidelity on the calibration images
+        assert pred.fidelity is not None and pred.fidelity["images"] == 12
+        assert 0.0 <= pred.fidelity["top1_agreement"] <= 1.0 and pred.fidelity["max_rel_error"] > 0
+
+
+def test_inductor_fp32_pads_partial_batches(model, images, reference):
+    pred = levit.deploy(model, backend="inductor", batch_size=8, threads=1)
+    out = pred(images[:3])
+    assert out.shape == (3, model.config.num_classes)
+    assert fidelity(out, reference[:3])["max_rel_error"] < 1e-4
+
+
+def test_deploy_leaves_model_untouched(model, images, reference):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    levit.deploy(model, backend="eager", precision="bf16")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_fidelity_measures_disagreement():
+    ref = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    f = fidelity(torch.tensor([[1.0, 0.0], [1.0, 0.0]]), ref)
+    assert f["top1_agreement"] == 0.5 and f["max_rel_error"] == pytest.approx(1.0)
+
+
+def test_calibration_from_image_files(model, tmp_path):
+    from PIL import Image
+
+    for i in range(3):
+        Image.fromarray((torch.rand(80, 90, 3) * 255).byte().numpy()).save(tmp_path / f"{i}.png")
+    pred = levit.deploy(model, backend="eager", precision="bf16", calibration=tmp_path)
+    assert pred.fidelity["images"] == 3
+
+
+@pytest.mark.parametrize(
+    ("backend", "precision", "words"),
+    [
+        ("tensorrt", "fp32", "unknown backend"),
+        ("eager", "int4", "unknown precision"),
+        ("eager", "int8", "not supported by backend eager"),
+        ("onnxruntime", "bf16", "not supported by backend onnxruntime"),
+    ],
+)
+def test_bad_backend_or_precision(backend, precision, words):
+    with pytest.raises(DeployError, match=words):
+        check_backend(backend, precision)
+
+
+def test_int8_needs_calibration(model):
+    with pytest.raises(DeployError, match="calibration"):
+        levit.deploy(model, backend="openvino", precision="int8")
+
+
+def test_missing_runtime_names_the_extra(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "openvino" else real(n, *a))
+    with pytest.raises(DeployError, match=r"openvino.*pip install 'levit\[export\]'"):
+        check_backend("openvino", "fp32")
+    assert resolve_backend("auto", "fp32") != "openvino"
+
+
+def test_wrong_input_shape_is_a_clear_error(model):
+    pred = levit.deploy(model, backend="eager")
+    with pytest.raises(ValueError, match=r"\(B, 3, 64, 64\)"):
+        pred(torch.randn(2, 3, 32, 32))

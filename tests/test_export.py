@@ -1,0 +1,72 @@
+"""levit.export: each format reproduces PyTorch, has a dynamic batch axis, and never leaves half files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import randomize
+
+import levit
+from levit.export import ExportError, export
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return randomize(levit.create_model("levit_tiny", img_size=64), seed=4).eval()
+
+
+def _run(fmt, path, x):
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        return torch.from_numpy(ort.InferenceSession(str(path)).run(None, {"images": x.numpy()})[0])
+    if fmt == "openvino":
+        import openvino as ov
+
+        c = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        return torch.from_numpy(c([x.numpy()])[c.outputs[0]])
+    return torch.jit.load(str(path))(x)
+
+
+@pytest.mark.parametrize(("fmt", "name"), [("onnx", "m.onnx"), ("openvino", "m.xml"), ("torchscript", "m.pt")])
+def test_export_parity_and_dynamic_batch(model, tmp_path, fmt, name):
+    res = export(model, tmp_path / name, format=fmt, batch_size=2)
+    assert res.path.exists() and res.max_rel_error <= 1e-4
+    if fmt == "openvino":
+        assert (tmp_path / "m.bin").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp files left
+    x = torch.randn(5, 3, 64, 64)  # neither the traced (2) nor the checked (3) batch
+    with torch.no_grad():
+        ref = model(x)
+        got = _run(fmt, res.path, x)
+    assert got.shape == ref.shape
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-4
+
+
+def test_failed_check_writes_nothing(model, tmp_path, monkeypatch):
+    import levit.export as ex
+
+    monkeypatch.setattr(ex, "_run_torchscript", lambda path, x: torch.zeros(x.shape[0], 1000))
+    with pytest.raises(ExportError, match="does not match PyTorch"):
+        export(model, tmp_path / "m.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_format_from_suffix_and_bad_suffix(model, tmp_path):
+    assert export(model, tmp_path / "a.pt").format == "torchscript"
+    with pytest.raises(ExportError, match="cannot tell the format"):
+        export(model, tmp_path / "a.bin")
+    with pytest.raises(ExportError, match=r"\.xml"):
+        export(model, tmp_path / "a.onnx", format="openvino")
+
+
+def test_exported_fused_checkpoint_roundtrip(model, tmp_path):
+    """A fused model saved with levit.save loads back (FusedLeViT constructible from its config) and exports."""
+    fused = levit.fuse(model)
+    levit.save(fused, tmp_path / "f.safetensors")
+    loaded = levit.create_model("levit_tiny", img_size=64, checkpoint=tmp_path / "f.safetensors")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), fused(x))
+    assert export(loaded, tmp_path / "f.onnx").max_rel_error <= 1e-4
