@@ -187,16 +187,12 @@ _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.fl
 def _torch_runner(module: nn.Module, precision: str, compile: bool, example: Tensor) -> Callable[[Tensor], Tensor]:
     dtype = _TORCH_DTYPES[precision]
     module = copy.deepcopy(module).eval().to(dtype)
-    cl = example.device.type == "cpu"  # oneDNN convolutions are faster channels-last
-    if cl:
-        module = module.to(memory_format=torch.channels_last)
     if compile:
         module = torch.compile(module, options={"freezing": True})
 
     def run(x: Tensor) -> Tensor:
         with torch.inference_mode():
-            x = x.to(dtype)
-            return module(x.contiguous(memory_format=torch.channels_last) if cl else x).float()
+            return module(x.to(dtype)).float()
 
     return run
 

@@ -21,6 +21,48 @@ from .model import LeViT, check_input
 __all__ = ["FusedAttention", "FusedLeViT", "FusedMLP", "FusedShrinkAttention", "fuse"]
 
 
+def _onednn_ok(x: Tensor) -> bool:
+    """Whether oneDNN's fused linear kernels can run ``x``: CPU inference in eager mode only."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and not torch.is_grad_enabled()  # no autograd formula: training/grad mode takes the plain path
+        and not torch.jit.is_tracing()
+        and not torch.jit.is_scripting()
+        and not torch.compiler.is_compiling()  # inductor does its own fusion
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+def _linear(x: Tensor, layer: nn.Linear, act: str = "none", residual: Tensor | None = None) -> Tensor:
+    """``act(layer(x))`` or ``residual + layer(x)``, as ONE oneDNN kernel on CPU when possible.
+
+    Bias, Hardswish and the residual addition run in the GEMM's epilogue instead of as extra passes
+    over memory. Uses the module's current weight every call: there is nothing cached to go stale.
+    """
+    if _onednn_ok(x) and layer.weight.dtype == x.dtype:
+        if residual is not None:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, layer.weight, layer.bias, "add")
+        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, act, [], "")
+    y = layer(x)
+    if act == "hardswish":
+        y = F.hardswish(y)
+    return y if residual is None else residual + y
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+    """softmax(q k^T + bias) v for (B, H, N, d) q/k/v (the scale is folded into q) and a (H, N_q, N_k) bias.
+
+    Traced graphs (ONNX, OpenVINO, TorchScript) get one fused attention op that the runtimes
+    optimise; eager PyTorch adds the bias in place instead of materialising a (B, H, N, N) copy.
+    """
+    if torch.jit.is_tracing():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+    attn = torch.matmul(q, k.transpose(-2, -1))
+    return torch.matmul(attn.add_(bias).softmax(dim=-1), v)
+
+
 class FusedAttention(nn.Module):
     """Self-attention with the q scale folded into ``qkv`` and the bias as a (H, N, N) buffer."""
 
@@ -32,18 +74,15 @@ class FusedAttention(nn.Module):
         self.proj = nn.Linear(num_heads * val_dim, dim)
         self.register_buffer("attn_bias", torch.zeros(num_heads, n, n))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """(B, N, C) -> (B, N, C): the attention branch, plus ``residual`` when given."""
         B, N, _ = x.shape
-        q, k, v = self.qkv(x).view(B, N, self.num_heads, -1).split([self.key_dim, self.key_dim, self.val_dim], 3)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, d)
-        attn = torch.baddbmm(
-            self.attn_bias.expand(B, -1, -1, -1).reshape(-1, N, N),
-            q.reshape(-1, N, self.key_dim),
-            k.reshape(-1, N, self.key_dim).transpose(1, 2),
+        q, k, v = (
+            _linear(x, self.qkv).view(B, N, self.num_heads, -1).split([self.key_dim, self.key_dim, self.val_dim], 3)
         )
-        x = attn.softmax(dim=-1) @ v.reshape(-1, N, self.val_dim)  # (B*H, N, val_dim)
-        x = x.view(B, self.num_heads, N, self.val_dim).transpose(1, 2).reshape(B, N, -1)
-        return self.proj(F.hardswish(x))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, d) views
+        x = _attention(q, k, v, self.attn_bias)  # (B, H, N, Dv)
+        return _linear(F.hardswish(x.transpose(1, 2).reshape(B, N, -1)), self.proj, residual=residual)
 
 
 class FusedShrinkAttention(nn.Module):
@@ -64,14 +103,12 @@ class FusedShrinkAttention(nn.Module):
         B, N, C = x.shape
         r, r2 = self.resolution, self.resolution_out
         H = self.num_heads
-        k, v = self.kv(x).view(B, N, H, -1).split([self.key_dim, self.val_dim], dim=3)
+        k, v = _linear(x, self.kv).view(B, N, H, -1).split([self.key_dim, self.val_dim], dim=3)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, d)
         xs = x.view(B, r, r, C)[:, ::2, ::2].reshape(B, r2 * r2, C)
-        q = self.q(xs).view(B, r2 * r2, H, self.key_dim).transpose(1, 2)
-        attn = q @ k.transpose(-2, -1) + self.attn_bias
-        x = attn.softmax(dim=-1) @ v  # (B, H, N_q, val_dim)
-        x = x.transpose(1, 2).reshape(B, r2 * r2, H * self.val_dim)
-        return self.proj(F.hardswish(x))
+        q = _linear(xs, self.q).view(B, r2 * r2, H, self.key_dim).transpose(1, 2)
+        x = _attention(q, k, v, self.attn_bias)  # (B, H, N_q, Dv)
+        return _linear(F.hardswish(x.transpose(1, 2).reshape(B, r2 * r2, -1)), self.proj)
 
 
 class FusedMLP(nn.Module):
@@ -82,8 +119,9 @@ class FusedMLP(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.hardswish(self.fc1(x)))
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """``fc2(hardswish(fc1(x)))``, plus ``residual`` when given (added inside the last GEMM)."""
+        return _linear(_linear(x, self.fc1, "hardswish"), self.fc2, residual=residual)
 
 
 class _FusedBlock(nn.Module):
@@ -96,8 +134,8 @@ class _FusedBlock(nn.Module):
         self.mlp = FusedMLP(dim, int(dim * cfg.mlp_ratio))
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(x)
-        return x + self.mlp(x)
+        x = self.attn(x, residual=x)
+        return self.mlp(x, residual=x)
 
 
 class _FusedShrink(nn.Module):
@@ -116,7 +154,7 @@ class _FusedShrink(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.attn(x)
-        return x + self.mlp(x)
+        return self.mlp(x, residual=x)
 
 
 class _FusedStage(nn.Module):
@@ -161,7 +199,9 @@ class FusedLeViT(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, 3, H, W) images -> (B, N, C) tokens of the last stage."""
         check_input(x, self.config)
-        x = self.stem(x).flatten(2).transpose(1, 2)
+        if x.device.type == "cpu":  # oneDNN's channels-last convolutions are faster
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.stem(x).flatten(2).transpose(1, 2)  # (B, C, r, r) -> (B, r*r, C)
         for stage in self.stages:
             x = stage(x)
         return x
