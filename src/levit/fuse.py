@@ -81,8 +81,8 @@ class FusedAttention(nn.Module):
             _linear(x, self.qkv).view(B, N, self.num_heads, -1).split([self.key_dim, self.key_dim, self.val_dim], 3)
         )
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, d) views
-        x = _attention(q, k, v, self.attn_bias)  # (B, H, N, Dv)
-        return _linear(F.hardswish(x.transpose(1, 2).reshape(B, N, -1)), self.proj, residual=residual)
+        x = F.hardswish(_attention(q, k, v, self.attn_bias), inplace=not torch.is_grad_enabled())  # (B, H, N, Dv)
+        return _linear(x.transpose(1, 2).reshape(B, N, -1), self.proj, residual=residual)
 
 
 class FusedShrinkAttention(nn.Module):
@@ -107,8 +107,8 @@ class FusedShrinkAttention(nn.Module):
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, d)
         xs = x.view(B, r, r, C)[:, ::2, ::2].reshape(B, r2 * r2, C)
         q = _linear(xs, self.q).view(B, r2 * r2, H, self.key_dim).transpose(1, 2)
-        x = _attention(q, k, v, self.attn_bias)  # (B, H, N_q, Dv)
-        return _linear(F.hardswish(x.transpose(1, 2).reshape(B, r2 * r2, -1)), self.proj)
+        x = F.hardswish(_attention(q, k, v, self.attn_bias), inplace=not torch.is_grad_enabled())  # (B, H, N_q, Dv)
+        return _linear(x.transpose(1, 2).reshape(B, r2 * r2, -1), self.proj)
 
 
 class FusedMLP(nn.Module):
@@ -196,12 +196,22 @@ class FusedLeViT(nn.Module):
         """Number of output classes (0: the model returns pooled features)."""
         return self.config.num_classes
 
+    def _stem(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu":
+            return self.stem(x)
+        x = x.contiguous(memory_format=torch.channels_last)  # oneDNN's convolutions are faster channels-last
+        if not _onednn_ok(x) or x.dtype != self.stem[0].weight.dtype:
+            return self.stem(x)
+        convs = [m for m in self.stem if isinstance(m, nn.Conv2d)]
+        for i, c in enumerate(convs):  # conv + bias + Hardswish in one oneDNN kernel
+            act = "hardswish" if i < len(convs) - 1 else "none"
+            x = torch.ops.mkldnn._convolution_pointwise(x, c.weight, c.bias, [1, 1], [2, 2], [1, 1], 1, act, [], "")
+        return x
+
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, 3, H, W) images -> (B, N, C) tokens of the last stage."""
         check_input(x, self.config)
-        if x.device.type == "cpu":  # oneDNN's channels-last convolutions are faster
-            x = x.contiguous(memory_format=torch.channels_last)
-        x = self.stem(x).flatten(2).transpose(1, 2)  # (B, C, r, r) -> (B, r*r, C)
+        x = self._stem(x).flatten(2).transpose(1, 2)  # (B, C, r, r) -> (B, r*r, C)
         for stage in self.stages:
             x = stage(x)
         return x
