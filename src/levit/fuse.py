@@ -51,6 +51,12 @@ def _linear(x: Tensor, layer: nn.Linear, act: str = "none", residual: Tensor | N
     return y if residual is None else residual + y
 
 
+def _hardswish_(x: Tensor) -> Tensor:
+    """Hardswish, in place on a temporary when no graph is being recorded (autograd or tracing)."""
+    inplace = not torch.is_grad_enabled() and not torch.jit.is_tracing()
+    return F.hardswish(x, inplace=inplace)
+
+
 def _attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
     """softmax(q k^T + bias) v for (B, H, N, d) q/k/v (the scale is folded into q) and a (H, N_q, N_k) bias.
 
@@ -81,7 +87,7 @@ class FusedAttention(nn.Module):
             _linear(x, self.qkv).view(B, N, self.num_heads, -1).split([self.key_dim, self.key_dim, self.val_dim], 3)
         )
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, d) views
-        x = F.hardswish(_attention(q, k, v, self.attn_bias), inplace=not torch.is_grad_enabled())  # (B, H, N, Dv)
+        x = _hardswish_(_attention(q, k, v, self.attn_bias))  # (B, H, N, Dv)
         return _linear(x.transpose(1, 2).reshape(B, N, -1), self.proj, residual=residual)
 
 
@@ -107,7 +113,7 @@ class FusedShrinkAttention(nn.Module):
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, d)
         xs = x.view(B, r, r, C)[:, ::2, ::2].reshape(B, r2 * r2, C)
         q = _linear(xs, self.q).view(B, r2 * r2, H, self.key_dim).transpose(1, 2)
-        x = F.hardswish(_attention(q, k, v, self.attn_bias), inplace=not torch.is_grad_enabled())  # (B, H, N_q, Dv)
+        x = _hardswish_(_attention(q, k, v, self.attn_bias))  # (B, H, N_q, Dv)
         return _linear(x.transpose(1, 2).reshape(B, r2 * r2, -1), self.proj)
 
 
