@@ -381,10 +381,19 @@ def format_table(rows: Sequence[dict]) -> str:
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
     fmt_line = lambda xs: "  ".join(x.ljust(w) if i < 4 else x.rjust(w) for i, (x, w) in enumerate(zip(xs, widths)))  # noqa: E731
     r0 = rows[0]
-    threads = f", {r0['threads']} thread(s)" if r0.get("threads") else ""
+    n = r0.get("threads")
+    threads = f", {n} thread{'s' if n != 1 else ''}" if n else ""
     out = [f"{r0['device']}{threads}; torch {r0['torch']}, timm {r0['timm']}", fmt_line(heads)]
     out += [fmt_line(c) for c in cells]
     out.append("img/s: median over the timed windows (min/max beside); top-1*: ImageNet-1k, the paper's Table 3")
+    by_name = {r["model"]: r for r in rows}
+    ups = [
+        f"{name} {r['img_s'] / by_name['timm_' + name]['img_s']:.2f}x"
+        for name, r in by_name.items()
+        if "timm_" + name in by_name
+    ]
+    if ups:
+        out.append("levit (fused) vs timm's LeViT, same settings: " + ", ".join(ups))
     return "\n".join(out)
 
 
