@@ -250,7 +250,7 @@ def benchmark_one(
     same backend when ``backend_for_competitors`` (else eager). Defaults follow the paper: CPU fp32,
     batch 16; GPU fp16 with the largest power-of-two batch that fits.
     """
-    from .deploy import build_runner, resolve_backend
+    from .deploy import resolve_backend
 
     if name not in BENCH_MODELS:
         raise LeViTError(f"unknown benchmark model {name!r}; valid: {', '.join(BENCH_MODELS)}")
@@ -261,8 +261,30 @@ def benchmark_one(
     precision = precision or ("fp16" if device.type == "cuda" else "fp32")
     be = backend if (entry.implementation == "levit" or backend_for_competitors) else "eager"
     be = resolve_backend(be, precision, device)
+    prev_threads = torch.get_num_threads()
     if threads is not None and device.type == "cpu":
         torch.set_num_threads(threads)
+    try:
+        return _measure(entry, name, be, precision, device, batch_size, threads, img_size, warmup_s, windows, window_s)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def _measure(
+    entry: BenchModel,
+    name: str,
+    be: str,
+    precision: str,
+    device: torch.device,
+    batch_size: int | None,
+    threads: int | None,
+    img_size: int | None,
+    warmup_s: float,
+    windows: int,
+    window_s: float,
+) -> dict:
+    from .deploy import build_runner
+
     peak_ok = device.type == "cpu" and _reset_peak_rss()
     rss0 = _rss_kb("VmRSS")
     if device.type == "cuda":
