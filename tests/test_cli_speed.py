@@ -81,3 +81,7 @@ def test_export_and_predict_with_backend(tmp_path, capsys):
     assert ort[0]["top"][0]["prob"] == pytest.approx(eager[0]["top"][0]["prob"], abs=1e-4)
     assert main([*argv, "--backend", "openvino", "--precision", "bf16"]) == 0
     assert "top-1 agreement with fp32" in capsys.readouterr().err
+    assert main([*argv, "--backend", "openvino", "--precision", "int8"]) == 0
+    cap = capsys.readouterr()
+    assert json.loads(cap.out)[0]["path"].endswith("a.png")  # quantizer progress output stays off stdout
+    assert "openvino int8: top-1 agreement" in cap.err

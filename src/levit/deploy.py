@@ -21,6 +21,7 @@ import contextlib
 import copy
 import importlib
 import importlib.util
+import io
 import os
 import tempfile
 import warnings
@@ -198,8 +199,6 @@ def _torch_runner(module: nn.Module, precision: str, compile: bool, example: Ten
 
 
 def _onnx_bytes(module: nn.Module, example: Tensor) -> bytes:
-    import io
-
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -253,15 +252,16 @@ def _ort_quantize(onnx_model: bytes, calib: Tensor) -> bytes:
     with tempfile.TemporaryDirectory() as d:
         src, dst = Path(d, "fp32.onnx"), Path(d, "int8.onnx")
         src.write_bytes(onnx_model)
-        quantize_static(
-            str(src),
-            str(dst),
-            Reader(),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-        )
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantize_static(
+                str(src),
+                str(dst),
+                Reader(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+            )
         return dst.read_bytes()
 
 
@@ -290,13 +290,14 @@ def _ov_runner(
         data = nncf.Dataset([c.numpy() for c in calib.float().split(8)])
         # Transformer patterns, but no SmoothQuant: on LeViT it costs fidelity (measured on real photos:
         # 85% top-1 agreement with it, 100% without; benchmarks/speed_targets.py)
-        ov_model = nncf.quantize(
-            ov_model,
-            data,
-            model_type=nncf.ModelType.TRANSFORMER,
-            subset_size=int(calib.shape[0]),
-            advanced_parameters=nncf.AdvancedQuantizationParameters(smooth_quant_alpha=-1),
-        )
+        with contextlib.redirect_stdout(io.StringIO()):  # NNCF's progress bars would corrupt --json output
+            ov_model = nncf.quantize(
+                ov_model,
+                data,
+                model_type=nncf.ModelType.TRANSFORMER,
+                subset_size=int(calib.shape[0]),
+                advanced_parameters=nncf.AdvancedQuantizationParameters(smooth_quant_alpha=-1),
+            )
     config: dict[str, object] = {"PERFORMANCE_HINT": "LATENCY"}
     if precision in ("fp32", "bf16"):
         config["INFERENCE_PRECISION_HINT"] = {"fp32": "f32", "bf16": "bf16"}[precision]
