@@ -265,7 +265,8 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
 
 def resolve_config(*, config: str | os.PathLike | None = None, model: str | None = None, **values: Any) -> TrainConfig:
     """The run's config: the recipe (``config``; else the shipped recipe of ``dataset`` or ``model``;
-    else the paper defaults), then ``model`` and every non-None ``values`` entry on top."""
+    else the paper defaults), then ``model`` and every ``values`` entry on top (``None`` included: it
+    sets a key to null, e.g. ``total_batch=None`` turns gradient accumulation off)."""
     from .registry import canonical_name
 
     if config is not None:
@@ -276,7 +277,7 @@ def resolve_config(*, config: str | os.PathLike | None = None, model: str | None
         recipe = load_recipe(canonical_name(model))
     else:
         recipe = {}
-    given = _validate({k: v for k, v in values.items() if v is not None}, "override")
+    given = _validate(values, "override")
     if model is not None:
         given["model"] = model
     merged = {**recipe, **given}
