@@ -179,31 +179,34 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg[:160]}" if msg else type(e).__name__
 
 
+_UNREADABLE = "cannot read it as a checkpoint: truncated, corrupt, or not a torch .pth / .safetensors file"
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict | None]:
     """Read a checkpoint file: (state dict, levit metadata or None). Raises :class:`CheckpointError`."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
     with open(path, "rb") as f:
-        head = f.read(8)
-    if len(head) < 8:
+        head = f.read(9)
+    if len(head) < 9:
         raise CheckpointError(f"{path}: file is empty or truncated, not a checkpoint")
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save zip / legacy pickle
+    # safetensors: 8-byte little-endian header length, then a JSON header; anything else goes to torch.load
+    header_len = int.from_bytes(head[:8], "little")
+    if not (head[8:9] == b"{" and header_len < path.stat().st_size):
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise CheckpointError(f"{path}: cannot read the file, it is truncated or corrupt ({_short(e)})") from e
+            raise CheckpointError(f"{path}: {_UNREADABLE} ({_short(e)})") from e
         return _unwrap(obj, path)
     try:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            sd = {k: f.get_tensor(k) for k in f}
+            sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except Exception as e:
-        raise CheckpointError(
-            f"{path}: not a readable checkpoint (expected a torch .pth or a .safetensors file; {_short(e)})"
-        ) from e
+        raise CheckpointError(f"{path}: {_UNREADABLE} ({_short(e)})") from e
     info = None
     if _META_KEY in meta:
         try:
@@ -342,17 +345,61 @@ def load_checkpoint(path: str | os.PathLike, name: str, **explicit: object) -> n
         cfg = cfg.replace(**explicit)
     except TypeError as e:
         raise ValueError(str(e)) from None
+    original = sd
     if fmt == "official":
         sd = _rename(sd, official_key_map(cfg), path)
     elif fmt == "timm":
         sd = _rename(sd, timm_key_map(cfg), path)
     model: nn.Module = FusedLeViT(cfg) if fmt == "levit-fused" else LeViT(cfg)
-    sd = _fit_to_model(sd, model, path, fmt)
+    try:
+        sd = _fit_to_model(sd, model, path, fmt)
+    except CheckpointError as e:
+        if fmt in ("official", "timm", "levit") and "wrong variant" in str(e):
+            raise CheckpointError(_diagnose(original, cfg, fmt, path)) from None
+        raise
     model.load_state_dict(sd, strict=True)
     names = (info or {}).get("class_names")
     if isinstance(names, list) and len(names) == cfg.num_classes:
         model.class_names = [str(n) for n in names]
     return model
+
+
+def _expected(cfg: LeViTConfig, fmt: str) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape that a ``fmt`` checkpoint of ``cfg`` holds (index buffers left out)."""
+    from .model import LeViT
+
+    with torch.device("meta"):
+        own = LeViT(cfg).state_dict()
+    kmap = {"official": official_key_map, "timm": timm_key_map}.get(fmt, lambda c: {k: k for k in own})(cfg)
+    return {kmap[k]: tuple(v.shape) for k, v in own.items()}
+
+
+def _diagnose(sd: Mapping[str, Tensor], cfg: LeViTConfig, fmt: str, path: Path) -> str:
+    """One line naming the first tensor (in file order) whose name or shape differs, and the variant
+    that the file does match, if any."""
+    got = [(k, tuple(v.shape)) for k, v in sd.items() if not k.endswith("attention_bias_idxs")]
+    exp = list(_expected(cfg, fmt).items())
+    if [k for k, _ in got] == sorted(k for k, _ in got):  # safetensors files keep names sorted
+        exp.sort()
+    msg = f"{path}: checkpoint does not fit {cfg.name}"
+    for i, (ek, es) in enumerate(exp):
+        have = dict(got)
+        if ek in have and have[ek] != es:
+            msg += f": first mismatch is {ek!r} {have[ek]} in the checkpoint vs {es} in the model"
+            break
+        if ek not in have:  # pair it with the tensor at the same place in the file
+            gk, gs = got[i] if i < len(got) else ("nothing", ())
+            msg += f": first mismatch is {gk!r} {gs} in the checkpoint vs {ek!r} {es} in the model"
+            break
+    else:
+        msg += f": it has {len(got)} tensors, the model {len(exp)}"
+    for name, base in VARIANTS.items():
+        if name == cfg.name:
+            continue
+        other = base.replace(num_classes=cfg.num_classes, distillation=cfg.distillation, img_size=cfg.img_size)
+        if dict(got) == _expected(other, fmt):
+            return msg + f"; the file holds {name}"
+    return msg + " (wrong variant?)"
 
 
 def _rename(sd: dict[str, Tensor], kmap: dict[str, str], path: Path) -> dict[str, Tensor]:

@@ -20,6 +20,13 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
     pass
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (and exit code 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _sub(subparsers, name: str, help: str, examples: str) -> argparse.ArgumentParser:
     return subparsers.add_parser(
         name, help=help, description=help, epilog="examples:\n" + examples, formatter_class=_Formatter
@@ -62,6 +69,8 @@ def _load_model(args: argparse.Namespace, **kwargs: object):
 
 # ---- models ------------------------------------------------------------------------------------
 def _cmd_models(args: argparse.Namespace) -> int:
+    import torch
+
     import levit
     from levit.config import PAPER_RESULTS
     from levit.registry import get_config
@@ -69,7 +78,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
     rows = []
     for name in levit.list_models(args.pattern):
         cfg = get_config(name)
-        with __import__("torch").device("meta"):
+        with torch.device("meta"):  # sizes only: no memory, no initialisation
             params = levit.count_params(levit.create_model(name))
         paper = PAPER_RESULTS.get(name)
         rows.append(
@@ -263,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``levit`` command."""
     from levit import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="levit",
         description="LeViT image classifiers: models, prediction, benchmarks, training, export.",
         epilog="examples:\n  levit models\n  levit predict photo.jpg --model levit_256 --pretrained\n"
@@ -360,7 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``levit`` command; returns the exit code (0 ok, 1 failure, 2 usage error)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported by the sub-command, whose --help lists the valid flags
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     from levit.errors import LeViTError
 
     try:

@@ -1,0 +1,116 @@
+"""The command line: `levit models`, `levit predict` and their error cases."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import levit
+from levit.cli import main
+
+
+@pytest.fixture
+def images(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 255, (120, 90, 3), dtype=np.uint8)).save(folder / "a.jpg")
+    Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(folder / "sub" / "b.png")  # grey
+    Image.fromarray(rng.integers(0, 255, (70, 100, 4), dtype=np.uint8)).save(folder / "c.png")  # RGBA
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (folder / "notes.txt").write_text("ignored: not an image extension")
+    return folder
+
+
+def test_models_table_has_exact_counts(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "levit_128s      7,777,058     305,108,946" in out and "2,352,935,380" in out
+    assert main(["models", "levit_2*", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["model"] for r in rows] == ["levit_256"]
+    assert rows[0]["params"] == 18_893_876 and rows[0]["flops"] == 1_128_024_056 and rows[0]["top1"] == 81.6
+
+
+def test_predict_folder_skips_unreadable_and_reports(images, capsys, tmp_path):
+    model = levit.create_model("levit_tiny", img_size=64)
+    model.class_names = [f"thing {i}" for i in range(1000)]
+    ckpt = levit.save(model, tmp_path / "tiny.safetensors")
+    code = main(["predict", str(images), "--checkpoint", str(ckpt), "--topk", "3", "--batch-size", "2", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0
+    results = json.loads(captured.out)
+    assert [r["path"].split("imgs/")[1] for r in results] == ["a.jpg", "c.png", "sub/b.png"]
+    for r in results:
+        assert len(r["top"]) == 3 and r["top"][0]["label"].startswith("thing ")
+        probs = [p["prob"] for p in r["top"]]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0 + 1e-6
+    assert "skipped" in captured.err and "broken.jpg" in captured.err
+    assert "RANDOM weights" not in captured.err
+
+
+def test_predict_matches_the_library(images, capsys, tmp_path):
+    """The CLI's top-1 equals the fused model applied to the official preprocessing."""
+    import torch
+
+    from levit.data import eval_transform
+
+    model = levit.create_model("levit_tiny", img_size=64).eval()
+    ckpt = levit.save(model, tmp_path / "tiny.safetensors")
+    assert main(["predict", str(images / "a.jpg"), "-c", str(ckpt), "--json", "--topk", "1"]) == 0
+    got = json.loads(capsys.readouterr().out)[0]["top"][0]
+    x = eval_transform(64)(Image.open(images / "a.jpg").convert("RGB"))[None]
+    with torch.no_grad():
+        probs = model(x).softmax(-1)[0]
+    assert got["class"] == int(probs.argmax()) and got["prob"] == pytest.approx(probs.max().item(), abs=1e-5)
+    assert got["label"] == levit.data.imagenet_class_names()[got["class"]]
+
+
+def test_predict_with_random_weights_says_so(images, capsys):
+    assert main(["predict", str(images / "a.jpg"), "--model", "LeViT_128S", "--topk", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "RANDOM weights" in captured.err
+    assert captured.out.splitlines()[0].endswith("a.jpg") and "%" in captured.out
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "message"),
+    [
+        (["predict", "missing.jpg", "-m", "levit_tiny"], 1, "no such image file or folder: missing.jpg"),
+        (["predict", "{img}", "-m", "levit_tiny", "--topk", "0"], 2, "--topk must be >= 1"),
+        (["predict", "{img}", "-m", "nope"], 1, "unknown model 'nope'; valid names:"),
+        (["predict", "{img}", "-m", "levit_tiny", "-c", "{bad}"], 1, "cannot read it as a checkpoint"),
+        (["predict", "{img}"], 2, "--model is required"),
+        (["predict", "{img}", "-c", "{official}"], 2, "--model is required: "),
+    ],
+)
+def test_predict_errors_are_one_line(images, tmp_path, capsys, argv, code, message):
+    import torch
+
+    from levit.checkpoint import to_official_state_dict
+
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"garbage" * 10)
+    official = tmp_path / "official.pth"
+    torch.save({"model": to_official_state_dict(levit.create_model("levit_tiny"))}, official)
+    argv = [a.format(img=images / "a.jpg", bad=bad, official=official) for a in argv]
+    assert main(argv) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    last = err[-1]
+    assert last.startswith("levit predict: error: ") and message in last
+    assert not any("Traceback" in line for line in err)
+
+
+def test_python_m_levit_and_usage_errors(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "levit", "--help"], capture_output=True, text=True)
+    assert run.returncode == 0 and "examples:" in run.stdout and "predict" in run.stdout
+    run = subprocess.run([sys.executable, "-m", "levit", "predict", "x.jpg", "--nope"], capture_output=True, text=True)
+    assert run.returncode == 2
+    assert run.stderr == "levit predict: error: unrecognized arguments: --nope (see `levit predict --help`)\n"
+    run = subprocess.run([sys.executable, "-m", "levit", "predict"], capture_output=True, text=True)
+    assert run.returncode == 2 and "required: paths" in run.stderr and len(run.stderr.splitlines()) == 1
