@@ -350,3 +350,40 @@ def test_ddp_two_process_gloo_identical_weights(tmp_path):
     state = torch.load(tmp_path / "out" / "checkpoints" / "ckpt-000000004.pth", weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     assert torch.equal(state["model"]["head.linear.weight"], a["sd"]["head.linear.weight"])
+
+
+def test_hard_distillation_run_with_a_levit_teacher(tiny_run, tmp_path):
+    data, out, _ = tiny_run
+    teacher_file = out / "best.pth"
+    before = teacher_file.read_bytes()
+    cfg = resolve_config(
+        **tiny_config(data, tmp_path / "student", epochs=1, distillation="hard", teacher_checkpoint=str(teacher_file))
+    )
+    result = train(cfg)
+    assert teacher_file.read_bytes() == before  # the teacher is only read
+    student = levit.create_model("levit_tiny", checkpoint=tmp_path / "student" / "best.pth")
+    assert student.config.distillation and student.head_dist is not None
+    assert not result.model.distilled_training  # handed back in inference form
+    torch.manual_seed(cfg.seed)  # the run's initial weights
+    init = levit.create_model("levit_tiny", num_classes=3, img_size=32, distillation=True)
+    trained = result.model.head_dist.linear.weight
+    assert not torch.equal(trained, init.head_dist.linear.weight)  # the distillation head was trained
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_cuda_requested_without_gpu_is_one_line_error(tmp_path):
+    data = make_dataset(tmp_path / "d", classes=2, train=2, val=1)
+    r = run_cli(
+        "train",
+        "--data",
+        str(data),
+        "-o",
+        str(tmp_path / "o"),
+        "-m",
+        "levit_tiny",
+        "--distillation",
+        "none",
+        "--device",
+        "cuda",
+    )
+    assert r.returncode == 1 and "no CUDA GPU is available" in r.stderr and r.stderr.count("\n") == 1
