@@ -330,7 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.formatter_class = argparse.RawDescriptionHelpFormatter  # defaults come from the recipe, not argparse
     p.add_argument("--data", type=Path, help="folder with train/ and val/ sub-folders (ImageFolder layout)")
     p.add_argument("--dataset", choices=["digits"], help="a bundled dataset instead of --data (no download)")
-    p.add_argument("--output", "-o", type=Path, help="run folder: config.yaml, metrics.jsonl, checkpoints/, best.pth (default: runs/levit)")
+    p.add_argument(
+        "--output",
+        "-o",
+        type=Path,
+        help="run folder: config.yaml, metrics.jsonl, checkpoints/, best.pth (default: runs/levit)",
+    )
     p.add_argument("--model", "-m", help="model name (see `levit models`); default: the recipe's")
     p.add_argument("--config", help="recipe YAML file or shipped recipe name (default: the model's paper recipe)")
     p.add_argument("--epochs", type=int, help="number of epochs")
