@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -156,7 +157,8 @@ def tiny_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
     data = make_dataset(tmp / "data", classes=3, train=6, val=3)
     (data / "train" / "c1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
-    cfg = resolve_config(**tiny_config(data, tmp / "out", mixup=0.0, cutmix=0.0, keep_last=2))
+    tb = importlib.util.find_spec("tensorboard") is not None
+    cfg = resolve_config(**tiny_config(data, tmp / "out", mixup=0.0, cutmix=0.0, keep_last=2, tensorboard=tb))
     result = train(cfg)
     return data, tmp / "out", result
 
@@ -229,6 +231,20 @@ def test_training_checkpoints_load_everywhere(tiny_run, tmp_path):
     r = run_cli("predict", str(data / "val" / "c2"), "-c", str(out / "best.pth"), "--topk", "1", "--json")
     assert r.returncode == 0, r.stderr
     assert {p["top"][0]["label"] for p in json.loads(r.stdout)} <= {"c0", "c1", "c2"}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard not installed")
+def test_tensorboard_events_written(tiny_run):
+    _, out, _ = tiny_run
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_fresh_run_never_overwrites_an_earlier_one(tiny_run):
+    data, out, _ = tiny_run
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    with pytest.raises(LeViTError, match="holds checkpoints of an earlier run: continue it with --resume auto"):
+        train(resolve_config(**tiny_config(data, out)))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
 
 
 def test_eval_cli_errors(tiny_run, tmp_path):

@@ -482,6 +482,9 @@ class _Recorder:
         """On resume: drop records written after the checkpoint (the run will write them again)."""
         if not self.main or not self.path.is_file():
             return
+        if global_step == 0 and epochs_done == 0:  # a fresh start: no stale records of a killed run
+            self.path.unlink()
+            return
         keep = []
         for line in self.path.read_text().splitlines():
             try:
@@ -584,6 +587,12 @@ def _train(cfg: TrainConfig, d: _Dist, callbacks: list, resume: str | None) -> T
             if not resume_path.is_file():
                 raise LeViTError(f"--resume: checkpoint file not found: {resume_path}")
             state = _load_state(resume_path)
+
+    elif _ckpt_files(out / "checkpoints"):
+        raise LeViTError(
+            f"--output {out} holds checkpoints of an earlier run: continue it with --resume auto, "
+            "or pick another --output (nothing is overwritten)"
+        )
 
     # ---- data ----
     root = _prepare_data(cfg, d, out)
@@ -730,8 +739,7 @@ def _train(cfg: TrainConfig, d: _Dist, callbacks: list, resume: str | None) -> T
         resolved = cfg.to_dict() | {"data": str(root)}
         (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     rec = _Recorder(out, d.main, cfg.tensorboard)
-    if state is not None:
-        rec.truncate(global_step, start_epoch)  # epochs completed = index of the resumed epoch
+    rec.truncate(global_step, start_epoch)  # back to the checkpoint (or empty on a fresh start)
     _barrier(d)
 
     # ---- wrap ----
