@@ -357,15 +357,16 @@ def build_parser() -> argparse.ArgumentParser:
         "  levit eval --data runs/digits/digits/val --checkpoint runs/digits/best.pth --output eval.json\n"
         "  torchrun --nproc_per_node=4 -m levit eval --data ~/imagenet/val --model levit_256 -c LeViT-256.pth",
     )
+    p.formatter_class = argparse.RawDescriptionHelpFormatter  # defaults spelled out in the help texts
     p.add_argument("--data", type=Path, required=True, help="folder with one sub-folder per class")
     _add_model_args(p, required=False)
     p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the checkpoint's)")
     p.add_argument(
         "--crop-pct", type=float, default=None, help="centre-crop fraction (default: the training run's or 0.875)"
     )
-    p.add_argument("--batch-size", "-b", type=int, default=64, help="images per forward pass")
-    p.add_argument("--workers", type=int, default=2, help="data loading processes")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run")
+    p.add_argument("--batch-size", "-b", type=int, default=64, help="images per forward pass (default: 64)")
+    p.add_argument("--workers", type=int, default=2, help="data loading processes (default: 2)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run (default: auto)")
     p.add_argument("--no-fuse", action="store_true", help="evaluate the unfused model (BatchNorm not folded)")
     p.add_argument("--output", type=Path, help="also write the results as JSON to this file")
     p.set_defaults(func=_cmd_eval)
