@@ -403,3 +403,14 @@ def test_cuda_requested_without_gpu_is_one_line_error(tmp_path):
         "cuda",
     )
     assert r.returncode == 1 and "no CUDA GPU is available" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_resume_finished_run_with_more_epochs(tmp_path):
+    data = make_dataset(tmp_path / "d", classes=2, train=4, val=1)
+    train(resolve_config(**tiny_config(data, tmp_path / "o", epochs=1)))
+    result = train(resolve_config(**tiny_config(data, tmp_path / "o", epochs=3)), resume="auto")
+    lines = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines if x["event"] == "epoch"] == [1, 2, 3]
+    assert [x["step"] for x in lines if x["event"] == "step"] == [1, 2, 3, 4, 5, 6]
+    assert [x["event"] for x in lines].count("summary") == 1 and lines[-1]["epochs"] == 3
+    assert result.best_epoch >= 1

@@ -140,6 +140,9 @@ _CHOICES = {
 _POSITIVE = ("epochs", "batch_size", "lr_base_batch", "keep_last", "log_every", "eval_every", "img_size", "recount")
 
 
+_SCHEDULE_KEYS = ("epochs", "sched", "warmup_epochs", "warmup_lr", "min_lr", "lr", "lr_base_batch", "total_batch")
+
+
 def _fields() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(TrainConfig)}
 
@@ -491,8 +494,10 @@ class _Recorder:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by the crash
-            if (rec.get("event") == "step" and rec["step"] > global_step) or (
-                rec.get("event") == "epoch" and rec["epoch"] > epochs_done
+            if (
+                rec.get("event") == "summary"
+                or (rec.get("event") == "step" and rec["step"] > global_step)
+                or (rec.get("event") == "epoch" and rec["epoch"] > epochs_done)
             ):
                 continue
             keep.append(line)
@@ -587,7 +592,6 @@ def _train(cfg: TrainConfig, d: _Dist, callbacks: list, resume: str | None) -> T
             if not resume_path.is_file():
                 raise LeViTError(f"--resume: checkpoint file not found: {resume_path}")
             state = _load_state(resume_path)
-
     elif _ckpt_files(out / "checkpoints"):
         raise LeViTError(
             f"--output {out} holds checkpoints of an earlier run: continue it with --resume auto, "
@@ -708,7 +712,11 @@ def _train(cfg: TrainConfig, d: _Dist, callbacks: list, resume: str | None) -> T
         try:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
+            old_cfg = state.get("train_config") or {}
+            if all(old_cfg.get(k) == getattr(cfg, k) for k in _SCHEDULE_KEYS):
+                scheduler.load_state_dict(state["scheduler"])
+            else:  # e.g. more epochs: the lr follows the new recipe from this epoch on
+                _log(d, "note: the lr schedule differs from the checkpoint's run; following the new recipe")
             scaler.load_state_dict(state["scaler"])
             if ema is not None and state.get("ema") is not None:
                 ema.module.load_state_dict(state["ema"])
