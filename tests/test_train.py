@@ -414,3 +414,22 @@ def test_resume_finished_run_with_more_epochs(tmp_path):
     assert [x["step"] for x in lines if x["event"] == "step"] == [1, 2, 3, 4, 5, 6]
     assert [x["event"] for x in lines].count("summary") == 1 and lines[-1]["epochs"] == 3
     assert result.best_epoch >= 1
+
+
+@pytest.mark.parametrize("gpu, backend", [(True, "nccl"), (False, "gloo")])
+def test_process_group_backend_follows_the_device(monkeypatch, gpu, backend):
+    """Structural check of the GPU path on a CPU machine: NCCL + cuda:LOCAL_RANK under torchrun on GPUs."""
+    import levit.train as lt
+
+    calls = {}
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.setdefault("set_device", i))
+    monkeypatch.setattr(lt.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(lt.dist, "init_process_group", lambda backend, **kw: calls.update(backend=backend, **kw))
+    d = lt._init_distributed("auto")
+    assert calls["backend"] == backend and (d.rank, d.world, d.local_rank) == (3, 4, 1) and not d.main
+    assert d.device == (torch.device("cuda", 1) if gpu else torch.device("cpu"))
+    assert calls.get("set_device") == (1 if gpu else None)
