@@ -289,6 +289,133 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- train / eval ------------------------------------------------------------------------------
+def _cmd_train(args: argparse.Namespace) -> int:
+    from levit.train import parse_overrides, resolve_config, train
+
+    for flag, v in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--img-size", args.img_size)):
+        if v is not None and v < 1:
+            raise UsageError(f"{flag} must be >= 1, got {v}")
+    if args.resume not in (None, "auto") and not Path(args.resume).is_file():
+        raise UsageError(f"--resume must be 'auto' or an existing checkpoint file, got {args.resume!r}")
+    if args.config is not None and not Path(args.config).is_file():
+        from levit.train import available_recipes
+
+        if args.config not in available_recipes():
+            raise UsageError(
+                f"--config: {args.config} is neither a YAML file nor a shipped recipe ({', '.join(available_recipes())})"
+            )
+    overrides = parse_overrides(args.overrides)
+    flags = {
+        "data": str(args.data) if args.data is not None else None,
+        "dataset": args.dataset,
+        "output": str(args.output) if args.output is not None else None,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "img_size": args.img_size,
+        "distillation": args.distillation,
+        "teacher": args.teacher,
+        "teacher_checkpoint": str(args.teacher_checkpoint) if args.teacher_checkpoint else None,
+        "device": args.device,
+    }
+    values = {k: v for k, v in flags.items() if v is not None} | overrides
+    model = values.pop("model", None) or args.model
+    if model is None and args.config is None and args.dataset is None:
+        raise UsageError("--model is required (or a --config / --dataset recipe that names one)")
+    cfg = resolve_config(config=args.config, model=model, **values)
+    if cfg.distillation != "none" and not cfg.teacher_checkpoint:
+        raise UsageError(
+            f"--distillation {cfg.distillation} needs --teacher-checkpoint PATH (teacher weights are never "
+            "downloaded), or --distillation none"
+        )
+    result = train(cfg, resume=args.resume)
+    return 0 if result.best_epoch > 0 or cfg.epochs == 0 else 1
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
+    from levit.data import SafeImageFolder, ShardSampler, check_image_folder, collate_skip, eval_transform
+    from levit.errors import LeViTError
+    from levit.train import evaluate
+
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
+        raise UsageError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
+    if args.checkpoint is None and not args.pretrained:
+        raise UsageError("--checkpoint PATH (or --pretrained) is required: evaluating random weights is meaningless")
+    classes = check_image_folder(args.data)
+    from levit.checkpoint import read_metadata
+
+    meta = read_metadata(args.checkpoint) if args.checkpoint is not None else None
+    train_eval = (meta or {}).get("eval") or {}
+    kwargs = {"img_size": args.img_size} if args.img_size else {}
+    model = _load_model(args, **kwargs)
+    img_size = model.config.img_size
+    crop_pct = args.crop_pct or train_eval.get("crop_pct") or 0.875
+    names = getattr(model, "class_names", None)
+    if names:
+        unknown = [c for c in classes if c not in names]
+        if unknown:
+            raise LeViTError(f"--data: class folder(s) {unknown[:5]} are not classes of the checkpoint")
+        class_to_idx = {c: names.index(c) for c in classes}
+    else:
+        if len(classes) != model.config.num_classes:
+            raise LeViTError(
+                f"--data: {len(classes)} class folders, but the model has {model.config.num_classes} classes and "
+                "no class names to match them by (folders are taken in sorted order)"
+            )
+        class_to_idx = {c: i for i, c in enumerate(classes)}
+    if not args.no_fuse:
+        import levit
+
+        model = levit.fuse(model) if not getattr(model, "is_fused", False) else model
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is available")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
+    if world > 1:
+        import torch.distributed as dist
+
+        if use_cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    dataset = SafeImageFolder(args.data, transform=eval_transform(img_size, crop_pct), class_to_idx=class_to_idx)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        sampler=ShardSampler(len(dataset), world, rank),
+        num_workers=args.workers,
+        collate_fn=collate_skip,
+    )
+    model = model.to(device).eval()
+    m = evaluate(model, loader, device)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    if rank != 0:
+        return 0
+    result = {
+        "model": model.config.name,
+        "checkpoint": str(args.checkpoint) if args.checkpoint else "pretrained",
+        "data": str(args.data),
+        "img_size": img_size,
+        "crop_pct": crop_pct,
+        "fused": not args.no_fuse,
+        **m,
+    }
+    print(f"top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  loss {m['loss']:.4f}  ({m['n']} images)")
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 # ---- entry point -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``levit`` command."""
@@ -389,6 +516,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_export)
 
     # ---- train / eval (training) ----
+    p = _sub(
+        sub,
+        "train",
+        "train a LeViT with the paper's recipe (hard distillation, DeiT augmentation), on 1 CPU to many GPUs",
+        "  levit train --dataset digits --output runs/digits            # 2-CPU demo, no download\n"
+        "  levit train --data ~/imagenet --output runs/128s --model levit_128s \\\n"
+        "      --teacher-checkpoint regnety_160-a5fe301d.pth             # paper recipe (configs/levit_128s.yaml)\n"
+        "  levit train --data mydata --output runs/ft --model levit_256 --distillation none \\\n"
+        "      epochs=30 pretrained=true total_batch=null warmup_epochs=1  # fine-tune, KEY=VALUE overrides\n"
+        "  levit train --data mydata --output runs/ft --model levit_256 --resume auto   # continue after a crash\n"
+        "  torchrun --nproc_per_node=8 -m levit train --data ~/imagenet --output runs/256 --model levit_256 \\\n"
+        "      --teacher-checkpoint regnety_160.pth                     # DDP on 8 GPUs\n"
+        "  torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --rdzv-id=run1 \\\n"
+        "      -m levit train ...                                        # 4 nodes x 8 GPUs (run on every node)",
+    )
+    p.formatter_class = argparse.RawDescriptionHelpFormatter  # defaults come from the recipe, not argparse
+    p.add_argument("--data", type=Path, help="folder with train/ and val/ sub-folders (ImageFolder layout)")
+    p.add_argument("--dataset", choices=["digits"], help="a bundled dataset instead of --data (no download)")
+    p.add_argument(
+        "--output",
+        "-o",
+        type=Path,
+        help="run folder: config.yaml, metrics.jsonl, checkpoints/, best.pth (default: runs/levit)",
+    )
+    p.add_argument("--model", "-m", help="model name (see `levit models`); default: the recipe's")
+    p.add_argument("--config", help="recipe YAML file or shipped recipe name (default: the model's paper recipe)")
+    p.add_argument("--epochs", type=int, help="number of epochs")
+    p.add_argument("--batch-size", "-b", type=int, help="images per process per step")
+    p.add_argument("--img-size", type=int, help="training resolution (multiple of 16)")
+    p.add_argument("--distillation", choices=["none", "soft", "hard"], help="teacher loss")
+    p.add_argument("--teacher", help="teacher: a timm model name (regnety_160) or a levit variant")
+    p.add_argument("--teacher-checkpoint", type=Path, help="teacher weights file (never downloaded)")
+    p.add_argument("--resume", metavar="auto|PATH", help="continue: 'auto' = newest complete checkpoint in --output")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train (default: cuda if available)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe values, e.g. lr=1e-3 mixup=0")
+    p.set_defaults(func=_cmd_train)
+
+    p = _sub(
+        sub,
+        "eval",
+        "top-1 / top-5 / loss of a checkpoint on an ImageFolder (fused model by default)",
+        "  levit eval --data ~/imagenet/val --model levit_128s --pretrained\n"
+        "  levit eval --data runs/digits/digits/val --checkpoint runs/digits/best.pth --output eval.json\n"
+        "  torchrun --nproc_per_node=4 -m levit eval --data ~/imagenet/val --model levit_256 -c LeViT-256.pth",
+    )
+    p.formatter_class = argparse.RawDescriptionHelpFormatter  # defaults spelled out in the help texts
+    p.add_argument("--data", type=Path, required=True, help="folder with one sub-folder per class")
+    _add_model_args(p, required=False)
+    p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the checkpoint's)")
+    p.add_argument(
+        "--crop-pct", type=float, default=None, help="centre-crop fraction (default: the training run's or 0.875)"
+    )
+    p.add_argument("--batch-size", "-b", type=int, default=64, help="images per forward pass (default: 64)")
+    p.add_argument("--workers", type=int, default=2, help="data loading processes (default: 2)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run (default: auto)")
+    p.add_argument("--no-fuse", action="store_true", help="evaluate the unfused model (BatchNorm not folded)")
+    p.add_argument("--output", type=Path, help="also write the results as JSON to this file")
+    p.set_defaults(func=_cmd_eval)
     return parser
 
 
