@@ -51,22 +51,33 @@ def _linear(x: Tensor, layer: nn.Linear, act: str = "none", residual: Tensor | N
     return y if residual is None else residual + y
 
 
-def _hardswish_(x: Tensor) -> Tensor:
-    """Hardswish, in place on a temporary when no graph is being recorded (autograd or tracing)."""
-    inplace = not torch.is_grad_enabled() and not torch.jit.is_tracing()
-    return F.hardswish(x, inplace=inplace)
-
-
 def _attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
-    """softmax(q k^T + bias) v for (B, H, N, d) q/k/v (the scale is folded into q) and a (H, N_q, N_k) bias.
+    """``hardswish(softmax(q k^T + bias) v)`` for token-major views, heads concatenated.
 
-    Traced graphs (ONNX, OpenVINO, TorchScript) get one fused attention op that the runtimes
-    optimise; eager PyTorch adds the bias in place instead of materialising a (B, H, N, N) copy.
+    q: (B, N_q, H, D), k: (B, N_k, H, D), v: (B, N_k, H, Dv) (strided views into the projection
+    outputs; the scale is folded into q), bias: (H, N_q, N_k). Returns (B, N_q, H*Dv).
+
+    Eager CPU/GPU inference runs one batched GEMM per image over the heads directly on the strided
+    views and writes the result in place into the (B, N_q, H, Dv) output: no transposed copies of
+    q, k, v or of the output. Traced graphs (ONNX, OpenVINO, TorchScript) get one fused attention op
+    that the runtimes optimise; autograd and ``torch.compile`` get plain batched matmuls.
     """
+    B, Nq, H, _ = q.shape
+    Dv = v.shape[-1]
     if torch.jit.is_tracing():
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
-    attn = torch.matmul(q, k.transpose(-2, -1))
-    return torch.matmul(attn.add_(bias).softmax(dim=-1), v)
+        x = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, scale=1.0
+        )
+        return F.hardswish(x.transpose(1, 2).reshape(B, Nq, H * Dv))
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        attn = torch.matmul(q.transpose(1, 2), k.permute(0, 2, 3, 1)) + bias  # (B, H, N_q, N_k)
+        x = torch.matmul(attn.softmax(dim=-1), v.transpose(1, 2))  # (B, H, N_q, Dv)
+        return F.hardswish(x.transpose(1, 2).reshape(B, Nq, H * Dv))
+    out = q.new_empty(B, Nq, H, Dv)
+    for b in range(B):
+        attn = torch.bmm(q[b].transpose(0, 1), k[b].permute(1, 2, 0)).add_(bias).softmax(dim=-1)  # (H, N_q, N_k)
+        torch.bmm(attn, v[b].transpose(0, 1), out=out[b].transpose(0, 1))
+    return F.hardswish(out.view(B, Nq, H * Dv), inplace=True)
 
 
 class FusedAttention(nn.Module):
@@ -83,12 +94,9 @@ class FusedAttention(nn.Module):
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         """(B, N, C) -> (B, N, C): the attention branch, plus ``residual`` when given."""
         B, N, _ = x.shape
-        q, k, v = (
-            _linear(x, self.qkv).view(B, N, self.num_heads, -1).split([self.key_dim, self.key_dim, self.val_dim], 3)
-        )
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, d) views
-        x = _hardswish_(_attention(q, k, v, self.attn_bias))  # (B, H, N, Dv)
-        return _linear(x.transpose(1, 2).reshape(B, N, -1), self.proj, residual=residual)
+        qkv = _linear(x, self.qkv).view(B, N, self.num_heads, -1)  # per head [q: D, k: D, v: Dv]
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], 3)  # (B, N, H, d) views
+        return _linear(_attention(q, k, v, self.attn_bias), self.proj, residual=residual)
 
 
 class FusedShrinkAttention(nn.Module):
@@ -109,12 +117,10 @@ class FusedShrinkAttention(nn.Module):
         B, N, C = x.shape
         r, r2 = self.resolution, self.resolution_out
         H = self.num_heads
-        k, v = _linear(x, self.kv).view(B, N, H, -1).split([self.key_dim, self.val_dim], dim=3)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, d)
+        k, v = _linear(x, self.kv).view(B, N, H, -1).split([self.key_dim, self.val_dim], dim=3)  # (B, N, H, d)
         xs = x.view(B, r, r, C)[:, ::2, ::2].reshape(B, r2 * r2, C)
-        q = _linear(xs, self.q).view(B, r2 * r2, H, self.key_dim).transpose(1, 2)
-        x = _hardswish_(_attention(q, k, v, self.attn_bias))  # (B, H, N_q, Dv)
-        return _linear(x.transpose(1, 2).reshape(B, r2 * r2, -1), self.proj)
+        q = _linear(xs, self.q).view(B, r2 * r2, H, self.key_dim)  # (B, N_q, H, D)
+        return _linear(_attention(q, k, v, self.attn_bias), self.proj)
 
 
 class FusedMLP(nn.Module):
