@@ -40,9 +40,11 @@ __all__ = [
     "DeployError",
     "Predictor",
     "build_runner",
+    "check_backend",
     "deploy",
     "fidelity",
     "load_calibration",
+    "resolve_backend",
 ]
 
 BACKENDS = ("auto", "eager", "inductor", "onnxruntime", "openvino")
