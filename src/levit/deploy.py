@@ -64,7 +64,7 @@ _NEEDS: dict[tuple[str, str | None], tuple[str, ...]] = {
 # `auto`: measured on CPU with `benchmarks/speed_targets.py` (README, Speed); the first installed one wins
 _AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "fp32": ("openvino", "onnxruntime", "inductor", "eager"),
-    "bf16": ("openvino", "eager", "inductor"),
+    "bf16": ("openvino", "inductor", "eager"),
     "fp16": ("inductor", "eager"),
     "int8": ("openvino", "onnxruntime"),
 }
