@@ -30,23 +30,7 @@ import torch
 import levit
 from levit.checkpoint import to_timm_state_dict
 from levit.deploy import build_runner, fidelity
-
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """BN statistics/affines and attention-bias tables drawn at random (a fresh model is degenerate)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
-        for name, p in model.named_parameters():
-            if name.endswith("attention_biases"):
-                p.copy_(torch.randn(p.shape, generator=g))
-    return model
+from levit.testing import randomize_weights as randomize
 
 
 def real_images(img_size: int = 224) -> torch.Tensor:
