@@ -298,7 +298,9 @@ def _ov_runner(
                 data,
                 model_type=nncf.ModelType.TRANSFORMER,
                 subset_size=int(calib.shape[0]),
-                advanced_parameters=nncf.AdvancedQuantizationParameters(smooth_quant_alpha=-1),
+                advanced_parameters=nncf.AdvancedQuantizationParameters(
+                    smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(convolution=-1, matmul=-1)
+                ),
             )
     config: dict[str, object] = {"PERFORMANCE_HINT": "LATENCY"}
     if precision in ("fp32", "bf16"):
