@@ -1,0 +1,66 @@
+"""Finding and decoding image files: one list of extensions and one decoder for the whole package.
+
+``open_rgb`` scales high-bit-depth images (16-bit PNG/TIFF in modes ``I;16``, ``I``, float ``F``) to
+8 bits before converting to RGB: Pillow's own ``convert("RGB")`` clips such values to 0 or 255.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+__all__ = ["IMAGE_EXTENSIONS", "find_images", "is_image", "open_rgb"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def is_image(path: str | os.PathLike) -> bool:
+    """Whether the file name has an image extension (case-insensitive)."""
+    return str(path).lower().endswith(IMAGE_EXTENSIONS)
+
+
+def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files as given, plus every image (by extension) under each folder, recursively and sorted.
+    A missing path raises ``FileNotFoundError`` naming it."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and is_image(f))
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"no such image file or folder: {p}")
+    return out
+
+
+def _to_8bit(im):
+    """A single-channel high-bit-depth image scaled to mode ``L`` by its type's full range."""
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(im)
+    if a.dtype.kind == "f":  # float images: [0, 1] by convention, else their own range
+        lo, hi = (0.0, 1.0) if a.size == 0 or (a.min() >= 0 and a.max() <= 1) else (float(a.min()), float(a.max()))
+    elif im.mode.startswith("I;16") or a.dtype in (np.uint16, np.int16) or a.max(initial=0) <= 65535:
+        lo, hi = 0.0, 65535.0
+    else:
+        lo, hi = 0.0, float(np.iinfo(np.int32).max)
+    scaled = (a.astype(np.float64) - lo) * (255.0 / max(hi - lo, 1e-12))
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+
+
+def open_rgb(path: str | os.PathLike):
+    """Decode an image file to an 8-bit RGB ``PIL.Image`` (fully loaded, file closed).
+
+    Palette, grey, CMYK and alpha images are converted by Pillow; 16-bit and 32-bit integer and float
+    greyscale images are first scaled to 8 bits over their type's range, so a 16-bit PNG gives the same
+    pixels as its 8-bit copy.
+    """
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+            im = _to_8bit(im)
+        return im.convert("RGB")
