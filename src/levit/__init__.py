@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from ._version import __version__
-
 from .checkpoint import save
 from .config import LeViTConfig
 from .deploy import deploy
