@@ -414,22 +414,13 @@ def _rename(sd: dict[str, Tensor], kmap: dict[str, str], path: Path) -> dict[str
 
 
 # ---- saving ------------------------------------------------------------------------------------
-def save(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write ``model`` in levit's own format: safetensors weights + JSON metadata in the header.
+def build_metadata(model: nn.Module, **extra: object) -> dict:
+    """The self-description every levit file carries (format version, variant, config, fused or not,
+    levit version, class names when the model has them), plus ``extra`` entries (e.g. ``eval``)."""
+    from ._version import __version__
 
-    The metadata holds the format version, the variant, the full config and whether the model is
-    fused. The file is written to a temporary name and renamed, so a crash never leaves half a file.
-    """
-    from safetensors.torch import save_file
-
-    from . import __version__
-
-    cfg = getattr(model, "config", None)
-    if not isinstance(cfg, LeViTConfig):
-        raise TypeError(f"save() needs a levit model, got {type(model).__name__}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
+    cfg = model.config
+    meta: dict = {
         "format_version": FORMAT_VERSION,
         "variant": cfg.name,
         "config": cfg.to_dict(),
@@ -438,6 +429,23 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     }
     if getattr(model, "class_names", None):
         meta["class_names"] = list(model.class_names)
+    return meta | extra
+
+
+def save(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write ``model`` in levit's own format: safetensors weights + JSON metadata in the header.
+
+    The metadata holds the format version, the variant, the full config and whether the model is
+    fused. The file is written to a temporary name and renamed, so a crash never leaves half a file.
+    """
+    from safetensors.torch import save_file
+
+    cfg = getattr(model, "config", None)
+    if not isinstance(cfg, LeViTConfig):
+        raise TypeError(f"save() needs a levit model, got {type(model).__name__}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = build_metadata(model)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
