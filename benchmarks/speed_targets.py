@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 import levit
-from levit.checkpoint import to_timm_state_dict
+from levit.convert import to_timm_state_dict
 from levit.deploy import build_runner, fidelity
 from levit.testing import randomize_weights as randomize
 

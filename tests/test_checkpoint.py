@@ -14,9 +14,11 @@ from conftest import randomize, rel_err
 from safetensors.torch import save_file
 
 import levit
-from levit.checkpoint import download_checkpoint, read_metadata, to_official_state_dict, to_timm_state_dict
+from levit.checkpoint import read_metadata
+from levit.convert import to_official_state_dict, to_timm_state_dict
 from levit.errors import CheckpointError
 from levit.fuse import FusedLeViT
+from levit.hub import download_checkpoint
 
 X = torch.randn(2, 3, 64, 64)
 

@@ -92,7 +92,7 @@ def test_predict_with_random_weights_says_so(images, capsys):
 def test_predict_errors_are_one_line(images, tmp_path, capsys, argv, code, message):
     import torch
 
-    from levit.checkpoint import to_official_state_dict
+    from levit.convert import to_official_state_dict
 
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"garbage" * 10)

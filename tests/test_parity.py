@@ -7,7 +7,7 @@ import torch
 from conftest import FULL_VARIANTS, randomize, rel_err
 
 import levit
-from levit.checkpoint import official_key_map, to_official_state_dict, to_timm_state_dict
+from levit.convert import official_key_map, to_official_state_dict, to_timm_state_dict
 
 timm = pytest.importorskip("timm")
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .errors import LeViTError
+from .utils import atomic_path
 
 __all__ = [
     "BENCH_MODELS",
@@ -148,13 +149,15 @@ def _flops_of(module: nn.Module, img_size: int) -> int:
 
 def _build(entry: BenchModel, img_size: int | None) -> tuple[nn.Module, int, int, int]:
     """(inference module, params, FLOPs per image, resolution)."""
-    import levit
+    from .flops import count_flops, count_params
+    from .fuse import fuse
+    from .registry import create_model
 
     res = img_size or entry.img_size
     if entry.implementation == "levit":
-        model = levit.create_model(entry.source, img_size=res).eval()
-        params, flops = levit.count_params(model), levit.count_flops(model)
-        return levit.fuse(model), params, flops, res
+        model = create_model(entry.source, img_size=res).eval()
+        params, flops = count_params(model), count_flops(model)
+        return fuse(model), params, flops, res
     try:
         import timm
     except ImportError as e:  # pragma: no cover - timm is a dependency
@@ -167,7 +170,7 @@ def _build(entry: BenchModel, img_size: int | None) -> tuple[nn.Module, int, int
 
         model = reparameterize_model(model)
     if entry.source.startswith("levit") and res == 224:
-        flops = levit.count_flops(entry.source)
+        flops = count_flops(entry.source)
     else:
         flops = _flops_of(model, res)
     return model, params, flops, res
@@ -425,16 +428,15 @@ def write_rows(rows: Sequence[dict], path: str | os.PathLike) -> Path:
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".json"):
         raise LeViTError(f"--output must end in .csv or .json, got {path.name!r}")
-    tmp = path.with_name(f".{path.name}.tmp")
-    if suffix == ".json":
-        tmp.write_text(json.dumps(list(rows), indent=2) + "\n")
-    else:
-        with tmp.open("w", newline="") as f:
-            keys = list(dict.fromkeys(k for r in rows for k in r))
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(rows)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        if suffix == ".json":
+            tmp.write_text(json.dumps(list(rows), indent=2) + "\n")
+        else:
+            with tmp.open("w", newline="") as f:
+                keys = list(dict.fromkeys(k for r in rows for k in r))
+                w = csv.DictWriter(f, fieldnames=keys)
+                w.writeheader()
+                w.writerows(rows)
     return path
 
 
@@ -493,8 +495,7 @@ def plot_rows(rows: Sequence[dict], path: str | os.PathLike, title: str | None =
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, path)
     return path

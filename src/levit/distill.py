@@ -142,28 +142,6 @@ class Teacher(nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
 
-def _timm_state_dict(path: Path) -> dict[str, Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as e:
-            raise CheckpointError(f"--teacher-checkpoint: cannot read {path} ({type(e).__name__})") from e
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"--teacher-checkpoint: cannot read {path} ({type(e).__name__})") from e
-    if isinstance(obj, dict):
-        for key in ("model", "state_dict", "model_state_dict", "state_dict_ema"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise CheckpointError(f"--teacher-checkpoint: {path} holds no state dict of tensors")
-    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
-
-
 def build_teacher(
     name: str | None,
     checkpoint: str | os.PathLike | None,
@@ -177,7 +155,7 @@ def build_teacher(
 
     Raises :class:`LeViTError` when the weights are missing or do not fit ``num_classes``.
     """
-    from .checkpoint import read_metadata
+    from .checkpoint import read_checkpoint, read_metadata
     from .registry import canonical_name, create_model
 
     if checkpoint is None:
@@ -211,7 +189,7 @@ def build_teacher(
         if not timm.is_model(name):
             raise LeViTError(f"--teacher: {name!r} is neither a levit model nor a timm model name")
         model = timm.create_model(name, pretrained=False, num_classes=num_classes)
-        sd = _timm_state_dict(path)
+        sd = read_checkpoint(path, flag="--teacher-checkpoint")[0]
         try:
             model.load_state_dict(sd, strict=True)
         except RuntimeError as e:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
-from pathlib import Path
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .config import VARIANTS, LeViTConfig
 
-__all__ = ["canonical_name", "create_model", "get_config", "list_models"]
+if TYPE_CHECKING:  # torch is imported when a model is built, not when names are listed
+    from torch import nn
+
+__all__ = ["build_model", "canonical_name", "create_model", "get_config", "list_models"]
 
 
 def canonical_name(name: str) -> str:
@@ -66,15 +67,27 @@ def create_model(
         raise ValueError("give either checkpoint=... or pretrained=True, not both")
     given = dict(num_classes=num_classes, distillation=distillation, img_size=img_size, drop_path_rate=drop_path_rate)
     changes = {k: v for k, v in given.items() if v is not None} | overrides
-    cfg = get_config(name, **changes)  # validates the name and every key before any file is read
+    name = canonical_name(name)  # the one place a user's spelling becomes a variant name
+    cfg = VARIANTS[name].replace(**changes)  # validates every key before any file is read
     if pretrained:
-        from .checkpoint import download_pretrained
+        from .hub import download_pretrained
 
-        checkpoint = download_pretrained(cfg.name)
-    if checkpoint is not None:
-        from .checkpoint import load_checkpoint
+        checkpoint = download_pretrained(name)
+    if checkpoint is None:
+        return build_model(cfg)
+    from .checkpoint import checkpoint_config, load_into, open_checkpoint
 
-        return load_checkpoint(Path(checkpoint), cfg.name, **changes)
+    ck = open_checkpoint(checkpoint)
+    return load_into(build_model(checkpoint_config(ck, VARIANTS[name], changes), fused=ck.fused), ck)
+
+
+def build_model(cfg: LeViTConfig, *, fused: bool = False) -> nn.Module:
+    """A :class:`~levit.model.LeViT` (or, with ``fused``, a :class:`~levit.fuse.FusedLeViT` with
+    placeholder weights, to load a fused file into) for ``cfg``, freshly initialised."""
+    if fused:
+        from .fuse import FusedLeViT
+
+        return FusedLeViT(cfg)
     from .model import LeViT
 
     return LeViT(cfg)
