@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,7 +84,11 @@ def test_predict_with_random_weights_says_so(images, capsys):
     [
         (["predict", "missing.jpg", "-m", "levit_tiny"], 1, "no such image file or folder: missing.jpg"),
         (["predict", "{img}", "-m", "levit_tiny", "--topk", "0"], 2, "--topk must be >= 1"),
-        (["predict", "{img}", "-m", "nope"], 1, "unknown model 'nope'; valid names:"),
+        (["predict", "{img}", "-m", "nope"], 2, "unknown model 'nope'; valid names:"),
+        (["predict", "{img}", "-m", "levit_tiny", "--img-size", "100"], 2, "--img-size: must be a positive multiple"),
+        (["predict", "{img}", "-m", "levit_tiny", "--img-size", "0"], 2, "--img-size: must be a positive multiple"),
+        (["predict", "{empty}", "-m", "levit_tiny"], 1, "no image files in "),
+        (["predict", "{img}", "-m", "levit_tiny", "--backend", "tvm"], 2, "unknown backend 'tvm'; choose from"),
         (["predict", "{img}", "-m", "levit_tiny", "-c", "{bad}"], 1, "cannot read it as a checkpoint"),
         (["predict", "{img}"], 2, "--model is required"),
         (["predict", "{img}", "-c", "{official}"], 2, "--model is required: "),
@@ -98,7 +103,10 @@ def test_predict_errors_are_one_line(images, tmp_path, capsys, argv, code, messa
     bad.write_bytes(b"garbage" * 10)
     official = tmp_path / "official.pth"
     torch.save({"model": to_official_state_dict(levit.create_model("levit_tiny"))}, official)
-    argv = [a.format(img=images / "a.jpg", bad=bad, official=official) for a in argv]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    argv = [a.format(img=images / "a.jpg", bad=bad, official=official, empty=empty) for a in argv]
     assert main(argv) == code
     err = capsys.readouterr().err.strip().splitlines()
     last = err[-1]
@@ -106,11 +114,59 @@ def test_predict_errors_are_one_line(images, tmp_path, capsys, argv, code, messa
     assert not any("Traceback" in line for line in err)
 
 
-def test_python_m_levit_and_usage_errors(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "levit", "--help"], capture_output=True, text=True)
-    assert run.returncode == 0 and "examples:" in run.stdout and "predict" in run.stdout
-    run = subprocess.run([sys.executable, "-m", "levit", "predict", "x.jpg", "--nope"], capture_output=True, text=True)
-    assert run.returncode == 2
-    assert run.stderr == "levit predict: error: unrecognized arguments: --nope (see `levit predict --help`)\n"
-    run = subprocess.run([sys.executable, "-m", "levit", "predict"], capture_output=True, text=True)
+def test_help_usage_errors_and_exit_codes(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and "predict" in out and "exit codes" in out
+    assert main(["predict", "x.jpg", "--nope"]) == 2
+    assert (
+        capsys.readouterr().err == "levit predict: error: unrecognized arguments: --nope (see `levit predict --help`)\n"
+    )
+    assert main(["predict"]) == 2
+    err = capsys.readouterr().err
+    assert "required: paths" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["models", "predict", "bench", "export", "train", "eval"])
+def test_help_shows_each_default_once(capsys, command):
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out
+    for line in out.splitlines():
+        assert line.count("default") <= 1, line
+
+
+def test_closed_pipe_is_quiet(tmp_path):
+    """`levit models | head -1`: no BrokenPipeError traceback (a real pipe, so a subprocess)."""
+    import os
+
+    env = {**os.environ, "PYTHONPATH": str(Path(levit.__file__).parents[1])}
+    cmd = f"{sys.executable} -m levit models | head -1"
+    run = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=env, timeout=60)
+    assert run.stdout.startswith("model") and len(run.stdout.splitlines()) == 1
+    assert "Traceback" not in run.stderr and "BrokenPipe" not in run.stderr, run.stderr
+
+
+def test_python_m_levit_runs_the_cli(tmp_path):
+    import os
+
+    env = {**os.environ, "PYTHONPATH": str(Path(levit.__file__).parents[1])}
+    run = subprocess.run([sys.executable, "-m", "levit", "predict"], capture_output=True, text=True, env=env)
     assert run.returncode == 2 and "required: paths" in run.stderr and len(run.stderr.splitlines()) == 1
+
+
+def test_help_and_models_do_not_import_torch():
+    """`levit --help` and `levit models` start in a fraction of a second: torch is never imported."""
+    import os
+
+    env = {**os.environ, "PYTHONPATH": str(Path(levit.__file__).parents[1])}
+    code = (
+        "import sys, contextlib, io\n"
+        "from levit.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    assert main(['--help']) == 0 and main(['models']) == 0 and main(['models', '--json']) == 0\n"
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import os
+import stat
+
 import pytest
 import torch
 from conftest import randomize
@@ -51,6 +55,44 @@ def test_failed_check_writes_nothing(model, tmp_path, monkeypatch):
     with pytest.raises(ExportError, match="does not match PyTorch"):
         export(model, tmp_path / "m.pt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_good_export_passes_and_a_corrupted_one_fails(model, tmp_path, monkeypatch):
+    """Judged against float64: the real export passes; one whose graph lost a stage's attention
+    biases (a plausible converter bug) is refused and leaves nothing behind."""
+    import levit.export as ex
+
+    res = export(model, tmp_path / "good.onnx")
+    assert res.max_rel_error <= res.limit and res.torch_rel_error < res.limit
+    assert "vs a float64 run" in str(res)
+    real_write = ex.write_onnx
+
+    def corrupted(m, example, dest, opset=17):
+        m = copy.deepcopy(m)
+        with torch.no_grad():
+            m.stages[1].blocks[0].attn.attn_bias.zero_()
+        real_write(m, example, dest, opset)
+
+    monkeypatch.setattr(ex, "write_onnx", corrupted)
+    with pytest.raises(ExportError, match="does not match PyTorch: relative error"):
+        export(model, tmp_path / "bad.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.onnx"]
+
+
+def test_tolerance_is_honoured(model, tmp_path):
+    with pytest.raises(ExportError, match="does not match PyTorch"):
+        export(model, tmp_path / "m.pt", tolerance=1e-30)  # nothing is that exact...
+    res = export(model, tmp_path / "m.pt", tolerance=1e-2)  # ...and a loose bound passes
+    assert res.limit == 1e-2
+
+
+def test_files_get_the_users_umask(model, tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = export(model, tmp_path / "m.pt").path
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
 
 
 def test_format_from_suffix_and_bad_suffix(model, tmp_path):

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import FULL_VARIANTS, randomize, rel_err
+from conftest import FULL_VARIANTS, FUSE_TOL, photos, randomize, rel_err
 
 import levit
 from levit.fuse import FusedLeViT
@@ -20,10 +20,10 @@ def test_fused_matches_unfused_after_randomising(name):
     assert isinstance(fused, FusedLeViT) and not fused.training
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in fused.modules())
     assert isinstance(fused.head, torch.nn.Linear)  # both heads merged into one
-    x = torch.randn(2, 3, 224, 224)
+    x = photos(2, 224)
     with torch.no_grad():
         err = rel_err(fused(x), model(x))
-    assert err <= 1e-4, err
+    assert err <= FUSE_TOL, err
 
 
 def test_fuse_leaves_the_input_model_untouched(tiny):
@@ -35,6 +35,15 @@ def test_fuse_leaves_the_input_model_untouched(tiny):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_fuse_keeps_class_names_and_save_writes_them(tiny, tmp_path):
+    tiny.class_names = [f"label {i}" for i in range(1000)]
+    fused = levit.fuse(tiny)
+    assert fused.class_names == tiny.class_names and fused.class_names is not tiny.class_names
+    loaded = levit.create_model("levit_tiny", checkpoint=levit.save(fused, tmp_path / "f.safetensors"))
+    assert isinstance(loaded, FusedLeViT) and loaded.class_names[7] == "label 7"
+    assert levit.fuse(levit.create_model("levit_tiny")).class_names is None
+
+
 def test_fused_counts_one_head():
     model = levit.create_model("levit_128s")
     fused = levit.fuse(model)
@@ -43,7 +52,7 @@ def test_fused_counts_one_head():
 
 def test_no_stale_bias_after_load_state_dict(tiny):
     """eval -> forward -> load other weights -> forward must equal a fresh model with those weights."""
-    x = torch.randn(2, 3, 64, 64)
+    x = photos(2, 64)
     other = randomize(levit.create_model("levit_tiny", img_size=64), seed=7).eval()
     with torch.no_grad():
         tiny(x)
@@ -57,7 +66,7 @@ def test_no_stale_bias_after_load_state_dict(tiny):
 
 
 def test_right_after_dtype_moves_and_mode_switches(tiny):
-    x = torch.randn(2, 3, 64, 64)
+    x = photos(2, 64)
     with torch.no_grad():
         ref = tiny(x).double()
         tiny.train().eval()

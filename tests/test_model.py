@@ -11,7 +11,7 @@ import levit
 from levit.config import VARIANTS
 from levit.layers import attention_bias_index
 
-EXACT = {  # from the authors' code (levit-facts.md §2)
+EXACT = {  # the authors' released models: Table 3 gives these sizes rounded (M params, M FLOPs)
     "levit_128s": (7_777_058, 305_108_946),
     "levit_128": (9_213_936, 406_114_880),
     "levit_192": (10_947_069, 657_601_916),
@@ -26,6 +26,26 @@ def test_exact_params_and_flops(name):
         model = levit.create_model(name)
     assert (levit.count_params(model), levit.count_flops(model)) == EXACT[name]
     assert levit.count_flops(name) == EXACT[name][1]
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize(
+    "changes", [{}, {"num_classes": 10, "distillation": False, "img_size": 96}, {"num_classes": 0}]
+)
+def test_params_from_config_equals_the_built_model(name, changes):
+    from levit.flops import params_from_config
+
+    cfg = VARIANTS[name].replace(**changes)
+    with torch.device("meta"):
+        model = levit.create_model(name, **changes)
+    assert params_from_config(cfg) == levit.count_params(model)
+
+
+def test_derived_sizes_of_the_config():
+    cfg = VARIANTS["levit_128s"]
+    assert cfg.stem_channels == (3, 16, 32, 64, 128) and cfg.stem_resolutions == (112, 56, 28, 14)
+    assert cfg.resolutions == (14, 7, 4) and cfg.subsampled(7) == 4 and cfg.subsampled(14) == 7
+    assert cfg.replace(img_size=288).resolutions == (18, 9, 5)
 
 
 def test_registry_lists_every_variant_and_aliases():

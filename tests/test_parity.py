@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FULL_VARIANTS, randomize, rel_err
+from conftest import FULL_VARIANTS, PARITY_TOL, photos, randomize, rel_err
 
 import levit
 from levit.convert import official_key_map, to_official_state_dict, to_timm_state_dict
@@ -18,10 +18,10 @@ def test_same_logits_as_timm(name):
     ours = randomize(levit.create_model(name), seed=3).eval()
     theirs = timm.create_model(name, pretrained=False).eval()
     theirs.load_state_dict(to_timm_state_dict(ours), strict=True)  # every tensor has a home, by name
-    x = torch.randn(2, 3, 224, 224)
+    x = photos(2, 224)
     with torch.no_grad():
         err = rel_err(ours(x), theirs(x))
-    assert err <= 1e-5, err
+    assert err <= PARITY_TOL, err
 
 
 def test_official_layout_loads_and_reproduces_logits(tmp_path):
@@ -36,7 +36,7 @@ def test_official_layout_loads_and_reproduces_logits(tmp_path):
     path = tmp_path / "LeViT-128S.pth"
     torch.save({"model": sd}, path)
     loaded = levit.create_model("LeViT_128S", checkpoint=path).eval()
-    x = torch.randn(2, 3, 224, 224)
+    x = photos(2, 224)
     with torch.no_grad():
         assert rel_err(loaded(x), ours(x)) == 0.0
 

@@ -1,15 +1,28 @@
-"""The ``levit`` command line. Thin: parse, call the library, print."""
+"""The ``levit`` command line. Thin: parse, call the library, print.
+
+Each command is a row of :data:`COMMANDS`: its one-line help, examples, a function adding its
+options and its handler. Only the command being run gets its options built (and the library
+modules they take their choices from imported), so ``levit --help`` and ``levit models`` start
+without importing torch.
+
+Exit codes: 0 success, 1 failure (bad file, data or model), 2 usage error (bad flag or value),
+130 interrupted, 141 output pipe closed (``levit models | head -1``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["UsageError", "main"]
+__all__ = ["COMMANDS", "UsageError", "build_parser", "main"]
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 130, 141
 
 
 class UsageError(Exception):
@@ -17,33 +30,110 @@ class UsageError(Exception):
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+    """Examples kept as written; ``(default: X)`` added only where the help does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
 
 
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose usage errors are one line (and exit code 2)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _sub(subparsers, name: str, help: str, examples: str) -> argparse.ArgumentParser:
-    return subparsers.add_parser(
-        name, help=help, description=help, epilog="examples:\n" + examples, formatter_class=_Formatter
+# ---- value types: a bad value is a one-line usage error naming the flag (exit 2) -------------------
+def _model_name(text: str) -> str:
+    """A registered model name or alias, canonicalised here once (``LeViT_128S`` -> ``levit_128s``)."""
+    from levit.registry import canonical_name
+
+    try:
+        return canonical_name(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _img_size(text: str) -> int:
+    """An input resolution: a positive multiple of 16 (the stem's four stride-2 convolutions)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 16 or v % 16:
+        raise argparse.ArgumentTypeError(f"must be a positive multiple of 16 (e.g. 224), got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return v
+
+
+def _one_of(values: Sequence[str], what: str) -> Callable[[str], str]:
+    """Like ``choices=``, with the library's own wording: ``unknown backend 'x'; choose from ...``."""
+
+    def parse(text: str) -> str:
+        if text not in values:
+            raise argparse.ArgumentTypeError(f"unknown {what} {text!r}; choose from {', '.join(values)}")
+        return text
+
+    return parse
+
+
+# ---- shared option groups --------------------------------------------------------------------
+def _model_options(p: argparse.ArgumentParser, *, required: bool = False) -> None:
+    """--model / --checkpoint / --pretrained."""
+    p.add_argument(
+        "--model", "-m", type=_model_name, required=required, help="model name or alias (see `levit models`)"
     )
-
-
-def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--model", "-m", required=required, help="model name (see `levit models`)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--checkpoint", "-c", type=Path, help="official, timm or levit checkpoint file")
     g.add_argument("--pretrained", action="store_true", help="download the authors' released weights")
 
 
+def _img_size_option(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--img-size", type=_img_size, default=None, metavar="N", help=help)
+
+
+def _runtime_options(p: argparse.ArgumentParser, *, backend: str, precision: str | None, precision_help: str) -> None:
+    """--backend / --precision, choices from :mod:`levit.deploy`."""
+    from levit.deploy import BACKENDS, PRECISIONS
+
+    p.add_argument(
+        "--backend", type=_one_of(BACKENDS, "backend"), default=backend, metavar="|".join(BACKENDS), help="runtime"
+    )
+    p.add_argument(
+        "--precision",
+        type=_one_of(PRECISIONS, "precision"),
+        default=precision,
+        metavar="|".join(PRECISIONS),
+        help=precision_help,
+    )
+
+
+def _check_runtime(backend: str, precision: str) -> None:
+    """The backend/precision pair runs here (packages installed, combination exists), else exit 2."""
+    from levit.deploy import check_backend
+
+    try:
+        check_backend(backend, precision)
+    except ValueError as e:
+        raise UsageError(f"--backend/--precision: {e}") from e
+
+
 def _load_model(args: argparse.Namespace, **kwargs: object):
     """The model named by --model / --checkpoint / --pretrained (levit files may omit --model)."""
-    import levit
     from levit.checkpoint import read_metadata
+    from levit.registry import create_model
 
     name = args.model
     if name is None:
@@ -55,7 +145,7 @@ def _load_model(args: argparse.Namespace, **kwargs: object):
         name = meta["variant"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = levit.create_model(name, checkpoint=args.checkpoint, pretrained=args.pretrained, **kwargs)
+        model = create_model(name, checkpoint=args.checkpoint, pretrained=args.pretrained, **kwargs)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     if args.checkpoint is None and not args.pretrained:
@@ -68,24 +158,25 @@ def _load_model(args: argparse.Namespace, **kwargs: object):
 
 
 # ---- models ------------------------------------------------------------------------------------
-def _cmd_models(args: argparse.Namespace) -> int:
-    import torch
+def _args_models(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pattern", nargs="?", default="*", help="shell-style name filter")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    import levit
-    from levit.config import PAPER_RESULTS
-    from levit.registry import get_config
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from levit.config import PAPER_RESULTS, VARIANTS
+    from levit.flops import flops_from_config, params_from_config
+    from levit.registry import list_models
 
     rows = []
-    for name in levit.list_models(args.pattern):
-        cfg = get_config(name)
-        with torch.device("meta"):  # sizes only: no memory, no initialisation
-            params = levit.count_params(levit.create_model(name))
+    for name in list_models(args.pattern):
+        cfg = VARIANTS[name]
         paper = PAPER_RESULTS.get(name)
         rows.append(
             {
                 "model": name,
-                "params": params,
-                "flops": levit.count_flops(cfg),
+                "params": params_from_config(cfg),  # arithmetic on the config: no torch import
+                "flops": flops_from_config(cfg),
                 "top1": paper.top1 if paper else None,
                 "top5": paper.top5 if paper else None,
                 "cpu_img_s_paper": paper.cpu_img_s if paper else None,
@@ -111,30 +202,44 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 # ---- predict -----------------------------------------------------------------------------------
-def _cmd_predict(args: argparse.Namespace) -> int:
-    from levit.predict import find_images, predict_paths
+def _args_predict(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", type=Path, help="image files and/or folders (searched recursively)")
+    _model_options(p)
+    p.add_argument("--topk", type=int, default=5, help="classes to show per image")
+    p.add_argument("--batch-size", "-b", type=int, default=32, help="images per forward pass")
+    _img_size_option(p, "input resolution, a multiple of 16 (default: the model's, 224)")
+    p.add_argument("--crop-pct", type=float, default=0.875, help="centre-crop fraction (resize = img_size / crop_pct)")
+    _runtime_options(p, backend="eager", precision="fp32", precision_help="numeric precision")
+    p.add_argument("--calibration", type=Path, nargs="+", help="int8: calibration images (default: the input images)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the runtime's)")
+    p.add_argument("--json", action="store_true", help="print JSON results")
 
-    find_images(args.paths)  # a missing path fails before the model is built
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from levit.predict import list_inputs, predict_paths
+
+    files = list_inputs(args.paths)  # a missing path or no image at all fails before the model is built
     if args.topk < 1:
         raise UsageError(f"--topk must be >= 1, got {args.topk}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    from levit.deploy import check_backend
-
-    try:
-        check_backend(args.backend, args.precision)
-    except ValueError as e:
-        raise UsageError(f"--backend/--precision: {e}") from e
+    if not 0 < args.crop_pct <= 1:
+        raise UsageError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    use_runtime = args.backend != "eager" or args.precision != "fp32" or args.threads
+    if use_runtime:
+        _check_runtime(args.backend, args.precision)  # the CLI's one check, before the model is built
     kwargs = {"img_size": args.img_size} if args.img_size else {}
-    model = _load_model(args, **kwargs)
-    runner = None
-    if args.backend != "eager" or args.precision != "fp32" or args.threads:
-        import levit
+    from levit.fuse import fuse
 
-        calib = (args.calibration or args.paths) if args.precision != "fp32" else None
-        runner = levit.deploy(
+    model = fuse(_load_model(args, **kwargs))  # fused once: the runtime and the fp32 reference share it
+    runner = None
+    if use_runtime:
+        from levit.deploy import deploy
+
+        calib = (args.calibration or files) if args.precision != "fp32" else None
+        runner = deploy(
             model,
             backend=args.backend,
             precision=args.precision,
@@ -151,7 +256,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             )
     results = predict_paths(
         model,
-        args.paths,
+        files,
         runner=runner,
         topk=args.topk,
         batch_size=args.batch_size,
@@ -166,10 +271,31 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             print(r["path"])
             for p in r["top"]:
                 print(f"  {p['prob'] * 100:6.2f}%  {p['label']}  (class {p['class']})")
+    if not results:
+        print(f"levit predict: error: none of the {len(files)} image file(s) could be read", file=sys.stderr)
     return 0 if results else 1
 
 
 # ---- bench -------------------------------------------------------------------------------------
+def _args_bench(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="a short run over a few models (< 2 minutes)")
+    p.add_argument("--models", help="comma-separated names (see --list); default: all of Table 3")
+    p.add_argument("--list", action="store_true", help="list the models the benchmark knows")
+    _runtime_options(p, backend="eager", precision=None, precision_help="default: fp32 on CPU, fp16 on GPU")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads")
+    p.add_argument(
+        "--batch-size", "-b", type=int, default=None, help="default: 16 on CPU, the largest fitting power of two on GPU"
+    )
+    _img_size_option(p, "resolution (default: each model's native one)")
+    p.add_argument("--warmup", type=float, default=None, help="warm-up seconds per model (default 5, quick 1)")
+    p.add_argument("--windows", type=int, default=None, help="timed windows per model (default 5, quick 3)")
+    p.add_argument("--window", type=float, default=None, help="seconds per timed window (default 3, quick 1)")
+    p.add_argument("--output", "-o", type=Path, help="write the rows to FILE.csv or FILE.json")
+    p.add_argument("--plot", type=Path, help="write the speed/accuracy plot (Figure 1) to FILE.png")
+    p.add_argument("--json", action="store_true", help="print JSON rows instead of the table")
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
@@ -268,28 +394,95 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 # ---- export ------------------------------------------------------------------------------------
-def _cmd_export(args: argparse.Namespace) -> int:
-    from levit.export import FORMATS, check_packages, export
+def _args_export(p: argparse.ArgumentParser) -> None:
+    from levit.export import DEFAULT_TOLERANCE, FORMATS
 
-    if args.format is None:
-        args.format = next((f for f, s in FORMATS.items() if args.output.suffix.lower() == s), None)
-        if args.format is None:
-            raise UsageError(f"--format is required (cannot tell it from {args.output.name!r})")
-    if args.format == "openvino" and args.output.suffix.lower() != ".xml":
-        raise UsageError(f"--output: an OpenVINO model is an .xml file (+ .bin beside it), got {args.output.name!r}")
+    _model_options(p)
+    p.add_argument(
+        "--format",
+        "-f",
+        type=_one_of(tuple(FORMATS), "format"),
+        metavar="|".join(FORMATS),
+        default=None,
+        help="output format (default: from --output's suffix)",
+    )
+    suffixes = ", ".join(FORMATS.values())
+    p.add_argument("--output", "-o", type=Path, required=True, help=f"output file ({suffixes})")
+    _img_size_option(p, "input resolution, a multiple of 16 (default: the model's, 224)")
+    p.add_argument("--batch-size", "-b", type=int, default=2, help="batch traced with (the batch axis stays dynamic)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    p.add_argument(
+        "--tolerance",
+        type=_positive_float,
+        default=DEFAULT_TOLERANCE,
+        help="largest accepted relative error of the exported file against a float64 run of the model "
+        f"(fp32 rounding allowed on top; default: {DEFAULT_TOLERANCE:g})",
+    )
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from levit.export import ExportError, check_opset, check_packages, export, resolve_format
+
+    try:
+        fmt = resolve_format(args.output, args.format)
+        if fmt == "onnx":
+            check_opset(args.opset)
+    except ExportError as e:
+        flag = "--opset" if "opset" in str(e) else "--output/--format"
+        raise UsageError(f"{flag}: {e}") from e
     if not args.output.parent.is_dir():
         raise UsageError(f"--output: folder {args.output.parent} does not exist")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    check_packages(args.format)  # a missing runtime fails before the model is built
+    check_packages(fmt)  # a missing runtime fails before the model is built
     kwargs = {"img_size": args.img_size} if args.img_size else {}
     model = _load_model(args, **kwargs)
-    result = export(model, args.output, format=args.format, batch_size=args.batch_size, opset=args.opset)
+    result = export(
+        model, args.output, format=fmt, batch_size=args.batch_size, opset=args.opset, tolerance=args.tolerance
+    )
     print(f"exported {result}")
     return 0
 
 
 # ---- train / eval ------------------------------------------------------------------------------
+def _args_train(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter  # defaults come from the recipe, not argparse
+    p.add_argument("--data", type=Path, help="folder with train/ and val/ sub-folders (ImageFolder layout)")
+    p.add_argument("--dataset", choices=["digits"], help="a bundled dataset instead of --data (no download)")
+    p.add_argument(
+        "--output",
+        "-o",
+        type=Path,
+        help="run folder: config.yaml, metrics.jsonl, checkpoints/, best.pth (default: runs/levit)",
+    )
+    p.add_argument("--model", "-m", type=_model_name, help="model name (see `levit models`); default: the recipe's")
+    p.add_argument("--config", help="recipe YAML file or shipped recipe name (default: the model's paper recipe)")
+    p.add_argument("--epochs", type=int, help="number of epochs")
+    p.add_argument("--batch-size", "-b", type=int, help="images per process per step")
+    _img_size_option(p, "training resolution (multiple of 16)")
+    p.add_argument("--distillation", choices=["none", "soft", "hard"], help="teacher loss")
+    p.add_argument("--teacher", help="teacher: a timm model name (regnety_160) or a levit variant")
+    p.add_argument("--teacher-checkpoint", type=Path, help="teacher weights file (never downloaded)")
+    p.add_argument("--resume", metavar="auto|PATH", help="continue: 'auto' = newest complete checkpoint in --output")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train (default: cuda if available)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe values, e.g. lr=1e-3 mixup=0")
+
+
+def _args_eval(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter  # defaults spelled out in the help texts
+    p.add_argument("--data", type=Path, required=True, help="folder with one sub-folder per class")
+    _model_options(p)
+    _img_size_option(p, "input resolution (default: the checkpoint's)")
+    p.add_argument(
+        "--crop-pct", type=float, default=None, help="centre-crop fraction (default: the training run's or 0.875)"
+    )
+    p.add_argument("--batch-size", "-b", type=int, default=64, help="images per forward pass (default: 64)")
+    p.add_argument("--workers", type=int, default=2, help="data loading processes (default: 2)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run (default: auto)")
+    p.add_argument("--no-fuse", action="store_true", help="evaluate the unfused model (BatchNorm not folded)")
+    p.add_argument("--output", type=Path, help="also write the results as JSON to this file")
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from levit.train import parse_overrides, resolve_config, train
 
@@ -370,9 +563,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             )
         class_to_idx = {c: i for i, c in enumerate(classes)}
     if not args.no_fuse:
-        import levit
+        from levit.fuse import fuse
 
-        model = levit.fuse(model) if not getattr(model, "is_fused", False) else model
+        model = fuse(model) if not getattr(model, "is_fused", False) else model
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -416,109 +609,52 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- entry point -------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``levit`` command."""
-    from levit import __version__
+# ---- the command table and the entry point -----------------------------------------------------
+@dataclass(frozen=True)
+class Command:
+    """One ``levit`` sub-command: help line, examples, options, handler."""
 
-    parser = _Parser(
-        prog="levit",
-        description="LeViT image classifiers: models, prediction, benchmarks, training, export.",
-        epilog="examples:\n  levit models\n  levit predict photo.jpg --model levit_256 --pretrained\n"
-        "  levit bench --quick\n\nRun `levit COMMAND --help` for each command's options.",
-        formatter_class=_Formatter,
-    )
-    parser.add_argument("--version", action="version", version=f"levit {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    help: str
+    examples: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
 
-    p = _sub(
-        sub,
-        "models",
+
+COMMANDS: dict[str, Command] = {
+    "models": Command(
         "list the LeViT variants with their exact sizes",
         "  levit models\n  levit models 'levit_1*' --json",
-    )
-    p.add_argument("pattern", nargs="?", default="*", help="shell-style name filter")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.set_defaults(func=_cmd_models)
-
-    p = _sub(
-        sub,
-        "predict",
+        _args_models,
+        _cmd_models,
+    ),
+    "predict": Command(
         "classify images (files or folders) with the official evaluation preprocessing",
         "  levit predict cat.jpg --model levit_256 --pretrained\n"
         "  levit predict photos/ --model levit_128s --checkpoint LeViT-128S-96703c44.pth --topk 3 --json\n"
-        "  levit predict img.png --checkpoint my_model.safetensors   # levit files know their model",
-    )
-    p.add_argument("paths", nargs="+", type=Path, help="image files and/or folders (searched recursively)")
-    _add_model_args(p, required=False)
-    p.add_argument("--topk", type=int, default=5, help="classes to show per image")
-    p.add_argument("--batch-size", "-b", type=int, default=32, help="images per forward pass")
-    p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's, 224)")
-    p.add_argument("--crop-pct", type=float, default=0.875, help="centre-crop fraction (resize = img_size / crop_pct)")
-    p.add_argument("--backend", default="eager", help="eager | inductor | onnxruntime | openvino | auto")
-    p.add_argument("--precision", default="fp32", help="fp32 | bf16 | fp16 | int8")
-    p.add_argument("--calibration", type=Path, nargs="+", help="int8: calibration images (default: the input images)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the runtime's)")
-    p.add_argument("--json", action="store_true", help="print JSON results")
-    p.set_defaults(func=_cmd_predict)
-
-    # ---- bench / export (speed) ----
-    p = _sub(
-        sub,
-        "bench",
+        "  levit predict img.png --checkpoint my_model.safetensors   # levit files know their model\n"
+        "  levit predict photos/ -m levit_256 --pretrained --backend openvino --precision int8",
+        _args_predict,
+        _cmd_predict,
+    ),
+    "bench": Command(
         "measure images/s (the paper's Table 3 protocol) for LeViT, EfficientNet and DeiT on this machine",
         "  levit bench --quick                              # ~1.5 min: one line per family, 1 thread, batch 16\n"
         "  levit bench --plot speed.png --output speed.csv  # the whole Table 3 + Figure 1\n"
         "  levit bench --models levit_128s,timm_levit_128s --backend openvino --precision bf16\n"
         "  levit bench --device cuda                        # fp16, largest power-of-two batch\n"
         "  levit bench --list",
-    )
-    p.add_argument("--quick", action="store_true", help="a short run over a few models (< 2 minutes)")
-    p.add_argument("--models", help="comma-separated names (see --list); default: all of Table 3")
-    p.add_argument("--list", action="store_true", help="list the models the benchmark knows")
-    p.add_argument("--backend", default="eager", help="eager | inductor | onnxruntime | openvino | auto")
-    p.add_argument("--precision", default=None, help="fp32 | bf16 | fp16 (default: fp32 on CPU, fp16 on GPU)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads")
-    p.add_argument(
-        "--batch-size", "-b", type=int, default=None, help="default: 16 on CPU, the largest fitting power of two on GPU"
-    )
-    p.add_argument("--img-size", type=int, default=None, help="resolution (default: each model's native one)")
-    p.add_argument("--warmup", type=float, default=None, help="warm-up seconds per model (default 5, quick 1)")
-    p.add_argument("--windows", type=int, default=None, help="timed windows per model (default 5, quick 3)")
-    p.add_argument("--window", type=float, default=None, help="seconds per timed window (default 3, quick 1)")
-    p.add_argument("--output", "-o", type=Path, help="write the rows to FILE.csv or FILE.json")
-    p.add_argument("--plot", type=Path, help="write the speed/accuracy plot (Figure 1) to FILE.png")
-    p.add_argument("--json", action="store_true", help="print JSON rows instead of the table")
-    p.set_defaults(func=_cmd_bench)
-
-    p = _sub(
-        sub,
-        "export",
+        _args_bench,
+        _cmd_bench,
+    ),
+    "export": Command(
         "export the fused model to ONNX / OpenVINO / TorchScript and check it against PyTorch",
         "  levit export --model levit_128s --checkpoint LeViT-128S-96703c44.pth --format onnx --output levit.onnx\n"
         "  levit export --model levit_256 --pretrained --format openvino --output levit_256.xml\n"
         "  levit export --checkpoint mine.safetensors --output mine.pt   # format from the suffix",
-    )
-    _add_model_args(p, required=False)
-    p.add_argument(
-        "--format",
-        "-f",
-        choices=["onnx", "openvino", "torchscript"],
-        default=None,
-        help="output format (default: from --output's suffix)",
-    )
-    p.add_argument("--output", "-o", type=Path, required=True, help="output file (.onnx, .xml, .pt)")
-    p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's, 224)")
-    p.add_argument("--batch-size", "-b", type=int, default=2, help="batch traced with (the batch axis stays dynamic)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset")
-    p.set_defaults(func=_cmd_export)
-
-    # ---- train / eval (training) ----
-    p = _sub(
-        sub,
-        "train",
+        _args_export,
+        _cmd_export,
+    ),
+    "train": Command(
         "train a LeViT with the paper's recipe (hard distillation, DeiT augmentation), on 1 CPU to many GPUs",
         "  levit train --dataset digits --output runs/digits            # 2-CPU demo, no download\n"
         "  levit train --data ~/imagenet --output runs/128s --model levit_128s \\\n"
@@ -530,74 +666,96 @@ def build_parser() -> argparse.ArgumentParser:
         "      --teacher-checkpoint regnety_160.pth                     # DDP on 8 GPUs\n"
         "  torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --rdzv-id=run1 \\\n"
         "      -m levit train ...                                        # 4 nodes x 8 GPUs (run on every node)",
-    )
-    p.formatter_class = argparse.RawDescriptionHelpFormatter  # defaults come from the recipe, not argparse
-    p.add_argument("--data", type=Path, help="folder with train/ and val/ sub-folders (ImageFolder layout)")
-    p.add_argument("--dataset", choices=["digits"], help="a bundled dataset instead of --data (no download)")
-    p.add_argument(
-        "--output",
-        "-o",
-        type=Path,
-        help="run folder: config.yaml, metrics.jsonl, checkpoints/, best.pth (default: runs/levit)",
-    )
-    p.add_argument("--model", "-m", help="model name (see `levit models`); default: the recipe's")
-    p.add_argument("--config", help="recipe YAML file or shipped recipe name (default: the model's paper recipe)")
-    p.add_argument("--epochs", type=int, help="number of epochs")
-    p.add_argument("--batch-size", "-b", type=int, help="images per process per step")
-    p.add_argument("--img-size", type=int, help="training resolution (multiple of 16)")
-    p.add_argument("--distillation", choices=["none", "soft", "hard"], help="teacher loss")
-    p.add_argument("--teacher", help="teacher: a timm model name (regnety_160) or a levit variant")
-    p.add_argument("--teacher-checkpoint", type=Path, help="teacher weights file (never downloaded)")
-    p.add_argument("--resume", metavar="auto|PATH", help="continue: 'auto' = newest complete checkpoint in --output")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train (default: cuda if available)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe values, e.g. lr=1e-3 mixup=0")
-    p.set_defaults(func=_cmd_train)
-
-    p = _sub(
-        sub,
-        "eval",
+        _args_train,
+        _cmd_train,
+    ),
+    "eval": Command(
         "top-1 / top-5 / loss of a checkpoint on an ImageFolder (fused model by default)",
         "  levit eval --data ~/imagenet/val --model levit_128s --pretrained\n"
         "  levit eval --data runs/digits/digits/val --checkpoint runs/digits/best.pth --output eval.json\n"
         "  torchrun --nproc_per_node=4 -m levit eval --data ~/imagenet/val --model levit_256 -c LeViT-256.pth",
+        _args_eval,
+        _cmd_eval,
+    ),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser of the ``levit`` command. With ``only``, just that command gets its
+    options (the others keep their one-line help): ``main`` builds no more than it runs."""
+    from levit._version import __version__
+
+    parser = _Parser(
+        prog="levit",
+        description="LeViT image classifiers: models, prediction, benchmarks, training, export.",
+        epilog="examples:\n  levit models\n  levit predict photo.jpg --model levit_256 --pretrained\n"
+        "  levit bench --quick\n\nexit codes: 0 success, 1 failure, 2 usage error (bad flag or value).\n"
+        "Run `levit COMMAND --help` for each command's options.",
+        formatter_class=_Formatter,
     )
-    p.formatter_class = argparse.RawDescriptionHelpFormatter  # defaults spelled out in the help texts
-    p.add_argument("--data", type=Path, required=True, help="folder with one sub-folder per class")
-    _add_model_args(p, required=False)
-    p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the checkpoint's)")
-    p.add_argument(
-        "--crop-pct", type=float, default=None, help="centre-crop fraction (default: the training run's or 0.875)"
-    )
-    p.add_argument("--batch-size", "-b", type=int, default=64, help="images per forward pass (default: 64)")
-    p.add_argument("--workers", type=int, default=2, help="data loading processes (default: 2)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run (default: auto)")
-    p.add_argument("--no-fuse", action="store_true", help="evaluate the unfused model (BatchNorm not folded)")
-    p.add_argument("--output", type=Path, help="also write the results as JSON to this file")
-    p.set_defaults(func=_cmd_eval)
+    parser.add_argument("--version", action="version", version=f"levit {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(
+            name,
+            help=cmd.help,
+            description=cmd.help,
+            epilog="examples:\n" + cmd.examples,
+            formatter_class=_Formatter,
+        )
+        if only is None or only == name:
+            cmd.add_arguments(p)
+        p.set_defaults(func=cmd.run)
     return parser
+
+
+def _command_in(argv: Sequence[str]) -> str:
+    """The sub-command named in ``argv`` ('' when none): the first word that is not an option."""
+    return next((a for a in argv if not a.startswith("-")), "")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``levit`` command; returns the exit code (0 ok, 1 failure, 2 usage error)."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `levit models | head -1`: the reader left; say nothing more
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), sys.stdout.fileno())  # the exit-time flush must not fail again
+        return EXIT_PIPE
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = build_parser(only=_command_in(argv))
     args, extra = parser.parse_known_args(argv)
     if extra:  # reported by the sub-command, whose --help lists the valid flags
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _main(argv: list[str]) -> int:
+    try:
+        args = _parse(argv)
+    except SystemExit as e:  # --help, --version, or a usage error already printed: return its code
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
     from levit.errors import LeViTError
 
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows up here, inside the handler's error reporting
+        return code
     except UsageError as e:
         if args.debug:
             raise
         print(f"levit {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except (LeViTError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         if args.debug:
             raise
         print(f"levit {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED

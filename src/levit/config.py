@@ -56,14 +56,34 @@ class LeViTConfig:
         """Number of attention stages."""
         return len(self.embed_dim)
 
+    @staticmethod
+    def subsampled(r: int) -> int:
+        """Side of a grid after one stride-2 step (a 3x3 conv with padding 1, or the shrink
+        attention's every-other-token queries): ``(r - 1) // 2 + 1``, so 7 -> 4 (Section 4.2)."""
+        return (r - 1) // 2 + 1
+
+    @property
+    def stem_channels(self) -> tuple[int, ...]:
+        """Channels through the patch-embedding stem: in_chans -> C/8 -> C/4 -> C/2 -> C (four 3x3
+        stride-2 convolutions, Section 4.2)."""
+        c = self.embed_dim[0]
+        return (self.in_chans, c // 8, c // 4, c // 2, c)
+
+    @property
+    def stem_resolutions(self) -> tuple[int, ...]:
+        """Output side of each stem convolution: 112, 56, 28, 14 at 224x224."""
+        out, r = [], self.img_size
+        for _ in range(4):
+            r = self.subsampled(r)
+            out.append(r)
+        return tuple(out)
+
     @property
     def resolutions(self) -> tuple[int, ...]:
         """Token grid side per stage: 14 -> 7 -> 4 at 224x224."""
-        r = self.img_size // 16
-        out = [r]
+        out = [self.stem_resolutions[-1]]
         for _ in range(self.num_stages - 1):
-            r = (r - 1) // 2 + 1
-            out.append(r)
+            out.append(self.subsampled(out[-1]))
         return tuple(out)
 
     @property

@@ -24,7 +24,6 @@ import importlib.util
 import io
 import os
 import tempfile
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -139,10 +138,8 @@ def load_calibration(
 
 
 def _read_images(paths: list, img_size: int, limit: int | None) -> Tensor:
-    from PIL import Image
-
     from .data import eval_transform
-    from .predict import find_images
+    from .images import find_images, open_rgb
 
     files = find_images(paths)[: limit or None]
     if not files:
@@ -151,8 +148,7 @@ def _read_images(paths: list, img_size: int, limit: int | None) -> Tensor:
     xs = []
     for f in files:
         try:
-            with Image.open(f) as im:
-                xs.append(tf(im.convert("RGB")))
+            xs.append(tf(open_rgb(f)))
         except Exception as e:
             raise LeViTError(f"calibration image {f} cannot be read ({type(e).__name__})") from e
     return torch.stack(xs)
@@ -201,20 +197,10 @@ def _torch_runner(module: nn.Module, precision: str, compile: bool, example: Ten
 
 
 def _onnx_bytes(module: nn.Module, example: Tensor) -> bytes:
+    from .export import write_onnx
+
     buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module.float().eval(),
-            (example.float(),),
-            buf,
-            dynamo=False,
-            input_names=["images"],
-            output_names=["logits"],
-            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=17,
-            do_constant_folding=True,
-        )
+    write_onnx(module.float().eval(), example.float(), buf, opset=17)
     return buf.getvalue()
 
 
@@ -268,13 +254,9 @@ def _ort_quantize(onnx_model: bytes, calib: Tensor) -> bytes:
 
 
 def _ov_model(module: nn.Module, example: Tensor):
-    import openvino as ov
+    from .export import to_openvino
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ov_model = ov.convert_model(module.float().eval(), example_input=example.float())
-    ov_model.reshape({ov_model.inputs[0]: ov.PartialShape([-1, *example.shape[1:]])})
-    return ov_model
+    return to_openvino(module.float().eval(), example.float())
 
 
 def _ov_runner(

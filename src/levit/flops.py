@@ -3,17 +3,48 @@
 from __future__ import annotations
 
 import itertools
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .config import LeViTConfig
 
-__all__ = ["count_flops", "count_params", "flops_from_config"]
+if TYPE_CHECKING:  # arithmetic on the config: no torch needed to count
+    from torch import nn
+
+__all__ = ["count_flops", "count_params", "flops_from_config", "params_from_config"]
 
 
 def count_params(model: nn.Module) -> int:
     """Number of parameters (buffers such as BN running statistics are not counted)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def params_from_config(cfg: LeViTConfig) -> int:
+    """Parameters of the unfused model described by ``cfg``, by arithmetic (no model is built):
+    equal to ``count_params(LeViT(cfg))`` (tested for every variant)."""
+
+    def linear_bn(a: int, b: int) -> int:  # weight (no bias) + BN weight and bias
+        return a * b + 2 * b
+
+    total = sum(9 * a * b + 2 * b for a, b in itertools.pairwise(cfg.stem_channels))  # ConvBN, no conv bias
+    D = cfg.key_dim
+    for s in range(cfg.num_stages):
+        C, r, H = cfg.embed_dim[s], cfg.resolutions[s], cfg.num_heads[s]
+        if s > 0:
+            c_in, r_in, h = cfg.embed_dim[s - 1], cfg.resolutions[s - 1], cfg.shrink_heads[s - 1]
+            dv = int(cfg.down_attn_ratio * D)
+            total += linear_bn(c_in, h * (D + dv)) + linear_bn(c_in, h * D) + linear_bn(h * dv, C)
+            total += h * r_in * r_in  # bias table: one entry per offset on the input grid
+            hidden = int(C * cfg.down_mlp_ratio)
+            total += linear_bn(C, hidden) + linear_bn(hidden, C)
+        dv = int(cfg.attn_ratio * D)
+        hidden = int(C * cfg.mlp_ratio)
+        block = linear_bn(C, H * (2 * D + dv)) + linear_bn(H * dv, C) + H * r * r
+        block += linear_bn(C, hidden) + linear_bn(hidden, C)
+        total += cfg.depth[s] * block
+    nf, nc = cfg.num_features, cfg.num_classes
+    if nc > 0:  # BN + Linear with bias, per head
+        total += (2 if cfg.distillation else 1) * (2 * nf + nf * nc + nc)
+    return total
 
 
 def flops_from_config(cfg: LeViTConfig, fused: bool = False) -> int:
@@ -24,11 +55,8 @@ def flops_from_config(cfg: LeViTConfig, fused: bool = False) -> int:
     activations, additions and pooling are free. A fused model has the two heads merged into one.
     """
     total = 0
-    res = cfg.img_size
-    chans = [cfg.in_chans, cfg.embed_dim[0] // 8, cfg.embed_dim[0] // 4, cfg.embed_dim[0] // 2, cfg.embed_dim[0]]
-    for a, b in itertools.pairwise(chans):
-        res = (res - 1) // 2 + 1  # 3x3, stride 2, padding 1
-        total += a * b * 9 * res * res
+    for (a, b), res in zip(itertools.pairwise(cfg.stem_channels), cfg.stem_resolutions):
+        total += a * b * 9 * res * res  # 3x3, stride 2, padding 1
 
     def attn_core(heads: int, nq: int, nk: int, d: int, dv: int) -> int:
         return heads * (nq * nk * d + nq * nk + nq * nk * dv)

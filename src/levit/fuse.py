@@ -106,7 +106,7 @@ class FusedShrinkAttention(nn.Module):
         super().__init__()
         self.num_heads, self.key_dim, self.val_dim = num_heads, key_dim, val_dim
         self.resolution = resolution
-        self.resolution_out = (resolution - 1) // 2 + 1
+        self.resolution_out = LeViTConfig.subsampled(resolution)
         nq, nk = self.resolution_out**2, resolution**2
         self.kv = nn.Linear(in_dim, num_heads * (key_dim + val_dim))
         self.q = nn.Linear(in_dim, num_heads * key_dim)
@@ -186,12 +186,13 @@ class FusedLeViT(nn.Module):
     """
 
     is_fused = True
+    class_names: list[str] | None  # copied from the unfused model by fuse()
 
     def __init__(self, cfg: LeViTConfig) -> None:
         super().__init__()
         self.config = cfg
-        c = cfg.embed_dim[0]
-        chans = [cfg.in_chans, c // 8, c // 4, c // 2, c]
+        self.class_names = None
+        chans = cfg.stem_channels
         layers: list[nn.Module] = []
         for i in range(4):
             layers.append(nn.Conv2d(chans[i], chans[i + 1], 3, 2, 1))
@@ -278,6 +279,8 @@ def fuse(model: LeViT) -> FusedLeViT:
     cfg = model.config
     p = next(model.parameters())
     fused = FusedLeViT(cfg).to(device=p.device, dtype=p.dtype)
+    names = getattr(model, "class_names", None)
+    fused.class_names = list(names) if names else None
 
     for i in range(0, 7, 2):
         _set(fused.stem[i], *_fold(model.stem[i]))

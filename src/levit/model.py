@@ -70,20 +70,26 @@ class LeViT(nn.Module):
     ``forward`` returns logits of shape (B, num_classes). With ``cfg.distillation`` the model has
     two heads; after :meth:`set_distilled_training` (True) and in training mode it returns the pair
     ``(head, head_dist)``, otherwise their average. Use :func:`levit.fuse` for fast inference.
+
+    ``class_names`` (one label per output, or ``None``) travels with the model: :func:`levit.fuse`
+    copies it, :func:`levit.save` writes it and loading a levit file restores it.
     """
+
+    class_names: list[str] | None
 
     def __init__(self, cfg: LeViTConfig) -> None:
         super().__init__()
         self.config = cfg
-        c = cfg.embed_dim[0]
+        self.class_names = None
+        ch = cfg.stem_channels  # in_chans -> C/8 -> C/4 -> C/2 -> C
         self.stem = nn.Sequential(
-            ConvBN(cfg.in_chans, c // 8),
+            ConvBN(ch[0], ch[1]),
             nn.Hardswish(),
-            ConvBN(c // 8, c // 4),
+            ConvBN(ch[1], ch[2]),
             nn.Hardswish(),
-            ConvBN(c // 4, c // 2),
+            ConvBN(ch[2], ch[3]),
             nn.Hardswish(),
-            ConvBN(c // 2, c),
+            ConvBN(ch[3], ch[4]),
         )
         self.stages = nn.ModuleList([LeViTStage(cfg, s, cfg.drop_path_rate) for s in range(cfg.num_stages)])
         nf, nc = cfg.num_features, cfg.num_classes
@@ -142,6 +148,7 @@ class LeViT(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head(s) with freshly initialised ones for ``num_classes`` classes."""
         self.config = self.config.replace(num_classes=num_classes)
+        self.class_names = None  # the old labels do not name the new outputs
         nf = self.config.num_features
         device = next(self.parameters()).device
         self.head = (BNLinear(nf, num_classes) if num_classes > 0 else nn.Identity()).to(device)

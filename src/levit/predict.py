@@ -10,23 +10,23 @@ import torch
 from torch import nn
 
 from .data import DEFAULT_CROP_PCT, eval_transform, imagenet_class_names
+from .errors import LeViTError
+from .images import IMAGE_EXTENSIONS, find_images, open_rgb
+from .utils import first_line
 
-__all__ = ["IMAGE_EXTENSIONS", "class_names_for", "find_images", "predict_paths"]
-
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+__all__ = ["class_names_for", "list_inputs", "predict_paths"]
 
 
-def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files as given, plus every image (by extension) under each folder, sorted. A missing path is an error."""
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise FileNotFoundError(f"no such image file or folder: {p}")
-    return out
+def list_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """The image files to classify: files as given plus the images under each folder. A missing path
+    raises ``FileNotFoundError``; finding no image at all raises :class:`LeViTError` saying where and
+    what was looked for."""
+    paths = list(paths)
+    files = find_images(paths)
+    if not files:
+        where = ", ".join(map(str, paths)) or "(no paths given)"
+        raise LeViTError(f"no image files in {where} (looked for {' '.join(IMAGE_EXTENSIONS)})")
+    return files
 
 
 def class_names_for(model: nn.Module) -> list[str]:
@@ -43,16 +43,13 @@ def class_names_for(model: nn.Module) -> list[str]:
 def _batches(
     files: list[Path], transform: Callable, batch_size: int, on_error: Callable[[Path, str], None]
 ) -> Iterator[tuple[list[Path], torch.Tensor]]:
-    from PIL import Image
-
     paths, tensors = [], []
     for f in files:
         try:
-            with Image.open(f) as im:
-                tensors.append(transform(im.convert("RGB")))
+            tensors.append(transform(open_rgb(f)))
             paths.append(f)
         except Exception as e:  # unreadable or truncated image: report and go on
-            on_error(f, f"cannot read image ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+            on_error(f, f"cannot read image ({type(e).__name__}: {first_line(e, limit=160)})")
             continue
         if len(paths) == batch_size:
             yield paths, torch.stack(tensors)
@@ -76,18 +73,16 @@ def predict_paths(
     """Top-k predictions for every readable image under ``paths``.
 
     Returns one dict per image: ``{"path", "top": [{"class", "label", "prob"}, ...]}``. Unreadable
-    images are passed to ``on_error(path, message)`` and skipped. The model is fused first when it
-    is an unfused LeViT (same outputs, faster). ``runner`` (e.g. a :func:`levit.deploy` predictor)
+    images are passed to ``on_error(path, message)`` and skipped; no image at all is a
+    :class:`LeViTError`. The model is fused first when it is an unfused LeViT (same outputs, faster). ``runner`` (e.g. a :func:`levit.deploy` predictor)
     replaces the model's forward pass: logits from a (B, 3, H, W) batch.
     """
     from .fuse import FusedLeViT, fuse
 
-    files = find_images(paths)
+    files = list_inputs(paths)
+    names = class_names_for(model)
     if not isinstance(model, FusedLeViT):
-        names = class_names_for(model)
         model = fuse(model)
-    else:
-        names = class_names_for(model)
     model.eval()
     p = next(model.parameters())
     transform = eval_transform(model.config.img_size, crop_pct)
