@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize
+from conftest import photos, randomize
 
 import levit
 from levit.deploy import DeployError, Predictor, check_backend, fidelity, resolve_backend
@@ -18,7 +18,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def images():
-    return torch.randn(12, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    return photos(12, 64, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -27,15 +27,18 @@ def reference(model, images):
         return model(images)
 
 
-# (backend, precision, max relative logit error, min top-1 agreement)
+# (backend, precision, max relative logit error, min top-1 agreement) on these 12 images: what the
+# working runtimes achieve (measured: fp32 3e-6 and 12/12; bf16 0.039 and 12/12; int8 OpenVINO 0.22
+# and 8/12, onnxruntime 0.26 and 10/12 on this tiny 64px model) with a small margin, so a quantizer
+# that flips half the answers or doubles the error fails.
 CASES = [
     ("eager", "fp32", 1e-5, 1.0),
     ("onnxruntime", "fp32", 1e-5, 1.0),
     ("openvino", "fp32", 1e-5, 1.0),
-    ("eager", "bf16", 0.05, 0.75),
-    ("openvino", "bf16", 0.05, 0.75),
-    ("openvino", "int8", 0.5, 0.5),
-    ("onnxruntime", "int8", 0.5, 0.5),
+    ("eager", "bf16", 0.06, 11 / 12),
+    ("openvino", "bf16", 0.06, 11 / 12),
+    ("openvino", "int8", 0.3, 7 / 12),
+    ("onnxruntime", "int8", 0.35, 9 / 12),
 ]
 
 
@@ -51,16 +54,33 @@ def test_backend_precision(model, images, reference, backend, precision, max_err
     assert f["top1_agreement"] >= min_agree, f
     if precision == "fp32":
         assert pred.fidelity is None
-    else:  # reduced precision reports its fidelity on the calibration images
+    else:  # reduced precision reports its fidelity on the calibration images (here: the same images)
         assert pred.fidelity is not None and pred.fidelity["images"] == 12
-        assert 0.0 <= pred.fidelity["top1_agreement"] <= 1.0 and pred.fidelity["max_rel_error"] > 0
+        assert pred.fidelity["top1_agreement"] == pytest.approx(f["top1_agreement"])
+        assert pred.fidelity["max_rel_error"] == pytest.approx(f["max_rel_error"], rel=1e-3)
 
 
-def test_inductor_fp32_pads_partial_batches(model, images, reference):
-    pred = levit.deploy(model, backend="inductor", batch_size=8, threads=1)
-    out = pred(images[:3])
-    assert out.shape == (3, model.config.num_classes)
-    assert fidelity(out, reference[:3])["max_rel_error"] < 1e-4
+def test_inductor_pads_partial_batches_to_its_compiled_shape(images):
+    """The compiled backend sees only its fixed batch (no recompilation); outputs are trimmed back.
+    Checked on the Predictor without compiling (compiling costs minutes on a busy 2-core machine)."""
+    seen = []
+
+    def run(x):
+        seen.append(x.shape[0])
+        return x.mean((2, 3))  # a stand-in network: per-image outputs
+
+    pred = Predictor(
+        run, backend="inductor", precision="fp32", batch_size=8, threads=1, device=torch.device("cpu"), img_size=64
+    )
+    out = pred(images)  # 12 images: a full chunk of 8, then 4 padded to 8
+    assert seen == [8, 8] and out.shape == (12, 3)
+    torch.testing.assert_close(out, images.mean((2, 3)))
+    eager = Predictor(
+        run, backend="eager", precision="fp32", batch_size=8, threads=1, device=torch.device("cpu"), img_size=64
+    )
+    seen.clear()
+    eager(images[:3])
+    assert seen == [3]  # only the compiled backend pads
 
 
 def test_deploy_leaves_model_untouched(model, images, reference):
