@@ -1,4 +1,4 @@
-"""Measure issue 3's speed targets side by side in ONE process and print the ratios.
+"""Measure the README's speed targets (section "The speed targets") side by side in ONE process and print the ratios.
 
 LeViT-128S, 224x224, one CPU thread, batch 16 (and --batch 1 for latency). Every candidate is
 built first, then all of them are timed in interleaved rounds (each round runs every candidate
