@@ -242,3 +242,62 @@ def test_offline_download_says_where_to_put_the_file(tmp_path):
     assert "cannot download" in msg and str(tmp_path / "cache" / "LeViT-128S-96703c44.pth") in msg
     assert "--checkpoint PATH" in msg
     assert not (tmp_path / "cache" / "LeViT-128S-96703c44.pth.partial").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_non_float_weights_are_refused_with_name_and_dtype(tiny, tmp_path, dtype):
+    sd = {k: v.contiguous() for k, v in to_timm_state_dict(tiny).items()}
+    sd["stages.0.blocks.0.attn.qkv.linear.weight"] = sd["stages.0.blocks.0.attn.qkv.linear.weight"].to(dtype)
+    path = tmp_path / "ints.safetensors"
+    save_file(sd, path)
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(CheckpointError, match=rf"'stages.0.blocks.0.attn.qkv.linear.weight' has dtype {name}"):
+        _tiny(checkpoint=path)
+
+
+def test_integer_index_buffers_of_official_files_still_load(tiny, tmp_path):
+    sd = to_official_state_dict(tiny)
+    assert sd["blocks.0.m.attention_bias_idxs"].dtype == torch.int64
+    path = tmp_path / "official.pth"
+    torch.save({"model": sd}, path)
+    assert rel_err(_out(_tiny(checkpoint=path)), _out(tiny)) == 0.0
+
+
+def test_one_unwrapper_for_every_wrapper_and_flag_named_errors(tiny, tmp_path):
+    from levit.checkpoint import read_checkpoint, unwrap_state_dict
+
+    sd = to_timm_state_dict(tiny)
+    for key in ("model", "state_dict", "model_state_dict", "state_dict_ema"):
+        got, _ = unwrap_state_dict({key: {"module." + k: v for k, v in sd.items()}, "epoch": 3})
+        assert got.keys() == sd.keys()
+    assert unwrap_state_dict({"epoch": 3}) == (None, None)
+    bad = tmp_path / "epoch.pth"
+    torch.save({"epoch": 3}, bad)
+    with pytest.raises(CheckpointError, match=r"^--teacher-checkpoint: .*epoch\.pth: no state dict of tensors"):
+        read_checkpoint(bad, flag="--teacher-checkpoint")
+
+
+def test_save_is_atomic_and_uses_the_umask(tiny, tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        path = levit.save(tiny, tmp_path / "m.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+def test_a_file_put_in_the_cache_by_hand_is_hash_checked(tmp_path, tiny):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    fake = cache / "LeViT-128S-96703c44.pth"
+    torch.save({"model": to_official_state_dict(tiny)}, fake)  # random weights under the release's name
+    with pytest.raises(CheckpointError) as e:
+        download_checkpoint("https://example.invalid/LeViT-128S-96703c44.pth", cache, progress=False)
+    msg = str(e.value)
+    actual = hashlib.sha256(fake.read_bytes()).hexdigest()
+    assert str(fake) in msg and actual[:12] in msg and "expected 96703c44" in msg and "\n" not in msg
+    assert fake.exists()  # the user's file is reported, not deleted

@@ -170,3 +170,17 @@ def test_help_and_models_do_not_import_torch():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"
+
+
+def test_16_bit_png_gets_the_probabilities_of_its_8_bit_copy(tiny, tmp_path):
+    from levit.predict import predict_paths
+
+    rng = np.random.default_rng(3)
+    grey = (np.linspace(0, 255, 80)[None, :] * np.ones((60, 1))).astype(np.uint8)  # a ramp + noise
+    grey = np.clip(grey.astype(int) + rng.integers(-20, 20, grey.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(grey).save(tmp_path / "a8.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "a16.png")  # same picture, 16 bits
+    assert Image.open(tmp_path / "a16.png").mode.startswith("I")
+    r8, r16 = predict_paths(tiny, [tmp_path / "a8.png", tmp_path / "a16.png"], topk=3, progress=False)
+    assert [p["class"] for p in r8["top"]] == [p["class"] for p in r16["top"]]
+    assert [p["prob"] for p in r8["top"]] == pytest.approx([p["prob"] for p in r16["top"]], abs=1e-5)
