@@ -66,25 +66,35 @@ def test_bench_json_output(tmp_path, capsys):
     assert "levit_tiny" in cap.out and "[1/1] levit_tiny" in cap.err  # table + progress
 
 
-def test_export_and_predict_with_backend(tmp_path, capsys):
+@pytest.fixture
+def saved(tmp_path):
     from PIL import Image
 
     model = randomize(levit.create_model("levit_tiny", img_size=64), seed=2).eval()
     ckpt = levit.save(model, tmp_path / "tiny.safetensors")
+    Image.fromarray((torch.rand(70, 70, 3) * 255).byte().numpy()).save(tmp_path / "a.png")
+    return ckpt, tmp_path / "a.png"
+
+
+def test_export_and_predict_with_onnxruntime(saved, tmp_path, capsys):
+    ckpt, image = saved
     out = tmp_path / "tiny.onnx"
     assert main(["export", "--checkpoint", str(ckpt), "--output", str(out)]) == 0
     assert out.exists() and "relative error" in capsys.readouterr().out
 
-    Image.fromarray((torch.rand(70, 70, 3) * 255).byte().numpy()).save(tmp_path / "a.png")
-    argv = ["predict", str(tmp_path / "a.png"), "--checkpoint", str(ckpt), "--json", "--topk", "1"]
+    argv = ["predict", str(image), "--checkpoint", str(ckpt), "--json", "--topk", "1"]
     assert main(argv) == 0
     eager = json.loads(capsys.readouterr().out)
     assert main([*argv, "--backend", "onnxruntime"]) == 0
     ort = json.loads(capsys.readouterr().out)
     assert eager[0]["top"][0]["class"] == ort[0]["top"][0]["class"]
     assert ort[0]["top"][0]["prob"] == pytest.approx(eager[0]["top"][0]["prob"], abs=1e-4)
-    assert main([*argv, "--backend", "openvino", "--precision", "bf16"]) == 0
-    assert "top-1 agreement with fp32" in capsys.readouterr().err
+
+
+def test_predict_int8_reports_fidelity_and_keeps_stdout_clean(saved, capsys):
+    """(bf16 and the other backends' numerics: tests/test_deploy.py; here the CLI's reporting.)"""
+    ckpt, image = saved
+    argv = ["predict", str(image), "--checkpoint", str(ckpt), "--json", "--topk", "1"]
     assert main([*argv, "--backend", "openvino", "--precision", "int8"]) == 0
     cap = capsys.readouterr()
     assert json.loads(cap.out)[0]["path"].endswith("a.png")  # quantizer progress output stays off stdout
