@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from .data import IMAGENET_MEAN, IMAGENET_STD
 from .errors import CheckpointError, LeViTError
+from .utils import first_line
 
 __all__ = ["DISTILLATION_MODES", "DistillationLoss", "Teacher", "build_teacher", "distillation_loss"]
 
@@ -193,10 +194,10 @@ def build_teacher(
         try:
             model.load_state_dict(sd, strict=True)
         except RuntimeError as e:
-            first = str(e).strip().splitlines()
-            detail = first[1].strip() if len(first) > 1 else first[0] if first else ""
+            lines = str(e).strip().splitlines()  # torch: a header line, then the missing / unexpected keys
+            detail = first_line(lines[1] if len(lines) > 1 else str(e), limit=200)
             raise CheckpointError(
-                f"--teacher-checkpoint: {path} does not fit timm {name} with {num_classes} classes ({detail[:200]})"
+                f"--teacher-checkpoint: {path} does not fit timm {name} with {num_classes} classes ({detail})"
             ) from None
         cfg = model.pretrained_cfg or {}
         mean, std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
