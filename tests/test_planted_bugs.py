@@ -25,6 +25,13 @@ def model():
 
 
 @pytest.fixture(scope="module")
+def theirs(model):
+    ref = timm.create_model("levit_128s", pretrained=False).eval()
+    ref.load_state_dict(levit.convert.to_timm_state_dict(model), strict=True)
+    return ref
+
+
+@pytest.fixture(scope="module")
 def x():
     return photos(2, 224)
 
@@ -76,9 +83,7 @@ def test_planted_bug_fails_the_fusion_check(model, x, bug):
 
 
 @pytest.mark.parametrize("bug", list(BUGS))
-def test_planted_bug_fails_the_parity_check(model, x, bug):
-    theirs = timm.create_model("levit_128s", pretrained=False).eval()
-    theirs.load_state_dict(levit.convert.to_timm_state_dict(model), strict=True)
+def test_planted_bug_fails_the_parity_check(model, theirs, x, bug):
     ours = copy.deepcopy(model)
     BUGS[bug](ours)
     with torch.no_grad():
@@ -86,10 +91,8 @@ def test_planted_bug_fails_the_parity_check(model, x, bug):
     assert err > 1000 * PARITY_TOL, f"{bug}: {err:.1e} would pass the parity check"
 
 
-def test_the_checks_pass_without_a_bug(model, x):
+def test_the_checks_pass_without_a_bug(model, theirs, x):
     """The other side: the same inputs and tolerances accept a correct fusion and conversion."""
-    theirs = timm.create_model("levit_128s", pretrained=False).eval()
-    theirs.load_state_dict(levit.convert.to_timm_state_dict(model), strict=True)
     with torch.no_grad():
         ref = model(x)
         assert rel_err(levit.fuse(model)(x), ref) <= FUSE_TOL / 5

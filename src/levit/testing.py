@@ -78,7 +78,7 @@ def randomize_weights(model: nn.Module, seed: int = 0, *, images: Tensor | None 
       the depth instead of being swamped (chaotic, fp32 noise grows) or switched off;
     - classifier weights large enough that the softmax is not flat;
     - BatchNorm running statistics measured by a forward pass in training mode over ``images``
-      (default: 8 :func:`sample_images`), so that, as in a trained model, every layer sees
+      (default: 4 :func:`sample_images`), so that, as in a trained model, every layer sees
       normalised activations on photo-like inputs.
 
     The model's mode (train/eval) is restored; nothing else (dropout, drop-path) is randomised.
@@ -117,7 +117,7 @@ def randomize_weights(model: nn.Module, seed: int = 0, *, images: Tensor | None 
     cfg: LeViTConfig | None = getattr(model, "config", None)
     if images is None:
         size = cfg.img_size if cfg is not None else 224
-        images = sample_images(8, size, seed=seed, channels=cfg.in_chans if cfg is not None else 3)
+        images = sample_images(4, size, seed=seed, channels=cfg.in_chans if cfg is not None else 3)
     was_training = {m: m.training for m in model.modules()}
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d)]
     momenta = [m.momentum for m in bns]
