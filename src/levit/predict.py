@@ -74,8 +74,9 @@ def predict_paths(
 
     Returns one dict per image: ``{"path", "top": [{"class", "label", "prob"}, ...]}``. Unreadable
     images are passed to ``on_error(path, message)`` and skipped; no image at all is a
-    :class:`LeViTError`. The model is fused first when it is an unfused LeViT (same outputs, faster). ``runner`` (e.g. a :func:`levit.deploy` predictor)
-    replaces the model's forward pass: logits from a (B, 3, H, W) batch.
+    :class:`LeViTError`. The model is fused first when it is an unfused LeViT (same outputs,
+    faster). ``runner`` (e.g. a :func:`levit.deploy` predictor) replaces the model's forward pass:
+    logits from a (B, 3, H, W) batch.
     """
     from .fuse import FusedLeViT, fuse
 

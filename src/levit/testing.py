@@ -92,8 +92,7 @@ def randomize_weights(model: nn.Module, seed: int = 0, *, images: Tensor | None 
             prm.copy_(_bias_table(prm.shape[0], prm.shape[1], g))
     for m in model.modules():  # every weight from the seed: the model does not depend on torch's global RNG
         if isinstance(m, nn.Linear | nn.Conv2d):
-            w = m.weight
-            w.copy_(torch.randn(w.shape, generator=g) / (w[0].numel() ** 0.5))
+            m.weight.normal_(0.0, m.weight[0].numel() ** -0.5, generator=g)
             if m.bias is not None:
                 m.bias.zero_()
     residual_bns = {
@@ -103,16 +102,15 @@ def randomize_weights(model: nn.Module, seed: int = 0, *, images: Tensor | None 
     }
     for m in model.modules():
         if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
-            n = m.num_features
             scale = _RESIDUAL_SCALE if id(m) in residual_bns else 1.0  # a branch adds to, not replaces, the stream
-            m.weight.copy_((torch.rand(n, generator=g) + 0.5) * scale)
-            m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+            m.weight.uniform_(0.5 * scale, 1.5 * scale, generator=g)
+            m.bias.normal_(0.0, 0.1, generator=g)
     for head in (getattr(model, "head", None), getattr(model, "head_dist", None)):
         linear = getattr(head, "linear", None)
         if isinstance(linear, nn.Linear):
             fan_in = linear.weight.shape[1]
-            linear.weight.copy_(torch.randn(linear.weight.shape, generator=g) * (2.0 / fan_in**0.5))
-            linear.bias.copy_(torch.randn(linear.bias.shape, generator=g) * 0.1)
+            linear.weight.normal_(0.0, 2.0 / fan_in**0.5, generator=g)
+            linear.bias.normal_(0.0, 0.1, generator=g)
 
     cfg: LeViTConfig | None = getattr(model, "config", None)
     if images is None:
