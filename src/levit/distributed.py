@@ -1,8 +1,9 @@
 """torchrun / DDP setup and teardown, shared by training and evaluation.
 
-Under ``torchrun`` (``WORLD_SIZE`` > 1) a process group is started: NCCL with ``device_id`` bound to
-``cuda:LOCAL_RANK`` on GPUs, gloo on CPUs. :func:`distributed` is the context manager both ``levit
-train`` and ``levit eval`` run inside, so the group is always destroyed, also on errors.
+Under ``torchrun`` (``WORLD_SIZE`` > 1) a process group is started unless the caller already did:
+NCCL with ``device_id`` bound to ``cuda:LOCAL_RANK`` on GPUs, gloo on CPUs. :func:`distributed` is the
+context manager both ``levit train`` and ``levit eval`` run inside, so a group started there is always
+destroyed, also on errors.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class DistContext:
     world: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    owns_group: bool = False  # this process group was started here (and is torn down here)
 
     @property
     def main(self) -> bool:
@@ -58,17 +60,19 @@ def init_distributed(device: str = "auto") -> DistContext:
     ctx = DistContext(rank, world, local, dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+        ctx.owns_group = True
     return ctx
 
 
 @contextlib.contextmanager
 def distributed(device: str = "auto") -> Iterator[DistContext]:
-    """``with distributed("auto") as ctx: ...``: :func:`init_distributed`, then the group torn down."""
+    """``with distributed("auto") as ctx: ...``: :func:`init_distributed`, then the group torn down if
+    it was started here (a group the caller started is left to the caller)."""
     ctx = init_distributed(device)
     try:
         yield ctx
     finally:
-        if ctx.on and dist.is_available() and dist.is_initialized():
+        if ctx.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .distributed import DistContext, barrier, gather_lists, init_distributed, log
+from .distributed import DistContext, barrier, distributed, gather_lists, log
 from .engine import EpochParts, LoopState, evaluate, train_one_epoch
 from .errors import CheckpointError, LeViTError
 from .recipe import (
@@ -74,12 +74,8 @@ def train(
     check_config(cfg)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    ctx = init_distributed(cfg.device)
-    try:
+    with distributed(cfg.device) as ctx:
         return _Run(cfg, ctx, resume).run(list(callbacks))
-    finally:
-        if ctx.on and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 class _Run:
@@ -93,8 +89,7 @@ class _Run:
 
     def run(self, callbacks: list) -> TrainResult:
         try:
-            resume_point = self.dir.resume_point(self.resume)  # a bad --resume fails before any work
-            self._start(resume_point)
+            self._start(self._resume_point())
         except BaseException:
             self.dir.discard(self.made)
             raise
@@ -133,6 +128,30 @@ class _Run:
         return self._finish(time.time() - t_run)
 
     # ---- building ------------------------------------------------------------------------------
+    def _resume_point(self) -> tuple[Path, dict] | None:
+        """Rank 0 applies the overwrite guard and picks the checkpoint (before anything is written);
+        every rank gets its verdict, so all fail together or all load the same file."""
+        d = self.ctx
+        verdict: list = [None, None]  # (error class, message), checkpoint path
+        found, error = None, None
+        if d.main:
+            try:
+                found = self.dir.resume_point(self.resume)  # a bad --resume fails before any work
+                verdict[1] = str(found[0]) if found else None
+            except LeViTError as e:
+                error, verdict[0] = e, (type(e).__name__, str(e))
+        if d.on:
+            dist.broadcast_object_list(verdict, src=0)
+        if error is not None:
+            raise error
+        if verdict[0] is not None:
+            raise (CheckpointError if verdict[0][0] == "CheckpointError" else LeViTError)(verdict[0][1])
+        if d.main or verdict[1] is None:
+            return found
+        from .rundir import load_state
+
+        return Path(verdict[1]), load_state(verdict[1])
+
     def _start(self, resume_point: tuple[Path, dict] | None) -> None:
         self._build_data()
         self._build_model()
