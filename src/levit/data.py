@@ -7,6 +7,7 @@ import math
 import os
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,8 @@ __all__ = [
     "RepeatAugSampler",
     "SafeImageFolder",
     "ShardSampler",
+    "TrainValData",
+    "build_loaders",
     "build_mixup",
     "check_image_folder",
     "check_train_val_layout",
@@ -324,6 +327,61 @@ def train_transform(cfg) -> Callable:
     )
     _make_posterize_safe(transform)
     return transform
+
+
+@dataclass
+class TrainValData:
+    """The loaders of a training run and what the loop needs to know about them."""
+
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+    sampler: RepeatAugSampler  # the training sampler (epoch, resume position)
+    class_names: list[str]
+    micro_per_epoch: int  # training batches per process per epoch
+    sizes: tuple[int, int]  # train, val images
+
+
+def build_loaders(
+    cfg, root: str | os.PathLike, *, world: int = 1, rank: int = 0, pin_memory: bool = False
+) -> TrainValData:
+    """Loaders for ``root/train`` (the recipe's augmentation, :class:`RepeatAugSampler`, bad samples
+    replaced) and ``root/val`` (evaluation preprocessing, sharded without padding, unreadable images
+    left out), after checking the layout. Loaders never touch the global RNG."""
+    root = Path(root)
+    check_train_val_layout(root)
+    train_set = SafeImageFolder(root / "train", transform=train_transform(cfg))
+    val_set = SafeImageFolder(
+        root / "val",
+        transform=eval_transform(cfg.img_size, cfg.eval_crop_pct),
+        class_to_idx=train_set.class_to_idx,
+        replace_bad=False,
+    )
+    sampler = RepeatAugSampler(len(train_set), num_replicas=world, rank=rank, repeats=cfg.repeated_aug, seed=cfg.seed)
+    micro_per_epoch = sampler.per_rank // cfg.batch_size
+    if micro_per_epoch < 1:
+        raise LeViTError(
+            f"--batch-size {cfg.batch_size} is larger than the {sampler.per_rank} training images per process"
+        )
+    if cfg.mixup_mode == "batch" and (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
+        raise LeViTError(f"--batch-size must be even with Mixup/CutMix (mode batch), got {cfg.batch_size}")
+    common = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=collate_skip, pin_memory=pin_memory)
+    train_loader = torch.utils.data.DataLoader(
+        train_set,
+        sampler=sampler,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(cfg.seed),
+        persistent_workers=False,
+        **common,
+    )
+    val_loader = torch.utils.data.DataLoader(
+        val_set,
+        sampler=ShardSampler(len(val_set), world, rank),
+        generator=torch.Generator().manual_seed(cfg.seed),
+        **common,
+    )
+    return TrainValData(
+        train_loader, val_loader, sampler, list(train_set.classes), micro_per_epoch, (len(train_set), len(val_set))
+    )
 
 
 def build_mixup(cfg, num_classes: int):

@@ -18,6 +18,7 @@ from .errors import LeViTError
 __all__ = [
     "SCHEDULE_KEYS",
     "TrainConfig",
+    "accumulation_steps",
     "available_recipes",
     "check_config",
     "load_recipe",
@@ -274,3 +275,16 @@ def resolve_config(*, config: str | os.PathLike | None = None, model: str | None
     cfg = TrainConfig(**merged)
     check_config(cfg)
     return cfg
+
+
+def accumulation_steps(cfg: TrainConfig, world: int) -> int:
+    """Micro-batches per optimizer step to reach ``total_batch`` (1: none)."""
+    if cfg.total_batch is None:
+        return 1
+    per_step = cfg.batch_size * world
+    if cfg.total_batch % per_step:
+        raise LeViTError(
+            f"total_batch {cfg.total_batch} is not a multiple of batch_size x processes = {per_step} "
+            "(set total_batch=null or pick sizes that divide)"
+        )
+    return max(1, cfg.total_batch // per_step)

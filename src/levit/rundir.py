@@ -35,6 +35,7 @@ __all__ = [
     "MetricsRecorder",
     "RunDir",
     "atomic_save",
+    "check_resume_fits",
     "checkpoint_files",
     "find_resume_checkpoint",
     "load_state",
@@ -170,6 +171,25 @@ class RunDir:
             return
         for p in made:
             shutil.rmtree(p, ignore_errors=True)
+
+
+def check_resume_fits(path: Path, state: dict, cfg: Any, class_names: list[str]) -> None:
+    """A resume checkpoint made for another model, resolution, class list or head: say which."""
+    old = state.get("train_config") or {}
+    meta = state.get("levit") or {}
+    diffs = []
+    for key in ("model", "img_size", "distillation", "drop_path"):
+        if key in old and old[key] != getattr(cfg, key):
+            diffs.append(f"{key} {old[key]!r} (checkpoint) vs {getattr(cfg, key)!r} (this run)")
+    old_names = meta.get("class_names")
+    if old_names is not None and list(old_names) != class_names:
+        diffs.append(f"classes {_short(old_names)} (checkpoint) vs {_short(class_names)} (this run's --data)")
+    if diffs:
+        raise CheckpointError(f"{path}: was made for another run: {'; '.join(diffs)}")
+
+
+def _short(names: list[str]) -> str:
+    return f"{len(names)} [{', '.join(names[:4])}{', ...' if len(names) > 4 else ''}]"
 
 
 # ---- RNG state ----------------------------------------------------------------------------------

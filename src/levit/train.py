@@ -27,13 +27,23 @@ from .errors import CheckpointError, LeViTError
 from .recipe import (
     SCHEDULE_KEYS,
     TrainConfig,
+    accumulation_steps,
     available_recipes,
     check_config,
     load_recipe,
     parse_overrides,
     resolve_config,
 )
-from .rundir import MetricsRecorder, RunDir, atomic_save, find_resume_checkpoint, rng_state, seed_all, set_rng_state
+from .rundir import (
+    MetricsRecorder,
+    RunDir,
+    atomic_save,
+    check_resume_fits,
+    find_resume_checkpoint,
+    rng_state,
+    seed_all,
+    set_rng_state,
+)
 
 __all__ = [
     "TrainConfig",
@@ -85,6 +95,7 @@ class _Run:
         self.cfg, self.ctx, self.resume = cfg, ctx, resume
         self.dir = RunDir(cfg.output, main=ctx.main)
         self.made: list[Path] = []  # what a failed start removes
+        self.resumed_from: Path | None = None
         self.state = LoopState()
 
     def run(self, callbacks: list) -> TrainResult:
@@ -96,6 +107,8 @@ class _Run:
         cfg, st, d = self.cfg, self.state, self.ctx
         if st.epoch >= cfg.epochs:
             return self._nothing_left()
+        if self.resumed_from is not None:
+            log(d, f"resumed from {self.resumed_from} (epoch {st.epoch + 1}, step {st.global_step})")
         self.dir.prepare(cfg.to_dict() | {"data": str(self.root)})
         self.recorder.truncate(st.global_step, st.epoch)  # back to the checkpoint
         barrier(d)
@@ -106,7 +119,7 @@ class _Run:
             first_step = st.step_in_epoch if epoch == st.epoch else 0
             st.epoch, st.step_in_epoch = epoch, first_step
             self.scheduler.step(epoch)
-            self.sampler.set_epoch(epoch, first_step * self.parts.accum * cfg.batch_size)
+            self.data.sampler.set_epoch(epoch, first_step * self.parts.accum * cfg.batch_size)
             self.model.train()
             if self.parts.teacher is not None:
                 self.parts.teacher.eval()
@@ -119,7 +132,7 @@ class _Run:
                 if every and st.global_step % every == 0 and not end_of_epoch:
                     self._save_checkpoint(complete=False)
 
-            stats = train_one_epoch(self.parts, self.train_loader, cfg, st, first_step, on_step)
+            stats = train_one_epoch(self.parts, self.data.train_loader, cfg, st, first_step, on_step)
             self._note_skipped(stats.pop("bad"), "training")
             rec = self._end_of_epoch(stats)
             self._save_checkpoint(complete=True)
@@ -164,65 +177,21 @@ class _Run:
         self._wrap()
 
     def _build_data(self) -> None:
-        from .data import (
-            RepeatAugSampler,
-            SafeImageFolder,
-            ShardSampler,
-            check_train_val_layout,
-            collate_skip,
-            eval_transform,
-            make_digits_folder,
-            train_transform,
-        )
+        from .data import build_loaders, make_digits_folder
 
         cfg, d = self.cfg, self.ctx
         if cfg.dataset == "digits":  # bundled data goes into the run folder, never into --data
-            root = self.dir.path / "digits"
+            self.root = self.dir.path / "digits"
             if d.main:
-                if not root.exists():
-                    self.made.append(root)
-                make_digits_folder(root, seed=0)
+                if not self.root.exists():
+                    self.made.append(self.root)
+                make_digits_folder(self.root, seed=0)
             barrier(d)
         else:
-            root = Path(cfg.data)
-        check_train_val_layout(root)
-        self.root = root
-        train_set = SafeImageFolder(root / "train", transform=train_transform(cfg))
-        self.class_names = list(train_set.classes)
-        val_set = SafeImageFolder(
-            root / "val",
-            transform=eval_transform(cfg.img_size, cfg.eval_crop_pct),
-            class_to_idx=train_set.class_to_idx,
-            replace_bad=False,
-        )
-        self.accum = _accumulation(cfg, d.world)
-        self.sampler = RepeatAugSampler(
-            len(train_set), num_replicas=d.world, rank=d.rank, repeats=cfg.repeated_aug, seed=cfg.seed
-        )
-        self.micro_per_epoch = self.sampler.per_rank // cfg.batch_size
-        if self.micro_per_epoch < 1:
-            raise LeViTError(
-                f"--batch-size {cfg.batch_size} is larger than the {self.sampler.per_rank} training images per process"
-            )
-        if cfg.mixup_mode == "batch" and (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
-            raise LeViTError(f"--batch-size must be even with Mixup/CutMix (mode batch), got {cfg.batch_size}")
-        cuda = d.device.type == "cuda"
-        common = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=collate_skip, pin_memory=cuda)
-        self.train_loader = torch.utils.data.DataLoader(
-            train_set,
-            sampler=self.sampler,
-            drop_last=True,
-            generator=torch.Generator().manual_seed(cfg.seed),  # the global RNG is never touched by loaders
-            persistent_workers=False,
-            **common,
-        )
-        self.val_loader = torch.utils.data.DataLoader(
-            val_set,
-            sampler=ShardSampler(len(val_set), d.world, d.rank),
-            generator=torch.Generator().manual_seed(cfg.seed),
-            **common,
-        )
-        self.sizes = (len(train_set), len(val_set))
+            self.root = Path(cfg.data)
+        self.data = build_loaders(cfg, self.root, world=d.world, rank=d.rank, pin_memory=d.device.type == "cuda")
+        self.class_names = self.data.class_names
+        self.accum = accumulation_steps(cfg, d.world)
 
     def _build_model(self) -> None:
         from .distill import build_teacher
@@ -298,7 +267,7 @@ class _Run:
 
     def _restore(self, path: Path, state: dict) -> None:
         cfg, d, st = self.cfg, self.ctx, self.state
-        _check_fits(path, state, cfg, self.class_names)
+        check_resume_fits(path, state, cfg, self.class_names)
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -328,7 +297,6 @@ class _Run:
             log(d, f"warning: checkpoint made with {len(rngs)} processes, now {d.world}: random streams restart")
             seed_all(cfg.seed + 7919 * d.rank + st.global_step)
         self.resumed_from = path
-        log(d, f"resumed from {path} (epoch {st.epoch + 1}, step {st.global_step})")
 
     def _wrap(self) -> None:
         cfg, d = self.cfg, self.ctx
@@ -339,7 +307,7 @@ class _Run:
         ddp = net
         if cfg.compile:
             net = torch.compile(net)
-        n_train, n_val = self.sizes
+        n_train, n_val = self.data.sizes
         self.banner = (
             f"training {self.name} ({len(self.class_names)} classes, {n_train} train / {n_val} val images) on "
             f"{d.world} x {d.device.type}; batch {cfg.batch_size} x {d.world} process(es) x {self.accum} accumulation"
@@ -358,9 +326,9 @@ class _Run:
             ctx=d,
             amp_dtype=self.amp_dtype,
             accum=self.accum,
-            micro_per_epoch=self.micro_per_epoch,
-            updates_per_epoch=math.ceil(self.micro_per_epoch / self.accum),
-            samples_per_epoch=self.micro_per_epoch * cfg.batch_size * d.world,
+            micro_per_epoch=self.data.micro_per_epoch,
+            updates_per_epoch=math.ceil(self.data.micro_per_epoch / self.accum),
+            samples_per_epoch=self.data.micro_per_epoch * cfg.batch_size * d.world,
             recorder=None,
         )
 
@@ -386,7 +354,7 @@ class _Run:
             "step_in_epoch": st.step_in_epoch,
             "epoch_complete": complete,
             "global_step": st.global_step,
-            "sampler": self.sampler.state_dict() | {"start": st.step_in_epoch * self.accum * cfg.batch_size},
+            "sampler": self.data.sampler.state_dict() | {"start": st.step_in_epoch * self.accum * cfg.batch_size},
             "rng": rngs,
             "best_top1": st.best_top1,
             "best_epoch": st.best_epoch,
@@ -414,11 +382,11 @@ class _Run:
         rec |= {"train_img_s": stats["train_img_s"]}
         if (st.epoch + 1) % cfg.eval_every == 0 or st.epoch + 1 == cfg.epochs:
             kw = dict(amp_dtype=self.amp_dtype, channels_last=self.channels_last)
-            m = evaluate(self.model, self.val_loader, d.device, **kw)
+            m = evaluate(self.model, self.data.val_loader, d.device, **kw)
             self._note_skipped(m.pop("skipped"), "validation")
             rec.update(top1=m["top1"], top5=m["top5"], val_loss=m["loss"], val_images=m["n"])
             if self.ema is not None:
-                me = evaluate(self.ema.module, self.val_loader, d.device, **kw)
+                me = evaluate(self.ema.module, self.data.val_loader, d.device, **kw)
                 rec.update(ema_top1=me["top1"], ema_top5=me["top5"], ema_val_loss=me["loss"])
             st.last = m
             if m["top1"] > st.best_top1:
@@ -468,35 +436,3 @@ class _Run:
         st = self.state
         out = self.dir.path
         return TrainResult(st.best_top1, st.best_epoch, st.last, out, self.model, sorted(st.skipped), finished_before)
-
-
-def _accumulation(cfg: TrainConfig, world: int) -> int:
-    """Micro-batches per optimizer step to reach ``total_batch`` (1: none)."""
-    if cfg.total_batch is None:
-        return 1
-    per_step = cfg.batch_size * world
-    if cfg.total_batch % per_step:
-        raise LeViTError(
-            f"total_batch {cfg.total_batch} is not a multiple of batch_size x processes = {per_step} "
-            "(set total_batch=null or pick sizes that divide)"
-        )
-    return max(1, cfg.total_batch // per_step)
-
-
-def _check_fits(path: Path, state: dict, cfg: TrainConfig, class_names: list[str]) -> None:
-    """A resume checkpoint made for another model, resolution, class list or head: say which."""
-    old = state.get("train_config") or {}
-    meta = state.get("levit") or {}
-    diffs = []
-    for key in ("model", "img_size", "distillation", "drop_path"):
-        if key in old and old[key] != getattr(cfg, key):
-            diffs.append(f"{key} {old[key]!r} (checkpoint) vs {getattr(cfg, key)!r} (this run)")
-    old_names = meta.get("class_names")
-    if old_names is not None and list(old_names) != class_names:
-        diffs.append(f"classes {_short(old_names)} (checkpoint) vs {_short(class_names)} (this run's --data)")
-    if diffs:
-        raise CheckpointError(f"{path}: was made for another run: {'; '.join(diffs)}")
-
-
-def _short(names: list[str]) -> str:
-    return f"{len(names)} [{', '.join(names[:4])}{', ...' if len(names) > 4 else ''}]"
