@@ -305,9 +305,11 @@ def test_eval_cli_errors(tiny_run, tmp_path):
     assert r.returncode == 1 and "does not exist" in r.stderr and r.stderr.count("\n") == 1
     r = cli("eval", "--data", data / "val", "--model", "levit_tiny")
     assert r.returncode == 2 and "--checkpoint" in r.stderr
-    for flag, value in (("--batch-size", "0"), ("--img-size", "0"), ("--crop-pct", "1.5"), ("--workers", "-1")):
+    bad = [("--batch-size", "0"), ("--img-size", "0"), ("--img-size", "100"), ("--crop-pct", "1.5")]
+    bad += [("--workers", "-1"), ("--model", "levit_999"), ("--device", "tpu")]
+    for flag, value in bad:
         r = cli("eval", "--data", data / "val", "-c", out / "best.pth", flag, value)
-        assert r.returncode == 2 and flag in r.stderr and r.stderr.count("\n") == 1
+        assert r.returncode == 2 and flag in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
 def _flags(data: Path, output: Path, *extra: str) -> list:

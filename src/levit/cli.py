@@ -344,6 +344,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             raise UsageError(f"{flag} must be >= 1, got {v}")
     if args.workers < 0:
         raise UsageError(f"--workers must be >= 0, got {args.workers}")
+    if args.img_size is not None and args.img_size % 16:
+        raise UsageError(f"--img-size must be a multiple of 16, got {args.img_size}")
+    if args.model is not None:
+        from levit.registry import canonical_name
+
+        try:
+            canonical_name(args.model)
+        except ValueError as e:
+            raise UsageError(f"--model: {e}") from None
     if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
         raise UsageError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
     if args.checkpoint is None and not args.pretrained:
