@@ -384,8 +384,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if m.pop("rank") != 0:
         return 0
     skipped = m.pop("skipped")
-    for path, reason in skipped:
+    for path, reason in skipped[:5]:
         print(f"warning: skipped unreadable image {path} ({reason})", file=sys.stderr)
+    if len(skipped) > 5:
+        print(f"warning: ... and {len(skipped) - 5} more unreadable images (all listed in --output)", file=sys.stderr)
     result = {
         "model": model.config.name,
         "checkpoint": str(args.checkpoint) if args.checkpoint else "pretrained",

@@ -89,7 +89,7 @@ def train(
 
 
 class _Run:
-    """One training run: built step by step in :meth:`start`, then the epochs in :meth:`run`."""
+    """One training run: built step by step (:meth:`_start`), then the epochs (:meth:`run`)."""
 
     def __init__(self, cfg: TrainConfig, ctx: DistContext, resume: str | None) -> None:
         self.cfg, self.ctx, self.resume = cfg, ctx, resume
