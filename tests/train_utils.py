@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from PIL import Image
@@ -81,6 +82,27 @@ def run_cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "levit", *args], env=env(), capture_output=True, text=True, timeout=timeout
     )
+
+
+def cli(*args: str) -> SimpleNamespace:
+    """``levit ARGS`` in this process (``levit.cli.main``): returncode, stdout and stderr."""
+    import contextlib
+    import io
+
+    from levit.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` with its bytes (to check that nothing was written or changed)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def step_losses(output: Path) -> dict[int, float]:

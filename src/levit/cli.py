@@ -484,21 +484,19 @@ def _args_eval(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from levit.train import parse_overrides, resolve_config, train
+    from levit.errors import LeViTError
+    from levit.recipe import available_recipes, parse_overrides, resolve_config
+    from levit.train import train
 
     for flag, v in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--img-size", args.img_size)):
         if v is not None and v < 1:
             raise UsageError(f"{flag} must be >= 1, got {v}")
     if args.resume not in (None, "auto") and not Path(args.resume).is_file():
         raise UsageError(f"--resume must be 'auto' or an existing checkpoint file, got {args.resume!r}")
-    if args.config is not None and not Path(args.config).is_file():
-        from levit.train import available_recipes
-
-        if args.config not in available_recipes():
-            raise UsageError(
-                f"--config: {args.config} is neither a YAML file nor a shipped recipe ({', '.join(available_recipes())})"
-            )
-    overrides = parse_overrides(args.overrides)
+    if args.config is not None and not Path(args.config).is_file() and args.config not in available_recipes():
+        raise UsageError(
+            f"--config: {args.config} is neither a YAML file nor a shipped recipe ({', '.join(available_recipes())})"
+        )
     flags = {
         "data": str(args.data) if args.data is not None else None,
         "dataset": args.dataset,
@@ -511,101 +509,85 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "teacher_checkpoint": str(args.teacher_checkpoint) if args.teacher_checkpoint else None,
         "device": args.device,
     }
-    values = {k: v for k, v in flags.items() if v is not None} | overrides
-    model = values.pop("model", None) or args.model
-    if model is None and args.config is None and args.dataset is None:
-        raise UsageError("--model is required (or a --config / --dataset recipe that names one)")
-    cfg = resolve_config(config=args.config, model=model, **values)
+    try:  # every bad KEY=VALUE, flag value or recipe value is a usage error (exit 2)
+        overrides = parse_overrides(args.overrides)
+        values = {k: v for k, v in flags.items() if v is not None} | overrides
+        model = values.pop("model", None) or args.model
+        if model is None and args.config is None and args.dataset is None:
+            raise UsageError("--model is required (or a --config / --dataset recipe that names one)")
+        cfg = resolve_config(config=args.config, model=model, **values)
+    except (LeViTError, ValueError) as e:
+        raise UsageError(str(e)) from None
     if cfg.distillation != "none" and not cfg.teacher_checkpoint:
         raise UsageError(
             f"--distillation {cfg.distillation} needs --teacher-checkpoint PATH (teacher weights are never "
             "downloaded), or --distillation none"
         )
     result = train(cfg, resume=args.resume)
-    return 0 if result.best_epoch > 0 or cfg.epochs == 0 else 1
+    return 0 if result.best_epoch > 0 or result.finished_before else 1
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    import os
-
     import torch
 
-    from levit.data import SafeImageFolder, ShardSampler, check_image_folder, collate_skip, eval_transform
-    from levit.errors import LeViTError
-    from levit.train import evaluate
+    from levit.engine import evaluate_folder
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {args.workers}")
     if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
         raise UsageError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
     if args.checkpoint is None and not args.pretrained:
         raise UsageError("--checkpoint PATH (or --pretrained) is required: evaluating random weights is meaningless")
-    classes = check_image_folder(args.data)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is available")
     from levit.checkpoint import read_metadata
+    from levit.data import check_image_folder
 
+    check_image_folder(args.data)  # a bad folder fails before the model is loaded
     meta = read_metadata(args.checkpoint) if args.checkpoint is not None else None
     train_eval = (meta or {}).get("eval") or {}
     kwargs = {"img_size": args.img_size} if args.img_size else {}
     model = _load_model(args, **kwargs)
-    img_size = model.config.img_size
     crop_pct = args.crop_pct or train_eval.get("crop_pct") or 0.875
-    names = getattr(model, "class_names", None)
-    if names:
-        unknown = [c for c in classes if c not in names]
-        if unknown:
-            raise LeViTError(f"--data: class folder(s) {unknown[:5]} are not classes of the checkpoint")
-        class_to_idx = {c: names.index(c) for c in classes}
-    else:
-        if len(classes) != model.config.num_classes:
-            raise LeViTError(
-                f"--data: {len(classes)} class folders, but the model has {model.config.num_classes} classes and "
-                "no class names to match them by (folders are taken in sorted order)"
-            )
-        class_to_idx = {c: i for i, c in enumerate(classes)}
     if not args.no_fuse:
         from levit.fuse import fuse
 
         model = fuse(model) if not getattr(model, "is_fused", False) else model
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU is available")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
-    if world > 1:
-        import torch.distributed as dist
-
-        if use_cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    dataset = SafeImageFolder(args.data, transform=eval_transform(img_size, crop_pct), class_to_idx=class_to_idx)
-    loader = torch.utils.data.DataLoader(
-        dataset,
+    m = evaluate_folder(
+        model,
+        args.data,
+        img_size=model.config.img_size,
+        crop_pct=crop_pct,
         batch_size=args.batch_size,
-        sampler=ShardSampler(len(dataset), world, rank),
-        num_workers=args.workers,
-        collate_fn=collate_skip,
+        workers=args.workers,
+        device=args.device,
     )
-    model = model.to(device).eval()
-    m = evaluate(model, loader, device)
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
-    if rank != 0:
+    if m.pop("rank") != 0:
         return 0
+    skipped = m.pop("skipped")
+    for path, reason in skipped[:5]:
+        print(f"warning: skipped unreadable image {path} ({reason})", file=sys.stderr)
+    if len(skipped) > 5:
+        print(f"warning: ... and {len(skipped) - 5} more unreadable images (all listed in --output)", file=sys.stderr)
     result = {
         "model": model.config.name,
         "checkpoint": str(args.checkpoint) if args.checkpoint else "pretrained",
         "data": str(args.data),
-        "img_size": img_size,
+        "img_size": model.config.img_size,
         "crop_pct": crop_pct,
         "fused": not args.no_fuse,
         **m,
+        "skipped": [p for p, _ in skipped],
     }
-    print(f"top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  loss {m['loss']:.4f}  ({m['n']} images)")
+    note = f", {len(skipped)} unreadable skipped" if skipped else ""
+    print(f"top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  loss {m['loss']:.4f}  ({m['n']} images{note})")
     if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(result, indent=2) + "\n")
+        from levit.utils import atomic_path
+
+        with atomic_path(args.output) as tmp:
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -7,6 +7,7 @@ import math
 import os
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,8 @@ import torchvision
 from torchvision import transforms as T
 
 from .errors import LeViTError
+from .images import IMAGE_EXTENSIONS, is_image, open_rgb
+from .utils import first_line
 
 __all__ = [
     "DEFAULT_CROP_PCT",
@@ -23,6 +26,8 @@ __all__ = [
     "RepeatAugSampler",
     "SafeImageFolder",
     "ShardSampler",
+    "TrainValData",
+    "build_loaders",
     "build_mixup",
     "check_image_folder",
     "check_train_val_layout",
@@ -30,6 +35,7 @@ __all__ = [
     "eval_transform",
     "imagenet_class_names",
     "make_digits_folder",
+    "safe_posterize",
     "train_transform",
 ]
 
@@ -62,7 +68,6 @@ def imagenet_class_names() -> list[str]:
 
 
 # ---- training data -----------------------------------------------------------------------------
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 def check_image_folder(root: str | os.PathLike, what: str = "--data") -> list[str]:
@@ -75,12 +80,14 @@ def check_image_folder(root: str | os.PathLike, what: str = "--data") -> list[st
         raise LeViTError(f"{what}: {root} is not a folder (expected a folder with one sub-folder per class)")
     classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
     if not classes:
-        loose = [p.name for p in root.iterdir() if p.suffix.lower() in IMG_EXTENSIONS]
+        loose = [p.name for p in root.iterdir() if is_image(p)]
         hint = f" (found {len(loose)} loose images: put them in one sub-folder per class)" if loose else ""
         raise LeViTError(f"{what}: {root} has no class sub-folders{hint}; expected {root}/CLASS_NAME/IMAGE.jpg")
     for c in classes:
-        if not any(f.lower().endswith(IMG_EXTENSIONS) for _, _, fs in os.walk(root / c) for f in fs):
-            raise LeViTError(f"{what}: class folder {root / c} holds no images ({', '.join(IMG_EXTENSIONS[:3])}, ...)")
+        if not any(is_image(f) for _, _, fs in os.walk(root / c) for f in fs):
+            raise LeViTError(
+                f"{what}: class folder {root / c} holds no images ({', '.join(IMAGE_EXTENSIONS[:3])}, ...)"
+            )
     return classes
 
 
@@ -104,18 +111,29 @@ def check_train_val_layout(root: str | os.PathLike) -> tuple[list[str], list[str
 
 
 class SafeImageFolder(torchvision.datasets.ImageFolder):
-    """ImageFolder whose unreadable images are skipped, counted and reported instead of crashing.
+    """ImageFolder whose bad samples are skipped, counted and reported instead of crashing a run.
 
+    Images are listed by :func:`levit.images.is_image` and decoded by :func:`levit.images.open_rgb`
+    (16-bit images scaled to 8 bits). A sample is *bad* when decoding or the transform raises.
     ``__getitem__`` accepts a plain index or ``(index, seed)`` from :class:`RepeatAugSampler`: with a
     seed the random augmentation of that sample is a pure function of the seed (so a resumed run sees
     the same images as an uninterrupted one), with the caller's RNG states left as they were. A sample
-    is ``(image, target, bad_paths)``, where ``bad_paths`` lists the images that failed to decode and were
-    replaced by the next readable one; :func:`collate_skip` gathers them.
+    is ``(image, target, bad)``, where ``bad`` lists ``(path, reason)`` of the bad samples met. With
+    ``replace_bad=True`` (training) a bad sample is replaced by the next good one, so batches keep their
+    size; with ``False`` (evaluation) its image is ``None`` and :func:`collate_skip` leaves it out.
     """
 
-    def __init__(self, root: str | os.PathLike, transform=None, class_to_idx: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        transform=None,
+        class_to_idx: dict[str, int] | None = None,
+        *,
+        replace_bad: bool = True,
+    ) -> None:
         self._fixed = class_to_idx
-        super().__init__(str(root), transform=transform, is_valid_file=_is_image)
+        self.replace_bad = replace_bad
+        super().__init__(str(root), transform=transform, loader=open_rgb, is_valid_file=is_image)
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         classes, mapping = super().find_classes(directory)
@@ -126,29 +144,27 @@ class SafeImageFolder(torchvision.datasets.ImageFolder):
             mapping = {c: self._fixed[c] for c in classes}
         return classes, mapping
 
+    def _load(self, path: str, seed: int | None):
+        img = self.loader(path)
+        if self.transform is None:
+            return img
+        if seed is None:
+            return self.transform(img)
+        with _seeded(seed):
+            return self.transform(img)
+
     def __getitem__(self, item):  # type: ignore[override]
         index, seed = item if isinstance(item, tuple) else (item, None)
-        bad: list[str] = []
-        for attempt in range(min(len(self.samples), 50)):
+        bad: list[tuple[str, str]] = []
+        for attempt in range(min(len(self.samples), 50) if self.replace_bad else 1):
             path, target = self.samples[(index + attempt) % len(self.samples)]
             try:
-                img = self.loader(path)
-                img.load()
-            except Exception:
-                bad.append(path)
-                continue
-            if self.transform is not None:
-                if seed is None:
-                    img = self.transform(img)
-                else:
-                    with _seeded(seed):
-                        img = self.transform(img)
-            return img, target, bad
-        raise LeViTError(f"{self.root}: 50 images in a row are unreadable (first: {bad[0]})")
-
-
-def _is_image(path: str) -> bool:
-    return path.lower().endswith(IMG_EXTENSIONS)
+                return self._load(path, seed), target, bad
+            except Exception as e:  # a corrupt file, or an augmentation that fails on this image
+                bad.append((path, f"{type(e).__name__}: {first_line(e, 120)}"))
+        if not self.replace_bad:
+            return None, self.samples[index][1], bad
+        raise LeViTError(f"{self.root}: 50 images in a row are unreadable (first: {bad[0][0]}: {bad[0][1]})")
 
 
 @contextlib.contextmanager
@@ -166,10 +182,13 @@ def _seeded(seed: int):
         torch.random.set_rng_state(states[2])
 
 
-def collate_skip(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Collate ``(image, target, bad_paths)`` samples into (images, targets, all bad paths)."""
-    imgs = torch.stack([b[0] for b in batch])
-    targets = torch.tensor([b[1] for b in batch], dtype=torch.long)
+def collate_skip(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
+    """Collate ``(image, target, bad)`` samples into (images, targets, every ``(path, reason)``);
+    samples whose image is ``None`` (unreadable, evaluation) are left out (an all-bad batch gives an
+    empty tensor)."""
+    good = [b for b in batch if b[0] is not None]
+    imgs = torch.stack([b[0] for b in good]) if good else torch.empty(0)
+    targets = torch.tensor([b[1] for b in good], dtype=torch.long)
     return imgs, targets, [p for b in batch for p in b[2]]
 
 
@@ -246,12 +265,53 @@ class ShardSampler(torch.utils.data.Sampler):
         return len(self.idx)
 
 
+def safe_posterize(img, bits_to_keep: int, **_):
+    """``ImageOps.posterize`` for every bit count timm's RandAugment asks for.
+
+    Pillow's ``ImageOps.posterize`` accepts 1..8 bits and, since Pillow 13, raises ``ValueError`` for
+    anything else. timm's ``PosterizeIncreasing`` op (RandAugment with ``inc1``) maps its magnitude to
+    ``4 - int(magnitude / 10 * 4)`` bits; with ``mstd0.5`` the magnitude is drawn from N(9, 0.5) and
+    clipped to 10, so about one call in fifty asks for 0 bits. Keeping 0 bits means a black image, which
+    is what older Pillow (mask ``~255``) and the TensorFlow reference (shift by 8) give: the recipe's
+    behaviour is kept, only the crash goes.
+    """
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    return ImageOps.posterize(img, int(bits_to_keep))
+
+
+def _make_posterize_safe(transform) -> int:
+    """Swap timm's posterize op for :func:`safe_posterize` in every (Rand/Auto/AugMix) augmentation op
+    inside ``transform``; returns how many ops were patched."""
+    from timm.data import auto_augment
+
+    patched = 0
+    stack = [transform]
+    while stack:
+        t = stack.pop()
+        if isinstance(t, auto_augment.AugmentOp):
+            if t.aug_fn is auto_augment.posterize:
+                t.aug_fn = safe_posterize
+                patched += 1
+            continue
+        for attr in ("transforms", "ops", "policy"):
+            inner = getattr(t, attr, None)
+            if isinstance(inner, (list, tuple)):
+                stack.extend(inner)
+    return patched
+
+
 def train_transform(cfg) -> Callable:
     """The training augmentation of a recipe (timm's ``create_transform``: random-resized crop,
-    flip, RandAugment, bicubic, random erasing, normalisation)."""
+    flip, RandAugment, bicubic, random erasing, normalisation), with posterize made safe on current
+    Pillow (:func:`safe_posterize`)."""
     from timm.data import create_transform
 
-    return create_transform(
+    transform = create_transform(
         cfg.img_size,
         is_training=True,
         scale=tuple(cfg.train_crop_scale),
@@ -264,6 +324,63 @@ def train_transform(cfg) -> Callable:
         re_count=cfg.recount,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
+    )
+    _make_posterize_safe(transform)
+    return transform
+
+
+@dataclass
+class TrainValData:
+    """The loaders of a training run and what the loop needs to know about them."""
+
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+    sampler: RepeatAugSampler  # the training sampler (epoch, resume position)
+    class_names: list[str]
+    micro_per_epoch: int  # training batches per process per epoch
+    sizes: tuple[int, int]  # train, val images
+
+
+def build_loaders(
+    cfg, root: str | os.PathLike, *, world: int = 1, rank: int = 0, pin_memory: bool = False
+) -> TrainValData:
+    """Loaders for ``root/train`` (the recipe's augmentation, :class:`RepeatAugSampler`, bad samples
+    replaced) and ``root/val`` (evaluation preprocessing, sharded without padding, unreadable images
+    left out), after checking the layout. Loaders never touch the global RNG."""
+    root = Path(root)
+    check_train_val_layout(root)
+    train_set = SafeImageFolder(root / "train", transform=train_transform(cfg))
+    val_set = SafeImageFolder(
+        root / "val",
+        transform=eval_transform(cfg.img_size, cfg.eval_crop_pct),
+        class_to_idx=train_set.class_to_idx,
+        replace_bad=False,
+    )
+    sampler = RepeatAugSampler(len(train_set), num_replicas=world, rank=rank, repeats=cfg.repeated_aug, seed=cfg.seed)
+    micro_per_epoch = sampler.per_rank // cfg.batch_size
+    if micro_per_epoch < 1:
+        raise LeViTError(
+            f"--batch-size {cfg.batch_size} is larger than the {sampler.per_rank} training images per process"
+        )
+    if cfg.mixup_mode == "batch" and (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
+        raise LeViTError(f"--batch-size must be even with Mixup/CutMix (mode batch), got {cfg.batch_size}")
+    common = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=collate_skip, pin_memory=pin_memory)
+    train_loader = torch.utils.data.DataLoader(
+        train_set,
+        sampler=sampler,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(cfg.seed),
+        persistent_workers=False,
+        **common,
+    )
+    val_loader = torch.utils.data.DataLoader(
+        val_set,
+        sampler=ShardSampler(len(val_set), world, rank),
+        generator=torch.Generator().manual_seed(cfg.seed),
+        **common,
+    )
+    return TrainValData(
+        train_loader, val_loader, sampler, list(train_set.classes), micro_per_epoch, (len(train_set), len(val_set))
     )
 
 
@@ -290,27 +407,36 @@ DIGIT_CLASSES = [str(i) for i in range(10)]
 
 def make_digits_folder(root: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0) -> Path:
     """Write scikit-learn's UCI handwritten digits (1797 real 8x8 images, bundled, no download) as
-    ``root/train/<digit>/*.png`` and ``root/val/<digit>/*.png`` (a stratified, seeded held-out split).
-    Existing complete folders are reused."""
+    ``root/train/<digit>/*.png`` and ``root/val/<digit>/*.png`` (a stratified, seeded held-out split),
+    built beside ``root`` and renamed into place when complete. Existing complete folders are reused."""
     from PIL import Image
 
     root = Path(root)
     done = root / ".complete"
     if done.is_file():
         return root
+    if root.exists():
+        raise LeViTError(f"{root} exists but is not a complete digits folder (no .complete marker): remove it")
     try:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
     except ImportError as e:
         raise LeViTError("--dataset digits needs scikit-learn: pip install 'levit[train]'") from e
+    import shutil
+
     digits = load_digits()
     images = (digits.images * (255.0 / 16.0)).round().clip(0, 255).astype(np.uint8)
     idx = np.arange(len(images))
     tr, va = train_test_split(idx, test_size=val_fraction, random_state=seed, stratify=digits.target)
-    for split, ids in (("train", tr), ("val", va)):
-        for i in ids:
-            d = root / split / str(digits.target[i])
-            d.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(images[i], mode="L").convert("RGB").save(d / f"{i:04d}.png")
-    done.write_text("ok\n")
+    tmp = root.with_name(f".{root.name}.{os.getpid()}.tmp")  # written aside, renamed when complete
+    try:
+        for split, ids in (("train", tr), ("val", va)):
+            for i in ids:
+                d = tmp / split / str(digits.target[i])
+                d.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(images[i], mode="L").convert("RGB").save(d / f"{i:04d}.png")
+        (tmp / ".complete").write_text("ok\n")
+        os.replace(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return root
