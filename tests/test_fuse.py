@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import copy
+import importlib
+from collections import Counter
 
 import pytest
 import torch
 from conftest import FULL_VARIANTS, randomize, rel_err
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import levit
 from levit.fuse import FusedLeViT
+from levit.testing import randomize_weights
 
 
 @pytest.mark.parametrize("name", FULL_VARIANTS)
@@ -73,3 +77,103 @@ def test_right_after_dtype_moves_and_mode_switches(tiny):
         tiny.load_state_dict(randomize(levit.create_model("levit_tiny", img_size=64), seed=9).state_dict())
         # the attention biases changed with the weights: outputs follow
         assert rel_err(tiny(x), ref) > 1e-2
+
+
+# ---- the attention paths and the CPU capability switches ---------------------------------------
+fuse_mod = importlib.import_module("levit.fuse")  # the module (``levit.fuse`` is the function)
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts every aten op that runs (works on the ``meta`` device: no data needed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _ops(model: torch.nn.Module, x: torch.Tensor) -> Counter[str]:
+    with torch.inference_mode(), _OpCounter() as c:
+        model(x)
+    return c.ops
+
+
+def test_meta_device_runs_the_same_ops_at_any_batch():
+    """Off the CPU attention is batched: a per-image Python loop would run 8x more ops at batch 16."""
+    fused = levit.fuse(levit.create_model("levit_128s")).to("meta")
+    ops2 = _ops(fused, torch.empty(2, 3, 224, 224, device="meta"))
+    ops16 = _ops(fused, torch.empty(16, 3, 224, 224, device="meta"))
+    assert ops2 == ops16 and sum(ops2.values()) > 50
+    cfg = fused.config
+    assert ops2["aten.scaled_dot_product_attention.default"] == sum(cfg.depth) + cfg.num_stages - 1  # blocks + shrinks
+    assert "aten.bmm.out" not in ops2
+
+
+def test_attention_path_is_chosen_by_device_and_threads(monkeypatch):
+    monkeypatch.setattr(fuse_mod, "ATTENTION_PATH", None)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert fuse_mod.attention_path("cpu") == "per_image"
+    for dev in ("cuda", "meta", "mps", "xpu"):
+        assert fuse_mod.attention_path(dev) == "batched"
+    monkeypatch.setattr(torch, "get_num_threads", lambda: fuse_mod.PER_IMAGE_MAX_THREADS + 1)
+    assert fuse_mod.attention_path("cpu") == "batched"
+    monkeypatch.setattr(fuse_mod, "ATTENTION_PATH", "per_image")
+    assert fuse_mod.attention_path("cuda") == "per_image"
+    monkeypatch.setattr(fuse_mod, "ATTENTION_PATH", "bogus")
+    with pytest.raises(ValueError, match="ATTENTION_PATH"):
+        fuse_mod.attention_path("cpu")
+
+
+def test_batched_path_equals_per_image_path_and_unfused(monkeypatch):
+    model = randomize_weights(levit.create_model("levit_128s"), seed=11).eval()
+    fused = levit.fuse(model)
+    x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    out = {}
+    for path in ("per_image", "batched"):
+        monkeypatch.setattr(fuse_mod, "ATTENTION_PATH", path)
+        with torch.inference_mode(), _OpCounter() as c:
+            out[path] = fused(x)
+        assert (c.ops["aten.scaled_dot_product_attention.default"] > 0) == (path == "batched")  # it really ran
+    with torch.no_grad():
+        ref = model(x)
+    assert rel_err(out["batched"], out["per_image"]) <= 1e-5
+    assert rel_err(out["batched"], ref) <= 1e-4
+    assert (out["batched"].argmax(-1) == ref.argmax(-1)).all()
+
+
+_ONEDNN_OPS = ("mkldnn._linear_pointwise", "mkldnn._convolution_pointwise")
+
+
+@pytest.mark.parametrize("bf16_ok", [False, True])
+def test_bf16_onednn_kernels_only_where_the_cpu_has_bf16(monkeypatch, bf16_ok):
+    monkeypatch.setattr(fuse_mod, "cpu_bf16_supported", lambda: bf16_ok)
+    x = torch.randn(2, 3, 64, 64).bfloat16()
+    with torch.inference_mode():
+        assert fuse_mod._onednn_ok(x) == (bf16_ok and torch.backends.mkldnn.is_available())
+        assert fuse_mod._onednn_ok(x.float()) == torch.backends.mkldnn.is_available()  # fp32 oneDNN: any x86
+    if bf16_ok and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return  # forcing bf16 kernels on a CPU without them would (rightly) raise
+    model = randomize_weights(levit.create_model("levit_tiny", img_size=64), seed=4).eval()
+    fused = levit.fuse(model).bfloat16()
+    with torch.inference_mode(), _OpCounter() as c:
+        out = fused(x)
+    used = any(k.startswith(f"{op}") for k in c.ops for op in _ONEDNN_OPS)
+    assert used == bf16_ok
+    with torch.no_grad():
+        ref = model(x.float())
+    assert out.dtype == torch.bfloat16 and rel_err(out.float(), ref) < 0.05
+
+
+def test_onednn_switch_forces_the_plain_path(monkeypatch, tiny):
+    fused = levit.fuse(tiny)
+    x = torch.randn(2, 3, 64, 64)
+    monkeypatch.setattr(fuse_mod, "ONEDNN_FUSED", False)
+    with torch.inference_mode(), _OpCounter() as c:
+        plain = fused(x)
+    assert not any(k.startswith(op) for k in c.ops for op in _ONEDNN_OPS)
+    monkeypatch.setattr(fuse_mod, "ONEDNN_FUSED", None)
+    with torch.inference_mode():
+        assert rel_err(fused(x), plain) < 1e-5

@@ -179,10 +179,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         QUICK_MODELS,
         benchmark,
         format_table,
+        parse_batch_sizes,
         plot_rows,
         write_rows,
     )
     from levit.deploy import check_backend
+    from levit.errors import LeViTError
 
     if args.list:
         for name, e in BENCH_MODELS.items():
@@ -198,13 +200,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA GPU is available here")
     precision = args.precision or ("fp16" if args.device == "cuda" else "fp32")
+    if args.backend is None:  # GPU: levit's fastest path per batch, timm eager; CPU: the paper's eager protocol
+        args.backend = "auto" if args.device == "cuda" else "eager"
     try:
         check_backend(args.backend, precision)
     except ValueError as e:
         raise UsageError(f"--backend/--precision: {e}") from e
     if precision == "int8":
         raise UsageError("--precision int8 needs calibration images: use `levit predict` or levit.deploy()")
-    for flag, v in (("--threads", args.threads), ("--batch-size", args.batch_size), ("--windows", args.windows)):
+    try:
+        batches = parse_batch_sizes(args.batch_size) if args.batch_size is not None else None
+    except LeViTError as e:
+        raise UsageError(f"--batch-size: {e}") from e
+    for flag, v in (("--threads", args.threads), ("--windows", args.windows)):
         if v is not None and v < 1:
             raise UsageError(f"{flag} must be >= 1, got {v}")
     for path, flag, sufs in (
@@ -221,10 +229,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     windows = args.windows or windows
     window = args.window if args.window is not None else window
     threads = args.threads if args.device == "cpu" else None
-    batch = args.batch_size or (16 if args.device == "cpu" else None)
+    batch = batches or ([16] if args.device == "cpu" else None)
     print(
         f"levit bench: {len(models)} models, {args.device}, backend {args.backend}, {precision}, "
-        f"batch {batch or 'max power of two'}, threads {threads or '-'}; warm-up {warmup:g}s + "
+        f"batch {','.join(map(str, batch)) if batch else 'max power of two'}, threads {threads or '-'}; "
+        f"warm-up {warmup:g}s + "
         f"{windows} x {window:g}s per model",
         file=sys.stderr,
     )
@@ -472,17 +481,27 @@ def build_parser() -> argparse.ArgumentParser:
         "  levit bench --plot speed.png --output speed.csv  # the whole Table 3 + Figure 1\n"
         "  levit bench --models levit_128s,timm_levit_128s --backend openvino --precision bf16\n"
         "  levit bench --device cuda                        # fp16, largest power-of-two batch\n"
+        "  levit bench --device cuda -b 1,64,1024 --models levit_128s,timm_levit_128s  # latency + throughput\n"
         "  levit bench --list",
     )
     p.add_argument("--quick", action="store_true", help="a short run over a few models (< 2 minutes)")
     p.add_argument("--models", help="comma-separated names (see --list); default: all of Table 3")
     p.add_argument("--list", action="store_true", help="list the models the benchmark knows")
-    p.add_argument("--backend", default="eager", help="eager | inductor | onnxruntime | openvino | auto")
+    p.add_argument(
+        "--backend",
+        default=None,
+        help="eager | inductor | onnxruntime | openvino | cudagraph | auto "
+        "(default: eager on CPU; auto on GPU: levit's fastest path per batch, timm's models eager)",
+    )
     p.add_argument("--precision", default=None, help="fp32 | bf16 | fp16 (default: fp32 on CPU, fp16 on GPU)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run")
     p.add_argument("--threads", type=int, default=1, help="CPU threads")
     p.add_argument(
-        "--batch-size", "-b", type=int, default=None, help="default: 16 on CPU, the largest fitting power of two on GPU"
+        "--batch-size",
+        "-b",
+        default=None,
+        help="a batch size or a comma-separated list (1,64,1024); "
+        "default: 16 on CPU, the largest fitting power of two on GPU",
     )
     p.add_argument("--img-size", type=int, default=None, help="resolution (default: each model's native one)")
     p.add_argument("--warmup", type=float, default=None, help="warm-up seconds per model (default 5, quick 1)")

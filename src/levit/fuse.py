@@ -18,14 +18,64 @@ from .config import LeViTConfig
 from .layers import BNLinear, ConvBN, LinearBN
 from .model import LeViT, check_input
 
-__all__ = ["FusedAttention", "FusedLeViT", "FusedMLP", "FusedShrinkAttention", "fuse"]
+__all__ = [
+    "FusedAttention",
+    "FusedLeViT",
+    "FusedMLP",
+    "FusedShrinkAttention",
+    "attention_path",
+    "cpu_bf16_supported",
+    "fuse",
+]
+
+
+# ---- what this machine can run ---------------------------------------------------------------
+# Module-level switches (tests and benchmarks force them; ``None`` means: decide from the device).
+#: ``"batched"`` / ``"per_image"`` forces the eager attention path everywhere; ``None``: :func:`attention_path`.
+ATTENTION_PATH: str | None = None
+#: ``True`` / ``False`` forces oneDNN's fused linear/conv kernels on or off on CPU; ``None``: by capability.
+ONEDNN_FUSED: bool | None = None
+#: the per-image attention loop is used on CPU up to this many intra-op threads (measured side by
+#: side with ``benchmarks/attention_paths.py`` on an AVX-512 CPU, LeViT-128S, one thread: faster than
+#: the batched path at batch 16 and at batch 1; README, Speed)
+PER_IMAGE_MAX_THREADS = 1
+
+
+def cpu_bf16_supported() -> bool:
+    """Whether this CPU has native bf16 instructions for oneDNN (AVX-512 BF16, AMX, AVX-NE-CONVERT)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def attention_path(device: torch.device | str) -> str:
+    """The eager attention implementation for ``device``: ``"per_image"`` or ``"batched"``.
+
+    ``per_image`` (one batched GEMM over the heads per image, written in place) is the fast form for
+    CPU inference on one thread; everywhere else (CUDA, ``meta``, more CPU threads) one
+    ``scaled_dot_product_attention`` runs over all images and heads with the bias as an additive
+    mask, so nothing loops over the batch in Python. :data:`ATTENTION_PATH` overrides the choice.
+    """
+    if ATTENTION_PATH is not None:
+        if ATTENTION_PATH not in ("batched", "per_image"):
+            raise ValueError(
+                f"levit.fuse.ATTENTION_PATH must be 'batched', 'per_image' or None, got {ATTENTION_PATH!r}"
+            )
+        return ATTENTION_PATH
+    if torch.device(device).type == "cpu" and torch.get_num_threads() <= PER_IMAGE_MAX_THREADS:
+        return "per_image"
+    return "batched"
 
 
 def _onednn_ok(x: Tensor) -> bool:
-    """Whether oneDNN's fused linear kernels can run ``x``: CPU inference in eager mode only."""
+    """Whether oneDNN's fused linear/conv kernels should run ``x``: CPU inference in eager mode only,
+    bf16 only where the CPU has bf16 instructions (elsewhere oneDNN's bf16 kernels raise)."""
+    if ONEDNN_FUSED is False:
+        return False
     return (
         x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.bfloat16)
+        and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and cpu_bf16_supported()))
         and not torch.is_grad_enabled()  # no autograd formula: training/grad mode takes the plain path
         and not torch.jit.is_tracing()
         and not torch.jit.is_scripting()
@@ -51,33 +101,48 @@ def _linear(x: Tensor, layer: nn.Linear, act: str = "none", residual: Tensor | N
     return y if residual is None else residual + y
 
 
+def _attention_batched(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+    """One fused attention over all images and heads; the bias is an additive mask. (B, N_q, H*Dv)."""
+    B, Nq, H, _ = q.shape
+    x = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, scale=1.0
+    )  # (B, H, N_q, Dv)
+    return x.transpose(1, 2).reshape(B, Nq, H * v.shape[-1])
+
+
+def _attention_per_image(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+    """One batched GEMM over the heads per image, straight on the strided views, written in place."""
+    B, Nq, H, _ = q.shape
+    Dv = v.shape[-1]
+    out = q.new_empty(B, Nq, H, Dv)
+    for b in range(B):
+        attn = torch.bmm(q[b].transpose(0, 1), k[b].permute(1, 2, 0)).add_(bias).softmax(dim=-1)  # (H, N_q, N_k)
+        torch.bmm(attn, v[b].transpose(0, 1), out=out[b].transpose(0, 1))
+    return out.view(B, Nq, H * Dv)
+
+
 def _attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
     """``hardswish(softmax(q k^T + bias) v)`` for token-major views, heads concatenated.
 
     q: (B, N_q, H, D), k: (B, N_k, H, D), v: (B, N_k, H, Dv) (strided views into the projection
     outputs; the scale is folded into q), bias: (H, N_q, N_k). Returns (B, N_q, H*Dv).
 
-    Eager CPU/GPU inference runs one batched GEMM per image over the heads directly on the strided
-    views and writes the result in place into the (B, N_q, H, Dv) output: no transposed copies of
-    q, k, v or of the output. Traced graphs (ONNX, OpenVINO, TorchScript) get one fused attention op
+    Eager inference takes the path :func:`attention_path` picks for the device: batched over images
+    and heads (``scaled_dot_product_attention``: GPUs, ``meta``, multi-threaded CPU) or the per-image
+    loop (one-thread CPU). Traced graphs (ONNX, OpenVINO, TorchScript) get the one fused attention op
     that the runtimes optimise; autograd and ``torch.compile`` get plain batched matmuls.
     """
     B, Nq, H, _ = q.shape
     Dv = v.shape[-1]
     if torch.jit.is_tracing():
-        x = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, scale=1.0
-        )
-        return F.hardswish(x.transpose(1, 2).reshape(B, Nq, H * Dv))
+        return F.hardswish(_attention_batched(q, k, v, bias))
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
         attn = torch.matmul(q.transpose(1, 2), k.permute(0, 2, 3, 1)) + bias  # (B, H, N_q, N_k)
         x = torch.matmul(attn.softmax(dim=-1), v.transpose(1, 2))  # (B, H, N_q, Dv)
         return F.hardswish(x.transpose(1, 2).reshape(B, Nq, H * Dv))
-    out = q.new_empty(B, Nq, H, Dv)
-    for b in range(B):
-        attn = torch.bmm(q[b].transpose(0, 1), k[b].permute(1, 2, 0)).add_(bias).softmax(dim=-1)  # (H, N_q, N_k)
-        torch.bmm(attn, v[b].transpose(0, 1), out=out[b].transpose(0, 1))
-    return F.hardswish(out.view(B, Nq, H * Dv), inplace=True)
+    if attention_path(q.device) == "per_image":
+        return F.hardswish(_attention_per_image(q, k, v, bias), inplace=True)
+    return F.hardswish(_attention_batched(q, k, v, bias), inplace=True)
 
 
 class FusedAttention(nn.Module):
