@@ -4,7 +4,7 @@
 ``scaled_dot_product_attention`` over all images and heads, the bias as an additive mask), and the
 oneDNN fused linear/conv kernels on and off, for LeViT-128S at the given batches and thread counts.
 Interleaved rounds (each round runs every candidate for one window), medians; the ratios feed the
-defaults in ``src/levit/fuse.py`` (``PER_IMAGE_MAX_THREADS``, ``ONEDNN_FUSED``).
+defaults in ``src/levit/fuse.py`` (``PER_IMAGE_MAX_THREADS``, ``ONEDNN_MIN_BATCH``).
 
     python benchmarks/attention_paths.py                          # batch 16 and 1, 1 and 2 threads
     python benchmarks/attention_paths.py --batches 16 --threads 1 --rounds 9
@@ -38,8 +38,8 @@ def main() -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     fused = levit.fuse(randomize_weights(levit.create_model(args.model), seed=0).eval()).to(dtype)
     cands = {  # name -> (attention path, oneDNN fused kernels)
-        "per_image + oneDNN": ("per_image", None),
-        "batched + oneDNN": ("batched", None),
+        "per_image + oneDNN": ("per_image", True),
+        "batched + oneDNN": ("batched", True),
         "per_image, plain linear": ("per_image", False),
         "batched, plain linear": ("batched", False),
     }

@@ -33,8 +33,13 @@ __all__ = [
 # Module-level switches (tests and benchmarks force them; ``None`` means: decide from the device).
 #: ``"batched"`` / ``"per_image"`` forces the eager attention path everywhere; ``None``: :func:`attention_path`.
 ATTENTION_PATH: str | None = None
-#: ``True`` / ``False`` forces oneDNN's fused linear/conv kernels on or off on CPU; ``None``: by capability.
+#: ``True`` / ``False`` forces oneDNN's fused linear/conv kernels on or off on CPU (``True`` still needs a
+#: CPU that runs them); ``None``: by capability and batch size (:data:`ONEDNN_MIN_BATCH`).
 ONEDNN_FUSED: bool | None = None
+#: oneDNN's fused kernels from this batch size up; below it plain PyTorch was measured faster
+#: (``benchmarks/attention_paths.py``: the fused kernels reorder the weights on every call, which a
+#: batch of one image does not pay back)
+ONEDNN_MIN_BATCH = 4
 #: the per-image attention loop is used on CPU up to this many intra-op threads (measured side by
 #: side with ``benchmarks/attention_paths.py`` on an AVX-512 CPU, LeViT-128S, one thread: faster than
 #: the batched path at batch 16 and at batch 1; README, Speed)
@@ -71,7 +76,7 @@ def attention_path(device: torch.device | str) -> str:
 def _onednn_ok(x: Tensor) -> bool:
     """Whether oneDNN's fused linear/conv kernels should run ``x``: CPU inference in eager mode only,
     bf16 only where the CPU has bf16 instructions (elsewhere oneDNN's bf16 kernels raise)."""
-    if ONEDNN_FUSED is False:
+    if ONEDNN_FUSED is False or (ONEDNN_FUSED is None and x.shape[0] < ONEDNN_MIN_BATCH):
         return False
     return (
         x.device.type == "cpu"
