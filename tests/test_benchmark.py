@@ -157,3 +157,10 @@ def test_bench_bad_batch_list_is_a_usage_error(capsys, bad):
     assert main(["bench", "--models", "levit_tiny", "-b", bad]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--batch-size" in err[0] and "Traceback" not in err[0]
+
+
+def test_bench_cudagraph_on_cpu_is_a_usage_error(capsys):
+    from levit.cli import main
+
+    assert main(["bench", "--models", "levit_tiny", "--backend", "cudagraph"]) == 2
+    assert "--device cuda" in capsys.readouterr().err

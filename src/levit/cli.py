@@ -208,6 +208,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError(f"--backend/--precision: {e}") from e
     if precision == "int8":
         raise UsageError("--precision int8 needs calibration images: use `levit predict` or levit.deploy()")
+    if args.device == "cpu" and args.backend == "cudagraph":
+        raise UsageError("--backend cudagraph needs a GPU: add --device cuda")
+    if args.device == "cuda" and args.backend in ("onnxruntime", "openvino"):
+        raise UsageError(f"--backend {args.backend} runs on the CPU only: drop --device cuda")
     try:
         batches = parse_batch_sizes(args.batch_size) if args.batch_size is not None else None
     except LeViTError as e:
