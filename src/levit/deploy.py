@@ -82,10 +82,11 @@ _AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "fp16": ("inductor", "eager"),
     "int8": ("openvino", "onnxruntime"),
 }
-# `auto` on a GPU: CUDA graphs up to this batch (launch-bound: graphs remove the per-kernel CPU cost),
-# inductor above (fused kernels, throughput). A first guess from the H200 probe figures in the README
-# (GPU); benchmarks/gpu.py measures all three per batch and precision.
-_AUTO_GPU_GRAPH_MAX_BATCH = 16
+# `auto` on a GPU, per precision: CUDA graphs up to this batch (launch-bound: graphs remove the
+# per-kernel CPU cost), inductor above (fused kernels, throughput); eager is never faster than its
+# own graph. A first guess from the H200 probe figures in the README (GPU); benchmarks/gpu.py
+# measures eager, graphs and inductor per batch and precision to set it.
+_AUTO_GPU_GRAPH_MAX_BATCH: dict[str, int] = {"fp32": 16, "fp16": 16, "bf16": 16}
 _CPU_ONLY = ("onnxruntime", "openvino")
 _GPU_ONLY = ("cudagraph",)
 
@@ -206,7 +207,7 @@ def resolve(
     if backend != "auto":
         return backend, precision
     if dev != "cpu":
-        small = batch_size is not None and batch_size <= _AUTO_GPU_GRAPH_MAX_BATCH
+        small = batch_size is not None and batch_size <= _AUTO_GPU_GRAPH_MAX_BATCH.get(precision, 0)
         return ("cudagraph" if small and graphs_available(device) else "inductor"), precision
     for b in _AUTO_ORDER[precision]:
         if not _missing(b, precision):
