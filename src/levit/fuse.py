@@ -281,6 +281,13 @@ class FusedLeViT(nn.Module):
     def _stem(self, x: Tensor) -> Tensor:
         if x.device.type != "cpu":
             return self.stem(x)
+        if x.dtype == torch.bfloat16 and not cpu_bf16_supported():
+            # no native bf16 here: oneDNN's bf16 convolutions raise and the fallback is slow, so the stem
+            # (3x3 convs, tiny weights) runs in fp32 and hands bf16 on
+            y = x.float().contiguous(memory_format=torch.channels_last)
+            for m in self.stem:
+                y = F.conv2d(y, m.weight.float(), m.bias.float(), 2, 1) if isinstance(m, nn.Conv2d) else m(y)
+            return y.to(torch.bfloat16)
         x = x.contiguous(memory_format=torch.channels_last)  # oneDNN's convolutions are faster channels-last
         if not _onednn_ok(x) or x.dtype != self.stem[0].weight.dtype:
             return self.stem(x)
