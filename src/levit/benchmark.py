@@ -4,8 +4,9 @@ CPU (the paper's Intel column): one thread, batch 16, fp32, 224x224 (competitors
 resolution). GPU: fp16, the largest power-of-two batch that fits (found by an out-of-memory-safe
 search); with ``backend="auto"`` this library's LeViT runs its fastest path for the batch (CUDA
 graphs or inductor, named in the row) and timm's models run eager. Several batch sizes in one run
-(``batch_size=[1, 64, 1024]``) give latency and throughput side by side. Each model is warmed up, then timed over several windows; a row reports the median
-throughput with the min and max over the windows. Competitors are timm models built with
+(``batch_size=[1, 64, 1024]``) give latency and throughput side by side. Each model is warmed up,
+then timed over several windows; a row reports the median throughput with the min and max over the
+windows. Competitors are timm models built with
 ``pretrained=False`` (speed does not depend on the weights; nothing is downloaded).
 
 >>> rows = benchmark(["levit_128s", "timm_levit_128s"], threads=1, batch_size=16)
