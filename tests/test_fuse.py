@@ -197,3 +197,16 @@ def test_onednn_kernels_from_the_measured_batch_size_up(monkeypatch, tiny):
     monkeypatch.setattr(fuse_mod, "ONEDNN_FUSED", None)
     with torch.inference_mode():
         assert fuse_mod._onednn_ok(torch.zeros(fuse_mod.ONEDNN_MIN_BATCH, 4, 8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiles_without_graph_breaks(tiny, dtype):
+    """The device/capability probes are skipped under torch.compile: one graph (else inductor falls back)."""
+    fused = levit.fuse(tiny).to(dtype)
+    x = torch.randn(fuse_mod.ONEDNN_MIN_BATCH, 3, 64, 64, dtype=dtype)
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, fullgraph=True, backend="eager")  # raises on a graph break
+    with torch.inference_mode():
+        out = compiled(x)
+        ref = fused(x)
+    assert rel_err(out.float(), ref.float()) < (1e-5 if dtype == torch.float32 else 0.05)

@@ -76,15 +76,14 @@ def attention_path(device: torch.device | str) -> str:
 def _onednn_ok(x: Tensor) -> bool:
     """Whether oneDNN's fused linear/conv kernels should run ``x``: CPU inference in eager mode only,
     bf16 only where the CPU has bf16 instructions (elsewhere oneDNN's bf16 kernels raise)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return False  # inductor does its own fusion; traced graphs stay portable (checked first: no graph break)
     if ONEDNN_FUSED is False or (ONEDNN_FUSED is None and x.shape[0] < ONEDNN_MIN_BATCH):
         return False
     return (
         x.device.type == "cpu"
         and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and cpu_bf16_supported()))
         and not torch.is_grad_enabled()  # no autograd formula: training/grad mode takes the plain path
-        and not torch.jit.is_tracing()
-        and not torch.jit.is_scripting()
-        and not torch.compiler.is_compiling()  # inductor does its own fusion
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     )
@@ -281,7 +280,8 @@ class FusedLeViT(nn.Module):
     def _stem(self, x: Tensor) -> Tensor:
         if x.device.type != "cpu":
             return self.stem(x)
-        if x.dtype == torch.bfloat16 and not cpu_bf16_supported():
+        eager = not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting())
+        if eager and x.dtype == torch.bfloat16 and not cpu_bf16_supported():
             # no native bf16 here: oneDNN's bf16 convolutions raise and the fallback is slow, so the stem
             # (3x3 convs, tiny weights) runs in fp32 and hands bf16 on
             y = x.float().contiguous(memory_format=torch.channels_last)
