@@ -1,6 +1,7 @@
 """GPU speed of levit against timm's LeViT, side by side in ONE process: one command, a few minutes.
 
-Sections (each candidate group is timed in interleaved rounds, medians; same weights on both sides):
+Sections (run in the order ``--sections`` gives, by default infer, train, paper; each candidate
+group is timed in interleaved rounds, medians; same weights on both sides):
 
 1. ``paper``: the paper's protocol (Table 3, GPU column: fp16, the largest power-of-two batch that
    fits) for all five variants, levit's fused model eager and from a CUDA graph, against 10x the
@@ -19,7 +20,7 @@ with it in fp16/bf16 (top-1 agreement on real photos when scikit-image/scikit-le
 else on random images). Results go to ``OUT/gpu.json`` and ``OUT/gpu.md`` (rewritten after every
 group, so an interrupted run keeps what it measured).
 
-    PYTHONPATH=src python benchmarks/gpu.py                    # one H100/H200, ~4-5 minutes
+    PYTHONPATH=src python benchmarks/gpu.py                    # one H100/H200, planned for < 5 minutes
     PYTHONPATH=src python benchmarks/gpu.py --out results/
     PYTHONPATH=src python benchmarks/gpu.py --smoke --device cpu --out /tmp/gpu-smoke  # logic check on a CPU
 """
@@ -365,7 +366,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", type=Path, default=Path("."), help="folder for gpu.json and gpu.md")
-    ap.add_argument("--sections", default="paper,train,infer", help="comma-separated: paper, train, infer")
+    ap.add_argument("--sections", default="infer,train,paper", help="comma-separated, run in this order")
     ap.add_argument("--models", default="levit_128s,levit_384")
     ap.add_argument("--batches", default="1,64,1024")
     ap.add_argument("--precisions", default="fp16,bf16")
