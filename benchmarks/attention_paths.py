@@ -1,8 +1,9 @@
 """The fused model's two eager attention paths side by side on CPU, in ONE process.
 
-``per_image`` (one batched GEMM over the heads per image, in place) against ``batched`` (one
-``scaled_dot_product_attention`` over all images and heads, the bias as an additive mask), and the
-oneDNN fused linear/conv kernels on and off, for LeViT-128S at the given batches and thread counts.
+``per_image`` (one batched GEMM over the heads per image, in place) against the two batched forms,
+``matmul`` (two batched matmuls over all images and heads) and ``sdpa`` (one
+``scaled_dot_product_attention``, the bias as an additive mask), with oneDNN's fused linear/conv
+kernels on and off, for LeViT-128S at the given batches and thread counts.
 Interleaved rounds (each round runs every candidate for one window), medians; the ratios feed the
 defaults in ``src/levit/fuse.py`` (``PER_IMAGE_MAX_THREADS``, ``ONEDNN_MIN_BATCH``).
 
@@ -34,15 +35,21 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--window", type=float, default=0.5, help="seconds per candidate per round")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--only", default="", help="comma-separated candidate names to keep (default: all six)")
     args = ap.parse_args()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     fused = levit.fuse(randomize_weights(levit.create_model(args.model), seed=0).eval()).to(dtype)
     cands = {  # name -> (attention path, oneDNN fused kernels)
         "per_image + oneDNN": ("per_image", True),
-        "batched + oneDNN": ("batched", True),
+        "matmul + oneDNN": ("matmul", True),
+        "sdpa + oneDNN": ("sdpa", True),
         "per_image, plain linear": ("per_image", False),
-        "batched, plain linear": ("batched", False),
+        "matmul, plain linear": ("matmul", False),
+        "sdpa, plain linear": ("sdpa", False),
     }
+
+    keep = [c.strip() for c in args.only.split(",") if c.strip()]
+    cands = {k: v for k, v in cands.items() if not keep or k in keep}
 
     def run(path: str, onednn: bool | None, x: torch.Tensor) -> None:
         lf.ATTENTION_PATH, lf.ONEDNN_FUSED = path, onednn
@@ -70,7 +77,7 @@ def main() -> int:
                             break
                     speeds[name].append(n * b / dt)
             med = {k: statistics.median(v) for k, v in speeds.items()}
-            base = med["per_image + oneDNN"]
+            base = next(iter(med.values()))
             print(f"{args.model} {args.dtype}, batch {b}, {th} thread(s), {args.rounds} interleaved rounds:")
             for k, v in med.items():
                 print(

@@ -117,12 +117,15 @@ def test_meta_device_runs_the_same_ops_at_any_batch():
 
 def test_attention_path_is_chosen_by_device_and_threads(monkeypatch):
     monkeypatch.setattr(fuse_mod, "ATTENTION_PATH", None)
+    assert fuse_mod.attention_path("cpu") == "matmul"  # the default: no per-image loop anywhere
+    for dev in ("cuda", "meta", "mps", "xpu"):
+        assert fuse_mod.attention_path(dev) == "sdpa"
+    monkeypatch.setattr(fuse_mod, "PER_IMAGE_MAX_THREADS", 1)  # the per-image loop, for one thread
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert fuse_mod.attention_path("cpu") == "per_image"
-    for dev in ("cuda", "meta", "mps", "xpu"):
-        assert fuse_mod.attention_path(dev) == "batched"
-    monkeypatch.setattr(torch, "get_num_threads", lambda: fuse_mod.PER_IMAGE_MAX_THREADS + 1)
-    assert fuse_mod.attention_path("cpu") == "batched"
+    assert fuse_mod.attention_path("cuda") == "sdpa"
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert fuse_mod.attention_path("cpu") == "matmul"
     monkeypatch.setattr(fuse_mod, "ATTENTION_PATH", "per_image")
     assert fuse_mod.attention_path("cuda") == "per_image"
     monkeypatch.setattr(fuse_mod, "ATTENTION_PATH", "bogus")
@@ -135,16 +138,26 @@ def test_batched_path_equals_per_image_path_and_unfused(monkeypatch):
     fused = levit.fuse(model)
     x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(2))
     out = {}
-    for path in ("per_image", "batched"):
+    for path in fuse_mod.ATTENTION_PATHS:
         monkeypatch.setattr(fuse_mod, "ATTENTION_PATH", path)
         with torch.inference_mode(), _OpCounter() as c:
             out[path] = fused(x)
-        assert (c.ops["aten.scaled_dot_product_attention.default"] > 0) == (path == "batched")  # it really ran
+        used = {
+            p
+            for p, op in (
+                ("sdpa", "scaled_dot_product_attention.default"),
+                ("per_image", "bmm.out"),
+                ("matmul", "matmul.default"),
+            )
+            if c.ops[f"aten.{op}"]
+        }
+        assert used == {path}, (path, used)  # that path, and only it, really ran
     with torch.no_grad():
         ref = model(x)
-    assert rel_err(out["batched"], out["per_image"]) <= 1e-5
-    assert rel_err(out["batched"], ref) <= 1e-4
-    assert (out["batched"].argmax(-1) == ref.argmax(-1)).all()
+    for path in ("matmul", "sdpa"):  # both batched forms
+        assert rel_err(out[path], out["per_image"]) <= 1e-5, path
+        assert rel_err(out[path], ref) <= 1e-4, path
+        assert (out[path].argmax(-1) == ref.argmax(-1)).all()
 
 
 _ONEDNN_OPS = ("mkldnn._linear_pointwise", "mkldnn._convolution_pointwise")

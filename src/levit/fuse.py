@@ -31,8 +31,10 @@ __all__ = [
 
 # ---- what this machine can run ---------------------------------------------------------------
 # Module-level switches (tests and benchmarks force them; ``None`` means: decide from the device).
-#: ``"batched"`` / ``"per_image"`` forces the eager attention path everywhere; ``None``: :func:`attention_path`.
+#: ``"per_image"`` / ``"matmul"`` / ``"sdpa"`` forces the eager attention path everywhere; ``None``:
+#: :func:`attention_path` decides.
 ATTENTION_PATH: str | None = None
+ATTENTION_PATHS = ("per_image", "matmul", "sdpa")
 #: ``True`` / ``False`` forces oneDNN's fused linear/conv kernels on or off on CPU (``True`` still needs a
 #: CPU that runs them); ``None``: by capability and batch size (:data:`ONEDNN_MIN_BATCH`).
 ONEDNN_FUSED: bool | None = None
@@ -40,10 +42,11 @@ ONEDNN_FUSED: bool | None = None
 #: (``benchmarks/attention_paths.py``: the fused kernels reorder the weights on every call, which a
 #: batch of one image does not pay back)
 ONEDNN_MIN_BATCH = 4
-#: the per-image attention loop is used on CPU up to this many intra-op threads (measured side by
-#: side with ``benchmarks/attention_paths.py`` on an AVX-512 CPU, LeViT-128S, one thread: faster than
-#: the batched path at batch 16 and at batch 1; README, Speed)
-PER_IMAGE_MAX_THREADS = 1
+#: the per-image attention loop is used on CPU up to this many intra-op threads. 0: never, since
+#: measured side by side with ``benchmarks/attention_paths.py`` on an AVX-512 CPU (LeViT-128S) it
+#: was not faster than the ``matmul`` path anywhere (one thread fp32: a tie at batch 16 and 1; bf16
+#: and two threads: slower; README, Speed). Set it to 1 to bring it back for one-thread inference.
+PER_IMAGE_MAX_THREADS = 0
 
 
 def cpu_bf16_supported() -> bool:
@@ -55,22 +58,24 @@ def cpu_bf16_supported() -> bool:
 
 
 def attention_path(device: torch.device | str) -> str:
-    """The eager attention implementation for ``device``: ``"per_image"`` or ``"batched"``.
+    """The eager attention implementation for ``device``: ``"per_image"``, ``"matmul"`` or ``"sdpa"``.
 
-    ``per_image`` (one batched GEMM over the heads per image, written in place) is the fast form for
-    CPU inference on one thread; everywhere else (CUDA, ``meta``, more CPU threads) one
-    ``scaled_dot_product_attention`` runs over all images and heads with the bias as an additive
-    mask, so nothing loops over the batch in Python. :data:`ATTENTION_PATH` overrides the choice.
+    The two batched forms run over all images and heads at once, so nothing loops over the batch in
+    Python: ``matmul`` (two batched matmuls, the bias added in place; measured faster than SDPA with
+    a mask on CPU) on the CPU, ``sdpa`` (one ``scaled_dot_product_attention``, the bias as an
+    additive mask) on every other device (CUDA, ``meta``, ...). ``per_image`` (one batched GEMM over
+    the heads per image, written in place) is used on CPUs running at most
+    :data:`PER_IMAGE_MAX_THREADS` threads (none by default). :data:`ATTENTION_PATH` overrides all.
     """
     if ATTENTION_PATH is not None:
-        if ATTENTION_PATH not in ("batched", "per_image"):
+        if ATTENTION_PATH not in ATTENTION_PATHS:
             raise ValueError(
-                f"levit.fuse.ATTENTION_PATH must be 'batched', 'per_image' or None, got {ATTENTION_PATH!r}"
+                f"levit.fuse.ATTENTION_PATH must be one of {', '.join(ATTENTION_PATHS)} or None, got {ATTENTION_PATH!r}"
             )
         return ATTENTION_PATH
-    if torch.device(device).type == "cpu" and torch.get_num_threads() <= PER_IMAGE_MAX_THREADS:
-        return "per_image"
-    return "batched"
+    if torch.device(device).type == "cpu":
+        return "per_image" if torch.get_num_threads() <= PER_IMAGE_MAX_THREADS else "matmul"
+    return "sdpa"
 
 
 def _onednn_ok(x: Tensor) -> bool:
@@ -114,6 +119,13 @@ def _attention_batched(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(B, Nq, H * v.shape[-1])
 
 
+def _attention_matmul(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+    """Two batched matmuls over all images and heads, the bias added in place. (B, N_q, H*Dv)."""
+    B, Nq, H, _ = q.shape
+    attn = torch.matmul(q.transpose(1, 2), k.permute(0, 2, 3, 1)).add_(bias).softmax(dim=-1)  # (B, H, N_q, N_k)
+    return torch.matmul(attn, v.transpose(1, 2)).transpose(1, 2).reshape(B, Nq, H * v.shape[-1])
+
+
 def _attention_per_image(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
     """One batched GEMM over the heads per image, straight on the strided views, written in place."""
     B, Nq, H, _ = q.shape
@@ -132,8 +144,8 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
     outputs; the scale is folded into q), bias: (H, N_q, N_k). Returns (B, N_q, H*Dv).
 
     Eager inference takes the path :func:`attention_path` picks for the device: batched over images
-    and heads (``scaled_dot_product_attention``: GPUs, ``meta``, multi-threaded CPU) or the per-image
-    loop (one-thread CPU). Traced graphs (ONNX, OpenVINO, TorchScript) get the one fused attention op
+    and heads (``scaled_dot_product_attention`` on GPUs and ``meta``, batched matmuls on the CPU) or,
+    when asked for, the per-image loop. Traced graphs (ONNX, OpenVINO, TorchScript) get the one fused attention op
     that the runtimes optimise; autograd and ``torch.compile`` get plain batched matmuls.
     """
     B, Nq, H, _ = q.shape
@@ -144,8 +156,11 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
         attn = torch.matmul(q.transpose(1, 2), k.permute(0, 2, 3, 1)) + bias  # (B, H, N_q, N_k)
         x = torch.matmul(attn.softmax(dim=-1), v.transpose(1, 2))  # (B, H, N_q, Dv)
         return F.hardswish(x.transpose(1, 2).reshape(B, Nq, H * Dv))
-    if attention_path(q.device) == "per_image":
+    path = attention_path(q.device)
+    if path == "per_image":
         return F.hardswish(_attention_per_image(q, k, v, bias), inplace=True)
+    if path == "matmul":
+        return F.hardswish(_attention_matmul(q, k, v, bias), inplace=True)
     return F.hardswish(_attention_batched(q, k, v, bias), inplace=True)
 
 
