@@ -115,16 +115,15 @@ def test_meta_device_runs_the_same_ops_at_any_batch():
     assert "aten.bmm.out" not in ops2
 
 
-def test_attention_path_is_chosen_by_device_and_threads(monkeypatch):
+def test_attention_path_is_chosen_by_device_threads_and_dtype(monkeypatch):
     monkeypatch.setattr(fuse_mod, "ATTENTION_PATH", None)
-    assert fuse_mod.attention_path("cpu") == "matmul"  # the default: no per-image loop anywhere
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert fuse_mod.attention_path("cpu") == "per_image"  # one thread, fp32: the measured exception
+    assert fuse_mod.attention_path("cpu", torch.bfloat16) == "matmul"
     for dev in ("cuda", "meta", "mps", "xpu"):
         assert fuse_mod.attention_path(dev) == "sdpa"
-    monkeypatch.setattr(fuse_mod, "PER_IMAGE_MAX_THREADS", 1)  # the per-image loop, for one thread
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    assert fuse_mod.attention_path("cpu") == "per_image"
-    assert fuse_mod.attention_path("cuda") == "sdpa"
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+        assert fuse_mod.attention_path(dev, torch.float16) == "sdpa"
+    monkeypatch.setattr(torch, "get_num_threads", lambda: fuse_mod.PER_IMAGE_MAX_THREADS + 1)
     assert fuse_mod.attention_path("cpu") == "matmul"
     monkeypatch.setattr(fuse_mod, "ATTENTION_PATH", "per_image")
     assert fuse_mod.attention_path("cuda") == "per_image"

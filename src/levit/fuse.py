@@ -42,11 +42,11 @@ ONEDNN_FUSED: bool | None = None
 #: (``benchmarks/attention_paths.py``: the fused kernels reorder the weights on every call, which a
 #: batch of one image does not pay back)
 ONEDNN_MIN_BATCH = 4
-#: the per-image attention loop is used on CPU up to this many intra-op threads. 0: never, since
-#: measured side by side with ``benchmarks/attention_paths.py`` on an AVX-512 CPU (LeViT-128S) it
-#: was not faster than the ``matmul`` path anywhere (one thread fp32: a tie at batch 16 and 1; bf16
-#: and two threads: slower; README, Speed). Set it to 1 to bring it back for one-thread inference.
-PER_IMAGE_MAX_THREADS = 0
+#: the per-image attention loop is used for fp32 on CPU up to this many intra-op threads: measured side
+#: by side with ``benchmarks/attention_paths.py`` on an AVX-512 CPU (LeViT-128S, batch 16) it beat
+#: the ``matmul`` path on one thread in fp32 (1.06x in the quietest run), not in bf16 (0.93x) nor on
+#: two threads (README, Speed). 0 switches it off.
+PER_IMAGE_MAX_THREADS = 1
 
 
 def cpu_bf16_supported() -> bool:
@@ -57,15 +57,15 @@ def cpu_bf16_supported() -> bool:
         return False
 
 
-def attention_path(device: torch.device | str) -> str:
+def attention_path(device: torch.device | str, dtype: torch.dtype = torch.float32) -> str:
     """The eager attention implementation for ``device``: ``"per_image"``, ``"matmul"`` or ``"sdpa"``.
 
     The two batched forms run over all images and heads at once, so nothing loops over the batch in
     Python: ``matmul`` (two batched matmuls, the bias added in place; measured faster than SDPA with
     a mask on CPU) on the CPU, ``sdpa`` (one ``scaled_dot_product_attention``, the bias as an
     additive mask) on every other device (CUDA, ``meta``, ...). ``per_image`` (one batched GEMM over
-    the heads per image, written in place) is used on CPUs running at most
-    :data:`PER_IMAGE_MAX_THREADS` threads (none by default). :data:`ATTENTION_PATH` overrides all.
+    the heads per image, written in place) is used for fp32 on CPUs running at most
+    :data:`PER_IMAGE_MAX_THREADS` threads (one). :data:`ATTENTION_PATH` overrides all.
     """
     if ATTENTION_PATH is not None:
         if ATTENTION_PATH not in ATTENTION_PATHS:
@@ -74,7 +74,8 @@ def attention_path(device: torch.device | str) -> str:
             )
         return ATTENTION_PATH
     if torch.device(device).type == "cpu":
-        return "per_image" if torch.get_num_threads() <= PER_IMAGE_MAX_THREADS else "matmul"
+        one_thread = torch.get_num_threads() <= PER_IMAGE_MAX_THREADS
+        return "per_image" if one_thread and dtype == torch.float32 else "matmul"
     return "sdpa"
 
 
@@ -144,8 +145,8 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
     outputs; the scale is folded into q), bias: (H, N_q, N_k). Returns (B, N_q, H*Dv).
 
     Eager inference takes the path :func:`attention_path` picks for the device: batched over images
-    and heads (``scaled_dot_product_attention`` on GPUs and ``meta``, batched matmuls on the CPU) or,
-    when asked for, the per-image loop. Traced graphs (ONNX, OpenVINO, TorchScript) get the one fused attention op
+    and heads (``scaled_dot_product_attention`` on GPUs and ``meta``, batched matmuls on the CPU) or
+    the per-image loop (one CPU thread, fp32). Traced graphs (ONNX, OpenVINO, TorchScript) get the one fused attention op
     that the runtimes optimise; autograd and ``torch.compile`` get plain batched matmuls.
     """
     B, Nq, H, _ = q.shape
@@ -156,7 +157,7 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
         attn = torch.matmul(q.transpose(1, 2), k.permute(0, 2, 3, 1)) + bias  # (B, H, N_q, N_k)
         x = torch.matmul(attn.softmax(dim=-1), v.transpose(1, 2))  # (B, H, N_q, Dv)
         return F.hardswish(x.transpose(1, 2).reshape(B, Nq, H * Dv))
-    path = attention_path(q.device)
+    path = attention_path(q.device, q.dtype)
     if path == "per_image":
         return F.hardswish(_attention_per_image(q, k, v, bias), inplace=True)
     if path == "matmul":
