@@ -1,4 +1,4 @@
-"""Measure the README's speed targets (section "The speed targets") side by side in ONE process and print the ratios.
+"""Measure the CPU speed targets side by side in ONE process and print the ratios.
 
 LeViT-128S, 224x224, one CPU thread, batch 16 (and --batch 1 for latency). Every candidate is
 built first, then all of them are timed in interleaved rounds (each round runs every candidate
@@ -13,6 +13,7 @@ several crops each) against our fp32 model.
     python benchmarks/speed_targets.py                 # batch 16
     python benchmarks/speed_targets.py --batch 1       # latency
     python benchmarks/speed_targets.py --json out.json
+    python benchmarks/speed_targets.py --only "timm eager,timm openvino fp32,levit eager,levit auto"  # prefixes
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--window", type=float, default=1.0, help="seconds per candidate per round")
     ap.add_argument("--skip", default="", help="comma-separated candidates to leave out")
+    ap.add_argument("--only", default="", help="comma-separated name prefixes: build only the candidates matching one")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -106,8 +108,10 @@ def main() -> int:
     # name -> (runner, precision, is_ours)
     cands: dict[str, tuple] = {}
 
+    only = [p.strip() for p in args.only.split(",") if p.strip()]
+
     def add(name: str, make, precision: str, ours: bool) -> None:
-        if name in skip:
+        if name in skip or (only and not any(name == p or name.startswith(p + " ") for p in only)):
             return
         t0 = time.perf_counter()
         print(f"building {name} ...", end="", file=sys.stderr, flush=True)
@@ -131,6 +135,17 @@ def main() -> int:
     add("levit eager bf16", lambda: build_runner(fused, "eager", "bf16", example=x, threads=th), "bf16", True)
     add("levit inductor bf16", lambda: build_runner(fused, "inductor", "bf16", example=x, threads=th), "bf16", True)
     add("levit openvino bf16", lambda: build_runner(fused, "openvino", "bf16", example=x, threads=th), "bf16", True)
+    from levit.deploy import resolve
+
+    for prec in ("fp32", "bf16", "int8"):  # what levit.deploy(backend="auto") runs on this CPU
+        be, ran = resolve("auto", prec)
+        calib = images if ran == "int8" else None
+        add(
+            f"levit auto {prec} ({be} {ran})",
+            lambda be=be, ran=ran, calib=calib: build_runner(fused, be, ran, example=x, threads=th, calibration=calib),
+            ran,
+            True,
+        )
     add(
         "levit openvino int8",
         lambda: build_runner(fused, "openvino", "int8", example=x, threads=th, calibration=images),
@@ -174,11 +189,11 @@ def main() -> int:
         f"\n{args.model}, batch {args.batch}, {th} thread(s), {dev}; torch {torch.__version__}, timm {timm.__version__}"
     )
     print(f"OpenVINO default precision on this CPU: {ov_def.get('precision', '?')}")
-    print(f"{'candidate':<24} {'img/s':>8} {'min':>8} {'max':>8} {'top1 agree':>11} {'max rel err':>12}")
+    print(f"{'candidate':<34} {'img/s':>8} {'min':>8} {'max':>8} {'top1 agree':>11} {'max rel err':>12}")
     for k in cands:
         f = fid[k]
         print(
-            f"{k:<24} {med[k]:8.1f} {min(speeds[k]):8.1f} {max(speeds[k]):8.1f} "
+            f"{k:<34} {med[k]:8.1f} {min(speeds[k]):8.1f} {max(speeds[k]):8.1f} "
             f"{f['top1_agreement'] * 100:10.1f}% {f['max_rel_error']:12.2e}"
         )
     print(f"(fidelity vs our fp32 on {images.shape[0]} views of real photos; {args.rounds} interleaved rounds)")

@@ -93,3 +93,74 @@ def test_find_max_batch_stops_at_oom():
     assert find_max_batch(lambda b: None, limit=64) == 64
     with pytest.raises(RuntimeError, match="boom"):  # other errors are not swallowed
         find_max_batch(lambda b: (_ for _ in ()).throw(RuntimeError("boom")))
+
+
+# ---- several batch sizes in one run, and the levit/timm summary per batch ------------------------
+def test_parse_batch_sizes():
+    from levit.benchmark import parse_batch_sizes
+
+    assert parse_batch_sizes("1,64,1024") == [1, 64, 1024]
+    assert parse_batch_sizes("16") == [16]
+    assert parse_batch_sizes(" 2, 4 ,2") == [2, 4]  # order kept, duplicates dropped
+    for bad, words in (("", "comma-separated"), ("1,,2", "comma-separated"), ("0", ">= 1"), ("8,x", "'x'")):
+        with pytest.raises(LeViTError, match=words):
+            parse_batch_sizes(bad)
+
+
+def test_speedup_summary_per_batch():
+    from levit.benchmark import speedup_summary
+
+    def row(model, batch, img_s, backend, impl):
+        return {"model": model, "batch": batch, "img_s": img_s, "backend": backend, "implementation": impl}
+
+    rows = [
+        row("levit_128s", 1, 2000.0, "cudagraph", "levit"),
+        row("timm_levit_128s", 1, 1000.0, "eager", "timm"),
+        row("levit_128s", 64, 30000.0, "inductor", "levit"),
+        row("timm_levit_128s", 64, 10000.0, "eager", "timm"),
+        row("levit_384", 64, 500.0, "inductor", "levit"),  # no timm twin at this batch: left out
+    ]
+    assert speedup_summary(rows) == (
+        "levit (fused) / timm's LeViT, img/s: batch 1: levit_128s 2.00x (cudagraph vs eager); "
+        "batch 64: levit_128s 3.00x (inductor vs eager)"
+    )
+    assert speedup_summary(rows[4:]) is None
+    assert "batch 64: levit_128s 3.00x" in format_table([dict(r, **_EXTRA) for r in rows])
+
+
+_EXTRA = {"device": "cpu", "torch": "x", "timm": "y", "threads": 1}
+
+
+def test_bench_batch_list_in_process(capsys, tmp_path):
+    """One CLI run, two batches, levit and timm's LeViT side by side: rows per batch and the summary."""
+    from levit.cli import main
+
+    argv = ["bench", "--models", "levit_128s,timm_levit_128s", "--img-size", "64", "-b", "1,2", "--warmup", "0"]
+    assert main([*argv, "--windows", "1", "--window", "0", "--output", str(tmp_path / "r.json")]) == 0
+    cap = capsys.readouterr()
+    rows = json.loads((tmp_path / "r.json").read_text())
+    assert [(r["model"], r["batch"]) for r in rows] == [
+        ("levit_128s", 1),
+        ("timm_levit_128s", 1),
+        ("levit_128s", 2),
+        ("timm_levit_128s", 2),
+    ]
+    assert all(r["backend"] == "eager" and r["precision"] == "fp32" for r in rows)
+    assert "batch 1,2" in cap.err and "[4/4] timm_levit_128s" in cap.err
+    assert "batch 1: levit_128s" in cap.out and "batch 2: levit_128s" in cap.out and "(eager vs eager)" in cap.out
+
+
+@pytest.mark.parametrize("bad", ["0", "1,x", "4,,8"])
+def test_bench_bad_batch_list_is_a_usage_error(capsys, bad):
+    from levit.cli import main
+
+    assert main(["bench", "--models", "levit_tiny", "-b", bad]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--batch-size" in err[0] and "Traceback" not in err[0]
+
+
+def test_bench_cudagraph_on_cpu_is_a_usage_error(capsys):
+    from levit.cli import main
+
+    assert main(["bench", "--models", "levit_tiny", "--backend", "cudagraph"]) == 2
+    assert "--device cuda" in capsys.readouterr().err

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
+import warnings
+
 import pytest
 import torch
 from conftest import photos, randomize
 
 import levit
-from levit.deploy import DeployError, Predictor, check_backend, fidelity, resolve_backend
+from levit.deploy import DeployError, DeployWarning, Predictor, check_backend, fidelity, resolve, resolve_backend
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +48,10 @@ CASES = [
 @pytest.mark.parametrize(("backend", "precision", "max_err", "min_agree"), CASES)
 def test_backend_precision(model, images, reference, backend, precision, max_err, min_agree):
     calib = images if precision != "fp32" else None
-    pred = levit.deploy(model, backend=backend, precision=precision, batch_size=5, threads=1, calibration=calib)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeployWarning)  # CPUs without bf16/VNNI: covered by the capability tests
+        pred = levit.deploy(model, backend=backend, precision=precision, batch_size=5, threads=1, calibration=calib)
+        precision = resolve(backend, precision)[1]  # OpenVINO bf16 runs fp32 on a CPU without bf16
     assert isinstance(pred, Predictor) and pred.backend == backend and pred.precision == precision
     out = pred(images)  # 12 images, batch 5: three chunks, the last one partial
     assert out.shape == (12, model.config.num_classes) and out.dtype == torch.float32
@@ -138,3 +144,146 @@ def test_wrong_input_shape_is_a_clear_error(model):
     pred = levit.deploy(model, backend="eager")
     with pytest.raises(ValueError, match=r"\(B, 3, 64, 64\)"):
         pred(torch.randn(2, 3, 32, 32))
+
+
+# ---- what the CPU can do: each probe forced both ways, so the suite passes on AVX2, AVX-512 and AMX
+deploy_mod = importlib.import_module("levit.deploy")  # the module (``levit.deploy`` is the function)
+fuse_mod = importlib.import_module("levit.fuse")
+HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
+
+
+def _no_bf16(monkeypatch) -> None:
+    monkeypatch.setattr(fuse_mod, "cpu_bf16_supported", lambda: False)  # the one probe deploy and fuse ask
+
+
+def test_eager_bf16_without_cpu_bf16_runs_plain_bf16_and_warns(monkeypatch, model, images, reference):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    _no_bf16(monkeypatch)
+    with pytest.warns(DeployWarning, match="no native bf16.*slower than fp32"):
+        pred = levit.deploy(model, backend="eager", precision="bf16", batch_size=5, threads=1)
+    assert pred.backend == "eager" and pred.precision == "bf16"
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Ops() as ops:
+        out = pred(images[:5])
+    assert not any("mkldnn" in op for op in ops.seen), ops.seen  # oneDNN's bf16 kernels raise on AVX2
+    assert "aten.linear.default" in ops.seen or "aten.addmm.default" in ops.seen
+    f = fidelity(out, reference[:5])
+    assert f["max_rel_error"] < 0.05 and f["top1_agreement"] >= 0.75
+
+
+def test_auto_bf16_without_cpu_bf16_keeps_fp32(monkeypatch, model, images, reference):
+    _no_bf16(monkeypatch)
+    monkeypatch.setitem(deploy_mod._AUTO_ORDER, "fp32", ("eager",))  # fast to build; the choice is tested above
+    with pytest.warns(DeployWarning, match="auto runs fp32"):
+        pred = levit.deploy(model, backend="auto", precision="bf16", batch_size=4, threads=1, calibration=images)
+    assert pred.precision == "fp32" and pred.backend == "eager"
+    assert pred.fidelity is None  # fp32 ran: nothing to report
+    assert fidelity(pred(images[:4]), reference[:4])["max_rel_error"] < 1e-4
+
+
+@pytest.mark.skipif(not HAS_OPENVINO, reason="openvino not installed")
+def test_openvino_bf16_reports_what_runs(monkeypatch):
+    _no_bf16(monkeypatch)
+    with pytest.warns(DeployWarning, match="OpenVINO runs bf16 models in fp32"):
+        assert resolve("openvino", "bf16") == ("openvino", "fp32")
+    monkeypatch.setattr(fuse_mod, "cpu_bf16_supported", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeployWarning)
+        assert resolve("openvino", "bf16") == ("openvino", "bf16")
+        assert resolve("auto", "bf16")[1] == "bf16"
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_int8_follows_vnni(monkeypatch, fast):
+    monkeypatch.setattr(deploy_mod, "cpu_int8_fast", lambda: fast)
+    if fast:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeployWarning)
+            assert resolve("auto", "int8")[1] == "int8"
+        return
+    with pytest.warns(DeployWarning, match="no VNNI/AMX.*auto runs fp32"):
+        assert resolve("auto", "int8")[1] == "fp32"
+    with pytest.warns(DeployWarning, match="onnxruntime int8 runs, but slower than fp32"):
+        assert resolve("onnxruntime", "int8") == ("onnxruntime", "int8")
+
+
+def test_cpu_int8_probe_reads_flags_with_a_fallback(monkeypatch):
+    monkeypatch.setattr(deploy_mod, "cpu_flags", lambda: {"avx2", "fma"})
+    assert not deploy_mod.cpu_int8_fast()
+    for flag in ("avx512_vnni", "avx_vnni", "amx_int8"):
+        monkeypatch.setattr(deploy_mod, "cpu_flags", lambda f=flag: {"avx2", f})
+        assert deploy_mod.cpu_int8_fast()
+    monkeypatch.setattr(deploy_mod, "cpu_flags", lambda: None)  # /proc/cpuinfo unreadable
+    for cap, fast in (("AVX2", False), ("AVX512", True), ("DEFAULT", False)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=cap: c)
+        assert deploy_mod.cpu_int8_fast() == fast
+
+
+# ---- CUDA graphs, structurally (a fake graph stands in for torch.cuda.CUDAGraph) ---------------
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    """Pretend CUDA graphs exist; a 'graph' replays ``fn`` on its static input into its static output."""
+    captures: list[tuple[int, ...]] = []
+
+    def capture(fn, static_in):
+        captures.append(tuple(static_in.shape))
+        static_out = fn(static_in)
+
+        def replay():
+            assert torch.is_inference_mode_enabled()  # as in a real replay: the buffers are inference tensors
+            static_out.copy_(fn(static_in))
+
+        return static_out, replay
+
+    monkeypatch.setattr(deploy_mod, "_capture", capture)
+    monkeypatch.setattr(deploy_mod, "graphs_available", lambda device: True)
+    monkeypatch.setattr(deploy_mod, "_GPU_ONLY", ())  # let the CPU stand in for the GPU
+    return captures
+
+
+def test_cudagraph_pads_the_last_batch_and_captures_once(fake_graphs, model, images, reference):
+    pred = levit.deploy(model, backend="cudagraph", batch_size=5)
+    assert pred.backend == "cudagraph" and fake_graphs == [(5, 3, 64, 64)]  # captured at deploy time
+    out = pred(images)  # 12 images: 5 + 5 + 2 padded to 5
+    assert out.shape == (12, model.config.num_classes)
+    assert fidelity(out, reference)["max_rel_error"] < 1e-4  # every chunk's own input reached the graph
+    assert fake_graphs == [(5, 3, 64, 64)]  # no re-capture for the partial batch
+    first = pred(images[:3])
+    assert fidelity(first, reference[:3])["max_rel_error"] < 1e-4
+    run = pred._run
+    assert set(run.graphs) == {(5, 3, 64, 64)}
+    y = run(images[:2])  # another shape: one new capture, kept
+    with torch.inference_mode():  # callers in or out of inference mode alike
+        run(images[2:4])
+    assert fake_graphs == [(5, 3, 64, 64), (2, 3, 64, 64)]
+    assert fidelity(y, reference[:2])["max_rel_error"] < 1e-4
+    assert y.data_ptr() != run.graphs[(2, 3, 64, 64)][1].data_ptr()  # callers never get the static buffer
+
+
+def test_cudagraph_needs_a_gpu(model):
+    with pytest.raises(DeployError, match="cudagraph needs a CUDA GPU"):
+        levit.deploy(model, backend="cudagraph")
+
+
+def test_auto_on_a_gpu_picks_graphs_for_small_batches_inductor_for_large(monkeypatch):
+    monkeypatch.setattr(deploy_mod, "graphs_available", lambda device: True)
+    for precision in ("fp32", "fp16", "bf16"):
+        assert resolve("auto", precision, "cuda", 1) == ("cudagraph", precision)
+        assert resolve("auto", precision, "cuda", 1024) == ("inductor", precision)
+    monkeypatch.setitem(deploy_mod._AUTO_GPU_GRAPH_MAX_BATCH, "bf16", 64)  # the table is per precision
+    assert resolve("auto", "bf16", "cuda", 64) == ("cudagraph", "bf16")
+    assert resolve("auto", "fp16", "cuda", 64) == ("inductor", "fp16")
+    monkeypatch.setattr(deploy_mod, "graphs_available", lambda device: False)
+    assert resolve("auto", "fp16", "cuda", 1) == ("inductor", "fp16")
+    with pytest.raises(DeployError, match="CPU only"):
+        resolve("openvino", "fp32", "cuda")

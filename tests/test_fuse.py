@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import copy
+import importlib
+from collections import Counter
 
 import pytest
 import torch
 from conftest import FULL_VARIANTS, FUSE_TOL, photos, randomize, rel_err
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import levit
 from levit.fuse import FusedLeViT
+from levit.testing import randomize_weights
 
 
 @pytest.mark.parametrize("name", FULL_VARIANTS)
@@ -82,3 +86,148 @@ def test_right_after_dtype_moves_and_mode_switches(tiny):
         tiny.load_state_dict(randomize(levit.create_model("levit_tiny", img_size=64), seed=9).state_dict())
         # the attention biases changed with the weights: outputs follow
         assert rel_err(tiny(x), ref) > 1e-2
+
+
+# ---- the attention paths and the CPU capability switches ---------------------------------------
+fuse_mod = importlib.import_module("levit.fuse")  # the module (``levit.fuse`` is the function)
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts every aten op that runs (works on the ``meta`` device: no data needed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+        self.conv_dtypes: set[torch.dtype] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        if func is torch.ops.aten.conv2d.default:
+            self.conv_dtypes.add(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+def _ops(model: torch.nn.Module, x: torch.Tensor) -> Counter[str]:
+    with torch.inference_mode(), _OpCounter() as c:
+        model(x)
+    return c.ops
+
+
+def test_meta_device_runs_the_same_ops_at_any_batch():
+    """Off the CPU attention is batched: a per-image Python loop would run 8x more ops at batch 16."""
+    fused = levit.fuse(levit.create_model("levit_128s")).to("meta")
+    ops2 = _ops(fused, torch.empty(2, 3, 224, 224, device="meta"))
+    ops16 = _ops(fused, torch.empty(16, 3, 224, 224, device="meta"))
+    assert ops2 == ops16 and sum(ops2.values()) > 50
+    cfg = fused.config
+    assert ops2["aten.scaled_dot_product_attention.default"] == sum(cfg.depth) + cfg.num_stages - 1  # blocks + shrinks
+    assert "aten.bmm.out" not in ops2
+
+
+def test_attention_path_is_chosen_by_device_threads_and_dtype(monkeypatch):
+    monkeypatch.setattr(fuse_mod, "ATTENTION_PATH", None)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert fuse_mod.attention_path("cpu") == "per_image"  # one thread, fp32: the measured exception
+    assert fuse_mod.attention_path("cpu", torch.bfloat16) == "matmul"
+    for dev in ("cuda", "meta", "mps", "xpu"):
+        assert fuse_mod.attention_path(dev) == "sdpa"
+        assert fuse_mod.attention_path(dev, torch.float16) == "sdpa"
+    monkeypatch.setattr(torch, "get_num_threads", lambda: fuse_mod.PER_IMAGE_MAX_THREADS + 1)
+    assert fuse_mod.attention_path("cpu") == "matmul"
+    monkeypatch.setattr(fuse_mod, "ATTENTION_PATH", "per_image")
+    assert fuse_mod.attention_path("cuda") == "per_image"
+    monkeypatch.setattr(fuse_mod, "ATTENTION_PATH", "bogus")
+    with pytest.raises(ValueError, match="ATTENTION_PATH"):
+        fuse_mod.attention_path("cpu")
+
+
+def test_batched_path_equals_per_image_path_and_unfused(monkeypatch):
+    model = randomize_weights(levit.create_model("levit_128s"), seed=11).eval()
+    fused = levit.fuse(model)
+    x = photos(3, seed=2)
+    out = {}
+    for path in fuse_mod.ATTENTION_PATHS:
+        monkeypatch.setattr(fuse_mod, "ATTENTION_PATH", path)
+        with torch.inference_mode(), _OpCounter() as c:
+            out[path] = fused(x)
+        used = {
+            p
+            for p, op in (
+                ("sdpa", "scaled_dot_product_attention.default"),
+                ("per_image", "bmm.out"),
+                ("matmul", "matmul.default"),
+            )
+            if c.ops[f"aten.{op}"]
+        }
+        assert used == {path}, (path, used)  # that path, and only it, really ran
+    with torch.no_grad():
+        ref = model(x)
+    for path in ("matmul", "sdpa"):  # both batched forms
+        assert rel_err(out[path], out["per_image"]) <= 1e-5, path
+        assert rel_err(out[path], ref) <= FUSE_TOL, path
+        assert (out[path].argmax(-1) == ref.argmax(-1)).all()
+
+
+_ONEDNN_OPS = ("mkldnn._linear_pointwise", "mkldnn._convolution_pointwise")
+
+
+@pytest.mark.parametrize("bf16_ok", [False, True])
+def test_bf16_onednn_kernels_only_where_the_cpu_has_bf16(monkeypatch, bf16_ok):
+    monkeypatch.setattr(fuse_mod, "cpu_bf16_supported", lambda: bf16_ok)
+    x = torch.randn(fuse_mod.ONEDNN_MIN_BATCH, 3, 64, 64).bfloat16()
+    with torch.inference_mode():
+        assert fuse_mod._onednn_ok(x) == (bf16_ok and torch.backends.mkldnn.is_available())
+        assert fuse_mod._onednn_ok(x.float()) == torch.backends.mkldnn.is_available()  # fp32 oneDNN: any x86
+    if bf16_ok and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return  # forcing bf16 kernels on a CPU without them would (rightly) raise
+    model = randomize_weights(levit.create_model("levit_tiny", img_size=64), seed=4).eval()
+    fused = levit.fuse(model).bfloat16()
+    with torch.inference_mode(), _OpCounter() as c:
+        out = fused(x)
+    used = any(k.startswith(f"{op}") for k in c.ops for op in _ONEDNN_OPS)
+    assert used == bf16_ok
+    if not bf16_ok:  # no bf16 convolution at all (oneDNN's raise on AVX2): the stem ran in fp32
+        assert c.ops["aten.conv2d.default"] == 4 and c.conv_dtypes == {torch.float32}
+    with torch.no_grad():
+        ref = model(x.float())
+    assert out.dtype == torch.bfloat16 and rel_err(out.float(), ref) < 0.05
+
+
+def test_onednn_switch_forces_the_plain_path(monkeypatch, tiny):
+    fused = levit.fuse(tiny)
+    x = torch.randn(fuse_mod.ONEDNN_MIN_BATCH, 3, 64, 64)
+    monkeypatch.setattr(fuse_mod, "ONEDNN_FUSED", False)
+    with torch.inference_mode(), _OpCounter() as c:
+        plain = fused(x)
+    assert not any(k.startswith(op) for k in c.ops for op in _ONEDNN_OPS)
+    monkeypatch.setattr(fuse_mod, "ONEDNN_FUSED", None)
+    with torch.inference_mode():
+        assert rel_err(fused(x), plain) < 1e-5
+
+
+def test_onednn_kernels_from_the_measured_batch_size_up(monkeypatch, tiny):
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch build")
+    fused = levit.fuse(tiny)
+    x = torch.randn(1, 3, 64, 64)
+    for forced, expect in ((None, fuse_mod.ONEDNN_MIN_BATCH <= 1), (True, True)):
+        monkeypatch.setattr(fuse_mod, "ONEDNN_FUSED", forced)
+        with torch.inference_mode(), _OpCounter() as c:
+            fused(x)
+        assert any(k.startswith(op) for k in c.ops for op in _ONEDNN_OPS) == expect, forced
+    monkeypatch.setattr(fuse_mod, "ONEDNN_FUSED", None)
+    with torch.inference_mode():
+        assert fuse_mod._onednn_ok(torch.zeros(fuse_mod.ONEDNN_MIN_BATCH, 4, 8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiles_without_graph_breaks(tiny, dtype):
+    """The device/capability probes are skipped under torch.compile: one graph (else inductor falls back)."""
+    fused = levit.fuse(tiny).to(dtype)
+    x = torch.randn(fuse_mod.ONEDNN_MIN_BATCH, 3, 64, 64, dtype=dtype)
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, fullgraph=True, backend="eager")  # raises on a graph break
+    with torch.inference_mode():
+        out = compiled(x)
+        ref = fused(x)
+    assert rel_err(out.float(), ref.float()) < (1e-5 if dtype == torch.float32 else 0.05)

@@ -2,8 +2,11 @@
 
 CPU (the paper's Intel column): one thread, batch 16, fp32, 224x224 (competitors at their native
 resolution). GPU: fp16, the largest power-of-two batch that fits (found by an out-of-memory-safe
-search). Each model is warmed up, then timed over several windows; a row reports the median
-throughput with the min and max over the windows. Competitors are timm models built with
+search); with ``backend="auto"`` this library's LeViT runs its fastest path for the batch (CUDA
+graphs or inductor, named in the row) and timm's models run eager. Several batch sizes in one run
+(``batch_size=[1, 64, 1024]``) give latency and throughput side by side. Each model is warmed up,
+then timed over several windows; a row reports the median throughput with the min and max over the
+windows. Competitors are timm models built with
 ``pretrained=False`` (speed does not depend on the weights; nothing is downloaded).
 
 >>> rows = benchmark(["levit_128s", "timm_levit_128s"], threads=1, batch_size=16)
@@ -39,7 +42,9 @@ __all__ = [
     "find_max_batch",
     "format_table",
     "list_bench_models",
+    "parse_batch_sizes",
     "plot_rows",
+    "speedup_summary",
     "write_rows",
 ]
 
@@ -253,8 +258,6 @@ def benchmark_one(
     same backend when ``backend_for_competitors`` (else eager). Defaults follow the paper: CPU fp32,
     batch 16; GPU fp16 with the largest power-of-two batch that fits.
     """
-    from .deploy import resolve_backend
-
     if name not in BENCH_MODELS:
         raise LeViTError(f"unknown benchmark model {name!r}; valid: {', '.join(BENCH_MODELS)}")
     entry = BENCH_MODELS[name]
@@ -263,7 +266,8 @@ def benchmark_one(
         raise LeViTError("--device cuda: no CUDA GPU is available")
     precision = precision or ("fp16" if device.type == "cuda" else "fp32")
     be = backend if (entry.implementation == "levit" or backend_for_competitors) else "eager"
-    be = resolve_backend(be, precision, device)
+    if be == "auto" and device.type != "cpu" and entry.implementation != "levit":
+        be = "eager"  # on a GPU the peers run in their best eager form (fp16/bf16 weights, no compiler)
     prev_threads = torch.get_num_threads()
     if threads is not None and device.type == "cpu":
         torch.set_num_threads(threads)
@@ -286,7 +290,7 @@ def _measure(
     windows: int,
     window_s: float,
 ) -> dict:
-    from .deploy import build_runner
+    from .deploy import build_runner, resolve
 
     peak_ok = device.type == "cpu" and _reset_peak_rss()
     rss0 = _rss_kb("VmRSS")
@@ -296,16 +300,16 @@ def _measure(
     module, params, flops, res = _build(entry, img_size)
     module = module.to(device)
 
-    def make_runner(b: int) -> Callable[[], object]:
+    def make_runner(b: int, backend: str) -> Callable[[], object]:
         x = torch.randn(b, 3, res, res, device=device)
-        run = build_runner(module, be, precision, example=x, threads=threads if device.type == "cpu" else None)
+        run = build_runner(module, backend, precision, example=x, threads=threads if device.type == "cpu" else None)
         return lambda: run(x)
 
     if batch_size is None:
         if device.type == "cuda":
 
-            def try_batch(b: int) -> None:
-                r = make_runner(b)
+            def try_batch(b: int) -> None:  # eager holds the most activations: what fits there fits everywhere
+                r = make_runner(b, "eager")
                 r()
                 r()
                 _sync(device)
@@ -313,7 +317,8 @@ def _measure(
             batch_size = find_max_batch(try_batch)
         else:
             batch_size = 16
-    runner = make_runner(batch_size)
+    be, precision = resolve(be, precision, device, batch_size)  # auto: this batch's fastest path
+    runner = make_runner(batch_size, be)
     per_call = _timed_windows(runner, device, warmup_s, windows, window_s)
     rates = [batch_size / t for t in per_call]
     if device.type == "cuda":
@@ -346,28 +351,71 @@ def _measure(
     }
 
 
+def parse_batch_sizes(text: str) -> list[int]:
+    """``"1,64,1024"`` -> ``[1, 64, 1024]`` (order kept, duplicates dropped); raises on anything else."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if not parts or any(not p for p in parts):
+        raise LeViTError(f"batch sizes must be comma-separated positive integers like 1,64,1024, got {text!r}")
+    out: list[int] = []
+    for p in parts:
+        try:
+            b = int(p)
+        except ValueError:
+            raise LeViTError(f"batch sizes must be positive integers like 1,64,1024, got {p!r} in {text!r}") from None
+        if b < 1:
+            raise LeViTError(f"batch sizes must be >= 1, got {b} in {text!r}")
+        if b not in out:
+            out.append(b)
+    return out
+
+
 def benchmark(
     models: Sequence[str] = DEFAULT_MODELS,
     *,
+    batch_size: int | Sequence[int] | None = None,
     progress: Callable[[int, int, str, dict | None], None] | None = None,
     **kwargs: object,
 ) -> list[dict]:
     """Rows of :func:`benchmark_one` for each name in ``models`` (same keyword arguments).
 
-    ``progress(i, n, name, row)`` is called before (``row`` None) and after each model.
+    ``batch_size`` may be a list: every model is timed at each batch (batch-major order, so the
+    models compared at one batch run one after the other). ``progress(i, n, name, row)`` is called
+    before (``row`` None) and after each (model, batch).
     """
     unknown = [m for m in models if m not in BENCH_MODELS]
     if unknown:
         raise LeViTError(f"unknown benchmark model(s) {', '.join(unknown)}; valid: {', '.join(BENCH_MODELS)}")
+    batches: list[int | None] = list(batch_size) if isinstance(batch_size, Sequence) else [batch_size]
+    if not batches:
+        raise LeViTError("batch_size: give at least one batch size")
+    jobs = [(name, b) for b in batches for name in models]
     rows = []
-    for i, name in enumerate(models):
+    for i, (name, b) in enumerate(jobs):
         if progress:
-            progress(i, len(models), name, None)
-        row = benchmark_one(name, **kwargs)  # type: ignore[arg-type]
+            progress(i, len(jobs), name, None)
+        row = benchmark_one(name, batch_size=b, **kwargs)  # type: ignore[arg-type]
         rows.append(row)
         if progress:
-            progress(i, len(models), name, row)
+            progress(i, len(jobs), name, row)
     return rows
+
+
+def speedup_summary(rows: Sequence[dict]) -> str | None:
+    """levit img/s / timm img/s for each LeViT whose timm twin ran at the same batch, one line.
+
+    ``levit (fused) / timm's LeViT, img/s: batch 1: levit_128s 2.10x (cudagraph vs eager); batch 64:
+    ...`` (each ratio names the two backends). None when no pair ran.
+    """
+    groups: dict[int, list[str]] = {}
+    by_key = {(r["model"], r["batch"]): r for r in rows}
+    for (name, batch), r in by_key.items():
+        peer = by_key.get(("timm_" + name, batch))
+        if peer is not None and r.get("implementation") == "levit":
+            ratio = r["img_s"] / peer["img_s"]
+            groups.setdefault(batch, []).append(f"{name} {ratio:.2f}x ({r['backend']} vs {peer['backend']})")
+    if not groups:
+        return None
+    return "levit (fused) / timm's LeViT, img/s: " + "; ".join(f"batch {b}: {', '.join(v)}" for b, v in groups.items())
 
 
 # ---- output ------------------------------------------------------------------------------------
@@ -411,14 +459,9 @@ def format_table(rows: Sequence[dict]) -> str:
     out = [f"{r0['device']}{threads}; torch {r0['torch']}, timm {r0['timm']}", fmt_line(heads)]
     out += [fmt_line(c) for c in cells]
     out.append("img/s: median over the timed windows (min/max beside); top-1*: ImageNet-1k, the paper's Table 3")
-    by_name = {r["model"]: r for r in rows}
-    ups = [
-        f"{name} {r['img_s'] / by_name['timm_' + name]['img_s']:.2f}x"
-        for name, r in by_name.items()
-        if "timm_" + name in by_name
-    ]
-    if ups:
-        out.append("levit (fused) vs timm's LeViT, same settings: " + ", ".join(ups))
+    summary = speedup_summary(rows)
+    if summary:
+        out.append(summary)
     return "\n".join(out)
 
 

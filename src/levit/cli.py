@@ -104,12 +104,19 @@ def _img_size_option(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("--img-size", type=_img_size, default=None, metavar="N", help=help)
 
 
-def _runtime_options(p: argparse.ArgumentParser, *, backend: str, precision: str | None, precision_help: str) -> None:
+def _runtime_options(
+    p: argparse.ArgumentParser,
+    *,
+    backend: str | None,
+    precision: str | None,
+    precision_help: str,
+    backend_help: str = "runtime",
+) -> None:
     """--backend / --precision, choices from :mod:`levit.deploy`."""
     from levit.deploy import BACKENDS, PRECISIONS
 
     p.add_argument(
-        "--backend", type=_one_of(BACKENDS, "backend"), default=backend, metavar="|".join(BACKENDS), help="runtime"
+        "--backend", type=_one_of(BACKENDS, "backend"), default=backend, metavar="|".join(BACKENDS), help=backend_help
     )
     p.add_argument(
         "--precision",
@@ -281,11 +288,22 @@ def _args_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a short run over a few models (< 2 minutes)")
     p.add_argument("--models", help="comma-separated names (see --list); default: all of Table 3")
     p.add_argument("--list", action="store_true", help="list the models the benchmark knows")
-    _runtime_options(p, backend="eager", precision=None, precision_help="default: fp32 on CPU, fp16 on GPU")
+    _runtime_options(
+        p,
+        backend=None,
+        backend_help="default: eager on CPU (the paper's protocol); on GPU auto: levit's fastest path per batch, "
+        "timm's models eager",
+        precision=None,
+        precision_help="default: fp32 on CPU, fp16 on GPU",
+    )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run")
     p.add_argument("--threads", type=int, default=1, help="CPU threads")
     p.add_argument(
-        "--batch-size", "-b", type=int, default=None, help="default: 16 on CPU, the largest fitting power of two on GPU"
+        "--batch-size",
+        "-b",
+        default=None,
+        help="a batch size or a comma-separated list (1,64,1024); "
+        "default: 16 on CPU, the largest fitting power of two on GPU",
     )
     _img_size_option(p, "resolution (default: each model's native one)")
     p.add_argument("--warmup", type=float, default=None, help="warm-up seconds per model (default 5, quick 1)")
@@ -305,10 +323,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         QUICK_MODELS,
         benchmark,
         format_table,
+        parse_batch_sizes,
         plot_rows,
         write_rows,
     )
     from levit.deploy import check_backend
+    from levit.errors import LeViTError
 
     if args.list:
         for name, e in BENCH_MODELS.items():
@@ -324,13 +344,23 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA GPU is available here")
     precision = args.precision or ("fp16" if args.device == "cuda" else "fp32")
+    if args.backend is None:  # GPU: levit's fastest path per batch, timm eager; CPU: the paper's eager protocol
+        args.backend = "auto" if args.device == "cuda" else "eager"
     try:
         check_backend(args.backend, precision)
     except ValueError as e:
         raise UsageError(f"--backend/--precision: {e}") from e
     if precision == "int8":
         raise UsageError("--precision int8 needs calibration images: use `levit predict` or levit.deploy()")
-    for flag, v in (("--threads", args.threads), ("--batch-size", args.batch_size), ("--windows", args.windows)):
+    if args.device == "cpu" and args.backend == "cudagraph":
+        raise UsageError("--backend cudagraph needs a GPU: add --device cuda")
+    if args.device == "cuda" and args.backend in ("onnxruntime", "openvino"):
+        raise UsageError(f"--backend {args.backend} runs on the CPU only: drop --device cuda")
+    try:
+        batches = parse_batch_sizes(args.batch_size) if args.batch_size is not None else None
+    except LeViTError as e:
+        raise UsageError(f"--batch-size: {e}") from e
+    for flag, v in (("--threads", args.threads), ("--windows", args.windows)):
         if v is not None and v < 1:
             raise UsageError(f"{flag} must be >= 1, got {v}")
     for path, flag, sufs in (
@@ -347,10 +377,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     windows = args.windows or windows
     window = args.window if args.window is not None else window
     threads = args.threads if args.device == "cpu" else None
-    batch = args.batch_size or (16 if args.device == "cpu" else None)
+    batch = batches or ([16] if args.device == "cpu" else None)
     print(
         f"levit bench: {len(models)} models, {args.device}, backend {args.backend}, {precision}, "
-        f"batch {batch or 'max power of two'}, threads {threads or '-'}; warm-up {warmup:g}s + "
+        f"batch {','.join(map(str, batch)) if batch else 'max power of two'}, threads {threads or '-'}; "
+        f"warm-up {warmup:g}s + "
         f"{windows} x {window:g}s per model",
         file=sys.stderr,
     )
@@ -624,6 +655,7 @@ COMMANDS: dict[str, Command] = {
         "  levit bench --plot speed.png --output speed.csv  # the whole Table 3 + Figure 1\n"
         "  levit bench --models levit_128s,timm_levit_128s --backend openvino --precision bf16\n"
         "  levit bench --device cuda                        # fp16, largest power-of-two batch\n"
+        "  levit bench --device cuda -b 1,64,1024 --models levit_128s,timm_levit_128s  # latency + throughput\n"
         "  levit bench --list",
         _args_bench,
         _cmd_bench,

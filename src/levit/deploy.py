@@ -6,7 +6,14 @@
 - ``inductor``: ``torch.compile`` with weight freezing (constant-folded, prepacked weights);
 - ``onnxruntime``: the fused model exported to ONNX, all graph optimisations on;
 - ``openvino``: the fused model converted with ``openvino.convert_model``;
+- ``cudagraph``: the fused eager module replayed from CUDA graphs (one capture per batch shape,
+  a static input buffer, the last partial batch padded): no kernel-launch overhead on a GPU;
 - ``auto``: the fastest one on this machine for the precision asked for.
+
+Reduced precisions follow what the CPU can do: bf16 oneDNN kernels only where
+``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` (elsewhere plain PyTorch bf16, or fp32 for
+OpenVINO and ``auto``, with a one-line warning); int8 warns on CPUs without VNNI/AMX, where it is
+slower than fp32, and ``auto`` keeps fp32 there. :attr:`Predictor.precision` is what actually runs.
 
 Precisions: ``fp32``, ``bf16`` (weights and activations in bfloat16), ``fp16`` (GPU), ``int8``
 (post-training static quantization calibrated on the user's images: NNCF for OpenVINO, QDQ
@@ -37,22 +44,29 @@ __all__ = [
     "PRECISIONS",
     "SUPPORTED_PRECISIONS",
     "DeployError",
+    "DeployWarning",
     "Predictor",
     "build_runner",
     "check_backend",
+    "cpu_bf16_supported",
+    "cpu_flags",
+    "cpu_int8_fast",
     "deploy",
     "fidelity",
+    "graphs_available",
     "load_calibration",
+    "resolve",
     "resolve_backend",
 ]
 
-BACKENDS = ("auto", "eager", "inductor", "onnxruntime", "openvino")
+BACKENDS = ("auto", "eager", "inductor", "onnxruntime", "openvino", "cudagraph")
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 SUPPORTED_PRECISIONS: dict[str, tuple[str, ...]] = {
     "eager": ("fp32", "bf16", "fp16"),
     "inductor": ("fp32", "bf16", "fp16"),
     "onnxruntime": ("fp32", "int8"),
     "openvino": ("fp32", "bf16", "int8"),
+    "cudagraph": ("fp32", "bf16", "fp16"),
 }
 # the package each backend (or backend + precision) needs, and the extra that installs it
 _NEEDS: dict[tuple[str, str | None], tuple[str, ...]] = {
@@ -67,10 +81,62 @@ _AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "fp16": ("inductor", "eager"),
     "int8": ("openvino", "onnxruntime"),
 }
+# `auto` on a GPU, per precision: CUDA graphs up to this batch (launch-bound: graphs remove the
+# per-kernel CPU cost), inductor above (fused kernels, throughput); eager is never faster than its
+# own graph. A first guess from the H200 probe figures in the README (GPU); benchmarks/gpu.py
+# measures eager, graphs and inductor per batch and precision to set it.
+_AUTO_GPU_GRAPH_MAX_BATCH: dict[str, int] = {"fp32": 16, "fp16": 16, "bf16": 16}
+_CPU_ONLY = ("onnxruntime", "openvino")
+_GPU_ONLY = ("cudagraph",)
 
 
 class DeployError(LeViTError, ValueError):
     """An unknown backend/precision, a combination that does not exist, or a missing runtime package."""
+
+
+class DeployWarning(UserWarning):
+    """A precision that runs slower than asked or as another precision on this machine (one line)."""
+
+
+# ---- what this CPU can do (tests monkeypatch these probes) ----------------------------------
+def cpu_bf16_supported() -> bool:
+    """Whether oneDNN has native bf16 kernels on this CPU (torch's own probe)."""
+    from .fuse import cpu_bf16_supported as probe
+
+    return probe()
+
+
+def cpu_flags() -> set[str] | None:
+    """The CPU feature flags from ``/proc/cpuinfo`` (x86 ``flags``, ARM ``Features``); None if unreadable."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, val = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(val.split())
+    return None
+
+
+_INT8_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm"}  # int8 dot-product instructions
+
+
+def cpu_int8_fast() -> bool:
+    """Whether int8 GEMMs beat fp32 here: VNNI (AVX-512 or AVX), AMX, or ARM dot products.
+
+    Reads /proc/cpuinfo; when it is unreadable, falls back to torch's capability (AVX-512 CPUs
+    without VNNI are rare, AVX2-only ones have no int8 dot products of that width).
+    """
+    flags = cpu_flags()
+    if flags is not None:
+        return bool(flags & _INT8_FLAGS)
+    return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")
+
+
+def graphs_available(device: torch.device | str) -> bool:
+    """Whether CUDA graphs can run on ``device`` (a CUDA device, CUDA available)."""
+    return torch.device(device).type == "cuda" and torch.cuda.is_available()
 
 
 # ---- checks ------------------------------------------------------------------------------------
@@ -101,17 +167,63 @@ def check_backend(backend: str, precision: str) -> None:
         )
 
 
-def resolve_backend(backend: str, precision: str, device: torch.device | str = "cpu") -> str:
-    """The concrete backend for ``auto`` (the fastest installed one for ``precision``), else ``backend``."""
+def _warn(msg: str) -> None:
+    warnings.warn(msg, DeployWarning, stacklevel=3)
+
+
+def resolve(
+    backend: str, precision: str, device: torch.device | str = "cpu", batch_size: int | None = None
+) -> tuple[str, str]:
+    """The ``(backend, precision)`` that will actually run ``precision`` on ``backend`` on ``device``.
+
+    ``auto`` becomes the fastest installed backend. On a CPU without native bf16 (or int8 dot
+    products) ``auto`` keeps fp32 and OpenVINO bf16 runs fp32 (OpenVINO would silently do so), with
+    a one-line :class:`DeployWarning`; an explicit eager/inductor bf16 or int8 backend runs as asked
+    and warns that it is slower than fp32 there.
+    """
     check_backend(backend, precision)
+    dev = torch.device(device).type
+    if dev == "cpu" and backend in _GPU_ONLY:
+        raise DeployError(f"backend {backend} needs a CUDA GPU; the model is on the CPU")
+    if dev != "cpu" and backend in _CPU_ONLY:
+        raise DeployError(f"backend {backend} runs on the CPU only; the model is on {device}")
+    if dev == "cpu" and precision in ("bf16", "int8"):
+        fast = cpu_bf16_supported() if precision == "bf16" else cpu_int8_fast()
+        why = (
+            "this CPU has no native bf16 (torch.ops.mkldnn._is_mkldnn_bf16_supported() is False)"
+            if precision == "bf16"
+            else "this CPU has no int8 dot-product instructions (no VNNI/AMX)"
+        )
+        if not fast:
+            if backend == "auto":
+                _warn(f"{why}: {precision} would be slower than fp32, auto runs fp32")
+                precision = "fp32"
+            elif backend == "openvino" and precision == "bf16":
+                _warn(f"{why}: OpenVINO runs bf16 models in fp32 here, so fp32 it is")
+                precision = "fp32"
+            else:
+                _warn(f"{why}: {backend} {precision} runs, but slower than fp32")
     if backend != "auto":
-        return backend
-    if torch.device(device).type != "cpu":
-        return "inductor"
+        return backend, precision
+    if dev != "cpu":
+        small = batch_size is not None and batch_size <= _AUTO_GPU_GRAPH_MAX_BATCH.get(precision, 0)
+        return ("cudagraph" if small and graphs_available(device) else "inductor"), precision
     for b in _AUTO_ORDER[precision]:
         if not _missing(b, precision):
-            return b
+            return b, precision
     raise DeployError(f"no installed backend runs {precision}: pip install 'levit[export]'")
+
+
+def resolve_backend(
+    backend: str, precision: str, device: torch.device | str = "cpu", batch_size: int | None = None
+) -> str:
+    """The concrete backend for ``auto`` (the fastest installed one for ``precision``), else ``backend``.
+
+    See :func:`resolve`, which also gives the precision that actually runs.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeployWarning)
+        return resolve(backend, precision, device, batch_size)[0]
 
 
 # ---- calibration / fidelity ----------------------------------------------------------------
@@ -193,6 +305,54 @@ def _torch_runner(module: nn.Module, precision: str, compile: bool, example: Ten
         with torch.inference_mode():
             return module(x.to(dtype)).float()
 
+    return run
+
+
+# ---- CUDA graphs ---------------------------------------------------------------------------------
+def _capture_cuda_graph(fn: Callable[[Tensor], Tensor], static_in: Tensor) -> tuple[Tensor, Callable[[], None]]:
+    """Warm ``fn`` up on a side stream, then capture ``fn(static_in)`` into one CUDA graph.
+
+    Returns the graph's static output and its replay function. :func:`_graph_runner` calls it via
+    ``_capture`` so that tests can put a fake graph in its place on a machine without CUDA.
+    """
+    side = torch.cuda.Stream(device=static_in.device)
+    side.wait_stream(torch.cuda.current_stream(static_in.device))
+    with torch.cuda.stream(side):
+        for _ in range(3):  # cuBLAS/cuDNN workspaces and autotuning happen outside the capture
+            fn(static_in)
+    torch.cuda.current_stream(static_in.device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = fn(static_in)
+    return static_out, graph.replay
+
+
+_capture = _capture_cuda_graph
+
+
+def _graph_runner(module: nn.Module, precision: str) -> Callable[[Tensor], Tensor]:
+    """Replay ``module`` from CUDA graphs: one capture per input shape, each with a static input buffer.
+
+    The returned function keeps its graphs in ``run.graphs`` (shape -> (input, output, replay)).
+    """
+    dtype = _TORCH_DTYPES[precision]
+    module = copy.deepcopy(module).eval().to(dtype)
+    graphs: dict[tuple[int, ...], tuple[Tensor, Tensor, Callable[[], None]]] = {}
+
+    @torch.inference_mode()  # the static buffers are inference tensors: only ever touched in here
+    def run(x: Tensor) -> Tensor:
+        key = tuple(x.shape)
+        if key not in graphs:
+            static_in = torch.empty(key, dtype=dtype, device=x.device)
+            static_in.copy_(x)
+            static_out, replay = _capture(module, static_in)
+            graphs[key] = (static_in, static_out, replay)
+        static_in, static_out, replay = graphs[key]
+        static_in.copy_(x)
+        replay()
+        return static_out.to(torch.float32, copy=True)  # the static buffer is overwritten by the next replay
+
+    run.graphs = graphs  # type: ignore[attr-defined]
     return run
 
 
@@ -311,16 +471,19 @@ def build_runner(
     """A function running any inference module ``module`` on ``backend`` at ``precision``.
 
     ``example`` is a representative input (its shape fixes H, W and the compiled batch size).
-    Used by :func:`deploy` for LeViT and by the benchmark for the timm competitors.
+    Used by :func:`deploy` for LeViT and by the benchmark for the timm competitors. The backend and
+    precision are resolved first (:func:`resolve`): pass resolved ones to know what runs.
     """
-    backend = resolve_backend(backend, precision, example.device)
+    backend, precision = resolve(backend, precision, example.device, example.shape[0])
     if precision == "int8" and calibration is None:
         raise DeployError("precision int8 needs calibration images (calibration=... / --calibration)")
-    if backend in ("onnxruntime", "openvino") and example.device.type != "cpu":
-        raise DeployError(f"backend {backend} runs on the CPU only; the model is on {example.device}")
+    if backend == "cudagraph" and not graphs_available(example.device):
+        raise DeployError(f"backend cudagraph needs a CUDA GPU with CUDA available; the model is on {example.device}")
     with _torch_threads(threads):
         if backend in ("eager", "inductor"):
             return _torch_runner(module, precision, backend == "inductor", example)
+        if backend == "cudagraph":
+            return _graph_runner(module, precision)
         module = copy.deepcopy(module).float().eval()
         if backend == "onnxruntime":
             return _ort_runner(module, precision, threads, example, calibration)
@@ -331,8 +494,8 @@ def build_runner(
 class Predictor:
     """A callable ``(B, 3, H, W) float tensor -> (B, classes) float32 logits`` on one backend.
 
-    Inputs larger than ``batch_size`` are split; the compiled backend (``inductor``) pads the last
-    chunk so that it never recompiles. Attributes: ``backend``, ``precision``, ``batch_size``,
+    Inputs larger than ``batch_size`` are split; the fixed-shape backends (``inductor``,
+    ``cudagraph``) pad the last chunk so that they never recompile or re-capture. Attributes: ``backend``, ``precision``, ``batch_size``,
     ``threads``, ``device``, ``img_size`` and ``fidelity`` (a dict, for reduced precisions measured
     on the calibration images; ``None`` otherwise).
     """
@@ -371,7 +534,7 @@ class Predictor:
         with _torch_threads(self.threads):
             for c in self._chunks(x):
                 n = c.shape[0]
-                if self.backend == "inductor" and n < self.batch_size:  # fixed shape: no recompilation
+                if self.backend in ("inductor", "cudagraph") and n < self.batch_size:  # fixed shape: no recompiling
                     c = torch.cat([c, c.new_zeros(self.batch_size - n, *c.shape[1:])])
                 outs.append(self._run(c)[:n])
         return torch.cat(outs)
@@ -398,8 +561,10 @@ def deploy(
 
     Args:
         model: a LeViT (fused or not; the input is left untouched).
-        backend: ``auto``, ``eager``, ``inductor``, ``onnxruntime`` or ``openvino``.
-        precision: ``fp32``, ``bf16``, ``fp16`` or ``int8`` (int8 needs ``calibration``).
+        backend: ``auto``, ``eager``, ``inductor``, ``onnxruntime``, ``openvino`` or ``cudagraph`` (GPU).
+        precision: ``fp32``, ``bf16``, ``fp16`` or ``int8`` (int8 needs ``calibration``). Where this
+            CPU lacks bf16/int8 instructions, ``auto`` (and OpenVINO bf16) run fp32 and warn; the
+            returned predictor's ``precision`` says what runs.
         batch_size: the largest batch run at once (bigger inputs are split); also the compiled shape.
         threads: CPU threads (``None``: the runtime's default).
         calibration: images for int8 calibration and for the fidelity report of reduced precisions:
@@ -424,7 +589,7 @@ def deploy(
     p = next(model.parameters())
     device = p.device
     cfg = model.config
-    backend = resolve_backend(backend, precision, device)
+    backend, precision = resolve(backend, precision, device, batch_size)
     calib = load_calibration(calibration, cfg.img_size) if calibration is not None else None
     if calib is not None and calib.shape[-1] != cfg.img_size:
         raise DeployError(f"calibration images are {calib.shape[-1]}px, the model takes {cfg.img_size}px")

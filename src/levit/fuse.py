@@ -18,18 +18,78 @@ from .config import LeViTConfig
 from .layers import BNLinear, ConvBN, LinearBN
 from .model import LeViT, check_input
 
-__all__ = ["FusedAttention", "FusedLeViT", "FusedMLP", "FusedShrinkAttention", "fuse"]
+__all__ = [
+    "FusedAttention",
+    "FusedLeViT",
+    "FusedMLP",
+    "FusedShrinkAttention",
+    "attention_path",
+    "cpu_bf16_supported",
+    "fuse",
+]
+
+
+# ---- what this machine can run ---------------------------------------------------------------
+# Module-level switches (tests and benchmarks force them; ``None`` means: decide from the device).
+#: ``"per_image"`` / ``"matmul"`` / ``"sdpa"`` forces the eager attention path everywhere; ``None``:
+#: :func:`attention_path` decides.
+ATTENTION_PATH: str | None = None
+ATTENTION_PATHS = ("per_image", "matmul", "sdpa")
+#: ``True`` / ``False`` forces oneDNN's fused linear/conv kernels on or off on CPU (``True`` still needs a
+#: CPU that runs them); ``None``: by capability and batch size (:data:`ONEDNN_MIN_BATCH`).
+ONEDNN_FUSED: bool | None = None
+#: oneDNN's fused kernels from this batch size up; below it plain PyTorch was measured faster
+#: (``benchmarks/attention_paths.py``: the fused kernels reorder the weights on every call, which a
+#: batch of one image does not pay back)
+ONEDNN_MIN_BATCH = 4
+#: the per-image attention loop is used for fp32 on CPU up to this many intra-op threads: measured side
+#: by side with ``benchmarks/attention_paths.py`` on an AVX-512 CPU (LeViT-128S, batch 16) it beat
+#: the ``matmul`` path on one thread in fp32 (1.06x in the quietest run), not in bf16 (0.93x) nor on
+#: two threads (README, Speed). 0 switches it off.
+PER_IMAGE_MAX_THREADS = 1
+
+
+def cpu_bf16_supported() -> bool:
+    """Whether this CPU has native bf16 instructions for oneDNN (AVX-512 BF16, AMX, AVX-NE-CONVERT)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def attention_path(device: torch.device | str, dtype: torch.dtype = torch.float32) -> str:
+    """The eager attention implementation for ``device``: ``"per_image"``, ``"matmul"`` or ``"sdpa"``.
+
+    The two batched forms run over all images and heads at once, so nothing loops over the batch in
+    Python: ``matmul`` (two batched matmuls, the bias added in place; measured faster than SDPA with
+    a mask on CPU) on the CPU, ``sdpa`` (one ``scaled_dot_product_attention``, the bias as an
+    additive mask) on every other device (CUDA, ``meta``, ...). ``per_image`` (one batched GEMM over
+    the heads per image, written in place) is used for fp32 on CPUs running at most
+    :data:`PER_IMAGE_MAX_THREADS` threads (one). :data:`ATTENTION_PATH` overrides all.
+    """
+    if ATTENTION_PATH is not None:
+        if ATTENTION_PATH not in ATTENTION_PATHS:
+            raise ValueError(
+                f"levit.fuse.ATTENTION_PATH must be one of {', '.join(ATTENTION_PATHS)} or None, got {ATTENTION_PATH!r}"
+            )
+        return ATTENTION_PATH
+    if torch.device(device).type == "cpu":
+        one_thread = torch.get_num_threads() <= PER_IMAGE_MAX_THREADS
+        return "per_image" if one_thread and dtype == torch.float32 else "matmul"
+    return "sdpa"
 
 
 def _onednn_ok(x: Tensor) -> bool:
-    """Whether oneDNN's fused linear kernels can run ``x``: CPU inference in eager mode only."""
+    """Whether oneDNN's fused linear/conv kernels should run ``x``: CPU inference in eager mode only,
+    bf16 only where the CPU has bf16 instructions (elsewhere oneDNN's bf16 kernels raise)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return False  # inductor does its own fusion; traced graphs stay portable (checked first: no graph break)
+    if ONEDNN_FUSED is False or (ONEDNN_FUSED is None and x.shape[0] < ONEDNN_MIN_BATCH):
+        return False
     return (
         x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.bfloat16)
+        and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and cpu_bf16_supported()))
         and not torch.is_grad_enabled()  # no autograd formula: training/grad mode takes the plain path
-        and not torch.jit.is_tracing()
-        and not torch.jit.is_scripting()
-        and not torch.compiler.is_compiling()  # inductor does its own fusion
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     )
@@ -51,33 +111,58 @@ def _linear(x: Tensor, layer: nn.Linear, act: str = "none", residual: Tensor | N
     return y if residual is None else residual + y
 
 
+def _attention_batched(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+    """One fused attention over all images and heads; the bias is an additive mask. (B, N_q, H*Dv)."""
+    B, Nq, H, _ = q.shape
+    x = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, scale=1.0
+    )  # (B, H, N_q, Dv)
+    return x.transpose(1, 2).reshape(B, Nq, H * v.shape[-1])
+
+
+def _attention_matmul(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+    """Two batched matmuls over all images and heads, the bias added in place. (B, N_q, H*Dv)."""
+    B, Nq, H, _ = q.shape
+    attn = torch.matmul(q.transpose(1, 2), k.permute(0, 2, 3, 1)).add_(bias).softmax(dim=-1)  # (B, H, N_q, N_k)
+    return torch.matmul(attn, v.transpose(1, 2)).transpose(1, 2).reshape(B, Nq, H * v.shape[-1])
+
+
+def _attention_per_image(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+    """One batched GEMM over the heads per image, straight on the strided views, written in place."""
+    B, Nq, H, _ = q.shape
+    Dv = v.shape[-1]
+    out = q.new_empty(B, Nq, H, Dv)
+    for b in range(B):
+        attn = torch.bmm(q[b].transpose(0, 1), k[b].permute(1, 2, 0)).add_(bias).softmax(dim=-1)  # (H, N_q, N_k)
+        torch.bmm(attn, v[b].transpose(0, 1), out=out[b].transpose(0, 1))
+    return out.view(B, Nq, H * Dv)
+
+
 def _attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
     """``hardswish(softmax(q k^T + bias) v)`` for token-major views, heads concatenated.
 
     q: (B, N_q, H, D), k: (B, N_k, H, D), v: (B, N_k, H, Dv) (strided views into the projection
     outputs; the scale is folded into q), bias: (H, N_q, N_k). Returns (B, N_q, H*Dv).
 
-    Eager CPU/GPU inference runs one batched GEMM per image over the heads directly on the strided
-    views and writes the result in place into the (B, N_q, H, Dv) output: no transposed copies of
-    q, k, v or of the output. Traced graphs (ONNX, OpenVINO, TorchScript) get one fused attention op
+    Eager inference takes the path :func:`attention_path` picks for the device: batched over images
+    and heads (``scaled_dot_product_attention`` on GPUs and ``meta``, batched matmuls on the CPU) or
+    the per-image loop (one CPU thread, fp32). Traced graphs (ONNX, OpenVINO, TorchScript) get the one fused attention op
     that the runtimes optimise; autograd and ``torch.compile`` get plain batched matmuls.
     """
     B, Nq, H, _ = q.shape
     Dv = v.shape[-1]
     if torch.jit.is_tracing():
-        x = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, scale=1.0
-        )
-        return F.hardswish(x.transpose(1, 2).reshape(B, Nq, H * Dv))
+        return F.hardswish(_attention_batched(q, k, v, bias))
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
         attn = torch.matmul(q.transpose(1, 2), k.permute(0, 2, 3, 1)) + bias  # (B, H, N_q, N_k)
         x = torch.matmul(attn.softmax(dim=-1), v.transpose(1, 2))  # (B, H, N_q, Dv)
         return F.hardswish(x.transpose(1, 2).reshape(B, Nq, H * Dv))
-    out = q.new_empty(B, Nq, H, Dv)
-    for b in range(B):
-        attn = torch.bmm(q[b].transpose(0, 1), k[b].permute(1, 2, 0)).add_(bias).softmax(dim=-1)  # (H, N_q, N_k)
-        torch.bmm(attn, v[b].transpose(0, 1), out=out[b].transpose(0, 1))
-    return F.hardswish(out.view(B, Nq, H * Dv), inplace=True)
+    path = attention_path(q.device, q.dtype)
+    if path == "per_image":
+        return F.hardswish(_attention_per_image(q, k, v, bias), inplace=True)
+    if path == "matmul":
+        return F.hardswish(_attention_matmul(q, k, v, bias), inplace=True)
+    return F.hardswish(_attention_batched(q, k, v, bias), inplace=True)
 
 
 class FusedAttention(nn.Module):
@@ -212,6 +297,14 @@ class FusedLeViT(nn.Module):
     def _stem(self, x: Tensor) -> Tensor:
         if x.device.type != "cpu":
             return self.stem(x)
+        eager = not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting())
+        if eager and x.dtype == torch.bfloat16 and not cpu_bf16_supported():
+            # no native bf16 here: oneDNN's bf16 convolutions raise and the fallback is slow, so the stem
+            # (3x3 convs, tiny weights) runs in fp32 and hands bf16 on
+            y = x.float().contiguous(memory_format=torch.channels_last)
+            for m in self.stem:
+                y = F.conv2d(y, m.weight.float(), m.bias.float(), 2, 1) if isinstance(m, nn.Conv2d) else m(y)
+            return y.to(torch.bfloat16)
         x = x.contiguous(memory_format=torch.channels_last)  # oneDNN's convolutions are faster channels-last
         if not _onednn_ok(x) or x.dtype != self.stem[0].weight.dtype:
             return self.stem(x)

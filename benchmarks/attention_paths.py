@@ -1,0 +1,91 @@
+"""The fused model's two eager attention paths side by side on CPU, in ONE process.
+
+``per_image`` (one batched GEMM over the heads per image, in place) against the two batched forms,
+``matmul`` (two batched matmuls over all images and heads) and ``sdpa`` (one
+``scaled_dot_product_attention``, the bias as an additive mask), with oneDNN's fused linear/conv
+kernels on and off, for LeViT-128S at the given batches and thread counts.
+Interleaved rounds (each round runs every candidate for one window), medians; the ratios feed the
+defaults in ``src/levit/fuse.py`` (``PER_IMAGE_MAX_THREADS``, ``ONEDNN_MIN_BATCH``).
+
+    python benchmarks/attention_paths.py                          # batch 16 and 1, 1 and 2 threads
+    python benchmarks/attention_paths.py --batches 16 --threads 1 --rounds 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import statistics
+import sys
+import time
+
+import torch
+
+import levit
+from levit.testing import randomize_weights
+
+lf = importlib.import_module("levit.fuse")  # the module (``levit.fuse`` is also the function)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="levit_128s")
+    ap.add_argument("--batches", default="16,1")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--window", type=float, default=0.5, help="seconds per candidate per round")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--only", default="", help="comma-separated candidate names to keep (default: all six)")
+    args = ap.parse_args()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    fused = levit.fuse(randomize_weights(levit.create_model(args.model), seed=0).eval()).to(dtype)
+    cands = {  # name -> (attention path, oneDNN fused kernels)
+        "per_image + oneDNN": ("per_image", True),
+        "matmul + oneDNN": ("matmul", True),
+        "sdpa + oneDNN": ("sdpa", True),
+        "per_image, plain linear": ("per_image", False),
+        "matmul, plain linear": ("matmul", False),
+        "sdpa, plain linear": ("sdpa", False),
+    }
+
+    keep = [c.strip() for c in args.only.split(",") if c.strip()]
+    cands = {k: v for k, v in cands.items() if not keep or k in keep}
+
+    def run(path: str, onednn: bool | None, x: torch.Tensor) -> None:
+        lf.ATTENTION_PATH, lf.ONEDNN_FUSED = path, onednn
+        try:
+            with torch.inference_mode():
+                fused(x)
+        finally:
+            lf.ATTENTION_PATH, lf.ONEDNN_FUSED = None, None
+
+    for th in [int(t) for t in args.threads.split(",")]:
+        torch.set_num_threads(th)
+        for b in [int(t) for t in args.batches.split(",")]:
+            x = torch.randn(b, 3, 224, 224).to(dtype)
+            for p, o in cands.values():
+                run(p, o, x)
+            speeds: dict[str, list[float]] = {k: [] for k in cands}
+            for _ in range(args.rounds):
+                for name, (p, o) in cands.items():
+                    n, t0 = 0, time.perf_counter()
+                    while True:
+                        run(p, o, x)
+                        n += 1
+                        dt = time.perf_counter() - t0
+                        if dt >= args.window:
+                            break
+                    speeds[name].append(n * b / dt)
+            med = {k: statistics.median(v) for k, v in speeds.items()}
+            base = next(iter(med.values()))
+            print(f"{args.model} {args.dtype}, batch {b}, {th} thread(s), {args.rounds} interleaved rounds:")
+            for k, v in med.items():
+                print(
+                    f"  {k:<26} {v:8.1f} img/s  {v / base:5.2f}x  (min {min(speeds[k]):.1f}, max {max(speeds[k]):.1f})"
+                )
+            sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
