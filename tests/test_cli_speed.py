@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
 import json
-import warnings
 
 import pytest
 import torch

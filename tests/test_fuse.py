@@ -174,7 +174,7 @@ _ONEDNN_OPS = ("mkldnn._linear_pointwise", "mkldnn._convolution_pointwise")
 @pytest.mark.parametrize("bf16_ok", [False, True])
 def test_bf16_onednn_kernels_only_where_the_cpu_has_bf16(monkeypatch, bf16_ok):
     monkeypatch.setattr(fuse_mod, "cpu_bf16_supported", lambda: bf16_ok)
-    x = torch.randn(fuse_mod.ONEDNN_MIN_BATCH, 3, 64, 64).bfloat16()
+    x = photos(fuse_mod.ONEDNN_MIN_BATCH, 64).bfloat16()
     with torch.inference_mode():
         assert fuse_mod._onednn_ok(x) == (bf16_ok and torch.backends.mkldnn.is_available())
         assert fuse_mod._onednn_ok(x.float()) == torch.backends.mkldnn.is_available()  # fp32 oneDNN: any x86
@@ -195,7 +195,7 @@ def test_bf16_onednn_kernels_only_where_the_cpu_has_bf16(monkeypatch, bf16_ok):
 
 def test_onednn_switch_forces_the_plain_path(monkeypatch, tiny):
     fused = levit.fuse(tiny)
-    x = torch.randn(fuse_mod.ONEDNN_MIN_BATCH, 3, 64, 64)
+    x = photos(fuse_mod.ONEDNN_MIN_BATCH, 64)
     monkeypatch.setattr(fuse_mod, "ONEDNN_FUSED", False)
     with torch.inference_mode(), _OpCounter() as c:
         plain = fused(x)
@@ -209,7 +209,7 @@ def test_onednn_kernels_from_the_measured_batch_size_up(monkeypatch, tiny):
     if not torch.backends.mkldnn.is_available():
         pytest.skip("no oneDNN in this torch build")
     fused = levit.fuse(tiny)
-    x = torch.randn(1, 3, 64, 64)
+    x = photos(1, 64)
     for forced, expect in ((None, fuse_mod.ONEDNN_MIN_BATCH <= 1), (True, True)):
         monkeypatch.setattr(fuse_mod, "ONEDNN_FUSED", forced)
         with torch.inference_mode(), _OpCounter() as c:
@@ -224,7 +224,7 @@ def test_onednn_kernels_from_the_measured_batch_size_up(monkeypatch, tiny):
 def test_compiles_without_graph_breaks(tiny, dtype):
     """The device/capability probes are skipped under torch.compile: one graph (else inductor falls back)."""
     fused = levit.fuse(tiny).to(dtype)
-    x = torch.randn(fuse_mod.ONEDNN_MIN_BATCH, 3, 64, 64, dtype=dtype)
+    x = photos(fuse_mod.ONEDNN_MIN_BATCH, 64).to(dtype)
     torch._dynamo.reset()
     compiled = torch.compile(fused, fullgraph=True, backend="eager")  # raises on a graph break
     with torch.inference_mode():

@@ -31,6 +31,7 @@ import importlib.util
 import io
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
