@@ -99,3 +99,18 @@ def test_predict_int8_reports_fidelity_and_keeps_stdout_clean(saved, capsys):
     cap = capsys.readouterr()
     assert json.loads(cap.out)[0]["path"].endswith("a.png")  # quantizer progress output stays off stdout
     assert "openvino int8: top-1 agreement" in cap.err
+
+
+def test_predict_bf16_on_a_cpu_without_bf16_warns_in_one_line(saved, capsys, monkeypatch):
+    """On an AVX2-only CPU (the probe forced to "no"): fp32 runs, one `warning:` line says why."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("levit.fuse"), "cpu_bf16_supported", lambda: False)
+    ckpt, image = saved
+    argv = ["predict", str(image), "--checkpoint", str(ckpt), "--json", "--backend", "openvino", "--precision", "bf16"]
+    assert main(argv) == 0
+    cap = capsys.readouterr()
+    assert json.loads(cap.out)[0]["path"].endswith("a.png")
+    warned = [ln for ln in cap.err.splitlines() if ln.startswith("warning:")]
+    assert len(warned) == 1 and "fp32" in warned[0], cap.err
+    assert "DeployWarning" not in cap.err and "warnings.warn" not in cap.err

@@ -12,11 +12,12 @@ Exit codes: 0 success, 1 failure (bad file, data or model), 2 usage error (bad f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,6 +138,16 @@ def _check_runtime(backend: str, precision: str) -> None:
         raise UsageError(f"--backend/--precision: {e}") from e
 
 
+@contextlib.contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """Python warnings raised inside the block are printed as one ``warning: ...`` line each."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+
+
 def _load_model(args: argparse.Namespace, **kwargs: object):
     """The model named by --model / --checkpoint / --pretrained (levit files may omit --model)."""
     from levit.checkpoint import read_metadata
@@ -150,11 +161,8 @@ def _load_model(args: argparse.Namespace, **kwargs: object):
         if meta is None:
             raise UsageError(f"--model is required: {args.checkpoint} is not a levit-format file")
         name = meta["variant"]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with _warnings_as_lines():
         model = create_model(name, checkpoint=args.checkpoint, pretrained=args.pretrained, **kwargs)
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
     if args.checkpoint is None and not args.pretrained:
         print(
             f"WARNING: no --checkpoint or --pretrained given: {name} has RANDOM weights and its "
@@ -246,14 +254,15 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         from levit.deploy import deploy
 
         calib = (args.calibration or files) if args.precision != "fp32" else None
-        runner = deploy(
-            model,
-            backend=args.backend,
-            precision=args.precision,
-            batch_size=args.batch_size,
-            threads=args.threads,
-            calibration=calib,
-        )
+        with _warnings_as_lines():  # e.g. "this CPU has no bf16 instructions: runs fp32"
+            runner = deploy(
+                model,
+                backend=args.backend,
+                precision=args.precision,
+                batch_size=args.batch_size,
+                threads=args.threads,
+                calibration=calib,
+            )
         if runner.fidelity:
             f = runner.fidelity
             print(
