@@ -35,7 +35,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import PAPER_RESULTS, VARIANTS, LeViTConfig
@@ -149,9 +148,9 @@ def _bias_owners(cfg: LeViTConfig) -> dict[str, Tensor]:
     from .layers import attention_bias_index
 
     out = {}
-    for s, r in enumerate(cfg.resolutions):
+    for s, r in enumerate(cfg.grid_sizes):
         if s > 0:
-            out[f"stages.{s}.downsample.attn"] = attention_bias_index(cfg.resolutions[s - 1], 2)
+            out[f"stages.{s}.downsample.attn"] = attention_bias_index(cfg.grid_sizes[s - 1], 2)
         for j in range(cfg.depth[s]):
             out[f"stages.{s}.blocks.{j}.attn"] = attention_bias_index(r)
     return out
@@ -251,18 +250,22 @@ def _detect(sd: Mapping[str, Tensor], path: Path) -> str:
     )
 
 
-def _resize_bias_table(t: Tensor, r_new: int) -> Tensor:
-    """Resample a (H, r*r) relative-offset bias table to (H, r_new*r_new) (bicubic over offsets)."""
-    h, n = t.shape
-    r = round(n**0.5)
-    grid = t.detach().float().reshape(1, h, r, r)
-    # offsets 0..r-1 map to 0..r_new-1 with the same spacing as the token grid they index
-    out = F.interpolate(grid, size=(r_new, r_new), mode="bicubic", align_corners=True)
-    return out.reshape(h, r_new * r_new).to(t.dtype)
+def _resize_bias_table(t: Tensor, dst: tuple[int, int], src: tuple[int, int] | None = None) -> Tensor:
+    """Resample a (H, h*w) relative-offset bias table onto the grid ``dst`` (bicubic over offsets,
+    separately in each axis); ``src`` defaults to the square grid the table's length implies."""
+    from .layers import resample_bias_table
+
+    if src is None or src[0] * src[1] != t.shape[1]:
+        r = round(t.shape[1] ** 0.5)
+        src = (r, r)
+    return resample_bias_table(t.detach(), src, dst)
 
 
-def _fit_to_model(sd: dict[str, Tensor], model: nn.Module, path: Path, fmt: str) -> dict[str, Tensor]:
-    """Adapt heads (num_classes / distillation) and bias tables (img_size), then check strictly."""
+def _fit_to_model(
+    sd: dict[str, Tensor], model: nn.Module, path: Path, fmt: str, src_cfg: LeViTConfig | None = None
+) -> dict[str, Tensor]:
+    """Adapt heads (num_classes / distillation) and bias tables (img_size, from ``src_cfg``'s grid to
+    the model's; square 224 when unknown), then check strictly."""
     cfg: LeViTConfig = model.config
     own = model.state_dict()
     heads = [h for h in ("head", "head_dist") if any(k.startswith(h + ".") for k in own)]
@@ -295,9 +298,13 @@ def _fit_to_model(sd: dict[str, Tensor], model: nn.Module, path: Path, fmt: str)
             )
         got = sd[key]
         resizable = key.endswith("attention_biases") and got.ndim == 2 and got.shape[0] == want.shape[0]
-        if resizable and got.shape != want.shape:
-            sd[key] = _resize_bias_table(got, round(want.shape[1] ** 0.5))
-            continue
+        if resizable:  # compare grids, not lengths: 6x4 and 4x6 tables have the same shape
+            owner = key.rsplit(".", 1)[0]
+            src = _bias_grid(src_cfg, owner) if src_cfg is not None else None
+            dst = model.get_submodule(owner).resolution
+            if got.shape != want.shape or (src is not None and src[0] * src[1] == got.shape[1] and src != dst):
+                sd[key] = _resize_bias_table(got, dst, src)
+                continue
         if key.endswith("attn_bias") and got.shape != want.shape:
             raise CheckpointError(
                 f"{path}: fused checkpoint was made for another img_size ({key} {tuple(got.shape)} vs "
@@ -312,6 +319,15 @@ def _fit_to_model(sd: dict[str, Tensor], model: nn.Module, path: Path, fmt: str)
     if extra:
         raise CheckpointError(f"{path}: unexpected tensor {extra[0]!r} for {cfg.name} (wrong variant?)")
     return sd
+
+
+def _bias_grid(cfg: LeViTConfig, owner: str) -> tuple[int, int] | None:
+    """The key grid (h, w) of the attention at module path ``owner`` in a model built from ``cfg``."""
+    m = re.fullmatch(r"stages\.(\d+)\.(downsample|blocks\.\d+)\.attn", owner)
+    if m is None or int(m.group(1)) >= cfg.num_stages:
+        return None
+    s = int(m.group(1))
+    return cfg.grid_sizes[s - 1 if m.group(2) == "downsample" else s]
 
 
 def load_checkpoint(path: str | os.PathLike, name: str, **explicit: object) -> nn.Module:
@@ -341,6 +357,7 @@ def load_checkpoint(path: str | os.PathLike, name: str, **explicit: object) -> n
             cfg = LeViTConfig.from_dict(info["config"])
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: corrupt levit metadata ({_short(e)})") from e
+    src_cfg = cfg
     try:
         cfg = cfg.replace(**explicit)
     except TypeError as e:
@@ -352,7 +369,7 @@ def load_checkpoint(path: str | os.PathLike, name: str, **explicit: object) -> n
         sd = _rename(sd, timm_key_map(cfg), path)
     model: nn.Module = FusedLeViT(cfg) if fmt == "levit-fused" else LeViT(cfg)
     try:
-        sd = _fit_to_model(sd, model, path, fmt)
+        sd = _fit_to_model(sd, model, path, fmt, src_cfg)
     except CheckpointError as e:
         if fmt in ("official", "timm", "levit") and "wrong variant" in str(e):
             raise CheckpointError(_diagnose(original, cfg, fmt, path)) from None

@@ -24,22 +24,22 @@ def flops_from_config(cfg: LeViTConfig, fused: bool = False) -> int:
     activations, additions and pooling are free. A fused model has the two heads merged into one.
     """
     total = 0
-    res = cfg.img_size
+    rh, rw = cfg.img_hw
     chans = [cfg.in_chans, cfg.embed_dim[0] // 8, cfg.embed_dim[0] // 4, cfg.embed_dim[0] // 2, cfg.embed_dim[0]]
     for a, b in itertools.pairwise(chans):
-        res = (res - 1) // 2 + 1  # 3x3, stride 2, padding 1
-        total += a * b * 9 * res * res
+        rh, rw = (rh - 1) // 2 + 1, (rw - 1) // 2 + 1  # 3x3, stride 2, padding 1
+        total += a * b * 9 * rh * rw
 
     def attn_core(heads: int, nq: int, nk: int, d: int, dv: int) -> int:
         return heads * (nq * nk * d + nq * nk + nq * nk * dv)
 
     D = cfg.key_dim
     for s in range(cfg.num_stages):
-        C, r, H = cfg.embed_dim[s], cfg.resolutions[s], cfg.num_heads[s]
-        N = r * r
+        C, H = cfg.embed_dim[s], cfg.num_heads[s]
+        N = cfg.grid_sizes[s][0] * cfg.grid_sizes[s][1]
         if s > 0:
-            c_in, r_in, h = cfg.embed_dim[s - 1], cfg.resolutions[s - 1], cfg.shrink_heads[s - 1]
-            n_in, dv = r_in * r_in, int(cfg.down_attn_ratio * D)
+            c_in, h = cfg.embed_dim[s - 1], cfg.shrink_heads[s - 1]
+            n_in, dv = cfg.grid_sizes[s - 1][0] * cfg.grid_sizes[s - 1][1], int(cfg.down_attn_ratio * D)
             total += c_in * h * (D + dv) * n_in  # kv
             total += c_in * h * D * N  # q on the subsampled grid
             total += attn_core(h, N, n_in, D, dv)
