@@ -20,7 +20,7 @@ def _set_additive_tables(model):
         for n, p in model.named_parameters():
             if n.endswith("attention_biases"):
                 h, w = model.get_submodule(n.rsplit(".", 1)[0]).resolution
-                f, g = torch.linspace(0, 2, h) ** 2, -torch.linspace(0, 1, w) ** 3
+                f, g = torch.linspace(0, 2, h) ** 2, -(torch.linspace(0, 1, w) ** 3)
                 p.copy_((f[:, None] + g[None, :]).reshape(1, -1).expand_as(p))
 
 

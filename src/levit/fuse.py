@@ -128,9 +128,7 @@ class FusedAttention(nn.Module):
         self.register_buffer("attn_bias", torch.zeros(num_heads, n, n))
         self._grid_bias = _GridBias()
 
-    def forward(
-        self, x: Tensor, residual: Tensor | None = None, hw: tuple[int, int] | None = None
-    ) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None, hw: tuple[int, int] | None = None) -> Tensor:
         """(B, N, C) -> (B, N, C) on an (h, w) grid (default: the build grid): the attention branch,
         plus ``residual`` when given."""
         B, N, _ = x.shape
@@ -332,7 +330,10 @@ class FusedLeViT(nn.Module):
         return self.forward_intermediates(x, intermediates_only=True)
 
     def prune_intermediate_layers(
-        self, indices: int | list[int] | tuple[int, ...] | None = None, prune_norm: bool = False, prune_head: bool = True
+        self,
+        indices: int | list[int] | tuple[int, ...] | None = None,
+        prune_norm: bool = False,
+        prune_head: bool = True,
     ) -> list[int]:
         """Drop the stages after the last of ``indices`` (and the head)."""
         take = resolve_indices(indices, len(self.stages))

@@ -133,9 +133,7 @@ class FeatureInfo:
 
 def stage_feature_info(cfg: LeViTConfig) -> list[dict]:
     """timm-style rows: channels, stride (16, then x2 per shrink attention) and module of each stage."""
-    return [
-        {"num_chs": c, "reduction": 16 * 2**s, "module": f"stages.{s}"} for s, c in enumerate(cfg.embed_dim)
-    ]
+    return [{"num_chs": c, "reduction": 16 * 2**s, "module": f"stages.{s}"} for s, c in enumerate(cfg.embed_dim)]
 
 
 def resolve_indices(indices: int | Sequence[int] | None, num_stages: int) -> list[int]:
