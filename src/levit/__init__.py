@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ._version import __version__
+from .backbone import create_backbone
 from .checkpoint import save
 from .config import LeViTConfig
 from .deploy import deploy
@@ -15,6 +16,7 @@ __all__ = [
     "__version__",
     "count_flops",
     "count_params",
+    "create_backbone",
     "create_model",
     "deploy",
     "fuse",
