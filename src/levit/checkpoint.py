@@ -182,8 +182,17 @@ _UNREADABLE = "cannot read it as a checkpoint: truncated, corrupt, or not a torc
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict | None]:
-    """Read a checkpoint file: (state dict, levit metadata or None). Raises :class:`CheckpointError`."""
-    path = Path(path)
+    """Read a checkpoint file: (state dict, levit metadata or None). Raises :class:`CheckpointError`.
+
+    A Hugging Face ``save_pretrained`` folder or file gets metadata naming its variant (levit.hf)."""
+    from . import hf
+
+    path = hf.resolve_folder(Path(path))
+    sd, info = _read_file(path)
+    return sd, info if info is not None else hf.hf_metadata(sd, path)
+
+
+def _read_file(path: Path) -> tuple[dict[str, Tensor], dict | None]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
     with open(path, "rb") as f:
@@ -244,9 +253,13 @@ def _detect(sd: Mapping[str, Tensor], path: Path) -> str:
         return "levit"
     if "stem.0.weight" in sd and any(k.endswith("attn_bias") for k in sd):
         return "levit-fused"
+    from .hf import is_hf_state_dict
+
+    if is_hf_state_dict(sd):
+        return "hf"
     raise CheckpointError(
         f"{path}: not a LeViT checkpoint (none of the official 'patch_embed.0.c.weight', timm "
-        f"'stem.conv1.linear.weight' or levit 'stem.0.conv.weight' keys; first key is {next(iter(sd), None)!r})"
+        f"'stem.conv1.linear.weight', Hugging Face 'levit.patch_embeddings...' or levit 'stem.0.conv.weight' keys; first key is {next(iter(sd), None)!r})"
     )
 
 
@@ -367,6 +380,10 @@ def load_checkpoint(path: str | os.PathLike, name: str, **explicit: object) -> n
         sd = _rename(sd, official_key_map(cfg), path)
     elif fmt == "timm":
         sd = _rename(sd, timm_key_map(cfg), path)
+    elif fmt == "hf":
+        from .hf import hf_to_levit_state_dict
+
+        sd = hf_to_levit_state_dict(sd, cfg)
     model: nn.Module = FusedLeViT(cfg) if fmt == "levit-fused" else LeViT(cfg)
     try:
         sd = _fit_to_model(sd, model, path, fmt, src_cfg)
