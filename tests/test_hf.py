@@ -127,3 +127,21 @@ def test_config_json_matches_transformers_defaults_for_the_paper_variants():
         theirs = _hf_config(name).to_dict()
         for key in ("hidden_sizes", "num_attention_heads", "depths", "key_dim", "down_ops", "mlp_ratio"):
             assert list(ours[key]) == [list(v) if isinstance(v, tuple) else v for v in theirs[key]], (name, key)
+
+
+def test_cli_reads_the_variant_and_labels_from_config_json(tmp_path, capsys):
+    from PIL import Image
+
+    from levit.cli import main
+
+    labels = {0: "cat", 1: "dog", 2: "fox"}
+    conf = _hf_config("levit_tiny", num_labels=3, id2label=labels, label2id={v: k for k, v in labels.items()})
+    hf = _randomised(transformers.LevitForImageClassificationWithTeacher(conf), seed=5)
+    hf.save_pretrained(tmp_path / "hf")
+    Image.new("RGB", (80, 70), (120, 30, 200)).save(tmp_path / "x.jpg")
+    try:
+        main(["predict", str(tmp_path / "x.jpg"), "-c", str(tmp_path / "hf"), "--topk", "3"])  # no --model
+    except SystemExit as e:
+        assert e.code in (0, None)
+    out = capsys.readouterr().out
+    assert all(name in out for name in labels.values())
