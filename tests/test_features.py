@@ -108,3 +108,19 @@ def test_create_feature_extractor(model):
     for i, k in enumerate(["s0", "s1", "s2"]):  # tokens (B, N, C) of each stage's (one) block
         torch.testing.assert_close(out[k], maps[i].flatten(2).transpose(1, 2), atol=0, rtol=0)
     torch.testing.assert_close(out["logits"], model.head(model.forward_features(x).mean(1)))
+
+
+def test_intermediates_equal_timms():
+    timm = pytest.importorskip("timm")
+    from levit.checkpoint import to_timm_state_dict
+
+    ours = randomize_weights(levit.create_model("levit_128s")).eval()
+    theirs = timm.create_model("levit_128s", pretrained=False).eval()
+    theirs.load_state_dict(to_timm_state_dict(ours), strict=True)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        want = theirs.forward_intermediates(x, intermediates_only=True)
+        got = ours.forward_intermediates(x, intermediates_only=True)
+    assert len(got) == len(want) == 3
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -101,7 +101,7 @@ class _GridBias:
         if key in self.cache and not torch.is_grad_enabled():
             return self.cache[key]
         table = resample_bias_table(bias[:, 0, :], build, hw)
-        out = table[:, attention_bias_index(hw, stride).to(bias.device)]
+        out = table[:, attention_bias_index(hw, stride, bias.device)]
         if not torch.is_grad_enabled():
             if len(self.cache) >= self.size:
                 self.cache.pop(next(iter(self.cache)))

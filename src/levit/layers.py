@@ -66,7 +66,9 @@ def _pair(r: int | tuple[int, int]) -> tuple[int, int]:
     return (r, r) if isinstance(r, int) else (int(r[0]), int(r[1]))
 
 
-def attention_bias_index(resolution: int | tuple[int, int], stride: int = 1) -> Tensor:
+def attention_bias_index(
+    resolution: int | tuple[int, int], stride: int = 1, device: torch.device | str | None = None
+) -> Tensor:
     """Index into a (heads, h*w) bias table for every (query, key) pair.
 
     Queries sit on the grid subsampled by ``stride`` (positions 0, s, 2s, ...); keys on the full
@@ -75,8 +77,9 @@ def attention_bias_index(resolution: int | tuple[int, int], stride: int = 1) -> 
     Returns an int64 tensor of shape (N_q, N_k).
     """
     h, w = _pair(resolution)
-    ky, kx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    qy, qx = torch.meshgrid(torch.arange(0, h, stride), torch.arange(0, w, stride), indexing="ij")
+    ky, kx = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    q = (torch.arange(0, h, stride, device=device), torch.arange(0, w, stride, device=device))
+    qy, qx = torch.meshgrid(*q, indexing="ij")
     dy = (qy.reshape(-1, 1) - ky.reshape(1, -1)).abs()
     dx = (qx.reshape(-1, 1) - kx.reshape(1, -1)).abs()
     return dy * w + dx
@@ -110,7 +113,7 @@ def grid_bias(table: Tensor, idxs: Tensor, build: tuple[int, int], h: int, w: in
     h, w = int(h), int(w)
     if (h, w) == tuple(build):
         return table[:, idxs]
-    idx = attention_bias_index((h, w), stride).to(table.device)
+    idx = attention_bias_index((h, w), stride, table.device)
     return resample_bias_table(table, build, (h, w))[:, idx]
 
 

@@ -57,8 +57,9 @@ def create_model(
         img_size: input side or (H, W), each a multiple of 16 (default 224); attention-bias tables of a
             checkpoint made at another size (e.g. the released 224 weights) are resampled onto the new grid.
         drop_path_rate: stochastic depth rate; ``None`` keeps the variant's (0.1 for LeViT-384).
-        checkpoint: an official release file, a timm LeViT state dict (``.pth`` or ``.safetensors``), or a
-            file written by :func:`levit.save`. Loaded strictly; a fused checkpoint gives a fused model.
+        checkpoint: an official release file, a timm LeViT state dict (``.pth`` or ``.safetensors``), a
+            Hugging Face transformers LeViT file or ``save_pretrained`` folder, or a file written by
+            :func:`levit.save`. Loaded strictly; a fused checkpoint gives a fused model.
         pretrained: download the authors' released weights (cached, hash-checked).
         features_only: return a feature extractor (timm's convention) whose forward gives a list of
             (B, C_s, H/stride_s, W/stride_s) maps, with ``feature_info.channels()`` / ``.reduction()``.
