@@ -6,7 +6,7 @@ default transforms, anchor generators and RoI pooling:
 
 - any image size: the input is padded (right/bottom, zeros) to a multiple of 16 and the attention
   biases follow the token grid (resampled from the learned tables, see :func:`levit.layers.grid_bias`);
-- LeViT's three stages have strides 16, 32 and 64 (paper, Section 4 and Figure 4: a 16x16 patch
+- LeViT's three stages have strides 16, 32 and 64 (paper, Section 4.2: a 16x16 patch
   stem, then two shrink attentions). The FPN adds two coarser levels (a stride-2 3x3 conv and a
   stride-2 subsampling, as RetinaNet's P6/P7 and torchvision's ``LastLevelMaxPool``), giving the five
   maps ``"0", "1", "2", "3", "pool"`` (strides 16 ... 256) that torchvision's default anchor

@@ -56,8 +56,9 @@ class LeViTStage(nn.Module):
 
     def forward(self, x: Tensor, hw: tuple[int, int] | None = None) -> tuple[Tensor, tuple[int, int]]:
         """(B, h*w, C) tokens on the (h, w) grid -> (tokens, grid) after this stage."""
-        if hw is None:
-            hw = self.blocks[0].attn.resolution if len(self.blocks) else self.downsample.attn.resolution
+        if hw is None:  # the build grid of this stage's input
+            first = self.blocks[0] if isinstance(self.downsample, nn.Identity) else self.downsample
+            hw = first.attn.resolution
         if not isinstance(self.downsample, nn.Identity):
             x = self.downsample(x, hw)
             hw = ((hw[0] - 1) // 2 + 1, (hw[1] - 1) // 2 + 1)
