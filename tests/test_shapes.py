@@ -126,3 +126,16 @@ def test_training_at_another_size_reaches_the_bias_tables():
     out.backward()
     grads = [p.grad for n, p in model.named_parameters() if n.endswith("attention_biases")]
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_evaluation_transform_and_export_take_a_pair(tmp_path):
+    from PIL import Image
+
+    from levit.data import eval_transform
+
+    assert eval_transform((320, 192))(Image.new("RGB", (500, 300))).shape == (3, 320, 192)
+    pytest.importorskip("onnxruntime")
+    from levit.export import export
+
+    result = export(_tiny((96, 64)), tmp_path / "m.onnx", format="onnx")
+    assert result.max_rel_error < 1e-4
