@@ -139,3 +139,17 @@ def test_evaluation_transform_and_export_take_a_pair(tmp_path):
 
     result = export(_tiny((96, 64)), tmp_path / "m.onnx", format="onnx")
     assert result.max_rel_error < 1e-4
+
+
+def test_fused_grid_cache_follows_the_buffer():
+    fused = levit.fuse(_tiny(64))
+    x = torch.randn(1, 3, 96, 80)
+    attn = fused.stages[0].blocks[0].attn
+    with torch.no_grad():
+        first = fused.forward_features(x)
+        assert len(attn._grid_bias.cache) == 1  # served from the cache the second time
+        torch.testing.assert_close(fused.forward_features(x), first, atol=0, rtol=0)
+        attn.attn_bias = attn.attn_bias.clone() * 2  # a new buffer object: recomputed
+        assert not torch.allclose(fused.forward_features(x), first)
+        double = fused.double()  # new storage and dtype: recomputed, same numbers
+        torch.testing.assert_close(double.forward_features(x.double()).float(), fused.float().forward_features(x))

@@ -9,6 +9,7 @@ attention-bias matrices), so there is nothing that can go stale after ``load_sta
 from __future__ import annotations
 
 import copy
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -85,27 +86,34 @@ class _GridBias:
 
     The build bias is the gathered table, so its first row (query at offset (0, 0)) IS the (H, h*w)
     relative-offset table: it is resampled (:func:`levit.layers.resample_bias_table`) and gathered for
-    the new grid. Results are cached per grid and keyed on the buffer's identity, version, device and
-    dtype, so a ``load_state_dict``, ``.to()`` or in-place edit of ``attn_bias`` is never served stale.
+    the new grid. Results are cached per grid (a few grids, oldest dropped) and only served for the
+    very same buffer object, storage, version, device and dtype, so a ``load_state_dict``, ``.to()``,
+    reassignment or in-place edit of ``attn_bias`` is never served stale. No caching with autograd on.
     """
 
     def __init__(self, size: int = 4) -> None:
         self.size = size
-        self.cache: dict[tuple, Tensor] = {}
+        self.cache: dict[tuple, tuple] = {}
+
+    @staticmethod
+    def _stamp(bias: Tensor) -> tuple:
+        return (bias.data_ptr(), bias._version, bias.device, bias.dtype)
 
     def __call__(self, bias: Tensor, build: tuple[int, int], hw: tuple[int, int], stride: int) -> Tensor:
         hw = (int(hw[0]), int(hw[1]))
         if hw == build:
             return bias
-        key = (hw, bias.data_ptr(), bias._version, bias.device, bias.dtype)
-        if key in self.cache and not torch.is_grad_enabled():
-            return self.cache[key]
+        grad = torch.is_grad_enabled()
+        hit = self.cache.get((hw, stride))
+        if not grad and hit is not None and hit[0]() is bias and hit[1] == self._stamp(bias):
+            return hit[2]
         table = resample_bias_table(bias[:, 0, :], build, hw)
         out = table[:, attention_bias_index(hw, stride, bias.device)]
-        if not torch.is_grad_enabled():
+        if not grad:
+            self.cache.pop((hw, stride), None)
             if len(self.cache) >= self.size:
                 self.cache.pop(next(iter(self.cache)))
-            self.cache[key] = out
+            self.cache[(hw, stride)] = (weakref.ref(bias), self._stamp(bias), out)
         return out
 
     def __deepcopy__(self, memo: dict) -> _GridBias:
