@@ -28,7 +28,7 @@ class LeViTConfig:
     down_mlp_ratio: float = 2.0  # MLP after shrink attention
     num_classes: int = 1000
     distillation: bool = True
-    img_size: int = 224
+    img_size: int | tuple[int, int] = 224  # side, or (H, W); each a multiple of 16
     in_chans: int = 3
 
     def __post_init__(self) -> None:
@@ -43,8 +43,16 @@ class LeViTConfig:
         for c in self.embed_dim[:-1]:
             if c % self.key_dim:
                 raise ValueError(f"embed_dim {c} must be divisible by key_dim {self.key_dim} (shrink heads)")
-        if self.img_size < 16 or self.img_size % 16:
-            raise ValueError(f"img_size must be a positive multiple of 16, got {self.img_size}")
+        size = self.img_size
+        if isinstance(size, list | tuple):
+            if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in size):
+                raise ValueError(f"img_size must be an int or (H, W), got {size!r}")
+            # (S, S) is stored as S: one spelling per size (names, metadata, comparisons)
+            object.__setattr__(self, "img_size", size[0] if size[0] == size[1] else tuple(size))
+        elif not isinstance(size, int) or isinstance(size, bool):
+            raise ValueError(f"img_size must be an int or (H, W), got {size!r}")
+        if any(v < 16 or v % 16 for v in self.img_hw):
+            raise ValueError(f"img_size must be a positive multiple of 16 (each side), got {self.img_size}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         if self.num_classes < 0:
@@ -70,21 +78,35 @@ class LeViTConfig:
         return (self.in_chans, c // 8, c // 4, c // 2, c)
 
     @property
-    def stem_resolutions(self) -> tuple[int, ...]:
-        """Output side of each stem convolution: 112, 56, 28, 14 at 224x224."""
-        out, r = [], self.img_size
+    def stem_resolutions(self) -> tuple[tuple[int, int], ...]:
+        """Output (h, w) of each stem convolution: 112, 56, 28, 14 (square) at 224x224."""
+        out, (h, w) = [], self.img_hw
         for _ in range(4):
-            r = self.subsampled(r)
-            out.append(r)
+            h, w = self.subsampled(h), self.subsampled(w)
+            out.append((h, w))
+        return tuple(out)
+
+    @property
+    def img_hw(self) -> tuple[int, int]:
+        """Input (H, W): ``img_size`` as a pair."""
+        s = self.img_size
+        return (s, s) if isinstance(s, int) else (s[0], s[1])
+
+    @property
+    def grid_sizes(self) -> tuple[tuple[int, int], ...]:
+        """Token grid (h, w) per stage: (14, 14) -> (7, 7) -> (4, 4) at 224x224 (the stem's stride 16,
+        then each shrink attention keeps every other row and column)."""
+        out = [self.stem_resolutions[-1]]
+        for _ in range(self.num_stages - 1):
+            out.append((self.subsampled(out[-1][0]), self.subsampled(out[-1][1])))
         return tuple(out)
 
     @property
     def resolutions(self) -> tuple[int, ...]:
-        """Token grid side per stage: 14 -> 7 -> 4 at 224x224."""
-        out = [self.stem_resolutions[-1]]
-        for _ in range(self.num_stages - 1):
-            out.append(self.subsampled(out[-1]))
-        return tuple(out)
+        """Token grid side per stage for a square input: 14 -> 7 -> 4 at 224x224 (see :attr:`grid_sizes`)."""
+        if not isinstance(self.img_size, int):
+            raise ValueError(f"{self.name} is built for a non-square input {self.img_size}: use grid_sizes")
+        return tuple(h for h, _ in self.grid_sizes)
 
     @property
     def shrink_heads(self) -> tuple[int, ...]:

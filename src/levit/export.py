@@ -216,8 +216,8 @@ def export(
     fused: FusedLeViT = fuse(model).float().cpu().eval()  # a new module: the input is untouched
     cfg = fused.config
     gen = torch.Generator().manual_seed(0)
-    example = torch.randn(batch_size, cfg.in_chans, cfg.img_size, cfg.img_size, generator=gen)
-    check = torch.randn(batch_size + 1, cfg.in_chans, cfg.img_size, cfg.img_size, generator=gen)
+    example = torch.randn(batch_size, cfg.in_chans, *cfg.img_hw, generator=gen)
+    check = torch.randn(batch_size + 1, cfg.in_chans, *cfg.img_hw, generator=gen)
     with torch.inference_mode():
         exact = fuse(fused).double()(check.double())  # float64: the answer fp32 only approximates
         torch_err = _rel_error(fused(check), exact)

@@ -28,17 +28,19 @@ def params_from_config(cfg: LeViTConfig) -> int:
     total = sum(9 * a * b + 2 * b for a, b in itertools.pairwise(cfg.stem_channels))  # ConvBN, no conv bias
     D = cfg.key_dim
     for s in range(cfg.num_stages):
-        C, r, H = cfg.embed_dim[s], cfg.resolutions[s], cfg.num_heads[s]
+        C, H = cfg.embed_dim[s], cfg.num_heads[s]
+        n = cfg.grid_sizes[s][0] * cfg.grid_sizes[s][1]
         if s > 0:
-            c_in, r_in, h = cfg.embed_dim[s - 1], cfg.resolutions[s - 1], cfg.shrink_heads[s - 1]
+            c_in, h = cfg.embed_dim[s - 1], cfg.shrink_heads[s - 1]
+            n_in = cfg.grid_sizes[s - 1][0] * cfg.grid_sizes[s - 1][1]
             dv = int(cfg.down_attn_ratio * D)
             total += linear_bn(c_in, h * (D + dv)) + linear_bn(c_in, h * D) + linear_bn(h * dv, C)
-            total += h * r_in * r_in  # bias table: one entry per offset on the input grid
+            total += h * n_in  # bias table: one entry per offset on the input grid
             hidden = int(C * cfg.down_mlp_ratio)
             total += linear_bn(C, hidden) + linear_bn(hidden, C)
         dv = int(cfg.attn_ratio * D)
         hidden = int(C * cfg.mlp_ratio)
-        block = linear_bn(C, H * (2 * D + dv)) + linear_bn(H * dv, C) + H * r * r
+        block = linear_bn(C, H * (2 * D + dv)) + linear_bn(H * dv, C) + H * n
         block += linear_bn(C, hidden) + linear_bn(hidden, C)
         total += cfg.depth[s] * block
     nf, nc = cfg.num_features, cfg.num_classes
@@ -55,19 +57,19 @@ def flops_from_config(cfg: LeViTConfig, fused: bool = False) -> int:
     activations, additions and pooling are free. A fused model has the two heads merged into one.
     """
     total = 0
-    for (a, b), res in zip(itertools.pairwise(cfg.stem_channels), cfg.stem_resolutions):
-        total += a * b * 9 * res * res  # 3x3, stride 2, padding 1
+    for (a, b), (h, w) in zip(itertools.pairwise(cfg.stem_channels), cfg.stem_resolutions):
+        total += a * b * 9 * h * w  # 3x3, stride 2, padding 1
 
     def attn_core(heads: int, nq: int, nk: int, d: int, dv: int) -> int:
         return heads * (nq * nk * d + nq * nk + nq * nk * dv)
 
     D = cfg.key_dim
     for s in range(cfg.num_stages):
-        C, r, H = cfg.embed_dim[s], cfg.resolutions[s], cfg.num_heads[s]
-        N = r * r
+        C, H = cfg.embed_dim[s], cfg.num_heads[s]
+        N = cfg.grid_sizes[s][0] * cfg.grid_sizes[s][1]
         if s > 0:
-            c_in, r_in, h = cfg.embed_dim[s - 1], cfg.resolutions[s - 1], cfg.shrink_heads[s - 1]
-            n_in, dv = r_in * r_in, int(cfg.down_attn_ratio * D)
+            c_in, h = cfg.embed_dim[s - 1], cfg.shrink_heads[s - 1]
+            n_in, dv = cfg.grid_sizes[s - 1][0] * cfg.grid_sizes[s - 1][1], int(cfg.down_attn_ratio * D)
             total += c_in * h * (D + dv) * n_in  # kv
             total += c_in * h * D * N  # q on the subsampled grid
             total += attn_core(h, N, n_in, D, dv)

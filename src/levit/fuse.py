@@ -9,14 +9,15 @@ attention-bias matrices), so there is nothing that can go stale after ``load_sta
 from __future__ import annotations
 
 import copy
+import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LeViTConfig
-from .layers import BNLinear, ConvBN, LinearBN
-from .model import LeViT, check_input
+from .layers import BNLinear, ConvBN, LinearBN, _pair, attention_bias_index, resample_bias_table
+from .model import LeViT, check_input, resolve_indices, stage_feature_info, to_nchw
 
 __all__ = ["FusedAttention", "FusedLeViT", "FusedMLP", "FusedShrinkAttention", "fuse"]
 
@@ -80,23 +81,69 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
     return F.hardswish(out.view(B, Nq, H * Dv), inplace=True)
 
 
+class _GridBias:
+    """The (H, N_q, N_k) bias of a fused attention for another token grid than its build grid.
+
+    The build bias is the gathered table, so its first row (query at offset (0, 0)) IS the (H, h*w)
+    relative-offset table: it is resampled (:func:`levit.layers.resample_bias_table`) and gathered for
+    the new grid. Results are cached per grid (a few grids, oldest dropped) and only served for the
+    very same buffer object, storage, version, device and dtype, so a ``load_state_dict``, ``.to()``,
+    reassignment or in-place edit of ``attn_bias`` is never served stale. No caching with autograd on.
+    """
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self.cache: dict[tuple, tuple] = {}
+
+    @staticmethod
+    def _stamp(bias: Tensor) -> tuple:
+        return (bias.data_ptr(), bias._version, bias.device, bias.dtype)
+
+    def __call__(self, bias: Tensor, build: tuple[int, int], hw: tuple[int, int], stride: int) -> Tensor:
+        hw = (int(hw[0]), int(hw[1]))
+        if hw == build:
+            return bias
+        grad = torch.is_grad_enabled()
+        hit = self.cache.get((hw, stride))
+        if not grad and hit is not None and hit[0]() is bias and hit[1] == self._stamp(bias):
+            return hit[2]
+        table = resample_bias_table(bias[:, 0, :], build, hw)
+        out = table[:, attention_bias_index(hw, stride, bias.device)]
+        if not grad:
+            self.cache.pop((hw, stride), None)
+            if len(self.cache) >= self.size:
+                self.cache.pop(next(iter(self.cache)))
+            self.cache[(hw, stride)] = (weakref.ref(bias), self._stamp(bias), out)
+        return out
+
+    def __deepcopy__(self, memo: dict) -> _GridBias:
+        return _GridBias(self.size)
+
+    def __getstate__(self) -> dict:
+        return {"size": self.size, "cache": {}}
+
+
 class FusedAttention(nn.Module):
     """Self-attention with the q scale folded into ``qkv`` and the bias as a (H, N, N) buffer."""
 
     def __init__(self, dim: int, key_dim: int, num_heads: int, val_dim: int, resolution: int) -> None:
         super().__init__()
         self.num_heads, self.key_dim, self.val_dim = num_heads, key_dim, val_dim
-        n = resolution * resolution
+        self.resolution = _pair(resolution)  # build grid (h, w)
+        n = self.resolution[0] * self.resolution[1]
         self.qkv = nn.Linear(dim, num_heads * (2 * key_dim + val_dim))
         self.proj = nn.Linear(num_heads * val_dim, dim)
         self.register_buffer("attn_bias", torch.zeros(num_heads, n, n))
+        self._grid_bias = _GridBias()
 
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        """(B, N, C) -> (B, N, C): the attention branch, plus ``residual`` when given."""
+    def forward(self, x: Tensor, residual: Tensor | None = None, hw: tuple[int, int] | None = None) -> Tensor:
+        """(B, N, C) -> (B, N, C) on an (h, w) grid (default: the build grid): the attention branch,
+        plus ``residual`` when given."""
         B, N, _ = x.shape
+        bias = self.attn_bias if hw is None else self._grid_bias(self.attn_bias, self.resolution, hw, 1)
         qkv = _linear(x, self.qkv).view(B, N, self.num_heads, -1)  # per head [q: D, k: D, v: Dv]
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], 3)  # (B, N, H, d) views
-        return _linear(_attention(q, k, v, self.attn_bias), self.proj, residual=residual)
+        return _linear(_attention(q, k, v, bias), self.proj, residual=residual)
 
 
 class FusedShrinkAttention(nn.Module):
@@ -105,22 +152,27 @@ class FusedShrinkAttention(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, key_dim: int, num_heads: int, val_dim: int, resolution: int) -> None:
         super().__init__()
         self.num_heads, self.key_dim, self.val_dim = num_heads, key_dim, val_dim
-        self.resolution = resolution
-        self.resolution_out = LeViTConfig.subsampled(resolution)
-        nq, nk = self.resolution_out**2, resolution**2
+        self.resolution = _pair(resolution)  # build input grid (h, w)
+        self.resolution_out = tuple(LeViTConfig.subsampled(r) for r in self.resolution)
+        nq = self.resolution_out[0] * self.resolution_out[1]
+        nk = self.resolution[0] * self.resolution[1]
         self.kv = nn.Linear(in_dim, num_heads * (key_dim + val_dim))
         self.q = nn.Linear(in_dim, num_heads * key_dim)
         self.proj = nn.Linear(num_heads * val_dim, out_dim)
         self.register_buffer("attn_bias", torch.zeros(num_heads, nq, nk))
+        self._grid_bias = _GridBias()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, hw: tuple[int, int] | None = None) -> Tensor:
+        """(B, h*w, C_in) on an (h, w) grid (default: the build grid) -> (B, h'*w', C_out)."""
         B, N, C = x.shape
-        r, r2 = self.resolution, self.resolution_out
+        h, w = self.resolution if hw is None else hw
+        h2, w2 = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+        bias = self.attn_bias if hw is None else self._grid_bias(self.attn_bias, self.resolution, hw, 2)
         H = self.num_heads
         k, v = _linear(x, self.kv).view(B, N, H, -1).split([self.key_dim, self.val_dim], dim=3)  # (B, N, H, d)
-        xs = x.view(B, r, r, C)[:, ::2, ::2].reshape(B, r2 * r2, C)
-        q = _linear(xs, self.q).view(B, r2 * r2, H, self.key_dim)  # (B, N_q, H, D)
-        return _linear(_attention(q, k, v, self.attn_bias), self.proj)
+        xs = x.view(B, h, w, C)[:, ::2, ::2].reshape(B, h2 * w2, C)
+        q = _linear(xs, self.q).view(B, h2 * w2, H, self.key_dim)  # (B, N_q, H, D)
+        return _linear(_attention(q, k, v, bias), self.proj)
 
 
 class FusedMLP(nn.Module):
@@ -141,12 +193,12 @@ class _FusedBlock(nn.Module):
         super().__init__()
         dim = cfg.embed_dim[s]
         self.attn = FusedAttention(
-            dim, cfg.key_dim, cfg.num_heads[s], int(cfg.attn_ratio * cfg.key_dim), cfg.resolutions[s]
+            dim, cfg.key_dim, cfg.num_heads[s], int(cfg.attn_ratio * cfg.key_dim), cfg.grid_sizes[s]
         )
         self.mlp = FusedMLP(dim, int(dim * cfg.mlp_ratio))
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.attn(x, residual=x)
+    def forward(self, x: Tensor, hw: tuple[int, int] | None = None) -> Tensor:
+        x = self.attn(x, residual=x, hw=hw)
         return self.mlp(x, residual=x)
 
 
@@ -160,12 +212,12 @@ class _FusedShrink(nn.Module):
             cfg.key_dim,
             cfg.shrink_heads[s - 1],
             int(cfg.down_attn_ratio * cfg.key_dim),
-            cfg.resolutions[s - 1],
+            cfg.grid_sizes[s - 1],
         )
         self.mlp = FusedMLP(c_out, int(c_out * cfg.down_mlp_ratio))
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.attn(x)
+    def forward(self, x: Tensor, hw: tuple[int, int] | None = None) -> Tensor:
+        x = self.attn(x, hw)
         return self.mlp(x, residual=x)
 
 
@@ -174,9 +226,18 @@ class _FusedStage(nn.Module):
         super().__init__()
         self.downsample = _FusedShrink(cfg, s) if s > 0 else nn.Identity()
         self.blocks = nn.Sequential(*[_FusedBlock(cfg, s) for _ in range(cfg.depth[s])])
+        self.grid = cfg.grid_sizes[s]  # build output grid (h, w)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.blocks(self.downsample(x))
+    def forward(self, x: Tensor, hw: tuple[int, int] | None = None) -> Tensor | tuple[Tensor, tuple[int, int]]:
+        """Build grid (``hw`` None): tokens -> tokens, as always. Another grid: -> (tokens, new grid)."""
+        if hw is None:
+            return self.blocks(self.downsample(x))
+        if not isinstance(self.downsample, nn.Identity):
+            x = self.downsample(x, hw)
+            hw = ((hw[0] - 1) // 2 + 1, (hw[1] - 1) // 2 + 1)
+        for block in self.blocks:
+            x = block(x, hw)
+        return x, hw
 
 
 class FusedLeViT(nn.Module):
@@ -222,15 +283,91 @@ class FusedLeViT(nn.Module):
         return x
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """(B, 3, H, W) images -> (B, N, C) tokens of the last stage."""
-        check_input(x, self.config)
-        x = self._stem(x).flatten(2).transpose(1, 2)  # (B, C, r, r) -> (B, r*r, C)
-        for stage in self.stages:
-            x = stage(x)
-        return x
+        """(B, 3, H, W) images -> (B, N, C) tokens of the last stage (any H, W >= 16)."""
+        check_input(x, self.config, any_size=True)
+        return self._tokens(x)[-1][0]
+
+    def _tokens(self, x: Tensor, upto: int | None = None) -> list[tuple[Tensor, tuple[int, int]]]:
+        """[(tokens, grid)] after each stage (through ``upto``). At the build size the stages run
+        exactly as for classification; at another size the biases are resampled per grid."""
+        x = self._stem(x)
+        hw = (x.shape[2], x.shape[3])
+        build = hw == self.config.grid_sizes[0]
+        x = x.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C)
+        out = []
+        for s, stage in enumerate(self.stages):
+            if upto is not None and s > upto:
+                break
+            if build:
+                x = stage(x)
+                hw = stage.grid
+            else:
+                x, hw = stage(x, hw)
+            out.append((x, hw))
+        return out
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.forward_features(x).mean(1))
+        check_input(x, self.config)
+        return self.head(self._tokens(x)[-1][0].mean(1))
+
+    # ---- timm-style feature API (same as LeViT's) ------------------------------------------------
+    @property
+    def feature_info(self) -> list[dict]:
+        """Channels, stride and module of each stage's output (timm's ``model.feature_info``)."""
+        return stage_feature_info(self.config)
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | list[int] | tuple[int, ...] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """The stages ``indices`` as NCHW maps; see :meth:`levit.model.LeViT.forward_intermediates`."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt={output_fmt!r}: only 'NCHW' is supported")
+        check_input(x, self.config, any_size=True)
+        take = resolve_indices(indices, len(self.stages))
+        outs = self._tokens(x, max(take) if (stop_early or intermediates_only) else None)
+        maps = [to_nchw(*outs[i]) for i in take]
+        return maps if intermediates_only else (outs[-1][0], maps)
+
+    def feature_maps(self, x: Tensor) -> list[Tensor]:
+        """The output of every stage as (B, C_s, h_s, w_s) maps."""
+        return self.forward_intermediates(x, intermediates_only=True)
+
+    def prune_intermediate_layers(
+        self,
+        indices: int | list[int] | tuple[int, ...] | None = None,
+        prune_norm: bool = False,
+        prune_head: bool = True,
+    ) -> list[int]:
+        """Drop the stages after the last of ``indices`` (and the head)."""
+        take = resolve_indices(indices, len(self.stages))
+        self.stages = self.stages[: max(take) + 1]
+        if prune_head:
+            self.reset_classifier(0)
+        return take
+
+    def get_classifier(self) -> nn.Module:
+        """The (merged) classifier head."""
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the head with a new (zero-initialised) linear layer for ``num_classes`` classes
+        (0: pooled features). Train it on the unfused model for anything but a linear probe."""
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"global_pool={global_pool!r}: LeViT pools by averaging tokens ('avg')")
+        self.config = self.config.replace(num_classes=num_classes)
+        p = self.stem[0].weight
+        if num_classes > 0:
+            self.head = nn.Linear(self.config.num_features, num_classes).to(device=p.device, dtype=p.dtype)
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+        else:
+            self.head = nn.Identity()
 
 
 # ---- folding ---------------------------------------------------------------------------------

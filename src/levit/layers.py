@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+import torch.fx
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
@@ -14,6 +16,8 @@ __all__ = [
     "LinearBN",
     "ShrinkAttention",
     "attention_bias_index",
+    "grid_bias",
+    "resample_bias_table",
 ]
 
 
@@ -58,20 +62,59 @@ class BNLinear(nn.Module):
         return self.linear(self.bn(x))
 
 
-def attention_bias_index(resolution: int, stride: int = 1) -> Tensor:
-    """Index into a (heads, r*r) bias table for every (query, key) pair.
+def _pair(r: int | tuple[int, int]) -> tuple[int, int]:
+    return (r, r) if isinstance(r, int) else (int(r[0]), int(r[1]))
+
+
+def attention_bias_index(
+    resolution: int | tuple[int, int], stride: int = 1, device: torch.device | str | None = None
+) -> Tensor:
+    """Index into a (heads, h*w) bias table for every (query, key) pair.
 
     Queries sit on the grid subsampled by ``stride`` (positions 0, s, 2s, ...); keys on the full
-    ``resolution`` grid. The bias between query (i, j) and key (k, l) is
-    ``table[|s*i - k| * r + |s*j - l|]``. Returns an int64 tensor of shape (N_q, N_k).
+    ``resolution`` grid (a side, or (h, w)). The bias between query (i, j) and key (k, l) is
+    ``table[|s*i - k| * w + |s*j - l|]``: a function of the (dy, dx) offset only (paper, Section 4.2).
+    Returns an int64 tensor of shape (N_q, N_k).
     """
-    k = torch.arange(resolution)
-    q = torch.arange(0, resolution, stride)
-    ky, kx = torch.meshgrid(k, k, indexing="ij")
-    qy, qx = torch.meshgrid(q, q, indexing="ij")
+    h, w = _pair(resolution)
+    ky, kx = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    q = (torch.arange(0, h, stride, device=device), torch.arange(0, w, stride, device=device))
+    qy, qx = torch.meshgrid(*q, indexing="ij")
     dy = (qy.reshape(-1, 1) - ky.reshape(1, -1)).abs()
     dx = (qx.reshape(-1, 1) - kx.reshape(1, -1)).abs()
-    return dy * resolution + dx
+    return dy * w + dx
+
+
+def resample_bias_table(table: Tensor, src: int | tuple[int, int], dst: int | tuple[int, int]) -> Tensor:
+    """Resample a (heads, h*w) relative-offset bias table from grid ``src`` to grid ``dst``.
+
+    The table is a function of the (dy, dx) offsets, so it is interpolated as an (h, w) image:
+    bicubically and separately in each axis, offsets 0..h-1 mapped onto 0..h'-1 (corners aligned,
+    the same spacing as the token grid they index). Differentiable; returns ``table`` when the grids match.
+    """
+    (h, w), (h2, w2) = _pair(src), _pair(dst)
+    if (h, w) == (h2, w2):
+        return table
+    heads = table.shape[0]
+    grid = table.reshape(1, heads, h, w)
+    out = F.interpolate(grid.float(), size=(h2, w2), mode="bicubic", align_corners=True)
+    return out.reshape(heads, h2 * w2).to(table.dtype)
+
+
+@torch.fx.wrap
+def grid_bias(table: Tensor, idxs: Tensor, build: tuple[int, int], h: int, w: int, stride: int = 1) -> Tensor:
+    """The (heads, N_q, N_k) attention bias for a (h, w) key grid.
+
+    At the build grid this gathers the learned table with the precomputed index (exactly the
+    model's numbers); at another grid the table is resampled (:func:`resample_bias_table`) and the
+    index rebuilt on every call: nothing is cached, so it can never be stale after a weight update.
+    A leaf for ``torch.fx`` (the grid comparison is Python control flow on the input's shape).
+    """
+    h, w = int(h), int(w)
+    if (h, w) == tuple(build):
+        return table[:, idxs]
+    idx = attention_bias_index((h, w), stride, table.device)
+    return resample_bias_table(table, build, (h, w))[:, idx]
 
 
 class DropPath(nn.Module):
@@ -99,25 +142,30 @@ class Attention(nn.Module):
     from ``attention_biases`` on every call: there is no cache that could go stale.
     """
 
-    def __init__(self, dim: int, key_dim: int, num_heads: int, attn_ratio: float, resolution: int) -> None:
+    def __init__(
+        self, dim: int, key_dim: int, num_heads: int, attn_ratio: float, resolution: int | tuple[int, int]
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.key_dim = key_dim
         self.val_dim = int(attn_ratio * key_dim)
-        self.resolution = resolution
+        self.resolution = _pair(resolution)  # build grid (h, w)
         self.scale = key_dim**-0.5
         self.qkv = LinearBN(dim, num_heads * (2 * key_dim + self.val_dim))
         self.act = nn.Hardswish()
         self.proj = LinearBN(num_heads * self.val_dim, dim, bn_weight_init=0.0)
-        self.attention_biases = nn.Parameter(torch.zeros(num_heads, resolution * resolution))
-        self.register_buffer("attention_bias_idxs", attention_bias_index(resolution), persistent=False)
+        self.attention_biases = nn.Parameter(torch.zeros(num_heads, self.resolution[0] * self.resolution[1]))
+        self.register_buffer("attention_bias_idxs", attention_bias_index(self.resolution), persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, hw: tuple[int, int] | None = None) -> Tensor:
+        """(B, N, C) tokens on an (h, w) grid (default: the build grid) -> (B, N, C)."""
         B, N, _ = x.shape
+        h, w = self.resolution if hw is None else hw
         qkv = self.qkv(x).view(B, N, self.num_heads, -1)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], dim=3)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, d)
-        attn = (q @ k.transpose(-2, -1)) * self.scale + self.attention_biases[:, self.attention_bias_idxs]
+        bias = grid_bias(self.attention_biases, self.attention_bias_idxs, self.resolution, h, w)
+        attn = (q @ k.transpose(-2, -1)) * self.scale + bias
         x = attn.softmax(dim=-1) @ v  # (B, H, N, val_dim)
         x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.val_dim)
         return self.proj(self.act(x))
@@ -130,32 +178,41 @@ class ShrinkAttention(nn.Module):
     """
 
     def __init__(
-        self, in_dim: int, out_dim: int, key_dim: int, num_heads: int, attn_ratio: float, resolution: int
+        self,
+        in_dim: int,
+        out_dim: int,
+        key_dim: int,
+        num_heads: int,
+        attn_ratio: float,
+        resolution: int | tuple[int, int],
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.key_dim = key_dim
         self.val_dim = int(attn_ratio * key_dim)
-        self.resolution = resolution
-        self.resolution_out = (resolution - 1) // 2 + 1
+        self.resolution = _pair(resolution)  # build input grid (h, w)
+        self.resolution_out = tuple((r - 1) // 2 + 1 for r in self.resolution)
         self.scale = key_dim**-0.5
         self.kv = LinearBN(in_dim, num_heads * (key_dim + self.val_dim))
         self.q = LinearBN(in_dim, num_heads * key_dim)
         self.act = nn.Hardswish()
         self.proj = LinearBN(num_heads * self.val_dim, out_dim)
-        self.attention_biases = nn.Parameter(torch.zeros(num_heads, resolution * resolution))
-        self.register_buffer("attention_bias_idxs", attention_bias_index(resolution, 2), persistent=False)
+        self.attention_biases = nn.Parameter(torch.zeros(num_heads, self.resolution[0] * self.resolution[1]))
+        self.register_buffer("attention_bias_idxs", attention_bias_index(self.resolution, 2), persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, hw: tuple[int, int] | None = None) -> Tensor:
+        """(B, h*w, C_in) tokens on an (h, w) grid (default: the build grid) -> (B, h'*w', C_out)."""
         B, N, C = x.shape
-        r, r2 = self.resolution, self.resolution_out
+        h, w = self.resolution if hw is None else hw
+        h2, w2 = (h - 1) // 2 + 1, (w - 1) // 2 + 1
         k, v = self.kv(x).view(B, N, self.num_heads, -1).split([self.key_dim, self.val_dim], dim=3)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, d)
-        xs = x.view(B, r, r, C)[:, ::2, ::2].reshape(B, r2 * r2, C)  # subsampled queries
-        q = self.q(xs).view(B, r2 * r2, self.num_heads, self.key_dim).transpose(1, 2)
-        attn = (q @ k.transpose(-2, -1)) * self.scale + self.attention_biases[:, self.attention_bias_idxs]
+        xs = x.view(B, h, w, C)[:, ::2, ::2].reshape(B, h2 * w2, C)  # subsampled queries
+        q = self.q(xs).view(B, h2 * w2, self.num_heads, self.key_dim).transpose(1, 2)
+        bias = grid_bias(self.attention_biases, self.attention_bias_idxs, self.resolution, h, w, 2)
+        attn = (q @ k.transpose(-2, -1)) * self.scale + bias
         x = attn.softmax(dim=-1) @ v  # (B, H, N_q, val_dim)
-        x = x.transpose(1, 2).reshape(B, r2 * r2, self.num_heads * self.val_dim)
+        x = x.transpose(1, 2).reshape(B, h2 * w2, self.num_heads * self.val_dim)
         return self.proj(self.act(x))
 
 

@@ -20,8 +20,9 @@ from .config import LeViTConfig
 __all__ = ["randomize_weights", "sample_images"]
 
 
-def sample_images(n: int, img_size: int = 224, *, seed: int = 0, channels: int = 3) -> Tensor:
-    """``n`` synthetic photo-like images, ImageNet-normalised, shape (n, channels, img_size, img_size).
+def sample_images(n: int, img_size: int | tuple[int, int] = 224, *, seed: int = 0, channels: int = 3) -> Tensor:
+    """``n`` synthetic photo-like images, ImageNet-normalised, shape (n, channels, H, W) for an
+    ``img_size`` side or (H, W).
 
     Each is a smooth colour field (three low-frequency waves) with four soft-edged colour blobs and
     one hard edge, plus a little sensor noise: spatially correlated like real photos (white noise is
@@ -32,8 +33,8 @@ def sample_images(n: int, img_size: int = 224, *, seed: int = 0, channels: int =
     def rand(*shape: int) -> Tensor:
         return torch.rand(shape, generator=g)
 
-    t = torch.linspace(0, 1, img_size)
-    yy, xx = t.view(1, 1, -1, 1), t.view(1, 1, 1, -1)  # broadcast to (n, k, H, W)
+    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+    yy, xx = torch.linspace(0, 1, h).view(1, 1, -1, 1), torch.linspace(0, 1, w).view(1, 1, 1, -1)  # (n, k, H, W)
     fx, fy, phase = rand(n, 3, 1, 1) * 4, rand(n, 3, 1, 1) * 4, rand(n, 3, 1, 1) * 6.28
     waves = torch.sin(2 * math.pi * (fx * xx + fy * yy) + phase)  # (n, 3, H, W)
     img = torch.einsum("nkhw,nkc->nchw", waves, (rand(n, 3, channels) - 0.5) * 0.6)
@@ -112,7 +113,8 @@ def randomize_weights(model: nn.Module, seed: int = 0, *, images: Tensor | None 
             linear.weight.normal_(0.0, 2.0 / fan_in**0.5, generator=g)
             linear.bias.normal_(0.0, 0.1, generator=g)
 
-    cfg: LeViTConfig | None = getattr(model, "config", None)
+    cfg = getattr(model, "config", None)
+    cfg = cfg if isinstance(cfg, LeViTConfig) else None  # e.g. transformers' LeViT: 224x224 RGB
     if images is None:
         size = cfg.img_size if cfg is not None else 224
         images = sample_images(4, size, seed=seed, channels=cfg.in_chans if cfg is not None else 3)
