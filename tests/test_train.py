@@ -116,7 +116,7 @@ def test_bad_overrides_are_one_line_errors():
         (["lr=abc"], "bad value for lr"),
         (["epoch=3"], "unknown key(s) ['epoch']"),
         (["--epochs", "0"], "--epochs must be >= 1"),
-        (["--img-size", "100"], "img_size must be a multiple of 16"),
+        (["--img-size", "100"], "--img-size: must be a positive multiple of 16"),
         (["--model", "levit_999"], "unknown model 'levit_999'"),
         (["--dataset", "digits"], "--data"),  # both --data and --dataset
         (["--resume", "nope.pth"], "--resume must be 'auto' or an existing checkpoint file"),

@@ -488,7 +488,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from levit.recipe import available_recipes, parse_overrides, resolve_config
     from levit.train import train
 
-    for flag, v in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--img-size", args.img_size)):
+    for flag, v in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
         if v is not None and v < 1:
             raise UsageError(f"{flag} must be >= 1, got {v}")
     if args.resume not in (None, "auto") and not Path(args.resume).is_file():
