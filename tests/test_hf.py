@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import FUSE_TOL, rel_err
 
 import levit
 from levit.checkpoint import read_metadata
@@ -31,17 +32,18 @@ def _hf_config(name: str, num_labels: int = 10, **kw):
 
 
 def _randomised(module, seed=0):
-    """Realistic BN statistics and non-zero biases/bias tables: a fresh model hides mapping errors."""
+    """Realistic BN statistics, bias tables of a trained model's magnitude (randomize_weights) and
+    non-zero classifier biases: a fresh model hides mapping errors. The bias tables are left as drawn:
+    redrawn after the calibration pass they no longer fit the BN statistics, and the model turns
+    chaotic (fp32 vs float64 logits ~10% apart on levit_128s), so no fp32 comparison could pass."""
     randomize_weights(module, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for n, p in module.named_parameters():
-            if n.endswith("attention_biases"):
-                p.copy_(torch.randn(p.shape, generator=g))
-            elif n.endswith("linear.bias"):
+            if n.endswith("linear.bias"):  # the classifiers (after the last BN: statistics unaffected)
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     # transformers' LeViT caches the gathered biases in eval mode (randomize_weights' calibration pass
-    # filled that cache); switching to training mode clears it, so the new tables take effect
+    # filled that cache); switching to training mode clears it, so no stale table can be served
     return module.train().eval()
 
 
@@ -65,7 +67,7 @@ def test_save_pretrained_folder_loads_with_equal_logits(name, tmp_path):
         want = hf(pixel_values=x).logits
         _close(model(x), want)
         # fused inference too (heads merged like the teacher average), at the fusion checks' tolerance
-        _close(levit.fuse(model)(x), want, tol=1e-4)
+        assert rel_err(levit.fuse(model)(x), want) <= FUSE_TOL
 
 
 def test_weight_files_without_config_and_back_to_hf(tmp_path):

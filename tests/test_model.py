@@ -43,9 +43,12 @@ def test_params_from_config_equals_the_built_model(name, changes):
 
 def test_derived_sizes_of_the_config():
     cfg = VARIANTS["levit_128s"]
-    assert cfg.stem_channels == (3, 16, 32, 64, 128) and cfg.stem_resolutions == (112, 56, 28, 14)
+    assert cfg.stem_channels == (3, 16, 32, 64, 128)
+    assert cfg.stem_resolutions == ((112, 112), (56, 56), (28, 28), (14, 14))  # (h, w) after each conv
     assert cfg.resolutions == (14, 7, 4) and cfg.subsampled(7) == 4 and cfg.subsampled(14) == 7
     assert cfg.replace(img_size=288).resolutions == (18, 9, 5)
+    wide = cfg.replace(img_size=(320, 192))
+    assert wide.stem_resolutions[-1] == (20, 12) and wide.grid_sizes == ((20, 12), (10, 6), (5, 3))
 
 
 def test_registry_lists_every_variant_and_aliases():

@@ -57,14 +57,30 @@ def sample_images(n: int, img_size: int | tuple[int, int] = 224, *, seed: int = 
 _RESIDUAL_SCALE = 0.1
 
 
-def _bias_table(heads: int, n: int, g: torch.Generator) -> Tensor:
-    """A (heads, r*r) relative-position bias table of a trained model's magnitude: each head prefers
-    near (or, for some heads, far) offsets with its own slope, plus structure-free noise."""
-    r = round(n**0.5)
-    d = torch.arange(r, dtype=torch.float32)
-    dist = (d.view(-1, 1) ** 2 + d.view(1, -1) ** 2).sqrt().reshape(-1) / max(r - 1, 1)  # 0..sqrt(2)
+def _bias_table(heads: int, grid: tuple[int, int], g: torch.Generator) -> Tensor:
+    """A (heads, h*w) relative-position bias table over the (dy, dx) offsets of an (h, w) grid, of a
+    trained model's magnitude: each head prefers near (or, for some heads, far) offsets with its own
+    slope, plus structure-free noise."""
+    h, w = grid
+    dy = torch.arange(h, dtype=torch.float32).view(-1, 1) / max(h - 1, 1)
+    dx = torch.arange(w, dtype=torch.float32).view(1, -1) / max(w - 1, 1)
+    dist = (dy**2 + dx**2).sqrt().reshape(-1)  # 0..sqrt(2), whatever the grid's aspect
     slope = torch.randn(heads, 1, generator=g) * 2.0
-    return -slope * dist + torch.randn(heads, n, generator=g) * 0.7
+    return -slope * dist + torch.randn(heads, h * w, generator=g) * 0.7
+
+
+def _bias_grid(owner: nn.Module, n: int) -> tuple[int, int]:
+    """The (h, w) offset grid of ``owner``'s bias table of ``n`` entries: its ``resolution`` (levit's
+    attention modules: the build grid), else a square grid (other LeViTs, e.g. transformers')."""
+    res = getattr(owner, "resolution", None)
+    if isinstance(res, int):
+        res = (res, res)
+    if isinstance(res, tuple) and len(res) == 2 and res[0] * res[1] == n:
+        return res
+    r = round(n**0.5)
+    if r * r != n:
+        raise ValueError(f"cannot tell the grid of a {n}-entry bias table in {type(owner).__name__}")
+    return r, r
 
 
 @torch.no_grad()
@@ -90,7 +106,8 @@ def randomize_weights(model: nn.Module, seed: int = 0, *, images: Tensor | None 
     p = next(model.parameters())
     for name, prm in model.named_parameters():
         if name.endswith("attention_biases"):
-            prm.copy_(_bias_table(prm.shape[0], prm.shape[1], g))
+            owner = model.get_submodule(name.rpartition(".")[0])
+            prm.copy_(_bias_table(prm.shape[0], _bias_grid(owner, prm.shape[1]), g))
     for m in model.modules():  # every weight from the seed: the model does not depend on torch's global RNG
         if isinstance(m, nn.Linear | nn.Conv2d):
             m.weight.normal_(0.0, m.weight[0].numel() ** -0.5, generator=g)
@@ -101,6 +118,11 @@ def randomize_weights(model: nn.Module, seed: int = 0, *, images: Tensor | None 
         for n, m in model.named_modules()
         if n.endswith(("attn.proj", "mlp.fc2")) and ".downsample.attn" not in n and hasattr(m, "bn")
     }
+    for m in model.modules():  # transformers' LeViT: a residual layer wraps its branch as `.module`
+        branch = getattr(m, "module", None)
+        if "Residual" in type(m).__name__ and isinstance(branch, nn.Module):
+            last = [b for b in branch.modules() if isinstance(b, nn.BatchNorm1d | nn.BatchNorm2d)][-1:]
+            residual_bns.update(id(b) for b in last)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
             scale = _RESIDUAL_SCALE if id(m) in residual_bns else 1.0  # a branch adds to, not replaces, the stream
@@ -116,7 +138,7 @@ def randomize_weights(model: nn.Module, seed: int = 0, *, images: Tensor | None 
     cfg = getattr(model, "config", None)
     cfg = cfg if isinstance(cfg, LeViTConfig) else None  # e.g. transformers' LeViT: 224x224 RGB
     if images is None:
-        size = cfg.img_size if cfg is not None else 224
+        size = cfg.img_hw if cfg is not None else 224
         images = sample_images(4, size, seed=seed, channels=cfg.in_chans if cfg is not None else 3)
     was_training = {m: m.training for m in model.modules()}
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d)]
