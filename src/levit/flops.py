@@ -22,13 +22,19 @@ def flops_from_config(cfg: LeViTConfig, fused: bool = False) -> int:
     Convention (the authors'): a conv counts in*out*k*k*out_pixels, a linear layer in*out*tokens,
     each classifier head in*out, attention heads*(Nq*Nk*D + Nq*Nk + Nq*Nk*Dv); BatchNorm,
     activations, additions and pooling are free. A fused model has the two heads merged into one.
+
+    The Table 5 ablations count the same way: A2's 16x16 stem conv as in*out*256*tokens, A3's
+    LayerNorms and biases and A5's position embedding are free (like BatchNorm and additions).
     """
     total = 0
     res = cfg.img_size
-    chans = [cfg.in_chans, cfg.embed_dim[0] // 8, cfg.embed_dim[0] // 4, cfg.embed_dim[0] // 2, cfg.embed_dim[0]]
-    for a, b in itertools.pairwise(chans):
-        res = (res - 1) // 2 + 1  # 3x3, stride 2, padding 1
-        total += a * b * 9 * res * res
+    if cfg.stem == "linear16":
+        total += cfg.in_chans * cfg.embed_dim[0] * 16 * 16 * cfg.resolutions[0] ** 2
+    else:
+        chans = [cfg.in_chans, cfg.embed_dim[0] // 8, cfg.embed_dim[0] // 4, cfg.embed_dim[0] // 2, cfg.embed_dim[0]]
+        for a, b in itertools.pairwise(chans):
+            res = (res - 1) // 2 + 1  # 3x3, stride 2, padding 1
+            total += a * b * 9 * res * res
 
     def attn_core(heads: int, nq: int, nk: int, d: int, dv: int) -> int:
         return heads * (nq * nk * d + nq * nk + nq * nk * dv)
@@ -39,10 +45,11 @@ def flops_from_config(cfg: LeViTConfig, fused: bool = False) -> int:
         N = r * r
         if s > 0:
             c_in, r_in, h = cfg.embed_dim[s - 1], cfg.resolutions[s - 1], cfg.shrink_heads[s - 1]
-            n_in, dv = r_in * r_in, int(cfg.down_attn_ratio * D)
-            total += c_in * h * (D + dv) * n_in  # kv
-            total += c_in * h * D * N  # q on the subsampled grid
-            total += attn_core(h, N, n_in, D, dv)
+            Ds = cfg.shrink_key_dim
+            n_in, dv = r_in * r_in, int(cfg.down_attn_ratio * Ds)
+            total += c_in * h * (Ds + dv) * n_in  # kv
+            total += c_in * h * Ds * N  # q on the subsampled grid
+            total += attn_core(h, N, n_in, Ds, dv)
             total += h * dv * C * N  # proj
             hidden = int(C * cfg.down_mlp_ratio)
             total += 2 * C * hidden * N

@@ -17,13 +17,24 @@ class LeViTBlock(nn.Module):
     def __init__(self, cfg: LeViTConfig, stage: int, drop_path: float) -> None:
         super().__init__()
         dim, r = cfg.embed_dim[stage], cfg.resolutions[stage]
-        self.attn = Attention(dim, cfg.key_dim, cfg.num_heads[stage], cfg.attn_ratio, r)
-        self.mlp = MLP(dim, int(dim * cfg.mlp_ratio))
+        self.attn = Attention(dim, cfg.key_dim, cfg.num_heads[stage], cfg.attn_ratio, r, **_attn_switches(cfg))
+        self.mlp = MLP(dim, int(dim * cfg.mlp_ratio), norm=cfg.norm)
         self.drop_path = DropPath(drop_path)
+        self.norm1, self.norm2 = _prenorm(cfg, dim), _prenorm(cfg, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path(self.attn(x))
-        return x + self.drop_path(self.mlp(x))
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def _attn_switches(cfg: LeViTConfig) -> dict:
+    """The Table 5 switches of the attention layers (all on for LeViT itself)."""
+    return dict(norm=cfg.norm, use_bias=cfg.pos == "bias", act=cfg.attn_act)
+
+
+def _prenorm(cfg: LeViTConfig, dim: int) -> nn.Module:
+    """Pre-norm LayerNorm of a block in ablation A3 (no BatchNorm); an identity in LeViT."""
+    return nn.LayerNorm(dim) if cfg.norm == "ln" else nn.Identity()
 
 
 class ShrinkBlock(nn.Module):
@@ -33,14 +44,21 @@ class ShrinkBlock(nn.Module):
         super().__init__()
         c_in, c_out = cfg.embed_dim[stage - 1], cfg.embed_dim[stage]
         self.attn = ShrinkAttention(
-            c_in, c_out, cfg.key_dim, cfg.shrink_heads[stage - 1], cfg.down_attn_ratio, cfg.resolutions[stage - 1]
+            c_in,
+            c_out,
+            cfg.shrink_key_dim,
+            cfg.shrink_heads[stage - 1],
+            cfg.down_attn_ratio,
+            cfg.resolutions[stage - 1],
+            **_attn_switches(cfg),
         )
-        self.mlp = MLP(c_out, int(c_out * cfg.down_mlp_ratio))
+        self.mlp = MLP(c_out, int(c_out * cfg.down_mlp_ratio), norm=cfg.norm)
         self.drop_path = DropPath(drop_path)
+        self.norm1, self.norm2 = _prenorm(cfg, c_in), _prenorm(cfg, c_out)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.attn(x)
-        return x + self.drop_path(self.mlp(x))
+        x = self.attn(self.norm1(x))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class LeViTStage(nn.Module):
@@ -76,19 +94,26 @@ class LeViT(nn.Module):
         super().__init__()
         self.config = cfg
         c = cfg.embed_dim[0]
-        self.stem = nn.Sequential(
-            ConvBN(cfg.in_chans, c // 8),
-            nn.Hardswish(),
-            ConvBN(c // 8, c // 4),
-            nn.Hardswish(),
-            ConvBN(c // 4, c // 2),
-            nn.Hardswish(),
-            ConvBN(c // 2, c),
-        )
+        if cfg.stem == "linear16":  # Table 5, A2: one 16x16 stride-16 convolution (ViT's patch embedding)
+            self.stem = nn.Sequential(ConvBN(cfg.in_chans, c, 16, 16, 0, norm=cfg.norm))
+        else:
+            self.stem = nn.Sequential(
+                ConvBN(cfg.in_chans, c // 8, norm=cfg.norm),
+                nn.Hardswish(),
+                ConvBN(c // 8, c // 4, norm=cfg.norm),
+                nn.Hardswish(),
+                ConvBN(c // 4, c // 2, norm=cfg.norm),
+                nn.Hardswish(),
+                ConvBN(c // 2, c, norm=cfg.norm),
+            )
+        self.pos_embed: nn.Parameter | None = None
+        if cfg.pos == "embed":  # Table 5, A5: absolute position embedding added to the input tokens
+            self.pos_embed = nn.Parameter(torch.zeros(1, cfg.resolutions[0] ** 2, c))
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.stages = nn.ModuleList([LeViTStage(cfg, s, cfg.drop_path_rate) for s in range(cfg.num_stages)])
         nf, nc = cfg.num_features, cfg.num_classes
-        self.head = BNLinear(nf, nc) if nc > 0 else nn.Identity()
-        self.head_dist = (BNLinear(nf, nc) if nc > 0 else nn.Identity()) if cfg.distillation else None
+        self.head = BNLinear(nf, nc, norm=cfg.norm) if nc > 0 else nn.Identity()
+        self.head_dist = (BNLinear(nf, nc, norm=cfg.norm) if nc > 0 else nn.Identity()) if cfg.distillation else None
         self.distilled_training = False
 
     @property
@@ -104,12 +129,14 @@ class LeViT(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names that take no weight decay (attention bias tables)."""
-        return {n for n, _ in self.named_parameters() if n.endswith("attention_biases")}
+        return {n for n, _ in self.named_parameters() if n.endswith("attention_biases") or n == "pos_embed"}
 
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, 3, H, W) images -> (B, N, C) tokens of the last stage."""
         check_input(x, self.config)
         x = self.stem(x).flatten(2).transpose(1, 2)  # (B, C, r, r) -> (B, r*r, C)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
         for stage in self.stages:
             x = stage(x)
         return x
@@ -118,6 +145,8 @@ class LeViT(nn.Module):
         """The output of every stage as (B, C_s, r_s, r_s) maps, e.g. for a detection backbone."""
         check_input(x, self.config)
         x = self.stem(x).flatten(2).transpose(1, 2)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
         out = []
         for stage, r in zip(self.stages, self.config.resolutions):
             x = stage(x)
@@ -144,6 +173,7 @@ class LeViT(nn.Module):
         self.config = self.config.replace(num_classes=num_classes)
         nf = self.config.num_features
         device = next(self.parameters()).device
-        self.head = (BNLinear(nf, num_classes) if num_classes > 0 else nn.Identity()).to(device)
+        norm = self.config.norm
+        self.head = (BNLinear(nf, num_classes, norm=norm) if num_classes > 0 else nn.Identity()).to(device)
         if self.head_dist is not None:
-            self.head_dist = (BNLinear(nf, num_classes) if num_classes > 0 else nn.Identity()).to(device)
+            self.head_dist = (BNLinear(nf, num_classes, norm=norm) if num_classes > 0 else nn.Identity()).to(device)

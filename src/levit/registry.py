@@ -30,8 +30,14 @@ def list_models(pattern: str = "*") -> list[str]:
 
 
 def get_config(name: str, **overrides: object) -> LeViTConfig:
-    """The config of a registered variant with ``overrides`` applied (unknown keys are an error)."""
-    return VARIANTS[canonical_name(name)].replace(**overrides)
+    """The config of a registered variant with ``overrides`` applied (unknown keys are an error).
+
+    ``ablation="A1".."A7"`` first turns the variant into the paper's Table 5 row, then the other
+    overrides apply."""
+    from .config import ablation_config
+
+    ablation = overrides.pop("ablation", None)
+    return ablation_config(VARIANTS[canonical_name(name)], ablation).replace(**overrides)
 
 
 def create_model(
@@ -43,6 +49,7 @@ def create_model(
     drop_path_rate: float | None = None,
     checkpoint: str | os.PathLike | None = None,
     pretrained: bool = False,
+    ablation: str | None = None,
     **overrides: object,
 ) -> nn.Module:
     """Build a LeViT model, optionally loading weights.
@@ -57,6 +64,7 @@ def create_model(
         checkpoint: an official release file, a timm LeViT state dict (``.pth`` or ``.safetensors``), or a
             file written by :func:`levit.save`. Loaded strictly; a fused checkpoint gives a fused model.
         pretrained: download the authors' released weights (cached, hash-checked).
+        ablation: ``"A1"``..``"A7"`` builds the paper's Table 5 variant (see :data:`levit.config.ABLATIONS`).
         **overrides: any other :class:`~levit.config.LeViTConfig` field (``in_chans``, ``key_dim``, ...).
 
     Example:
@@ -66,6 +74,8 @@ def create_model(
         raise ValueError("give either checkpoint=... or pretrained=True, not both")
     given = dict(num_classes=num_classes, distillation=distillation, img_size=img_size, drop_path_rate=drop_path_rate)
     changes = {k: v for k, v in given.items() if v is not None} | overrides
+    if ablation is not None:
+        changes["ablation"] = ablation
     cfg = get_config(name, **changes)  # validates the name and every key before any file is read
     if pretrained:
         from .checkpoint import download_pretrained
