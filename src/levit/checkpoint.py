@@ -341,6 +341,13 @@ def load_checkpoint(path: str | os.PathLike, name: str, **explicit: object) -> n
             cfg = LeViTConfig.from_dict(info["config"])
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: corrupt levit metadata ({_short(e)})") from e
+    ablation = explicit.pop("ablation", cfg.ablation)
+    if ablation != cfg.ablation:  # the paper's Table 5 rows: only on top of a plain LeViT
+        if cfg.ablation is not None:
+            raise CheckpointError(f"{path}: checkpoint holds ablation {cfg.ablation}, but {ablation} was asked for")
+        from .config import ablation_config
+
+        cfg = ablation_config(cfg, ablation)
     try:
         cfg = cfg.replace(**explicit)
     except TypeError as e:

@@ -372,7 +372,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if not args.no_fuse:
         import levit
 
-        model = levit.fuse(model) if not getattr(model, "is_fused", False) else model
+        from levit.fuse import fusable
+
+        if not getattr(model, "is_fused", False) and not fusable(model):  # ablation A3 (LayerNorm)
+            print(f"note: {model.config.ablation} cannot be fused: evaluating the unfused model", file=sys.stderr)
+        elif not getattr(model, "is_fused", False):
+            model = levit.fuse(model)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if args.device == "cuda" and not torch.cuda.is_available():

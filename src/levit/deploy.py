@@ -431,14 +431,18 @@ def deploy(
         >>> pred = levit.deploy(model, backend="openvino", precision="int8", calibration="photos/")
         >>> pred.fidelity, pred(images).argmax(-1)
     """
-    from .fuse import FusedLeViT, fuse
+    from .fuse import FusedLeViT, fusable, fuse
 
     if batch_size < 1:
         raise DeployError(f"batch_size must be >= 1, got {batch_size}")
     if threads is not None and threads < 1:
         raise DeployError(f"threads must be >= 1, got {threads}")
     if not isinstance(model, FusedLeViT):
-        model = fuse(model)
+        if fusable(model):
+            model = fuse(model)
+        else:  # ablation A3: LayerNorm does not fold; the unfused model runs as it is
+            warnings.warn(f"{model.config.name} ({model.config.ablation}) cannot be fused: deploying it unfused")
+            model = copy.deepcopy(model).eval()
     p = next(model.parameters())
     device = p.device
     cfg = model.config

@@ -9,6 +9,7 @@ written under a temporary name next to ``path`` and renamed.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import tempfile
 import warnings
@@ -124,7 +125,7 @@ def export(
         tolerance: the largest accepted relative error in fp32; above it :class:`ExportError`
             is raised and nothing is written.
     """
-    from .fuse import FusedLeViT, fuse
+    from .fuse import FusedLeViT, fusable, fuse
 
     path = Path(path)
     if format is None:
@@ -141,7 +142,11 @@ def export(
 
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise ExportError(f"export() needs a levit model, got {type(model).__name__}")
-    fused: FusedLeViT = fuse(model).float().cpu().eval()  # a new module: the input is untouched
+    if fusable(model):
+        fused: FusedLeViT = fuse(model).float().cpu().eval()  # a new module: the input is untouched
+    else:  # ablation A3: LayerNorm does not fold into the linears; export the unfused model
+        warnings.warn(f"{model.config.name} ({model.config.ablation}) cannot be fused: exporting it unfused")
+        fused = copy.deepcopy(model).float().cpu().eval()
     cfg = fused.config
     gen = torch.Generator().manual_seed(0)
     example = torch.randn(batch_size, cfg.in_chans, cfg.img_size, cfg.img_size, generator=gen)

@@ -11,7 +11,8 @@ __all__ = ["randomize_weights"]
 @torch.no_grad()
 def randomize_weights(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every BatchNorm non-trivial statistics and affine terms, and every zero-initialised
-    attention-bias table and head bias random values, in place; returns ``model``.
+    attention-bias table and head bias random values, in place; returns ``model``. The Table 5
+    ablations' extra parameters (LayerNorms, biased linears and convs, position embedding) too.
 
     A freshly built LeViT is degenerate (unit BN statistics, zero biases, residual branches switched
     off by zero BN weights): fusion, conversion and reduced-precision checks would pass on it trivially.
@@ -24,9 +25,14 @@ def randomize_weights(model: nn.Module, seed: int = 0) -> nn.Module:
             m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
             m.weight.copy_(torch.rand(n, generator=g) + 0.5)
             m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+        elif isinstance(m, nn.LayerNorm) and m.weight is not None:  # ablation A3
+            m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+            m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
     for name, p in model.named_parameters():
         if name.endswith("attention_biases"):
             p.copy_(torch.randn(p.shape, generator=g))
-        elif name.endswith("linear.bias"):
+        elif name.endswith(("linear.bias", "conv.bias")):
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        elif name == "pos_embed":  # ablation A5
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     return model
