@@ -75,6 +75,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
     from levit.config import PAPER_RESULTS
     from levit.registry import get_config
 
+    if args.ablations:
+        return _cmd_models_ablations(args)
     rows = []
     for name in levit.list_models(args.pattern):
         cfg = get_config(name)
@@ -107,6 +109,24 @@ def _cmd_models(args: argparse.Namespace) -> int:
     print(
         "released weights; * speeds as printed in the paper (Xeon 6138 one thread / V100). `levit bench` measures yours."
     )
+    return 0
+
+
+def _cmd_models_ablations(args: argparse.Namespace) -> int:
+    from levit.ablate import count_rows
+
+    rows = count_rows()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'row':<5} {'params':>11} {'paper':>6} {'FLOPs':>13} {'paper':>6} {'top-1*':>6}  change")
+    for r in rows:
+        print(
+            f"{r['row']:<5} {r['params']:>11,} {r['paper_params_m']:>5}M {r['flops']:>13,} {r['paper_flops_m']:>5}M "
+            f"{r['paper_top1']:>6}  {r['change']}"
+        )
+    print("LeViT-128S, 1000 classes, 224x224, without the distillation head (as in the paper's Table 5);")
+    print("* ImageNet top-1 after 100 epochs, from the paper. `levit ablate` trains them on your machine.")
     return 0
 
 
@@ -441,10 +461,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "models",
         "list the LeViT variants with their exact sizes",
-        "  levit models\n  levit models 'levit_1*' --json",
+        "  levit models\n  levit models 'levit_1*' --json\n  levit models --ablations   # Table 5: A1-A7",
     )
     p.add_argument("pattern", nargs="?", default="*", help="shell-style name filter")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--ablations", action="store_true", help="the paper's Table 5 rows (LeViT-128S, A1-A7) instead")
     p.set_defaults(func=_cmd_models)
 
     p = _sub(
@@ -579,7 +600,103 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fuse", action="store_true", help="evaluate the unfused model (BatchNorm not folded)")
     p.add_argument("--output", type=Path, help="also write the results as JSON to this file")
     p.set_defaults(func=_cmd_eval)
+    _add_ablate_parser(sub)
+    _add_biases_parser(sub)
     return parser
+
+
+# ---- ablate / biases (the paper's Table 5 and the attention-bias pictures) ------------------------
+def _add_ablate_parser(sub) -> None:
+    p = _sub(
+        sub,
+        "ablate",
+        "train LeViT-128S and the paper's Table 5 ablations A1-A7 at a short schedule; table + bar chart",
+        "  levit ablate                                        # the bundled digits, 32px, 10 epochs, 2-CPU minutes\n"
+        "  levit ablate --resume auto                          # continue an interrupted sweep\n"
+        "  levit ablate --variants base,A3,A5 --epochs 3\n"
+        "  levit ablate --data ~/imagenet100 --img-size 224 --epochs 100 --output runs/ablate-in100 \\\n"
+        "      --teacher-checkpoint teacher.safetensors        # distillation for every row but A4, as the paper",
+    )
+    p.add_argument("--output", "-o", type=Path, default=Path("runs/ablate"), help="sweep folder")
+    p.add_argument("--data", type=Path, help="ImageFolder with train/ and val/ (default: the bundled digits)")
+    p.add_argument("--epochs", type=int, default=10, help="epochs per row")
+    p.add_argument("--img-size", type=int, default=32, help="training resolution (multiple of 16)")
+    p.add_argument("--batch-size", "-b", type=int, default=64, help="training batch")
+    p.add_argument("--threads", type=int, default=None, help="training threads (default: the digits recipe's, 1)")
+    p.add_argument("--variants", default=",".join(("base", "A1", "A2", "A3", "A4", "A5", "A6", "A7")), help="rows")
+    p.add_argument("--teacher-checkpoint", type=Path, help="teacher weights: hard distillation for all rows but A4")
+    p.add_argument("--bench-img-size", type=int, default=224, help="resolution of the CPU speed measurement")
+    p.add_argument("--bench-seconds", type=float, default=3.0, help="seconds of timing per row")
+    p.add_argument("--resume", choices=["auto"], help="continue a sweep: skip complete rows, resume a started one")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training-recipe values, e.g. lr=1e-3")
+    p.set_defaults(func=_cmd_ablate)
+
+
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    from levit.ablate import ROWS, AblationSettings, ablate, format_markdown
+    from levit.train import parse_overrides
+
+    rows = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    bad = [v for v in rows if v not in ROWS]
+    if bad or not rows:
+        raise UsageError(f"--variants: unknown row(s) {bad}; valid: {', '.join(ROWS)}")
+    if args.epochs < 1:
+        raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.img_size % 16 or args.img_size < 16 or args.bench_img_size % 16 or args.bench_img_size < 16:
+        raise UsageError("--img-size and --bench-img-size must be positive multiples of 16")
+    if args.data is not None and not args.data.is_dir():
+        raise UsageError(f"--data: folder not found: {args.data}")
+    settings = AblationSettings(
+        output=str(args.output),
+        data=str(args.data) if args.data else None,
+        epochs=args.epochs,
+        img_size=args.img_size,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        rows=rows,
+        teacher_checkpoint=str(args.teacher_checkpoint) if args.teacher_checkpoint else None,
+        bench_img_size=args.bench_img_size,
+        bench_seconds=args.bench_seconds,
+        resume=args.resume == "auto",
+        train_overrides=parse_overrides(args.overrides),
+    )
+    results = ablate(settings, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    print(format_markdown(results, settings))
+    print(f"written: {args.output / 'ablations.csv'}, {args.output / 'ablations.md'}")
+    return 0
+
+
+def _add_biases_parser(sub) -> None:
+    p = _sub(
+        sub,
+        "biases",
+        "draw the learned attention biases: each head's bias over the (dy, dx) offsets, per stage",
+        "  levit biases --model levit_128s --pretrained --output biases.png\n"
+        "  levit biases --checkpoint runs/digits/best.pth --output digits_biases.png\n"
+        "  levit biases --model levit_256 --pretrained --img-size 384 --output b384.png  # resampled",
+    )
+    _add_model_args(p, required=False)
+    p.add_argument("--output", "-o", type=Path, default=Path("attention_biases.png"), help="PNG (+ .npz beside it)")
+    p.add_argument("--img-size", type=int, default=None, help="show the biases resampled to this resolution")
+    p.set_defaults(func=_cmd_biases)
+
+
+def _cmd_biases(args: argparse.Namespace) -> int:
+    from levit.biases import attention_biases, plot_biases, save_biases
+
+    if args.output.suffix.lower() != ".png":
+        raise UsageError(f"--output: expected a .png file, got {args.output.name!r}")
+    if not args.output.parent.is_dir():
+        raise UsageError(f"--output: folder {args.output.parent} does not exist")
+    if args.img_size is not None and (args.img_size < 16 or args.img_size % 16):
+        raise UsageError(f"--img-size must be a positive multiple of 16, got {args.img_size}")
+    kwargs = {"img_size": args.img_size} if args.img_size else {}
+    model = _load_model(args, **kwargs)
+    tables = attention_biases(model)
+    npz = save_biases(tables, args.output.with_suffix(".npz"))
+    plot_biases(tables, args.output, title=f"{model.config.name} attention biases at {model.config.img_size}px")
+    print(f"written: {args.output} and {npz} ({len(tables)} attention layers)")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
