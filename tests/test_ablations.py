@@ -149,7 +149,7 @@ def test_a7_fused_has_no_hardswish():
 def test_a3_refuses_to_fuse_and_falls_back(tmp_path):
     model = randomize_weights(levit.create_model("levit_tiny", ablation="A3", img_size=32)).eval()
     assert not fusable(model)
-    with pytest.raises(ValueError, match="LayerNorm .* cannot be folded"):
+    with pytest.raises(ValueError, match=r"LayerNorm .* cannot be folded"):
         levit.fuse(model)
     x = torch.randn(2, 3, 32, 32)
     with warnings.catch_warnings(record=True) as caught:
@@ -191,7 +191,7 @@ def test_training_recipe_takes_ablation():
     assert cfg.ablation == "A3"
     with pytest.raises(LeViTError, match="ablation: unknown ablation 'A8'"):
         resolve_config(dataset="digits", model="levit_128s", ablation="A8")
-    with pytest.raises(LeViTError, match="A4 .* distillation=none"):
+    with pytest.raises(LeViTError, match=r"A4 .* distillation=none"):
         resolve_config(dataset="digits", model="levit_128s", ablation="A4", distillation="hard")
 
 
@@ -201,7 +201,7 @@ def test_bench_knows_the_ablations():
     assert {"levit_128s_a1", "levit_128s_a3", "levit_128s_a7"} <= set(list_bench_models())
     from levit.benchmark import BENCH_MODELS
 
-    module, params, flops, res = _build(BENCH_MODELS["levit_128s_a3"], 32)
+    module, *_ = _build(BENCH_MODELS["levit_128s_a3"], 32)
     assert not getattr(module, "is_fused", False) and module.config.norm == "ln"  # A3 timed unfused
     module, *_ = _build(BENCH_MODELS["levit_128s_a2"], 32)
     assert module.is_fused

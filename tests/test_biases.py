@@ -47,7 +47,7 @@ def test_biases_command_puts_the_pattern_at_the_right_offsets(tmp_path):
 
 
 def test_fused_model_gives_the_same_tables(tmp_path):
-    model, _, pattern = _known(tmp_path)
+    model, _, _ = _known(tmp_path)
     ours, fused = attention_biases(model), attention_biases(levit.fuse(model))
     assert ours.keys() == fused.keys()
     for k in ours:
@@ -55,7 +55,7 @@ def test_fused_model_gives_the_same_tables(tmp_path):
 
 
 def test_resampled_to_another_resolution(tmp_path):
-    _, ckpt, pattern = _known(tmp_path)
+    _, ckpt, _ = _known(tmp_path)
     png = tmp_path / "b128.png"
     assert main(["biases", "--checkpoint", str(ckpt), "--img-size", "128", "--output", str(png)]) == 0
     a = np.load(tmp_path / "b128.npz")["stage0.block0"]

@@ -185,9 +185,7 @@ def _speed_row(row: str, s: AblationSettings) -> tuple[float, bool]:
     return measure_cpu_speed(fuse(model) if ok else model, s.bench_img_size, seconds=s.bench_seconds), ok
 
 
-def ablate(
-    settings: AblationSettings, *, progress: Callable[[str], None] | None = None
-) -> list[dict[str, Any]]:
+def ablate(settings: AblationSettings, *, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Run the sweep and write ``ablations.csv`` / ``.md`` (and ``.png`` with matplotlib) in
     ``settings.output``; returns the rows. Complete rows are skipped with ``settings.resume``."""
     say = progress or (lambda msg: None)

@@ -50,9 +50,7 @@ def attention_biases(model: nn.Module) -> dict[str, np.ndarray]:
     if cfg is None or stages is None:
         raise LeViTError(f"attention_biases needs a levit model, got {type(model).__name__}")
     if getattr(cfg, "pos", "bias") != "bias":
-        raise LeViTError(
-            f"{cfg.name} ({cfg.ablation}) has no attention biases: it adds a position embedding instead"
-        )
+        raise LeViTError(f"{cfg.name} ({cfg.ablation}) has no attention biases: it adds a position embedding instead")
     out: dict[str, np.ndarray] = {}
     for s, stage in enumerate(stages):
         layers = [] if isinstance(stage.downsample, nn.Identity) else [("shrink", stage.downsample.attn)]
@@ -61,7 +59,7 @@ def attention_biases(model: nn.Module) -> dict[str, np.ndarray]:
             table = _table(attn)
             if table is None:  # pragma: no cover - every LeViT attention has one
                 raise LeViTError(f"stage {s} {name}: no attention-bias table found")
-            r = attn.resolution if hasattr(attn, "resolution") else int(round(table.shape[1] ** 0.5))
+            r = attn.resolution if hasattr(attn, "resolution") else round(table.shape[1] ** 0.5)
             out[f"stage{s}.{name}"] = table.float().cpu().reshape(table.shape[0], r, r).numpy()
     return out
 
@@ -96,9 +94,7 @@ def plot_biases(tables: dict[str, np.ndarray], path: str | os.PathLike, title: s
     names = list(tables)
     cols = max(t.shape[0] for t in tables.values())
     cell = 1.15
-    fig, axes = plt.subplots(
-        len(names), cols, figsize=(1.2 + cols * cell, 0.6 + len(names) * cell), squeeze=False
-    )
+    fig, axes = plt.subplots(len(names), cols, figsize=(1.2 + cols * cell, 0.6 + len(names) * cell), squeeze=False)
     for i, name in enumerate(names):
         t = tables[name]
         r = t.shape[-1]

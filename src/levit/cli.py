@@ -391,7 +391,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         class_to_idx = {c: i for i, c in enumerate(classes)}
     if not args.no_fuse:
         import levit
-
         from levit.fuse import fusable
 
         if not getattr(model, "is_fused", False) and not fusable(model):  # ablation A3 (LayerNorm)

@@ -441,7 +441,9 @@ def deploy(
         if fusable(model):
             model = fuse(model)
         else:  # ablation A3: LayerNorm does not fold; the unfused model runs as it is
-            warnings.warn(f"{model.config.name} ({model.config.ablation}) cannot be fused: deploying it unfused")
+            warnings.warn(
+                f"{model.config.name} ({model.config.ablation}) cannot be fused: deploying it unfused", stacklevel=2
+            )
             model = copy.deepcopy(model).eval()
     p = next(model.parameters())
     device = p.device

@@ -145,7 +145,9 @@ def export(
     if fusable(model):
         fused: FusedLeViT = fuse(model).float().cpu().eval()  # a new module: the input is untouched
     else:  # ablation A3: LayerNorm does not fold into the linears; export the unfused model
-        warnings.warn(f"{model.config.name} ({model.config.ablation}) cannot be fused: exporting it unfused")
+        warnings.warn(
+            f"{model.config.name} ({model.config.ablation}) cannot be fused: exporting it unfused", stacklevel=2
+        )
         fused = copy.deepcopy(model).float().cpu().eval()
     cfg = fused.config
     gen = torch.Generator().manual_seed(0)
