@@ -94,7 +94,9 @@ def plot_biases(tables: dict[str, np.ndarray], path: str | os.PathLike, title: s
     names = list(tables)
     cols = max(t.shape[0] for t in tables.values())
     cell = 1.15
-    fig, axes = plt.subplots(len(names), cols, figsize=(1.2 + cols * cell, 0.6 + len(names) * cell), squeeze=False)
+    fig, axes = plt.subplots(
+        len(names), cols, figsize=(max(4.8, 1.2 + cols * cell), 0.8 + len(names) * cell), squeeze=False
+    )
     for i, name in enumerate(names):
         t = tables[name]
         r = t.shape[-1]
@@ -112,7 +114,7 @@ def plot_biases(tables: dict[str, np.ndarray], path: str | os.PathLike, title: s
                 ax.set_title(f"head {h}", fontsize=8)
             if h == 0:
                 ax.set_ylabel(f"{name}\n{r}x{r}", fontsize=7)
-    fig.suptitle((title or "attention biases") + "  (each head over offsets dy, dx; red +, blue -)", fontsize=9)
+    fig.suptitle((title or "attention biases") + "\neach head over offsets (dy, dx); red +, blue -", fontsize=9)
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:

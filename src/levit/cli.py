@@ -693,7 +693,9 @@ def _cmd_biases(args: argparse.Namespace) -> int:
     model = _load_model(args, **kwargs)
     tables = attention_biases(model)
     npz = save_biases(tables, args.output.with_suffix(".npz"))
-    plot_biases(tables, args.output, title=f"{model.config.name} attention biases at {model.config.img_size}px")
+    cfg = model.config
+    label = cfg.name + (f" ({cfg.ablation})" if cfg.ablation else "")
+    plot_biases(tables, args.output, title=f"{label} attention biases at {cfg.img_size}px")
     print(f"written: {args.output} and {npz} ({len(tables)} attention layers)")
     return 0
 
