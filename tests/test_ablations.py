@@ -100,6 +100,8 @@ def test_strict_ablation_values():
         VARIANTS["levit_tiny"].replace(norm="layernorm")
     with pytest.raises(ValueError, match="levit_128s"):  # A1/A6 are the paper's LeViT-128S widths
         levit.create_model("levit_tiny", ablation="A6")
+    with pytest.raises(ValueError, match="ablation A3 needs"):  # a label without its switch would lie
+        VARIANTS["levit_tiny"].replace(ablation="A3")
     # the switch-only rows apply to any variant
     assert levit.create_model("levit_tiny", ablation="A3").config.norm == "ln"
 
@@ -213,3 +215,28 @@ def test_models_ablations_cli(capsys):
     assert main(["models", "--ablations"]) == 0
     out = capsys.readouterr().out
     assert "A6" in out and "6,195,819" in out and "312M" in out
+
+
+def test_train_cli_rejects_a_bad_ablation(tmp_path, capsys):
+    from levit.cli import main
+
+    args = ["train", "--dataset", "digits", "--output", str(tmp_path / "run"), "ablation=A9"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "unknown ablation 'A9'" in err and "A1" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_runs_a3_unfused(tmp_path, capsys):
+    from train_utils import make_folder
+
+    from levit.cli import main
+
+    model = randomize_weights(levit.create_model("levit_tiny", ablation="A3", img_size=32, num_classes=2)).eval()
+    levit.save(model, tmp_path / "a3.safetensors")
+    data = make_folder(tmp_path / "val", {"a": 2, "b": 2}, size=32)
+    out = tmp_path / "eval.json"
+    args = ["eval", "--data", str(data), "-c", str(tmp_path / "a3.safetensors"), "--workers", "0", "--output", str(out)]
+    assert main(args) == 0
+    assert "cannot be fused: evaluating the unfused model" in capsys.readouterr().err
+    assert out.is_file()

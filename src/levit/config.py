@@ -8,6 +8,16 @@ from dataclasses import dataclass, field
 __all__ = ["ABLATIONS", "PAPER_ABLATIONS", "PAPER_RESULTS", "VARIANTS", "LeViTConfig", "ablation_config"]
 
 
+# The Table 5 rows that only flip switches (A1 and A6 set widths: see _ABLATION_DIMS below).
+_ABLATION_SWITCHES: dict[str, dict[str, object]] = {
+    "A2": dict(stem="linear16"),
+    "A3": dict(norm="ln"),
+    "A4": {},
+    "A5": dict(pos="embed"),
+    "A7": dict(attn_act=False),
+}
+
+
 @dataclass(frozen=True)
 class LeViTConfig:
     """Everything that defines a LeViT network.
@@ -65,6 +75,12 @@ class LeViTConfig:
         for key, valid in (("norm", ("bn", "ln")), ("stem", ("patchconv", "linear16")), ("pos", ("bias", "embed"))):
             if getattr(self, key) not in valid:
                 raise ValueError(f"{key} must be one of {', '.join(valid)}; got {getattr(self, key)!r}")
+        wrong = {k: v for k, v in _ABLATION_SWITCHES.get(self.ablation or "", {}).items() if getattr(self, k) != v}
+        if wrong:  # e.g. replace(ablation="A3") on a BatchNorm config: the label would lie
+            raise ValueError(
+                f"ablation {self.ablation} needs {wrong}; build it with create_model(..., ablation=...) "
+                "or levit.config.ablation_config"
+            )
         if self.down_heads is not None and len(self.down_heads) != self.num_stages - 1:
             raise ValueError(f"down_heads needs one entry per shrink attention ({self.num_stages - 1})")
 
@@ -206,13 +222,6 @@ _ABLATION_DIMS: dict[str, dict[str, object]] = {
         down_attn_ratio=1.0,
         down_mlp_ratio=4.0,
     ),
-}
-_ABLATION_SWITCHES: dict[str, dict[str, object]] = {
-    "A2": dict(stem="linear16"),
-    "A3": dict(norm="ln"),
-    "A4": {},
-    "A5": dict(pos="embed"),
-    "A7": dict(attn_act=False),
 }
 
 
