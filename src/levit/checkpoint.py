@@ -213,8 +213,10 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 def checkpoint_config(ck: Checkpoint, base: LeViTConfig, changes: Mapping[str, object]) -> LeViTConfig:
     """The config of the model to build for ``ck``: for levit files their saved config (which must be
-    of ``base``'s variant), else ``base``; then ``changes`` on top."""
+    of ``base``'s variant), else ``base``; then ``changes`` on top. ``changes["ablation"]`` (a Table 5
+    row) turns a plain LeViT config into that variant first; a file of another ablation is refused."""
     cfg = base
+    changes = dict(changes)
     info = ck.info
     if info is not None:
         version = info.get("format_version")
@@ -230,6 +232,13 @@ def checkpoint_config(ck: Checkpoint, base: LeViTConfig, changes: Mapping[str, o
             cfg = LeViTConfig.from_dict(info["config"])
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{ck.path}: corrupt levit metadata ({_short(e)})") from e
+    ablation = changes.pop("ablation", cfg.ablation)
+    if ablation != cfg.ablation:  # the paper's Table 5 rows: only on top of a plain LeViT
+        if cfg.ablation is not None:
+            raise CheckpointError(f"{ck.path}: checkpoint holds ablation {cfg.ablation}, but {ablation} was asked for")
+        from .config import ablation_config
+
+        cfg = ablation_config(cfg, ablation)
     try:
         return cfg.replace(**changes)
     except TypeError as e:
@@ -273,8 +282,9 @@ def _resize_bias_table(t: Tensor, dst: tuple[int, int], src: tuple[int, int] | N
 def _fit_to_model(
     sd: dict[str, Tensor], model: nn.Module, path: Path, fmt: str, src_cfg: LeViTConfig | None = None
 ) -> dict[str, Tensor]:
-    """Adapt heads (num_classes / distillation) and bias tables (img_size, from ``src_cfg``'s grid to
-    the model's; square 224 when unknown), then check strictly."""
+    """Adapt heads (num_classes / distillation), bias tables (img_size, from ``src_cfg``'s grid to
+    the model's; square 224 when unknown) and ablation A5's position embedding (from ``src_cfg``'s
+    grid), then check strictly."""
     cfg: LeViTConfig = model.config
     own = model.state_dict()
     heads = [h for h in ("head", "head_dist") if any(k.startswith(h + ".") for k in own)]
@@ -313,6 +323,13 @@ def _fit_to_model(
             dst = model.get_submodule(owner).resolution
             if got.shape != want.shape or (src is not None and src[0] * src[1] == got.shape[1] and src != dst):
                 sd[key] = _resize_bias_table(got, dst, src)
+                continue
+        if key == "pos_embed" and src_cfg is not None and got.shape != want.shape and got.ndim == 3:
+            from .model import pos_embed_for  # ablation A5's position embedding, made at another size
+
+            src, dst = src_cfg.grid_sizes[0], cfg.grid_sizes[0]
+            if got.shape[1] == src[0] * src[1] and got.shape[2] == want.shape[2]:
+                sd[key] = pos_embed_for(got.detach(), src, *dst)
                 continue
         if key.endswith("attn_bias") and got.shape != want.shape:
             raise CheckpointError(

@@ -17,9 +17,9 @@ from torch import Tensor, nn
 
 from .config import LeViTConfig
 from .layers import BNLinear, ConvBN, LinearBN, _pair, attention_bias_index, resample_bias_table
-from .model import LeViT, check_input, resolve_indices, stage_feature_info, to_nchw
+from .model import LeViT, check_input, pos_embed_for, resolve_indices, stage_feature_info, to_nchw
 
-__all__ = ["FusedAttention", "FusedLeViT", "FusedMLP", "FusedShrinkAttention", "fuse"]
+__all__ = ["FusedAttention", "FusedLeViT", "FusedMLP", "FusedShrinkAttention", "fusable", "fuse"]
 
 
 def _onednn_ok(x: Tensor) -> bool:
@@ -52,7 +52,7 @@ def _linear(x: Tensor, layer: nn.Linear, act: str = "none", residual: Tensor | N
     return y if residual is None else residual + y
 
 
-def _attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+def _attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, act: bool = True) -> Tensor:
     """``hardswish(softmax(q k^T + bias) v)`` for token-major views, heads concatenated.
 
     q: (B, N_q, H, D), k: (B, N_k, H, D), v: (B, N_k, H, Dv) (strided views into the projection
@@ -62,6 +62,7 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
     views and writes the result in place into the (B, N_q, H, Dv) output: no transposed copies of
     q, k, v or of the output. Traced graphs (ONNX, OpenVINO, TorchScript) get one fused attention op
     that the runtimes optimise; autograd and ``torch.compile`` get plain batched matmuls.
+    ``act=False`` (Table 5, ablation A7) leaves the Hardswish out.
     """
     B, Nq, H, _ = q.shape
     Dv = v.shape[-1]
@@ -69,16 +70,18 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
         x = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, scale=1.0
         )
-        return F.hardswish(x.transpose(1, 2).reshape(B, Nq, H * Dv))
+        x = x.transpose(1, 2).reshape(B, Nq, H * Dv)
+        return F.hardswish(x) if act else x
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
         attn = torch.matmul(q.transpose(1, 2), k.permute(0, 2, 3, 1)) + bias  # (B, H, N_q, N_k)
         x = torch.matmul(attn.softmax(dim=-1), v.transpose(1, 2))  # (B, H, N_q, Dv)
-        return F.hardswish(x.transpose(1, 2).reshape(B, Nq, H * Dv))
+        x = x.transpose(1, 2).reshape(B, Nq, H * Dv)
+        return F.hardswish(x) if act else x
     out = q.new_empty(B, Nq, H, Dv)
     for b in range(B):
         attn = torch.bmm(q[b].transpose(0, 1), k[b].permute(1, 2, 0)).add_(bias).softmax(dim=-1)  # (H, N_q, N_k)
         torch.bmm(attn, v[b].transpose(0, 1), out=out[b].transpose(0, 1))
-    return F.hardswish(out.view(B, Nq, H * Dv), inplace=True)
+    return F.hardswish(out.view(B, Nq, H * Dv), inplace=True) if act else out.view(B, Nq, H * Dv)
 
 
 class _GridBias:
@@ -126,6 +129,8 @@ class _GridBias:
 class FusedAttention(nn.Module):
     """Self-attention with the q scale folded into ``qkv`` and the bias as a (H, N, N) buffer."""
 
+    act = True  # Hardswish before the projection (False in ablation A7)
+
     def __init__(self, dim: int, key_dim: int, num_heads: int, val_dim: int, resolution: int) -> None:
         super().__init__()
         self.num_heads, self.key_dim, self.val_dim = num_heads, key_dim, val_dim
@@ -143,11 +148,13 @@ class FusedAttention(nn.Module):
         bias = self.attn_bias if hw is None else self._grid_bias(self.attn_bias, self.resolution, hw, 1)
         qkv = _linear(x, self.qkv).view(B, N, self.num_heads, -1)  # per head [q: D, k: D, v: Dv]
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], 3)  # (B, N, H, d) views
-        return _linear(_attention(q, k, v, bias), self.proj, residual=residual)
+        return _linear(_attention(q, k, v, bias, self.act), self.proj, residual=residual)
 
 
 class FusedShrinkAttention(nn.Module):
     """Shrink attention with folded BNs and a (H, N_q, N_k) bias buffer."""
+
+    act = True  # Hardswish before the projection (False in ablation A7)
 
     def __init__(self, in_dim: int, out_dim: int, key_dim: int, num_heads: int, val_dim: int, resolution: int) -> None:
         super().__init__()
@@ -172,7 +179,7 @@ class FusedShrinkAttention(nn.Module):
         k, v = _linear(x, self.kv).view(B, N, H, -1).split([self.key_dim, self.val_dim], dim=3)  # (B, N, H, d)
         xs = x.view(B, h, w, C)[:, ::2, ::2].reshape(B, h2 * w2, C)
         q = _linear(xs, self.q).view(B, h2 * w2, H, self.key_dim)  # (B, N_q, H, D)
-        return _linear(_attention(q, k, v, bias), self.proj)
+        return _linear(_attention(q, k, v, bias, self.act), self.proj)
 
 
 class FusedMLP(nn.Module):
@@ -195,6 +202,7 @@ class _FusedBlock(nn.Module):
         self.attn = FusedAttention(
             dim, cfg.key_dim, cfg.num_heads[s], int(cfg.attn_ratio * cfg.key_dim), cfg.grid_sizes[s]
         )
+        self.attn.act = cfg.attn_act
         self.mlp = FusedMLP(dim, int(dim * cfg.mlp_ratio))
 
     def forward(self, x: Tensor, hw: tuple[int, int] | None = None) -> Tensor:
@@ -209,11 +217,12 @@ class _FusedShrink(nn.Module):
         self.attn = FusedShrinkAttention(
             cfg.embed_dim[s - 1],
             c_out,
-            cfg.key_dim,
+            cfg.shrink_key_dim,
             cfg.shrink_heads[s - 1],
-            int(cfg.down_attn_ratio * cfg.key_dim),
+            int(cfg.down_attn_ratio * cfg.shrink_key_dim),
             cfg.grid_sizes[s - 1],
         )
+        self.attn.act = cfg.attn_act
         self.mlp = FusedMLP(c_out, int(c_out * cfg.down_mlp_ratio))
 
     def forward(self, x: Tensor, hw: tuple[int, int] | None = None) -> Tensor:
@@ -255,11 +264,18 @@ class FusedLeViT(nn.Module):
         self.class_names = None
         chans = cfg.stem_channels
         layers: list[nn.Module] = []
-        for i in range(4):
-            layers.append(nn.Conv2d(chans[i], chans[i + 1], 3, 2, 1))
-            if i < 3:
-                layers.append(nn.Hardswish())
+        if cfg.stem == "linear16":  # ablation A2: one 16x16 stride-16 conv
+            layers = [nn.Conv2d(chans[0], chans[1], 16, 16, 0)]
+        else:
+            for i in range(4):
+                layers.append(nn.Conv2d(chans[i], chans[i + 1], 3, 2, 1))
+                if i < 3:
+                    layers.append(nn.Hardswish())
         self.stem = nn.Sequential(*layers)
+        self.pos_embed: nn.Parameter | None = None
+        if cfg.pos == "embed":  # ablation A5: absolute position embedding (the attention biases stay 0)
+            h, w = cfg.grid_sizes[0]
+            self.pos_embed = nn.Parameter(torch.zeros(1, h * w, chans[-1]))
         self.stages = nn.ModuleList([_FusedStage(cfg, s) for s in range(cfg.num_stages)])
         nc = cfg.num_classes
         self.head = nn.Linear(cfg.num_features, nc) if nc > 0 else nn.Identity()
@@ -279,7 +295,9 @@ class FusedLeViT(nn.Module):
         convs = [m for m in self.stem if isinstance(m, nn.Conv2d)]
         for i, c in enumerate(convs):  # conv + bias + Hardswish in one oneDNN kernel
             act = "hardswish" if i < len(convs) - 1 else "none"
-            x = torch.ops.mkldnn._convolution_pointwise(x, c.weight, c.bias, [1, 1], [2, 2], [1, 1], 1, act, [], "")
+            x = torch.ops.mkldnn._convolution_pointwise(
+                x, c.weight, c.bias, list(c.padding), list(c.stride), [1, 1], 1, act, [], ""
+            )
         return x
 
     def forward_features(self, x: Tensor) -> Tensor:
@@ -294,6 +312,8 @@ class FusedLeViT(nn.Module):
         hw = (x.shape[2], x.shape[3])
         build = hw == self.config.grid_sizes[0]
         x = x.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C)
+        if self.pos_embed is not None:  # ablation A5
+            x = x + pos_embed_for(self.pos_embed, self.config.grid_sizes[0], hw[0], hw[1])
         out = []
         for s, stage in enumerate(self.stages):
             if upto is not None and s > upto:
@@ -414,13 +434,21 @@ def fuse(model: LeViT) -> FusedLeViT:
     if not isinstance(model, LeViT):
         raise TypeError(f"fuse() needs a levit LeViT model, got {type(model).__name__}")
     cfg = model.config
+    if not fusable(model):
+        raise ValueError(
+            "levit.fuse: ablation A3's pre-norm LayerNorm normalises each token by its own statistics and "
+            "cannot be folded into the next linear layer like BatchNorm; run the unfused model (model.eval())"
+        )
     p = next(model.parameters())
     fused = FusedLeViT(cfg).to(device=p.device, dtype=p.dtype)
     names = getattr(model, "class_names", None)
     fused.class_names = list(names) if names else None
 
-    for i in range(0, 7, 2):
-        _set(fused.stem[i], *_fold(model.stem[i]))
+    src_convs = [m for m in model.stem if isinstance(m, ConvBN)]
+    for src_conv, dst_conv in zip(src_convs, [m for m in fused.stem if isinstance(m, nn.Conv2d)], strict=True):
+        _set(dst_conv, *_fold(src_conv))
+    if model.pos_embed is not None:
+        fused.pos_embed.copy_(model.pos_embed)
 
     for s_src, s_dst in zip(model.stages, fused.stages):
         if not isinstance(s_src.downsample, nn.Identity):
@@ -429,7 +457,8 @@ def fuse(model: LeViT) -> FusedLeViT:
             w, b = _fold(src.q)
             _set(dst.q, w * src.scale, b * src.scale)
             _set(dst.proj, *_fold(src.proj))
-            dst.attn_bias.copy_(src.attention_biases[:, src.attention_bias_idxs])
+            if src.attention_biases is not None:  # None in ablation A5: the buffer stays 0
+                dst.attn_bias.copy_(src.attention_biases[:, src.attention_bias_idxs])
             _fold_mlp(s_src.downsample.mlp, s_dst.downsample.mlp)
         for b_src, b_dst in zip(s_src.blocks, s_dst.blocks):
             src, dst = b_src.attn, b_dst.attn
@@ -437,7 +466,8 @@ def fuse(model: LeViT) -> FusedLeViT:
             _scale_q_rows(w, b, src.num_heads, 2 * src.key_dim + src.val_dim, src.key_dim, src.scale)
             _set(dst.qkv, w, b)
             _set(dst.proj, *_fold(src.proj))
-            dst.attn_bias.copy_(src.attention_biases[:, src.attention_bias_idxs])
+            if src.attention_biases is not None:
+                dst.attn_bias.copy_(src.attention_biases[:, src.attention_bias_idxs])
             _fold_mlp(b_src.mlp, b_dst.mlp)
 
     if cfg.num_classes > 0:
@@ -447,6 +477,12 @@ def fuse(model: LeViT) -> FusedLeViT:
             w, b = (w + w2) / 2, (b + b2) / 2
         _set(fused.head, w, b)
     return fused.eval()
+
+
+def fusable(model: nn.Module) -> bool:
+    """Whether :func:`fuse` can fold ``model``: every LeViT except ablation A3 (LayerNorm), fused ones too."""
+    cfg = getattr(model, "config", None)
+    return isinstance(cfg, LeViTConfig) and cfg.norm == "bn"
 
 
 def _fold_mlp(src: nn.Module, dst: FusedMLP) -> None:

@@ -22,23 +22,36 @@ __all__ = [
 
 
 class ConvBN(nn.Module):
-    """Conv2d (no bias) followed by BatchNorm2d."""
+    """Conv2d (no bias) followed by BatchNorm2d.
 
-    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3, stride: int = 2, padding: int = 1) -> None:
+    ``norm="ln"`` (the paper's Table 5 ablation A3, no BatchNorm): a biased Conv2d, no normalisation
+    (``bn`` is an identity), as the patch embedding of ViT/DeiT.
+    """
+
+    def __init__(
+        self, in_ch: int, out_ch: int, kernel_size: int = 3, stride: int = 2, padding: int = 1, norm: str = "bn"
+    ) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding, bias=False)
-        self.bn = nn.BatchNorm2d(out_ch)
+        self.conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding, bias=norm != "bn")
+        self.bn = nn.BatchNorm2d(out_ch) if norm == "bn" else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.bn(self.conv(x))
 
 
 class LinearBN(nn.Module):
-    """Linear (no bias) followed by BatchNorm1d over batch x tokens."""
+    """Linear (no bias) followed by BatchNorm1d over batch x tokens.
 
-    def __init__(self, in_features: int, out_features: int, bn_weight_init: float = 1.0) -> None:
+    ``norm="ln"`` (ablation A3): a plain biased Linear (``bn`` is an identity; the LayerNorm sits
+    before the block, pre-norm) and no zero-init.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bn_weight_init: float = 1.0, norm: str = "bn") -> None:
         super().__init__()
-        self.linear = nn.Linear(in_features, out_features, bias=False)
+        self.linear = nn.Linear(in_features, out_features, bias=norm != "bn")
+        if norm != "bn":
+            self.bn = nn.Identity()
+            return
         self.bn = nn.BatchNorm1d(out_features)
         nn.init.constant_(self.bn.weight, bn_weight_init)
         nn.init.zeros_(self.bn.bias)
@@ -49,11 +62,14 @@ class LinearBN(nn.Module):
 
 
 class BNLinear(nn.Module):
-    """BatchNorm1d followed by Linear: the classifier head (trunc-normal init, std 0.02)."""
+    """BatchNorm1d followed by Linear: the classifier head (trunc-normal init, std 0.02).
 
-    def __init__(self, in_features: int, out_features: int) -> None:
+    ``norm="ln"`` (ablation A3): LayerNorm instead of the BatchNorm.
+    """
+
+    def __init__(self, in_features: int, out_features: int, norm: str = "bn") -> None:
         super().__init__()
-        self.bn = nn.BatchNorm1d(in_features)
+        self.bn = nn.BatchNorm1d(in_features) if norm == "bn" else nn.LayerNorm(in_features)
         self.linear = nn.Linear(in_features, out_features)
         nn.init.trunc_normal_(self.linear.weight, std=0.02)
         nn.init.zeros_(self.linear.bias)
@@ -117,6 +133,16 @@ def grid_bias(table: Tensor, idxs: Tensor, build: tuple[int, int], h: int, w: in
     return resample_bias_table(table, build, (h, w))[:, idx]
 
 
+def _add_bias_table(m: nn.Module, heads: int, resolution: tuple[int, int], stride: int, use_bias: bool) -> None:
+    """The (heads, h*w) learned bias table and its index buffer; both ``None`` without (ablation A5)."""
+    if not use_bias:
+        m.register_parameter("attention_biases", None)
+        m.register_buffer("attention_bias_idxs", None, persistent=False)
+        return
+    m.attention_biases = nn.Parameter(torch.zeros(heads, resolution[0] * resolution[1]))
+    m.register_buffer("attention_bias_idxs", attention_bias_index(resolution, stride), persistent=False)
+
+
 class DropPath(nn.Module):
     """Stochastic depth on a residual branch: a per-sample keep mask, rescaled, in training only."""
 
@@ -140,10 +166,23 @@ class Attention(nn.Module):
 
     Per head the qkv channels are laid out [q: D, k: D, v: attn_ratio*D]. The bias is gathered
     from ``attention_biases`` on every call: there is no cache that could go stale.
+
+    Table 5 ablations: ``norm="ln"`` (A3) biased linears without BatchNorm, ``use_bias=False`` (A5)
+    no attention bias (``attention_biases`` is ``None``), ``act=False`` (A7) no Hardswish before
+    the projection.
     """
 
     def __init__(
-        self, dim: int, key_dim: int, num_heads: int, attn_ratio: float, resolution: int | tuple[int, int]
+        self,
+        dim: int,
+        key_dim: int,
+        num_heads: int,
+        attn_ratio: float,
+        resolution: int | tuple[int, int],
+        *,
+        norm: str = "bn",
+        use_bias: bool = True,
+        act: bool = True,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -151,11 +190,10 @@ class Attention(nn.Module):
         self.val_dim = int(attn_ratio * key_dim)
         self.resolution = _pair(resolution)  # build grid (h, w)
         self.scale = key_dim**-0.5
-        self.qkv = LinearBN(dim, num_heads * (2 * key_dim + self.val_dim))
-        self.act = nn.Hardswish()
-        self.proj = LinearBN(num_heads * self.val_dim, dim, bn_weight_init=0.0)
-        self.attention_biases = nn.Parameter(torch.zeros(num_heads, self.resolution[0] * self.resolution[1]))
-        self.register_buffer("attention_bias_idxs", attention_bias_index(self.resolution), persistent=False)
+        self.qkv = LinearBN(dim, num_heads * (2 * key_dim + self.val_dim), norm=norm)
+        self.act = nn.Hardswish() if act else nn.Identity()
+        self.proj = LinearBN(num_heads * self.val_dim, dim, bn_weight_init=0.0, norm=norm)
+        _add_bias_table(self, num_heads, self.resolution, 1, use_bias)
 
     def forward(self, x: Tensor, hw: tuple[int, int] | None = None) -> Tensor:
         """(B, N, C) tokens on an (h, w) grid (default: the build grid) -> (B, N, C)."""
@@ -164,8 +202,9 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(B, N, self.num_heads, -1)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], dim=3)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, d)
-        bias = grid_bias(self.attention_biases, self.attention_bias_idxs, self.resolution, h, w)
-        attn = (q @ k.transpose(-2, -1)) * self.scale + bias
+        attn = (q @ k.transpose(-2, -1)) * self.scale
+        if self.attention_biases is not None:  # None: no attention bias (ablation A5)
+            attn = attn + grid_bias(self.attention_biases, self.attention_bias_idxs, self.resolution, h, w)
         x = attn.softmax(dim=-1) @ v  # (B, H, N, val_dim)
         x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.val_dim)
         return self.proj(self.act(x))
@@ -185,6 +224,10 @@ class ShrinkAttention(nn.Module):
         num_heads: int,
         attn_ratio: float,
         resolution: int | tuple[int, int],
+        *,
+        norm: str = "bn",
+        use_bias: bool = True,
+        act: bool = True,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -193,12 +236,11 @@ class ShrinkAttention(nn.Module):
         self.resolution = _pair(resolution)  # build input grid (h, w)
         self.resolution_out = tuple((r - 1) // 2 + 1 for r in self.resolution)
         self.scale = key_dim**-0.5
-        self.kv = LinearBN(in_dim, num_heads * (key_dim + self.val_dim))
-        self.q = LinearBN(in_dim, num_heads * key_dim)
-        self.act = nn.Hardswish()
-        self.proj = LinearBN(num_heads * self.val_dim, out_dim)
-        self.attention_biases = nn.Parameter(torch.zeros(num_heads, self.resolution[0] * self.resolution[1]))
-        self.register_buffer("attention_bias_idxs", attention_bias_index(self.resolution, 2), persistent=False)
+        self.kv = LinearBN(in_dim, num_heads * (key_dim + self.val_dim), norm=norm)
+        self.q = LinearBN(in_dim, num_heads * key_dim, norm=norm)
+        self.act = nn.Hardswish() if act else nn.Identity()
+        self.proj = LinearBN(num_heads * self.val_dim, out_dim, norm=norm)
+        _add_bias_table(self, num_heads, self.resolution, 2, use_bias)
 
     def forward(self, x: Tensor, hw: tuple[int, int] | None = None) -> Tensor:
         """(B, h*w, C_in) tokens on an (h, w) grid (default: the build grid) -> (B, h'*w', C_out)."""
@@ -209,8 +251,9 @@ class ShrinkAttention(nn.Module):
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, d)
         xs = x.view(B, h, w, C)[:, ::2, ::2].reshape(B, h2 * w2, C)  # subsampled queries
         q = self.q(xs).view(B, h2 * w2, self.num_heads, self.key_dim).transpose(1, 2)
-        bias = grid_bias(self.attention_biases, self.attention_bias_idxs, self.resolution, h, w, 2)
-        attn = (q @ k.transpose(-2, -1)) * self.scale + bias
+        attn = (q @ k.transpose(-2, -1)) * self.scale
+        if self.attention_biases is not None:  # None: no attention bias (ablation A5)
+            attn = attn + grid_bias(self.attention_biases, self.attention_bias_idxs, self.resolution, h, w, 2)
         x = attn.softmax(dim=-1) @ v  # (B, H, N_q, val_dim)
         x = x.transpose(1, 2).reshape(B, h2 * w2, self.num_heads * self.val_dim)
         return self.proj(self.act(x))
@@ -219,11 +262,11 @@ class ShrinkAttention(nn.Module):
 class MLP(nn.Module):
     """LinearBN -> Hardswish -> LinearBN (the second BN starts at weight 0: residual branch)."""
 
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, norm: str = "bn") -> None:
         super().__init__()
-        self.fc1 = LinearBN(dim, hidden)
+        self.fc1 = LinearBN(dim, hidden, norm=norm)
         self.act = nn.Hardswish()
-        self.fc2 = LinearBN(hidden, dim, bn_weight_init=0.0)
+        self.fc2 = LinearBN(hidden, dim, bn_weight_init=0.0, norm=norm)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(x)))

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.fx._symbolic_trace as _fx
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LeViTConfig
@@ -14,19 +15,43 @@ from .layers import MLP, Attention, BNLinear, ConvBN, DropPath, ShrinkAttention
 __all__ = ["FeatureInfo", "LeViT", "LeViTBlock", "LeViTFeatures", "LeViTStage", "ShrinkBlock", "check_input"]
 
 
+@torch.fx.wrap
+def pos_embed_for(pos: Tensor, build: tuple[int, int], h: int, w: int) -> Tensor:
+    """The (1, h*w, C) absolute position embedding (Table 5, A5) for an (h, w) token grid: the
+    learned one at the build grid, else resampled bicubically as an image (corners aligned, like the
+    bias tables). A leaf for ``torch.fx`` (Python control flow on the input's shape)."""
+    h, w = int(h), int(w)
+    if (h, w) == tuple(build):
+        return pos
+    grid = pos.reshape(1, build[0], build[1], -1).permute(0, 3, 1, 2)
+    out = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=True).to(pos.dtype)
+    return out.flatten(2).transpose(1, 2)
+
+
 class LeViTBlock(nn.Module):
     """One attention + MLP pair, both residual."""
 
     def __init__(self, cfg: LeViTConfig, stage: int, drop_path: float) -> None:
         super().__init__()
         dim, r = cfg.embed_dim[stage], cfg.grid_sizes[stage]
-        self.attn = Attention(dim, cfg.key_dim, cfg.num_heads[stage], cfg.attn_ratio, r)
-        self.mlp = MLP(dim, int(dim * cfg.mlp_ratio))
+        self.attn = Attention(dim, cfg.key_dim, cfg.num_heads[stage], cfg.attn_ratio, r, **_attn_switches(cfg))
+        self.mlp = MLP(dim, int(dim * cfg.mlp_ratio), norm=cfg.norm)
         self.drop_path = DropPath(drop_path)
+        self.norm1, self.norm2 = _prenorm(cfg, dim), _prenorm(cfg, dim)
 
     def forward(self, x: Tensor, hw: tuple[int, int] | None = None) -> Tensor:
-        x = x + self.drop_path(self.attn(x, hw))
-        return x + self.drop_path(self.mlp(x))
+        x = x + self.drop_path(self.attn(self.norm1(x), hw))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def _attn_switches(cfg: LeViTConfig) -> dict:
+    """The Table 5 switches of the attention layers (all on for LeViT itself)."""
+    return dict(norm=cfg.norm, use_bias=cfg.pos == "bias", act=cfg.attn_act)
+
+
+def _prenorm(cfg: LeViTConfig, dim: int) -> nn.Module:
+    """Pre-norm LayerNorm of a block in ablation A3 (no BatchNorm); an identity in LeViT."""
+    return nn.LayerNorm(dim) if cfg.norm == "ln" else nn.Identity()
 
 
 class ShrinkBlock(nn.Module):
@@ -36,14 +61,21 @@ class ShrinkBlock(nn.Module):
         super().__init__()
         c_in, c_out = cfg.embed_dim[stage - 1], cfg.embed_dim[stage]
         self.attn = ShrinkAttention(
-            c_in, c_out, cfg.key_dim, cfg.shrink_heads[stage - 1], cfg.down_attn_ratio, cfg.grid_sizes[stage - 1]
+            c_in,
+            c_out,
+            cfg.shrink_key_dim,
+            cfg.shrink_heads[stage - 1],
+            cfg.down_attn_ratio,
+            cfg.grid_sizes[stage - 1],
+            **_attn_switches(cfg),
         )
-        self.mlp = MLP(c_out, int(c_out * cfg.down_mlp_ratio))
+        self.mlp = MLP(c_out, int(c_out * cfg.down_mlp_ratio), norm=cfg.norm)
         self.drop_path = DropPath(drop_path)
+        self.norm1, self.norm2 = _prenorm(cfg, c_in), _prenorm(cfg, c_out)
 
     def forward(self, x: Tensor, hw: tuple[int, int] | None = None) -> Tensor:
-        x = self.attn(x, hw)
-        return x + self.drop_path(self.mlp(x))
+        x = self.attn(self.norm1(x), hw)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class LeViTStage(nn.Module):
@@ -178,20 +210,28 @@ class LeViT(nn.Module):
         super().__init__()
         self.config = cfg
         self.class_names = None
-        ch = cfg.stem_channels  # in_chans -> C/8 -> C/4 -> C/2 -> C
-        self.stem = nn.Sequential(
-            ConvBN(ch[0], ch[1]),
-            nn.Hardswish(),
-            ConvBN(ch[1], ch[2]),
-            nn.Hardswish(),
-            ConvBN(ch[2], ch[3]),
-            nn.Hardswish(),
-            ConvBN(ch[3], ch[4]),
-        )
+        ch = cfg.stem_channels  # in_chans -> C/8 -> C/4 -> C/2 -> C (A2: in_chans -> C)
+        if cfg.stem == "linear16":  # Table 5, A2: one 16x16 stride-16 convolution (ViT's patch embedding)
+            self.stem = nn.Sequential(ConvBN(ch[0], ch[1], 16, 16, 0, norm=cfg.norm))
+        else:
+            self.stem = nn.Sequential(
+                ConvBN(ch[0], ch[1], norm=cfg.norm),
+                nn.Hardswish(),
+                ConvBN(ch[1], ch[2], norm=cfg.norm),
+                nn.Hardswish(),
+                ConvBN(ch[2], ch[3], norm=cfg.norm),
+                nn.Hardswish(),
+                ConvBN(ch[3], ch[4], norm=cfg.norm),
+            )
+        self.pos_embed: nn.Parameter | None = None
+        if cfg.pos == "embed":  # Table 5, A5: absolute position embedding added to the input tokens
+            h, w = cfg.grid_sizes[0]
+            self.pos_embed = nn.Parameter(torch.zeros(1, h * w, ch[-1]))
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.stages = nn.ModuleList([LeViTStage(cfg, s, cfg.drop_path_rate) for s in range(cfg.num_stages)])
         nf, nc = cfg.num_features, cfg.num_classes
-        self.head = BNLinear(nf, nc) if nc > 0 else nn.Identity()
-        self.head_dist = (BNLinear(nf, nc) if nc > 0 else nn.Identity()) if cfg.distillation else None
+        self.head = BNLinear(nf, nc, norm=cfg.norm) if nc > 0 else nn.Identity()
+        self.head_dist = (BNLinear(nf, nc, norm=cfg.norm) if nc > 0 else nn.Identity()) if cfg.distillation else None
         self.distilled_training = False
 
     @property
@@ -207,7 +247,7 @@ class LeViT(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names that take no weight decay (attention bias tables)."""
-        return {n for n, _ in self.named_parameters() if n.endswith("attention_biases")}
+        return {n for n, _ in self.named_parameters() if n.endswith("attention_biases") or n == "pos_embed"}
 
     @property
     def feature_info(self) -> list[dict]:
@@ -219,6 +259,8 @@ class LeViT(nn.Module):
         x = self.stem(x)  # (B, C, h, w)
         hw = (x.shape[2], x.shape[3])
         x = x.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C)
+        if self.pos_embed is not None:
+            x = x + pos_embed_for(self.pos_embed, self.config.grid_sizes[0], hw[0], hw[1])
         out = []
         for s, stage in enumerate(self.stages):
             if upto is not None and s > upto:
@@ -303,9 +345,10 @@ class LeViT(nn.Module):
         self.class_names = None  # the old labels do not name the new outputs
         nf = self.config.num_features
         device = next(self.parameters()).device
-        self.head = (BNLinear(nf, num_classes) if num_classes > 0 else nn.Identity()).to(device)
+        norm = self.config.norm
+        self.head = (BNLinear(nf, num_classes, norm=norm) if num_classes > 0 else nn.Identity()).to(device)
         if self.head_dist is not None:
-            self.head_dist = (BNLinear(nf, num_classes) if num_classes > 0 else nn.Identity()).to(device)
+            self.head_dist = (BNLinear(nf, num_classes, norm=norm) if num_classes > 0 else nn.Identity()).to(device)
 
 
 class LeViTFeatures(nn.Module):

@@ -32,8 +32,14 @@ def list_models(pattern: str = "*") -> list[str]:
 
 
 def get_config(name: str, **overrides: object) -> LeViTConfig:
-    """The config of a registered variant with ``overrides`` applied (unknown keys are an error)."""
-    return VARIANTS[canonical_name(name)].replace(**overrides)
+    """The config of a registered variant with ``overrides`` applied (unknown keys are an error).
+
+    ``ablation="A1".."A7"`` first turns the variant into the paper's Table 5 row, then the other
+    overrides apply."""
+    from .config import ablation_config
+
+    ablation = overrides.pop("ablation", None)
+    return ablation_config(VARIANTS[canonical_name(name)], ablation).replace(**overrides)
 
 
 def create_model(
@@ -47,6 +53,7 @@ def create_model(
     pretrained: bool = False,
     features_only: bool = False,
     out_indices: int | Sequence[int] | None = None,
+    ablation: str | None = None,
     **overrides: object,
 ) -> nn.Module:
     """Build a LeViT model, optionally loading weights.
@@ -65,6 +72,7 @@ def create_model(
         features_only: return a feature extractor (timm's convention) whose forward gives a list of
             (B, C_s, H/stride_s, W/stride_s) maps, with ``feature_info.channels()`` / ``.reduction()``.
         out_indices: the stages it returns (default all: strides 16, 32, 64); an int n: the last n.
+        ablation: ``"A1"``..``"A7"`` builds the paper's Table 5 variant (see :data:`levit.config.ABLATIONS`).
         **overrides: any other :class:`~levit.config.LeViTConfig` field (``in_chans``, ``key_dim``, ...).
 
     Example:
@@ -75,7 +83,9 @@ def create_model(
     given = dict(num_classes=num_classes, distillation=distillation, img_size=img_size, drop_path_rate=drop_path_rate)
     changes = {k: v for k, v in given.items() if v is not None} | overrides
     name = canonical_name(name)  # the one place a user's spelling becomes a variant name
-    cfg = VARIANTS[name].replace(**changes)  # validates every key before any file is read
+    if ablation is not None:
+        changes["ablation"] = ablation
+    cfg = get_config(name, **changes)  # validates every key (and the ablation) before any file is read
     if pretrained:
         from .hub import download_pretrained
 

@@ -94,6 +94,8 @@ def randomize_weights(model: nn.Module, seed: int = 0, *, images: Tensor | None 
       (zero in a fresh model) but small, so that the residual stream keeps the image's signal over
       the depth instead of being swamped (chaotic, fp32 noise grows) or switched off;
     - classifier weights large enough that the softmax is not flat;
+    - the Table 5 ablations' extra parameters: biased linears/convs and LayerNorms (A3, whose
+      residual branches end in a linear scaled like the BatchNorm above), position embedding (A5);
     - BatchNorm running statistics measured by a forward pass in training mode over ``images``
       (default: 4 :func:`sample_images`), so that, as in a trained model, every layer sees
       normalised activations on photo-like inputs.
@@ -111,13 +113,27 @@ def randomize_weights(model: nn.Module, seed: int = 0, *, images: Tensor | None 
     for m in model.modules():  # every weight from the seed: the model does not depend on torch's global RNG
         if isinstance(m, nn.Linear | nn.Conv2d):
             m.weight.normal_(0.0, m.weight[0].numel() ** -0.5, generator=g)
-            if m.bias is not None:
-                m.bias.zero_()
+            if m.bias is not None:  # biased layers without a BatchNorm after them (ablation A3)
+                m.bias.normal_(0.0, 0.1, generator=g)
+        elif isinstance(m, nn.LayerNorm) and m.weight is not None:  # ablation A3
+            m.weight.uniform_(0.5, 1.5, generator=g)
+            m.bias.normal_(0.0, 0.1, generator=g)
+    pos = getattr(model, "pos_embed", None)
+    if isinstance(pos, nn.Parameter):  # ablation A5: absolute position embedding, a trained one's magnitude
+        pos.normal_(0.0, 0.5, generator=g)
     residual_bns = {
         id(m.bn)
         for n, m in model.named_modules()
         if n.endswith(("attn.proj", "mlp.fc2")) and ".downsample.attn" not in n and hasattr(m, "bn")
     }
+    for n, m in model.named_modules():  # ablation A3: no BatchNorm ends the branch; scale its linear
+        if (
+            n.endswith(("attn.proj", "mlp.fc2"))
+            and ".downsample.attn" not in n
+            and isinstance(getattr(m, "bn", None), nn.Identity)
+        ):
+            m.linear.weight.mul_(_RESIDUAL_SCALE)
+            m.linear.bias.mul_(_RESIDUAL_SCALE)
     for m in model.modules():  # transformers' LeViT: a residual layer wraps its branch as `.module`
         branch = getattr(m, "module", None)
         if "Residual" in type(m).__name__ and isinstance(branch, nn.Module):
