@@ -30,6 +30,6 @@ FUSE_TOL = 1e-4  # fused vs unfused, fp32
 PARITY_TOL = 1e-5  # ours vs timm's LeViT, fp32
 
 
-def photos(n: int = 2, size: int = 224, seed: int = 0) -> torch.Tensor:
+def photos(n: int = 2, size: int | tuple[int, int] = 224, seed: int = 0) -> torch.Tensor:
     """Photo-like test inputs (see levit.testing.sample_images), distinct from the calibration ones."""
     return sample_images(n, size, seed=1000 + seed)

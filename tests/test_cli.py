@@ -156,7 +156,7 @@ def test_python_m_levit_runs_the_cli(tmp_path):
 
 
 def test_help_and_models_do_not_import_torch():
-    """`levit --help` and `levit models` start in a fraction of a second: torch is never imported."""
+    """`levit --help`, `levit models` (--ablations too) start in a fraction of a second: torch is never imported."""
     import os
 
     env = {**os.environ, "PYTHONPATH": str(Path(levit.__file__).parents[1])}
@@ -165,6 +165,7 @@ def test_help_and_models_do_not_import_torch():
         "from levit.cli import main\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         "    assert main(['--help']) == 0 and main(['models']) == 0 and main(['models', '--json']) == 0\n"
+        "    assert main(['models', '--ablations']) == 0\n"
         "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)

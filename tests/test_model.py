@@ -41,11 +41,27 @@ def test_params_from_config_equals_the_built_model(name, changes):
     assert params_from_config(cfg) == levit.count_params(model)
 
 
+@pytest.mark.parametrize("ablation", ["A1", "A2", "A3", "A4", "A5", "A6", "A7"])
+@pytest.mark.parametrize("changes", [{}, {"num_classes": 10, "distillation": False, "img_size": (96, 64)}])
+def test_params_from_config_equals_the_built_ablation(ablation, changes):
+    """The Table 5 variants too (`levit models --ablations` counts by arithmetic, without torch)."""
+    from levit.flops import params_from_config
+    from levit.registry import get_config
+
+    cfg = get_config("levit_128s", ablation=ablation, **changes)
+    with torch.device("meta"):
+        model = levit.create_model("levit_128s", ablation=ablation, **changes)
+    assert params_from_config(cfg) == levit.count_params(model)
+
+
 def test_derived_sizes_of_the_config():
     cfg = VARIANTS["levit_128s"]
-    assert cfg.stem_channels == (3, 16, 32, 64, 128) and cfg.stem_resolutions == (112, 56, 28, 14)
+    assert cfg.stem_channels == (3, 16, 32, 64, 128)
+    assert cfg.stem_resolutions == ((112, 112), (56, 56), (28, 28), (14, 14))  # (h, w) after each conv
     assert cfg.resolutions == (14, 7, 4) and cfg.subsampled(7) == 4 and cfg.subsampled(14) == 7
     assert cfg.replace(img_size=288).resolutions == (18, 9, 5)
+    wide = cfg.replace(img_size=(320, 192))
+    assert wide.stem_resolutions[-1] == (20, 12) and wide.grid_sizes == ((20, 12), (10, 6), (5, 3))
 
 
 def test_registry_lists_every_variant_and_aliases():

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from ._version import __version__
 
 if TYPE_CHECKING:
+    from .backbone import create_backbone
     from .checkpoint import save
     from .config import LeViTConfig
     from .deploy import deploy
@@ -26,6 +27,7 @@ __all__ = [
     "__version__",
     "count_flops",
     "count_params",
+    "create_backbone",
     "create_model",
     "deploy",
     "fuse",
@@ -36,6 +38,7 @@ __all__ = [
 # public name -> the module that defines it
 _PUBLIC = {
     "LeViTConfig": "config",
+    "create_backbone": "backbone",
     "count_flops": "flops",
     "count_params": "flops",
     "create_model": "registry",

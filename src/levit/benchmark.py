@@ -59,6 +59,7 @@ class BenchModel:
     source: str  # levit variant or timm model name
     img_size: int
     top1: float | None  # ImageNet-1k top-1 from the paper's Table 3
+    ablation: str | None = None  # a Table 5 row ("A1".."A7") of a levit variant
 
 
 def _entries() -> dict[str, BenchModel]:
@@ -76,6 +77,10 @@ def _entries() -> dict[str, BenchModel]:
     for b, (res, top1) in enumerate([(224, 77.1), (240, 79.1), (260, 80.1), (300, 81.6), (380, 82.9)]):
         out[f"efficientnet_b{b}"] = BenchModel(
             f"efficientnet_b{b}", "EfficientNet", "timm", f"efficientnet_b{b}", res, top1
+        )
+    for a in ("A1", "A2", "A3", "A5", "A6", "A7"):  # the paper's Table 5 (A4 is the base model)
+        out[f"levit_128s_{a.lower()}"] = BenchModel(
+            f"levit_128s_{a.lower()}", "LeViT-128S ablations", "levit", "levit_128s", 224, None, a
         )
     out["deit_tiny"] = BenchModel("deit_tiny", "DeiT", "timm", "deit_tiny_patch16_224", 224, 76.6)
     out["deit_small"] = BenchModel("deit_small", "DeiT", "timm", "deit_small_patch16_224", 224, 82.6)
@@ -160,9 +165,11 @@ def _build(entry: BenchModel, img_size: int | None) -> tuple[nn.Module, int, int
 
     res = img_size or entry.img_size
     if entry.implementation == "levit":
-        model = create_model(entry.source, img_size=res).eval()
+        from .fuse import fusable
+
+        model = create_model(entry.source, img_size=res, ablation=entry.ablation).eval()
         params, flops = count_params(model), count_flops(model)
-        return fuse(model), params, flops, res
+        return (fuse(model) if fusable(model) else model), params, flops, res  # A3: unfused
     try:
         import timm
     except ImportError as e:  # pragma: no cover - timm is a dependency

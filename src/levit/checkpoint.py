@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._version import __version__
@@ -68,9 +68,18 @@ _STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict", "state_dict_ema")
 
 def read_checkpoint(path: str | os.PathLike, *, flag: str | None = None) -> tuple[dict[str, Tensor], dict | None]:
     """Read a checkpoint file: (state dict, levit metadata or None). Raises :class:`CheckpointError`,
-    whose message starts with ``flag`` (e.g. ``"--teacher-checkpoint"``) when given."""
-    path = Path(path)
-    pre = f"{flag}: " if flag else ""
+    whose message starts with ``flag`` (e.g. ``"--teacher-checkpoint"``) when given.
+
+    A Hugging Face ``save_pretrained`` folder is read through its weights file, and transformers'
+    files get metadata naming their variant (:mod:`levit.hf`)."""
+    from . import hf
+
+    path = hf.resolve_folder(Path(path))
+    sd, info = _read_file(path, f"{flag}: " if flag else "")
+    return sd, info if info is not None else hf.hf_metadata(sd, path)
+
+
+def _read_file(path: Path, pre: str) -> tuple[dict[str, Tensor], dict | None]:
     if not path.is_file():
         raise CheckpointError(f"{pre}checkpoint file not found: {path}")
     with open(path, "rb") as f:
@@ -136,9 +145,16 @@ DETECTORS: list[tuple[str, Callable[[Mapping[str, Tensor]], bool]]] = [
     ("timm", lambda sd: "stem.conv1.linear.weight" in sd),
     ("levit", lambda sd: "stem.0.conv.weight" in sd),
     ("levit-fused", lambda sd: "stem.0.weight" in sd and any(k.endswith("attn_bias") for k in sd)),
+    ("hf", lambda sd: _is_hf(sd)),
 ]
 """(layout name, test on the state dict's keys), tried in order. A layout other than levit's own
 needs a key map in :data:`levit.convert.KEY_MAPS` under the same name."""
+
+
+def _is_hf(sd: Mapping[str, Tensor]) -> bool:
+    from .hf import is_hf_state_dict
+
+    return is_hf_state_dict(sd)
 
 
 def detect_format(sd: Mapping[str, Tensor], path: str | os.PathLike) -> str:
@@ -148,7 +164,7 @@ def detect_format(sd: Mapping[str, Tensor], path: str | os.PathLike) -> str:
             return fmt
     raise CheckpointError(
         f"{path}: not a LeViT checkpoint (none of the official 'patch_embed.0.c.weight', timm "
-        f"'stem.conv1.linear.weight' or levit 'stem.0.conv.weight' keys; first key is {next(iter(sd), None)!r})"
+        f"'stem.conv1.linear.weight', Hugging Face 'levit.patch_embeddings...' or levit 'stem.0.conv.weight' keys; first key is {next(iter(sd), None)!r})"
     )
 
 
@@ -172,6 +188,15 @@ class Checkpoint:
     info: dict | None  # levit metadata, when the file has it
 
     @property
+    def source_config(self) -> LeViTConfig | None:
+        """The config the file was made with, when it says (levit and Hugging Face files): its token
+        grids tell how to resample bias tables onto another input size."""
+        try:
+            return LeViTConfig.from_dict(self.info["config"]) if self.info else None
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    @property
     def fused(self) -> bool:
         """Whether the file holds a fused model (a :class:`~levit.fuse.FusedLeViT` must be built)."""
         return self.format == "levit-fused"
@@ -188,8 +213,10 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 def checkpoint_config(ck: Checkpoint, base: LeViTConfig, changes: Mapping[str, object]) -> LeViTConfig:
     """The config of the model to build for ``ck``: for levit files their saved config (which must be
-    of ``base``'s variant), else ``base``; then ``changes`` on top."""
+    of ``base``'s variant), else ``base``; then ``changes`` on top. ``changes["ablation"]`` (a Table 5
+    row) turns a plain LeViT config into that variant first; a file of another ablation is refused."""
     cfg = base
+    changes = dict(changes)
     info = ck.info
     if info is not None:
         version = info.get("format_version")
@@ -205,6 +232,13 @@ def checkpoint_config(ck: Checkpoint, base: LeViTConfig, changes: Mapping[str, o
             cfg = LeViTConfig.from_dict(info["config"])
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{ck.path}: corrupt levit metadata ({_short(e)})") from e
+    ablation = changes.pop("ablation", cfg.ablation)
+    if ablation != cfg.ablation:  # the paper's Table 5 rows: only on top of a plain LeViT
+        if cfg.ablation is not None:
+            raise CheckpointError(f"{ck.path}: checkpoint holds ablation {cfg.ablation}, but {ablation} was asked for")
+        from .config import ablation_config
+
+        cfg = ablation_config(cfg, ablation)
     try:
         return cfg.replace(**changes)
     except TypeError as e:
@@ -215,9 +249,14 @@ def load_into(model: nn.Module, ck: Checkpoint) -> nn.Module:
     """Load ``ck`` into ``model`` (built by the registry from :func:`checkpoint_config`), strictly:
     names converted, heads and bias tables fitted, the first misfit named. Returns ``model``."""
     cfg: LeViTConfig = model.config
-    sd = to_ours(ck.state_dict, cfg, ck.format) if ck.format in KEY_MAPS else dict(ck.state_dict)
+    if ck.format == "hf":
+        from .hf import hf_to_levit_state_dict
+
+        sd = hf_to_levit_state_dict(ck.state_dict, cfg)
+    else:
+        sd = to_ours(ck.state_dict, cfg, ck.format) if ck.format in KEY_MAPS else dict(ck.state_dict)
     try:
-        sd = _fit_to_model(sd, model, ck.path, ck.format)
+        sd = _fit_to_model(sd, model, ck.path, ck.format, ck.source_config)
     except CheckpointError as e:
         if not ck.fused and "wrong variant" in str(e):
             raise CheckpointError(_diagnose(ck.state_dict, cfg, ck.format, ck.path)) from None
@@ -229,18 +268,23 @@ def load_into(model: nn.Module, ck: Checkpoint) -> nn.Module:
     return model
 
 
-def _resize_bias_table(t: Tensor, r_new: int) -> Tensor:
-    """Resample a (H, r*r) relative-offset bias table to (H, r_new*r_new) (bicubic over offsets)."""
-    h, n = t.shape
-    r = round(n**0.5)
-    grid = t.detach().float().reshape(1, h, r, r)
-    # offsets 0..r-1 map to 0..r_new-1 with the same spacing as the token grid they index
-    out = F.interpolate(grid, size=(r_new, r_new), mode="bicubic", align_corners=True)
-    return out.reshape(h, r_new * r_new).to(t.dtype)
+def _resize_bias_table(t: Tensor, dst: tuple[int, int], src: tuple[int, int] | None = None) -> Tensor:
+    """Resample a (H, h*w) relative-offset bias table onto the grid ``dst`` (bicubic over offsets,
+    separately in each axis); ``src`` defaults to the square grid the table's length implies."""
+    from .layers import resample_bias_table
+
+    if src is None or src[0] * src[1] != t.shape[1]:
+        r = round(t.shape[1] ** 0.5)
+        src = (r, r)
+    return resample_bias_table(t.detach(), src, dst)
 
 
-def _fit_to_model(sd: dict[str, Tensor], model: nn.Module, path: Path, fmt: str) -> dict[str, Tensor]:
-    """Adapt heads (num_classes / distillation) and bias tables (img_size), then check strictly."""
+def _fit_to_model(
+    sd: dict[str, Tensor], model: nn.Module, path: Path, fmt: str, src_cfg: LeViTConfig | None = None
+) -> dict[str, Tensor]:
+    """Adapt heads (num_classes / distillation), bias tables (img_size, from ``src_cfg``'s grid to
+    the model's; square 224 when unknown) and ablation A5's position embedding (from ``src_cfg``'s
+    grid), then check strictly."""
     cfg: LeViTConfig = model.config
     own = model.state_dict()
     heads = [h for h in ("head", "head_dist") if any(k.startswith(h + ".") for k in own)]
@@ -273,9 +317,20 @@ def _fit_to_model(sd: dict[str, Tensor], model: nn.Module, path: Path, fmt: str)
             )
         got = sd[key]
         resizable = key.endswith("attention_biases") and got.ndim == 2 and got.shape[0] == want.shape[0]
-        if resizable and got.shape != want.shape:
-            sd[key] = _resize_bias_table(got, round(want.shape[1] ** 0.5))
-            continue
+        if resizable:  # compare grids, not lengths: 6x4 and 4x6 tables have the same shape
+            owner = key.rsplit(".", 1)[0]
+            src = _bias_grid(src_cfg, owner) if src_cfg is not None else None
+            dst = model.get_submodule(owner).resolution
+            if got.shape != want.shape or (src is not None and src[0] * src[1] == got.shape[1] and src != dst):
+                sd[key] = _resize_bias_table(got, dst, src)
+                continue
+        if key == "pos_embed" and src_cfg is not None and got.shape != want.shape and got.ndim == 3:
+            from .model import pos_embed_for  # ablation A5's position embedding, made at another size
+
+            src, dst = src_cfg.grid_sizes[0], cfg.grid_sizes[0]
+            if got.shape[1] == src[0] * src[1] and got.shape[2] == want.shape[2]:
+                sd[key] = pos_embed_for(got.detach(), src, *dst)
+                continue
         if key.endswith("attn_bias") and got.shape != want.shape:
             raise CheckpointError(
                 f"{path}: fused checkpoint was made for another img_size ({key} {tuple(got.shape)} vs "
@@ -290,6 +345,15 @@ def _fit_to_model(sd: dict[str, Tensor], model: nn.Module, path: Path, fmt: str)
     if extra:
         raise CheckpointError(f"{path}: unexpected tensor {extra[0]!r} for {cfg.name} (wrong variant?)")
     return sd
+
+
+def _bias_grid(cfg: LeViTConfig, owner: str) -> tuple[int, int] | None:
+    """The key grid (h, w) of the attention at module path ``owner`` in a model built from ``cfg``."""
+    m = re.fullmatch(r"stages\.(\d+)\.(downsample|blocks\.\d+)\.attn", owner)
+    if m is None or int(m.group(1)) >= cfg.num_stages:
+        return None
+    s = int(m.group(1))
+    return cfg.grid_sizes[s - 1 if m.group(2) == "downsample" else s]
 
 
 def _diagnose(sd: Mapping[str, Tensor], cfg: LeViTConfig, fmt: str, path: Path) -> str:

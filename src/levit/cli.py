@@ -176,6 +176,7 @@ def _load_model(args: argparse.Namespace, **kwargs: object):
 def _args_models(p: argparse.ArgumentParser) -> None:
     p.add_argument("pattern", nargs="?", default="*", help="shell-style name filter")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--ablations", action="store_true", help="the paper's Table 5 rows (LeViT-128S, A1-A7) instead")
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -183,6 +184,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
     from levit.flops import flops_from_config, params_from_config
     from levit.registry import list_models
 
+    if args.ablations:
+        return _cmd_models_ablations(args)
     rows = []
     for name in list_models(args.pattern):
         cfg = VARIANTS[name]
@@ -213,6 +216,24 @@ def _cmd_models(args: argparse.Namespace) -> int:
     print(
         "released weights; * speeds as printed in the paper (Xeon 6138 one thread / V100). `levit bench` measures yours."
     )
+    return 0
+
+
+def _cmd_models_ablations(args: argparse.Namespace) -> int:
+    from levit.ablate import count_rows  # arithmetic on the configs: no torch import
+
+    rows = count_rows()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'row':<5} {'params':>11} {'paper':>6} {'FLOPs':>13} {'paper':>6} {'top-1*':>6}  change")
+    for r in rows:
+        print(
+            f"{r['row']:<5} {r['params']:>11,} {r['paper_params_m']:>5}M {r['flops']:>13,} {r['paper_flops_m']:>5}M "
+            f"{r['paper_top1']:>6}  {r['change']}"
+        )
+    print("LeViT-128S, 1000 classes, 224x224, without the distillation head (as in the paper's Table 5);")
+    print("* ImageNet top-1 after 100 epochs, from the paper. `levit ablate` trains them on your machine.")
     return 0
 
 
@@ -591,10 +612,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     kwargs = {"img_size": args.img_size} if args.img_size else {}
     model = _load_model(args, **kwargs)
     crop_pct = args.crop_pct or train_eval.get("crop_pct") or 0.875
-    if not args.no_fuse:
-        from levit.fuse import fuse
+    fused = getattr(model, "is_fused", False)
+    if not args.no_fuse and not fused:
+        from levit.fuse import fusable, fuse
 
-        model = fuse(model) if not getattr(model, "is_fused", False) else model
+        if fusable(model):
+            model, fused = fuse(model), True
+        else:  # ablation A3: LayerNorm does not fold into the linears
+            print(f"note: {model.config.ablation} cannot be fused: evaluating the unfused model", file=sys.stderr)
     m = evaluate_folder(
         model,
         args.data,
@@ -617,7 +642,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         "data": str(args.data),
         "img_size": model.config.img_size,
         "crop_pct": crop_pct,
-        "fused": not args.no_fuse,
+        "fused": fused,
         **m,
         "skipped": [p for p, _ in skipped],
     }
@@ -628,6 +653,88 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         with atomic_path(args.output) as tmp:
             tmp.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+# ---- ablate / biases (the paper's Table 5 and the attention-bias pictures) ------------------------
+def _args_ablate(p: argparse.ArgumentParser) -> None:
+    from levit.ablate import ROWS
+
+    p.add_argument("--output", "-o", type=Path, default=Path("runs/ablate"), help="sweep folder")
+    p.add_argument("--data", type=Path, help="ImageFolder with train/ and val/ (default: the bundled digits)")
+    p.add_argument("--epochs", type=int, default=10, help="epochs per row")
+    p.add_argument("--img-size", type=_img_size, default=32, metavar="N", help="training resolution (multiple of 16)")
+    p.add_argument("--batch-size", "-b", type=int, default=64, help="training batch")
+    p.add_argument("--threads", type=int, default=None, help="training threads (default: the digits recipe's, 1)")
+    p.add_argument("--variants", default=",".join(ROWS), help="comma-separated rows")
+    p.add_argument("--teacher-checkpoint", type=Path, help="teacher weights: hard distillation for all rows but A4")
+    p.add_argument(
+        "--bench-img-size", type=_img_size, default=224, metavar="N", help="resolution of the CPU speed measurement"
+    )
+    p.add_argument("--bench-seconds", type=float, default=3.0, help="seconds of timing per row")
+    p.add_argument("--resume", choices=["auto"], help="continue a sweep: skip complete rows, resume a started one")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training-recipe values, e.g. lr=1e-3")
+
+
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    from levit.ablate import ROWS, AblationSettings, ablate, format_markdown
+    from levit.errors import LeViTError
+    from levit.recipe import parse_overrides
+
+    rows = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    bad = [v for v in rows if v not in ROWS]
+    if bad or not rows:
+        raise UsageError(f"--variants: unknown row(s) {bad}; valid: {', '.join(ROWS)}")
+    if args.epochs < 1:
+        raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.data is not None and not args.data.is_dir():
+        raise UsageError(f"--data: folder not found: {args.data}")
+    try:
+        overrides = parse_overrides(args.overrides)
+    except LeViTError as e:
+        raise UsageError(str(e)) from None
+    settings = AblationSettings(
+        output=str(args.output),
+        data=str(args.data) if args.data else None,
+        epochs=args.epochs,
+        img_size=args.img_size,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        rows=rows,
+        teacher_checkpoint=str(args.teacher_checkpoint) if args.teacher_checkpoint else None,
+        bench_img_size=args.bench_img_size,
+        bench_seconds=args.bench_seconds,
+        resume=args.resume == "auto",
+        train_overrides=overrides,
+    )
+    results = ablate(settings, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    print(format_markdown(results, settings))
+    print(f"written: {args.output / 'ablations.csv'}, {args.output / 'ablations.md'}")
+    return 0
+
+
+def _args_biases(p: argparse.ArgumentParser) -> None:
+    _model_options(p)
+    p.add_argument("--output", "-o", type=Path, default=Path("attention_biases.png"), help="PNG (+ .npz beside it)")
+    _img_size_option(p, "show the biases resampled to this resolution (default: the model's)")
+
+
+def _cmd_biases(args: argparse.Namespace) -> int:
+    from levit.biases import attention_biases, plot_biases, save_biases
+
+    if args.output.suffix.lower() != ".png":
+        raise UsageError(f"--output: expected a .png file, got {args.output.name!r}")
+    if not args.output.parent.is_dir():
+        raise UsageError(f"--output: folder {args.output.parent} does not exist")
+    kwargs = {"img_size": args.img_size} if args.img_size else {}
+    model = _load_model(args, **kwargs)
+    tables = attention_biases(model)
+    npz = save_biases(tables, args.output.with_suffix(".npz"))
+    cfg = model.config
+    label = cfg.name + (f" ({cfg.ablation})" if cfg.ablation else "")
+    size = "x".join(map(str, cfg.img_hw)) if cfg.img_hw[0] != cfg.img_hw[1] else f"{cfg.img_hw[0]}px"
+    plot_biases(tables, args.output, title=f"{label} attention biases at {size}")
+    print(f"written: {args.output} and {npz} ({len(tables)} attention layers)")
     return 0
 
 
@@ -645,7 +752,7 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "models": Command(
         "list the LeViT variants with their exact sizes",
-        "  levit models\n  levit models 'levit_1*' --json",
+        "  levit models\n  levit models 'levit_1*' --json\n  levit models --ablations   # Table 5: A1-A7",
         _args_models,
         _cmd_models,
     ),
@@ -699,6 +806,24 @@ COMMANDS: dict[str, Command] = {
         "  torchrun --nproc_per_node=4 -m levit eval --data ~/imagenet/val --model levit_256 -c LeViT-256.pth",
         _args_eval,
         _cmd_eval,
+    ),
+    "ablate": Command(
+        "train LeViT-128S and the paper's Table 5 ablations A1-A7 at a short schedule; table + bar chart",
+        "  levit ablate                                        # the bundled digits, 32px, 10 epochs, 2-CPU minutes\n"
+        "  levit ablate --resume auto                          # continue an interrupted sweep\n"
+        "  levit ablate --variants base,A3,A5 --epochs 3\n"
+        "  levit ablate --data ~/imagenet100 --img-size 224 --epochs 100 --output runs/ablate-in100 \\\n"
+        "      --teacher-checkpoint teacher.safetensors        # distillation for every row but A4, as the paper",
+        _args_ablate,
+        _cmd_ablate,
+    ),
+    "biases": Command(
+        "draw the learned attention biases: each head's bias over the (dy, dx) offsets, per stage",
+        "  levit biases --model levit_128s --pretrained --output biases.png\n"
+        "  levit biases --checkpoint runs/digits/best.pth --output digits_biases.png\n"
+        "  levit biases --model levit_256 --pretrained --img-size 384 --output b384.png  # resampled",
+        _args_biases,
+        _cmd_biases,
     ),
 }
 

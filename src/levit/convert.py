@@ -139,9 +139,9 @@ def _bias_owners(cfg: LeViTConfig) -> dict[str, Tensor]:
     from .layers import attention_bias_index
 
     out = {}
-    for s, r in enumerate(cfg.resolutions):
+    for s, r in enumerate(cfg.grid_sizes):
         if s > 0:
-            out[f"stages.{s}.downsample.attn"] = attention_bias_index(cfg.resolutions[s - 1], 2)
+            out[f"stages.{s}.downsample.attn"] = attention_bias_index(cfg.grid_sizes[s - 1], 2)
         for j in range(cfg.depth[s]):
             out[f"stages.{s}.blocks.{j}.attn"] = attention_bias_index(r)
     return out

@@ -44,12 +44,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_CROP_PCT = 0.875  # the authors' evaluation: resize 256 -> centre crop 224
 
 
-def eval_transform(img_size: int = 224, crop_pct: float = DEFAULT_CROP_PCT) -> T.Compose:
+def eval_transform(img_size: int | tuple[int, int] = 224, crop_pct: float = DEFAULT_CROP_PCT) -> T.Compose:
     """The official evaluation preprocessing for a PIL image: resize the short side to
-    ``img_size / crop_pct`` (bicubic), centre-crop ``img_size``, to tensor, ImageNet mean/std."""
+    ``img_size / crop_pct`` (bicubic), centre-crop ``img_size``, to tensor, ImageNet mean/std.
+    For an (H, W) size the short side goes to ``max(H, W) / crop_pct``, so the crop always fits."""
     if not 0.0 < crop_pct <= 1.0:
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
-    size = math.floor(img_size / crop_pct)
+    size = math.floor((img_size if isinstance(img_size, int) else max(img_size)) / crop_pct)
     return T.Compose(
         [
             T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),

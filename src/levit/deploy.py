@@ -579,14 +579,20 @@ def deploy(
         >>> pred = levit.deploy(model, backend="openvino", precision="int8", calibration="photos/")
         >>> pred.fidelity, pred(images).argmax(-1)
     """
-    from .fuse import FusedLeViT, fuse
+    from .fuse import FusedLeViT, fusable, fuse
 
     if batch_size < 1:
         raise DeployError(f"batch_size must be >= 1, got {batch_size}")
     if threads is not None and threads < 1:
         raise DeployError(f"threads must be >= 1, got {threads}")
     if not isinstance(model, FusedLeViT):
-        model = fuse(model)
+        if fusable(model):
+            model = fuse(model)
+        else:  # ablation A3: LayerNorm does not fold; the unfused model runs as it is
+            warnings.warn(
+                f"{model.config.name} ({model.config.ablation}) cannot be fused: deploying it unfused", stacklevel=2
+            )
+            model = copy.deepcopy(model).eval()
     p = next(model.parameters())
     device = p.device
     cfg = model.config
@@ -594,7 +600,7 @@ def deploy(
     calib = load_calibration(calibration, cfg.img_size) if calibration is not None else None
     if calib is not None and calib.shape[-1] != cfg.img_size:
         raise DeployError(f"calibration images are {calib.shape[-1]}px, the model takes {cfg.img_size}px")
-    example = torch.zeros(batch_size, 3, cfg.img_size, cfg.img_size, device=device)
+    example = torch.zeros(batch_size, cfg.in_chans, *cfg.img_hw, device=device)
     reference = copy.deepcopy(model).float().eval()
     run = build_runner(model, backend, precision, example=example, threads=threads, calibration=calib)
     pred = Predictor(

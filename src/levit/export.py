@@ -14,6 +14,7 @@ conversion (:mod:`levit.deploy` runs its backends on them too).
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import warnings
@@ -199,7 +200,7 @@ def export(
             rounding is allowed on top (10x fp32 PyTorch's own error). Above it
             :class:`ExportError` is raised and nothing is written.
     """
-    from .fuse import FusedLeViT, fuse
+    from .fuse import FusedLeViT, fusable, fuse
 
     path = Path(path)
     format = resolve_format(path, format)
@@ -213,13 +214,19 @@ def export(
 
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise ExportError(f"export() needs a levit model, got {type(model).__name__}")
-    fused: FusedLeViT = fuse(model).float().cpu().eval()  # a new module: the input is untouched
+    if fusable(model):
+        fused: FusedLeViT = fuse(model).float().cpu().eval()  # a new module: the input is untouched
+    else:  # ablation A3: LayerNorm does not fold into the linears; export the unfused model
+        warnings.warn(
+            f"{model.config.name} ({model.config.ablation}) cannot be fused: exporting it unfused", stacklevel=2
+        )
+        fused = copy.deepcopy(model).float().cpu().eval()
     cfg = fused.config
     gen = torch.Generator().manual_seed(0)
-    example = torch.randn(batch_size, cfg.in_chans, cfg.img_size, cfg.img_size, generator=gen)
-    check = torch.randn(batch_size + 1, cfg.in_chans, cfg.img_size, cfg.img_size, generator=gen)
+    example = torch.randn(batch_size, cfg.in_chans, *cfg.img_hw, generator=gen)
+    check = torch.randn(batch_size + 1, cfg.in_chans, *cfg.img_hw, generator=gen)
     with torch.inference_mode():
-        exact = fuse(fused).double()(check.double())  # float64: the answer fp32 only approximates
+        exact = copy.deepcopy(fused).double()(check.double())  # float64: the answer fp32 only approximates
         torch_err = _rel_error(fused(check), exact)
     limit = max(tolerance, _FP32_MARGIN * torch_err)
 

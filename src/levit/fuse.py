@@ -9,14 +9,15 @@ attention-bias matrices), so there is nothing that can go stale after ``load_sta
 from __future__ import annotations
 
 import copy
+import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LeViTConfig
-from .layers import BNLinear, ConvBN, LinearBN
-from .model import LeViT, check_input
+from .layers import BNLinear, ConvBN, LinearBN, _pair, attention_bias_index, resample_bias_table
+from .model import LeViT, check_input, pos_embed_for, resolve_indices, stage_feature_info, to_nchw
 
 __all__ = [
     "FusedAttention",
@@ -25,6 +26,7 @@ __all__ = [
     "FusedShrinkAttention",
     "attention_path",
     "cpu_bf16_supported",
+    "fusable",
     "fuse",
 ]
 
@@ -138,7 +140,7 @@ def _attention_per_image(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tenso
     return out.view(B, Nq, H * Dv)
 
 
-def _attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+def _attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, act: bool = True) -> Tensor:
     """``hardswish(softmax(q k^T + bias) v)`` for token-major views, heads concatenated.
 
     q: (B, N_q, H, D), k: (B, N_k, H, D), v: (B, N_k, H, Dv) (strided views into the projection
@@ -148,64 +150,124 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
     and heads (``scaled_dot_product_attention`` on GPUs and ``meta``, batched matmuls on the CPU) or
     the per-image loop (one CPU thread, fp32). Traced graphs (ONNX, OpenVINO, TorchScript) get the one fused attention op
     that the runtimes optimise; autograd and ``torch.compile`` get plain batched matmuls.
+    ``act=False`` (Table 5, ablation A7) leaves the Hardswish out.
     """
     B, Nq, H, _ = q.shape
     Dv = v.shape[-1]
     if torch.jit.is_tracing():
-        return F.hardswish(_attention_batched(q, k, v, bias))
+        x = _attention_batched(q, k, v, bias)
+        return F.hardswish(x) if act else x
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
         attn = torch.matmul(q.transpose(1, 2), k.permute(0, 2, 3, 1)) + bias  # (B, H, N_q, N_k)
         x = torch.matmul(attn.softmax(dim=-1), v.transpose(1, 2))  # (B, H, N_q, Dv)
-        return F.hardswish(x.transpose(1, 2).reshape(B, Nq, H * Dv))
+        x = x.transpose(1, 2).reshape(B, Nq, H * Dv)
+        return F.hardswish(x) if act else x
     path = attention_path(q.device, q.dtype)
     if path == "per_image":
-        return F.hardswish(_attention_per_image(q, k, v, bias), inplace=True)
-    if path == "matmul":
-        return F.hardswish(_attention_matmul(q, k, v, bias), inplace=True)
-    return F.hardswish(_attention_batched(q, k, v, bias), inplace=True)
+        x = _attention_per_image(q, k, v, bias)
+    elif path == "matmul":
+        x = _attention_matmul(q, k, v, bias)
+    else:
+        x = _attention_batched(q, k, v, bias)
+    return F.hardswish(x, inplace=True) if act else x
+
+
+class _GridBias:
+    """The (H, N_q, N_k) bias of a fused attention for another token grid than its build grid.
+
+    The build bias is the gathered table, so its first row (query at offset (0, 0)) IS the (H, h*w)
+    relative-offset table: it is resampled (:func:`levit.layers.resample_bias_table`) and gathered for
+    the new grid. Results are cached per grid (a few grids, oldest dropped) and only served for the
+    very same buffer object, storage, version, device and dtype, so a ``load_state_dict``, ``.to()``,
+    reassignment or in-place edit of ``attn_bias`` is never served stale. No caching with autograd on.
+    """
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self.cache: dict[tuple, tuple] = {}
+
+    @staticmethod
+    def _stamp(bias: Tensor) -> tuple:
+        return (bias.data_ptr(), bias._version, bias.device, bias.dtype)
+
+    def __call__(self, bias: Tensor, build: tuple[int, int], hw: tuple[int, int], stride: int) -> Tensor:
+        hw = (int(hw[0]), int(hw[1]))
+        if hw == build:
+            return bias
+        grad = torch.is_grad_enabled()
+        hit = self.cache.get((hw, stride))
+        if not grad and hit is not None and hit[0]() is bias and hit[1] == self._stamp(bias):
+            return hit[2]
+        table = resample_bias_table(bias[:, 0, :], build, hw)
+        out = table[:, attention_bias_index(hw, stride, bias.device)]
+        if not grad:
+            self.cache.pop((hw, stride), None)
+            if len(self.cache) >= self.size:
+                self.cache.pop(next(iter(self.cache)))
+            self.cache[(hw, stride)] = (weakref.ref(bias), self._stamp(bias), out)
+        return out
+
+    def __deepcopy__(self, memo: dict) -> _GridBias:
+        return _GridBias(self.size)
+
+    def __getstate__(self) -> dict:
+        return {"size": self.size, "cache": {}}
 
 
 class FusedAttention(nn.Module):
     """Self-attention with the q scale folded into ``qkv`` and the bias as a (H, N, N) buffer."""
 
+    act = True  # Hardswish before the projection (False in ablation A7)
+
     def __init__(self, dim: int, key_dim: int, num_heads: int, val_dim: int, resolution: int) -> None:
         super().__init__()
         self.num_heads, self.key_dim, self.val_dim = num_heads, key_dim, val_dim
-        n = resolution * resolution
+        self.resolution = _pair(resolution)  # build grid (h, w)
+        n = self.resolution[0] * self.resolution[1]
         self.qkv = nn.Linear(dim, num_heads * (2 * key_dim + val_dim))
         self.proj = nn.Linear(num_heads * val_dim, dim)
         self.register_buffer("attn_bias", torch.zeros(num_heads, n, n))
+        self._grid_bias = _GridBias()
 
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        """(B, N, C) -> (B, N, C): the attention branch, plus ``residual`` when given."""
+    def forward(self, x: Tensor, residual: Tensor | None = None, hw: tuple[int, int] | None = None) -> Tensor:
+        """(B, N, C) -> (B, N, C) on an (h, w) grid (default: the build grid): the attention branch,
+        plus ``residual`` when given."""
         B, N, _ = x.shape
+        bias = self.attn_bias if hw is None else self._grid_bias(self.attn_bias, self.resolution, hw, 1)
         qkv = _linear(x, self.qkv).view(B, N, self.num_heads, -1)  # per head [q: D, k: D, v: Dv]
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], 3)  # (B, N, H, d) views
-        return _linear(_attention(q, k, v, self.attn_bias), self.proj, residual=residual)
+        return _linear(_attention(q, k, v, bias, self.act), self.proj, residual=residual)
 
 
 class FusedShrinkAttention(nn.Module):
     """Shrink attention with folded BNs and a (H, N_q, N_k) bias buffer."""
 
+    act = True  # Hardswish before the projection (False in ablation A7)
+
     def __init__(self, in_dim: int, out_dim: int, key_dim: int, num_heads: int, val_dim: int, resolution: int) -> None:
         super().__init__()
         self.num_heads, self.key_dim, self.val_dim = num_heads, key_dim, val_dim
-        self.resolution = resolution
-        self.resolution_out = LeViTConfig.subsampled(resolution)
-        nq, nk = self.resolution_out**2, resolution**2
+        self.resolution = _pair(resolution)  # build input grid (h, w)
+        self.resolution_out = tuple(LeViTConfig.subsampled(r) for r in self.resolution)
+        nq = self.resolution_out[0] * self.resolution_out[1]
+        nk = self.resolution[0] * self.resolution[1]
         self.kv = nn.Linear(in_dim, num_heads * (key_dim + val_dim))
         self.q = nn.Linear(in_dim, num_heads * key_dim)
         self.proj = nn.Linear(num_heads * val_dim, out_dim)
         self.register_buffer("attn_bias", torch.zeros(num_heads, nq, nk))
+        self._grid_bias = _GridBias()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, hw: tuple[int, int] | None = None) -> Tensor:
+        """(B, h*w, C_in) on an (h, w) grid (default: the build grid) -> (B, h'*w', C_out)."""
         B, N, C = x.shape
-        r, r2 = self.resolution, self.resolution_out
+        h, w = self.resolution if hw is None else hw
+        h2, w2 = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+        bias = self.attn_bias if hw is None else self._grid_bias(self.attn_bias, self.resolution, hw, 2)
         H = self.num_heads
         k, v = _linear(x, self.kv).view(B, N, H, -1).split([self.key_dim, self.val_dim], dim=3)  # (B, N, H, d)
-        xs = x.view(B, r, r, C)[:, ::2, ::2].reshape(B, r2 * r2, C)
-        q = _linear(xs, self.q).view(B, r2 * r2, H, self.key_dim)  # (B, N_q, H, D)
-        return _linear(_attention(q, k, v, self.attn_bias), self.proj)
+        xs = x.view(B, h, w, C)[:, ::2, ::2].reshape(B, h2 * w2, C)
+        q = _linear(xs, self.q).view(B, h2 * w2, H, self.key_dim)  # (B, N_q, H, D)
+        return _linear(_attention(q, k, v, bias, self.act), self.proj)
 
 
 class FusedMLP(nn.Module):
@@ -226,12 +288,13 @@ class _FusedBlock(nn.Module):
         super().__init__()
         dim = cfg.embed_dim[s]
         self.attn = FusedAttention(
-            dim, cfg.key_dim, cfg.num_heads[s], int(cfg.attn_ratio * cfg.key_dim), cfg.resolutions[s]
+            dim, cfg.key_dim, cfg.num_heads[s], int(cfg.attn_ratio * cfg.key_dim), cfg.grid_sizes[s]
         )
+        self.attn.act = cfg.attn_act
         self.mlp = FusedMLP(dim, int(dim * cfg.mlp_ratio))
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.attn(x, residual=x)
+    def forward(self, x: Tensor, hw: tuple[int, int] | None = None) -> Tensor:
+        x = self.attn(x, residual=x, hw=hw)
         return self.mlp(x, residual=x)
 
 
@@ -242,15 +305,16 @@ class _FusedShrink(nn.Module):
         self.attn = FusedShrinkAttention(
             cfg.embed_dim[s - 1],
             c_out,
-            cfg.key_dim,
+            cfg.shrink_key_dim,
             cfg.shrink_heads[s - 1],
-            int(cfg.down_attn_ratio * cfg.key_dim),
-            cfg.resolutions[s - 1],
+            int(cfg.down_attn_ratio * cfg.shrink_key_dim),
+            cfg.grid_sizes[s - 1],
         )
+        self.attn.act = cfg.attn_act
         self.mlp = FusedMLP(c_out, int(c_out * cfg.down_mlp_ratio))
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.attn(x)
+    def forward(self, x: Tensor, hw: tuple[int, int] | None = None) -> Tensor:
+        x = self.attn(x, hw)
         return self.mlp(x, residual=x)
 
 
@@ -259,9 +323,18 @@ class _FusedStage(nn.Module):
         super().__init__()
         self.downsample = _FusedShrink(cfg, s) if s > 0 else nn.Identity()
         self.blocks = nn.Sequential(*[_FusedBlock(cfg, s) for _ in range(cfg.depth[s])])
+        self.grid = cfg.grid_sizes[s]  # build output grid (h, w)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.blocks(self.downsample(x))
+    def forward(self, x: Tensor, hw: tuple[int, int] | None = None) -> Tensor | tuple[Tensor, tuple[int, int]]:
+        """Build grid (``hw`` None): tokens -> tokens, as always. Another grid: -> (tokens, new grid)."""
+        if hw is None:
+            return self.blocks(self.downsample(x))
+        if not isinstance(self.downsample, nn.Identity):
+            x = self.downsample(x, hw)
+            hw = ((hw[0] - 1) // 2 + 1, (hw[1] - 1) // 2 + 1)
+        for block in self.blocks:
+            x = block(x, hw)
+        return x, hw
 
 
 class FusedLeViT(nn.Module):
@@ -279,11 +352,18 @@ class FusedLeViT(nn.Module):
         self.class_names = None
         chans = cfg.stem_channels
         layers: list[nn.Module] = []
-        for i in range(4):
-            layers.append(nn.Conv2d(chans[i], chans[i + 1], 3, 2, 1))
-            if i < 3:
-                layers.append(nn.Hardswish())
+        if cfg.stem == "linear16":  # ablation A2: one 16x16 stride-16 conv
+            layers = [nn.Conv2d(chans[0], chans[1], 16, 16, 0)]
+        else:
+            for i in range(4):
+                layers.append(nn.Conv2d(chans[i], chans[i + 1], 3, 2, 1))
+                if i < 3:
+                    layers.append(nn.Hardswish())
         self.stem = nn.Sequential(*layers)
+        self.pos_embed: nn.Parameter | None = None
+        if cfg.pos == "embed":  # ablation A5: absolute position embedding (the attention biases stay 0)
+            h, w = cfg.grid_sizes[0]
+            self.pos_embed = nn.Parameter(torch.zeros(1, h * w, chans[-1]))
         self.stages = nn.ModuleList([_FusedStage(cfg, s) for s in range(cfg.num_stages)])
         nc = cfg.num_classes
         self.head = nn.Linear(cfg.num_features, nc) if nc > 0 else nn.Identity()
@@ -303,7 +383,11 @@ class FusedLeViT(nn.Module):
             # (3x3 convs, tiny weights) runs in fp32 and hands bf16 on
             y = x.float().contiguous(memory_format=torch.channels_last)
             for m in self.stem:
-                y = F.conv2d(y, m.weight.float(), m.bias.float(), 2, 1) if isinstance(m, nn.Conv2d) else m(y)
+                if isinstance(m, nn.Conv2d):
+                    b = m.bias.float() if m.bias is not None else None
+                    y = F.conv2d(y, m.weight.float(), b, m.stride, m.padding)
+                else:
+                    y = m(y)
             return y.to(torch.bfloat16)
         x = x.contiguous(memory_format=torch.channels_last)  # oneDNN's convolutions are faster channels-last
         if not _onednn_ok(x) or x.dtype != self.stem[0].weight.dtype:
@@ -311,19 +395,99 @@ class FusedLeViT(nn.Module):
         convs = [m for m in self.stem if isinstance(m, nn.Conv2d)]
         for i, c in enumerate(convs):  # conv + bias + Hardswish in one oneDNN kernel
             act = "hardswish" if i < len(convs) - 1 else "none"
-            x = torch.ops.mkldnn._convolution_pointwise(x, c.weight, c.bias, [1, 1], [2, 2], [1, 1], 1, act, [], "")
+            x = torch.ops.mkldnn._convolution_pointwise(
+                x, c.weight, c.bias, list(c.padding), list(c.stride), [1, 1], 1, act, [], ""
+            )
         return x
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """(B, 3, H, W) images -> (B, N, C) tokens of the last stage."""
-        check_input(x, self.config)
-        x = self._stem(x).flatten(2).transpose(1, 2)  # (B, C, r, r) -> (B, r*r, C)
-        for stage in self.stages:
-            x = stage(x)
-        return x
+        """(B, 3, H, W) images -> (B, N, C) tokens of the last stage (any H, W >= 16)."""
+        check_input(x, self.config, any_size=True)
+        return self._tokens(x)[-1][0]
+
+    def _tokens(self, x: Tensor, upto: int | None = None) -> list[tuple[Tensor, tuple[int, int]]]:
+        """[(tokens, grid)] after each stage (through ``upto``). At the build size the stages run
+        exactly as for classification; at another size the biases are resampled per grid."""
+        x = self._stem(x)
+        hw = (x.shape[2], x.shape[3])
+        build = hw == self.config.grid_sizes[0]
+        x = x.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C)
+        if self.pos_embed is not None:  # ablation A5
+            x = x + pos_embed_for(self.pos_embed, self.config.grid_sizes[0], hw[0], hw[1])
+        out = []
+        for s, stage in enumerate(self.stages):
+            if upto is not None and s > upto:
+                break
+            if build:
+                x = stage(x)
+                hw = stage.grid
+            else:
+                x, hw = stage(x, hw)
+            out.append((x, hw))
+        return out
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.forward_features(x).mean(1))
+        check_input(x, self.config)
+        return self.head(self._tokens(x)[-1][0].mean(1))
+
+    # ---- timm-style feature API (same as LeViT's) ------------------------------------------------
+    @property
+    def feature_info(self) -> list[dict]:
+        """Channels, stride and module of each stage's output (timm's ``model.feature_info``)."""
+        return stage_feature_info(self.config)
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | list[int] | tuple[int, ...] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """The stages ``indices`` as NCHW maps; see :meth:`levit.model.LeViT.forward_intermediates`."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt={output_fmt!r}: only 'NCHW' is supported")
+        check_input(x, self.config, any_size=True)
+        take = resolve_indices(indices, len(self.stages))
+        outs = self._tokens(x, max(take) if (stop_early or intermediates_only) else None)
+        maps = [to_nchw(*outs[i]) for i in take]
+        return maps if intermediates_only else (outs[-1][0], maps)
+
+    def feature_maps(self, x: Tensor) -> list[Tensor]:
+        """The output of every stage as (B, C_s, h_s, w_s) maps."""
+        return self.forward_intermediates(x, intermediates_only=True)
+
+    def prune_intermediate_layers(
+        self,
+        indices: int | list[int] | tuple[int, ...] | None = None,
+        prune_norm: bool = False,
+        prune_head: bool = True,
+    ) -> list[int]:
+        """Drop the stages after the last of ``indices`` (and the head)."""
+        take = resolve_indices(indices, len(self.stages))
+        self.stages = self.stages[: max(take) + 1]
+        if prune_head:
+            self.reset_classifier(0)
+        return take
+
+    def get_classifier(self) -> nn.Module:
+        """The (merged) classifier head."""
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the head with a new (zero-initialised) linear layer for ``num_classes`` classes
+        (0: pooled features). Train it on the unfused model for anything but a linear probe."""
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"global_pool={global_pool!r}: LeViT pools by averaging tokens ('avg')")
+        self.config = self.config.replace(num_classes=num_classes)
+        p = self.stem[0].weight
+        if num_classes > 0:
+            self.head = nn.Linear(self.config.num_features, num_classes).to(device=p.device, dtype=p.dtype)
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+        else:
+            self.head = nn.Identity()
 
 
 # ---- folding ---------------------------------------------------------------------------------
@@ -370,13 +534,21 @@ def fuse(model: LeViT) -> FusedLeViT:
     if not isinstance(model, LeViT):
         raise TypeError(f"fuse() needs a levit LeViT model, got {type(model).__name__}")
     cfg = model.config
+    if not fusable(model):
+        raise ValueError(
+            "levit.fuse: ablation A3's pre-norm LayerNorm normalises each token by its own statistics and "
+            "cannot be folded into the next linear layer like BatchNorm; run the unfused model (model.eval())"
+        )
     p = next(model.parameters())
     fused = FusedLeViT(cfg).to(device=p.device, dtype=p.dtype)
     names = getattr(model, "class_names", None)
     fused.class_names = list(names) if names else None
 
-    for i in range(0, 7, 2):
-        _set(fused.stem[i], *_fold(model.stem[i]))
+    src_convs = [m for m in model.stem if isinstance(m, ConvBN)]
+    for src_conv, dst_conv in zip(src_convs, [m for m in fused.stem if isinstance(m, nn.Conv2d)], strict=True):
+        _set(dst_conv, *_fold(src_conv))
+    if model.pos_embed is not None:
+        fused.pos_embed.copy_(model.pos_embed)
 
     for s_src, s_dst in zip(model.stages, fused.stages):
         if not isinstance(s_src.downsample, nn.Identity):
@@ -385,7 +557,8 @@ def fuse(model: LeViT) -> FusedLeViT:
             w, b = _fold(src.q)
             _set(dst.q, w * src.scale, b * src.scale)
             _set(dst.proj, *_fold(src.proj))
-            dst.attn_bias.copy_(src.attention_biases[:, src.attention_bias_idxs])
+            if src.attention_biases is not None:  # None in ablation A5: the buffer stays 0
+                dst.attn_bias.copy_(src.attention_biases[:, src.attention_bias_idxs])
             _fold_mlp(s_src.downsample.mlp, s_dst.downsample.mlp)
         for b_src, b_dst in zip(s_src.blocks, s_dst.blocks):
             src, dst = b_src.attn, b_dst.attn
@@ -393,7 +566,8 @@ def fuse(model: LeViT) -> FusedLeViT:
             _scale_q_rows(w, b, src.num_heads, 2 * src.key_dim + src.val_dim, src.key_dim, src.scale)
             _set(dst.qkv, w, b)
             _set(dst.proj, *_fold(src.proj))
-            dst.attn_bias.copy_(src.attention_biases[:, src.attention_bias_idxs])
+            if src.attention_biases is not None:
+                dst.attn_bias.copy_(src.attention_biases[:, src.attention_bias_idxs])
             _fold_mlp(b_src.mlp, b_dst.mlp)
 
     if cfg.num_classes > 0:
@@ -403,6 +577,12 @@ def fuse(model: LeViT) -> FusedLeViT:
             w, b = (w + w2) / 2, (b + b2) / 2
         _set(fused.head, w, b)
     return fused.eval()
+
+
+def fusable(model: nn.Module) -> bool:
+    """Whether :func:`fuse` can fold ``model``: every LeViT except ablation A3 (LayerNorm), fused ones too."""
+    cfg = getattr(model, "config", None)
+    return isinstance(cfg, LeViTConfig) and cfg.norm == "bn"
 
 
 def _fold_mlp(src: nn.Module, dst: FusedMLP) -> None:

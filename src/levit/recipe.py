@@ -40,6 +40,7 @@ class TrainConfig:
     output: str = "runs/levit"
     img_size: int = 224
     drop_path: float | None = None  # None: the variant's (0.1 for LeViT-384)
+    ablation: str | None = None  # the paper's Table 5 row A1..A7 (A4: the base model with distillation none)
     init_checkpoint: str | None = None  # start from these weights (fine-tuning); any format create_model reads
     pretrained: bool = False  # start from the authors' released weights (downloaded)
     # schedule and batch
@@ -189,9 +190,16 @@ def check_config(cfg: TrainConfig) -> None:
         raise LeViTError(f"--data {cfg.data} and --dataset {cfg.dataset} exclude each other: give one")
     if cfg.data is None and cfg.dataset is None:
         raise LeViTError("--data DIR is required (DIR/train/CLASS/*.jpg and DIR/val/CLASS/*.jpg), or --dataset digits")
-    from .registry import canonical_name
+    from .registry import canonical_name, get_config
 
     canonical_name(cfg.model)  # unknown names list the valid ones
+    if cfg.ablation is not None:
+        try:
+            get_config(cfg.model, ablation=cfg.ablation)  # unknown rows list the valid ones
+        except ValueError as e:
+            raise LeViTError(f"ablation: {e}") from None
+        if cfg.ablation == "A4" and cfg.distillation != "none":
+            raise LeViTError("ablation A4 is the base model trained without distillation: set distillation=none")
 
 
 def available_recipes() -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from .config import VARIANTS, LeViTConfig
@@ -31,8 +32,14 @@ def list_models(pattern: str = "*") -> list[str]:
 
 
 def get_config(name: str, **overrides: object) -> LeViTConfig:
-    """The config of a registered variant with ``overrides`` applied (unknown keys are an error)."""
-    return VARIANTS[canonical_name(name)].replace(**overrides)
+    """The config of a registered variant with ``overrides`` applied (unknown keys are an error).
+
+    ``ablation="A1".."A7"`` first turns the variant into the paper's Table 5 row, then the other
+    overrides apply."""
+    from .config import ablation_config
+
+    ablation = overrides.pop("ablation", None)
+    return ablation_config(VARIANTS[canonical_name(name)], ablation).replace(**overrides)
 
 
 def create_model(
@@ -40,10 +47,13 @@ def create_model(
     *,
     num_classes: int | None = None,
     distillation: bool | None = None,
-    img_size: int | None = None,
+    img_size: int | tuple[int, int] | None = None,
     drop_path_rate: float | None = None,
     checkpoint: str | os.PathLike | None = None,
     pretrained: bool = False,
+    features_only: bool = False,
+    out_indices: int | Sequence[int] | None = None,
+    ablation: str | None = None,
     **overrides: object,
 ) -> nn.Module:
     """Build a LeViT model, optionally loading weights.
@@ -52,12 +62,17 @@ def create_model(
         name: a name from :func:`list_models` or an official spelling (``LeViT_256``).
         num_classes: classifier outputs (default 1000, or a levit checkpoint's); 0 returns pooled features.
         distillation: build the second (distillation) head, as the released models have (default True).
-        img_size: input side (default 224); attention-bias tables of a checkpoint made at another size
-            are resampled.
+        img_size: input side or (H, W), each a multiple of 16 (default 224); attention-bias tables of a
+            checkpoint made at another size (e.g. the released 224 weights) are resampled onto the new grid.
         drop_path_rate: stochastic depth rate; ``None`` keeps the variant's (0.1 for LeViT-384).
-        checkpoint: an official release file, a timm LeViT state dict (``.pth`` or ``.safetensors``), or a
-            file written by :func:`levit.save`. Loaded strictly; a fused checkpoint gives a fused model.
+        checkpoint: an official release file, a timm LeViT state dict (``.pth`` or ``.safetensors``), a
+            Hugging Face transformers LeViT file or ``save_pretrained`` folder, or a file written by
+            :func:`levit.save`. Loaded strictly; a fused checkpoint gives a fused model.
         pretrained: download the authors' released weights (cached, hash-checked).
+        features_only: return a feature extractor (timm's convention) whose forward gives a list of
+            (B, C_s, H/stride_s, W/stride_s) maps, with ``feature_info.channels()`` / ``.reduction()``.
+        out_indices: the stages it returns (default all: strides 16, 32, 64); an int n: the last n.
+        ablation: ``"A1"``..``"A7"`` builds the paper's Table 5 variant (see :data:`levit.config.ABLATIONS`).
         **overrides: any other :class:`~levit.config.LeViTConfig` field (``in_chans``, ``key_dim``, ...).
 
     Example:
@@ -68,17 +83,27 @@ def create_model(
     given = dict(num_classes=num_classes, distillation=distillation, img_size=img_size, drop_path_rate=drop_path_rate)
     changes = {k: v for k, v in given.items() if v is not None} | overrides
     name = canonical_name(name)  # the one place a user's spelling becomes a variant name
-    cfg = VARIANTS[name].replace(**changes)  # validates every key before any file is read
+    if ablation is not None:
+        changes["ablation"] = ablation
+    cfg = get_config(name, **changes)  # validates every key (and the ablation) before any file is read
     if pretrained:
         from .hub import download_pretrained
 
         checkpoint = download_pretrained(name)
+    if out_indices is not None and not features_only:
+        raise ValueError("out_indices=... needs features_only=True")
     if checkpoint is None:
-        return build_model(cfg)
-    from .checkpoint import checkpoint_config, load_into, open_checkpoint
+        model = build_model(cfg)
+    else:
+        from .checkpoint import checkpoint_config, load_into, open_checkpoint
 
-    ck = open_checkpoint(checkpoint)
-    return load_into(build_model(checkpoint_config(ck, VARIANTS[name], changes), fused=ck.fused), ck)
+        ck = open_checkpoint(checkpoint)
+        model = load_into(build_model(checkpoint_config(ck, VARIANTS[name], changes), fused=ck.fused), ck)
+    if features_only:
+        from .model import LeViTFeatures
+
+        return LeViTFeatures(model, out_indices)
+    return model
 
 
 def build_model(cfg: LeViTConfig, *, fused: bool = False) -> nn.Module:

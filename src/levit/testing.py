@@ -20,8 +20,9 @@ from .config import LeViTConfig
 __all__ = ["randomize_weights", "sample_images"]
 
 
-def sample_images(n: int, img_size: int = 224, *, seed: int = 0, channels: int = 3) -> Tensor:
-    """``n`` synthetic photo-like images, ImageNet-normalised, shape (n, channels, img_size, img_size).
+def sample_images(n: int, img_size: int | tuple[int, int] = 224, *, seed: int = 0, channels: int = 3) -> Tensor:
+    """``n`` synthetic photo-like images, ImageNet-normalised, shape (n, channels, H, W) for an
+    ``img_size`` side or (H, W).
 
     Each is a smooth colour field (three low-frequency waves) with four soft-edged colour blobs and
     one hard edge, plus a little sensor noise: spatially correlated like real photos (white noise is
@@ -32,8 +33,8 @@ def sample_images(n: int, img_size: int = 224, *, seed: int = 0, channels: int =
     def rand(*shape: int) -> Tensor:
         return torch.rand(shape, generator=g)
 
-    t = torch.linspace(0, 1, img_size)
-    yy, xx = t.view(1, 1, -1, 1), t.view(1, 1, 1, -1)  # broadcast to (n, k, H, W)
+    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+    yy, xx = torch.linspace(0, 1, h).view(1, 1, -1, 1), torch.linspace(0, 1, w).view(1, 1, 1, -1)  # (n, k, H, W)
     fx, fy, phase = rand(n, 3, 1, 1) * 4, rand(n, 3, 1, 1) * 4, rand(n, 3, 1, 1) * 6.28
     waves = torch.sin(2 * math.pi * (fx * xx + fy * yy) + phase)  # (n, 3, H, W)
     img = torch.einsum("nkhw,nkc->nchw", waves, (rand(n, 3, channels) - 0.5) * 0.6)
@@ -56,14 +57,30 @@ def sample_images(n: int, img_size: int = 224, *, seed: int = 0, channels: int =
 _RESIDUAL_SCALE = 0.1
 
 
-def _bias_table(heads: int, n: int, g: torch.Generator) -> Tensor:
-    """A (heads, r*r) relative-position bias table of a trained model's magnitude: each head prefers
-    near (or, for some heads, far) offsets with its own slope, plus structure-free noise."""
-    r = round(n**0.5)
-    d = torch.arange(r, dtype=torch.float32)
-    dist = (d.view(-1, 1) ** 2 + d.view(1, -1) ** 2).sqrt().reshape(-1) / max(r - 1, 1)  # 0..sqrt(2)
+def _bias_table(heads: int, grid: tuple[int, int], g: torch.Generator) -> Tensor:
+    """A (heads, h*w) relative-position bias table over the (dy, dx) offsets of an (h, w) grid, of a
+    trained model's magnitude: each head prefers near (or, for some heads, far) offsets with its own
+    slope, plus structure-free noise."""
+    h, w = grid
+    dy = torch.arange(h, dtype=torch.float32).view(-1, 1) / max(h - 1, 1)
+    dx = torch.arange(w, dtype=torch.float32).view(1, -1) / max(w - 1, 1)
+    dist = (dy**2 + dx**2).sqrt().reshape(-1)  # 0..sqrt(2), whatever the grid's aspect
     slope = torch.randn(heads, 1, generator=g) * 2.0
-    return -slope * dist + torch.randn(heads, n, generator=g) * 0.7
+    return -slope * dist + torch.randn(heads, h * w, generator=g) * 0.7
+
+
+def _bias_grid(owner: nn.Module, n: int) -> tuple[int, int]:
+    """The (h, w) offset grid of ``owner``'s bias table of ``n`` entries: its ``resolution`` (levit's
+    attention modules: the build grid), else a square grid (other LeViTs, e.g. transformers')."""
+    res = getattr(owner, "resolution", None)
+    if isinstance(res, int):
+        res = (res, res)
+    if isinstance(res, tuple) and len(res) == 2 and res[0] * res[1] == n:
+        return res
+    r = round(n**0.5)
+    if r * r != n:
+        raise ValueError(f"cannot tell the grid of a {n}-entry bias table in {type(owner).__name__}")
+    return r, r
 
 
 @torch.no_grad()
@@ -77,6 +94,8 @@ def randomize_weights(model: nn.Module, seed: int = 0, *, images: Tensor | None 
       (zero in a fresh model) but small, so that the residual stream keeps the image's signal over
       the depth instead of being swamped (chaotic, fp32 noise grows) or switched off;
     - classifier weights large enough that the softmax is not flat;
+    - the Table 5 ablations' extra parameters: biased linears/convs and LayerNorms (A3, whose
+      residual branches end in a linear scaled like the BatchNorm above), position embedding (A5);
     - BatchNorm running statistics measured by a forward pass in training mode over ``images``
       (default: 4 :func:`sample_images`), so that, as in a trained model, every layer sees
       normalised activations on photo-like inputs.
@@ -89,17 +108,37 @@ def randomize_weights(model: nn.Module, seed: int = 0, *, images: Tensor | None 
     p = next(model.parameters())
     for name, prm in model.named_parameters():
         if name.endswith("attention_biases"):
-            prm.copy_(_bias_table(prm.shape[0], prm.shape[1], g))
+            owner = model.get_submodule(name.rpartition(".")[0])
+            prm.copy_(_bias_table(prm.shape[0], _bias_grid(owner, prm.shape[1]), g))
     for m in model.modules():  # every weight from the seed: the model does not depend on torch's global RNG
         if isinstance(m, nn.Linear | nn.Conv2d):
             m.weight.normal_(0.0, m.weight[0].numel() ** -0.5, generator=g)
-            if m.bias is not None:
-                m.bias.zero_()
+            if m.bias is not None:  # biased layers without a BatchNorm after them (ablation A3)
+                m.bias.normal_(0.0, 0.1, generator=g)
+        elif isinstance(m, nn.LayerNorm) and m.weight is not None:  # ablation A3
+            m.weight.uniform_(0.5, 1.5, generator=g)
+            m.bias.normal_(0.0, 0.1, generator=g)
+    pos = getattr(model, "pos_embed", None)
+    if isinstance(pos, nn.Parameter):  # ablation A5: absolute position embedding, a trained one's magnitude
+        pos.normal_(0.0, 0.5, generator=g)
     residual_bns = {
         id(m.bn)
         for n, m in model.named_modules()
         if n.endswith(("attn.proj", "mlp.fc2")) and ".downsample.attn" not in n and hasattr(m, "bn")
     }
+    for n, m in model.named_modules():  # ablation A3: no BatchNorm ends the branch; scale its linear
+        if (
+            n.endswith(("attn.proj", "mlp.fc2"))
+            and ".downsample.attn" not in n
+            and isinstance(getattr(m, "bn", None), nn.Identity)
+        ):
+            m.linear.weight.mul_(_RESIDUAL_SCALE)
+            m.linear.bias.mul_(_RESIDUAL_SCALE)
+    for m in model.modules():  # transformers' LeViT: a residual layer wraps its branch as `.module`
+        branch = getattr(m, "module", None)
+        if "Residual" in type(m).__name__ and isinstance(branch, nn.Module):
+            last = [b for b in branch.modules() if isinstance(b, nn.BatchNorm1d | nn.BatchNorm2d)][-1:]
+            residual_bns.update(id(b) for b in last)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
             scale = _RESIDUAL_SCALE if id(m) in residual_bns else 1.0  # a branch adds to, not replaces, the stream
@@ -112,9 +151,10 @@ def randomize_weights(model: nn.Module, seed: int = 0, *, images: Tensor | None 
             linear.weight.normal_(0.0, 2.0 / fan_in**0.5, generator=g)
             linear.bias.normal_(0.0, 0.1, generator=g)
 
-    cfg: LeViTConfig | None = getattr(model, "config", None)
+    cfg = getattr(model, "config", None)
+    cfg = cfg if isinstance(cfg, LeViTConfig) else None  # e.g. transformers' LeViT: 224x224 RGB
     if images is None:
-        size = cfg.img_size if cfg is not None else 224
+        size = cfg.img_hw if cfg is not None else 224
         images = sample_images(4, size, seed=seed, channels=cfg.in_chans if cfg is not None else 3)
     was_training = {m: m.training for m in model.modules()}
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d)]

@@ -204,6 +204,8 @@ class _Run:
         kwargs: dict[str, Any] = dict(num_classes=len(self.class_names), distillation=distill, img_size=cfg.img_size)
         if cfg.drop_path is not None:
             kwargs["drop_path_rate"] = cfg.drop_path
+        if cfg.ablation is not None:  # the paper's Table 5 row
+            kwargs["ablation"] = cfg.ablation
         if cfg.init_checkpoint or cfg.pretrained:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")

@@ -1,0 +1,125 @@
+"""timm-style feature API (features_only, forward_intermediates, classifier access) and FX tracing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FUSE_TOL, photos, rel_err
+from torchvision.models.feature_extraction import create_feature_extractor
+
+import levit
+from levit.testing import randomize_weights
+
+
+@pytest.fixture(scope="module")
+def model():
+    return randomize_weights(levit.create_model("levit_tiny", img_size=64)).eval()
+
+
+def test_features_only_returns_nchw_maps_with_feature_info():
+    feats = levit.create_model("levit_tiny", img_size=64, features_only=True, out_indices=(0, 2)).eval()
+    assert feats.feature_info.channels() == [32, 64]
+    assert feats.feature_info.reduction() == [16, 64]
+    assert feats.feature_info.module_name() == ["stages.0", "stages.2"]
+    maps = feats(photos(2, (64, 96)))  # any size: the grid follows the input
+    assert [tuple(m.shape) for m in maps] == [(2, 32, 4, 6), (2, 64, 1, 2)]
+    assert not any(n.startswith("model.head") for n, _ in feats.named_parameters())
+    last = levit.create_model("levit_tiny", features_only=True, out_indices=2)  # int: the last n stages
+    assert last.feature_info.reduction() == [32, 64] and len(last.model.stages) == 3
+    first = levit.create_model("levit_tiny", features_only=True, out_indices=[0])
+    assert len(first.model.stages) == 1  # unused stages are dropped
+    with pytest.raises(ValueError, match="out of range"):
+        levit.create_model("levit_tiny", features_only=True, out_indices=(3,))
+    with pytest.raises(ValueError, match="features_only"):
+        levit.create_model("levit_tiny", out_indices=(0,))
+
+
+def test_forward_intermediates_matches_the_stages(model):
+    x = photos(2, 64)
+    last, maps = model.forward_intermediates(x)
+    torch.testing.assert_close(last, model.forward_features(x), atol=0, rtol=0)
+    assert [tuple(m.shape) for m in maps] == [(2, 32, 4, 4), (2, 48, 2, 2), (2, 64, 1, 1)]
+    # the last map is the last stage's tokens, laid out as an image: its mean is the pooled feature
+    torch.testing.assert_close(maps[-1].flatten(2).mean(2), last.mean(1))
+    # token n of a stage sits at row n // w, column n % w of its map
+    tokens = model.stages[0](model.stem(x).flatten(2).transpose(1, 2))[0]
+    torch.testing.assert_close(maps[0][:, :, 1, 3], tokens[:, 1 * 4 + 3])
+    only = model.forward_intermediates(x, indices=[1], intermediates_only=True)
+    torch.testing.assert_close(only[0], maps[1], atol=0, rtol=0)
+    assert len(model.forward_intermediates(x, indices=1, intermediates_only=True)) == 1
+    with pytest.raises(ValueError, match="NCHW"):
+        model.forward_intermediates(x, output_fmt="NLC")
+
+
+def test_fused_model_has_the_same_feature_api(model, tmp_path):
+    fused = levit.fuse(model)
+    for size in [(64, 64), (96, 80)]:
+        x = photos(2, size)
+        with torch.no_grad():
+            want = model.forward_intermediates(x, intermediates_only=True)
+            got = fused.forward_intermediates(x, intermediates_only=True)
+        for a, b in zip(got, want):
+            assert rel_err(a, b) <= FUSE_TOL
+    assert fused.feature_info == model.feature_info
+    path = levit.save(fused, tmp_path / "fused.safetensors")
+    feats = levit.create_model("levit_tiny", img_size=64, checkpoint=path, features_only=True, out_indices=(1,))
+    assert feats.feature_info.channels() == [48]
+    with torch.no_grad():
+        assert rel_err(feats(x)[0], want[1]) <= FUSE_TOL
+
+
+def test_get_and_reset_classifier(model):
+    m = levit.create_model("levit_tiny", img_size=64)
+    heads = m.get_classifier()
+    assert heads[0] is m.head and heads[1] is m.head_dist
+    m.reset_classifier(7)
+    assert m.eval()(photos(1, 64)).shape == (1, 7) and m.num_classes == 7
+    m.reset_classifier(0)
+    assert m(photos(1, 64)).shape == (1, 64)
+    fused = levit.fuse(model)
+    assert fused.get_classifier() is fused.head
+    fused.reset_classifier(5)
+    assert fused(photos(1, 64)).shape == (1, 5)
+    fused.reset_classifier(0)
+    x = photos(1, 64)
+    assert rel_err(fused(x), model.forward_head(model.forward_features(x), pre_logits=True)) <= FUSE_TOL
+    with pytest.raises(ValueError, match="global_pool"):
+        m.reset_classifier(3, global_pool="max")
+
+
+def test_fx_symbolic_trace_matches_eager(model):
+    gm = torch.fx.symbolic_trace(model)
+    x = photos(2, 64)
+    torch.testing.assert_close(gm(x), model(x), atol=0, rtol=0)
+    # the grid is read from the input inside the graph (the bias lookup is one leaf call), so the
+    # traced graph also runs at another size, with resampled biases, like forward_features does
+    assert sum(n.op == "call_function" and n.target.__name__ == "grid_bias" for n in gm.graph.nodes) == 5
+    y = photos(1, (96, 80))
+    torch.testing.assert_close(gm(y), model.forward_head(model.forward_features(y)), atol=1e-5, rtol=1e-5)
+
+
+def test_create_feature_extractor(model):
+    nodes = {"stages.0.blocks.0": "s0", "stages.1.blocks.0": "s1", "stages.2.blocks.0": "s2", "head": "logits"}
+    fx = create_feature_extractor(model, return_nodes=nodes)
+    x = photos(2, 64)
+    out = fx(x)
+    maps = model.forward_intermediates(x, intermediates_only=True)
+    for i, k in enumerate(["s0", "s1", "s2"]):  # tokens (B, N, C) of each stage's (one) block
+        torch.testing.assert_close(out[k], maps[i].flatten(2).transpose(1, 2), atol=0, rtol=0)
+    torch.testing.assert_close(out["logits"], model.head(model.forward_features(x).mean(1)))
+
+
+def test_intermediates_equal_timms():
+    timm = pytest.importorskip("timm")
+    from levit.checkpoint import to_timm_state_dict
+
+    ours = randomize_weights(levit.create_model("levit_128s")).eval()
+    theirs = timm.create_model("levit_128s", pretrained=False).eval()
+    theirs.load_state_dict(to_timm_state_dict(ours), strict=True)
+    x = photos(1, 224)
+    with torch.no_grad():
+        want = theirs.forward_intermediates(x, intermediates_only=True)
+        got = ours.forward_intermediates(x, intermediates_only=True)
+    assert len(got) == len(want) == 3
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
