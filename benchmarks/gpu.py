@@ -265,7 +265,7 @@ def infer_section(args: argparse.Namespace, device: torch.device, res: dict, sav
 
 # ---- report ------------------------------------------------------------------------------------
 def targets(res: dict) -> list[dict]:
-    """The issue's GPU targets, each with its measured ratio (None where a cell was not measured)."""
+    """The GPU speed targets, each with its measured ratio (None where a cell was not measured)."""
     out = []
 
     def cell(model: str, prec: str, batch: int) -> dict:
