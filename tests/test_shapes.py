@@ -157,3 +157,19 @@ def test_fused_grid_cache_follows_the_buffer():
         double = fused.forward_features(x.double())
         assert [v[2].dtype for v in attn._grid_bias.cache.values()] == [torch.float64]
         assert rel_err(single, double) <= 1e-5
+
+
+def test_deploy_runs_a_non_square_model_with_image_calibration(tmp_path):
+    """deploy on a (H, W) model: image files are cropped to (H, W), a wrong shape is named."""
+    from PIL import Image
+
+    from levit.deploy import DeployError
+
+    model = levit.create_model("levit_tiny", img_size=(64, 48)).eval()
+    Image.fromarray((torch.rand(80, 90, 3) * 255).byte().numpy()).save(tmp_path / "a.png")
+    pred = levit.deploy(model, backend="eager", precision="bf16", calibration=[tmp_path / "a.png"], batch_size=2)
+    assert pred(torch.zeros(3, 3, 64, 48)).shape == (3, model.config.num_classes)
+    with pytest.raises(ValueError, match=r"\(B, 3, 64, 48\)"):
+        pred(torch.zeros(1, 3, 48, 64))
+    with pytest.raises(DeployError, match="48x64, the model takes 64x48"):
+        levit.deploy(model, backend="eager", precision="bf16", calibration=torch.zeros(2, 3, 48, 64))

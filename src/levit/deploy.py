@@ -230,7 +230,7 @@ def resolve_backend(
 # ---- calibration / fidelity ----------------------------------------------------------------
 def load_calibration(
     images: Tensor | Iterable[Tensor] | str | os.PathLike | Iterable[str | os.PathLike],
-    img_size: int = 224,
+    img_size: int | tuple[int, int] = 224,
     limit: int | None = None,
 ) -> Tensor:
     """Calibration images as one (N, 3, H, W) float tensor.
@@ -250,7 +250,7 @@ def load_calibration(
     return x[:limit] if limit else x
 
 
-def _read_images(paths: list, img_size: int, limit: int | None) -> Tensor:
+def _read_images(paths: list, img_size: int | tuple[int, int], limit: int | None) -> Tensor:
     from .data import eval_transform
     from .images import find_images, open_rgb
 
@@ -510,7 +510,7 @@ class Predictor:
         batch_size: int,
         threads: int | None,
         device: torch.device,
-        img_size: int,
+        img_size: int | tuple[int, int],
         reference: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         self._run, self._reference = run, reference
@@ -528,8 +528,9 @@ class Predictor:
         yield from x.split(self.batch_size)
 
     def __call__(self, x: Tensor) -> Tensor:
-        if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] != self.img_size or x.shape[3] != self.img_size:
-            raise ValueError(f"expected images of shape (B, 3, {self.img_size}, {self.img_size}), got {tuple(x.shape)}")
+        h, w = (self.img_size, self.img_size) if isinstance(self.img_size, int) else self.img_size
+        if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] != h or x.shape[3] != w:
+            raise ValueError(f"expected images of shape (B, 3, {h}, {w}), got {tuple(x.shape)}")
         x = x.to(self.device)
         outs = []
         with _torch_threads(self.threads):
@@ -598,8 +599,9 @@ def deploy(
     cfg = model.config
     backend, precision = resolve(backend, precision, device, batch_size)
     calib = load_calibration(calibration, cfg.img_size) if calibration is not None else None
-    if calib is not None and calib.shape[-1] != cfg.img_size:
-        raise DeployError(f"calibration images are {calib.shape[-1]}px, the model takes {cfg.img_size}px")
+    if calib is not None and tuple(calib.shape[-2:]) != cfg.img_hw:
+        h, w = cfg.img_hw
+        raise DeployError(f"calibration images are {calib.shape[-2]}x{calib.shape[-1]}, the model takes {h}x{w}")
     example = torch.zeros(batch_size, cfg.in_chans, *cfg.img_hw, device=device)
     reference = copy.deepcopy(model).float().eval()
     run = build_runner(model, backend, precision, example=example, threads=threads, calibration=calib)
