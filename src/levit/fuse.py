@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .config import LeViTConfig
 from .layers import BNLinear, ConvBN, LinearBN, _pair, attention_bias_index, resample_bias_table
-from .model import LeViT, check_input, pos_embed_for, resolve_indices, stage_feature_info, to_nchw
+from .model import FeatureAPI, LeViT, check_input, pos_embed_for
 
 __all__ = [
     "FusedAttention",
@@ -337,7 +337,7 @@ class _FusedStage(nn.Module):
         return x, hw
 
 
-class FusedLeViT(nn.Module):
+class FusedLeViT(FeatureAPI, nn.Module):
     """LeViT for inference: plain convs and linears, one head. Build it with :func:`fuse`.
 
     Constructing it directly gives placeholder weights (used when loading a fused checkpoint).
@@ -430,47 +430,7 @@ class FusedLeViT(nn.Module):
         check_input(x, self.config)
         return self.head(self._tokens(x)[-1][0].mean(1))
 
-    # ---- timm-style feature API (same as LeViT's) ------------------------------------------------
-    @property
-    def feature_info(self) -> list[dict]:
-        """Channels, stride and module of each stage's output (timm's ``model.feature_info``)."""
-        return stage_feature_info(self.config)
-
-    def forward_intermediates(
-        self,
-        x: Tensor,
-        indices: int | list[int] | tuple[int, ...] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
-        """The stages ``indices`` as NCHW maps; see :meth:`levit.model.LeViT.forward_intermediates`."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt={output_fmt!r}: only 'NCHW' is supported")
-        check_input(x, self.config, any_size=True)
-        take = resolve_indices(indices, len(self.stages))
-        outs = self._tokens(x, max(take) if (stop_early or intermediates_only) else None)
-        maps = [to_nchw(*outs[i]) for i in take]
-        return maps if intermediates_only else (outs[-1][0], maps)
-
-    def feature_maps(self, x: Tensor) -> list[Tensor]:
-        """The output of every stage as (B, C_s, h_s, w_s) maps."""
-        return self.forward_intermediates(x, intermediates_only=True)
-
-    def prune_intermediate_layers(
-        self,
-        indices: int | list[int] | tuple[int, ...] | None = None,
-        prune_norm: bool = False,
-        prune_head: bool = True,
-    ) -> list[int]:
-        """Drop the stages after the last of ``indices`` (and the head)."""
-        take = resolve_indices(indices, len(self.stages))
-        self.stages = self.stages[: max(take) + 1]
-        if prune_head:
-            self.reset_classifier(0)
-        return take
-
+    # ---- classifier access (the feature API is FeatureAPI's, shared with LeViT) ----------------
     def get_classifier(self) -> nn.Module:
         """The (merged) classifier head."""
         return self.head

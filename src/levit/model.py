@@ -193,7 +193,63 @@ def to_nchw(x: Tensor, hw: tuple[int, int]) -> Tensor:
     return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], hw[0], hw[1])
 
 
-class LeViT(nn.Module):
+class FeatureAPI:
+    """timm's feature API, shared by :class:`LeViT` and :class:`~levit.fuse.FusedLeViT`.
+
+    The class using it has ``config``, ``stages``, ``reset_classifier`` and ``_tokens(x, upto)``:
+    the stem and stages (through ``upto``, all if None) as ``[(tokens, grid)]``, one per stage.
+    """
+
+    config: LeViTConfig
+    stages: nn.ModuleList
+
+    def _tokens(self, x: Tensor, upto: int | None = None) -> list[tuple[Tensor, tuple[int, int]]]:
+        raise NotImplementedError
+
+    @property
+    def feature_info(self) -> list[dict]:
+        """Channels, stride and module of each stage's output (timm's ``model.feature_info``)."""
+        return stage_feature_info(self.config)
+
+    def feature_maps(self, x: Tensor) -> list[Tensor]:
+        """The output of every stage as (B, C_s, h_s, w_s) maps, e.g. for a detection backbone."""
+        return self.forward_intermediates(x, intermediates_only=True)
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """timm's feature API: the stages ``indices`` (an int n: the last n; default all) as NCHW maps.
+
+        Returns ``(last-stage tokens (B, N, C), maps)``, or only the maps with ``intermediates_only``.
+        ``stop_early`` skips the stages after the last one asked for. Any input size >= 16 works.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt={output_fmt!r}: only 'NCHW' is supported")
+        check_input(x, self.config, any_size=True)
+        take = resolve_indices(indices, len(self.stages))
+        upto = max(take) if (stop_early or intermediates_only) else None
+        outs = self._tokens(x, upto)
+        maps = [to_nchw(*outs[i]) for i in take]
+        return maps if intermediates_only else (outs[-1][0], maps)
+
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] | None = None, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages after the last of ``indices`` (and the heads): what a backbone keeps."""
+        take = resolve_indices(indices, len(self.stages))
+        self.stages = self.stages[: max(take) + 1]
+        if prune_head:
+            self.reset_classifier(0)
+        return take
+
+
+class LeViT(FeatureAPI, nn.Module):
     """LeViT image classifier (Graham et al., ICCV 2021), in its trainable, unfused form.
 
     ``forward`` returns logits of shape (B, num_classes). With ``cfg.distillation`` the model has
@@ -249,13 +305,8 @@ class LeViT(nn.Module):
         """Parameter names that take no weight decay (attention bias tables)."""
         return {n for n, _ in self.named_parameters() if n.endswith("attention_biases") or n == "pos_embed"}
 
-    @property
-    def feature_info(self) -> list[dict]:
-        """Channels, stride and module of each stage's output (timm's ``model.feature_info``)."""
-        return stage_feature_info(self.config)
-
-    def _tokens(self, x: Tensor, upto: int | None = None) -> tuple[Tensor, tuple[int, int], list]:
-        """Stem + stages (through ``upto``): (last tokens, their grid, [(tokens, grid) per stage])."""
+    def _tokens(self, x: Tensor, upto: int | None = None) -> list[tuple[Tensor, tuple[int, int]]]:
+        """Stem + stages (through ``upto``): [(tokens, grid)] after each stage."""
         x = self.stem(x)  # (B, C, h, w)
         hw = (x.shape[2], x.shape[3])
         x = x.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C)
@@ -267,7 +318,7 @@ class LeViT(nn.Module):
                 break
             x, hw = stage(x, hw)
             out.append((x, hw))
-        return x, hw, out
+        return out
 
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, 3, H, W) images -> (B, N, C) tokens of the last stage.
@@ -275,44 +326,7 @@ class LeViT(nn.Module):
         Any H, W >= 16 work: at the build size the biases are the learned tables, at another size
         they are resampled on the fly (:func:`levit.layers.grid_bias`)."""
         check_input(x, self.config, any_size=True)
-        return self._tokens(x)[0]
-
-    def feature_maps(self, x: Tensor) -> list[Tensor]:
-        """The output of every stage as (B, C_s, h_s, w_s) maps, e.g. for a detection backbone."""
-        return self.forward_intermediates(x, intermediates_only=True)
-
-    def forward_intermediates(
-        self,
-        x: Tensor,
-        indices: int | Sequence[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
-        """timm's feature API: the stages ``indices`` (an int n: the last n; default all) as NCHW maps.
-
-        Returns ``(last-stage tokens (B, N, C), maps)``, or only the maps with ``intermediates_only``.
-        ``stop_early`` skips the stages after the last one asked for. Any input size >= 16 works.
-        """
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt={output_fmt!r}: only 'NCHW' is supported")
-        check_input(x, self.config, any_size=True)
-        take = resolve_indices(indices, len(self.stages))
-        upto = max(take) if (stop_early or intermediates_only) else None
-        last, _, outs = self._tokens(x, upto)
-        maps = [to_nchw(*outs[i]) for i in take]
-        return maps if intermediates_only else (last, maps)
-
-    def prune_intermediate_layers(
-        self, indices: int | Sequence[int] | None = None, prune_norm: bool = False, prune_head: bool = True
-    ) -> list[int]:
-        """Drop the stages after the last of ``indices`` (and the heads): what a backbone keeps."""
-        take = resolve_indices(indices, len(self.stages))
-        self.stages = self.stages[: max(take) + 1]
-        if prune_head:
-            self.reset_classifier(0)
-        return take
+        return self._tokens(x)[-1][0]
 
     def get_classifier(self) -> nn.Module:
         """The classifier head (a (head, head_dist) pair as a ModuleList when distilled)."""
@@ -334,7 +348,7 @@ class LeViT(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         check_input(x, self.config)
-        return self.forward_head(self._tokens(x)[0])
+        return self.forward_head(self._tokens(x)[-1][0])
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the head(s) with freshly initialised ones for ``num_classes`` classes (0: pooled
