@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import ABLATIONS, PAPER_ABLATIONS
 from .errors import LeViTError
-from .utils import atomic_path
+from .utils import atomic_path, save_figure
 
 if TYPE_CHECKING:  # torch is imported to train and time, not to count (`levit models --ablations`)
     import torch
@@ -327,8 +327,4 @@ def plot_ablations(rows: Sequence[dict[str, Any]], path: str | Path, data: str =
         ax.set_ylabel("top-1 (%)")
     fig.suptitle("LeViT-128S ablations (Table 5)")
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, format="png", dpi=110)

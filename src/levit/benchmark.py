@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .errors import LeViTError
-from .utils import atomic_path
+from .utils import atomic_path, save_figure
 
 __all__ = [
     "BENCH_MODELS",
@@ -545,7 +545,4 @@ def plot_rows(rows: Sequence[dict], path: str | os.PathLike, title: str | None =
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .errors import LeViTError
-from .utils import atomic_path
+from .utils import atomic_path, save_figure
 
 __all__ = ["attention_biases", "plot_biases", "save_biases"]
 
@@ -117,8 +117,4 @@ def plot_biases(tables: dict[str, np.ndarray], path: str | os.PathLike, title: s
                 ax.set_ylabel(f"{name}\n{rh}x{rw}", fontsize=7)
     fig.suptitle((title or "attention biases") + "\neach head over offsets (dy, dx); red +, blue -", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, format="png", dpi=80)

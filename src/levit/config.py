@@ -104,6 +104,11 @@ class LeViTConfig:
         attention's every-other-token queries): ``(r - 1) // 2 + 1``, so 7 -> 4 (Section 4.2)."""
         return (r - 1) // 2 + 1
 
+    @staticmethod
+    def subsampled_grid(hw: tuple[int, int]) -> tuple[int, int]:
+        """An (h, w) token grid after one stride-2 step: :meth:`subsampled` on each side."""
+        return LeViTConfig.subsampled(hw[0]), LeViTConfig.subsampled(hw[1])
+
     @property
     def stem_channels(self) -> tuple[int, ...]:
         """Channels through the patch-embedding stem: in_chans -> C/8 -> C/4 -> C/2 -> C (four 3x3
@@ -121,7 +126,7 @@ class LeViTConfig:
         if self.stem == "linear16":
             return ((h // 16, w // 16),)
         for _ in range(4):
-            h, w = self.subsampled(h), self.subsampled(w)
+            h, w = self.subsampled_grid((h, w))
             out.append((h, w))
         return tuple(out)
 
@@ -137,7 +142,7 @@ class LeViTConfig:
         then each shrink attention keeps every other row and column)."""
         out = [self.stem_resolutions[-1]]
         for _ in range(self.num_stages - 1):
-            out.append((self.subsampled(out[-1][0]), self.subsampled(out[-1][1])))
+            out.append(self.subsampled_grid(out[-1]))
         return tuple(out)
 
     @property

@@ -261,7 +261,7 @@ class FusedShrinkAttention(nn.Module):
         """(B, h*w, C_in) on an (h, w) grid (default: the build grid) -> (B, h'*w', C_out)."""
         B, N, C = x.shape
         h, w = self.resolution if hw is None else hw
-        h2, w2 = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+        h2, w2 = LeViTConfig.subsampled_grid((h, w))
         bias = self.attn_bias if hw is None else self._grid_bias(self.attn_bias, self.resolution, hw, 2)
         H = self.num_heads
         k, v = _linear(x, self.kv).view(B, N, H, -1).split([self.key_dim, self.val_dim], dim=3)  # (B, N, H, d)
@@ -331,7 +331,7 @@ class _FusedStage(nn.Module):
             return self.blocks(self.downsample(x))
         if not isinstance(self.downsample, nn.Identity):
             x = self.downsample(x, hw)
-            hw = ((hw[0] - 1) // 2 + 1, (hw[1] - 1) // 2 + 1)
+            hw = LeViTConfig.subsampled_grid(hw)
         for block in self.blocks:
             x = block(x, hw)
         return x, hw

@@ -7,6 +7,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import LeViTConfig
+
 __all__ = [
     "MLP",
     "Attention",
@@ -234,7 +236,7 @@ class ShrinkAttention(nn.Module):
         self.key_dim = key_dim
         self.val_dim = int(attn_ratio * key_dim)
         self.resolution = _pair(resolution)  # build input grid (h, w)
-        self.resolution_out = tuple((r - 1) // 2 + 1 for r in self.resolution)
+        self.resolution_out = LeViTConfig.subsampled_grid(self.resolution)
         self.scale = key_dim**-0.5
         self.kv = LinearBN(in_dim, num_heads * (key_dim + self.val_dim), norm=norm)
         self.q = LinearBN(in_dim, num_heads * key_dim, norm=norm)
@@ -246,7 +248,7 @@ class ShrinkAttention(nn.Module):
         """(B, h*w, C_in) tokens on an (h, w) grid (default: the build grid) -> (B, h'*w', C_out)."""
         B, N, C = x.shape
         h, w = self.resolution if hw is None else hw
-        h2, w2 = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+        h2, w2 = LeViTConfig.subsampled_grid((h, w))
         k, v = self.kv(x).view(B, N, self.num_heads, -1).split([self.key_dim, self.val_dim], dim=3)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, d)
         xs = x.view(B, h, w, C)[:, ::2, ::2].reshape(B, h2 * w2, C)  # subsampled queries

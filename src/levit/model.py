@@ -93,7 +93,7 @@ class LeViTStage(nn.Module):
             hw = first.attn.resolution
         if not isinstance(self.downsample, nn.Identity):
             x = self.downsample(x, hw)
-            hw = ((hw[0] - 1) // 2 + 1, (hw[1] - 1) // 2 + 1)
+            hw = LeViTConfig.subsampled_grid(hw)
         for block in self.blocks:
             x = block(x, hw)
         return x, hw

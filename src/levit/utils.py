@@ -10,7 +10,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "first_line", "fsync_dir"]
+__all__ = ["atomic_path", "first_line", "fsync_dir", "save_figure"]
 
 
 def first_line(e: BaseException | str, limit: int = 300) -> str:
@@ -73,3 +73,16 @@ def atomic_path(path: str | os.PathLike, *, companions: tuple[str, ...] = ()) ->
             with contextlib.suppress(FileNotFoundError):
                 f.unlink()
     fsync_dir(path.parent)
+
+
+def save_figure(fig, path: str | os.PathLike, **savefig_kwargs: object) -> Path:
+    """Write a matplotlib figure atomically (:func:`atomic_path`) and close it; returns the path."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, **savefig_kwargs)
+    finally:
+        plt.close(fig)
+    return path
