@@ -197,6 +197,11 @@ def main() -> int:
             f"{f['top1_agreement'] * 100:10.1f}% {f['max_rel_error']:12.2e}"
         )
     print(f"(fidelity vs our fp32 on {images.shape[0]} views of real photos; {args.rounds} interleaved rounds)")
+    if not args.checkpoint:
+        print(
+            "(randomised weights: their top two logits are close, so bf16/int8 flip answers that a trained "
+            "model's would not; compare with timm's own reduced precision, or pass --checkpoint)"
+        )
 
     def get(k: str) -> float | None:
         return med.get(k)
@@ -204,8 +209,16 @@ def main() -> int:
     results = {}
     timm_eager = get("timm eager")
     ours_fp32 = {k: v for k, v in med.items() if cands[k][2] and cands[k][1] == "fp32"}
+    # Randomised weights give small top-2 margins: reduced precision flips some answers in any
+    # implementation, so without a checkpoint the bar is the peer's own agreement in its default
+    # (reduced) precision, where that is below 99%.
+    bar = 0.99
+    peer_default = fid.get("timm openvino default")
+    peer_reduced = "32" not in ov_def.get("precision", "32")  # e.g. "<Type: 'bfloat16'>"
+    if not args.checkpoint and peer_default is not None and peer_reduced:
+        bar = min(bar, peer_default["top1_agreement"])
     ok_reduced = {
-        k: v for k, v in med.items() if cands[k][2] and cands[k][1] != "fp32" and fid[k]["top1_agreement"] >= 0.99
+        k: v for k, v in med.items() if cands[k][2] and cands[k][1] != "fp32" and fid[k]["top1_agreement"] >= bar
     }
     print("\ntargets:")
 
@@ -234,7 +247,7 @@ def main() -> int:
     if ok_reduced:
         best = max(ok_reduced, key=ok_reduced.get)
         target(
-            "best reduced precision (>=99% top-1 agreement) vs OpenVINO default (timm)",
+            f"best reduced precision (>={bar:.1%} top-1 agreement) vs OpenVINO default (timm)",
             best,
             ok_reduced[best],
             "timm openvino default",

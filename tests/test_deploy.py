@@ -205,6 +205,32 @@ def test_openvino_bf16_reports_what_runs(monkeypatch):
         assert resolve("auto", "bf16")[1] == "bf16"
 
 
+@pytest.mark.skipif(not HAS_OPENVINO, reason="openvino not installed")
+@pytest.mark.parametrize("bf16_ok", [False, True])
+def test_openvino_int8_unquantized_layers_follow_the_bf16_probe(monkeypatch, bf16_ok):
+    import openvino as ov
+
+    monkeypatch.setattr(fuse_mod, "cpu_bf16_supported", lambda: bf16_ok)
+    config = deploy_mod._ov_config("int8", 1)
+    assert config["INFERENCE_PRECISION_HINT"] == ("bf16" if bf16_ok else "f32")
+    assert config["INFERENCE_NUM_THREADS"] == 1
+    assert deploy_mod._ov_config("fp32", None)["INFERENCE_PRECISION_HINT"] == "f32"  # asked-for precisions win
+    if not bf16_ok:  # OpenVINO takes the option and runs f32 on any CPU
+        net = ov.convert_model(torch.nn.Linear(8, 4).eval(), example_input=torch.randn(2, 8))
+        compiled = ov.Core().compile_model(net, "CPU", config)
+        assert str(compiled.get_property("INFERENCE_PRECISION_HINT")) == "<Type: 'float32'>"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("nncf") is None, reason="nncf not installed")
+def test_int8_overflow_fix_follows_the_probe(monkeypatch):
+    from nncf.quantization.advanced_parameters import OverflowFix
+
+    monkeypatch.setattr(deploy_mod, "cpu_int8_fast", lambda: False)
+    assert deploy_mod._overflow_fix() is OverflowFix.ENABLE  # 7-bit weights: no 16-bit saturation without VNNI
+    monkeypatch.setattr(deploy_mod, "cpu_int8_fast", lambda: True)
+    assert deploy_mod._overflow_fix() is None
+
+
 @pytest.mark.parametrize("fast", [False, True])
 def test_int8_follows_vnni(monkeypatch, fast):
     monkeypatch.setattr(deploy_mod, "cpu_int8_fast", lambda: fast)
@@ -219,7 +245,13 @@ def test_int8_follows_vnni(monkeypatch, fast):
         assert resolve("onnxruntime", "int8") == ("onnxruntime", "int8")
 
 
+def _no_isa_limit(monkeypatch) -> None:
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+
+
 def test_cpu_int8_probe_reads_flags_with_a_fallback(monkeypatch):
+    _no_isa_limit(monkeypatch)
     monkeypatch.setattr(deploy_mod, "cpu_flags", lambda: {"avx2", "fma"})
     assert not deploy_mod.cpu_int8_fast()
     for flag in ("avx512_vnni", "avx_vnni", "amx_int8"):
@@ -229,6 +261,18 @@ def test_cpu_int8_probe_reads_flags_with_a_fallback(monkeypatch):
     for cap, fast in (("AVX2", False), ("AVX512", True), ("DEFAULT", False)):
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=cap: c)
         assert deploy_mod.cpu_int8_fast() == fast
+
+
+def test_int8_probe_obeys_onednn_isa_limit(monkeypatch):
+    monkeypatch.setattr(deploy_mod, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_vnni"})
+    _no_isa_limit(monkeypatch)
+    assert deploy_mod.cpu_int8_fast()
+    for limit, fast in (("avx2", False), ("AVX512_CORE", False), ("AVX512_CORE_VNNI", True), ("ALL", True)):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", limit)
+        assert deploy_mod.cpu_int8_fast() is fast, limit
+    monkeypatch.setattr(deploy_mod, "cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "ALL")
+    assert not deploy_mod.cpu_int8_fast()
 
 
 # ---- CUDA graphs, structurally (a fake graph stands in for torch.cuda.CUDAGraph) ---------------
