@@ -87,6 +87,8 @@ def test_predict_with_random_weights_says_so(images, capsys):
         (["predict", "{img}", "-m", "nope"], 2, "unknown model 'nope'; valid names:"),
         (["predict", "{img}", "-m", "levit_tiny", "--img-size", "100"], 2, "--img-size: must be a positive multiple"),
         (["predict", "{img}", "-m", "levit_tiny", "--img-size", "0"], 2, "--img-size: must be a positive multiple"),
+        (["predict", "{img}", "-m", "levit_tiny", "--img-size", "48x90"], 2, "--img-size: height and width must be"),
+        (["predict", "{img}", "-m", "levit_tiny", "--img-size", "48x96x3"], 2, "--img-size: expected N or HxW"),
         (["predict", "{empty}", "-m", "levit_tiny"], 1, "no image files in "),
         (["predict", "{img}", "-m", "levit_tiny", "--backend", "tvm"], 2, "unknown backend 'tvm'; choose from"),
         (["predict", "{img}", "-m", "levit_tiny", "-c", "{bad}"], 1, "cannot read it as a checkpoint"),

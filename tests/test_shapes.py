@@ -142,6 +142,32 @@ def test_evaluation_transform_and_export_take_a_pair(tmp_path):
     assert result.max_rel_error < 1e-4
 
 
+def test_cli_takes_height_x_width(tmp_path, capsys):
+    """`--img-size HxW` builds the (H, W) model: predict gives the Python API's answer, export writes that shape."""
+    import numpy as np
+    from PIL import Image
+
+    from levit.cli import main
+    from levit.data import eval_transform
+
+    ckpt = levit.save(_tiny(64), tmp_path / "tiny.safetensors")
+    img = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 140, 3), dtype=np.uint8)).save(img)
+    assert main(["predict", str(img), "-m", "levit_tiny", "-c", str(ckpt), "--img-size", "48x96", "--topk", "1"]) == 0
+    printed = capsys.readouterr().out.splitlines()[1]
+    model = levit.create_model("levit_tiny", checkpoint=ckpt, img_size=(48, 96)).eval()
+    with torch.no_grad():
+        probs = model(eval_transform((48, 96))(Image.open(img).convert("RGB"))[None]).softmax(-1)[0]
+    assert f"{probs.max().item() * 100:.2f}%" in printed and f"(class {probs.argmax().item()})" in printed
+    pytest.importorskip("onnx")
+    import onnx
+
+    out = tmp_path / "m.onnx"
+    assert main(["export", "-m", "levit_tiny", "-c", str(ckpt), "--img-size", "48x96", "--output", str(out)]) == 0
+    dims = onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims[1:]] == [3, 48, 96]
+
+
 def test_fused_grid_cache_follows_the_buffer():
     fused = levit.fuse(_tiny(64))
     x = photos(1, (96, 80))

@@ -69,6 +69,23 @@ def _img_size(text: str) -> int:
     return v
 
 
+def _img_hw(text: str) -> int | tuple[int, int]:
+    """An input resolution ``N`` or ``HxW`` (e.g. ``224`` or ``192x320``), each a multiple of 16."""
+    parts = text.lower().replace(",", "x").split("x")
+    if len(parts) == 1:
+        return _img_size(text)
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"expected N or HxW (e.g. 224 or 192x320), got {text!r}")
+    try:
+        h, w = (int(v) for v in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or HxW (e.g. 224 or 192x320), got {text!r}") from None
+    for v in (h, w):
+        if v < 16 or v % 16:
+            raise argparse.ArgumentTypeError(f"height and width must be positive multiples of 16, got {text!r}")
+    return h if h == w else (h, w)
+
+
 def _positive_float(text: str) -> float:
     try:
         v = float(text)
@@ -101,8 +118,12 @@ def _model_options(p: argparse.ArgumentParser, *, required: bool = False) -> Non
     g.add_argument("--pretrained", action="store_true", help="download the authors' released weights")
 
 
-def _img_size_option(p: argparse.ArgumentParser, help: str) -> None:
-    p.add_argument("--img-size", type=_img_size, default=None, metavar="N", help=help)
+def _img_size_option(p: argparse.ArgumentParser, help: str, *, rectangular: bool = False) -> None:
+    """--img-size N, or N / HxW where the command takes non-square inputs."""
+    if rectangular:
+        p.add_argument("--img-size", type=_img_hw, default=None, metavar="N|HxW", help=help)
+    else:
+        p.add_argument("--img-size", type=_img_size, default=None, metavar="N", help=help)
 
 
 def _runtime_options(
@@ -243,7 +264,9 @@ def _args_predict(p: argparse.ArgumentParser) -> None:
     _model_options(p)
     p.add_argument("--topk", type=int, default=5, help="classes to show per image")
     p.add_argument("--batch-size", "-b", type=int, default=32, help="images per forward pass")
-    _img_size_option(p, "input resolution, a multiple of 16 (default: the model's, 224)")
+    _img_size_option(
+        p, "input resolution N or HxW (e.g. 192x320), multiples of 16 (default: the model's, 224)", rectangular=True
+    )
     p.add_argument("--crop-pct", type=float, default=0.875, help="centre-crop fraction (resize = img_size / crop_pct)")
     _runtime_options(p, backend="eager", precision="fp32", precision_help="numeric precision")
     p.add_argument("--calibration", type=Path, nargs="+", help="int8: calibration images (default: the input images)")
@@ -469,7 +492,9 @@ def _args_export(p: argparse.ArgumentParser) -> None:
     )
     suffixes = ", ".join(FORMATS.values())
     p.add_argument("--output", "-o", type=Path, required=True, help=f"output file ({suffixes})")
-    _img_size_option(p, "input resolution, a multiple of 16 (default: the model's, 224)")
+    _img_size_option(
+        p, "input resolution N or HxW (e.g. 192x320), multiples of 16 (default: the model's, 224)", rectangular=True
+    )
     p.add_argument("--batch-size", "-b", type=int, default=2, help="batch traced with (the batch axis stays dynamic)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset")
     p.add_argument(
@@ -533,7 +558,7 @@ def _args_eval(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter  # defaults spelled out in the help texts
     p.add_argument("--data", type=Path, required=True, help="folder with one sub-folder per class")
     _model_options(p)
-    _img_size_option(p, "input resolution (default: the checkpoint's)")
+    _img_size_option(p, "input resolution N or HxW (default: the checkpoint's)", rectangular=True)
     p.add_argument(
         "--crop-pct", type=float, default=None, help="centre-crop fraction (default: the training run's or 0.875)"
     )
@@ -716,7 +741,9 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
 def _args_biases(p: argparse.ArgumentParser) -> None:
     _model_options(p)
     p.add_argument("--output", "-o", type=Path, default=Path("attention_biases.png"), help="PNG (+ .npz beside it)")
-    _img_size_option(p, "show the biases resampled to this resolution (default: the model's)")
+    _img_size_option(
+        p, "show the biases resampled to this resolution, N or HxW (default: the model's)", rectangular=True
+    )
 
 
 def _cmd_biases(args: argparse.Namespace) -> int:
