@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .config import LeViTConfig
 from .layers import BNLinear, ConvBN, LinearBN, _pair, attention_bias_index, resample_bias_table
-from .model import FeatureAPI, LeViT, check_input, pos_embed_for
+from .model import FeatureAPI, LeViT, check_input, pos_embed_for, run_stage
 
 __all__ = [
     "FusedAttention",
@@ -248,7 +248,7 @@ class FusedShrinkAttention(nn.Module):
         super().__init__()
         self.num_heads, self.key_dim, self.val_dim = num_heads, key_dim, val_dim
         self.resolution = _pair(resolution)  # build input grid (h, w)
-        self.resolution_out = tuple(LeViTConfig.subsampled(r) for r in self.resolution)
+        self.resolution_out = LeViTConfig.subsampled_grid(self.resolution)
         nq = self.resolution_out[0] * self.resolution_out[1]
         nk = self.resolution[0] * self.resolution[1]
         self.kv = nn.Linear(in_dim, num_heads * (key_dim + val_dim))
@@ -329,12 +329,7 @@ class _FusedStage(nn.Module):
         """Build grid (``hw`` None): tokens -> tokens, as always. Another grid: -> (tokens, new grid)."""
         if hw is None:
             return self.blocks(self.downsample(x))
-        if not isinstance(self.downsample, nn.Identity):
-            x = self.downsample(x, hw)
-            hw = LeViTConfig.subsampled_grid(hw)
-        for block in self.blocks:
-            x = block(x, hw)
-        return x, hw
+        return run_stage(self.downsample, self.blocks, x, hw)
 
 
 class FusedLeViT(FeatureAPI, nn.Module):

@@ -91,12 +91,20 @@ class LeViTStage(nn.Module):
         if hw is None:  # the build grid of this stage's input
             first = self.blocks[0] if isinstance(self.downsample, nn.Identity) else self.downsample
             hw = first.attn.resolution
-        if not isinstance(self.downsample, nn.Identity):
-            x = self.downsample(x, hw)
-            hw = LeViTConfig.subsampled_grid(hw)
-        for block in self.blocks:
-            x = block(x, hw)
-        return x, hw
+        return run_stage(self.downsample, self.blocks, x, hw)
+
+
+def run_stage(
+    downsample: nn.Module, blocks: nn.Sequential, x: Tensor, hw: tuple[int, int]
+) -> tuple[Tensor, tuple[int, int]]:
+    """A stage's shrink block (if any) and blocks on tokens of the (h, w) grid ``hw``, passing each
+    its grid: -> (tokens, grid after the stage). Shared by the unfused and fused models."""
+    if not isinstance(downsample, nn.Identity):
+        x = downsample(x, hw)
+        hw = LeViTConfig.subsampled_grid(hw)
+    for block in blocks:
+        x = block(x, hw)
+    return x, hw
 
 
 def _symbolic_tracing() -> bool:
