@@ -127,6 +127,9 @@ def check_fidelity(args: argparse.Namespace, device: torch.device, res: dict) ->
                 timm32 = peer(x).float()
         finally:
             torch.backends.cudnn.allow_tf32 = tf32
+        # timm's LeViT caches its gathered attention biases in eval mode, in the dtype of the call that
+        # filled the cache; a copy converted to fp16 would then mix dtypes. train() empties the cache.
+        peer.train().eval()
         row = {
             "images": kind,
             "fused_vs_unfused_fp32_rel_err": ((f32 - ref).norm() / ref.norm()).item(),
