@@ -328,9 +328,11 @@ def test_auto_on_a_gpu_picks_graphs_for_small_batches_inductor_for_large(monkeyp
     for precision in ("fp32", "fp16", "bf16"):
         assert resolve("auto", precision, "cuda", 1) == ("cudagraph", precision)
         assert resolve("auto", precision, "cuda", 1024) == ("inductor", precision)
-    monkeypatch.setitem(deploy_mod._AUTO_GPU_GRAPH_MAX_BATCH, "bf16", 64)  # the table is per precision
-    assert resolve("auto", "bf16", "cuda", 64) == ("cudagraph", "bf16")
-    assert resolve("auto", "fp16", "cuda", 64) == ("inductor", "fp16")
+        assert resolve("auto", precision, "cuda", 64) == ("cudagraph", precision)  # measured on an H200
+        assert resolve("auto", precision, "cuda", 65) == ("inductor", precision)
+    monkeypatch.setitem(deploy_mod._AUTO_GPU_GRAPH_MAX_BATCH, "bf16", 128)  # the table is per precision
+    assert resolve("auto", "bf16", "cuda", 128) == ("cudagraph", "bf16")
+    assert resolve("auto", "fp16", "cuda", 128) == ("inductor", "fp16")
     monkeypatch.setattr(deploy_mod, "graphs_available", lambda device: False)
     assert resolve("auto", "fp16", "cuda", 1) == ("inductor", "fp16")
     with pytest.raises(DeployError, match="CPU only"):
