@@ -62,7 +62,7 @@ PAPER = {
 # ---- recipes -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_recipe_holds_every_paper_value(variant):
-    raw = yaml.safe_load((CONFIGS / f"{variant}.yaml").read_text())
+    raw = load_recipe(CONFIGS / f"{variant}.yaml")  # the variant's lines on top of paper.yaml
     for key, want in PAPER.items():
         assert key in raw, f"{variant}.yaml lacks {key}"
         assert raw[key] == want, f"{variant}.yaml: {key} = {raw[key]!r}, paper {want!r}"
@@ -82,6 +82,25 @@ def test_model_name_alone_selects_its_shipped_recipe(variant):
     cfg = resolve_config(model="LeViT_" + variant[6:].upper(), data="x")  # the official spelling
     assert cfg.model.lower() == variant and cfg.drop_path == (0.1 if variant == "levit_384" else 0.0)
     assert cfg.checkpoint_every_steps == shipped["checkpoint_every_steps"] != TrainConfig().checkpoint_every_steps
+
+
+def test_variant_recipes_are_the_paper_base_plus_their_own_lines(tmp_path):
+    """One base (paper.yaml) and per-variant overrides: a variant file holds only what differs."""
+    base = yaml.safe_load((CONFIGS / "paper.yaml").read_text())
+    for variant in VARIANTS:
+        raw = yaml.safe_load((CONFIGS / f"{variant}.yaml").read_text())
+        assert raw.pop("base") == "paper" and raw.pop("model") == variant
+        assert raw == ({"drop_path": 0.1} if variant == "levit_384" else {}), variant
+        assert load_recipe(variant) == {**load_recipe("paper"), "model": variant, **raw}
+    assert "model" not in base
+    # a user's recipe can build on a shipped one or on a file beside it; the nearest value wins
+    (tmp_path / "mine.yaml").write_text("base: levit_256\nepochs: 3\n")
+    (tmp_path / "child.yaml").write_text("base: mine\nlr: 1.0e-4\n")
+    got = load_recipe(tmp_path / "child.yaml")
+    assert (got["model"], got["epochs"], got["lr"], got["mixup"]) == ("levit_256", 3, 1e-4, 0.8)
+    (tmp_path / "loop.yaml").write_text("base: loop\n")
+    with pytest.raises(LeViTError, match="cycle"):
+        load_recipe(tmp_path / "loop.yaml")
 
 
 def test_recipes_shipped_and_defaults_are_paper():

@@ -209,29 +209,42 @@ def available_recipes() -> list[str]:
     return sorted(p.name[:-5] for p in files("levit").joinpath("configs").iterdir() if p.name.endswith(".yaml"))
 
 
-def load_recipe(name_or_path: str | os.PathLike) -> dict[str, Any]:
-    """A recipe as a dict: a YAML file path, or the name of a shipped recipe (see :func:`available_recipes`)."""
+def load_recipe(name_or_path: str | os.PathLike, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A recipe as a dict: a YAML file path, or the name of a shipped recipe (see :func:`available_recipes`).
+
+    A recipe may name another as its ``base`` (a shipped name, or a file path relative to its own
+    folder): the base's values come first and the recipe's own override them, so the five paper
+    recipes are ``paper.yaml`` plus a few lines each."""
     from importlib.resources import files
 
     import yaml
 
     path = Path(name_or_path)
     if path.is_file():
-        text, source = path.read_text(), str(path)
+        text, source, folder = path.read_text(), str(path), path.parent
     else:
         shipped = files("levit").joinpath("configs", f"{name_or_path}.yaml")
         if not shipped.is_file():
             raise LeViTError(
                 f"--config: {name_or_path} is neither a YAML file nor a shipped recipe ({', '.join(available_recipes())})"
             )
-        text, source = shipped.read_text(), f"recipe {name_or_path}"
+        text, source, folder = shipped.read_text(), f"recipe {name_or_path}", None
     try:
         recipe = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise LeViTError(f"--config: {source} is not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(recipe, dict):
         raise LeViTError(f"--config: {source} must be a mapping of KEY: VALUE")
-    return _validate(recipe, source)
+    base = recipe.pop("base", None)
+    if base is None:
+        return _validate(recipe, source)
+    if not isinstance(base, str) or source in _seen or len(_seen) > 8:
+        raise LeViTError(f"--config: {source}: base must name one other recipe, without a cycle (got {base!r})")
+    local = folder / base if folder is not None else None
+    if local is not None and local.suffix not in (".yaml", ".yml"):
+        local = local.with_suffix(".yaml")
+    parent = load_recipe(local if local is not None and local.is_file() else base, (*_seen, source))
+    return {**parent, **_validate(recipe, source)}
 
 
 def _validate(values: Mapping[str, Any], source: str) -> dict[str, Any]:
