@@ -17,12 +17,12 @@ import argparse
 import importlib
 import statistics
 import sys
-import time
 
 import torch
 
 import levit
 from levit.testing import randomize_weights
+from levit.timing import interleaved
 
 lf = importlib.import_module("levit.fuse")  # the module (``levit.fuse`` is also the function)
 
@@ -63,19 +63,9 @@ def main() -> int:
         torch.set_num_threads(th)
         for b in [int(t) for t in args.batches.split(",")]:
             x = torch.randn(b, 3, 224, 224).to(dtype)
-            for p, o in cands.values():
-                run(p, o, x)
-            speeds: dict[str, list[float]] = {k: [] for k in cands}
-            for _ in range(args.rounds):
-                for name, (p, o) in cands.items():
-                    n, t0 = 0, time.perf_counter()
-                    while True:
-                        run(p, o, x)
-                        n += 1
-                        dt = time.perf_counter() - t0
-                        if dt >= args.window:
-                            break
-                    speeds[name].append(n * b / dt)
+            calls = {name: (lambda p=p, o=o, x=x: run(p, o, x)) for name, (p, o) in cands.items()}
+            secs = interleaved(calls, rounds=args.rounds, window=args.window, warmup_calls=1)
+            speeds = {k: [b / t for t in v] for k, v in secs.items()}
             med = {k: statistics.median(v) for k, v in speeds.items()}
             base = next(iter(med.values()))
             print(f"{args.model} {args.dtype}, batch {b}, {th} thread(s), {args.rounds} interleaved rounds:")

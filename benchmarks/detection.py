@@ -22,32 +22,24 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
 from torchvision.models.detection import FasterRCNN, fasterrcnn_resnet50_fpn
 
 import levit
+from levit.timing import interleaved as timed_rounds
 
 
 def interleaved(cands: dict[str, Callable[[], object]], rounds: int, window: float) -> dict[str, list[float]]:
     """{name: [seconds per call, one per round]}; every candidate runs at least once per round."""
-    for run in cands.values():
-        run()
-    out: dict[str, list[float]] = {k: [] for k in cands}
-    for r in range(rounds):
-        for name in list(cands) if r % 2 == 0 else list(cands)[::-1]:
-            n, t0 = 0, time.perf_counter()
-            while True:
-                cands[name]()
-                n += 1
-                dt = time.perf_counter() - t0
-                if dt >= window:
-                    break
-            out[name].append(dt / n)
-        print(f"round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
-    return out
+    return timed_rounds(
+        cands,
+        rounds=rounds,
+        window=window,
+        warmup_calls=1,
+        on_round=lambda r, n: print(f"round {r}/{n} done", file=sys.stderr, flush=True),
+    )
 
 
 def main() -> int:

@@ -50,6 +50,8 @@ from levit.checkpoint import to_timm_state_dict
 from levit.config import PAPER_RESULTS
 from levit.deploy import build_runner, fidelity
 from levit.testing import randomize_weights
+from levit.timing import cuda_sync
+from levit.timing import interleaved as timed_rounds
 
 PAPER_VARIANTS = ("levit_128s", "levit_128", "levit_192", "levit_256", "levit_384")
 T0 = time.perf_counter()
@@ -70,24 +72,7 @@ def sync(device: torch.device) -> None:
 
 def interleaved(cands: dict[str, Callable[[], object]], device: torch.device, rounds: int, window: float) -> dict:
     """{name: [seconds per call in each round]}: every candidate runs for ``window`` s once per round."""
-    for run in cands.values():  # warm-up
-        run()
-        run()
-    sync(device)
-    out: dict[str, list[float]] = {k: [] for k in cands}
-    for r in range(rounds):
-        names = list(cands) if r % 2 == 0 else list(cands)[::-1]
-        for name in names:
-            n, t0 = 0, time.perf_counter()
-            while True:
-                cands[name]()
-                n += 1
-                sync(device)
-                dt = time.perf_counter() - t0
-                if dt >= window:
-                    break
-            out[name].append(dt / n)
-    return out
+    return timed_rounds(cands, rounds=rounds, window=window, sync=cuda_sync(device))
 
 
 def models_pair(

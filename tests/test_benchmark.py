@@ -164,3 +164,35 @@ def test_bench_cudagraph_on_cpu_is_a_usage_error(capsys):
 
     assert main(["bench", "--models", "levit_tiny", "--backend", "cudagraph"]) == 2
     assert "--device cuda" in capsys.readouterr().err
+
+
+# ---- the one timing helper (levit.timing) and the thread helper (levit.utils.num_threads) ----------
+def test_interleaved_rounds_alternate_order_and_time_every_candidate():
+    from levit.timing import interleaved
+
+    calls: list[str] = []
+    cands = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    secs = interleaved(cands, rounds=3, window=0.0, warmup_calls=1)
+    assert calls == ["a", "b", "c", "a", "b", "c", "c", "b", "a", "a", "b", "c"]  # warm-up, then a window each
+    assert {k: len(v) for k, v in secs.items()} == {"a": 3, "b": 3, "c": 3}
+
+
+def test_timed_window_reports_seconds_per_call():
+    import time
+
+    from levit.timing import timed_window
+
+    per_call = timed_window(lambda: time.sleep(0.01), 0.05)
+    assert 0.009 < per_call < 0.05  # about 10 ms a call, not the window's total
+
+
+def test_num_threads_sets_and_restores():
+    from levit.utils import num_threads
+
+    before = torch.get_num_threads()
+    with num_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), num_threads(1):
+        raise RuntimeError  # restored on errors too
+    assert torch.get_num_threads() == before

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import ABLATIONS, PAPER_ABLATIONS
 from .errors import LeViTError
-from .utils import atomic_path, save_figure
+from .utils import atomic_path, num_threads, save_figure
 
 if TYPE_CHECKING:  # torch is imported to train and time, not to count (`levit models --ablations`)
     import torch
@@ -110,27 +110,15 @@ def measure_cpu_speed(
     disturbed; interleaving spreads the disturbance over all rows alike)."""
     import torch
 
-    prev = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    rates: dict[str, list[float]] = {k: [] for k in models}
+    from .timing import interleaved
+
     window = seconds / rounds
-    try:
-        x = torch.randn(batch_size, 3, img_size, img_size)
-        with torch.inference_mode():
-            for rnd in range(rounds + 1):
-                for name, model in models.items():
-                    n, t0 = 0, time.perf_counter()
-                    while True:
-                        model(x)
-                        n += batch_size
-                        dt = time.perf_counter() - t0
-                        if dt >= window:
-                            break
-                    if rnd:  # round 0 warms up
-                        rates[name].append(n / dt)
-        return {k: max(v) for k, v in rates.items()}
-    finally:
-        torch.set_num_threads(prev)
+    x = torch.randn(batch_size, 3, img_size, img_size)
+    with torch.inference_mode(), num_threads(threads):
+        calls = {name: (lambda m=model: m(x)) for name, model in models.items()}
+        interleaved(calls, rounds=1, window=window, warmup_calls=1)  # a warm-up round
+        secs = interleaved(calls, rounds=rounds, window=window)
+    return {k: batch_size / min(v) for k, v in secs.items()}
 
 
 @dataclass

@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,8 @@ import torch
 from torch import nn
 
 from .errors import LeViTError
-from .utils import atomic_path, save_figure
+from .timing import cuda_sync, timed_window, warm_up
+from .utils import atomic_path, num_threads, save_figure
 
 __all__ = [
     "BENCH_MODELS",
@@ -189,33 +189,13 @@ def _build(entry: BenchModel, img_size: int | None) -> tuple[nn.Module, int, int
 
 
 # ---- timing ------------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed_windows(
     run: Callable[[], object], device: torch.device, warmup_s: float, windows: int, window_s: float
 ) -> list[float]:
     """Seconds per call in each window, after ``warmup_s`` of warm-up (always >= 2 calls)."""
-    t0 = time.perf_counter()
-    n = 0
-    while n < 2 or time.perf_counter() - t0 < warmup_s:
-        run()
-        n += 1
-    _sync(device)
-    out = []
-    for _ in range(windows):
-        n, t0 = 0, time.perf_counter()
-        while True:
-            run()
-            n += 1
-            _sync(device)
-            dt = time.perf_counter() - t0
-            if dt >= window_s:
-                break
-        out.append(dt / n)
-    return out
+    sync = cuda_sync(device)
+    warm_up(run, warmup_s, sync=sync)
+    return [timed_window(run, window_s, sync=sync) for _ in range(windows)]
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -275,13 +255,8 @@ def benchmark_one(
     be = backend if (entry.implementation == "levit" or backend_for_competitors) else "eager"
     if be == "auto" and device.type != "cpu" and entry.implementation != "levit":
         be = "eager"  # on a GPU the peers run in their best eager form (fp16/bf16 weights, no compiler)
-    prev_threads = torch.get_num_threads()
-    if threads is not None and device.type == "cpu":
-        torch.set_num_threads(threads)
-    try:
+    with num_threads(threads if device.type == "cpu" else None):
         return _measure(entry, name, be, precision, device, batch_size, threads, img_size, warmup_s, windows, window_s)
-    finally:
-        torch.set_num_threads(prev_threads)
 
 
 def _measure(
@@ -317,9 +292,7 @@ def _measure(
 
             def try_batch(b: int) -> None:  # eager holds the most activations: what fits there fits everywhere
                 r = make_runner(b, "eager")
-                r()
-                r()
-                _sync(device)
+                warm_up(r, sync=cuda_sync(device))
 
             batch_size = find_max_batch(try_batch)
         else:

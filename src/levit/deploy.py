@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import LeViTError
+from .utils import num_threads
 
 __all__ = [
     "BACKENDS",
@@ -289,19 +290,6 @@ def fidelity(logits: Tensor, reference: Tensor) -> dict[str, float]:
 
 
 # ---- runners: (B, 3, H, W) float32 CPU/GPU tensor -> (B, classes) ---------------------------
-@contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    if n is None or n == torch.get_num_threads():
-        yield
-        return
-    prev = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
-
-
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -515,7 +503,7 @@ def build_runner(
         raise DeployError("precision int8 needs calibration images (calibration=... / --calibration)")
     if backend == "cudagraph" and not graphs_available(example.device):
         raise DeployError(f"backend cudagraph needs a CUDA GPU with CUDA available; the model is on {example.device}")
-    with _torch_threads(threads):
+    with num_threads(threads):
         if backend in ("eager", "inductor"):
             return _torch_runner(module, precision, backend == "inductor", example)
         if backend == "cudagraph":
@@ -568,7 +556,7 @@ class Predictor:
             raise ValueError(f"expected images of shape (B, 3, {h}, {w}), got {tuple(x.shape)}")
         x = x.to(self.device)
         outs = []
-        with _torch_threads(self.threads):
+        with num_threads(self.threads):
             for c in self._chunks(x):
                 n = c.shape[0]
                 if self.backend in ("inductor", "cudagraph") and n < self.batch_size:  # fixed shape: no recompiling
@@ -580,7 +568,7 @@ class Predictor:
         """Top-1 agreement and max relative logit error against the fused fp32 eager model on ``images``."""
         if self._reference is None:
             raise RuntimeError("this predictor has no fp32 reference")
-        with torch.inference_mode(), _torch_threads(self.threads):
+        with torch.inference_mode(), num_threads(self.threads):
             ref = torch.cat([self._reference(c.to(self.device)) for c in images.split(self.batch_size)])
         return fidelity(self(images), ref)
 

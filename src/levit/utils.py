@@ -1,6 +1,6 @@
-"""Small helpers shared across levit: atomic file writes and one-line error text.
+"""Small helpers shared across levit: atomic file writes, one-line error text, torch's thread count.
 
-Nothing here imports torch, so the CLI can use it before the heavy imports.
+Nothing here imports torch at import time, so the CLI can use it before the heavy imports.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "first_line", "fsync_dir", "save_figure"]
+__all__ = ["atomic_path", "first_line", "fsync_dir", "num_threads", "save_figure"]
 
 
 def first_line(e: BaseException | str, limit: int = 300) -> str:
@@ -86,3 +86,20 @@ def save_figure(fig, path: str | os.PathLike, **savefig_kwargs: object) -> Path:
     finally:
         plt.close(fig)
     return path
+
+
+@contextlib.contextmanager
+def num_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with torch's intra-op thread count set to ``threads``, then restore it
+    (``None``, or the count already in force: nothing is changed, which costs nothing per call)."""
+    import torch
+
+    prev = torch.get_num_threads()
+    if threads is None or threads == prev:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
