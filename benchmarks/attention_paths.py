@@ -5,7 +5,7 @@
 ``scaled_dot_product_attention``, the bias as an additive mask), with oneDNN's fused linear/conv
 kernels on and off, for LeViT-128S at the given batches and thread counts.
 Interleaved rounds (each round runs every candidate for one window), medians; the ratios feed the
-defaults in ``src/levit/fuse.py`` (``PER_IMAGE_MAX_THREADS``, ``ONEDNN_MIN_BATCH``).
+defaults in ``src/levit/models/fuse.py`` (``PER_IMAGE_MAX_THREADS``, ``ONEDNN_MIN_BATCH``).
 
     python benchmarks/attention_paths.py                          # batch 16 and 1, 1 and 2 threads
     python benchmarks/attention_paths.py --batches 16 --threads 1 --rounds 9
@@ -21,10 +21,10 @@ import sys
 import torch
 
 import levit
-from levit.testing import randomize_weights
-from levit.timing import interleaved
+from levit.models.testing import randomize_weights
+from levit.tools.timing import interleaved
 
-lf = importlib.import_module("levit.fuse")  # the module (``levit.fuse`` is also the function)
+lf = importlib.import_module("levit.models.fuse")  # the module (``levit.fuse`` is also the function)
 
 
 def main() -> int:

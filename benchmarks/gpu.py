@@ -45,13 +45,13 @@ import torch
 import torch.nn.functional as F
 
 import levit
-from levit.benchmark import device_name, find_max_batch
-from levit.checkpoint import to_timm_state_dict
-from levit.config import PAPER_RESULTS
-from levit.deploy import build_runner, fidelity
-from levit.testing import randomize_weights
-from levit.timing import cuda_sync
-from levit.timing import interleaved as timed_rounds
+from levit.models.config import PAPER_RESULTS
+from levit.models.testing import randomize_weights
+from levit.runtime.deploy import build_runner, fidelity
+from levit.tools.benchmark import device_name, find_max_batch
+from levit.tools.timing import cuda_sync
+from levit.tools.timing import interleaved as timed_rounds
+from levit.weights.format import to_timm_state_dict
 
 PAPER_VARIANTS = ("levit_128s", "levit_128", "levit_192", "levit_256", "levit_384")
 T0 = time.perf_counter()

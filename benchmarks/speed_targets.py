@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 import levit
-from levit.convert import to_timm_state_dict
-from levit.deploy import build_runner, fidelity
-from levit.testing import randomize_weights as randomize
+from levit.models.testing import randomize_weights as randomize
+from levit.runtime.deploy import build_runner, fidelity
+from levit.weights.convert import to_timm_state_dict
 
 
 def real_images(img_size: int = 224) -> torch.Tensor:
@@ -40,7 +40,7 @@ def real_images(img_size: int = 224) -> torch.Tensor:
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
-    from levit.data import eval_transform
+    from levit.data.transforms import eval_transform
 
     photos = list(load_sample_images().images)
     for name in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field"):
@@ -135,7 +135,7 @@ def main() -> int:
     add("levit eager bf16", lambda: build_runner(fused, "eager", "bf16", example=x, threads=th), "bf16", True)
     add("levit inductor bf16", lambda: build_runner(fused, "inductor", "bf16", example=x, threads=th), "bf16", True)
     add("levit openvino bf16", lambda: build_runner(fused, "openvino", "bf16", example=x, threads=th), "bf16", True)
-    from levit.deploy import resolve
+    from levit.runtime.deploy import resolve
 
     for prec in ("fp32", "bf16", "int8"):  # what levit.deploy(backend="auto") runs on this CPU
         be, ran = resolve("auto", prec)
@@ -182,7 +182,7 @@ def main() -> int:
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     med = {k: statistics.median(v) for k, v in speeds.items()}
 
-    from levit.benchmark import device_name
+    from levit.tools.benchmark import device_name
 
     dev = device_name()
     print(

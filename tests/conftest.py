@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import levit
-from levit.testing import randomize_weights as randomize
-from levit.testing import sample_images
+from levit.models.testing import randomize_weights as randomize
+from levit.models.testing import sample_images
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -31,5 +31,5 @@ PARITY_TOL = 1e-5  # ours vs timm's LeViT, fp32
 
 
 def photos(n: int = 2, size: int | tuple[int, int] = 224, seed: int = 0) -> torch.Tensor:
-    """Photo-like test inputs (see levit.testing.sample_images), distinct from the calibration ones."""
+    """Photo-like test inputs (see levit.models.testing.sample_images), distinct from the calibration ones."""
     return sample_images(n, size, seed=1000 + seed)

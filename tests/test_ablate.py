@@ -9,8 +9,8 @@ from PIL import Image
 from train_utils import make_dataset
 
 import levit
-from levit.ablate import COLUMNS
 from levit.cli import main
+from levit.tools.ablate import COLUMNS
 
 
 def _args(data, out, variants):

@@ -12,10 +12,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import levit
-from levit.config import ABLATIONS, PAPER_ABLATIONS, VARIANTS, LeViTConfig
-from levit.fuse import fusable
-from levit.layers import Attention, ShrinkAttention
-from levit.testing import randomize_weights
+from levit.models.config import ABLATIONS, PAPER_ABLATIONS, VARIANTS, LeViTConfig
+from levit.models.fuse import fusable
+from levit.models.layers import Attention, ShrinkAttention
+from levit.models.testing import randomize_weights
 
 ROWS = ["base", *ABLATIONS]
 
@@ -165,7 +165,7 @@ def test_a3_refuses_to_fuse_and_falls_back(tmp_path):
 
 def test_export_onnx_a3_unfused_and_a5_fused(tmp_path):
     pytest.importorskip("onnxruntime")
-    from levit.export import export
+    from levit.runtime.export import export
 
     for row in ("A3", "A5"):
         model = randomize_weights(levit.create_model("levit_tiny", ablation=row, img_size=32)).eval()
@@ -187,7 +187,7 @@ def test_save_load_roundtrip_keeps_the_variant(tmp_path):
 
 def test_training_recipe_takes_ablation():
     from levit.errors import LeViTError
-    from levit.train import parse_overrides, resolve_config
+    from levit.train.run import parse_overrides, resolve_config
 
     assert parse_overrides(["ablation=A3"]) == {"ablation": "A3"}
     cfg = resolve_config(dataset="digits", model="levit_128s", ablation="A3")
@@ -199,10 +199,10 @@ def test_training_recipe_takes_ablation():
 
 
 def test_bench_knows_the_ablations():
-    from levit.benchmark import _build, list_bench_models
+    from levit.tools.benchmark import _build, list_bench_models
 
     assert {"levit_128s_a1", "levit_128s_a3", "levit_128s_a7"} <= set(list_bench_models())
-    from levit.benchmark import BENCH_MODELS
+    from levit.tools.benchmark import BENCH_MODELS
 
     module, *_ = _build(BENCH_MODELS["levit_128s_a3"], 32)
     assert not getattr(module, "is_fused", False) and module.config.norm == "ln"  # A3 timed unfused

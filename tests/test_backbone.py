@@ -7,7 +7,7 @@ import torch
 from torchvision.models.detection import FasterRCNN, RetinaNet
 
 import levit
-from levit.testing import randomize_weights
+from levit.models.testing import randomize_weights
 
 
 def _images():

@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 
 import levit
-from levit.biases import attention_biases
 from levit.cli import main
-from levit.testing import randomize_weights
+from levit.models.testing import randomize_weights
+from levit.tools.biases import attention_biases
 
 
 def _known(tmp_path):

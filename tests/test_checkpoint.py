@@ -14,11 +14,11 @@ from conftest import randomize, rel_err
 from safetensors.torch import save_file
 
 import levit
-from levit.checkpoint import read_metadata
-from levit.convert import to_official_state_dict, to_timm_state_dict
 from levit.errors import CheckpointError
-from levit.fuse import FusedLeViT
-from levit.hub import download_checkpoint
+from levit.models.fuse import FusedLeViT
+from levit.weights.convert import to_official_state_dict, to_timm_state_dict
+from levit.weights.format import read_metadata
+from levit.weights.hub import download_checkpoint
 
 X = torch.randn(2, 3, 64, 64)
 
@@ -220,7 +220,7 @@ def test_download_verifies_hash_and_reuses_cache(served, tmp_path, tiny, monkeyp
     assert sorted(p.name for p in cache.iterdir()) == [name]  # nothing half-written left
 
     # create_model(pretrained=True) through a mirror, into the torch hub cache
-    from levit import config
+    from levit.models import config
 
     monkeypatch.setitem(config.PAPER_RESULTS, "levit_tiny", config.PaperResult(0, 0, 0, 0, 0, f"https://x/{name}"))
     monkeypatch.setenv("LEVIT_PRETRAINED_URL", server.url)
@@ -264,7 +264,7 @@ def test_integer_index_buffers_of_official_files_still_load(tiny, tmp_path):
 
 
 def test_one_unwrapper_for_every_wrapper_and_flag_named_errors(tiny, tmp_path):
-    from levit.checkpoint import read_checkpoint, unwrap_state_dict
+    from levit.weights.format import read_checkpoint, unwrap_state_dict
 
     sd = to_timm_state_dict(tiny)
     for key in ("model", "state_dict", "model_state_dict", "state_dict_ema"):

@@ -59,7 +59,7 @@ def test_predict_matches_the_library(images, capsys, tmp_path):
     """The CLI's top-1 equals the fused model applied to the official preprocessing."""
     import torch
 
-    from levit.data import eval_transform
+    from levit.data.transforms import eval_transform
 
     model = levit.create_model("levit_tiny", img_size=64).eval()
     ckpt = levit.save(model, tmp_path / "tiny.safetensors")
@@ -69,7 +69,7 @@ def test_predict_matches_the_library(images, capsys, tmp_path):
     with torch.no_grad():
         probs = model(x).softmax(-1)[0]
     assert got["class"] == int(probs.argmax()) and got["prob"] == pytest.approx(probs.max().item(), abs=1e-5)
-    assert got["label"] == levit.data.imagenet_class_names()[got["class"]]
+    assert got["label"] == levit.data.datasets.imagenet_class_names()[got["class"]]
 
 
 def test_predict_with_random_weights_says_so(images, capsys):
@@ -99,7 +99,7 @@ def test_predict_with_random_weights_says_so(images, capsys):
 def test_predict_errors_are_one_line(images, tmp_path, capsys, argv, code, message):
     import torch
 
-    from levit.convert import to_official_state_dict
+    from levit.weights.convert import to_official_state_dict
 
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"garbage" * 10)
@@ -176,7 +176,7 @@ def test_help_and_models_do_not_import_torch():
 
 
 def test_16_bit_png_gets_the_probabilities_of_its_8_bit_copy(tiny, tmp_path):
-    from levit.predict import predict_paths
+    from levit.runtime.predict import predict_paths
 
     rng = np.random.default_rng(3)
     grey = (np.linspace(0, 255, 80)[None, :] * np.ones((60, 1))).astype(np.uint8)  # a ramp + noise

@@ -105,7 +105,7 @@ def test_predict_bf16_on_a_cpu_without_bf16_warns_in_one_line(saved, capsys, mon
     """On an AVX2-only CPU (the probe forced to "no"): fp32 runs, one `warning:` line says why."""
     import importlib
 
-    monkeypatch.setattr(importlib.import_module("levit.fuse"), "cpu_bf16_supported", lambda: False)
+    monkeypatch.setattr(importlib.import_module("levit.models.fuse"), "cpu_bf16_supported", lambda: False)
     ckpt, image = saved
     argv = ["predict", str(image), "--checkpoint", str(ckpt), "--json", "--backend", "openvino", "--precision", "bf16"]
     assert main(argv) == 0

@@ -12,19 +12,12 @@ import pytest
 import torch
 from train_utils import make_folder
 
-from levit.data import (
-    RepeatAugSampler,
-    SafeImageFolder,
-    ShardSampler,
-    build_mixup,
-    check_image_folder,
-    collate_skip,
-    eval_transform,
-    make_digits_folder,
-    train_transform,
-)
+from levit.data.datasets import SafeImageFolder, check_image_folder, collate_skip
+from levit.data.digits import make_digits_folder
+from levit.data.samplers import RepeatAugSampler, ShardSampler
+from levit.data.transforms import build_mixup, eval_transform, train_transform
 from levit.errors import LeViTError
-from levit.recipe import TrainConfig, resolve_config
+from levit.train.recipe import TrainConfig, resolve_config
 
 PAPER_RECIPE = Path(__file__).resolve().parents[1] / "src" / "levit" / "configs" / "levit_128s.yaml"
 
@@ -144,7 +137,7 @@ def test_paper_recipe_transform_survives_thousands_of_varied_images(tmp_path, mo
     built by the real ``train_transform`` from the shipped YAML, over real files through the dataset:
     no sample may fail. Current Pillow (13) raises on ``ImageOps.posterize(img, 0)``, which timm's
     PosterizeIncreasing asks for about once in 700 calls; with these fixed seeds it does (counted)."""
-    import levit.data as ld
+    import levit.data.transforms as ld
 
     asked: list[int] = []
     real = ld.safe_posterize

@@ -10,7 +10,15 @@ import torch
 from conftest import photos, randomize
 
 import levit
-from levit.deploy import DeployError, DeployWarning, Predictor, check_backend, fidelity, resolve, resolve_backend
+from levit.runtime.deploy import (
+    DeployError,
+    DeployWarning,
+    Predictor,
+    check_backend,
+    fidelity,
+    resolve,
+    resolve_backend,
+)
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +159,8 @@ def test_wrong_input_shape_is_a_clear_error(model):
 
 
 # ---- what the CPU can do: each probe forced both ways, so the suite passes on AVX2, AVX-512 and AMX
-deploy_mod = importlib.import_module("levit.deploy")  # the module (``levit.deploy`` is the function)
-fuse_mod = importlib.import_module("levit.fuse")
+deploy_mod = importlib.import_module("levit.runtime.deploy")  # the module (``levit.deploy`` is the function)
+fuse_mod = importlib.import_module("levit.models.fuse")
 HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
 
 

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import levit
-from levit.distill import DistillationLoss, Teacher, build_teacher, distillation_loss
 from levit.errors import LeViTError
+from levit.train.distill import DistillationLoss, Teacher, build_teacher, distillation_loss
 
 HEAD = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
 HEAD_DIST = torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.0, 0.0]])
@@ -106,8 +106,8 @@ def test_teacher_is_frozen_eval_and_renormalises():
     rec = []
     t2 = Teacher(_Record(rec), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     img = torch.rand(1, 3, 4, 4)
-    student = (img - torch.tensor(levit.data.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(
-        levit.data.IMAGENET_STD
+    student = (img - torch.tensor(levit.data.transforms.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(
+        levit.data.transforms.IMAGENET_STD
     ).view(1, 3, 1, 1)
     t2(student)
     torch.testing.assert_close(rec[0], (img - 0.5) / 0.5, atol=1e-5, rtol=0)
@@ -140,7 +140,10 @@ def test_build_teacher_from_levit_checkpoint_and_timm_name(tmp_path):
     t = build_teacher("test_resnet", tmp_path / "r.pth", 4)
     tm.eval()
     # test_resnet's own normalisation is mean = std = 0.5: the teacher converts the student's images
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (levit.data.IMAGENET_MEAN, levit.data.IMAGENET_STD))
+    mean, std = (
+        torch.tensor(v).view(1, 3, 1, 1)
+        for v in (levit.data.transforms.IMAGENET_MEAN, levit.data.transforms.IMAGENET_STD)
+    )
     torch.testing.assert_close(t(x), tm((x * std + mean - 0.5) / 0.5), atol=1e-5, rtol=1e-5)
     with pytest.raises(LeViTError, match="does not fit timm test_resnet with 7 classes"):
         build_teacher("test_resnet", tmp_path / "r.pth", 7)

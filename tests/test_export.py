@@ -11,7 +11,7 @@ import torch
 from conftest import randomize
 
 import levit
-from levit.export import ExportError, export
+from levit.runtime.export import ExportError, export
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_export_parity_and_dynamic_batch(model, tmp_path, fmt, name):
 
 
 def test_failed_check_writes_nothing(model, tmp_path, monkeypatch):
-    import levit.export as ex
+    import levit.runtime.export as ex
 
     monkeypatch.setattr(ex, "_run_torchscript", lambda path, x: torch.zeros(x.shape[0], 1000))
     with pytest.raises(ExportError, match="does not match PyTorch"):
@@ -60,7 +60,7 @@ def test_failed_check_writes_nothing(model, tmp_path, monkeypatch):
 def test_good_export_passes_and_a_corrupted_one_fails(model, tmp_path, monkeypatch):
     """Judged against float64: the real export passes; one whose graph lost a stage's attention
     biases (a plausible converter bug) is refused and leaves nothing behind."""
-    import levit.export as ex
+    import levit.runtime.export as ex
 
     res = export(model, tmp_path / "good.onnx")
     assert res.max_rel_error <= res.limit and res.torch_rel_error < res.limit
@@ -81,7 +81,7 @@ def test_good_export_passes_and_a_corrupted_one_fails(model, tmp_path, monkeypat
 
 def test_tolerance_is_honoured(model, tmp_path, monkeypatch):
     """A file 0.3% off is refused at the default tolerance and accepted with a looser one."""
-    import levit.export as ex
+    import levit.runtime.export as ex
 
     real = ex._run_torchscript
     monkeypatch.setattr(ex, "_run_torchscript", lambda path, x: real(path, x) * 1.003)

@@ -8,7 +8,7 @@ from conftest import FUSE_TOL, photos, rel_err
 from torchvision.models.feature_extraction import create_feature_extractor
 
 import levit
-from levit.testing import randomize_weights
+from levit.models.testing import randomize_weights
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_create_feature_extractor(model):
 
 def test_intermediates_equal_timms():
     timm = pytest.importorskip("timm")
-    from levit.checkpoint import to_timm_state_dict
+    from levit.weights.format import to_timm_state_dict
 
     ours = randomize_weights(levit.create_model("levit_128s")).eval()
     theirs = timm.create_model("levit_128s", pretrained=False).eval()

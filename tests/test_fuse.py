@@ -12,8 +12,8 @@ from conftest import FULL_VARIANTS, FUSE_TOL, photos, randomize, rel_err
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import levit
-from levit.fuse import FusedLeViT
-from levit.testing import randomize_weights
+from levit.models.fuse import FusedLeViT
+from levit.models.testing import randomize_weights
 
 
 @pytest.mark.parametrize("name", FULL_VARIANTS)
@@ -89,7 +89,7 @@ def test_right_after_dtype_moves_and_mode_switches(tiny):
 
 
 # ---- the attention paths and the CPU capability switches ---------------------------------------
-fuse_mod = importlib.import_module("levit.fuse")  # the module (``levit.fuse`` is the function)
+fuse_mod = importlib.import_module("levit.models.fuse")  # the module (``levit.fuse`` is the function)
 
 
 class _OpCounter(TorchDispatchMode):

@@ -9,11 +9,11 @@ import torch
 from conftest import FUSE_TOL, rel_err
 
 import levit
-from levit.checkpoint import read_metadata
 from levit.errors import CheckpointError
-from levit.hf import hf_config_dict, levit_to_hf_state_dict, save_hf_pretrained
-from levit.registry import get_config
-from levit.testing import randomize_weights, sample_images
+from levit.models.config import get_config
+from levit.models.testing import randomize_weights, sample_images
+from levit.weights.format import read_metadata
+from levit.weights.hf import hf_config_dict, levit_to_hf_state_dict, save_hf_pretrained
 
 transformers = pytest.importorskip("transformers")
 

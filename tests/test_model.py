@@ -8,8 +8,8 @@ from conftest import FULL_VARIANTS, randomize
 from torch import nn
 
 import levit
-from levit.config import VARIANTS
-from levit.layers import attention_bias_index
+from levit.models.config import VARIANTS
+from levit.models.layers import attention_bias_index
 
 EXACT = {  # the authors' released models: Table 3 gives these sizes rounded (M params, M FLOPs)
     "levit_128s": (7_777_058, 305_108_946),
@@ -33,7 +33,7 @@ def test_exact_params_and_flops(name):
     "changes", [{}, {"num_classes": 10, "distillation": False, "img_size": 96}, {"num_classes": 0}]
 )
 def test_params_from_config_equals_the_built_model(name, changes):
-    from levit.flops import params_from_config
+    from levit.models.flops import params_from_config
 
     cfg = VARIANTS[name].replace(**changes)
     with torch.device("meta"):
@@ -45,8 +45,8 @@ def test_params_from_config_equals_the_built_model(name, changes):
 @pytest.mark.parametrize("changes", [{}, {"num_classes": 10, "distillation": False, "img_size": (96, 64)}])
 def test_params_from_config_equals_the_built_ablation(ablation, changes):
     """The Table 5 variants too (`levit models --ablations` counts by arithmetic, without torch)."""
-    from levit.flops import params_from_config
-    from levit.registry import get_config
+    from levit.models.config import get_config
+    from levit.models.flops import params_from_config
 
     cfg = get_config("levit_128s", ablation=ablation, **changes)
     with torch.device("meta"):

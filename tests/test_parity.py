@@ -7,7 +7,7 @@ import torch
 from conftest import FULL_VARIANTS, PARITY_TOL, photos, randomize, rel_err
 
 import levit
-from levit.convert import official_key_map, to_official_state_dict, to_timm_state_dict
+from levit.weights.convert import official_key_map, to_official_state_dict, to_timm_state_dict
 
 timm = pytest.importorskip("timm")
 

@@ -7,8 +7,8 @@ import torch
 from conftest import FUSE_TOL, photos, rel_err
 
 import levit
-from levit.checkpoint import to_official_state_dict
-from levit.testing import randomize_weights
+from levit.models.testing import randomize_weights
+from levit.weights.format import to_official_state_dict
 
 
 def _tiny(img_size, seed=0):
@@ -132,11 +132,11 @@ def test_training_at_another_size_reaches_the_bias_tables():
 def test_evaluation_transform_and_export_take_a_pair(tmp_path):
     from PIL import Image
 
-    from levit.data import eval_transform
+    from levit.data.transforms import eval_transform
 
     assert eval_transform((320, 192))(Image.new("RGB", (500, 300))).shape == (3, 320, 192)
     pytest.importorskip("onnxruntime")
-    from levit.export import export
+    from levit.runtime.export import export
 
     result = export(_tiny((96, 64)), tmp_path / "m.onnx", format="onnx")
     assert result.max_rel_error < 1e-4
@@ -148,7 +148,7 @@ def test_cli_takes_height_x_width(tmp_path, capsys):
     from PIL import Image
 
     from levit.cli import main
-    from levit.data import eval_transform
+    from levit.data.transforms import eval_transform
 
     ckpt = levit.save(_tiny(64), tmp_path / "tiny.safetensors")
     img = tmp_path / "a.png"
@@ -189,7 +189,7 @@ def test_deploy_runs_a_non_square_model_with_image_calibration(tmp_path):
     """deploy on a (H, W) model: image files are cropped to (H, W), a wrong shape is named."""
     from PIL import Image
 
-    from levit.deploy import DeployError
+    from levit.runtime.deploy import DeployError
 
     model = levit.create_model("levit_tiny", img_size=(64, 48)).eval()
     Image.fromarray((torch.rand(80, 90, 3) * 255).byte().numpy()).save(tmp_path / "a.png")

@@ -16,7 +16,7 @@ from train_utils import cli, env, make_dataset, run_py, step_losses, tiny_config
 
 import levit
 from levit.errors import CheckpointError, LeViTError
-from levit.train import TrainConfig, available_recipes, load_recipe, parse_overrides, resolve_config, train
+from levit.train.run import TrainConfig, available_recipes, load_recipe, parse_overrides, resolve_config, train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 VARIANTS = ["levit_128s", "levit_128", "levit_192", "levit_256", "levit_384"]
@@ -385,11 +385,11 @@ def test_too_many_bad_samples_stop_the_run(tmp_path):
 def test_digits_recipe_on_user_data_trains_on_that_data_only(tmp_path, monkeypatch):
     """``--config digits --data MYDATA``: the user named their folder, so it is what is trained on; the
     recipe brings its hyper-parameters only. Nothing is written into MYDATA, no digits are made."""
-    import levit.data
+    import levit.data.digits
 
     data = make_dataset(tmp_path / "mine", classes=3, train=4, val=1)
     before = tree(data)
-    monkeypatch.setattr(levit.data, "make_digits_folder", lambda *a, **k: pytest.fail("digits were written"))
+    monkeypatch.setattr(levit.data.digits, "make_digits_folder", lambda *a, **k: pytest.fail("digits were written"))
     cfg = resolve_config(config="digits", data=str(data), output=str(tmp_path / "o"), epochs=1, batch_size=4)
     assert cfg.dataset is None and cfg.lr == load_recipe("digits")["lr"]
     result = train(cfg)
@@ -400,7 +400,7 @@ def test_digits_recipe_on_user_data_trains_on_that_data_only(tmp_path, monkeypat
 
 
 def test_bundled_dataset_goes_under_output_and_a_failed_start_removes_it(tmp_path, monkeypatch):
-    import levit.data
+    import levit.data.digits
 
     made = []
 
@@ -408,7 +408,7 @@ def test_bundled_dataset_goes_under_output_and_a_failed_start_removes_it(tmp_pat
         made.append(Path(root))
         return make_dataset(Path(root), classes=2, train=4, val=1)
 
-    monkeypatch.setattr(levit.data, "make_digits_folder", small_digits)
+    monkeypatch.setattr(levit.data.digits, "make_digits_folder", small_digits)
     (tmp_path / "o").mkdir()
     r = cli(
         "train",
@@ -446,7 +446,7 @@ def test_bundled_dataset_goes_under_output_and_a_failed_start_removes_it(tmp_pat
 RUNNER = r"""
 import json, os, signal, sys
 import torch
-from levit.train import resolve_config, train
+from levit.train.run import resolve_config, train
 cfg = resolve_config(**json.loads(sys.argv[1]))
 mode, at = sys.argv[2], int(sys.argv[3])
 callbacks = []
@@ -509,8 +509,8 @@ DDP_RUNNER = r"""
 import faulthandler, json, os, sys
 faulthandler.dump_traceback_later(150, exit=True)  # a hung collective ends the worker, with its stack
 import torch
-from levit.engine import evaluate_folder
-from levit.train import resolve_config, train
+from levit.train.evaluate import evaluate_folder
+from levit.train.run import resolve_config, train
 cfg = resolve_config(**json.loads(sys.argv[1]))
 # one group for training and levit eval's library path: a group the caller started is used and left
 # alone (one process starting a second group after destroying the first races on the store's port)
@@ -620,7 +620,7 @@ def test_cuda_requested_without_gpu_is_one_line_error(tmp_path):
 def test_process_group_backend_follows_the_device(monkeypatch, gpu, backend):
     """Structural check of the GPU path on a CPU machine: NCCL + cuda:LOCAL_RANK under torchrun on GPUs,
     and the group is torn down when the block ends (``levit train`` and ``levit eval`` share this)."""
-    import levit.distributed as ld
+    import levit.train.distributed as ld
 
     calls = {}
     monkeypatch.setenv("WORLD_SIZE", "4")

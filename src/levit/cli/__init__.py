@@ -1,0 +1,199 @@
+"""The ``levit`` command line. Thin: parse, call the library, print.
+
+Each command is a row of :data:`COMMANDS`: its one-line help, examples, a function adding its
+options and its handler. Only the command being run gets its options built (and the library
+modules they take their choices from imported), so ``levit --help`` and ``levit models`` start
+without importing torch.
+
+Exit codes: 0 success, 1 failure (bad file, data or model), 2 usage error (bad flag or value),
+130 interrupted, 141 output pipe closed (``levit models | head -1``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .ablate import args_ablate, args_biases, cmd_ablate, cmd_biases
+from .bench import args_bench, cmd_bench
+from .common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_PIPE, EXIT_USAGE, Formatter, Parser, UsageError
+from .export import args_export, cmd_export
+from .models import args_models, cmd_models
+from .predict import args_predict, cmd_predict
+from .train import args_eval, args_train, cmd_eval, cmd_train
+
+__all__ = ["COMMANDS", "UsageError", "build_parser", "main"]
+
+
+# ---- the command table and the entry point -----------------------------------------------------
+@dataclass(frozen=True)
+class Command:
+    """One ``levit`` sub-command: help line, examples, options, handler."""
+
+    help: str
+    examples: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {
+    "models": Command(
+        "list the LeViT variants with their exact sizes",
+        "  levit models\n  levit models 'levit_1*' --json\n  levit models --ablations   # Table 5: A1-A7",
+        args_models,
+        cmd_models,
+    ),
+    "predict": Command(
+        "classify images (files or folders) with the official evaluation preprocessing",
+        "  levit predict cat.jpg --model levit_256 --pretrained\n"
+        "  levit predict photos/ --model levit_128s --checkpoint LeViT-128S-96703c44.pth --topk 3 --json\n"
+        "  levit predict img.png --checkpoint my_model.safetensors   # levit files know their model\n"
+        "  levit predict photos/ -m levit_256 --pretrained --backend openvino --precision int8",
+        args_predict,
+        cmd_predict,
+    ),
+    "bench": Command(
+        "measure images/s (the paper's Table 3 protocol) for LeViT, EfficientNet and DeiT on this machine",
+        "  levit bench --quick                              # ~1.5 min: one line per family, 1 thread, batch 16\n"
+        "  levit bench --plot speed.png --output speed.csv  # the whole Table 3 + Figure 1\n"
+        "  levit bench --models levit_128s,timm_levit_128s --backend openvino --precision bf16\n"
+        "  levit bench --device cuda                        # fp16, largest power-of-two batch\n"
+        "  levit bench --device cuda -b 1,64,1024 --models levit_128s,timm_levit_128s  # latency + throughput\n"
+        "  levit bench --list",
+        args_bench,
+        cmd_bench,
+    ),
+    "export": Command(
+        "export the fused model to ONNX / OpenVINO / TorchScript and check it against PyTorch",
+        "  levit export --model levit_128s --checkpoint LeViT-128S-96703c44.pth --format onnx --output levit.onnx\n"
+        "  levit export --model levit_256 --pretrained --format openvino --output levit_256.xml\n"
+        "  levit export --checkpoint mine.safetensors --output mine.pt   # format from the suffix",
+        args_export,
+        cmd_export,
+    ),
+    "train": Command(
+        "train a LeViT with the paper's recipe (hard distillation, DeiT augmentation), on 1 CPU to many GPUs",
+        "  levit train --dataset digits --output runs/digits            # 2-CPU demo, no download\n"
+        "  levit train --data ~/imagenet --output runs/128s --model levit_128s \\\n"
+        "      --teacher-checkpoint regnety_160-a5fe301d.pth             # paper recipe (configs/levit_128s.yaml)\n"
+        "  levit train --data mydata --output runs/ft --model levit_256 --distillation none \\\n"
+        "      epochs=30 pretrained=true total_batch=null warmup_epochs=1  # fine-tune, KEY=VALUE overrides\n"
+        "  levit train --data mydata --output runs/ft --model levit_256 --resume auto   # continue after a crash\n"
+        "  torchrun --nproc_per_node=8 -m levit train --data ~/imagenet --output runs/256 --model levit_256 \\\n"
+        "      --teacher-checkpoint regnety_160.pth                     # DDP on 8 GPUs\n"
+        "  torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --rdzv-id=run1 \\\n"
+        "      -m levit train ...                                        # 4 nodes x 8 GPUs (run on every node)",
+        args_train,
+        cmd_train,
+    ),
+    "eval": Command(
+        "top-1 / top-5 / loss of a checkpoint on an ImageFolder (fused model by default)",
+        "  levit eval --data ~/imagenet/val --model levit_128s --pretrained\n"
+        "  levit eval --data runs/digits/digits/val --checkpoint runs/digits/best.pth --output eval.json\n"
+        "  torchrun --nproc_per_node=4 -m levit eval --data ~/imagenet/val --model levit_256 -c LeViT-256.pth",
+        args_eval,
+        cmd_eval,
+    ),
+    "ablate": Command(
+        "train LeViT-128S and the paper's Table 5 ablations A1-A7 at a short schedule; table + bar chart",
+        "  levit ablate                                        # the bundled digits, 32px, 10 epochs, 2-CPU minutes\n"
+        "  levit ablate --resume auto                          # continue an interrupted sweep\n"
+        "  levit ablate --variants base,A3,A5 --epochs 3\n"
+        "  levit ablate --data ~/imagenet100 --img-size 224 --epochs 100 --output runs/ablate-in100 \\\n"
+        "      --teacher-checkpoint teacher.safetensors        # distillation for every row but A4, as the paper",
+        args_ablate,
+        cmd_ablate,
+    ),
+    "biases": Command(
+        "draw the learned attention biases: each head's bias over the (dy, dx) offsets, per stage",
+        "  levit biases --model levit_128s --pretrained --output biases.png\n"
+        "  levit biases --checkpoint runs/digits/best.pth --output digits_biases.png\n"
+        "  levit biases --model levit_256 --pretrained --img-size 384 --output b384.png  # resampled",
+        args_biases,
+        cmd_biases,
+    ),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser of the ``levit`` command. With ``only``, just that command gets its
+    options (the others keep their one-line help): ``main`` builds no more than it runs."""
+    from levit._version import __version__
+
+    parser = Parser(
+        prog="levit",
+        description="LeViT image classifiers: models, prediction, benchmarks, training, export.",
+        epilog="examples:\n  levit models\n  levit predict photo.jpg --model levit_256 --pretrained\n"
+        "  levit bench --quick\n\nexit codes: 0 success, 1 failure, 2 usage error (bad flag or value).\n"
+        "Run `levit COMMAND --help` for each command's options.",
+        formatter_class=Formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"levit {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(
+            name,
+            help=cmd.help,
+            description=cmd.help,
+            epilog="examples:\n" + cmd.examples,
+            formatter_class=Formatter,
+        )
+        if only is None or only == name:
+            cmd.add_arguments(p)
+        p.set_defaults(func=cmd.run)
+    return parser
+
+
+def _command_in(argv: Sequence[str]) -> str:
+    """The sub-command named in ``argv`` ('' when none): the first word that is not an option."""
+    return next((a for a in argv if not a.startswith("-")), "")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``levit`` command; returns the exit code (0 ok, 1 failure, 2 usage error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `levit models | head -1`: the reader left; say nothing more
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), sys.stdout.fileno())  # the exit-time flush must not fail again
+        return EXIT_PIPE
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = build_parser(only=_command_in(argv))
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported by the sub-command, whose --help lists the valid flags
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _main(argv: list[str]) -> int:
+    try:
+        args = _parse(argv)
+    except SystemExit as e:  # --help, --version, or a usage error already printed: return its code
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    from levit.errors import LeViTError
+
+    try:
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows up here, inside the handler's error reporting
+        return code
+    except UsageError as e:
+        if args.debug:
+            raise
+        print(f"levit {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (LeViTError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        if args.debug:
+            raise
+        print(f"levit {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -1,0 +1,178 @@
+"""What every ``levit`` command shares: exit codes, the parser, value types that make a bad flag one
+line, option groups and model loading."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 130, 141
+
+
+class UsageError(Exception):
+    """A bad flag value found after parsing: printed as one line, exit code 2."""
+
+
+class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Examples kept as written; ``(default: X)`` added only where the help does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (and exit code 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+# ---- value types: a bad value is a one-line usage error naming the flag (exit 2) -------------------
+def model_name(text: str) -> str:
+    """A registered model name or alias, canonicalised here once (``LeViT_128S`` -> ``levit_128s``)."""
+    from levit.models.config import canonical_name
+
+    try:
+        return canonical_name(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def img_size_type(text: str) -> int:
+    """An input resolution: a positive multiple of 16 (the stem's four stride-2 convolutions)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 16 or v % 16:
+        raise argparse.ArgumentTypeError(f"must be a positive multiple of 16 (e.g. 224), got {v}")
+    return v
+
+
+def img_hw_type(text: str) -> int | tuple[int, int]:
+    """An input resolution ``N`` or ``HxW`` (e.g. ``224`` or ``192x320``), each a multiple of 16."""
+    parts = text.lower().replace(",", "x").split("x")
+    if len(parts) == 1:
+        return img_size_type(text)
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"expected N or HxW (e.g. 224 or 192x320), got {text!r}")
+    try:
+        h, w = (int(v) for v in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or HxW (e.g. 224 or 192x320), got {text!r}") from None
+    for v in (h, w):
+        if v < 16 or v % 16:
+            raise argparse.ArgumentTypeError(f"height and width must be positive multiples of 16, got {text!r}")
+    return h if h == w else (h, w)
+
+
+def positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return v
+
+
+def one_of(values: Sequence[str], what: str) -> Callable[[str], str]:
+    """Like ``choices=``, with the library's own wording: ``unknown backend 'x'; choose from ...``."""
+
+    def parse(text: str) -> str:
+        if text not in values:
+            raise argparse.ArgumentTypeError(f"unknown {what} {text!r}; choose from {', '.join(values)}")
+        return text
+
+    return parse
+
+
+# ---- shared option groups --------------------------------------------------------------------
+def model_options(p: argparse.ArgumentParser, *, required: bool = False) -> None:
+    """--model / --checkpoint / --pretrained."""
+    p.add_argument("--model", "-m", type=model_name, required=required, help="model name or alias (see `levit models`)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--checkpoint", "-c", type=Path, help="official, timm or levit checkpoint file")
+    g.add_argument("--pretrained", action="store_true", help="download the authors' released weights")
+
+
+def img_size_option(p: argparse.ArgumentParser, help: str, *, rectangular: bool = False) -> None:
+    """--img-size N, or N / HxW where the command takes non-square inputs."""
+    if rectangular:
+        p.add_argument("--img-size", type=img_hw_type, default=None, metavar="N|HxW", help=help)
+    else:
+        p.add_argument("--img-size", type=img_size_type, default=None, metavar="N", help=help)
+
+
+def runtime_options(
+    p: argparse.ArgumentParser,
+    *,
+    backend: str | None,
+    precision: str | None,
+    precision_help: str,
+    backend_help: str = "runtime",
+) -> None:
+    """--backend / --precision, choices from :mod:`levit.deploy`."""
+    from levit.runtime.deploy import BACKENDS, PRECISIONS
+
+    p.add_argument(
+        "--backend", type=one_of(BACKENDS, "backend"), default=backend, metavar="|".join(BACKENDS), help=backend_help
+    )
+    p.add_argument(
+        "--precision",
+        type=one_of(PRECISIONS, "precision"),
+        default=precision,
+        metavar="|".join(PRECISIONS),
+        help=precision_help,
+    )
+
+
+def check_runtime(backend: str, precision: str) -> None:
+    """The backend/precision pair runs here (packages installed, combination exists), else exit 2."""
+    from levit.runtime.deploy import check_backend
+
+    try:
+        check_backend(backend, precision)
+    except ValueError as e:
+        raise UsageError(f"--backend/--precision: {e}") from e
+
+
+@contextlib.contextmanager
+def warnings_as_lines() -> Iterator[None]:
+    """Python warnings raised inside the block are printed as one ``warning: ...`` line each."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+
+
+def load_model(args: argparse.Namespace, **kwargs: object):
+    """The model named by --model / --checkpoint / --pretrained (levit files may omit --model)."""
+    from levit.factory.registry import create_model
+    from levit.weights.format import read_metadata
+
+    name = args.model
+    if name is None:
+        if args.checkpoint is None:
+            raise UsageError("--model is required (unless --checkpoint is a levit-format file)")
+        meta = read_metadata(args.checkpoint)
+        if meta is None:
+            raise UsageError(f"--model is required: {args.checkpoint} is not a levit-format file")
+        name = meta["variant"]
+    with warnings_as_lines():
+        model = create_model(name, checkpoint=args.checkpoint, pretrained=args.pretrained, **kwargs)
+    if args.checkpoint is None and not args.pretrained:
+        print(
+            f"WARNING: no --checkpoint or --pretrained given: {name} has RANDOM weights and its "
+            "predictions are meaningless.",
+            file=sys.stderr,
+        )
+    return model

@@ -1,0 +1,1 @@
+"""Images and datasets: decoding, transforms, datasets, samplers, the bundled digits."""

@@ -1,0 +1,203 @@
+"""Image-folder datasets: layout checks, a dataset that skips unreadable images, the loaders of a run."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+
+from ..errors import LeViTError
+from ..utils import first_line
+from .images import IMAGE_EXTENSIONS, is_image, open_rgb
+from .samplers import RepeatAugSampler, ShardSampler
+from .transforms import eval_transform, train_transform
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1000 ImageNet-1k class names in label order (shipped with the package)."""
+    from importlib.resources import files
+
+    return files("levit").joinpath("data/imagenet_classes.txt").read_text().splitlines()
+
+
+def check_image_folder(root: str | os.PathLike, what: str = "--data") -> list[str]:
+    """Check that ``root`` is an ImageFolder (one sub-folder per class holding images) and return
+    the sorted class names. Raises :class:`LeViTError` with a one-line message otherwise."""
+    root = Path(root)
+    if not root.exists():
+        raise LeViTError(f"{what}: {root} does not exist (expected a folder with one sub-folder per class)")
+    if not root.is_dir():
+        raise LeViTError(f"{what}: {root} is not a folder (expected a folder with one sub-folder per class)")
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        loose = [p.name for p in root.iterdir() if is_image(p)]
+        hint = f" (found {len(loose)} loose images: put them in one sub-folder per class)" if loose else ""
+        raise LeViTError(f"{what}: {root} has no class sub-folders{hint}; expected {root}/CLASS_NAME/IMAGE.jpg")
+    for c in classes:
+        if not any(is_image(f) for _, _, fs in os.walk(root / c) for f in fs):
+            raise LeViTError(
+                f"{what}: class folder {root / c} holds no images ({', '.join(IMAGE_EXTENSIONS[:3])}, ...)"
+            )
+    return classes
+
+
+def check_train_val_layout(root: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """Check ``root/train`` and ``root/val`` (ImageFolder layouts, val classes a subset of train's);
+    returns (train classes, val classes)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise LeViTError(f"--data: {root} is not a folder (expected DIR/train/CLASS/*.jpg and DIR/val/CLASS/*.jpg)")
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise LeViTError(
+                f"--data: {root} has no '{split}' sub-folder (expected DIR/train/CLASS/*.jpg and DIR/val/CLASS/*.jpg)"
+            )
+    train_classes = check_image_folder(root / "train")
+    val_classes = check_image_folder(root / "val")
+    extra = sorted(set(val_classes) - set(train_classes))
+    if extra:
+        raise LeViTError(f"--data: {root / 'val'} has classes missing from {root / 'train'}: {extra[:5]}")
+    return train_classes, val_classes
+
+
+class SafeImageFolder(torchvision.datasets.ImageFolder):
+    """ImageFolder whose bad samples are skipped, counted and reported instead of crashing a run.
+
+    Images are listed by :func:`levit.data.images.is_image` and decoded by :func:`levit.data.images.open_rgb`
+    (16-bit images scaled to 8 bits). A sample is *bad* when decoding or the transform raises.
+    ``__getitem__`` accepts a plain index or ``(index, seed)`` from :class:`RepeatAugSampler`: with a
+    seed the random augmentation of that sample is a pure function of the seed (so a resumed run sees
+    the same images as an uninterrupted one), with the caller's RNG states left as they were. A sample
+    is ``(image, target, bad)``, where ``bad`` lists ``(path, reason)`` of the bad samples met. With
+    ``replace_bad=True`` (training) a bad sample is replaced by the next good one, so batches keep their
+    size; with ``False`` (evaluation) its image is ``None`` and :func:`collate_skip` leaves it out.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        transform=None,
+        class_to_idx: dict[str, int] | None = None,
+        *,
+        replace_bad: bool = True,
+    ) -> None:
+        self._fixed = class_to_idx
+        self.replace_bad = replace_bad
+        super().__init__(str(root), transform=transform, loader=open_rgb, is_valid_file=is_image)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes, mapping = super().find_classes(directory)
+        if self._fixed is not None:  # e.g. a val folder with fewer classes than train
+            missing = [c for c in classes if c not in self._fixed]
+            if missing:
+                raise LeViTError(f"{directory}: class folder(s) {missing[:5]} unknown to the model")
+            mapping = {c: self._fixed[c] for c in classes}
+        return classes, mapping
+
+    def _load(self, path: str, seed: int | None):
+        img = self.loader(path)
+        if self.transform is None:
+            return img
+        if seed is None:
+            return self.transform(img)
+        with _seeded(seed):
+            return self.transform(img)
+
+    def __getitem__(self, item):  # type: ignore[override]
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        bad: list[tuple[str, str]] = []
+        for attempt in range(min(len(self.samples), 50) if self.replace_bad else 1):
+            path, target = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                return self._load(path, seed), target, bad
+            except Exception as e:  # a corrupt file, or an augmentation that fails on this image
+                bad.append((path, f"{type(e).__name__}: {first_line(e, 120)}"))
+        if not self.replace_bad:
+            return None, self.samples[index][1], bad
+        raise LeViTError(f"{self.root}: 50 images in a row are unreadable (first: {bad[0][0]}: {bad[0][1]})")
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Seed python/numpy/torch RNGs for one sample's augmentation, then restore the caller's states."""
+    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)  # CPU only: CUDA RNG streams are left alone
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
+
+
+def collate_skip(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
+    """Collate ``(image, target, bad)`` samples into (images, targets, every ``(path, reason)``);
+    samples whose image is ``None`` (unreadable, evaluation) are left out (an all-bad batch gives an
+    empty tensor)."""
+    good = [b for b in batch if b[0] is not None]
+    imgs = torch.stack([b[0] for b in good]) if good else torch.empty(0)
+    targets = torch.tensor([b[1] for b in good], dtype=torch.long)
+    return imgs, targets, [p for b in batch for p in b[2]]
+
+
+@dataclass
+class TrainValData:
+    """The loaders of a training run and what the loop needs to know about them."""
+
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+    sampler: RepeatAugSampler  # the training sampler (epoch, resume position)
+    class_names: list[str]
+    micro_per_epoch: int  # training batches per process per epoch
+    sizes: tuple[int, int]  # train, val images
+
+
+def build_loaders(
+    cfg, root: str | os.PathLike, *, world: int = 1, rank: int = 0, pin_memory: bool = False
+) -> TrainValData:
+    """Loaders for ``root/train`` (the recipe's augmentation, :class:`RepeatAugSampler`, bad samples
+    replaced) and ``root/val`` (evaluation preprocessing, sharded without padding, unreadable images
+    left out), after checking the layout. Loaders never touch the global RNG."""
+    root = Path(root)
+    check_train_val_layout(root)
+    train_set = SafeImageFolder(root / "train", transform=train_transform(cfg))
+    val_set = SafeImageFolder(
+        root / "val",
+        transform=eval_transform(cfg.img_size, cfg.eval_crop_pct),
+        class_to_idx=train_set.class_to_idx,
+        replace_bad=False,
+    )
+    sampler = RepeatAugSampler(len(train_set), num_replicas=world, rank=rank, repeats=cfg.repeated_aug, seed=cfg.seed)
+    micro_per_epoch = sampler.per_rank // cfg.batch_size
+    if micro_per_epoch < 1:
+        raise LeViTError(
+            f"--batch-size {cfg.batch_size} is larger than the {sampler.per_rank} training images per process"
+        )
+    if cfg.mixup_mode == "batch" and (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
+        raise LeViTError(f"--batch-size must be even with Mixup/CutMix (mode batch), got {cfg.batch_size}")
+    common = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=collate_skip, pin_memory=pin_memory)
+    train_loader = torch.utils.data.DataLoader(
+        train_set,
+        sampler=sampler,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(cfg.seed),
+        persistent_workers=False,
+        **common,
+    )
+    val_loader = torch.utils.data.DataLoader(
+        val_set,
+        sampler=ShardSampler(len(val_set), world, rank),
+        generator=torch.Generator().manual_seed(cfg.seed),
+        **common,
+    )
+    return TrainValData(
+        train_loader, val_loader, sampler, list(train_set.classes), micro_per_epoch, (len(train_set), len(val_set))
+    )

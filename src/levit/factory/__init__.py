@@ -1,0 +1,1 @@
+"""Model and backbone factories: they build a network and load weights into it."""

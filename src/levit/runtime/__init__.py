@@ -1,0 +1,1 @@
+"""Inference runtimes: deploy backends, exports, the prediction pipeline."""

@@ -1,0 +1,255 @@
+"""Export the fused LeViT to ONNX, OpenVINO IR or TorchScript, and prove the file equal to PyTorch.
+
+Every export runs the written file in its own runtime on a batch of a different size than the
+one it was traced with (so the batch dimension is shown to be dynamic) and compares its logits
+with a float64 run of the same fused model: the exact answer, which fp32 PyTorch itself only
+approximates. The accepted error is ``tolerance`` or ten times fp32 PyTorch's own error against
+float64, whichever is larger, so a model whose BatchNorm statistics make fp32 rounding visible
+still exports, while a wrong graph (errors of 1e-2 and more) never does. The file only appears at
+``path`` once that check has passed (written under a temporary name, then renamed).
+
+:func:`write_onnx` and :func:`to_openvino` are the package's one ONNX export and one OpenVINO
+conversion (:mod:`levit.deploy` runs its backends on them too).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import LeViTError
+from ..utils import atomic_path, first_line
+
+__all__ = [
+    "DEFAULT_TOLERANCE",
+    "FORMATS",
+    "MIN_OPSET",
+    "ExportError",
+    "ExportResult",
+    "check_opset",
+    "export",
+    "max_opset",
+    "resolve_format",
+    "to_openvino",
+    "write_onnx",
+]
+
+FORMATS = {"onnx": ".onnx", "openvino": ".xml", "torchscript": ".pt"}
+_PACKAGES = {"onnx": ("onnx", "onnxruntime"), "openvino": ("openvino",), "torchscript": ()}
+DEFAULT_TOLERANCE = 1e-4  # relative to the float64 run; the fp32 rounding floor is added on top
+MIN_OPSET = 14  # HardSwish is an ONNX operator from opset 14 on
+_FP32_MARGIN = 10.0  # an export may be this many times further from float64 than fp32 PyTorch is
+
+
+class ExportError(LeViTError, RuntimeError):
+    """The export failed or the exported file does not reproduce PyTorch's outputs."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What :func:`export` wrote and how close the file is to PyTorch."""
+
+    path: Path
+    format: str
+    max_rel_error: float  # max |exported - float64| / max |float64| on the check batch
+    check_batch: int
+    torch_rel_error: float = 0.0  # the same measure for fp32 PyTorch: the rounding floor
+    limit: float = DEFAULT_TOLERANCE  # the accepted error: max(tolerance, 10 x torch_rel_error)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.path} ({self.format}): relative error {self.max_rel_error:.2e} vs a float64 run of the model "
+            f"(fp32 PyTorch: {self.torch_rel_error:.2e}; accepted up to {self.limit:.1e}; batch {self.check_batch})"
+        )
+
+
+def _rel_error(a: Tensor, b: Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def check_packages(fmt: str) -> None:
+    """Raise :class:`ExportError` naming the extra to install when ``fmt``'s runtime is missing."""
+    import importlib.util
+
+    missing = [p for p in _PACKAGES[fmt] if importlib.util.find_spec(p) is None]
+    if missing:
+        raise ExportError(f"--format {fmt} needs the package(s) {', '.join(missing)}: pip install 'levit[export]'")
+
+
+def max_opset() -> int:
+    """The newest ONNX opset torch's TorchScript-based exporter writes."""
+    try:
+        from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+
+        return int(ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
+    except (ImportError, AttributeError):  # pragma: no cover - private constant moved
+        return 20
+
+
+def check_opset(opset: int) -> None:
+    """Raise :class:`ExportError` unless LeViT can be written at ``opset``."""
+    hi = max_opset()
+    if not MIN_OPSET <= opset <= hi:
+        raise ExportError(f"ONNX opset {opset} is not supported: choose {MIN_OPSET}..{hi} (HardSwish needs opset 14)")
+
+
+def write_onnx(model: nn.Module, example: Tensor, dest: str | os.PathLike | io.BytesIO, opset: int = 17) -> None:
+    """Write ``model`` (an fp32 inference module) as ONNX with a dynamic batch axis: the package's
+    one ONNX export (``levit export`` and the onnxruntime backend of :func:`levit.deploy`)."""
+    check_opset(opset)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (example,),
+            dest if isinstance(dest, io.BytesIO) else str(dest),
+            dynamo=False,
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=opset,
+            do_constant_folding=True,
+        )
+
+
+def _run_onnx(path: Path, x: Tensor) -> Tensor:
+    import onnx
+    import onnxruntime as ort
+
+    onnx.checker.check_model(str(path))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(sess.run(None, {"images": x.numpy()})[0])
+
+
+def to_openvino(model: nn.Module, example: Tensor):
+    """``model`` (an fp32 inference module) converted to an ``openvino.Model`` with a dynamic batch
+    axis: the package's one OpenVINO conversion (``levit export`` and :func:`levit.deploy`)."""
+    import openvino as ov
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ov_model = ov.convert_model(model, example_input=example)
+    ov_model.reshape({ov_model.inputs[0]: ov.PartialShape([-1, *example.shape[1:]])})
+    return ov_model
+
+
+def _write_openvino(model: nn.Module, example: Tensor, tmp: Path) -> None:
+    import openvino as ov
+
+    ov.save_model(to_openvino(model, example), str(tmp), compress_to_fp16=False)  # fp32 weights
+
+
+def _run_openvino(path: Path, x: Tensor) -> Tensor:
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return torch.from_numpy(compiled([x.numpy()])[compiled.outputs[0]].copy())
+
+
+def _write_torchscript(model: nn.Module, example: Tensor, tmp: Path) -> None:
+    traced = torch.jit.trace(model, (example,), check_trace=False)
+    torch.jit.save(torch.jit.freeze(traced), str(tmp))
+
+
+def _run_torchscript(path: Path, x: Tensor) -> Tensor:
+    with torch.inference_mode():
+        return torch.jit.load(str(path)).eval()(x)
+
+
+def resolve_format(path: str | os.PathLike, format: str | None = None) -> str:
+    """The export format for ``path``: ``format`` when given (checked against the suffix for
+    OpenVINO, whose model is an ``.xml``), else inferred from the suffix. Raises :class:`ExportError`."""
+    path = Path(path)
+    if format is None:
+        format = next((f for f, s in FORMATS.items() if path.suffix.lower() == s), None)
+        if format is None:
+            suffixes = ", ".join(f"{s} ({f})" for f, s in FORMATS.items())
+            raise ExportError(f"cannot tell the format from {path.name!r}: give a format or one of {suffixes}")
+    if format not in FORMATS:
+        raise ExportError(f"unknown export format {format!r}; choose from {', '.join(FORMATS)}")
+    if format == "openvino" and path.suffix.lower() != ".xml":
+        raise ExportError(f"an OpenVINO model is an .xml file (+ .bin beside it), got {path.name!r}")
+    return format
+
+
+def export(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    format: str | None = None,
+    batch_size: int = 2,
+    opset: int = 17,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> ExportResult:
+    """Export the fused ``model`` to ``path`` and check the file against a float64 run of it.
+
+    Args:
+        model: a LeViT, fused or not (it is fused first; the input is untouched).
+        path: output file (``.onnx``, OpenVINO ``.xml`` (+ ``.bin`` beside it), TorchScript ``.pt``).
+        format: ``onnx``, ``openvino`` or ``torchscript``; ``None`` infers it from the suffix.
+        batch_size: the batch traced with; the check runs another batch size (dynamic batch).
+        opset: ONNX opset (14 or newer).
+        tolerance: the accepted relative error against float64 (max |diff| / max |logit|); fp32
+            rounding is allowed on top (10x fp32 PyTorch's own error). Above it
+            :class:`ExportError` is raised and nothing is written.
+    """
+    from ..models.fuse import FusedLeViT, fusable, fuse
+
+    path = Path(path)
+    format = resolve_format(path, format)
+    check_packages(format)
+    if format == "onnx":
+        check_opset(opset)
+    if not path.parent.is_dir():
+        raise ExportError(f"output folder {path.parent} does not exist")
+    if not tolerance > 0:
+        raise ExportError(f"tolerance must be > 0, got {tolerance}")
+
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise ExportError(f"export() needs a levit model, got {type(model).__name__}")
+    if fusable(model):
+        fused: FusedLeViT = fuse(model).float().cpu().eval()  # a new module: the input is untouched
+    else:  # ablation A3: LayerNorm does not fold into the linears; export the unfused model
+        warnings.warn(
+            f"{model.config.name} ({model.config.ablation}) cannot be fused: exporting it unfused", stacklevel=2
+        )
+        fused = copy.deepcopy(model).float().cpu().eval()
+    cfg = fused.config
+    gen = torch.Generator().manual_seed(0)
+    example = torch.randn(batch_size, cfg.in_chans, *cfg.img_hw, generator=gen)
+    check = torch.randn(batch_size + 1, cfg.in_chans, *cfg.img_hw, generator=gen)
+    with torch.inference_mode():
+        exact = copy.deepcopy(fused).double()(check.double())  # float64: the answer fp32 only approximates
+        torch_err = _rel_error(fused(check), exact)
+    limit = max(tolerance, _FP32_MARGIN * torch_err)
+
+    companions = (".bin",) if format == "openvino" else ()
+    with atomic_path(path, companions=companions) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            if format == "onnx":
+                write_onnx(fused, example, tmp, opset)
+            elif format == "openvino":
+                _write_openvino(fused, example, tmp)
+            else:
+                _write_torchscript(fused, example, tmp)
+        except ExportError:
+            raise
+        except Exception as e:
+            raise ExportError(f"{format} export failed: {type(e).__name__}: {first_line(e)}") from e
+        got = {"onnx": _run_onnx, "openvino": _run_openvino, "torchscript": _run_torchscript}[format](tmp, check)
+        err = _rel_error(got, exact) if tuple(got.shape) == tuple(exact.shape) else float("inf")
+        if not err <= limit:
+            raise ExportError(
+                f"the exported {format} model does not match PyTorch: relative error {err:.2e} vs float64 > "
+                f"{limit:.1e} (fp32 PyTorch: {torch_err:.2e}; shape {tuple(got.shape)} vs {tuple(exact.shape)}); "
+                f"nothing was written to {path}"
+            )
+    return ExportResult(path, format, err, int(check.shape[0]), torch_err, limit)

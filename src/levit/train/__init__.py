@@ -1,0 +1,1 @@
+"""Training: the recipe, the run, the loop, the run folder, distributed setup, distillation."""

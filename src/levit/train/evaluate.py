@@ -1,0 +1,63 @@
+"""Evaluating a model on an image folder (``levit eval``): class matching, the official preprocessing,
+one shard per process under torchrun."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data.transforms import DEFAULT_CROP_PCT, eval_transform
+from ..errors import LeViTError
+from .distributed import distributed
+from .engine import evaluate
+
+__all__ = ["evaluate_folder"]
+
+
+def evaluate_folder(
+    model: nn.Module,
+    data: str | os.PathLike,
+    *,
+    img_size: int,
+    crop_pct: float = DEFAULT_CROP_PCT,
+    batch_size: int = 64,
+    workers: int = 2,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Evaluate ``model`` on an ImageFolder (one sub-folder per class) with the official preprocessing;
+    under torchrun every process takes a shard and the counts are reduced (the group is torn down
+    after). Class folders are matched to ``model.class_names`` by name when the model has them, else
+    taken in sorted order. Returns :func:`evaluate`'s numbers plus ``rank`` (only rank 0 should print)."""
+    from ..data.datasets import SafeImageFolder, check_image_folder, collate_skip
+    from ..data.samplers import ShardSampler
+
+    classes = check_image_folder(data)
+    names = getattr(model, "class_names", None)
+    if names:
+        unknown = [c for c in classes if c not in names]
+        if unknown:
+            raise LeViTError(f"--data: class folder(s) {unknown[:5]} are not classes of the checkpoint")
+        class_to_idx = {c: list(names).index(c) for c in classes}
+    else:
+        if len(classes) != model.config.num_classes:
+            raise LeViTError(
+                f"--data: {len(classes)} class folders, but the model has {model.config.num_classes} classes and "
+                "no class names to match them by (folders are taken in sorted order)"
+            )
+        class_to_idx = {c: i for i, c in enumerate(classes)}
+    dataset = SafeImageFolder(
+        data, transform=eval_transform(img_size, crop_pct), class_to_idx=class_to_idx, replace_bad=False
+    )
+    with distributed(device) as ctx:
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=ShardSampler(len(dataset), ctx.world, ctx.rank),
+            num_workers=workers,
+            collate_fn=collate_skip,
+        )
+        metrics = evaluate(model.to(ctx.device).eval(), loader, ctx.device)
+        return metrics | {"rank": ctx.rank}

@@ -1,0 +1,275 @@
+"""The run folder (``--output``): checkpoint files, the overwrite guard, resume, RNG state, metrics.
+
+Layout::
+
+    config.yaml                  the resolved recipe
+    metrics.jsonl                one JSON object per logged step, per epoch, and a final summary
+    checkpoints/ckpt-<step>.pth  full training states, the newest ``keep_last`` kept
+    checkpoints/*.corrupt        unreadable checkpoints, set aside (never loaded, never pruned)
+    best.pth                     the weights with the best top-1 (loads in create_model / levit eval / predict)
+    tensorboard/                 when ``tensorboard: true``
+
+Guarantees: every file is written to a temporary name, fsynced and renamed (a crash leaves the old file
+or the complete new one); a fresh run refuses a folder that holds any trace of an earlier run; resuming
+never starts over silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError, LeViTError
+from ..utils import atomic_path, first_line
+
+__all__ = [
+    "MetricsRecorder",
+    "RunDir",
+    "atomic_save",
+    "check_resume_fits",
+    "checkpoint_files",
+    "find_resume_checkpoint",
+    "load_state",
+    "rng_state",
+    "seed_all",
+    "set_rng_state",
+]
+
+TRACES = ("best.pth", "metrics.jsonl", "config.yaml", "checkpoints", "tensorboard")
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` through :func:`levit.utils.atomic_path` (temporary file, fsync, rename): a crash at
+    any moment leaves either the old state or the complete new file, never half a file."""
+    path = Path(path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+    return path
+
+
+def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
+    """``ckpt-<step>.pth`` files in ``folder``, newest (highest step) first."""
+    files = [p for p in Path(folder).glob("ckpt-*.pth") if p.stem[5:].isdigit()]
+    return sorted(files, key=lambda p: int(p.stem[5:]), reverse=True)
+
+
+def load_state(path: str | os.PathLike) -> dict:
+    """A training checkpoint's contents (``weights_only``: no code is run); :class:`CheckpointError` otherwise."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"{path}: unreadable training checkpoint ({type(e).__name__}: {first_line(e, 120)})"
+        ) from e
+    if not isinstance(state, dict) or "model" not in state or "global_step" not in state:
+        raise CheckpointError(f"{path}: not a levit training checkpoint (no model/global_step)")
+    return state
+
+
+def find_resume_checkpoint(output: str | os.PathLike, *, set_aside: bool = True) -> tuple[Path, dict] | None:
+    """The newest readable checkpoint under ``output/checkpoints`` and its contents, or None.
+
+    Unreadable checkpoints newer than it are renamed to ``*.pth.corrupt`` (``set_aside``), so they are
+    neither loaded again nor counted by pruning; each is reported on stderr."""
+    for path in checkpoint_files(Path(output) / "checkpoints"):
+        try:
+            return path, load_state(path)
+        except CheckpointError as e:
+            if set_aside and path.exists():
+                aside = path.with_name(path.name + ".corrupt")
+                try:
+                    path.rename(aside)
+                except FileNotFoundError:  # another process set it aside first
+                    continue
+                print(f"warning: {first_line(e)}; set aside as {aside.name}", file=sys.stderr)
+    return None
+
+
+class RunDir:
+    """The output folder of one run. Only the main process (``main=True``) writes."""
+
+    def __init__(self, path: str | os.PathLike, main: bool = True) -> None:
+        self.path, self.main = Path(path), main
+        self.existed = self.path.exists()  # a failed start removes only what it made
+        self.ckpt_dir = self.path / "checkpoints"
+
+    def traces(self) -> list[str]:
+        """Names of the earlier run's files in the folder (``best.pth``, ``checkpoints/`` ...)."""
+        found = [t + ("/" if (self.path / t).is_dir() else "") for t in TRACES if (self.path / t).exists()]
+        return found
+
+    def refuse_if_used(self) -> None:
+        """A fresh run never overwrites an earlier one: any trace of it is an error."""
+        found = self.traces()
+        if found:
+            raise LeViTError(
+                f"--output {self.path} holds an earlier run ({', '.join(found)}): continue it with --resume auto, "
+                "or pick another --output (nothing is overwritten)"
+            )
+
+    def resume_point(self, resume: str | None) -> tuple[Path, dict] | None:
+        """The checkpoint to continue from for ``--resume`` (``None``, ``auto`` or a path), after the
+        overwrite guard; ``auto`` on a folder with run files but no readable checkpoint is an error."""
+        if resume in (None, "", "none"):
+            self.refuse_if_used()
+            return None
+        if resume != "auto":
+            path = Path(resume)
+            if not path.is_file():
+                raise LeViTError(f"--resume: checkpoint file not found: {path}")
+            return path, load_state(path)
+        found = find_resume_checkpoint(self.path, set_aside=self.main)
+        if found is None and self.traces():
+            aside = sorted(p.name for p in self.ckpt_dir.glob("*.corrupt")) if self.ckpt_dir.is_dir() else []
+            extra = f"; unreadable checkpoints set aside: {', '.join(aside)}" if aside else ""
+            raise LeViTError(
+                f"--resume auto: {self.path} holds {', '.join(self.traces())} but no readable checkpoint{extra}. "
+                "Nothing was changed: move these files away to start over, or pick another --output"
+            )
+        return found
+
+    def prepare(self, config: Mapping[str, Any]) -> None:
+        """Create the folder, clear temporary files left by a crash and write ``config.yaml``."""
+        if not self.main:
+            return
+        import yaml
+
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (self.path, self.ckpt_dir):
+            for tmp in folder.glob(".*.tmp*"):  # left by a crash mid-write
+                tmp.unlink(missing_ok=True)
+        with atomic_path(self.path / "config.yaml") as tmp:
+            tmp.write_text(yaml.safe_dump(dict(config), sort_keys=False))
+
+    def save_checkpoint(self, payload: Mapping[str, Any], step: int, keep_last: int) -> Path:
+        """Write ``checkpoints/ckpt-<step>.pth`` and keep only the newest ``keep_last``."""
+        path = atomic_save(dict(payload), self.ckpt_dir / f"ckpt-{step:09d}.pth")
+        for old in checkpoint_files(self.ckpt_dir)[keep_last:]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def save_best(self, payload: Mapping[str, Any]) -> Path:
+        """Write ``best.pth`` (model weights + levit metadata)."""
+        return atomic_save(dict(payload), self.path / "best.pth")
+
+    def discard(self, made: list[Path]) -> None:
+        """After a failed start: remove the folder if this run created it, else the listed paths it made."""
+        if not self.main:
+            return
+        if not self.existed and self.path.exists():
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        for p in made:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def check_resume_fits(path: Path, state: dict, cfg: Any, class_names: list[str]) -> None:
+    """A resume checkpoint made for another model, resolution, class list or head: say which."""
+    old = state.get("train_config") or {}
+    meta = state.get("levit") or {}
+    diffs = []
+    for key in ("model", "img_size", "distillation", "drop_path"):
+        if key in old and old[key] != getattr(cfg, key):
+            diffs.append(f"{key} {old[key]!r} (checkpoint) vs {getattr(cfg, key)!r} (this run)")
+    old_names = meta.get("class_names")
+    if old_names is not None and list(old_names) != class_names:
+        diffs.append(f"classes {_short(old_names)} (checkpoint) vs {_short(class_names)} (this run's --data)")
+    if diffs:
+        raise CheckpointError(f"{path}: was made for another run: {'; '.join(diffs)}")
+
+
+def _short(names: list[str]) -> str:
+    return f"{len(names)} [{', '.join(names[:4])}{', ...' if len(names) > 4 else ''}]"
+
+
+# ---- RNG state ----------------------------------------------------------------------------------
+def seed_all(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every global RNG state of this process (torch CPU + CUDA, numpy, python), tensors only."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(s: Mapping) -> None:
+    """Restore a state from :func:`rng_state`."""
+    torch.set_rng_state(s["torch"])
+    if s.get("cuda") and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    n = s["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    py = s["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+# ---- metrics ------------------------------------------------------------------------------------
+class MetricsRecorder:
+    """Rank-0 JSON lines (``metrics.jsonl``) + optional TensorBoard."""
+
+    def __init__(self, out: Path, main: bool, tensorboard: bool) -> None:
+        self.main, self.path, self.tb = main, Path(out) / "metrics.jsonl", None
+        if main and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise LeViTError("tensorboard=true needs the tensorboard package: pip install 'levit[train]'") from e
+            self.tb = SummaryWriter(str(Path(out) / "tensorboard"))
+
+    def truncate(self, global_step: int, epochs_done: int) -> None:
+        """On resume: drop records written after the checkpoint (the run will write them again)."""
+        if not self.main or not self.path.is_file():
+            return
+        if global_step == 0 and epochs_done == 0:  # a fresh start: no stale records of a killed run
+            self.path.unlink()
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by the crash
+            if (
+                rec.get("event") == "summary"
+                or (rec.get("event") == "step" and rec["step"] > global_step)
+                or (rec.get("event") == "epoch" and rec["epoch"] > epochs_done)
+            ):
+                continue
+            keep.append(line)
+        with atomic_path(self.path) as tmp:
+            tmp.write_text("".join(k + "\n" for k in keep))
+
+    def write(self, rec: dict, step: int | None = None) -> None:
+        """Append one record (and its numbers to TensorBoard at ``step``)."""
+        if not self.main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.tb is not None and step is not None:
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and k not in ("epoch", "step"):
+                    self.tb.add_scalar(f"{rec['event']}/{k}", v, step)
+
+    def close(self) -> None:
+        """Flush TensorBoard."""
+        if self.tb is not None:
+            self.tb.close()
