@@ -18,7 +18,7 @@ from .config import PAPER_RESULTS
 from .errors import CheckpointError
 from .utils import atomic_path
 
-__all__ = ["check_hash", "default_cache_dir", "download_checkpoint", "download_pretrained"]
+__all__ = ["check_hash", "default_cache_dir", "download_checkpoint", "download_pretrained", "mirror_url"]
 
 _HASH_RE = re.compile(r"-([0-9a-f]{8,64})\.\w+$")
 
@@ -105,12 +105,21 @@ def download_pretrained(name: str) -> Path:
     """Path to the official released weights of the variant ``name`` (a registered name, e.g.
     ``levit_128s``), downloaded once into the torch hub cache and hash-checked on every use.
 
-    ``LEVIT_PRETRAINED_URL`` may point to a mirror folder holding the same file names.
+    ``LEVIT_PRETRAINED_URL`` may name a mirror holding the same file names: a folder or a URL
+    (:func:`mirror_url`).
     """
     if name not in PAPER_RESULTS:
         raise CheckpointError(f"no released weights for {name}; released: {', '.join(PAPER_RESULTS)}")
     url = PAPER_RESULTS[name].url
     mirror = os.environ.get("LEVIT_PRETRAINED_URL")
     if mirror:
-        url = mirror.rstrip("/") + "/" + url.rsplit("/", 1)[-1]
+        url = mirror_url(mirror, url.rsplit("/", 1)[-1])
     return download_checkpoint(url)
+
+
+def mirror_url(mirror: str, fname: str) -> str:
+    """The URL of ``fname`` in a mirror of the release files: ``mirror`` is a URL (``https://...``,
+    ``file:///srv/weights``) or a local folder (``/srv/weights``, ``~/weights``, relative paths)."""
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", mirror):
+        return mirror.rstrip("/") + "/" + fname
+    return (Path(mirror).expanduser().resolve() / fname).as_uri()
