@@ -453,19 +453,20 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 flush=True,
             )
 
-    rows = benchmark(
-        models,
-        backend=args.backend,
-        precision=precision,
-        device=args.device,
-        batch_size=batch,
-        threads=threads,
-        img_size=args.img_size,
-        warmup_s=warmup,
-        windows=windows,
-        window_s=window,
-        progress=progress,
-    )
+    with _warnings_as_lines():  # e.g. "levit_128s (A3) cannot be fused: timed unfused"
+        rows = benchmark(
+            models,
+            backend=args.backend,
+            precision=precision,
+            device=args.device,
+            batch_size=batch,
+            threads=threads,
+            img_size=args.img_size,
+            warmup_s=warmup,
+            windows=windows,
+            window_s=window,
+            progress=progress,
+        )
     if args.json:
         print(json.dumps(rows, indent=2))
     else:

@@ -21,6 +21,8 @@ from .utils import atomic_path
 __all__ = ["check_hash", "default_cache_dir", "download_checkpoint", "download_pretrained", "mirror_url"]
 
 _HASH_RE = re.compile(r"-([0-9a-f]{8,64})\.\w+$")
+#: how an offline error says to use a file at hand (``levit train`` names its own key instead)
+PASS_A_FILE = "or pass checkpoint=PATH (--checkpoint PATH)"
 
 
 def default_cache_dir() -> Path:
@@ -75,8 +77,7 @@ def download_checkpoint(url: str, cache_dir: str | os.PathLike | None = None, pr
     except (urllib.error.URLError, OSError, TimeoutError) as e:
         reason = getattr(e, "reason", e)
         raise CheckpointError(
-            f"cannot download {url} ({reason}); fetch it elsewhere and put it at {target}, "
-            "or pass checkpoint=PATH (--checkpoint PATH)"
+            f"cannot download {url} ({reason}); fetch it elsewhere and put it at {target}, {PASS_A_FILE}"
         ) from e
     return target
 
