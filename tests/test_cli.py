@@ -187,3 +187,12 @@ def test_16_bit_png_gets_the_probabilities_of_its_8_bit_copy(tiny, tmp_path):
     r8, r16 = predict_paths(tiny, [tmp_path / "a8.png", tmp_path / "a16.png"], topk=3, progress=False)
     assert [p["class"] for p in r8["top"]] == [p["class"] for p in r16["top"]]
     assert [p["prob"] for p in r8["top"]] == pytest.approx([p["prob"] for p in r16["top"]], abs=1e-5)
+
+
+def test_models_pattern_that_matches_nothing_is_a_usage_error(capsys):
+    from levit.cli import main
+
+    assert main(["models", "resnet*"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no model matches 'resnet*'" in err and "levit_128s" in err
+    assert main(["models", "levit_1*"]) == 0 and "levit_192" in capsys.readouterr().out

@@ -86,7 +86,7 @@ _AUTO_ORDER: dict[str, tuple[str, ...]] = {
 # `auto` on a GPU, per precision: CUDA graphs up to this batch (launch-bound: graphs remove the
 # per-kernel CPU cost), inductor above (fused kernels, throughput). Measured by benchmarks/gpu.py on
 # one H200 (torch 2.11, fp16/bf16, LeViT-128S and LeViT-384): graphs run 7.8x / 3.3x eager at batch
-# 64 and 16x / 13x at batch 1, while at batch 1024 inductor runs 1.27x / 1.54x graphs (docs: speed).
+# 64 and 16x / 13x at batch 1, while at batch 1024 inductor runs 1.27x / 1.54x graphs (docs/speed.md, GPU).
 _AUTO_GPU_GRAPH_MAX_BATCH: dict[str, int] = {"fp32": 64, "fp16": 64, "bf16": 64}
 _CPU_ONLY = ("onnxruntime", "openvino")
 _GPU_ONLY = ("cudagraph",)
