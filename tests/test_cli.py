@@ -196,3 +196,24 @@ def test_models_pattern_that_matches_nothing_is_a_usage_error(capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no model matches 'resnet*'" in err and "levit_128s" in err
     assert main(["models", "levit_1*"]) == 0 and "levit_192" in capsys.readouterr().out
+
+
+def test_help_of_every_command_imports_no_torch():
+    """``levit --help`` and every ``levit COMMAND --help`` start without torch (well under a second),
+    since their choices come from plain-data modules (``levit.runtime.options``, ``levit.models.config``)."""
+    import subprocess
+    import sys
+
+    from levit.cli import COMMANDS
+
+    code = (
+        "import contextlib, io, sys\n"
+        "from levit.cli import main\n"
+        f"for cmd in {[[], *[[c] for c in COMMANDS]]!r}:\n"
+        "    with contextlib.redirect_stdout(io.StringIO()):\n"
+        "        assert main([*cmd, '--help']) == 0\n"
+        "    if 'torch' in sys.modules:\n"
+        "        sys.exit('torch imported by: levit ' + ' '.join(cmd) + ' --help')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-500:]

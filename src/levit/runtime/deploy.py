@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from ..errors import LeViTError
 from ..utils import num_threads
+from .options import BACKENDS, PRECISIONS, SUPPORTED_PRECISIONS
 
 __all__ = [
     "BACKENDS",
@@ -61,15 +62,6 @@ __all__ = [
     "resolve_backend",
 ]
 
-BACKENDS = ("auto", "eager", "inductor", "onnxruntime", "openvino", "cudagraph")
-PRECISIONS = ("fp32", "bf16", "fp16", "int8")
-SUPPORTED_PRECISIONS: dict[str, tuple[str, ...]] = {
-    "eager": ("fp32", "bf16", "fp16"),
-    "inductor": ("fp32", "bf16", "fp16"),
-    "onnxruntime": ("fp32", "int8"),
-    "openvino": ("fp32", "bf16", "int8"),
-    "cudagraph": ("fp32", "bf16", "fp16"),
-}
 # the package each backend (or backend + precision) needs, and the extra that installs it
 _NEEDS: dict[tuple[str, str | None], tuple[str, ...]] = {
     ("onnxruntime", None): ("onnx", "onnxruntime"),
