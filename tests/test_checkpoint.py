@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize, rel_err
+from helpers import rel_l2_error
 from safetensors.torch import save_file
 
 import levit
 from levit.errors import CheckpointError
 from levit.models.fuse import FusedLeViT
+from levit.models.testing import randomize_weights
 from levit.weights.convert import to_official_state_dict, to_timm_state_dict
 from levit.weights.format import read_metadata
 from levit.weights.hub import download_checkpoint
@@ -49,7 +50,7 @@ def test_every_format_round_trips(tiny, tmp_path, fmt):
         levit.save(levit.fuse(tiny), path)
     loaded = levit.create_model("levit_tiny", img_size=64, checkpoint=path)
     assert isinstance(loaded, FusedLeViT) == (fmt == "levit-fused")
-    assert rel_err(_out(loaded), _out(tiny)) <= (1e-5 if fmt == "levit-fused" else 0.0)
+    assert rel_l2_error(_out(loaded), _out(tiny)) <= (1e-5 if fmt == "levit-fused" else 0.0)
 
 
 def test_own_format_describes_itself(tiny, tmp_path):
@@ -87,7 +88,7 @@ def test_distillation_head_dropped_or_copied(tiny, tmp_path):
 
 
 def test_other_resolution_resamples_bias_tables(tmp_path):
-    model = randomize(levit.create_model("levit_128s"), seed=2)
+    model = randomize_weights(levit.create_model("levit_128s"), seed=2)
     path = tmp_path / "official.pth"
     torch.save({"model": to_official_state_dict(model)}, path)
     big = levit.create_model("levit_128s", checkpoint=path, img_size=288)
@@ -229,7 +230,7 @@ def test_download_verifies_hash_and_reuses_cache(served, tmp_path, tiny, monkeyp
         warnings.simplefilter("error")
         model = levit.create_model("levit_tiny", img_size=64, pretrained=True)
     assert (tmp_path / "hub" / "checkpoints" / name).is_file()
-    assert rel_err(_out(model), _out(tiny)) == 0.0
+    assert rel_l2_error(_out(model), _out(tiny)) == 0.0
 
 
 def test_offline_download_says_where_to_put_the_file(tmp_path):
@@ -260,7 +261,7 @@ def test_integer_index_buffers_of_official_files_still_load(tiny, tmp_path):
     assert sd["blocks.0.m.attention_bias_idxs"].dtype == torch.int64
     path = tmp_path / "official.pth"
     torch.save({"model": sd}, path)
-    assert rel_err(_out(_tiny(checkpoint=path)), _out(tiny)) == 0.0
+    assert rel_l2_error(_out(_tiny(checkpoint=path)), _out(tiny)) == 0.0
 
 
 def test_one_unwrapper_for_every_wrapper_and_flag_named_errors(tiny, tmp_path):

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FUSE_TOL, photos, rel_err
+from helpers import FUSE_TOL, photos, randomized_model, rel_l2_error, tiny_model
 from torchvision.models.feature_extraction import create_feature_extractor
 
 import levit
-from levit.models.testing import randomize_weights
 
 
 @pytest.fixture(scope="module")
 def model():
-    return randomize_weights(levit.create_model("levit_tiny", img_size=64)).eval()
+    return tiny_model()
 
 
 def test_features_only_returns_nchw_maps_with_feature_info():
@@ -59,13 +58,13 @@ def test_fused_model_has_the_same_feature_api(model, tmp_path):
             want = model.forward_intermediates(x, intermediates_only=True)
             got = fused.forward_intermediates(x, intermediates_only=True)
         for a, b in zip(got, want):
-            assert rel_err(a, b) <= FUSE_TOL
+            assert rel_l2_error(a, b) <= FUSE_TOL
     assert fused.feature_info == model.feature_info
     path = levit.save(fused, tmp_path / "fused.safetensors")
     feats = levit.create_model("levit_tiny", img_size=64, checkpoint=path, features_only=True, out_indices=(1,))
     assert feats.feature_info.channels() == [48]
     with torch.no_grad():
-        assert rel_err(feats(x)[0], want[1]) <= FUSE_TOL
+        assert rel_l2_error(feats(x)[0], want[1]) <= FUSE_TOL
 
 
 def test_get_and_reset_classifier(model):
@@ -82,7 +81,7 @@ def test_get_and_reset_classifier(model):
     assert fused(photos(1, 64)).shape == (1, 5)
     fused.reset_classifier(0)
     x = photos(1, 64)
-    assert rel_err(fused(x), model.forward_head(model.forward_features(x), pre_logits=True)) <= FUSE_TOL
+    assert rel_l2_error(fused(x), model.forward_head(model.forward_features(x), pre_logits=True)) <= FUSE_TOL
     with pytest.raises(ValueError, match="global_pool"):
         m.reset_classifier(3, global_pool="max")
 
@@ -113,7 +112,7 @@ def test_intermediates_equal_timms():
     timm = pytest.importorskip("timm")
     from levit.weights.format import to_timm_state_dict
 
-    ours = randomize_weights(levit.create_model("levit_128s")).eval()
+    ours = randomized_model("levit_128s")
     theirs = timm.create_model("levit_128s", pretrained=False).eval()
     theirs.load_state_dict(to_timm_state_dict(ours), strict=True)
     x = photos(1, 224)
