@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import json
 import threading
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import rel_l2_error
+from helpers import rel_l2_error, tiny_model
 from safetensors.torch import save_file
 
 import levit
@@ -302,3 +303,37 @@ def test_a_file_put_in_the_cache_by_hand_is_hash_checked(tmp_path, tiny):
     actual = hashlib.sha256(fake.read_bytes()).hexdigest()
     assert str(fake) in msg and actual[:12] in msg and "expected 96703c44" in msg and "\n" not in msg
     assert fake.exists()  # the user's file is reported, not deleted
+
+
+def test_preprocessing_travels_with_the_weights(tmp_path):
+    """A training run's evaluation crop (its checkpoint's ``eval``) becomes the model's pretrained_cfg
+    and survives levit.save, fusing and reloading, so `levit eval` on a re-saved file crops the same."""
+    from train_utils import cli, make_folder
+
+    from levit.weights.format import build_metadata
+
+    tiny = tiny_model(seed=1, num_classes=2)
+    run_file = tmp_path / "best.pth"  # as a training run writes it
+    torch.save(
+        {"model": tiny.state_dict(), "levit": build_metadata(tiny, eval={"img_size": 64, "crop_pct": 1.0})}, run_file
+    )
+    assert levit.create_model("levit_tiny", checkpoint=run_file).pretrained_cfg["crop_pct"] == 1.0
+    resaved = levit.save(levit.create_model("levit_tiny", checkpoint=run_file), tmp_path / "re.safetensors")
+    assert read_metadata(resaved)["pretrained_cfg"]["crop_pct"] == 1.0
+    fused = levit.save(levit.fuse(levit.create_model("levit_tiny", checkpoint=resaved)), tmp_path / "f.safetensors")
+    loaded = levit.create_model("levit_tiny", checkpoint=fused)
+    assert loaded.is_fused and loaded.pretrained_cfg["crop_pct"] == 1.0
+    assert (
+        levit.create_model("levit_tiny", checkpoint=levit.save(tiny, tmp_path / "plain.safetensors")).pretrained_cfg[
+            "crop_pct"
+        ]
+        == 0.875
+    )
+    data = make_folder(tmp_path / "val", {"a": 2, "b": 2}, size=80)
+    crops = {}
+    for f in (run_file, resaved, fused):
+        out = tmp_path / f"{f.stem}.json"
+        assert cli("eval", "--data", data, "-c", f, "--workers", "0", "--output", out).returncode == 0
+        crops[f.stem] = json.loads(out.read_text())
+    assert {r["crop_pct"] for r in crops.values()} == {1.0}
+    assert crops["re"]["loss"] == pytest.approx(crops["best"]["loss"], abs=1e-6)  # same weights, same numbers

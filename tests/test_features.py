@@ -86,6 +86,56 @@ def test_get_and_reset_classifier(model):
         m.reset_classifier(3, global_pool="max")
 
 
+def test_reset_classifier_follows_dtype_device_and_mode(model):
+    """A new head in the model's dtype, on its device and in its mode: a float64 eval model then
+    classifies one image alone (a training-mode BatchNorm would raise) and independently of the batch."""
+    import copy
+
+    m64 = copy.deepcopy(model).double()
+    m64.reset_classifier(3)
+    assert all(p.dtype == torch.float64 for p in m64.parameters())
+    assert not any(mod.training for mod in m64.modules())
+    x = photos(4, 64).double()
+    with torch.no_grad():
+        one, batch = m64(x[:1]), m64(x)
+    torch.testing.assert_close(one, batch[:1], atol=1e-12, rtol=0)
+    train = levit.create_model("levit_tiny", img_size=64).train()
+    train.reset_classifier(3)
+    assert train.head.training and train.head_dist.training
+    meta = levit.create_model("levit_tiny", img_size=64).to("meta").eval()
+    meta.reset_classifier(5)  # another device than the CPU
+    assert {p.device.type for p in meta.parameters()} == {"meta"} and not meta.head.training
+    fused = levit.fuse(model).double()
+    fused.reset_classifier(2)
+    assert isinstance(fused.head, torch.nn.Linear) and fused.head.weight.dtype == torch.float64
+    assert fused(x).shape == (4, 2) and not fused.head.training
+
+
+def test_timm_model_attributes(model, tmp_path):
+    """What timm's own tests and data helpers read: sizes, and the preprocessing the weights expect."""
+    fused = levit.fuse(model)
+    for m in (model, fused):
+        assert m.num_features == m.head_hidden_size == 64 and m.in_chans == 3 and m.num_classes == 1000
+        cfg = m.pretrained_cfg
+        assert cfg["input_size"] == (3, 64, 64) and cfg["crop_pct"] == 0.875 and cfg["interpolation"] == "bicubic"
+        assert cfg["mean"] == (0.485, 0.456, 0.406) and cfg["std"] == (0.229, 0.224, 0.225)
+        assert m.default_cfg == cfg
+        m.get_submodule(cfg["first_conv"])  # the names point at real modules
+        x = photos(2, 64)
+        with torch.no_grad():
+            pooled = m.forward_head(m.forward_features(x), pre_logits=True)
+            assert pooled.shape == (2, m.num_features)
+            torch.testing.assert_close(m.forward_head(m.forward_features(x)), m(x), atol=0, rtol=0)
+    assert fused.pretrained_cfg["classifier"] == "head" and model.pretrained_cfg["classifier"] == ("head", "head_dist")
+    with torch.no_grad():
+        want = model.forward_head(model.forward_features(x), pre_logits=True)
+        assert rel_l2_error(fused.forward_head(fused.forward_features(x), pre_logits=True), want) <= FUSE_TOL
+    timm_data = pytest.importorskip("timm.data")
+    assert timm_data.resolve_data_config({}, model=model)["crop_pct"] == 0.875
+    with pytest.raises(ValueError, match="crop_pct"):
+        model.pretrained_cfg = {"crop_pct": 1.5}
+
+
 def test_fx_symbolic_trace_matches_eager(model):
     gm = torch.fx.symbolic_trace(model)
     x = photos(2, 64)

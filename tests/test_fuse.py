@@ -233,3 +233,82 @@ def test_compiles_without_graph_breaks(tiny, dtype):
         out = compiled(x)
         ref = fused(x)
     assert rel_l2_error(out.float(), ref.float()) < (1e-5 if dtype == torch.float32 else 0.05)
+
+
+# ---- the walk: any LeViT, one skeleton ------------------------------------------------------------
+def test_fuse_takes_a_feature_extractor(tiny):
+    feats = levit.create_model("levit_tiny", img_size=64, features_only=True, out_indices=(0, 2))
+    feats.model.load_state_dict(tiny.state_dict(), strict=False)  # the heads were pruned
+    feats.eval()
+    fused = levit.fuse(feats)
+    assert fused.is_fused and not feats.is_fused and fused.feature_info.channels() == [32, 64]
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in fused.modules())
+    x = photos(2, (64, 96))
+    with torch.no_grad():
+        for a, b in zip(fused(x), feats(x), strict=True):
+            assert rel_l2_error(a, b) <= FUSE_TOL
+
+
+def test_the_fused_model_is_the_same_skeleton(tiny):
+    """No second copy of the network: the fused model is a LeViT whose layers are the inference forms;
+    its state dict keeps the layout fused files have always had (stem.0.weight, ...attn.attn_bias, head.weight)."""
+    from levit.models.layers import FusedAttention, FusedMLP, FusedShrinkAttention, FusedStem
+    from levit.models.network import LeViT, LeViTBlock, LeViTStage, ShrinkBlock
+
+    fused = levit.fuse(tiny)
+    assert isinstance(fused, LeViT) and type(fused).forward is LeViT.forward
+    assert isinstance(fused.stem, FusedStem) and isinstance(fused.stages[0], LeViTStage)
+    block, shrink = fused.stages[1].blocks[0], fused.stages[1].downsample
+    assert isinstance(block, LeViTBlock) and isinstance(shrink, ShrinkBlock)
+    assert isinstance(block.attn, FusedAttention) and isinstance(block.mlp, FusedMLP)
+    assert isinstance(shrink.attn, FusedShrinkAttention)
+    keys = set(fused.state_dict())
+    assert {"stem.0.weight", "stem.6.bias", "stages.1.downsample.attn.kv.weight", "head.weight"} <= keys
+    assert {
+        "stages.0.blocks.0.attn.qkv.weight",
+        "stages.0.blocks.0.attn.attn_bias",
+        "stages.0.blocks.0.mlp.fc2.bias",
+    } <= keys
+    assert not any(k.startswith("head_dist") for k in keys)
+
+
+class _Features(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
+
+
+def test_fused_model_fx_traces_at_any_size(tiny):
+    """No Python branch on a traced value in the fused forward: the kernel and bias choices are fx
+    leaves, so one traced graph runs the build size (with oneDNN's kernels from ONEDNN_MIN_BATCH images)
+    and another size (the biases resampled inside the leaf)."""
+    fused = levit.fuse(tiny)
+    gm = torch.fx.symbolic_trace(fused)
+    leaves = {n.target.__name__ for n in gm.graph.nodes if n.op == "call_function"}
+    assert {"linear", "attention", "conv_stem", "fused_grid_bias"} <= leaves
+    x = photos(kernels.ONEDNN_MIN_BATCH, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(gm(x), fused(x), atol=0, rtol=0)
+    gf = torch.fx.symbolic_trace(_Features(fused))
+    y = photos(1, (96, 80))
+    with torch.no_grad():
+        torch.testing.assert_close(gf(y), fused.forward_features(y), atol=0, rtol=0)
+        assert rel_l2_error(gf(y), tiny.forward_features(y)) <= FUSE_TOL
+
+
+def test_torch_export_with_a_dynamic_batch():
+    """torch.export is the supported graph capture (torch.jit.script is deprecated in torch 2.x and
+    not supported): the fused model exports once and runs any batch size, equal to eager."""
+    from torch.export import Dim, export
+
+    fused = levit.fuse(tiny_model(seed=6, img_size=32))
+    program = export(fused, (photos(2, 32),), dynamic_shapes=({0: Dim("batch", min=1, max=64)},))
+    run = program.module()
+    with torch.no_grad():
+        for n in (1, 5):
+            x = photos(n, 32, seed=n)
+            got, want = run(x), fused(x)  # plain matmuls vs the eager path's kernels: fp32 rounding apart
+            assert got.shape == want.shape and rel_l2_error(got, want) <= 1e-5
