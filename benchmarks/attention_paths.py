@@ -5,7 +5,8 @@
 ``scaled_dot_product_attention``, the bias as an additive mask), with oneDNN's fused linear/conv
 kernels on and off, for LeViT-128S at the given batches and thread counts.
 Interleaved rounds (each round runs every candidate for one window), medians; the ratios feed the
-defaults in ``src/levit/models/fuse.py`` (``PER_IMAGE_MAX_THREADS``, ``ONEDNN_MIN_BATCH``).
+defaults in ``src/levit/models/kernels.py`` (``PER_IMAGE_MAX_THREADS``, ``ONEDNN_MIN_BATCH``); each
+candidate is forced with ``levit.models.kernels.forced``.
 
     python benchmarks/attention_paths.py                          # batch 16 and 1, 1 and 2 threads
     python benchmarks/attention_paths.py --batches 16 --threads 1 --rounds 9
@@ -14,17 +15,15 @@ defaults in ``src/levit/models/fuse.py`` (``PER_IMAGE_MAX_THREADS``, ``ONEDNN_MI
 from __future__ import annotations
 
 import argparse
-import importlib
 import statistics
 import sys
 
 import torch
 
 import levit
+from levit.models import kernels
 from levit.models.testing import randomize_weights
 from levit.tools.timing import interleaved
-
-lf = importlib.import_module("levit.models.fuse")  # the module (``levit.fuse`` is also the function)
 
 
 def main() -> int:
@@ -52,12 +51,8 @@ def main() -> int:
     cands = {k: v for k, v in cands.items() if not keep or k in keep}
 
     def run(path: str, onednn: bool | None, x: torch.Tensor) -> None:
-        lf.ATTENTION_PATH, lf.ONEDNN_FUSED = path, onednn
-        try:
-            with torch.inference_mode():
-                fused(x)
-        finally:
-            lf.ATTENTION_PATH, lf.ONEDNN_FUSED = None, None
+        with kernels.forced(attention_path=path, onednn=onednn), torch.inference_mode():
+            fused(x)
 
     for th in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(th)

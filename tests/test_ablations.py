@@ -7,13 +7,12 @@ import warnings
 
 import pytest
 import torch
-from conftest import FUSE_TOL, photos, rel_err
+from helpers import FUSE_TOL, photos, rel_l2_error
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import levit
 from levit.models.config import ABLATIONS, PAPER_ABLATIONS, VARIANTS, LeViTConfig
-from levit.models.fuse import fusable
 from levit.models.layers import Attention, ShrinkAttention
 from levit.models.testing import randomize_weights
 
@@ -134,7 +133,7 @@ def test_fuse_parity(row):
     with torch.no_grad():
         ref = model(x)
         out = fused(x)
-    assert rel_err(out, ref) <= FUSE_TOL
+    assert rel_l2_error(out, ref) <= FUSE_TOL
     assert ref.std() > 0.05  # the check sees real signal, not a degenerate model
 
 
@@ -145,33 +144,37 @@ def test_a7_fused_has_no_hardswish():
     assert all(torch.equal(p, q) for p, q in zip(a7.parameters(), base.parameters()) if p.ndim == 2)
     x = photos(2, 64)
     with torch.no_grad():
-        assert rel_err(a7(x), base(x)) > 100 * FUSE_TOL
-        assert rel_err(levit.fuse(a7)(x), a7(x)) <= FUSE_TOL
+        assert rel_l2_error(a7(x), base(x)) > 100 * FUSE_TOL
+        assert rel_l2_error(levit.fuse(a7)(x), a7(x)) <= FUSE_TOL
 
 
-def test_a3_refuses_to_fuse_and_falls_back(tmp_path):
+def test_a3_fuses_keeping_its_layernorms():
+    """A3 has no BatchNorm to fold: its inference form keeps the pre-norm LayerNorms (they normalise
+    each token by its own statistics) and folds the rest (q scale, bias tables, the two heads, whose
+    LayerNorm affine goes into one merged linear layer). deploy runs it without a warning."""
     model = randomize_weights(levit.create_model("levit_tiny", ablation="A3", img_size=32)).eval()
-    assert not fusable(model)
-    with pytest.raises(ValueError, match=r"LayerNorm .* cannot be folded"):
-        levit.fuse(model)
+    fused = levit.fuse(model)
+    assert fused.is_fused and fused.head_dist is None
+    norms = [m for m in fused.modules() if isinstance(m, nn.LayerNorm)]
+    assert len(norms) == 2 * 5 + 1  # norm1, norm2 of 3 blocks + 2 shrink blocks, and the head's
+    assert not fused.head.bn.elementwise_affine  # the head's affine is in its linear layer
     x = photos(2, 32)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        pred = levit.deploy(model, backend="eager", batch_size=2)
-    assert any("cannot be fused" in str(w.message) for w in caught)
     with torch.no_grad():
-        assert torch.allclose(pred(x), model(x), atol=1e-5)
+        assert rel_l2_error(fused(x), model(x)) <= FUSE_TOL
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pred = levit.deploy(model, backend="eager", batch_size=2)
+    with torch.no_grad():
+        assert rel_l2_error(pred(x), model(x)) <= FUSE_TOL
 
 
-def test_export_onnx_a3_unfused_and_a5_fused(tmp_path):
+def test_export_onnx_a3_and_a5_fused(tmp_path):
     pytest.importorskip("onnxruntime")
     from levit.runtime.export import export
 
     for row in ("A3", "A5"):
         model = randomize_weights(levit.create_model("levit_tiny", ablation=row, img_size=32)).eval()
-        with warnings.catch_warnings(record=True):
-            warnings.simplefilter("always")
-            result = export(model, tmp_path / f"{row}.onnx")
+        result = export(model, tmp_path / f"{row}.onnx")
         assert result.path.is_file() and result.max_rel_error < 1e-4
 
 
@@ -205,7 +208,7 @@ def test_bench_knows_the_ablations():
     from levit.tools.benchmark import BENCH_MODELS
 
     module, *_ = _build(BENCH_MODELS["levit_128s_a3"], 32)
-    assert not getattr(module, "is_fused", False) and module.config.norm == "ln"  # A3 timed unfused
+    assert module.is_fused and module.config.norm == "ln"  # A3 timed fused, its LayerNorms kept
     module, *_ = _build(BENCH_MODELS["levit_128s_a2"], 32)
     assert module.is_fused
 
@@ -228,19 +231,36 @@ def test_train_cli_rejects_a_bad_ablation(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_eval_runs_a3_unfused(tmp_path, capsys):
+def test_eval_and_predict_run_an_a3_checkpoint(tmp_path, capsys):
+    """The commands share one inference-form policy: an A3 checkpoint runs fused (LayerNorms kept) in
+    `levit eval` and `levit predict`, with the unfused model's answers."""
+    import json
+
     from train_utils import make_folder
 
     from levit.cli import main
+    from levit.data.transforms import eval_transform
+    from levit.runtime.predict import list_inputs
 
     model = randomize_weights(levit.create_model("levit_tiny", ablation="A3", img_size=32, num_classes=2)).eval()
-    levit.save(model, tmp_path / "a3.safetensors")
+    ckpt = levit.save(model, tmp_path / "a3.safetensors")
     data = make_folder(tmp_path / "val", {"a": 2, "b": 2}, size=32)
     out = tmp_path / "eval.json"
-    args = ["eval", "--data", str(data), "-c", str(tmp_path / "a3.safetensors"), "--workers", "0", "--output", str(out)]
+    args = ["eval", "--data", str(data), "-c", str(ckpt), "--workers", "0", "--output", str(out)]
     assert main(args) == 0
-    assert "cannot be fused: evaluating the unfused model" in capsys.readouterr().err
-    assert out.is_file()
+    assert capsys.readouterr().err == ""
+    assert json.loads(out.read_text())["fused"] is True
+    files = list_inputs([data])
+    assert main(["predict", *map(str, files), "-m", "levit_tiny", "-c", str(ckpt), "--json", "--topk", "1"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    from PIL import Image
+
+    x = torch.stack([eval_transform(32)(Image.open(f).convert("RGB")) for f in files])
+    with torch.no_grad():
+        probs = model(x).softmax(-1)
+    assert [r["top"][0]["class"] for r in got] == probs.argmax(-1).tolist()
+    for r, p in zip(got, probs.max(-1).values.tolist()):
+        assert r["top"][0]["prob"] == pytest.approx(p, abs=1e-5)
 
 
 @pytest.mark.parametrize("row", ["A2", "A5", "A7"])
@@ -254,8 +274,8 @@ def test_other_input_size_and_non_square_builds(row, tmp_path):
     x = photos(2, (48, 32))
     with torch.no_grad():
         want = built.forward_features(x)
-        assert rel_err(model.forward_features(x), want) <= 1e-5
-        assert rel_err(levit.fuse(model).forward_features(x), want) <= FUSE_TOL
+        assert rel_l2_error(model.forward_features(x), want) <= 1e-5
+        assert rel_l2_error(levit.fuse(model).forward_features(x), want) <= FUSE_TOL
         maps = built.forward_intermediates(x, intermediates_only=True)
         assert [tuple(m.shape[2:]) for m in maps] == [(3, 2), (2, 1), (1, 1)]
         gm = torch.fx.symbolic_trace(model)

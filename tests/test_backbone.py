@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny_model
 from torchvision.models.detection import FasterRCNN, RetinaNet
 
 import levit
-from levit.models.testing import randomize_weights
 
 
 def _images():
@@ -28,7 +28,7 @@ def test_backbone_maps_strides_and_padding():
 
 
 def test_backbone_loads_classification_weights(tmp_path):
-    model = randomize_weights(levit.create_model("levit_tiny")).eval()
+    model = tiny_model(img_size=224)
     path = levit.save(model, tmp_path / "m.safetensors")
     bb = levit.create_backbone("levit_tiny", checkpoint=path).eval()
     x = torch.rand(1, 3, 64, 96)

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from helpers import tiny_model
 from PIL import Image
 
 import levit
 from levit.cli import main
-from levit.models.testing import randomize_weights
 from levit.tools.biases import attention_biases
 
 
 def _known(tmp_path):
     """levit_tiny at 64px (token grids 4, 2, 1) with two bias tables set to a recognisable pattern."""
     torch.manual_seed(0)
-    model = randomize_weights(levit.create_model("levit_tiny", img_size=64, num_classes=3)).eval()
+    model = tiny_model(num_classes=3)
     r = 4
     pattern = torch.tensor([[100.0 * dy + dx for dx in range(r)] for dy in range(r)])
     with torch.no_grad():

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import json
 import threading
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize, rel_err
+from helpers import rel_l2_error, tiny_model
 from safetensors.torch import save_file
 
 import levit
 from levit.errors import CheckpointError
 from levit.models.fuse import FusedLeViT
+from levit.models.testing import randomize_weights
 from levit.weights.convert import to_official_state_dict, to_timm_state_dict
 from levit.weights.format import read_metadata
 from levit.weights.hub import download_checkpoint
@@ -49,7 +51,7 @@ def test_every_format_round_trips(tiny, tmp_path, fmt):
         levit.save(levit.fuse(tiny), path)
     loaded = levit.create_model("levit_tiny", img_size=64, checkpoint=path)
     assert isinstance(loaded, FusedLeViT) == (fmt == "levit-fused")
-    assert rel_err(_out(loaded), _out(tiny)) <= (1e-5 if fmt == "levit-fused" else 0.0)
+    assert rel_l2_error(_out(loaded), _out(tiny)) <= (1e-5 if fmt == "levit-fused" else 0.0)
 
 
 def test_own_format_describes_itself(tiny, tmp_path):
@@ -87,7 +89,7 @@ def test_distillation_head_dropped_or_copied(tiny, tmp_path):
 
 
 def test_other_resolution_resamples_bias_tables(tmp_path):
-    model = randomize(levit.create_model("levit_128s"), seed=2)
+    model = randomize_weights(levit.create_model("levit_128s"), seed=2)
     path = tmp_path / "official.pth"
     torch.save({"model": to_official_state_dict(model)}, path)
     big = levit.create_model("levit_128s", checkpoint=path, img_size=288)
@@ -229,7 +231,7 @@ def test_download_verifies_hash_and_reuses_cache(served, tmp_path, tiny, monkeyp
         warnings.simplefilter("error")
         model = levit.create_model("levit_tiny", img_size=64, pretrained=True)
     assert (tmp_path / "hub" / "checkpoints" / name).is_file()
-    assert rel_err(_out(model), _out(tiny)) == 0.0
+    assert rel_l2_error(_out(model), _out(tiny)) == 0.0
 
 
 def test_offline_download_says_where_to_put_the_file(tmp_path):
@@ -260,7 +262,7 @@ def test_integer_index_buffers_of_official_files_still_load(tiny, tmp_path):
     assert sd["blocks.0.m.attention_bias_idxs"].dtype == torch.int64
     path = tmp_path / "official.pth"
     torch.save({"model": sd}, path)
-    assert rel_err(_out(_tiny(checkpoint=path)), _out(tiny)) == 0.0
+    assert rel_l2_error(_out(_tiny(checkpoint=path)), _out(tiny)) == 0.0
 
 
 def test_one_unwrapper_for_every_wrapper_and_flag_named_errors(tiny, tmp_path):
@@ -301,3 +303,37 @@ def test_a_file_put_in_the_cache_by_hand_is_hash_checked(tmp_path, tiny):
     actual = hashlib.sha256(fake.read_bytes()).hexdigest()
     assert str(fake) in msg and actual[:12] in msg and "expected 96703c44" in msg and "\n" not in msg
     assert fake.exists()  # the user's file is reported, not deleted
+
+
+def test_preprocessing_travels_with_the_weights(tmp_path):
+    """A training run's evaluation crop (its checkpoint's ``eval``) becomes the model's pretrained_cfg
+    and survives levit.save, fusing and reloading, so `levit eval` on a re-saved file crops the same."""
+    from train_utils import cli, make_folder
+
+    from levit.weights.format import build_metadata
+
+    tiny = tiny_model(seed=1, num_classes=2)
+    run_file = tmp_path / "best.pth"  # as a training run writes it
+    torch.save(
+        {"model": tiny.state_dict(), "levit": build_metadata(tiny, eval={"img_size": 64, "crop_pct": 1.0})}, run_file
+    )
+    assert levit.create_model("levit_tiny", checkpoint=run_file).pretrained_cfg["crop_pct"] == 1.0
+    resaved = levit.save(levit.create_model("levit_tiny", checkpoint=run_file), tmp_path / "re.safetensors")
+    assert read_metadata(resaved)["pretrained_cfg"]["crop_pct"] == 1.0
+    fused = levit.save(levit.fuse(levit.create_model("levit_tiny", checkpoint=resaved)), tmp_path / "f.safetensors")
+    loaded = levit.create_model("levit_tiny", checkpoint=fused)
+    assert loaded.is_fused and loaded.pretrained_cfg["crop_pct"] == 1.0
+    assert (
+        levit.create_model("levit_tiny", checkpoint=levit.save(tiny, tmp_path / "plain.safetensors")).pretrained_cfg[
+            "crop_pct"
+        ]
+        == 0.875
+    )
+    data = make_folder(tmp_path / "val", {"a": 2, "b": 2}, size=80)
+    crops = {}
+    for f in (run_file, resaved, fused):
+        out = tmp_path / f"{f.stem}.json"
+        assert cli("eval", "--data", data, "-c", f, "--workers", "0", "--output", out).returncode == 0
+        crops[f.stem] = json.loads(out.read_text())
+    assert {r["crop_pct"] for r in crops.values()} == {1.0}
+    assert crops["re"]["loss"] == pytest.approx(crops["best"]["loss"], abs=1e-6)  # same weights, same numbers

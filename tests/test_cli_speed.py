@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import randomize
+from helpers import tiny_model
 
 import levit
 from levit.cli import main
@@ -70,7 +70,7 @@ def test_bench_json_output(tmp_path, capsys):
 def saved(tmp_path):
     from PIL import Image
 
-    model = randomize(levit.create_model("levit_tiny", img_size=64), seed=2).eval()
+    model = tiny_model(seed=2)
     ckpt = levit.save(model, tmp_path / "tiny.safetensors")
     Image.fromarray((torch.rand(70, 70, 3) * 255).byte().numpy()).save(tmp_path / "a.png")
     return ckpt, tmp_path / "a.png"
@@ -101,14 +101,14 @@ def test_predict_int8_reports_fidelity_and_keeps_stdout_clean(saved, capsys):
     assert "openvino int8: top-1 agreement" in cap.err
 
 
-def test_predict_bf16_on_a_cpu_without_bf16_warns_in_one_line(saved, capsys, monkeypatch):
+def test_predict_bf16_on_a_cpu_without_bf16_warns_in_one_line(saved, capsys):
     """On an AVX2-only CPU (the probe forced to "no"): fp32 runs, one `warning:` line says why."""
-    import importlib
+    from levit.models import kernels
 
-    monkeypatch.setattr(importlib.import_module("levit.models.fuse"), "cpu_bf16_supported", lambda: False)
     ckpt, image = saved
     argv = ["predict", str(image), "--checkpoint", str(ckpt), "--json", "--backend", "openvino", "--precision", "bf16"]
-    assert main(argv) == 0
+    with kernels.forced(cpu_bf16=False):
+        assert main(argv) == 0
     cap = capsys.readouterr()
     assert json.loads(cap.out)[0]["path"].endswith("a.png")
     warned = [ln for ln in cap.err.splitlines() if ln.startswith("warning:")]

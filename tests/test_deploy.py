@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import photos, randomize
+from helpers import photos, tiny_model
 
 import levit
 from levit.runtime.deploy import (
@@ -24,7 +24,7 @@ from levit.runtime.deploy import (
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return randomize(levit.create_model("levit_tiny", img_size=64), seed=3).eval()
+    return tiny_model(seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -160,18 +160,20 @@ def test_wrong_input_shape_is_a_clear_error(model):
 
 # ---- what the CPU can do: each probe forced both ways, so the suite passes on AVX2, AVX-512 and AMX
 deploy_mod = importlib.import_module("levit.runtime.deploy")  # the module (``levit.deploy`` is the function)
-fuse_mod = importlib.import_module("levit.models.fuse")
+kernels = importlib.import_module("levit.models.kernels")  # the one bf16 probe deploy and the kernels ask
 HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
 
 
-def _no_bf16(monkeypatch) -> None:
-    monkeypatch.setattr(fuse_mod, "cpu_bf16_supported", lambda: False)  # the one probe deploy and fuse ask
+@pytest.fixture
+def no_bf16():
+    """The CPU's bf16 probe answers "no" (an AVX2-only CPU) for the test."""
+    with kernels.forced(cpu_bf16=False):
+        yield
 
 
-def test_eager_bf16_without_cpu_bf16_runs_plain_bf16_and_warns(monkeypatch, model, images, reference):
+def test_eager_bf16_without_cpu_bf16_runs_plain_bf16_and_warns(no_bf16, model, images, reference):
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    _no_bf16(monkeypatch)
     with pytest.warns(DeployWarning, match="no native bf16.*slower than fp32"):
         pred = levit.deploy(model, backend="eager", precision="bf16", batch_size=5, threads=1)
     assert pred.backend == "eager" and pred.precision == "bf16"
@@ -193,8 +195,7 @@ def test_eager_bf16_without_cpu_bf16_runs_plain_bf16_and_warns(monkeypatch, mode
     assert f["max_rel_error"] < 0.05 and f["top1_agreement"] >= 0.75
 
 
-def test_auto_bf16_without_cpu_bf16_keeps_fp32(monkeypatch, model, images, reference):
-    _no_bf16(monkeypatch)
+def test_auto_bf16_without_cpu_bf16_keeps_fp32(monkeypatch, no_bf16, model, images, reference):
     monkeypatch.setitem(deploy_mod._AUTO_ORDER, "fp32", ("eager",))  # fast to build; the choice is tested above
     with pytest.warns(DeployWarning, match="auto runs fp32"):
         pred = levit.deploy(model, backend="auto", precision="bf16", batch_size=4, threads=1, calibration=images)
@@ -204,12 +205,10 @@ def test_auto_bf16_without_cpu_bf16_keeps_fp32(monkeypatch, model, images, refer
 
 
 @pytest.mark.skipif(not HAS_OPENVINO, reason="openvino not installed")
-def test_openvino_bf16_reports_what_runs(monkeypatch):
-    _no_bf16(monkeypatch)
-    with pytest.warns(DeployWarning, match="OpenVINO runs bf16 models in fp32"):
+def test_openvino_bf16_reports_what_runs():
+    with kernels.forced(cpu_bf16=False), pytest.warns(DeployWarning, match="OpenVINO runs bf16 models in fp32"):
         assert resolve("openvino", "bf16") == ("openvino", "fp32")
-    monkeypatch.setattr(fuse_mod, "cpu_bf16_supported", lambda: True)
-    with warnings.catch_warnings():
+    with kernels.forced(cpu_bf16=True), warnings.catch_warnings():
         warnings.simplefilter("error", DeployWarning)
         assert resolve("openvino", "bf16") == ("openvino", "bf16")
         assert resolve("auto", "bf16")[1] == "bf16"
@@ -217,11 +216,11 @@ def test_openvino_bf16_reports_what_runs(monkeypatch):
 
 @pytest.mark.skipif(not HAS_OPENVINO, reason="openvino not installed")
 @pytest.mark.parametrize("bf16_ok", [False, True])
-def test_openvino_int8_unquantized_layers_follow_the_bf16_probe(monkeypatch, bf16_ok):
+def test_openvino_int8_unquantized_layers_follow_the_bf16_probe(bf16_ok):
     import openvino as ov
 
-    monkeypatch.setattr(fuse_mod, "cpu_bf16_supported", lambda: bf16_ok)
-    config = deploy_mod._ov_config("int8", 1)
+    with kernels.forced(cpu_bf16=bf16_ok):
+        config = deploy_mod._ov_config("int8", 1)
     assert config["INFERENCE_PRECISION_HINT"] == ("bf16" if bf16_ok else "f32")
     assert config["INFERENCE_NUM_THREADS"] == 1
     assert deploy_mod._ov_config("fp32", None)["INFERENCE_PRECISION_HINT"] == "f32"  # asked-for precisions win

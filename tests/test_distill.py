@@ -45,14 +45,41 @@ def test_hard_distillation_matches_hand_computation():
 
 @pytest.mark.parametrize("tau", [1.0, 3.0])
 def test_soft_distillation_matches_hand_computation(tau):
+    """By default as DeiT's released code: the KL summed over batch and classes, divided by the number
+    of logits (B x classes = 2 x 3); ``kl_norm="batch"``: divided by the batch size (per-sample KL)."""
     loss = distillation_loss((HEAD, HEAD_DIST), TARGET, TEACHER, mode="soft", alpha=0.5, tau=tau)
+    per_sample = distillation_loss((HEAD, HEAD_DIST), TARGET, TEACHER, mode="soft", alpha=0.5, tau=tau, kl_norm="batch")
     kl = 0.0
     for s, t in zip(HEAD_DIST.tolist(), TEACHER.tolist()):
         p_t, p_s = _softmax(t, tau), _softmax(s, tau)
         kl += sum(a * math.log(a / b) for a, b in zip(p_t, p_s))
     label = (_ce([2, 0, 0], 0) + _ce([0, 1, 0], 1)) / 2
-    want = 0.5 * label + 0.5 * kl / 2 * tau * tau  # KL summed over classes, mean over the batch, x tau^2
-    assert loss.item() == pytest.approx(want, abs=1e-6)
+    assert loss.item() == pytest.approx(0.5 * label + 0.5 * kl / 6 * tau * tau, abs=1e-6)  # x tau^2
+    assert per_sample.item() == pytest.approx(0.5 * label + 0.5 * kl / 2 * tau * tau, abs=1e-6)
+    with pytest.raises(ValueError, match="kl_norm"):
+        distillation_loss((HEAD, HEAD_DIST), TARGET, TEACHER, mode="soft", kl_norm="mean")
+
+
+def test_soft_distillation_normalisation_reaches_the_loss_module_and_recipe():
+    from levit.errors import LeViTError
+    from levit.train.run import resolve_config
+
+    teacher = torch.nn.Linear(3, 3)
+    x = torch.randn(2, 3)
+    losses = {
+        norm: DistillationLoss(torch.nn.functional.cross_entropy, teacher, "soft", kl_norm=norm)(
+            x, (HEAD, HEAD_DIST), TARGET
+        ).item()
+        for norm in ("numel", "batch")
+    }
+    with torch.no_grad():
+        t = teacher(x)
+    for norm, got in losses.items():
+        assert got == pytest.approx(distillation_loss((HEAD, HEAD_DIST), TARGET, t, mode="soft", kl_norm=norm).item())
+    assert losses["numel"] != pytest.approx(losses["batch"])
+    assert resolve_config(dataset="digits", model="levit_128s").distillation_kl_norm == "numel"
+    with pytest.raises(LeViTError, match="distillation_kl_norm"):
+        resolve_config(dataset="digits", model="levit_128s", distillation_kl_norm="sum")
 
 
 def test_soft_targets_and_teacher_term_uses_distillation_head():

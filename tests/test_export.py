@@ -8,7 +8,7 @@ import stat
 
 import pytest
 import torch
-from conftest import randomize
+from helpers import tiny_model
 
 import levit
 from levit.runtime.export import ExportError, export
@@ -17,7 +17,7 @@ from levit.runtime.export import ExportError, export
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return randomize(levit.create_model("levit_tiny", img_size=64), seed=4).eval()
+    return tiny_model(seed=4)
 
 
 def _run(fmt, path, x):

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FUSE_TOL, photos, rel_err
+from helpers import FUSE_TOL, photos, randomized_model, rel_l2_error, tiny_model
 from torchvision.models.feature_extraction import create_feature_extractor
 
 import levit
-from levit.models.testing import randomize_weights
 
 
 @pytest.fixture(scope="module")
 def model():
-    return randomize_weights(levit.create_model("levit_tiny", img_size=64)).eval()
+    return tiny_model()
 
 
 def test_features_only_returns_nchw_maps_with_feature_info():
@@ -59,13 +58,13 @@ def test_fused_model_has_the_same_feature_api(model, tmp_path):
             want = model.forward_intermediates(x, intermediates_only=True)
             got = fused.forward_intermediates(x, intermediates_only=True)
         for a, b in zip(got, want):
-            assert rel_err(a, b) <= FUSE_TOL
+            assert rel_l2_error(a, b) <= FUSE_TOL
     assert fused.feature_info == model.feature_info
     path = levit.save(fused, tmp_path / "fused.safetensors")
     feats = levit.create_model("levit_tiny", img_size=64, checkpoint=path, features_only=True, out_indices=(1,))
     assert feats.feature_info.channels() == [48]
     with torch.no_grad():
-        assert rel_err(feats(x)[0], want[1]) <= FUSE_TOL
+        assert rel_l2_error(feats(x)[0], want[1]) <= FUSE_TOL
 
 
 def test_get_and_reset_classifier(model):
@@ -82,9 +81,59 @@ def test_get_and_reset_classifier(model):
     assert fused(photos(1, 64)).shape == (1, 5)
     fused.reset_classifier(0)
     x = photos(1, 64)
-    assert rel_err(fused(x), model.forward_head(model.forward_features(x), pre_logits=True)) <= FUSE_TOL
+    assert rel_l2_error(fused(x), model.forward_head(model.forward_features(x), pre_logits=True)) <= FUSE_TOL
     with pytest.raises(ValueError, match="global_pool"):
         m.reset_classifier(3, global_pool="max")
+
+
+def test_reset_classifier_follows_dtype_device_and_mode(model):
+    """A new head in the model's dtype, on its device and in its mode: a float64 eval model then
+    classifies one image alone (a training-mode BatchNorm would raise) and independently of the batch."""
+    import copy
+
+    m64 = copy.deepcopy(model).double()
+    m64.reset_classifier(3)
+    assert all(p.dtype == torch.float64 for p in m64.parameters())
+    assert not any(mod.training for mod in m64.modules())
+    x = photos(4, 64).double()
+    with torch.no_grad():
+        one, batch = m64(x[:1]), m64(x)
+    torch.testing.assert_close(one, batch[:1], atol=1e-12, rtol=0)
+    train = levit.create_model("levit_tiny", img_size=64).train()
+    train.reset_classifier(3)
+    assert train.head.training and train.head_dist.training
+    meta = levit.create_model("levit_tiny", img_size=64).to("meta").eval()
+    meta.reset_classifier(5)  # another device than the CPU
+    assert {p.device.type for p in meta.parameters()} == {"meta"} and not meta.head.training
+    fused = levit.fuse(model).double()
+    fused.reset_classifier(2)
+    assert isinstance(fused.head, torch.nn.Linear) and fused.head.weight.dtype == torch.float64
+    assert fused(x).shape == (4, 2) and not fused.head.training
+
+
+def test_timm_model_attributes(model, tmp_path):
+    """What timm's own tests and data helpers read: sizes, and the preprocessing the weights expect."""
+    fused = levit.fuse(model)
+    for m in (model, fused):
+        assert m.num_features == m.head_hidden_size == 64 and m.in_chans == 3 and m.num_classes == 1000
+        cfg = m.pretrained_cfg
+        assert cfg["input_size"] == (3, 64, 64) and cfg["crop_pct"] == 0.875 and cfg["interpolation"] == "bicubic"
+        assert cfg["mean"] == (0.485, 0.456, 0.406) and cfg["std"] == (0.229, 0.224, 0.225)
+        assert m.default_cfg == cfg
+        m.get_submodule(cfg["first_conv"])  # the names point at real modules
+        x = photos(2, 64)
+        with torch.no_grad():
+            pooled = m.forward_head(m.forward_features(x), pre_logits=True)
+            assert pooled.shape == (2, m.num_features)
+            torch.testing.assert_close(m.forward_head(m.forward_features(x)), m(x), atol=0, rtol=0)
+    assert fused.pretrained_cfg["classifier"] == "head" and model.pretrained_cfg["classifier"] == ("head", "head_dist")
+    with torch.no_grad():
+        want = model.forward_head(model.forward_features(x), pre_logits=True)
+        assert rel_l2_error(fused.forward_head(fused.forward_features(x), pre_logits=True), want) <= FUSE_TOL
+    timm_data = pytest.importorskip("timm.data")
+    assert timm_data.resolve_data_config({}, model=model)["crop_pct"] == 0.875
+    with pytest.raises(ValueError, match="crop_pct"):
+        model.pretrained_cfg = {"crop_pct": 1.5}
 
 
 def test_fx_symbolic_trace_matches_eager(model):
@@ -113,7 +162,7 @@ def test_intermediates_equal_timms():
     timm = pytest.importorskip("timm")
     from levit.weights.format import to_timm_state_dict
 
-    ours = randomize_weights(levit.create_model("levit_128s")).eval()
+    ours = randomized_model("levit_128s")
     theirs = timm.create_model("levit_128s", pretrained=False).eval()
     theirs.load_state_dict(to_timm_state_dict(ours), strict=True)
     x = photos(1, 224)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import FUSE_TOL, rel_err
+from helpers import FUSE_TOL, rel_l2_error
 
 import levit
 from levit.errors import CheckpointError
@@ -67,7 +67,7 @@ def test_save_pretrained_folder_loads_with_equal_logits(name, tmp_path):
         want = hf(pixel_values=x).logits
         _close(model(x), want)
         # fused inference too (heads merged like the teacher average), at the fusion checks' tolerance
-        assert rel_err(levit.fuse(model)(x), want) <= FUSE_TOL
+        assert rel_l2_error(levit.fuse(model)(x), want) <= FUSE_TOL
 
 
 def test_weight_files_without_config_and_back_to_hf(tmp_path):

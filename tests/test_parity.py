@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FULL_VARIANTS, PARITY_TOL, photos, randomize, rel_err
+from helpers import FULL_VARIANTS, PARITY_TOL, photos, randomized_model, rel_l2_error
 
 import levit
 from levit.weights.convert import official_key_map, to_official_state_dict, to_timm_state_dict
@@ -15,18 +15,18 @@ timm = pytest.importorskip("timm")
 @pytest.mark.parametrize("name", FULL_VARIANTS)
 def test_same_logits_as_timm(name):
     torch.manual_seed(0)
-    ours = randomize(levit.create_model(name), seed=3).eval()
+    ours = randomized_model(name, seed=3)
     theirs = timm.create_model(name, pretrained=False).eval()
     theirs.load_state_dict(to_timm_state_dict(ours), strict=True)  # every tensor has a home, by name
     x = photos(2, 224)
     with torch.no_grad():
-        err = rel_err(ours(x), theirs(x))
+        err = rel_l2_error(ours(x), theirs(x))
     assert err <= PARITY_TOL, err
 
 
 def test_official_layout_loads_and_reproduces_logits(tmp_path):
     torch.manual_seed(0)
-    ours = randomize(levit.create_model("levit_128s"), seed=4).eval()
+    ours = randomized_model("levit_128s", seed=4)
     sd = to_official_state_dict(ours)
     # the layout of the released files: flat blocks list, shrink attention at 4 and 12, index buffers
     assert "blocks.4.attention_bias_idxs" in sd and "blocks.12.q.1.c.weight" in sd
@@ -38,7 +38,7 @@ def test_official_layout_loads_and_reproduces_logits(tmp_path):
     loaded = levit.create_model("LeViT_128S", checkpoint=path).eval()
     x = photos(2, 224)
     with torch.no_grad():
-        assert rel_err(loaded(x), ours(x)) == 0.0
+        assert rel_l2_error(loaded(x), ours(x)) == 0.0
 
 
 def test_official_mapping_is_one_to_one_for_every_variant():

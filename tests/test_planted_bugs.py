@@ -12,7 +12,7 @@ import copy
 
 import pytest
 import torch
-from conftest import FUSE_TOL, PARITY_TOL, photos, randomize, rel_err
+from helpers import FUSE_TOL, PARITY_TOL, photos, randomized_model, rel_l2_error
 
 import levit
 
@@ -21,7 +21,7 @@ timm = pytest.importorskip("timm")
 
 @pytest.fixture(scope="module")
 def model():
-    return randomize(levit.create_model("levit_128s"), seed=5).eval()
+    return randomized_model("levit_128s", seed=5)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_planted_bug_fails_the_fusion_check(model, x, bug):
     fused = levit.fuse(model)
     BUGS[bug](fused)
     with torch.no_grad():
-        err = rel_err(fused(x), model(x))
+        err = rel_l2_error(fused(x), model(x))
     assert err > 100 * FUSE_TOL, f"{bug}: {err:.1e} would pass the fusion check"
 
 
@@ -87,7 +87,7 @@ def test_planted_bug_fails_the_parity_check(model, theirs, x, bug):
     ours = copy.deepcopy(model)
     BUGS[bug](ours)
     with torch.no_grad():
-        err = rel_err(ours(x), theirs(x))
+        err = rel_l2_error(ours(x), theirs(x))
     assert err > 1000 * PARITY_TOL, f"{bug}: {err:.1e} would pass the parity check"
 
 
@@ -95,8 +95,8 @@ def test_the_checks_pass_without_a_bug(model, theirs, x):
     """The other side: the same inputs and tolerances accept a correct fusion and conversion."""
     with torch.no_grad():
         ref = model(x)
-        assert rel_err(levit.fuse(model)(x), ref) <= FUSE_TOL / 5
-        assert rel_err(theirs(x), ref) <= PARITY_TOL
+        assert rel_l2_error(levit.fuse(model)(x), ref) <= FUSE_TOL / 5
+        assert rel_l2_error(theirs(x), ref) <= PARITY_TOL
         assert ref.argmax(-1)[0] != ref.argmax(-1)[1]  # the images get different answers
 
 

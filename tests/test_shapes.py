@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FUSE_TOL, photos, rel_err
+from helpers import FUSE_TOL, photos, rel_l2_error, tiny_model
 
 import levit
-from levit.models.testing import randomize_weights
 from levit.weights.format import to_official_state_dict
 
 
 def _tiny(img_size, seed=0):
-    return randomize_weights(levit.create_model("levit_tiny", img_size=img_size), seed=seed).eval()
+    return tiny_model(seed, img_size)
 
 
 def _set_additive_tables(model):
@@ -64,7 +63,7 @@ def test_non_square_model_runs_and_counts_flops():
     assert f[0] < f[1] < f[2]
     fused = levit.fuse(model)
     x = photos(2, (96, 64))
-    assert rel_err(fused(x), model(x)) <= FUSE_TOL
+    assert rel_l2_error(fused(x), model(x)) <= FUSE_TOL
 
 
 def test_released_square_weights_resample_onto_a_non_square_grid(tmp_path):
@@ -94,7 +93,7 @@ def test_other_input_size_equals_a_model_built_for_it(tmp_path):
     x = photos(2, (96, 80))
     torch.testing.assert_close(model.forward_features(x), built.forward_features(x), atol=1e-5, rtol=1e-5)
     fused = levit.fuse(model)
-    assert rel_err(fused.forward_features(x), built.forward_features(x)) <= FUSE_TOL
+    assert rel_l2_error(fused.forward_features(x), built.forward_features(x)) <= FUSE_TOL
     # at the build size nothing is resampled: exactly the classification path
     y = photos(2, 64)
     assert torch.equal(model.forward_head(model.forward_features(y)), model(y))
@@ -169,20 +168,31 @@ def test_cli_takes_height_x_width(tmp_path, capsys):
 
 
 def test_fused_grid_cache_follows_the_buffer():
+    from levit.models.layers import _GRID_CACHE
+
     fused = levit.fuse(_tiny(64))
     x = photos(1, (96, 80))
     attn = fused.stages[0].blocks[0].attn
+
+    def cached(bias):  # the grids cached for this very tensor
+        entry = _GRID_CACHE.get(id(bias))
+        return entry[2] if entry is not None and entry[0]() is bias else {}
+
     with torch.no_grad():
         first = fused.forward_features(x)
-        assert len(attn._grid_bias.cache) == 1  # served from the cache the second time
+        assert list(cached(attn.attn_bias)) == [(6, 5, 1)]  # served from the cache the second time
         torch.testing.assert_close(fused.forward_features(x), first, atol=0, rtol=0)
         attn.attn_bias = attn.attn_bias.clone() * 2  # a new buffer object: recomputed
         assert not torch.allclose(fused.forward_features(x), first)
         single = fused.forward_features(x)
         fused.double()  # in place: new storage and dtype, so recomputed; same numbers up to fp32 rounding
         double = fused.forward_features(x.double())
-        assert [v[2].dtype for v in attn._grid_bias.cache.values()] == [torch.float64]
-        assert rel_err(single, double) <= 1e-5
+        assert [v.dtype for v in cached(attn.attn_bias).values()] == [torch.float64]
+        assert rel_l2_error(single, double) <= 1e-5
+    old = attn.attn_bias
+    key = id(old)
+    del fused, attn, old
+    assert key not in _GRID_CACHE  # a buffer's entry goes with it
 
 
 def test_deploy_runs_a_non_square_model_with_image_calibration(tmp_path):

@@ -29,7 +29,10 @@ def args_predict(p: argparse.ArgumentParser) -> None:
         p, "input resolution N or HxW (e.g. 192x320), multiples of 16 (default: the model's, 224)", rectangular=True
     )
     p.add_argument(
-        "--crop-pct", type=float, default=DEFAULT_CROP_PCT, help="centre-crop fraction (resize = img_size / crop_pct)"
+        "--crop-pct",
+        type=float,
+        default=None,
+        help=f"centre-crop fraction (resize = img_size / crop_pct; default: the checkpoint's, else {DEFAULT_CROP_PCT})",
     )
     runtime_options(p, backend="eager", precision="fp32", precision_help="numeric precision")
     p.add_argument("--calibration", type=Path, nargs="+", help="int8: calibration images (default: the input images)")
@@ -45,7 +48,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UsageError(f"--topk must be >= 1, got {args.topk}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if not 0 < args.crop_pct <= 1:
+    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
         raise UsageError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
@@ -53,9 +56,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if use_runtime:
         check_runtime(args.backend, args.precision)  # the CLI's one check, before the model is built
     kwargs = {"img_size": args.img_size} if args.img_size else {}
-    from levit.models.fuse import fuse
+    from levit.models.fuse import inference_form
 
-    model = fuse(load_model(args, **kwargs))  # fused once: the runtime and the fp32 reference share it
+    model = inference_form(load_model(args, **kwargs))  # once: the runtime and the fp32 reference share it
     runner = None
     if use_runtime:
         from levit.runtime.deploy import deploy

@@ -44,7 +44,8 @@ def args_eval(p: argparse.ArgumentParser) -> None:
         "--crop-pct",
         type=float,
         default=None,
-        help="centre-crop fraction (default: the training run's or 0.875, the authors' evaluation)",
+        help="centre-crop fraction (default: the checkpoint's pretrained_cfg: its training run's, or "
+        f"{DEFAULT_CROP_PCT}, the authors' evaluation)",
     )
     p.add_argument("--batch-size", "-b", type=int, default=64, help="images per forward pass (default: 64)")
     p.add_argument("--workers", type=int, default=2, help="data loading processes (default: 2)")
@@ -113,22 +114,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA GPU is available")
     from levit.data.datasets import check_image_folder
-    from levit.weights.format import read_metadata
 
     check_image_folder(args.data)  # a bad folder fails before the model is loaded
-    meta = read_metadata(args.checkpoint) if args.checkpoint is not None else None
-    train_eval = (meta or {}).get("eval") or {}
     kwargs = {"img_size": args.img_size} if args.img_size else {}
     model = load_model(args, **kwargs)
-    crop_pct = args.crop_pct or train_eval.get("crop_pct") or DEFAULT_CROP_PCT
-    fused = getattr(model, "is_fused", False)
-    if not args.no_fuse and not fused:
-        from levit.models.fuse import fusable, fuse
+    crop_pct = args.crop_pct or model.pretrained_cfg["crop_pct"]  # the file's (a training run's eval crop)
+    if not args.no_fuse:
+        from levit.models.fuse import inference_form
 
-        if fusable(model):
-            model, fused = fuse(model), True
-        else:  # ablation A3: LayerNorm does not fold into the linears
-            print(f"note: {model.config.ablation} cannot be fused: evaluating the unfused model", file=sys.stderr)
+        model = inference_form(model)
+    fused = model.is_fused
     m = evaluate_folder(
         model,
         args.data,

@@ -14,6 +14,7 @@ __all__ = [
     "IMAGENET_STD",
     "PAPER_ABLATIONS",
     "PAPER_RESULTS",
+    "PATCH_SIZE",
     "VARIANTS",
     "LeViTConfig",
     "ablation_config",
@@ -27,6 +28,9 @@ __all__ = [
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_CROP_PCT = 0.875
+#: the stem's total stride: four stride-2 convolutions (Section 4.2), or the one 16x16 stride-16
+#: convolution of Table 5's A2; input sides are multiples of it and stage s has stride PATCH_SIZE * 2**s
+PATCH_SIZE = 16
 
 
 # The Table 5 rows that only flip switches (A1 and A6 set widths: see _ABLATION_DIMS below).
@@ -90,8 +94,8 @@ class LeViTConfig:
             object.__setattr__(self, "img_size", size[0] if size[0] == size[1] else tuple(size))
         elif not isinstance(size, int) or isinstance(size, bool):
             raise ValueError(f"img_size must be an int or (H, W), got {size!r}")
-        if any(v < 16 or v % 16 for v in self.img_hw):
-            raise ValueError(f"img_size must be a positive multiple of 16 (each side), got {self.img_size}")
+        if any(v < PATCH_SIZE or v % PATCH_SIZE for v in self.img_hw):
+            raise ValueError(f"img_size must be a positive multiple of {PATCH_SIZE} (each side), got {self.img_size}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         if self.num_classes < 0:
@@ -145,7 +149,7 @@ class LeViTConfig:
         one 16x16 stride-16 convolution of ablation A2 (same token grid on multiples of 16)."""
         out, (h, w) = [], self.img_hw
         if self.stem == "linear16":
-            return ((h // 16, w // 16),)
+            return ((h // PATCH_SIZE, w // PATCH_SIZE),)
         for _ in range(4):
             h, w = self.subsampled_grid((h, w))
             out.append((h, w))

@@ -1,4 +1,5 @@
-"""The LeViT network (training form)."""
+"""The LeViT network, written once: :func:`levit.fuse` turns it into its inference form by swapping
+each layer for its own (:mod:`levit.models.layers`), never by building a second copy of the skeleton."""
 
 from __future__ import annotations
 
@@ -9,10 +10,19 @@ import torch.fx._symbolic_trace as _fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import LeViTConfig
-from .layers import MLP, Attention, BNLinear, ConvBN, DropPath, ShrinkAttention
+from .config import DEFAULT_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE, LeViTConfig
+from .layers import MLP, Attention, BNLinear, DropPath, ShrinkAttention, Stem
 
-__all__ = ["FeatureInfo", "LeViT", "LeViTBlock", "LeViTFeatures", "LeViTStage", "ShrinkBlock", "check_input"]
+__all__ = [
+    "PREPROCESS_KEYS",
+    "FeatureInfo",
+    "LeViT",
+    "LeViTBlock",
+    "LeViTFeatures",
+    "LeViTStage",
+    "ShrinkBlock",
+    "check_input",
+]
 
 
 @torch.fx.wrap
@@ -40,8 +50,11 @@ class LeViTBlock(nn.Module):
         self.norm1, self.norm2 = _prenorm(cfg, dim), _prenorm(cfg, dim)
 
     def forward(self, x: Tensor, hw: tuple[int, int] | None = None) -> Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), hw))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        if self.training and self.drop_path.p > 0:  # stochastic depth drops a branch before the residual add
+            x = x + self.drop_path(self.attn(self.norm1(x), hw))
+            return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = self.attn(self.norm1(x), hw, residual=x)  # the inference form adds it in the projection's GEMM
+        return self.mlp(self.norm2(x), residual=x)
 
 
 def _attn_switches(cfg: LeViTConfig) -> dict:
@@ -75,7 +88,9 @@ class ShrinkBlock(nn.Module):
 
     def forward(self, x: Tensor, hw: tuple[int, int] | None = None) -> Tensor:
         x = self.attn(self.norm1(x), hw)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        if self.training and self.drop_path.p > 0:
+            return x + self.drop_path(self.mlp(self.norm2(x)))
+        return self.mlp(self.norm2(x), residual=x)
 
 
 class LeViTStage(nn.Module):
@@ -91,20 +106,12 @@ class LeViTStage(nn.Module):
         if hw is None:  # the build grid of this stage's input
             first = self.blocks[0] if isinstance(self.downsample, nn.Identity) else self.downsample
             hw = first.attn.resolution
-        return run_stage(self.downsample, self.blocks, x, hw)
-
-
-def run_stage(
-    downsample: nn.Module, blocks: nn.Sequential, x: Tensor, hw: tuple[int, int]
-) -> tuple[Tensor, tuple[int, int]]:
-    """A stage's shrink block (if any) and blocks on tokens of the (h, w) grid ``hw``, passing each
-    its grid: -> (tokens, grid after the stage). Shared by the unfused and fused models."""
-    if not isinstance(downsample, nn.Identity):
-        x = downsample(x, hw)
-        hw = LeViTConfig.subsampled_grid(hw)
-    for block in blocks:
-        x = block(x, hw)
-    return x, hw
+        if not isinstance(self.downsample, nn.Identity):
+            x = self.downsample(x, hw)
+            hw = LeViTConfig.subsampled_grid(hw)
+        for block in self.blocks:
+            x = block(x, hw)
+        return x, hw
 
 
 def _symbolic_tracing() -> bool:
@@ -115,17 +122,18 @@ def _symbolic_tracing() -> bool:
 
 def check_input(x: Tensor, cfg: LeViTConfig, any_size: bool = False) -> None:
     """Raise a clear error when ``x`` is not a (B, in_chans, H, W) batch of the build size
-    (``any_size``: any H, W >= 16, as a backbone takes). Skipped while ``torch.fx`` traces."""
+    (``any_size``: any H, W >= :data:`~levit.models.config.PATCH_SIZE`, as a backbone takes). Skipped
+    while ``torch.fx`` traces."""
     if _symbolic_tracing():
         return
     H, W = cfg.img_hw
     ok = x.ndim == 4 and x.shape[1] == cfg.in_chans
     if ok and any_size:
-        ok = x.shape[2] >= 16 and x.shape[3] >= 16
+        ok = x.shape[2] >= PATCH_SIZE and x.shape[3] >= PATCH_SIZE
     elif ok:
         ok = x.shape[2] == H and x.shape[3] == W
     if not ok:
-        want = "H, W (each >= 16)" if any_size else f"{H}, {W}"
+        want = f"H, W (each >= {PATCH_SIZE})" if any_size else f"{H}, {W}"
         raise ValueError(
             f"{cfg.name} expects input of shape (B, {cfg.in_chans}, {want}), got {tuple(x.shape)}; "
             "build the model with img_size=... for another resolution (forward_features and "
@@ -174,7 +182,9 @@ class FeatureInfo:
 
 def stage_feature_info(cfg: LeViTConfig) -> list[dict]:
     """timm-style rows: channels, stride (16, then x2 per shrink attention) and module of each stage."""
-    return [{"num_chs": c, "reduction": 16 * 2**s, "module": f"stages.{s}"} for s, c in enumerate(cfg.embed_dim)]
+    return [
+        {"num_chs": c, "reduction": PATCH_SIZE * 2**s, "module": f"stages.{s}"} for s, c in enumerate(cfg.embed_dim)
+    ]
 
 
 def resolve_indices(indices: int | Sequence[int] | None, num_stages: int) -> list[int]:
@@ -201,19 +211,187 @@ def to_nchw(x: Tensor, hw: tuple[int, int]) -> Tensor:
     return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], hw[0], hw[1])
 
 
-class FeatureAPI:
-    """timm's feature API, shared by :class:`LeViT` and :class:`~levit.models.fuse.FusedLeViT`.
+#: the preprocessing a model carries (``model.pretrained_cfg``), saved with its weights by :func:`levit.save`
+PREPROCESS_KEYS = ("crop_pct", "crop_mode", "interpolation", "mean", "std")
 
-    The class using it has ``config``, ``stages``, ``reset_classifier`` and ``_tokens(x, upto)``:
-    the stem and stages (through ``upto``, all if None) as ``[(tokens, grid)]``, one per stage.
+
+def default_preprocess() -> dict:
+    """The released weights' evaluation (the authors', as DeiT's): resize to img_size / 0.875
+    bicubically, centre crop, ImageNet mean/std."""
+    return {
+        "crop_pct": DEFAULT_CROP_PCT,
+        "crop_mode": "center",
+        "interpolation": "bicubic",
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
+    }
+
+
+class LeViT(nn.Module):
+    """LeViT image classifier (Graham et al., ICCV 2021).
+
+    Built in its trainable form; :func:`levit.fuse` returns its inference form, the same skeleton with
+    each layer swapped for its own (:class:`~levit.models.fuse.FusedLeViT`, ``is_fused`` True).
+    ``forward`` returns logits of shape (B, num_classes). With ``cfg.distillation`` the model has two
+    heads; after :meth:`set_distilled_training` (True) and in training mode it returns the pair
+    ``(head, head_dist)``, otherwise their average (the inference form merges them into one).
+
+    ``class_names`` (one label per output, or ``None``) and the preprocessing in ``pretrained_cfg``
+    travel with the model: :func:`levit.fuse` copies them, :func:`levit.save` writes them and loading
+    a levit file restores them.
     """
 
-    config: LeViTConfig
-    stages: nn.ModuleList
+    is_fused = False
+    class_names: list[str] | None
 
+    def __init__(self, cfg: LeViTConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.class_names = None
+        self._preprocess = default_preprocess()
+        ch = cfg.stem_channels  # in_chans -> C/8 -> C/4 -> C/2 -> C (A2: in_chans -> C)
+        self.stem = Stem(ch, patch16=cfg.stem == "linear16", norm=cfg.norm)
+        self.pos_embed: nn.Parameter | None = None
+        if cfg.pos == "embed":  # Table 5, A5: absolute position embedding added to the input tokens
+            h, w = cfg.grid_sizes[0]
+            self.pos_embed = nn.Parameter(torch.zeros(1, h * w, ch[-1]))
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.stages = nn.ModuleList([LeViTStage(cfg, s, cfg.drop_path_rate) for s in range(cfg.num_stages)])
+        nf, nc = cfg.num_features, cfg.num_classes
+        self.head = BNLinear(nf, nc, norm=cfg.norm) if nc > 0 else nn.Identity()
+        self.head_dist = (BNLinear(nf, nc, norm=cfg.norm) if nc > 0 else nn.Identity()) if cfg.distillation else None
+        self.distilled_training = False
+
+    # ---- timm's model attributes ----------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        """Number of output classes (0: the model returns pooled features)."""
+        return self.config.num_classes
+
+    @property
+    def num_features(self) -> int:
+        """Width of the pooled features (timm's ``num_features``)."""
+        return self.config.num_features
+
+    @property
+    def head_hidden_size(self) -> int:
+        """Width of the classifier's input (timm's ``head_hidden_size``; no pre-logits layer here)."""
+        return self.config.num_features
+
+    @property
+    def in_chans(self) -> int:
+        """Input channels."""
+        return self.config.in_chans
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        """timm's ``pretrained_cfg``: input size, classes and the preprocessing the weights expect
+        (``crop_pct``, ``crop_mode``, ``interpolation``, ``mean``, ``std``), e.g. for
+        ``timm.data.resolve_data_config``. Assigning a dict takes its preprocessing keys (the others
+        follow from the config)."""
+        cfg = self.config
+        return {
+            "input_size": (cfg.in_chans, *cfg.img_hw),
+            "fixed_input_size": True,
+            "num_classes": cfg.num_classes,
+            "pool_size": None,
+            "first_conv": "stem.0" if self.is_fused else "stem.0.conv",
+            "classifier": "head" if self.head_dist is None else ("head", "head_dist"),
+            **self._preprocess,
+        }
+
+    @pretrained_cfg.setter
+    def pretrained_cfg(self, value: dict) -> None:
+        given = {k: value[k] for k in PREPROCESS_KEYS if k in value}
+        crop = given.get("crop_pct", self._preprocess["crop_pct"])
+        if not isinstance(crop, int | float) or not 0 < crop <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1], got {crop!r}")
+        for k in ("mean", "std"):
+            if k in given:
+                given[k] = tuple(float(v) for v in given[k])
+        self._preprocess = {**self._preprocess, **given}
+
+    default_cfg = pretrained_cfg  # timm's older name
+
+    # ---- training switches -----------------------------------------------------------------------
+    def set_distilled_training(self, enable: bool = True) -> None:
+        """Return ``(head, head_dist)`` in training mode instead of their average."""
+        if enable and self.head_dist is None:
+            raise ValueError("this model has one head (built with distillation=False, or fused)")
+        self.distilled_training = enable
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names that take no weight decay (attention bias tables)."""
+        return {n for n, _ in self.named_parameters() if n.endswith("attention_biases") or n == "pos_embed"}
+
+    # ---- the token flow --------------------------------------------------------------------------
     def _tokens(self, x: Tensor, upto: int | None = None) -> list[tuple[Tensor, tuple[int, int]]]:
-        raise NotImplementedError
+        """Stem + stages (through ``upto``): [(tokens, grid)] after each stage. Every layer gets the
+        grid of its input: at the build size the biases are the learned (or fused) ones, at another
+        size they are resampled (:func:`levit.models.layers.grid_bias`, ``fused_grid_bias``)."""
+        x = self.stem(x)  # (B, C, h, w)
+        hw = (x.shape[2], x.shape[3])
+        x = x.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C)
+        if self.pos_embed is not None:
+            x = x + pos_embed_for(self.pos_embed, self.config.grid_sizes[0], hw[0], hw[1])
+        out = []
+        for s, stage in enumerate(self.stages):
+            if upto is not None and s > upto:
+                break
+            x, hw = stage(x, hw)
+            out.append((x, hw))
+        return out
 
+    def forward_features(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) images -> (B, N, C) tokens of the last stage (any H, W >= 16)."""
+        check_input(x, self.config, any_size=True)
+        return self._tokens(x)[-1][0]
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """(B, N, C) tokens -> logits (or pooled features with ``pre_logits``)."""
+        x = x.mean(1)
+        if pre_logits:
+            return x
+        if self.head_dist is None:
+            return self.head(x)
+        a, b = self.head(x), self.head_dist(x)
+        if self.distilled_training and self.training and not torch.jit.is_scripting():
+            return a, b
+        return (a + b) / 2
+
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        check_input(x, self.config)
+        return self.forward_head(self._tokens(x)[-1][0])
+
+    # ---- classifier access -------------------------------------------------------------------------
+    def get_classifier(self) -> nn.Module:
+        """The classifier head (a (head, head_dist) pair as a ModuleList when there are two)."""
+        if self.head_dist is None:
+            return self.head
+        return nn.ModuleList([self.head, self.head_dist])
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the head(s) with freshly initialised ones for ``num_classes`` classes (0: pooled
+        features), on the model's device, in its dtype and its mode (train or eval), in the model's
+        form (fused: one folded head). ``global_pool`` is accepted for timm compatibility; only
+        ``"avg"`` exists."""
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"global_pool={global_pool!r}: LeViT pools by averaging tokens ('avg')")
+        self.config = self.config.replace(num_classes=num_classes)
+        self.class_names = None  # the old labels do not name the new outputs
+        p = next(self.parameters())
+
+        def new_head() -> nn.Module:
+            if num_classes <= 0:
+                return nn.Identity()
+            head = BNLinear(self.num_features, num_classes, norm=self.config.norm).to(device=p.device, dtype=p.dtype)
+            return (head.fused() if self.is_fused else head).train(self.training)
+
+        self.head = new_head()
+        if self.head_dist is not None:
+            self.head_dist = new_head()
+
+    # ---- timm's feature API ----------------------------------------------------------------------
     @property
     def feature_info(self) -> list[dict]:
         """Channels, stride and module of each stage's output (timm's ``model.feature_info``)."""
@@ -257,128 +435,12 @@ class FeatureAPI:
         return take
 
 
-class LeViT(FeatureAPI, nn.Module):
-    """LeViT image classifier (Graham et al., ICCV 2021), in its trainable, unfused form.
-
-    ``forward`` returns logits of shape (B, num_classes). With ``cfg.distillation`` the model has
-    two heads; after :meth:`set_distilled_training` (True) and in training mode it returns the pair
-    ``(head, head_dist)``, otherwise their average. Use :func:`levit.fuse` for fast inference.
-
-    ``class_names`` (one label per output, or ``None``) travels with the model: :func:`levit.fuse`
-    copies it, :func:`levit.save` writes it and loading a levit file restores it.
-    """
-
-    class_names: list[str] | None
-
-    def __init__(self, cfg: LeViTConfig) -> None:
-        super().__init__()
-        self.config = cfg
-        self.class_names = None
-        ch = cfg.stem_channels  # in_chans -> C/8 -> C/4 -> C/2 -> C (A2: in_chans -> C)
-        if cfg.stem == "linear16":  # Table 5, A2: one 16x16 stride-16 convolution (ViT's patch embedding)
-            self.stem = nn.Sequential(ConvBN(ch[0], ch[1], 16, 16, 0, norm=cfg.norm))
-        else:
-            self.stem = nn.Sequential(
-                ConvBN(ch[0], ch[1], norm=cfg.norm),
-                nn.Hardswish(),
-                ConvBN(ch[1], ch[2], norm=cfg.norm),
-                nn.Hardswish(),
-                ConvBN(ch[2], ch[3], norm=cfg.norm),
-                nn.Hardswish(),
-                ConvBN(ch[3], ch[4], norm=cfg.norm),
-            )
-        self.pos_embed: nn.Parameter | None = None
-        if cfg.pos == "embed":  # Table 5, A5: absolute position embedding added to the input tokens
-            h, w = cfg.grid_sizes[0]
-            self.pos_embed = nn.Parameter(torch.zeros(1, h * w, ch[-1]))
-            nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        self.stages = nn.ModuleList([LeViTStage(cfg, s, cfg.drop_path_rate) for s in range(cfg.num_stages)])
-        nf, nc = cfg.num_features, cfg.num_classes
-        self.head = BNLinear(nf, nc, norm=cfg.norm) if nc > 0 else nn.Identity()
-        self.head_dist = (BNLinear(nf, nc, norm=cfg.norm) if nc > 0 else nn.Identity()) if cfg.distillation else None
-        self.distilled_training = False
-
-    @property
-    def num_classes(self) -> int:
-        """Number of output classes (0: the model returns pooled features)."""
-        return self.config.num_classes
-
-    def set_distilled_training(self, enable: bool = True) -> None:
-        """Return ``(head, head_dist)`` in training mode instead of their average."""
-        if enable and self.head_dist is None:
-            raise ValueError("this model has no distillation head (built with distillation=False)")
-        self.distilled_training = enable
-
-    def no_weight_decay(self) -> set[str]:
-        """Parameter names that take no weight decay (attention bias tables)."""
-        return {n for n, _ in self.named_parameters() if n.endswith("attention_biases") or n == "pos_embed"}
-
-    def _tokens(self, x: Tensor, upto: int | None = None) -> list[tuple[Tensor, tuple[int, int]]]:
-        """Stem + stages (through ``upto``): [(tokens, grid)] after each stage."""
-        x = self.stem(x)  # (B, C, h, w)
-        hw = (x.shape[2], x.shape[3])
-        x = x.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C)
-        if self.pos_embed is not None:
-            x = x + pos_embed_for(self.pos_embed, self.config.grid_sizes[0], hw[0], hw[1])
-        out = []
-        for s, stage in enumerate(self.stages):
-            if upto is not None and s > upto:
-                break
-            x, hw = stage(x, hw)
-            out.append((x, hw))
-        return out
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """(B, 3, H, W) images -> (B, N, C) tokens of the last stage.
-
-        Any H, W >= 16 work: at the build size the biases are the learned tables, at another size
-        they are resampled on the fly (:func:`levit.models.layers.grid_bias`)."""
-        check_input(x, self.config, any_size=True)
-        return self._tokens(x)[-1][0]
-
-    def get_classifier(self) -> nn.Module:
-        """The classifier head (a (head, head_dist) pair as a ModuleList when distilled)."""
-        if self.head_dist is None:
-            return self.head
-        return nn.ModuleList([self.head, self.head_dist])
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """(B, N, C) tokens -> logits (or pooled features with ``pre_logits``)."""
-        x = x.mean(1)
-        if pre_logits:
-            return x
-        if self.head_dist is None:
-            return self.head(x)
-        a, b = self.head(x), self.head_dist(x)
-        if self.distilled_training and self.training and not torch.jit.is_scripting():
-            return a, b
-        return (a + b) / 2
-
-    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-        check_input(x, self.config)
-        return self.forward_head(self._tokens(x)[-1][0])
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the head(s) with freshly initialised ones for ``num_classes`` classes (0: pooled
-        features). ``global_pool`` is accepted for timm compatibility; only ``"avg"`` exists."""
-        if global_pool not in (None, "avg"):
-            raise ValueError(f"global_pool={global_pool!r}: LeViT pools by averaging tokens ('avg')")
-        self.config = self.config.replace(num_classes=num_classes)
-        self.class_names = None  # the old labels do not name the new outputs
-        nf = self.config.num_features
-        device = next(self.parameters()).device
-        norm = self.config.norm
-        self.head = (BNLinear(nf, num_classes, norm=norm) if num_classes > 0 else nn.Identity()).to(device)
-        if self.head_dist is not None:
-            self.head_dist = (BNLinear(nf, num_classes, norm=norm) if num_classes > 0 else nn.Identity()).to(device)
-
-
 class LeViTFeatures(nn.Module):
     """``create_model(..., features_only=True)``: a model that returns the NCHW map of each stage
     in ``out_indices`` (a list), with timm's :class:`FeatureInfo` in ``feature_info``.
 
-    Wraps a :class:`LeViT` or :class:`~levit.models.fuse.FusedLeViT` (as ``self.model``, like timm's
-    feature wrapper for LeViT) whose unused stages and heads are removed.
+    Wraps a :class:`LeViT`, fused or not (as ``self.model``, like timm's feature wrapper for LeViT),
+    whose unused stages and heads are removed; :func:`levit.fuse` fuses it like any other model.
     """
 
     def __init__(self, model: nn.Module, out_indices: int | Sequence[int] | None = None) -> None:
@@ -391,6 +453,16 @@ class LeViTFeatures(nn.Module):
     @property
     def config(self) -> LeViTConfig:
         return self.model.config
+
+    @property
+    def is_fused(self) -> bool:
+        """Whether the wrapped model is in its inference form."""
+        return self.model.is_fused
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        """The wrapped model's ``pretrained_cfg`` (input size and preprocessing)."""
+        return self.model.pretrained_cfg
 
     def forward(self, x: Tensor) -> list[Tensor]:
         return self.model.forward_intermediates(x, indices=list(self.out_indices), intermediates_only=True)

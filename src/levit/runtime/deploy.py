@@ -92,10 +92,11 @@ class DeployWarning(UserWarning):
     """A precision that runs slower than asked or as another precision on this machine (one line)."""
 
 
-# ---- what this CPU can do (tests monkeypatch these probes) ----------------------------------
+# ---- what this CPU can do ------------------------------------------------------------------
 def cpu_bf16_supported() -> bool:
-    """Whether oneDNN has native bf16 kernels on this CPU (torch's own probe)."""
-    from ..models.fuse import cpu_bf16_supported as probe
+    """Whether oneDNN has native bf16 kernels on this CPU (torch's own probe, as
+    :func:`levit.models.kernels.cpu_bf16_supported` answers it: tests force it with ``kernels.forced``)."""
+    from ..models.kernels import cpu_bf16_supported as probe
 
     return probe()
 
@@ -595,20 +596,13 @@ def deploy(
         >>> pred = levit.deploy(model, backend="openvino", precision="int8", calibration="photos/")
         >>> pred.fidelity, pred(images).argmax(-1)
     """
-    from ..models.fuse import FusedLeViT, fusable, fuse
+    from ..models.fuse import inference_form
 
     if batch_size < 1:
         raise DeployError(f"batch_size must be >= 1, got {batch_size}")
     if threads is not None and threads < 1:
         raise DeployError(f"threads must be >= 1, got {threads}")
-    if not isinstance(model, FusedLeViT):
-        if fusable(model):
-            model = fuse(model)
-        else:  # ablation A3: LayerNorm does not fold; the unfused model runs as it is
-            warnings.warn(
-                f"{model.config.name} ({model.config.ablation}) cannot be fused: deploying it unfused", stacklevel=2
-            )
-            model = copy.deepcopy(model).eval()
+    model = inference_form(model)  # a new module: the input is untouched
     p = next(model.parameters())
     device = p.device
     cfg = model.config

@@ -199,7 +199,7 @@ def export(
             rounding is allowed on top (10x fp32 PyTorch's own error). Above it
             :class:`ExportError` is raised and nothing is written.
     """
-    from ..models.fuse import FusedLeViT, fusable, fuse
+    from ..models.fuse import inference_form
 
     path = Path(path)
     format = resolve_format(path, format)
@@ -213,13 +213,7 @@ def export(
 
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise ExportError(f"export() needs a levit model, got {type(model).__name__}")
-    if fusable(model):
-        fused: FusedLeViT = fuse(model).float().cpu().eval()  # a new module: the input is untouched
-    else:  # ablation A3: LayerNorm does not fold into the linears; export the unfused model
-        warnings.warn(
-            f"{model.config.name} ({model.config.ablation}) cannot be fused: exporting it unfused", stacklevel=2
-        )
-        fused = copy.deepcopy(model).float().cpu().eval()
+    fused = inference_form(model).float().cpu()  # a new module: the input is untouched
     cfg = fused.config
     gen = torch.Generator().manual_seed(0)
     example = torch.randn(batch_size, cfg.in_chans, *cfg.img_hw, generator=gen)

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..data.datasets import imagenet_class_names
 from ..data.images import IMAGE_EXTENSIONS, find_images, open_rgb
-from ..data.transforms import DEFAULT_CROP_PCT, eval_transform
+from ..data.transforms import eval_transform
 from ..errors import LeViTError
 from ..utils import first_line
 
@@ -66,7 +66,7 @@ def predict_paths(
     *,
     topk: int = 5,
     batch_size: int = 32,
-    crop_pct: float = DEFAULT_CROP_PCT,
+    crop_pct: float | None = None,
     progress: bool = True,
     on_error: Callable[[Path, str], None] | None = None,
     runner: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -75,19 +75,17 @@ def predict_paths(
 
     Returns one dict per image: ``{"path", "top": [{"class", "label", "prob"}, ...]}``. Unreadable
     images are passed to ``on_error(path, message)`` and skipped; no image at all is a
-    :class:`LeViTError`. The model is fused first when it is an unfused LeViT (same outputs,
-    faster). ``runner`` (e.g. a :func:`levit.deploy` predictor) replaces the model's forward pass:
+    :class:`LeViTError`. The model runs in its inference form (:func:`levit.models.fuse.inference_form`:
+    same outputs, faster). ``crop_pct`` defaults to the model's own (``model.pretrained_cfg``). ``runner`` (e.g. a :func:`levit.deploy` predictor) replaces the model's forward pass:
     logits from a (B, 3, H, W) batch.
     """
-    from ..models.fuse import FusedLeViT, fuse
+    from ..models.fuse import inference_form
 
     files = list_inputs(paths)
     names = class_names_for(model)
-    if not isinstance(model, FusedLeViT):
-        model = fuse(model)
-    model.eval()
+    model = inference_form(model)
     p = next(model.parameters())
-    transform = eval_transform(model.config.img_size, crop_pct)
+    transform = eval_transform(model.config.img_size, crop_pct or model.pretrained_cfg["crop_pct"])
     k = min(topk, model.config.num_classes)
     results = []
     bar = None

@@ -161,20 +161,13 @@ def _build(entry: BenchModel, img_size: int | None) -> tuple[nn.Module, int, int
     """(inference module, params, FLOPs per image, resolution)."""
     from ..factory.registry import create_model
     from ..models.flops import count_flops, count_params
-    from ..models.fuse import fuse
+    from ..models.fuse import inference_form
 
     res = img_size or entry.img_size
     if entry.implementation == "levit":
-        from ..models.fuse import fusable
-
         model = create_model(entry.source, img_size=res, ablation=entry.ablation).eval()
         params, flops = count_params(model), count_flops(model)
-        if fusable(model):
-            return fuse(model), params, flops, res
-        import warnings  # A3: LayerNorm does not fold into the linears
-
-        warnings.warn(f"{entry.source} ({entry.ablation}) cannot be fused: timed unfused", stacklevel=2)
-        return model, params, flops, res
+        return inference_form(model), params, flops, res
     try:
         import timm
     except ImportError as e:  # pragma: no cover - timm is a dependency

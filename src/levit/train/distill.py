@@ -5,7 +5,11 @@ The student is a two-head LeViT in distilled-training mode: ``head`` learns from
 
 - ``none``: ``base(head, targets)``
 - ``soft``: ``(1 - alpha) * base(head, targets) + alpha * tau^2 * KL(softmax(teacher / tau) || softmax(head_dist / tau))``
-  (KL summed over classes, averaged over the batch)
+  with the KL summed over the batch and the classes and divided by the number of logits (B x classes),
+  as DeiT's released code does (``DistillationLoss`` in facebookresearch/deit ``losses.py``, divided by
+  ``outputs_kd.numel()``; its authors keep it as the normalisation that reproduces their results);
+  ``kl_norm="batch"`` divides by the batch size instead (the per-sample KL of Hinton et al., 2015,
+  "Distilling the Knowledge in a Neural Network"; PyTorch's ``reduction="batchmean"``)
 - ``hard``: ``(1 - alpha) * base(head, targets) + alpha * CE(head_dist, argmax(teacher))``
   (the paper: alpha = 0.5)
 """
@@ -24,9 +28,10 @@ from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import CheckpointError, LeViTError
 from ..utils import first_line
 
-__all__ = ["DISTILLATION_MODES", "DistillationLoss", "Teacher", "build_teacher", "distillation_loss"]
+__all__ = ["DISTILLATION_MODES", "KL_NORMS", "DistillationLoss", "Teacher", "build_teacher", "distillation_loss"]
 
 DISTILLATION_MODES = ("none", "soft", "hard")
+KL_NORMS = ("numel", "batch")  # soft distillation: divide the summed KL by B x classes (DeiT) or by B
 
 
 def distillation_loss(
@@ -38,6 +43,7 @@ def distillation_loss(
     alpha: float = 0.5,
     tau: float = 1.0,
     base: Callable[[Tensor, Tensor], Tensor] | None = None,
+    kl_norm: str = "numel",
 ) -> Tensor:
     """The training loss of a (possibly two-head) student.
 
@@ -49,9 +55,14 @@ def distillation_loss(
         alpha: weight of the teacher term.
         tau: softmax temperature of ``soft``.
         base: the label loss (default: cross-entropy, which accepts class indices or probabilities).
+        kl_norm: ``soft`` only: ``"numel"`` divides the summed KL by the number of logits, as DeiT's
+            released code (its ``losses.py``: ``/ outputs_kd.numel()``); ``"batch"`` by the batch size
+            (the per-sample KL of Hinton et al., 2015; ``reduction="batchmean"``), ``classes`` times larger.
     """
     if mode not in DISTILLATION_MODES:
         raise ValueError(f"distillation must be one of {DISTILLATION_MODES}, got {mode!r}")
+    if kl_norm not in KL_NORMS:
+        raise ValueError(f"kl_norm must be one of {KL_NORMS}, got {kl_norm!r}")
     base = base or F.cross_entropy
     head, head_dist = outputs if isinstance(outputs, tuple) else (outputs, outputs)
     label_loss = base(head, targets)
@@ -68,7 +79,7 @@ def distillation_loss(
             reduction="sum",
             log_target=True,
         )
-        teacher_loss = kl * (tau * tau) / head_dist.shape[0]
+        teacher_loss = kl * (tau * tau) / (head_dist.numel() if kl_norm == "numel" else head_dist.shape[0])
     else:
         teacher_loss = F.cross_entropy(head_dist, teacher_logits.argmax(dim=1))
     return (1.0 - alpha) * label_loss + alpha * teacher_loss
@@ -85,13 +96,17 @@ class DistillationLoss(nn.Module):
         mode: str = "none",
         alpha: float = 0.5,
         tau: float = 1.0,
+        kl_norm: str = "numel",
     ) -> None:
         super().__init__()
         if mode not in DISTILLATION_MODES:
             raise ValueError(f"distillation must be one of {DISTILLATION_MODES}, got {mode!r}")
+        if kl_norm not in KL_NORMS:
+            raise ValueError(f"kl_norm must be one of {KL_NORMS}, got {kl_norm!r}")
         if mode != "none" and teacher is None:
             raise ValueError(f"distillation {mode!r} needs a teacher")
         self.base, self.teacher, self.mode, self.alpha, self.tau = base, teacher, mode, alpha, tau
+        self.kl_norm = kl_norm
 
     def forward(self, inputs: Tensor, outputs: Tensor | tuple[Tensor, Tensor], targets: Tensor) -> Tensor:
         teacher_logits = None
@@ -99,7 +114,14 @@ class DistillationLoss(nn.Module):
             with torch.no_grad():
                 teacher_logits = self.teacher(inputs)
         return distillation_loss(
-            outputs, targets, teacher_logits, mode=self.mode, alpha=self.alpha, tau=self.tau, base=self.base
+            outputs,
+            targets,
+            teacher_logits,
+            mode=self.mode,
+            alpha=self.alpha,
+            tau=self.tau,
+            base=self.base,
+            kl_norm=self.kl_norm,
         )
 
 
@@ -183,7 +205,7 @@ def build_teacher(
     if levit_name is not None:
         model = create_model(levit_name, checkpoint=path)
         img_size = model.config.img_size
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
+        mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
     else:
         import timm
 

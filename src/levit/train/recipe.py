@@ -81,6 +81,7 @@ class TrainConfig:
     distillation: str = "hard"  # none / soft / hard
     distillation_alpha: float = 0.5
     distillation_tau: float = 1.0
+    distillation_kl_norm: str = "numel"  # soft: KL sum / (B x classes) as DeiT's code, or "batch": / B
     teacher: str | None = "regnety_160"  # a timm model name or a levit variant
     teacher_checkpoint: str | None = None  # weights file (never downloaded)
     # weights average and evaluation
@@ -112,6 +113,7 @@ class TrainConfig:
 
 _CHOICES = {
     "distillation": ("none", "soft", "hard"),
+    "distillation_kl_norm": ("numel", "batch"),
     "amp": ("none", "bf16", "fp16"),
     "device": ("auto", "cpu", "cuda"),
     "clip_mode": ("agc", "norm", "value"),

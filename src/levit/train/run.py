@@ -272,7 +272,12 @@ class _Run:
         else:
             base_loss = nn.CrossEntropyLoss()
         self.criterion = DistillationLoss(
-            base_loss, self.teacher, cfg.distillation, cfg.distillation_alpha, cfg.distillation_tau
+            base_loss,
+            self.teacher,
+            cfg.distillation,
+            cfg.distillation_alpha,
+            cfg.distillation_tau,
+            kl_norm=cfg.distillation_kl_norm,
         )
 
     def _restore(self, path: Path, state: dict) -> None:

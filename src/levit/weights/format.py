@@ -262,10 +262,26 @@ def load_into(model: nn.Module, ck: Checkpoint) -> nn.Module:
             raise CheckpointError(_diagnose(ck.state_dict, cfg, ck.format, ck.path)) from None
         raise
     model.load_state_dict(sd, strict=True)
-    names = (ck.info or {}).get("class_names")
+    info = ck.info or {}
+    names = info.get("class_names")
     if isinstance(names, list) and len(names) == cfg.num_classes:
         model.class_names = [str(n) for n in names]
+    _restore_preprocess(model, info, ck.path)
     return model
+
+
+def _restore_preprocess(model: nn.Module, info: Mapping, path: Path) -> None:
+    """The preprocessing the file says its weights expect (``model.pretrained_cfg``): its saved
+    ``pretrained_cfg``, and a training run's evaluation crop (``eval``) on top."""
+    given = dict(info.get("pretrained_cfg") or {})
+    crop = (info.get("eval") or {}).get("crop_pct")
+    if crop is not None:
+        given["crop_pct"] = crop
+    if given:
+        try:
+            model.pretrained_cfg = given
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: corrupt levit metadata (pretrained_cfg: {_short(e)})") from None
 
 
 def _resize_bias_table(t: Tensor, dst: tuple[int, int], src: tuple[int, int] | None = None) -> Tensor:
@@ -387,7 +403,10 @@ def _diagnose(sd: Mapping[str, Tensor], cfg: LeViTConfig, fmt: str, path: Path) 
 # ---- saving ------------------------------------------------------------------------------------
 def build_metadata(model: nn.Module, **extra: object) -> dict:
     """The self-description every levit file carries (format version, variant, config, fused or not,
-    levit version, class names when the model has them), plus ``extra`` entries (e.g. ``eval``)."""
+    levit version, the preprocessing the weights expect, class names when the model has them), plus
+    ``extra`` entries (e.g. a training run's ``eval``, whose crop becomes the preprocessing's)."""
+    from ..models.network import PREPROCESS_KEYS
+
     cfg = model.config
     meta: dict = {
         "format_version": FORMAT_VERSION,
@@ -396,6 +415,14 @@ def build_metadata(model: nn.Module, **extra: object) -> dict:
         "fused": bool(getattr(model, "is_fused", False)),
         "levit_version": __version__,
     }
+    pre = getattr(model, "pretrained_cfg", None)
+    if isinstance(pre, Mapping):
+        meta["pretrained_cfg"] = {
+            k: list(v) if isinstance(v, tuple) else v for k, v in pre.items() if k in PREPROCESS_KEYS
+        }
+        crop = (extra.get("eval") or {}).get("crop_pct") if isinstance(extra.get("eval"), Mapping) else None
+        if crop is not None:
+            meta["pretrained_cfg"]["crop_pct"] = crop
     if getattr(model, "class_names", None):
         meta["class_names"] = list(model.class_names)
     return meta | extra
