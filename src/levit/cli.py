@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import warnings
@@ -91,9 +92,56 @@ def _positive_float(text: str) -> float:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not v > 0:
+    if not v > 0 or v == float("inf"):
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return v
+
+
+def _require(flag: str, value: float | None, low: float, *, strict: bool = False) -> None:
+    """A numeric flag's lower bound (``value`` None: the flag was not given): one line, exit 2."""
+    if value is None:
+        return
+    if not math.isfinite(value) or (value <= low if strict else value < low):
+        raise UsageError(f"{flag} must be {'>' if strict else '>='} {low:g}, got {value:g}")
+
+
+def _check_output(path: Path | None, flag: str = "--output") -> None:
+    """An output file that cannot be written is refused before the job runs, naming the flag."""
+    from levit.utils import unwritable_reason
+
+    if path is not None and (reason := unwritable_reason(path)):
+        raise UsageError(f"{flag} {path}: {reason}")
+
+
+def _check_img_memory(name: str, img_size: int | tuple[int, int], batch: int) -> None:
+    """An input size whose attention maps would not fit in memory is refused before the model is
+    built (its bias index tables alone grow with the square of the token count)."""
+    from levit.flops import attention_bytes
+    from levit.registry import get_config
+    from levit.utils import available_memory
+
+    cfg = get_config(name, img_size=img_size)
+    need, have = attention_bytes(cfg, batch), available_memory()
+    size = "x".join(map(str, cfg.img_hw))
+    what = (
+        f"{name} at {size} ({cfg.grid_sizes[0][0] * cfg.grid_sizes[0][1]:,} tokens) needs about {need / 2**30:.1f} GiB"
+    )
+    if have is not None and need > have:
+        smaller = " or a smaller --batch-size" if batch > 1 else ""
+        raise UsageError(
+            f"--img-size {size}: {what} for a batch of {batch}, more than the {have / 2**30:.1f} GiB of memory "
+            f"available; use a smaller --img-size{smaller}"
+        )
+    if need > 2**30:
+        print(f"note: --img-size {size}: {what} of memory for a batch of {batch}", file=sys.stderr)
+
+
+# The runtimes' and formats' names, here so that `--help` does not import torch (tests/test_first_use.py
+# checks them against levit.deploy.BACKENDS / PRECISIONS and levit.export.FORMATS / DEFAULT_TOLERANCE).
+_BACKENDS = ("auto", "eager", "inductor", "onnxruntime", "openvino", "cudagraph")
+_PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+_FORMATS = {"onnx": ".onnx", "openvino": ".xml", "torchscript": ".pt"}
+_DEFAULT_TOLERANCE = 1e-4
 
 
 def _one_of(values: Sequence[str], what: str) -> Callable[[str], str]:
@@ -134,17 +182,15 @@ def _runtime_options(
     precision_help: str,
     backend_help: str = "runtime",
 ) -> None:
-    """--backend / --precision, choices from :mod:`levit.deploy`."""
-    from levit.deploy import BACKENDS, PRECISIONS
-
+    """--backend / --precision, choices as in :mod:`levit.deploy`."""
     p.add_argument(
-        "--backend", type=_one_of(BACKENDS, "backend"), default=backend, metavar="|".join(BACKENDS), help=backend_help
+        "--backend", type=_one_of(_BACKENDS, "backend"), default=backend, metavar="|".join(_BACKENDS), help=backend_help
     )
     p.add_argument(
         "--precision",
-        type=_one_of(PRECISIONS, "precision"),
+        type=_one_of(_PRECISIONS, "precision"),
         default=precision,
-        metavar="|".join(PRECISIONS),
+        metavar="|".join(_PRECISIONS),
         help=precision_help,
     )
 
@@ -169,8 +215,9 @@ def _warnings_as_lines() -> Iterator[None]:
         print(f"warning: {w.message}", file=sys.stderr)
 
 
-def _load_model(args: argparse.Namespace, **kwargs: object):
-    """The model named by --model / --checkpoint / --pretrained (levit files may omit --model)."""
+def _load_model(args: argparse.Namespace, batch: int = 1, **kwargs: object):
+    """The model named by --model / --checkpoint / --pretrained (levit files may omit --model); an
+    ``img_size`` whose attention for ``batch`` images would not fit in memory is refused first."""
     from levit.checkpoint import read_metadata
     from levit.registry import create_model
 
@@ -182,6 +229,8 @@ def _load_model(args: argparse.Namespace, **kwargs: object):
         if meta is None:
             raise UsageError(f"--model is required: {args.checkpoint} is not a levit-format file")
         name = meta["variant"]
+    if kwargs.get("img_size"):
+        _check_img_memory(name, kwargs["img_size"], batch)  # type: ignore[arg-type]
     with _warnings_as_lines():
         model = create_model(name, checkpoint=args.checkpoint, pretrained=args.pretrained, **kwargs)
     if args.checkpoint is None and not args.pretrained:
@@ -207,8 +256,11 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
     if args.ablations:
         return _cmd_models_ablations(args)
+    names = list_models(args.pattern)
+    if not names:
+        raise UsageError(f"no model matches {args.pattern!r}; the models: {', '.join(list_models())}")
     rows = []
-    for name in list_models(args.pattern):
+    for name in names:
         cfg = VARIANTS[name]
         paper = PAPER_RESULTS.get(name)
         rows.append(
@@ -292,7 +344,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     kwargs = {"img_size": args.img_size} if args.img_size else {}
     from levit.fuse import fuse
 
-    model = fuse(_load_model(args, **kwargs))  # fused once: the runtime and the fp32 reference share it
+    # fused once: the runtime and the fp32 reference share it
+    model = fuse(_load_model(args, batch=min(args.batch_size, len(files)), **kwargs))
     runner = None
     if use_runtime:
         from levit.deploy import deploy
@@ -387,8 +440,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         for name, e in BENCH_MODELS.items():
             print(f"{name:<26} {e.family:<30} {e.img_size}px  top-1 {e.top1 if e.top1 else '-'}")
         return 0
-    if args.models:
+    if args.models is not None:
         models = [m.strip() for m in args.models.split(",") if m.strip()]
+        if not models:
+            raise UsageError("--models: no model named; give comma-separated names (see `levit bench --list`)")
         unknown = [m for m in models if m not in BENCH_MODELS]
         if unknown:
             raise UsageError(f"--models: unknown {', '.join(unknown)}; see `levit bench --list`")
@@ -416,6 +471,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     for flag, v in (("--threads", args.threads), ("--windows", args.windows)):
         if v is not None and v < 1:
             raise UsageError(f"{flag} must be >= 1, got {v}")
+    _require("--warmup", args.warmup, 0)
+    _require("--window", args.window, 0)  # 0: one call per window
     for path, flag, sufs in (
         (args.output, "--output", (".csv", ".json")),
         (args.plot, "--plot", (".png", ".svg", ".pdf")),
@@ -423,8 +480,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         if path is not None:
             if path.suffix.lower() not in sufs:
                 raise UsageError(f"{flag} must end in {' or '.join(sufs)}, got {path.name!r}")
-            if not path.parent.is_dir():
-                raise UsageError(f"{flag}: folder {path.parent} does not exist")
+            _check_output(path, flag)
+    if args.img_size:
+        for name in dict.fromkeys(BENCH_MODELS[m].source for m in models if BENCH_MODELS[m].implementation == "levit"):
+            _check_img_memory(name, args.img_size, max(batches or [16]))
     warmup, windows, window = (1.0, 3, 1.0) if args.quick else (5.0, 5, 3.0)
     warmup = args.warmup if args.warmup is not None else warmup
     windows = args.windows or windows
@@ -480,18 +539,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 # ---- export ------------------------------------------------------------------------------------
 def _args_export(p: argparse.ArgumentParser) -> None:
-    from levit.export import DEFAULT_TOLERANCE, FORMATS
-
     _model_options(p)
     p.add_argument(
         "--format",
         "-f",
-        type=_one_of(tuple(FORMATS), "format"),
-        metavar="|".join(FORMATS),
+        type=_one_of(tuple(_FORMATS), "format"),
+        metavar="|".join(_FORMATS),
         default=None,
         help="output format (default: from --output's suffix)",
     )
-    suffixes = ", ".join(FORMATS.values())
+    suffixes = ", ".join(_FORMATS.values())
     p.add_argument("--output", "-o", type=Path, required=True, help=f"output file ({suffixes})")
     _img_size_option(
         p, "input resolution N or HxW (e.g. 192x320), multiples of 16 (default: the model's, 224)", rectangular=True
@@ -501,9 +558,9 @@ def _args_export(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tolerance",
         type=_positive_float,
-        default=DEFAULT_TOLERANCE,
+        default=_DEFAULT_TOLERANCE,
         help="largest accepted relative error of the exported file against a float64 run of the model "
-        f"(fp32 rounding allowed on top; default: {DEFAULT_TOLERANCE:g})",
+        f"(fp32 rounding allowed on top; default: {_DEFAULT_TOLERANCE:g})",
     )
 
 
@@ -517,13 +574,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     except ExportError as e:
         flag = "--opset" if "opset" in str(e) else "--output/--format"
         raise UsageError(f"{flag}: {e}") from e
-    if not args.output.parent.is_dir():
-        raise UsageError(f"--output: folder {args.output.parent} does not exist")
+    _check_output(args.output)
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     check_packages(fmt)  # a missing runtime fails before the model is built
     kwargs = {"img_size": args.img_size} if args.img_size else {}
-    model = _load_model(args, **kwargs)
+    model = _load_model(args, batch=args.batch_size, **kwargs)
     result = export(
         model, args.output, format=fmt, batch_size=args.batch_size, opset=args.opset, tolerance=args.tolerance
     )
@@ -564,7 +620,9 @@ def _args_eval(p: argparse.ArgumentParser) -> None:
         "--crop-pct", type=float, default=None, help="centre-crop fraction (default: the training run's or 0.875)"
     )
     p.add_argument("--batch-size", "-b", type=int, default=64, help="images per forward pass (default: 64)")
-    p.add_argument("--workers", type=int, default=2, help="data loading processes (default: 2)")
+    p.add_argument(
+        "--workers", type=int, default=None, help="data loading processes (default: the CPU cores available, at most 8)"
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run (default: auto)")
     p.add_argument("--no-fuse", action="store_true", help="evaluate the unfused model (BatchNorm not folded)")
     p.add_argument("--output", type=Path, help="also write the results as JSON to this file")
@@ -621,8 +679,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.workers < 0:
+    if args.workers is not None and args.workers < 0:
         raise UsageError(f"--workers must be >= 0, got {args.workers}")
+    _check_output(args.output)
     if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
         raise UsageError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
     if args.checkpoint is None and not args.pretrained:
@@ -631,12 +690,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError("--device cuda: no CUDA GPU is available")
     from levit.checkpoint import read_metadata
     from levit.data import check_image_folder
+    from levit.utils import default_workers
 
     check_image_folder(args.data)  # a bad folder fails before the model is loaded
     meta = read_metadata(args.checkpoint) if args.checkpoint is not None else None
     train_eval = (meta or {}).get("eval") or {}
     kwargs = {"img_size": args.img_size} if args.img_size else {}
-    model = _load_model(args, **kwargs)
+    model = _load_model(args, batch=args.batch_size, **kwargs)
     crop_pct = args.crop_pct or train_eval.get("crop_pct") or 0.875
     fused = getattr(model, "is_fused", False)
     if not args.no_fuse and not fused:
@@ -652,8 +712,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         img_size=model.config.img_size,
         crop_pct=crop_pct,
         batch_size=args.batch_size,
-        workers=args.workers,
+        workers=args.workers if args.workers is not None else default_workers(),
         device=args.device,
+        progress=True,
     )
     if m.pop("rank") != 0:
         return 0
@@ -709,10 +770,15 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
 
     rows = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     bad = [v for v in rows if v not in ROWS]
-    if bad or not rows:
+    if not rows:
+        raise UsageError(f"--variants: no row named; give comma-separated rows from {', '.join(ROWS)}")
+    if bad:
         raise UsageError(f"--variants: unknown row(s) {bad}; valid: {', '.join(ROWS)}")
     if args.epochs < 1:
         raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
+    _require("--batch-size", args.batch_size, 1)
+    _require("--threads", args.threads, 1)
+    _require("--bench-seconds", args.bench_seconds, 0, strict=True)
     if args.data is not None and not args.data.is_dir():
         raise UsageError(f"--data: folder not found: {args.data}")
     try:
@@ -752,8 +818,8 @@ def _cmd_biases(args: argparse.Namespace) -> int:
 
     if args.output.suffix.lower() != ".png":
         raise UsageError(f"--output: expected a .png file, got {args.output.name!r}")
-    if not args.output.parent.is_dir():
-        raise UsageError(f"--output: folder {args.output.parent} does not exist")
+    _check_output(args.output)
+    _check_output(args.output.with_suffix(".npz"))
     kwargs = {"img_size": args.img_size} if args.img_size else {}
     model = _load_model(args, **kwargs)
     tables = attention_biases(model)
