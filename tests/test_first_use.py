@@ -246,6 +246,7 @@ def test_a_large_data_recipe_on_a_tiny_dataset_says_what_it_implies(tmp_path):
     assert r.returncode == 0, r.stderr
     notes = [ln for ln in r.stderr.splitlines() if ln.startswith("note: this recipe is made for a large dataset")]
     assert len(notes) == 1, r.stderr
+    assert "lr 0.008 (lr 0.0005 x 8192/512)" in r.stderr  # the banner says the lr was scaled
     for words in (
         "on 8 training images",
         "effective batch of 8192",

@@ -320,10 +320,15 @@ class _Run:
         if cfg.compile:
             net = torch.compile(net)
         n_train, n_val = self.data.sizes
+        scaled = (
+            ""
+            if self.total_batch == cfg.lr_base_batch
+            else f" (lr {cfg.lr:g} x {self.total_batch}/{cfg.lr_base_batch})"
+        )
         self.banner = (
             f"training {self.name} ({len(self.class_names)} classes, {n_train} train / {n_val} val images) on "
             f"{d.world} x {d.device.type}; batch {cfg.batch_size} x {d.world} process(es) x {self.accum} accumulation"
-            f" = {self.total_batch}, lr {self.lr:.3g}, distillation {cfg.distillation}, amp {self.amp_dtype or 'off'}"
+            f" = {self.total_batch}, lr {self.lr:.3g}{scaled}, distillation {cfg.distillation}, amp {self.amp_dtype or 'off'}"
         )
         updates = math.ceil(self.data.micro_per_epoch / self.accum)
         if self.accum > 1 and updates < SMALL_DATA_UPDATES:  # an ImageNet recipe on a small dataset
