@@ -10,7 +10,17 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "first_line", "fsync_dir", "num_threads", "save_figure"]
+__all__ = [
+    "atomic_path",
+    "available_cpus",
+    "available_memory",
+    "default_workers",
+    "first_line",
+    "fsync_dir",
+    "num_threads",
+    "save_figure",
+    "unwritable_reason",
+]
 
 
 def first_line(e: BaseException | str, limit: int = 300) -> str:
@@ -103,3 +113,65 @@ def num_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(prev)
+
+
+def available_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_workers(cap: int = 8) -> int:
+    """Data-loading worker processes when none are asked for: the cores available, shared among the
+    processes torchrun started on this machine (``LOCAL_WORLD_SIZE``), at most ``cap``."""
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(0, min(cap, available_cpus() // local))
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process can still take: ``MemAvailable`` of ``/proc/meminfo``, lowered
+    to a cgroup's limit when one is set; None where neither can be read."""
+    have = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    have = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            room = max(0, int(limit) - used)
+            have = room if have is None else min(have, room)
+    except (OSError, ValueError):
+        pass
+    return have
+
+
+def unwritable_reason(path: str | os.PathLike) -> str | None:
+    """Why a file cannot be written at ``path`` (None when it can), checked before a long job runs:
+    the folder is missing or is a file, the path is a folder, or the folder refuses a new file (a
+    probe file is created and removed, which also catches read-only and special file systems)."""
+    path = Path(path)
+    folder = path.parent
+    if path.is_dir():
+        return f"{path} is a folder; give a file name"
+    for p in (folder, *folder.parents):
+        if p.exists() and not p.is_dir():
+            return f"{p} is a file, not a folder"
+    if not folder.is_dir():
+        return f"folder {folder} does not exist"
+    probe = folder / f".{path.name}.{os.getpid()}.probe"
+    try:
+        with open(probe, "x"):
+            pass
+    except OSError as e:
+        return f"cannot write in {folder} ({e.strerror or type(e).__name__})"
+    with contextlib.suppress(OSError):
+        probe.unlink()
+    return None

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import UsageError, img_size_option, img_size_type, load_model, model_options
+from .common import UsageError, check_output, img_size_option, img_size_type, load_model, model_options, require
 
 
 def args_ablate(p: argparse.ArgumentParser) -> None:
@@ -37,10 +37,15 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
     rows = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     bad = [v for v in rows if v not in ROWS]
-    if bad or not rows:
+    if not rows:
+        raise UsageError(f"--variants: no row named; give comma-separated rows from {', '.join(ROWS)}")
+    if bad:
         raise UsageError(f"--variants: unknown row(s) {bad}; valid: {', '.join(ROWS)}")
     if args.epochs < 1:
         raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
+    require("--batch-size", args.batch_size, 1)
+    require("--threads", args.threads, 1)
+    require("--bench-seconds", args.bench_seconds, 0, strict=True)
     if args.data is not None and not args.data.is_dir():
         raise UsageError(f"--data: folder not found: {args.data}")
     try:
@@ -80,8 +85,8 @@ def cmd_biases(args: argparse.Namespace) -> int:
 
     if args.output.suffix.lower() != ".png":
         raise UsageError(f"--output: expected a .png file, got {args.output.name!r}")
-    if not args.output.parent.is_dir():
-        raise UsageError(f"--output: folder {args.output.parent} does not exist")
+    check_output(args.output)
+    check_output(args.output.with_suffix(".npz"))
     kwargs = {"img_size": args.img_size} if args.img_size else {}
     model = load_model(args, **kwargs)
     tables = attention_biases(model)

@@ -7,7 +7,15 @@ import json
 import sys
 from pathlib import Path
 
-from .common import UsageError, img_size_option, runtime_options, warnings_as_lines
+from .common import (
+    UsageError,
+    check_img_memory,
+    check_output,
+    img_size_option,
+    require,
+    runtime_options,
+    warnings_as_lines,
+)
 
 
 def args_bench(p: argparse.ArgumentParser) -> None:
@@ -40,6 +48,28 @@ def args_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON rows instead of the table")
 
 
+def _check_numbers_and_outputs(args: argparse.Namespace, models: list[str], batches: list[int] | None) -> None:
+    """The numeric flags, the output files and the input size's memory, before any model is built."""
+    from levit.tools.benchmark import BENCH_MODELS
+
+    for flag, v in (("--threads", args.threads), ("--windows", args.windows)):
+        if v is not None and v < 1:
+            raise UsageError(f"{flag} must be >= 1, got {v}")
+    require("--warmup", args.warmup, 0)
+    require("--window", args.window, 0)  # 0: one call per window
+    for path, flag, sufs in (
+        (args.output, "--output", (".csv", ".json")),
+        (args.plot, "--plot", (".png", ".svg", ".pdf")),
+    ):
+        if path is not None:
+            if path.suffix.lower() not in sufs:
+                raise UsageError(f"{flag} must end in {' or '.join(sufs)}, got {path.name!r}")
+            check_output(path, flag)
+    if args.img_size:
+        for name in dict.fromkeys(BENCH_MODELS[m].source for m in models if BENCH_MODELS[m].implementation == "levit"):
+            check_img_memory(name, args.img_size, max(batches or [16]))
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
@@ -60,8 +90,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for name, e in BENCH_MODELS.items():
             print(f"{name:<26} {e.family:<30} {e.img_size}px  top-1 {e.top1 if e.top1 else '-'}")
         return 0
-    if args.models:
+    if args.models is not None:
         models = [m.strip() for m in args.models.split(",") if m.strip()]
+        if not models:
+            raise UsageError("--models: no model named; give comma-separated names (see `levit bench --list`)")
         unknown = [m for m in models if m not in BENCH_MODELS]
         if unknown:
             raise UsageError(f"--models: unknown {', '.join(unknown)}; see `levit bench --list`")
@@ -86,18 +118,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         batches = parse_batch_sizes(args.batch_size) if args.batch_size is not None else None
     except LeViTError as e:
         raise UsageError(f"--batch-size: {e}") from e
-    for flag, v in (("--threads", args.threads), ("--windows", args.windows)):
-        if v is not None and v < 1:
-            raise UsageError(f"{flag} must be >= 1, got {v}")
-    for path, flag, sufs in (
-        (args.output, "--output", (".csv", ".json")),
-        (args.plot, "--plot", (".png", ".svg", ".pdf")),
-    ):
-        if path is not None:
-            if path.suffix.lower() not in sufs:
-                raise UsageError(f"{flag} must end in {' or '.join(sufs)}, got {path.name!r}")
-            if not path.parent.is_dir():
-                raise UsageError(f"{flag}: folder {path.parent} does not exist")
+    _check_numbers_and_outputs(args, models, batches)
     warmup, windows, window = (1.0, 3, 1.0) if args.quick else (5.0, 5, 3.0)
     warmup = args.warmup if args.warmup is not None else warmup
     windows = args.windows or windows

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -78,9 +79,48 @@ def positive_float(text: str) -> float:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not v > 0:
+    if not v > 0 or v == float("inf"):
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return v
+
+
+def require(flag: str, value: float | None, low: float, *, strict: bool = False) -> None:
+    """A numeric flag's lower bound (``value`` None: the flag was not given): one line, exit 2."""
+    if value is None:
+        return
+    if not math.isfinite(value) or (value <= low if strict else value < low):
+        raise UsageError(f"{flag} must be {'>' if strict else '>='} {low:g}, got {value:g}")
+
+
+def check_output(path: Path | None, flag: str = "--output") -> None:
+    """An output file that cannot be written is refused before the job runs, naming the flag."""
+    from levit.utils import unwritable_reason
+
+    if path is not None and (reason := unwritable_reason(path)):
+        raise UsageError(f"{flag} {path}: {reason}")
+
+
+def check_img_memory(name: str, img_size: int | tuple[int, int], batch: int) -> None:
+    """An input size whose attention maps would not fit in memory is refused before the model is
+    built (its bias index tables alone grow with the square of the token count)."""
+    from levit.models.config import get_config
+    from levit.models.flops import attention_bytes
+    from levit.utils import available_memory
+
+    cfg = get_config(name, img_size=img_size)
+    need, have = attention_bytes(cfg, batch), available_memory()
+    size = "x".join(map(str, cfg.img_hw))
+    what = (
+        f"{name} at {size} ({cfg.grid_sizes[0][0] * cfg.grid_sizes[0][1]:,} tokens) needs about {need / 2**30:.1f} GiB"
+    )
+    if have is not None and need > have:
+        smaller = " or a smaller --batch-size" if batch > 1 else ""
+        raise UsageError(
+            f"--img-size {size}: {what} for a batch of {batch}, more than the {have / 2**30:.1f} GiB of memory "
+            f"available; use a smaller --img-size{smaller}"
+        )
+    if need > 2**30:
+        print(f"note: --img-size {size}: {what} of memory for a batch of {batch}", file=sys.stderr)
 
 
 def one_of(values: Sequence[str], what: str) -> Callable[[str], str]:
@@ -154,8 +194,9 @@ def warnings_as_lines() -> Iterator[None]:
         print(f"warning: {w.message}", file=sys.stderr)
 
 
-def load_model(args: argparse.Namespace, **kwargs: object):
-    """The model named by --model / --checkpoint / --pretrained (levit files may omit --model)."""
+def load_model(args: argparse.Namespace, batch: int = 1, **kwargs: object):
+    """The model named by --model / --checkpoint / --pretrained (levit files may omit --model); an
+    ``img_size`` whose attention for ``batch`` images would not fit in memory is refused first."""
     from levit.factory.registry import create_model
     from levit.weights.format import read_metadata
 
@@ -167,6 +208,8 @@ def load_model(args: argparse.Namespace, **kwargs: object):
         if meta is None:
             raise UsageError(f"--model is required: {args.checkpoint} is not a levit-format file")
         name = meta["variant"]
+    if kwargs.get("img_size"):
+        check_img_memory(name, kwargs["img_size"], batch)  # type: ignore[arg-type]
     with warnings_as_lines():
         model = create_model(name, checkpoint=args.checkpoint, pretrained=args.pretrained, **kwargs)
     if args.checkpoint is None and not args.pretrained:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import UsageError, img_size_option, load_model, model_options, one_of, positive_float
+from .common import UsageError, check_output, img_size_option, load_model, model_options, one_of, positive_float
 
 
 def args_export(p: argparse.ArgumentParser) -> None:
@@ -46,13 +46,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     except ExportError as e:
         flag = "--opset" if "opset" in str(e) else "--output/--format"
         raise UsageError(f"{flag}: {e}") from e
-    if not args.output.parent.is_dir():
-        raise UsageError(f"--output: folder {args.output.parent} does not exist")
+    check_output(args.output)
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     check_packages(fmt)  # a missing runtime fails before the model is built
     kwargs = {"img_size": args.img_size} if args.img_size else {}
-    model = load_model(args, **kwargs)
+    model = load_model(args, batch=args.batch_size, **kwargs)
     result = export(
         model, args.output, format=fmt, batch_size=args.batch_size, opset=args.opset, tolerance=args.tolerance
     )

@@ -58,7 +58,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     kwargs = {"img_size": args.img_size} if args.img_size else {}
     from levit.models.fuse import inference_form
 
-    model = inference_form(load_model(args, **kwargs))  # once: the runtime and the fp32 reference share it
+    model = inference_form(
+        load_model(args, batch=min(args.batch_size, len(files)), **kwargs)
+    )  # once: the runtime and the fp32 reference share it
     runner = None
     if use_runtime:
         from levit.runtime.deploy import deploy

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from levit.models.config import DEFAULT_CROP_PCT
 
-from .common import UsageError, img_size_option, load_model, model_name, model_options
+from .common import UsageError, check_output, img_size_option, load_model, model_name, model_options
 
 
 def args_train(p: argparse.ArgumentParser) -> None:
@@ -48,7 +48,9 @@ def args_eval(p: argparse.ArgumentParser) -> None:
         f"{DEFAULT_CROP_PCT}, the authors' evaluation)",
     )
     p.add_argument("--batch-size", "-b", type=int, default=64, help="images per forward pass (default: 64)")
-    p.add_argument("--workers", type=int, default=2, help="data loading processes (default: 2)")
+    p.add_argument(
+        "--workers", type=int, default=None, help="data loading processes (default: the CPU cores available, at most 8)"
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run (default: auto)")
     p.add_argument("--no-fuse", action="store_true", help="evaluate the unfused model (BatchNorm not folded)")
     p.add_argument("--output", type=Path, help="also write the results as JSON to this file")
@@ -105,8 +107,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.workers < 0:
+    if args.workers is not None and args.workers < 0:
         raise UsageError(f"--workers must be >= 0, got {args.workers}")
+    check_output(args.output)
     if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
         raise UsageError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
     if args.checkpoint is None and not args.pretrained:
@@ -114,10 +117,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA GPU is available")
     from levit.data.datasets import check_image_folder
+    from levit.utils import default_workers
 
     check_image_folder(args.data)  # a bad folder fails before the model is loaded
     kwargs = {"img_size": args.img_size} if args.img_size else {}
-    model = load_model(args, **kwargs)
+    model = load_model(args, batch=args.batch_size, **kwargs)
     crop_pct = args.crop_pct or model.pretrained_cfg["crop_pct"]  # the file's (a training run's eval crop)
     if not args.no_fuse:
         from levit.models.fuse import inference_form
@@ -130,8 +134,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         img_size=model.config.img_size,
         crop_pct=crop_pct,
         batch_size=args.batch_size,
-        workers=args.workers,
+        workers=args.workers if args.workers is not None else default_workers(),
         device=args.device,
+        progress=sys.stderr.isatty(),  # a bar on a terminal, nothing in logs
     )
     if m.pop("rank") != 0:
         return 0

@@ -183,7 +183,10 @@ def build_loaders(
         )
     if cfg.mixup_mode == "batch" and (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
         raise LeViTError(f"--batch-size must be even with Mixup/CutMix (mode batch), got {cfg.batch_size}")
-    common = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=collate_skip, pin_memory=pin_memory)
+    from ..utils import default_workers
+
+    workers = cfg.workers if cfg.workers is not None else default_workers()  # null: the cores available
+    common = dict(batch_size=cfg.batch_size, num_workers=workers, collate_fn=collate_skip, pin_memory=pin_memory)
     train_loader = torch.utils.data.DataLoader(
         train_set,
         sampler=sampler,

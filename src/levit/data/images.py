@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -57,9 +58,22 @@ def open_rgb(path: str | os.PathLike):
     greyscale images are first scaled to 8 bits over their type's range, so a 16-bit PNG gives the same
     pixels as its 8-bit copy.
     """
+    import warnings
+
     from PIL import Image
 
-    with Image.open(path) as im:
+    with warnings.catch_warnings():  # Pillow's decompression-bomb warning: one line of ours instead
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(path)
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+            m = re.search(r"\((\d+) pixels\)", str(e))
+            size = f"{int(m.group(1)) / 1e6:.1f}-megapixel " if m else ""
+            raise ValueError(
+                f"{size}image too large to decode safely (Pillow's limit: {Image.MAX_IMAGE_PIXELS:,} pixels, "
+                "PIL.Image.MAX_IMAGE_PIXELS)"
+            ) from None
+    with im:
         im.load()
         if im.mode in ("I", "F") or im.mode.startswith("I;16"):
             im = _to_8bit(im)

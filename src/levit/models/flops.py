@@ -10,7 +10,7 @@ from .config import LeViTConfig
 if TYPE_CHECKING:  # arithmetic on the config: no torch needed to count
     from torch import nn
 
-__all__ = ["count_flops", "count_params", "flops_from_config", "params_from_config"]
+__all__ = ["attention_bytes", "count_flops", "count_params", "flops_from_config", "params_from_config"]
 
 
 def count_params(model: nn.Module) -> int:
@@ -112,3 +112,21 @@ def count_flops(model_or_name: nn.Module | str | LeViTConfig) -> int:
         raise TypeError(f"count_flops needs a LeViT model, name or config, got {type(model_or_name).__name__}")
     fused = getattr(model_or_name, "is_fused", False)
     return flops_from_config(cfg, fused=fused)
+
+
+def attention_bytes(cfg: LeViTConfig, batch: int = 1, bytes_per_value: int = 4) -> int:
+    """Memory of the model's largest attention map for ``batch`` images of ``cfg``'s size, by arithmetic.
+
+    Attention maps are (heads, queries, keys) per image and grow with the square of the token count
+    (196 tokens at 224x224, 65,536 at 4096x4096). The estimate counts the bias gathered over the grid
+    once, and the scores, their softmax and one temporary per image: the peak of the unfused and
+    fused forward passes alike, within a small factor. For refusing an input size before anything
+    is allocated; the model's other activations are far smaller."""
+    worst = 0
+    for s in range(cfg.num_stages):
+        n = cfg.grid_sizes[s][0] * cfg.grid_sizes[s][1]
+        worst = max(worst, cfg.num_heads[s] * n * n)
+        if s > 0:  # the shrink attention: queries on this stage's grid, keys on the previous one
+            n_in = cfg.grid_sizes[s - 1][0] * cfg.grid_sizes[s - 1][1]
+            worst = max(worst, cfg.shrink_heads[s - 1] * n * n_in)
+    return worst * bytes_per_value * (1 + 3 * batch)

@@ -4,6 +4,8 @@ one shard per process under torchrun."""
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -26,11 +28,13 @@ def evaluate_folder(
     batch_size: int = 64,
     workers: int = 2,
     device: str = "auto",
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on an ImageFolder (one sub-folder per class) with the official preprocessing;
     under torchrun every process takes a shard and the counts are reduced (the group is torn down
     after). Class folders are matched to ``model.class_names`` by name when the model has them, else
-    taken in sorted order. Returns :func:`evaluate`'s numbers plus ``rank`` (only rank 0 should print)."""
+    taken in sorted order. Returns :func:`evaluate`'s numbers plus ``rank`` (only rank 0 should print).
+    ``progress`` shows a progress bar on stderr (rank 0)."""
     from ..data.datasets import SafeImageFolder, check_image_folder, collate_skip
     from ..data.samplers import ShardSampler
 
@@ -59,5 +63,10 @@ def evaluate_folder(
             num_workers=workers,
             collate_fn=collate_skip,
         )
-        metrics = evaluate(model.to(ctx.device).eval(), loader, ctx.device)
+        batches: Iterable = loader
+        if progress and ctx.main:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(loader, desc="eval", unit="batch", leave=False, file=sys.stderr, dynamic_ncols=True)
+        metrics = evaluate(model.to(ctx.device).eval(), batches, ctx.device)
         return metrics | {"rank": ctx.rank}

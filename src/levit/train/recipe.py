@@ -91,7 +91,7 @@ class TrainConfig:
     eval_every: int = 1
     # machinery
     seed: int = 0
-    workers: int = 8
+    workers: int | None = None  # data-loading processes; None: the CPU cores available (at most 8)
     threads: int | None = None  # intra-op CPU threads (torch.set_num_threads); None: torch's default
     device: str = "auto"  # auto / cpu / cuda
     amp: str = "bf16"  # bf16 / fp16 / none (GPU only; CPU runs in fp32)
@@ -122,6 +122,9 @@ _CHOICES = {
     "remode": ("pixel", "rand", "const"),
 }
 _POSITIVE = ("epochs", "batch_size", "lr_base_batch", "keep_last", "log_every", "eval_every", "img_size", "recount")
+_NON_NEGATIVE = ("warmup_epochs", "warmup_lr", "min_lr", "weight_decay", "opt_eps", "checkpoint_every_steps", "mixup")
+_NON_NEGATIVE += ("cutmix", "color_jitter")
+_FRACTIONS = ("hflip", "reprob", "mixup_prob", "mixup_switch_prob", "smoothing", "model_ema_decay")
 
 
 SCHEDULE_KEYS = ("epochs", "sched", "warmup_epochs", "warmup_lr", "min_lr", "lr", "lr_base_batch", "total_batch")
@@ -193,6 +196,21 @@ def check_config(cfg: TrainConfig) -> None:
         raise LeViTError(f"img_size must be a multiple of 16, got {cfg.img_size}")
     if cfg.threads is not None and cfg.threads < 1:
         raise LeViTError(f"threads must be >= 1 or null, got {cfg.threads}")
+    if cfg.workers is not None and cfg.workers < 0:
+        raise LeViTError(f"workers must be >= 0 or null, got {cfg.workers}")
+    for key in _NON_NEGATIVE:
+        if getattr(cfg, key) < 0:
+            raise LeViTError(f"{key} must be >= 0, got {getattr(cfg, key)}")
+    for key in _FRACTIONS:
+        if not 0 <= getattr(cfg, key) <= 1:
+            raise LeViTError(f"{key} must be in [0, 1], got {getattr(cfg, key)}")
+    for key in ("lr", "distillation_tau"):
+        if not getattr(cfg, key) > 0:
+            raise LeViTError(f"{key} must be > 0, got {getattr(cfg, key)}")
+    if cfg.clip_grad is not None and not cfg.clip_grad > 0:
+        raise LeViTError(f"clip_grad must be > 0 or null, got {cfg.clip_grad}")
+    if cfg.drop_path is not None and not 0 <= cfg.drop_path < 1:
+        raise LeViTError(f"drop_path must be in [0, 1) or null, got {cfg.drop_path}")
     if cfg.total_batch is not None and cfg.total_batch < 1:
         raise LeViTError(f"total_batch must be >= 1 or null, got {cfg.total_batch}")
     if not 0 < cfg.eval_crop_pct <= 1:
@@ -209,6 +227,11 @@ def check_config(cfg: TrainConfig) -> None:
         raise LeViTError(f"--data {cfg.data} and --dataset {cfg.dataset} exclude each other: give one")
     if cfg.data is None and cfg.dataset is None:
         raise LeViTError("--data DIR is required (DIR/train/CLASS/*.jpg and DIR/val/CLASS/*.jpg), or --dataset digits")
+    if cfg.data is not None and Path(cfg.output).resolve().is_relative_to(Path(cfg.data).resolve()):
+        raise LeViTError(
+            f"--output {cfg.output} is inside --data {cfg.data}: the run's files would become part of the "
+            "dataset; pick an --output outside it"
+        )
     from ..models.config import canonical_name, get_config
 
     canonical_name(cfg.model)  # unknown names list the valid ones

@@ -59,6 +59,10 @@ __all__ = [
 ]
 
 
+#: fewer optimizer updates per epoch than this, with gradient accumulation, gets a note at the start
+SMALL_DATA_UPDATES = 50
+
+
 @dataclass
 class TrainResult:
     """What :func:`train` returns (on every rank)."""
@@ -323,11 +327,24 @@ class _Run:
         if cfg.compile:
             net = torch.compile(net)
         n_train, n_val = self.data.sizes
+        scaled = (
+            ""
+            if self.total_batch == cfg.lr_base_batch
+            else f" (lr {cfg.lr:g} x {self.total_batch}/{cfg.lr_base_batch})"
+        )
         self.banner = (
             f"training {self.name} ({len(self.class_names)} classes, {n_train} train / {n_val} val images) on "
             f"{d.world} x {d.device.type}; batch {cfg.batch_size} x {d.world} process(es) x {self.accum} accumulation"
-            f" = {self.total_batch}, lr {self.lr:.3g}, distillation {cfg.distillation}, amp {self.amp_dtype or 'off'}"
+            f" = {self.total_batch}, lr {self.lr:.3g}{scaled}, distillation {cfg.distillation}, amp {self.amp_dtype or 'off'}"
         )
+        updates = math.ceil(self.data.micro_per_epoch / self.accum)
+        if self.accum > 1 and updates < SMALL_DATA_UPDATES:  # an ImageNet recipe on a small dataset
+            self.banner += (
+                f"\nnote: this recipe is made for a large dataset: on {n_train} training images it means an effective "
+                f"batch of {self.total_batch} ({self.accum} accumulation steps), lr {cfg.lr:g} x {self.total_batch}/"
+                f"{cfg.lr_base_batch} = {self.lr:.3g} and {updates} optimizer update(s) per epoch; for a small "
+                "dataset use --config digits, or total_batch=null with your own batch_size and lr"
+            )
         self.parts = EpochParts(
             model=self.model,
             net=net,

@@ -108,14 +108,43 @@ class RunDir:
         found = [t + ("/" if (self.path / t).is_dir() else "") for t in TRACES if (self.path / t).exists()]
         return found
 
-    def refuse_if_used(self) -> None:
-        """A fresh run never overwrites an earlier one: any trace of it is an error."""
+    def valuables(self) -> list[str]:
+        """The earlier run's files worth keeping: weights (``best.pth``, anything in ``checkpoints/``,
+        unreadable checkpoints set aside included) and metrics (``metrics.jsonl`` with records,
+        TensorBoard logs). ``config.yaml`` and empty folders alone are not: a run that failed in its
+        first epoch leaves only those, and the next run may take the folder over."""
+        found = []
+        if (self.path / "best.pth").exists():
+            found.append("best.pth")
+        if self.ckpt_dir.is_dir() and any(not p.name.startswith(".") for p in self.ckpt_dir.iterdir()):
+            found.append("checkpoints/")
+        metrics = self.path / "metrics.jsonl"
+        if metrics.is_file() and metrics.stat().st_size > 0:
+            found.append("metrics.jsonl")
+        tb = self.path / "tensorboard"
+        if tb.is_dir() and any(p.is_file() for p in tb.rglob("*")):
+            found.append("tensorboard/")
+        return found
+
+    def _take_over(self) -> None:
+        """Say so when a folder with run files but nothing of value is reused by a new run."""
         found = self.traces()
-        if found:
-            raise LeViTError(
-                f"--output {self.path} holds an earlier run ({', '.join(found)}): continue it with --resume auto, "
-                "or pick another --output (nothing is overwritten)"
+        if found and self.main:
+            print(
+                f"note: --output {self.path} holds {', '.join(found)} of a run that saved no weights and no "
+                "metrics: starting a new run there",
+                file=sys.stderr,
             )
+
+    def refuse_if_used(self) -> None:
+        """A fresh run never overwrites an earlier one: weights or metrics of it are an error (a folder
+        with nothing of value is taken over, see :meth:`valuables`)."""
+        if self.valuables():
+            raise LeViTError(
+                f"--output {self.path} holds an earlier run ({', '.join(self.traces())}): continue it with "
+                "--resume auto, or pick another --output (nothing is overwritten)"
+            )
+        self._take_over()
 
     def resume_point(self, resume: str | None) -> tuple[Path, dict] | None:
         """The checkpoint to continue from for ``--resume`` (``None``, ``auto`` or a path), after the
@@ -129,7 +158,10 @@ class RunDir:
                 raise LeViTError(f"--resume: checkpoint file not found: {path}")
             return path, load_state(path)
         found = find_resume_checkpoint(self.path, set_aside=self.main)
-        if found is None and self.traces():
+        if found is None and not self.valuables():
+            self._take_over()  # nothing of value: a fresh start
+            return None
+        if found is None:
             aside = sorted(p.name for p in self.ckpt_dir.glob("*.corrupt")) if self.ckpt_dir.is_dir() else []
             extra = f"; unreadable checkpoints set aside: {', '.join(aside)}" if aside else ""
             raise LeViTError(

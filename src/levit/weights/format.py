@@ -79,13 +79,33 @@ def read_checkpoint(path: str | os.PathLike, *, flag: str | None = None) -> tupl
     return sd, info if info is not None else hf.hf_metadata(sd, path)
 
 
+def _is_text(start: bytes) -> bool:
+    """Whether a file's first bytes are text (UTF-8 without NUL): torch (zip or pickle) and
+    safetensors files start with binary headers, so text is never a checkpoint."""
+    if b"\0" in start:
+        return False
+    try:
+        start.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start >= len(start) - 3  # a character cut at the end of the sample is still text
+    return True
+
+
 def _read_file(path: Path, pre: str) -> tuple[dict[str, Tensor], dict | None]:
     if not path.is_file():
         raise CheckpointError(f"{pre}checkpoint file not found: {path}")
     with open(path, "rb") as f:
-        head = f.read(9)
+        start = f.read(512)
+    head = start[:9]
+    if not start:
+        raise CheckpointError(f"{pre}{path}: file is empty, not a checkpoint")
+    if _is_text(start):
+        raise CheckpointError(
+            f"{pre}{path}: cannot read it as a checkpoint: it is a text file ({path.stat().st_size} bytes), "
+            "not a torch .pth / .safetensors file"
+        )
     if len(head) < 9:
-        raise CheckpointError(f"{pre}{path}: file is empty or truncated, not a checkpoint")
+        raise CheckpointError(f"{pre}{path}: file is truncated ({len(head)} bytes), not a checkpoint")
     # safetensors: 8-byte little-endian header length, then a JSON header; anything else goes to torch.load
     header_len = int.from_bytes(head[:8], "little")
     if not (head[8:9] == b"{" and header_len < path.stat().st_size):
