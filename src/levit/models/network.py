@@ -216,7 +216,7 @@ PREPROCESS_KEYS = ("crop_pct", "crop_mode", "interpolation", "mean", "std")
 
 
 def default_preprocess() -> dict:
-    """The released weights' evaluation (the authors', as DeiT's): resize to img_size / 0.875
+    """The released weights' evaluation (the authors', as DeiT's): resize to img_size / DEFAULT_CROP_PCT
     bicubically, centre crop, ImageNet mean/std."""
     return {
         "crop_pct": DEFAULT_CROP_PCT,
