@@ -187,3 +187,33 @@ def test_16_bit_png_gets_the_probabilities_of_its_8_bit_copy(tiny, tmp_path):
     r8, r16 = predict_paths(tiny, [tmp_path / "a8.png", tmp_path / "a16.png"], topk=3, progress=False)
     assert [p["class"] for p in r8["top"]] == [p["class"] for p in r16["top"]]
     assert [p["prob"] for p in r8["top"]] == pytest.approx([p["prob"] for p in r16["top"]], abs=1e-5)
+
+
+def test_models_pattern_that_matches_nothing_is_a_usage_error(capsys):
+    from levit.cli import main
+
+    assert main(["models", "resnet*"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no model matches 'resnet*'" in err and "levit_128s" in err
+    assert main(["models", "levit_1*"]) == 0 and "levit_192" in capsys.readouterr().out
+
+
+def test_help_of_every_command_imports_no_torch():
+    """``levit --help`` and every ``levit COMMAND --help`` start without torch (well under a second),
+    since their choices come from plain-data modules (``levit.runtime.options``, ``levit.models.config``)."""
+    import subprocess
+    import sys
+
+    from levit.cli import COMMANDS
+
+    code = (
+        "import contextlib, io, sys\n"
+        "from levit.cli import main\n"
+        f"for cmd in {[[], *[[c] for c in COMMANDS]]!r}:\n"
+        "    with contextlib.redirect_stdout(io.StringIO()):\n"
+        "        assert main([*cmd, '--help']) == 0\n"
+        "    if 'torch' in sys.modules:\n"
+        "        sys.exit('torch imported by: levit ' + ' '.join(cmd) + ' --help')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-500:]

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .common import UsageError, img_size_option, runtime_options
+from .common import UsageError, img_size_option, runtime_options, warnings_as_lines
 
 
 def args_bench(p: argparse.ArgumentParser) -> None:
@@ -126,19 +126,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 flush=True,
             )
 
-    rows = benchmark(
-        models,
-        backend=args.backend,
-        precision=precision,
-        device=args.device,
-        batch_size=batch,
-        threads=threads,
-        img_size=args.img_size,
-        warmup_s=warmup,
-        windows=windows,
-        window_s=window,
-        progress=progress,
-    )
+    with warnings_as_lines():  # e.g. "levit_128s (A3) cannot be fused: timed unfused"
+        rows = benchmark(
+            models,
+            backend=args.backend,
+            precision=precision,
+            device=args.device,
+            batch_size=batch,
+            threads=threads,
+            img_size=args.img_size,
+            warmup_s=warmup,
+            windows=windows,
+            window_s=window,
+            progress=progress,
+        )
     if args.json:
         print(json.dumps(rows, indent=2))
     else:

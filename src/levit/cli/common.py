@@ -124,7 +124,7 @@ def runtime_options(
     backend_help: str = "runtime",
 ) -> None:
     """--backend / --precision, choices from :mod:`levit.deploy`."""
-    from levit.runtime.deploy import BACKENDS, PRECISIONS
+    from levit.runtime.options import BACKENDS, PRECISIONS
 
     p.add_argument(
         "--backend", type=one_of(BACKENDS, "backend"), default=backend, metavar="|".join(BACKENDS), help=backend_help

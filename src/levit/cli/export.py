@@ -9,7 +9,7 @@ from .common import UsageError, img_size_option, load_model, model_options, one_
 
 
 def args_export(p: argparse.ArgumentParser) -> None:
-    from levit.runtime.export import DEFAULT_TOLERANCE, FORMATS
+    from levit.runtime.options import DEFAULT_TOLERANCE, FORMATS
 
     model_options(p)
     p.add_argument(

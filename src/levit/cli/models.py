@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from .common import UsageError
+
 
 def args_models(p: argparse.ArgumentParser) -> None:
     p.add_argument("pattern", nargs="?", default="*", help="shell-style name filter")
@@ -18,8 +20,11 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     if args.ablations:
         return cmd_models_ablations(args)
+    names = list_models(args.pattern)
+    if not names:
+        raise UsageError(f"no model matches {args.pattern!r}; the models are {', '.join(list_models())}")
     rows = []
-    for name in list_models(args.pattern):
+    for name in names:
         cfg = VARIANTS[name]
         paper = PAPER_RESULTS.get(name)
         rows.append(

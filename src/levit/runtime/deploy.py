@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from ..errors import LeViTError
 from ..utils import num_threads
+from .options import BACKENDS, PRECISIONS, SUPPORTED_PRECISIONS
 
 __all__ = [
     "BACKENDS",
@@ -61,15 +62,6 @@ __all__ = [
     "resolve_backend",
 ]
 
-BACKENDS = ("auto", "eager", "inductor", "onnxruntime", "openvino", "cudagraph")
-PRECISIONS = ("fp32", "bf16", "fp16", "int8")
-SUPPORTED_PRECISIONS: dict[str, tuple[str, ...]] = {
-    "eager": ("fp32", "bf16", "fp16"),
-    "inductor": ("fp32", "bf16", "fp16"),
-    "onnxruntime": ("fp32", "int8"),
-    "openvino": ("fp32", "bf16", "int8"),
-    "cudagraph": ("fp32", "bf16", "fp16"),
-}
 # the package each backend (or backend + precision) needs, and the extra that installs it
 _NEEDS: dict[tuple[str, str | None], tuple[str, ...]] = {
     ("onnxruntime", None): ("onnx", "onnxruntime"),
@@ -86,7 +78,7 @@ _AUTO_ORDER: dict[str, tuple[str, ...]] = {
 # `auto` on a GPU, per precision: CUDA graphs up to this batch (launch-bound: graphs remove the
 # per-kernel CPU cost), inductor above (fused kernels, throughput). Measured by benchmarks/gpu.py on
 # one H200 (torch 2.11, fp16/bf16, LeViT-128S and LeViT-384): graphs run 7.8x / 3.3x eager at batch
-# 64 and 16x / 13x at batch 1, while at batch 1024 inductor runs 1.27x / 1.54x graphs (docs: speed).
+# 64 and 16x / 13x at batch 1, while at batch 1024 inductor runs 1.27x / 1.54x graphs (docs/speed.md, GPU).
 _AUTO_GPU_GRAPH_MAX_BATCH: dict[str, int] = {"fp32": 64, "fp16": 64, "bf16": 64}
 _CPU_ONLY = ("onnxruntime", "openvino")
 _GPU_ONLY = ("cudagraph",)

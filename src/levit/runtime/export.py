@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ..errors import LeViTError
 from ..utils import atomic_path, first_line
+from .options import DEFAULT_TOLERANCE, FORMATS
 
 __all__ = [
     "DEFAULT_TOLERANCE",
@@ -41,9 +42,7 @@ __all__ = [
     "write_onnx",
 ]
 
-FORMATS = {"onnx": ".onnx", "openvino": ".xml", "torchscript": ".pt"}
 _PACKAGES = {"onnx": ("onnx", "onnxruntime"), "openvino": ("openvino",), "torchscript": ()}
-DEFAULT_TOLERANCE = 1e-4  # relative to the float64 run; the fp32 rounding floor is added on top
 MIN_OPSET = 14  # HardSwish is an ONNX operator from opset 14 on
 _FP32_MARGIN = 10.0  # an export may be this many times further from float64 than fp32 PyTorch is
 

@@ -163,8 +163,10 @@ def _train_row(row: str, s: AblationSettings, out: Path) -> dict[str, Any]:
         values.update(teacher=None, teacher_checkpoint=s.teacher_checkpoint)
     if s.threads is not None:
         values["threads"] = s.threads
-    if s.data is None:
-        values.update(dataset="digits", data=str(out / "digits"))  # one shared copy of the digits
+    if s.data is None:  # one shared copy of the bundled digits, written once beside the rows
+        from ..data.digits import make_digits_folder
+
+        values.update(dataset=None, data=str(make_digits_folder(out / "digits", seed=0)))
     else:
         values.update(dataset=None, data=s.data)
     values.update(s.train_overrides or {})

@@ -7,6 +7,7 @@ The defaults are the paper's recipe (LeViT, Section 5.1, with DeiT's augmentatio
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -130,6 +131,19 @@ def _fields() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
+def _number(value: Any) -> Any:
+    """A number written as text, in any notation Python reads (``1e-4``, ``3E-4``, ``.5``), as a float.
+
+    YAML 1.1, which PyYAML follows, reads ``1e-4`` (no dot) as a string; values of float keys are
+    numbers however they are written. Anything else is returned unchanged (and refused by the caller)."""
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return value
+    return value
+
+
 def _coerce(key: str, value: Any, source: str) -> Any:
     """Check/convert ``value`` against the type of field ``key``; one-line error naming ``source``."""
     ftype = str(_fields()[key].type)
@@ -149,7 +163,8 @@ def _coerce(key: str, value: Any, source: str) -> Any:
             raise bad
         return int(value)
     if base == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        value = _number(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise bad
         return float(value)
     if base == "str":
@@ -157,6 +172,7 @@ def _coerce(key: str, value: Any, source: str) -> Any:
             raise bad
         return str(value)
     if base.startswith("list"):
+        value = [_number(v) for v in value] if isinstance(value, (list, tuple)) else value
         if not isinstance(value, (list, tuple)) or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
         ):

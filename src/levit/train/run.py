@@ -211,7 +211,13 @@ class _Run:
         if cfg.init_checkpoint or cfg.pretrained:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                model = create_model(self.name, checkpoint=cfg.init_checkpoint, pretrained=cfg.pretrained, **kwargs)
+                try:
+                    model = create_model(self.name, checkpoint=cfg.init_checkpoint, pretrained=cfg.pretrained, **kwargs)
+                except CheckpointError as e:  # offline: name the recipe key that takes a file, not a CLI flag
+                    from ..weights.hub import PASS_A_FILE
+
+                    hint = "or set init_checkpoint=PATH instead of pretrained=true"
+                    raise CheckpointError(str(e).replace(PASS_A_FILE, hint)) from None
             for w in caught:
                 log(d, f"note: {w.message}")
         else:

@@ -18,9 +18,11 @@ from ..errors import CheckpointError
 from ..models.config import PAPER_RESULTS
 from ..utils import atomic_path
 
-__all__ = ["check_hash", "default_cache_dir", "download_checkpoint", "download_pretrained"]
+__all__ = ["check_hash", "default_cache_dir", "download_checkpoint", "download_pretrained", "mirror_url"]
 
 _HASH_RE = re.compile(r"-([0-9a-f]{8,64})\.\w+$")
+#: how an offline error says to use a file at hand (``levit train`` names its own key instead)
+PASS_A_FILE = "or pass checkpoint=PATH (--checkpoint PATH)"
 
 
 def default_cache_dir() -> Path:
@@ -75,8 +77,7 @@ def download_checkpoint(url: str, cache_dir: str | os.PathLike | None = None, pr
     except (urllib.error.URLError, OSError, TimeoutError) as e:
         reason = getattr(e, "reason", e)
         raise CheckpointError(
-            f"cannot download {url} ({reason}); fetch it elsewhere and put it at {target}, "
-            "or pass checkpoint=PATH (--checkpoint PATH)"
+            f"cannot download {url} ({reason}); fetch it elsewhere and put it at {target}, {PASS_A_FILE}"
         ) from e
     return target
 
@@ -105,12 +106,21 @@ def download_pretrained(name: str) -> Path:
     """Path to the official released weights of the variant ``name`` (a registered name, e.g.
     ``levit_128s``), downloaded once into the torch hub cache and hash-checked on every use.
 
-    ``LEVIT_PRETRAINED_URL`` may point to a mirror folder holding the same file names.
+    ``LEVIT_PRETRAINED_URL`` may name a mirror holding the same file names: a folder or a URL
+    (:func:`mirror_url`).
     """
     if name not in PAPER_RESULTS:
         raise CheckpointError(f"no released weights for {name}; released: {', '.join(PAPER_RESULTS)}")
     url = PAPER_RESULTS[name].url
     mirror = os.environ.get("LEVIT_PRETRAINED_URL")
     if mirror:
-        url = mirror.rstrip("/") + "/" + url.rsplit("/", 1)[-1]
+        url = mirror_url(mirror, url.rsplit("/", 1)[-1])
     return download_checkpoint(url)
+
+
+def mirror_url(mirror: str, fname: str) -> str:
+    """The URL of ``fname`` in a mirror of the release files: ``mirror`` is a URL (``https://...``,
+    ``file:///srv/weights``) or a local folder (``/srv/weights``, ``~/weights``, relative paths)."""
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", mirror):
+        return mirror.rstrip("/") + "/" + fname
+    return (Path(mirror).expanduser().resolve() / fname).as_uri()
