@@ -317,7 +317,7 @@ class LeViT(nn.Module):
     def set_distilled_training(self, enable: bool = True) -> None:
         """Return ``(head, head_dist)`` in training mode instead of their average."""
         if enable and self.head_dist is None:
-            raise ValueError("this model has no distillation head (built with distillation=False, or fused)")
+            raise ValueError("this model has one head, no distillation head (built with distillation=False, or fused)")
         self.distilled_training = enable
 
     def no_weight_decay(self) -> set[str]:
