@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 import levit
+from levit.models.config import DEFAULT_CROP_PCT
 from levit.models.testing import randomize_weights as randomize
 from levit.runtime.deploy import build_runner, fidelity
 from levit.weights.convert import to_timm_state_dict
@@ -49,7 +50,7 @@ def real_images(img_size: int = 224) -> torch.Tensor:
     out = []
     for arr in photos:
         im = Image.fromarray(np.asarray(arr)).convert("RGB")
-        for crop in (0.875, 0.7, 1.0):
+        for crop in (DEFAULT_CROP_PCT, 0.7, 1.0):  # the authors' crop and two others
             t = eval_transform(img_size, crop)(im)
             out += [t, t.flip(-1)]
     return torch.stack(out)

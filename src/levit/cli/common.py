@@ -11,6 +11,8 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from levit.models.config import PATCH_SIZE
+
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 130, 141
 
 
@@ -47,13 +49,13 @@ def model_name(text: str) -> str:
 
 
 def img_size_type(text: str) -> int:
-    """An input resolution: a positive multiple of 16 (the stem's four stride-2 convolutions)."""
+    """An input resolution: a positive multiple of PATCH_SIZE, 16 (the stem's four stride-2 convolutions)."""
     try:
         v = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 16 or v % 16:
-        raise argparse.ArgumentTypeError(f"must be a positive multiple of 16 (e.g. 224), got {v}")
+    if v < PATCH_SIZE or v % PATCH_SIZE:
+        raise argparse.ArgumentTypeError(f"must be a positive multiple of {PATCH_SIZE} (e.g. 224), got {v}")
     return v
 
 
@@ -69,8 +71,10 @@ def img_hw_type(text: str) -> int | tuple[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected N or HxW (e.g. 224 or 192x320), got {text!r}") from None
     for v in (h, w):
-        if v < 16 or v % 16:
-            raise argparse.ArgumentTypeError(f"height and width must be positive multiples of 16, got {text!r}")
+        if v < PATCH_SIZE or v % PATCH_SIZE:
+            raise argparse.ArgumentTypeError(
+                f"height and width must be positive multiples of {PATCH_SIZE}, got {text!r}"
+            )
     return h if h == w else (h, w)
 
 

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, FeaturePyramidNetwork
 
+from ..models.config import PATCH_SIZE
+
 __all__ = ["LeViTBackbone", "create_backbone"]
 
 _TORCHVISION_LEVELS = 5  # maps torchvision's default anchor generators are built for
@@ -97,7 +99,7 @@ class LeViTBackbone(nn.Module):
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         H, W = x.shape[-2:]
-        x = F.pad(x, (0, -W % 16, 0, -H % 16))  # (B, 3, H, W) -> multiples of 16, zeros right/bottom
+        x = F.pad(x, (0, -W % PATCH_SIZE, 0, -H % PATCH_SIZE))  # (B, 3, H, W) -> multiples of 16, zeros right/bottom
         maps = self.body.forward_intermediates(x, indices=list(self.out_indices), intermediates_only=True)
         if self.fpn is None:
             return OrderedDict([("0", maps[-1])])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from typing import TYPE_CHECKING
 
-from .config import LeViTConfig
+from .config import PATCH_SIZE, LeViTConfig
 
 if TYPE_CHECKING:  # arithmetic on the config: no torch needed to count
     from torch import nn
@@ -26,7 +26,7 @@ def params_from_config(cfg: LeViTConfig) -> int:
     def linear_bn(a: int, b: int) -> int:  # weight (no bias) + BN weight and bias; A3: weight + bias
         return a * b + (b if ln else 2 * b)
 
-    k = 16 * 16 if cfg.stem == "linear16" else 3 * 3  # A2: one 16x16 convolution
+    k = PATCH_SIZE * PATCH_SIZE if cfg.stem == "linear16" else 3 * 3  # A2: one 16x16 convolution
     total = sum(k * a * b + (b if ln else 2 * b) for a, b in itertools.pairwise(cfg.stem_channels))
     if cfg.pos == "embed":  # A5: one position embedding per token of the first grid
         total += cfg.grid_sizes[0][0] * cfg.grid_sizes[0][1] * cfg.embed_dim[0]
@@ -67,7 +67,7 @@ def flops_from_config(cfg: LeViTConfig, fused: bool = False) -> int:
     LayerNorms and biases and A5's position embedding are free (like BatchNorm and additions).
     """
     total = 0
-    k = 16 * 16 if cfg.stem == "linear16" else 3 * 3  # A2: one 16x16 stride-16 conv; else 3x3 stride 2
+    k = PATCH_SIZE * PATCH_SIZE if cfg.stem == "linear16" else 3 * 3  # A2: one 16x16 stride-16 conv; else 3x3 stride 2
     for (a, b), (h, w) in zip(itertools.pairwise(cfg.stem_channels), cfg.stem_resolutions):
         total += a * b * k * h * w
 

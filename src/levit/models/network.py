@@ -216,7 +216,7 @@ PREPROCESS_KEYS = ("crop_pct", "crop_mode", "interpolation", "mean", "std")
 
 
 def default_preprocess() -> dict:
-    """The released weights' evaluation (the authors', as DeiT's): resize to img_size / 0.875
+    """The released weights' evaluation (the authors', as DeiT's): resize to img_size / DEFAULT_CROP_PCT
     bicubically, centre crop, ImageNet mean/std."""
     return {
         "crop_pct": DEFAULT_CROP_PCT,
@@ -317,7 +317,7 @@ class LeViT(nn.Module):
     def set_distilled_training(self, enable: bool = True) -> None:
         """Return ``(head, head_dist)`` in training mode instead of their average."""
         if enable and self.head_dist is None:
-            raise ValueError("this model has one head (built with distillation=False, or fused)")
+            raise ValueError("this model has one head, no distillation head (built with distillation=False, or fused)")
         self.distilled_training = enable
 
     def no_weight_decay(self) -> set[str]:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import LeViTError
-from ..models.config import ABLATIONS, PAPER_ABLATIONS
+from ..models.config import ABLATIONS, PAPER_ABLATIONS, PATCH_SIZE
 from ..utils import atomic_path, num_threads, save_figure
 
 if TYPE_CHECKING:  # torch is imported to train and time, not to count (`levit models --ablations`)
@@ -201,8 +201,8 @@ def ablate(settings: AblationSettings, *, progress: Callable[[str], None] | None
         _ablation(r)
     if settings.epochs < 1:
         raise LeViTError(f"--epochs must be >= 1, got {settings.epochs}")
-    if settings.img_size < 16 or settings.img_size % 16 or settings.bench_img_size % 16:
-        raise LeViTError("--img-size and --bench-img-size must be multiples of 16")
+    if settings.img_size < PATCH_SIZE or settings.img_size % PATCH_SIZE or settings.bench_img_size % PATCH_SIZE:
+        raise LeViTError(f"--img-size and --bench-img-size must be multiples of {PATCH_SIZE}")
     if settings.teacher_checkpoint is not None and not Path(settings.teacher_checkpoint).is_file():
         raise LeViTError(f"--teacher-checkpoint: file not found: {settings.teacher_checkpoint}")
     done = [r for r in rows if (out / r / "ablate.json").is_file()]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LeViTError
-from ..models.config import DEFAULT_CROP_PCT
+from ..models.config import DEFAULT_CROP_PCT, PATCH_SIZE
 
 __all__ = [
     "SCHEDULE_KEYS",
@@ -192,8 +192,8 @@ def check_config(cfg: TrainConfig) -> None:
     for key in _POSITIVE:
         if getattr(cfg, key) < 1:
             raise LeViTError(f"{key} must be >= 1, got {getattr(cfg, key)}")
-    if cfg.img_size % 16:
-        raise LeViTError(f"img_size must be a multiple of 16, got {cfg.img_size}")
+    if cfg.img_size % PATCH_SIZE:
+        raise LeViTError(f"img_size must be a multiple of {PATCH_SIZE}, got {cfg.img_size}")
     if cfg.threads is not None and cfg.threads < 1:
         raise LeViTError(f"threads must be >= 1 or null, got {cfg.threads}")
     if cfg.workers is not None and cfg.workers < 0:

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
-from ..models.config import VARIANTS, LeViTConfig
+from ..models.config import PATCH_SIZE, VARIANTS, LeViTConfig
 
 __all__ = [
     "hf_config_dict",
@@ -151,7 +151,7 @@ def hf_config_dict(cfg: LeViTConfig) -> dict:
         "kernel_size": 3,
         "stride": 2,
         "padding": 1,
-        "patch_size": 16,
+        "patch_size": PATCH_SIZE,
         "hidden_sizes": list(cfg.embed_dim),
         "num_attention_heads": list(cfg.num_heads),
         "depths": list(cfg.depth),
