@@ -17,7 +17,7 @@ from torch import nn
 
 from .serve import LeViTService, ServeConfig, setup_logging
 
-__all__ = ["APP_NAME", "deployment", "run_ray", "start_ray"]
+__all__ = ["APP_NAME", "deployment", "init_ray", "run_deployment", "run_ray", "start_ray"]
 
 APP_NAME = "levit"
 log = logging.getLogger("levit.serve")
@@ -40,6 +40,20 @@ def deployment(model: nn.Module, config: ServeConfig, *, replicas: int = 1, repl
     return cls.bind(model, config, load_now=True)
 
 
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = False) -> bool:
+    """Join the Ray cluster at ``address``, or start a one-machine one; returns whether this call
+    started Ray (and so should shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, log_to_driver=not quiet)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=not quiet)
+    return True
+
+
 def start_ray(
     model: nn.Module,
     config: ServeConfig,
@@ -50,20 +64,18 @@ def start_ray(
     num_cpus: int | None = None,
 ) -> bool:
     """Start (or join) Ray and run the deployment on ``config.host:config.port``; returns whether this
-    call started Ray (and so should shut it down). Blocks until every replica is ready."""
-    import ray
+    call started Ray. Blocks until every replica is ready."""
+    started = init_ray(address, num_cpus=num_cpus, quiet=config.quiet)
+    run_deployment(model, config, replicas=replicas, replica_cpus=replica_cpus)
+    return started
+
+
+def run_deployment(model: nn.Module, config: ServeConfig, *, replicas: int = 1, replica_cpus: float = 1.0) -> None:
+    """Run the deployment on the Ray this process is connected to; blocks until every replica is ready."""
     from ray import serve
 
-    started = False
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address, log_to_driver=not config.quiet)
-        else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=not config.quiet)
-        started = True
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(deployment(model, config, replicas=replicas, replica_cpus=replica_cpus), name=APP_NAME, route_prefix="/")
-    return started
 
 
 def run_ray(
@@ -82,12 +94,13 @@ def run_ray(
 
     setup_logging(config.quiet)
     stop = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous: dict = {}
     started = False
     try:
-        started = start_ray(
-            model, config, address=address, replicas=replicas, replica_cpus=replica_cpus, num_cpus=num_cpus
-        )
+        started = init_ray(address, num_cpus=num_cpus, quiet=config.quiet)
+        # after ray.init, whose core worker installs a SIGTERM handler of its own that aborts the process
+        previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+        run_deployment(model, config, replicas=replicas, replica_cpus=replica_cpus)
         log.warning(
             "serving %s on http://%s:%d with %d Ray Serve replica(s)",
             config.model_name or model.config.name,
@@ -104,5 +117,6 @@ def run_ray(
         if started:
             ray.shutdown()
         for s, h in previous.items():
-            signal.signal(s, h)
+            if h is not None:  # None: a handler installed from C (Ray's), which Python cannot put back
+                signal.signal(s, h)
     return 0
