@@ -10,13 +10,15 @@ server's RSS is read before and after. The ceiling it is compared with is ``levi
 pipeline on the same JPEGs, backend and threads, timed in this process in rounds between the server
 runs (the server idle meanwhile).
 
-``--engine plain,ray`` also times the same application on Ray Serve (one replica on a local Ray):
-start-up (process start to ``/ready``), the per-request overhead of ``GET /health`` and the
-classify latencies, side by side.
+``--compare-engines`` times the same application on uvicorn and on Ray Serve (one replica on a local
+Ray) side by side: start-up (process start to ``/ready``), then both running and measured in
+interleaved rounds: the ``GET /health`` round trip (the engine's own per-request cost), the 1-client
+classify p50 and the 8-client throughput, and their memory. ``--engine ray`` runs the load runs
+below on Ray Serve.
 
     python benchmarks/serve_load.py                      # LeViT-128S fp32, clients 1, 8, 64
     python benchmarks/serve_load.py --short              # a couple of minutes: fewer requests, tiny runs
-    python benchmarks/serve_load.py --engine plain,ray --short
+    python benchmarks/serve_load.py --compare-engines --short  # uvicorn vs Ray Serve for one process
     python benchmarks/serve_load.py --backend openvino --threads 2 --max-batch-size 32 --max-wait-ms 10
 
 The load generator shares the machine with the server: on a 2-core machine it takes a noticeable
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import io
 import os
@@ -94,7 +97,8 @@ class Ceiling:
         import levit
         from levit.weights.format import read_metadata
 
-        self.model = levit.create_model(read_metadata(ckpt)["variant"], checkpoint=ckpt)
+        # fused once here, as `levit predict` does (predict_paths would fuse an unfused model on every call)
+        self.model = levit.fuse(levit.create_model(read_metadata(ckpt)["variant"], checkpoint=ckpt))
         self.dir = tempfile.TemporaryDirectory(prefix="levit-serve-ceiling-")
         self.files = []
         for i, b in enumerate(jpegs):
@@ -234,6 +238,7 @@ class Run:
     bad_sent: int = 0
     bad_ok: int = 0  # bad requests that got the 4xx they should
     dropped: int = 0  # clients that disconnected mid-upload
+    missed: collections.Counter = field(default_factory=collections.Counter)  # (kind, what it got instead)
     batches: str = ""
 
     def row(self) -> list[str]:
@@ -316,11 +321,17 @@ async def load(
                 await _drop_mid_upload(url, jpegs[img])
                 continue
             if u < drop_fraction + bad_fraction:
-                body, ctype, want = bad_request(kinds[i % 3], jpegs[img], max_body_mb)
+                kind = kinds[i % 3]
+                body, ctype, want = bad_request(kind, jpegs[img], max_body_mb)
                 run.bad_sent += 1
-                with contextlib.suppress(httpx.TransportError):
+                try:
                     r = await c.post(url + "/v1/classify", content=body, headers={"content-type": ctype})
-                    run.bad_ok += r.status_code == want
+                    got: int | str = r.status_code
+                except httpx.TransportError as e:
+                    got = type(e).__name__
+                run.bad_ok += got == want
+                if got != want:
+                    run.missed[(kind, got)] += 1
                 continue
             t = time.perf_counter()
             try:
@@ -403,20 +414,73 @@ def bench_engine(
     return out
 
 
-def print_report(results: list[dict], ceiling: dict, args: argparse.Namespace) -> None:
+def compare_engines(ckpt: Path, jpegs: list[bytes], args: argparse.Namespace, logdir: Path) -> None:
+    """The same application on uvicorn and on Ray Serve (one replica, local Ray), side by side: start-up
+    (alternating starts), then both kept running and measured in interleaved rounds (GET /health round
+    trip, 1-client classify p50, 8-client req/s), medians over the rounds; and their memory."""
+    engines = ("plain", "ray")
+    startup: dict[str, list[float]] = {e: [] for e in engines}
+    servers: dict[str, Server] = {}
+    for r in range(args.startup_rounds):
+        for e in engines:
+            srv = start_server(e, ckpt, args, logdir)
+            startup[e].append(srv.startup_s)
+            if r + 1 < args.startup_rounds:
+                srv.stop()
+            else:
+                servers[e] = srv
+    stats: dict[str, dict[str, list[float]]] = {e: collections.defaultdict(list) for e in engines}
+    try:
+        for _ in range(args.rounds):
+            for e, srv in servers.items():
+                stats[e]["health_ms"].append(health_overhead(srv.url, 50))
+                run, _ = asyncio.run(load(srv.url, jpegs, 1, 40, args.duration))
+                stats[e]["p50_1_ms"].append(statistics.median(run.latencies) * 1e3)
+                run, _ = asyncio.run(load(srv.url, jpegs, 8, 120, args.duration))
+                stats[e]["rps_8"].append(len(run.latencies) / run.seconds)
+        rss = {e: srv.rss_mb() for e, srv in servers.items()}
+    finally:
+        codes = {e: srv.stop() for e, srv in servers.items()}
+    med = {e: {k: statistics.median(v) for k, v in stats[e].items()} for e in engines}
+    print(f"\n$ python benchmarks/serve_load.py {' '.join(sys.argv[1:])}")
+    print(f"{_machine()}; model {args.model} fp32, backend {args.backend}; medians of {args.rounds} interleaved rounds")
+    print(
+        "| engine | start-up to /ready s | GET /health ms | 1 client classify p50 ms | 8 clients req/s | RSS MB | exit |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for e in engines:
+        m = med[e]
+        print(
+            f"| {e} | {statistics.median(startup[e]):.1f} | {m['health_ms']:.2f} | {m['p50_1_ms']:.1f} | "
+            f"{m['rps_8']:.1f} | {rss[e]:.0f} | {codes[e]} |"
+        )
+    p, r = med["plain"], med["ray"]
+    print(
+        f"ray / plain: start-up {statistics.median(startup['ray']) / statistics.median(startup['plain']):.2f}x, "
+        f"/health {r['health_ms'] / p['health_ms']:.1f}x (+{r['health_ms'] - p['health_ms']:.2f} ms), "
+        f"1-client p50 {r['p50_1_ms'] / p['p50_1_ms']:.2f}x, 8-client req/s {r['rps_8'] / p['rps_8']:.2f}x, "
+        f"RSS {rss['ray'] / rss['plain']:.1f}x"
+    )
+
+
+def _machine() -> str:
     import torch
 
     cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError, AttributeError):
         cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text()).group(1)
+    return f"machine: {cpu}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}"
+
+
+def print_report(results: list[dict], ceiling: dict, args: argparse.Namespace) -> None:
     print(f"\n$ python benchmarks/serve_load.py {' '.join(sys.argv[1:])}")
     print(
-        f"machine: {cpu}, {os.cpu_count()} CPUs; torch {torch.__version__}; model {args.model} fp32, "
+        f"{_machine()}; model {args.model} fp32, "
         f"backend {ceiling['backend']}, threads {args.threads or 'default'}; max batch {args.max_batch_size}, "
         f"max wait {args.max_wait_ms} ms; {len(args.jpegs)} JPEGs {args.image_size}"
     )
     print(
-        f"ceiling (levit predict pipeline, same JPEGs/backend/threads, median of {ceiling['rounds']} rounds between "
+        f"levit predict's pipeline offline (same JPEGs/backend/threads, median of {ceiling['rounds']} rounds between "
         f"the runs): {ceiling['img_s']:.1f} img/s at batch {args.max_batch_size}; single image "
         f"{ceiling['single_ms']:.1f} ms (decode + model)\n"
     )
@@ -430,6 +494,9 @@ def print_report(results: list[dict], ceiling: dict, args: argparse.Namespace) -
         print("|" + "---|" * len(head))
         for run in r["runs"]:
             print("| " + " | ".join(run.row()) + " |")
+        for run in r["runs"]:
+            for (kind, got), n in run.missed.items():
+                print(f"{run.name}: {n} {kind} request(s) got {got}")
         rss = f"RSS MB: after warm-up {r['rss_start']:.0f}, after clean runs {r['rss_clean']:.0f}"
         if "rss_after" in r:
             rss += (
@@ -441,8 +508,8 @@ def print_report(results: list[dict], ceiling: dict, args: argparse.Namespace) -
             top = clean[max(clean)]
             rps = len(top.latencies) / top.seconds
             print(
-                f"targets: {max(clean)} clients {rps:.1f} req/s = {rps / ceiling['img_s'] * 100:.0f}% of the offline "
-                f"ceiling (target >= 80%); 1 client p50 {r['single_p50_ms']:.1f} ms vs 1.5 x {ceiling['single_ms']:.1f} "
+                f"targets: {max(clean)} clients {rps:.1f} req/s = {rps / ceiling['img_s'] * 100:.0f}% of levit predict "
+                f"offline (target >= 80%); 1 client p50 {r['single_p50_ms']:.1f} ms vs 1.5 x {ceiling['single_ms']:.1f} "
                 f"+ {args.max_wait_ms} = {1.5 * ceiling['single_ms'] + args.max_wait_ms:.1f} ms\n"
             )
 
@@ -455,7 +522,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--model", default="levit_128s", help="variant (random weights, the same file for server and ceiling)"
     )
     p.add_argument("--checkpoint", type=Path, help="a levit-format file instead of random weights")
-    p.add_argument("--engine", default="plain", help="plain, ray, or plain,ray (side by side)")
+    p.add_argument("--engine", default="plain", help="plain, ray, or plain,ray (one after the other)")
+    p.add_argument(
+        "--compare-engines", action="store_true", help="only the engine comparison: both running, interleaved rounds"
+    )
+    p.add_argument("--rounds", type=int, default=5, help="--compare-engines: interleaved rounds")
+    p.add_argument("--startup-rounds", type=int, default=2, help="--compare-engines: starts of each engine")
     p.add_argument("--backend", default="auto")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--max-batch-size", type=int, default=16)
@@ -472,6 +544,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.short:
         args.requests, args.duration, args.images, args.health_requests = 200, 20.0, 32, 100
+        args.rounds, args.startup_rounds = 3, 1
     args.clients = [int(c) for c in args.clients.split(",")]
     return args
 
@@ -488,6 +561,9 @@ def main(argv: list[str] | None = None) -> int:
         if ckpt is None:
             ckpt = Path(d) / f"{args.model}.safetensors"
             levit.save(randomize_weights(levit.create_model(args.model), seed=0), ckpt)
+        if args.compare_engines:
+            compare_engines(ckpt, jpegs, args, Path(d))
+            return 0
         ceiling = Ceiling(ckpt, jpegs, args.backend, args.threads, args.max_batch_size)
         results = [bench_engine(e, ckpt, jpegs, args, Path(d), ceiling) for e in args.engine.split(",")]
     print_report(results, ceiling.result(), args)

@@ -340,6 +340,34 @@ def test_cli_usage_errors_are_one_line(capsys, files):
     assert len(err) == 1 and f"cannot listen on {HOST}:{port}" in err[0]
 
 
+def test_cli_names_the_missing_extra(capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a))
+    assert main(["serve"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["levit serve: error: levit serve needs fastapi: pip install 'levit[serve]'"]
+
+
+def test_demo_model_is_trained_once_then_read_from_the_cache(files, monkeypatch, tmp_path):
+    """With no model named, the digits demo model comes from the user's cache when it is there."""
+    import shutil
+
+    import levit.train.run
+    from levit.cli import serve as cli_serve
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = cli_serve.digits_model_path()
+    assert path.is_relative_to(tmp_path / "levit" / "serve")
+    path.parent.mkdir(parents=True)
+    shutil.copy(files["model"], path)
+    monkeypatch.setattr(levit.train.run, "train", lambda *a, **k: pytest.fail("trained although cached"))
+    model = cli_serve.digits_model()
+    want = levit.create_model("levit_tiny", checkpoint=files["model"]).state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+
+
 # ---- Ray Serve ---------------------------------------------------------------------------------------
 def test_ray_serve_two_replicas_answer_like_the_single_process_server(files, expected, server):
     """The same application as a Ray Serve deployment with 2 replicas on a local 2-CPU Ray: both

@@ -122,8 +122,22 @@ def digits_model():
     return create_model("levit_tiny", checkpoint=path)
 
 
+def _check_installed() -> None:
+    """The serve extra's packages, checked without importing them (one line naming the missing ones)."""
+    import importlib.util
+
+    from levit.errors import LeViTError
+
+    wanted = {"ray": "ray[serve]", "fastapi": "fastapi", "uvicorn": "uvicorn", "prometheus_client": "prometheus-client"}
+    wanted["multipart"] = "python-multipart"
+    missing = [pkg for mod, pkg in wanted.items() if importlib.util.find_spec(mod) is None]
+    if missing:
+        raise LeViTError(f"levit serve needs {', '.join(missing)}: pip install 'levit[serve]'")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     _check(args)
+    _check_installed()
     check_runtime(args.backend, args.precision)
     from levit.runtime.serve import LeViTService, ServeConfig, listen
 

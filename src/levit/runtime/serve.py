@@ -270,14 +270,16 @@ class LeViTService:
         limit = int(self.config.max_body_mb * 2**20)
         too_big = ClientError(413, f"request body over the {self.config.max_body_mb:g} MB limit (--max-body-mb)")
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise too_big
         chunks, n = [], 0
         try:
+            if declared.isdigit() and int(declared) > limit:
+                await _discard(request.stream(), limit)
+                raise too_big
             with anyio.fail_after(self.config.read_timeout_s):
                 async for chunk in request.stream():
                     n += len(chunk)
                     if n > limit:
+                        await _discard(request.stream(), limit)
                         raise too_big
                     chunks.append(chunk)
         except TimeoutError:
@@ -364,7 +366,8 @@ class LeViTService:
 
         return _AccessLog(app, self)
 
-    def __serve_build_asgi_app__(self) -> Any:  # Ray Serve: the app of each replica
+    def __serve_build_asgi_app__(self) -> Any:  # Ray Serve: the app of each replica (its log goes to Ray's)
+        setup_logging(self.config.quiet)
         return self.build_app()
 
     @contextlib.asynccontextmanager
@@ -383,6 +386,19 @@ class LeViTService:
         except Exception as e:  # reported by the server, which then exits 1
             self.load_error = f"the model failed to load: {first_line(e)}"
             log.error(self.load_error)
+
+
+async def _discard(stream: AsyncIterator[bytes], limit: int, seconds: float = 2.0) -> None:
+    """Read and drop up to ``4 * limit`` more bytes, for at most ``seconds``, before a 413 (a lingering
+    close, as nginx does): a client still uploading then reads the answer instead of a reset connection."""
+    import anyio
+
+    budget = 4 * limit
+    with anyio.move_on_after(seconds):
+        async for chunk in stream:
+            budget -= len(chunk)
+            if budget <= 0:
+                break
 
 
 def _error(status: int, message: str, *, close: bool = False) -> Any:
