@@ -480,7 +480,7 @@ def print_report(results: list[dict], ceiling: dict, args: argparse.Namespace) -
         f"max wait {args.max_wait_ms} ms; {len(args.jpegs)} JPEGs {args.image_size}"
     )
     print(
-        f"levit predict's pipeline offline (same JPEGs/backend/threads, median of {ceiling['rounds']} rounds between "
+        f"offline, the pipeline of levit predict (same JPEGs/backend/threads, median of {ceiling['rounds']} rounds between "
         f"the runs): {ceiling['img_s']:.1f} img/s at batch {args.max_batch_size}; single image "
         f"{ceiling['single_ms']:.1f} ms (decode + model)\n"
     )
