@@ -23,6 +23,7 @@ from .common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_PIPE, EXIT_USAGE, Forma
 from .export import args_export, cmd_export
 from .models import args_models, cmd_models
 from .predict import args_predict, cmd_predict
+from .serve import args_serve, cmd_serve
 from .train import args_eval, args_train, cmd_eval, cmd_train
 
 __all__ = ["COMMANDS", "UsageError", "build_parser", "main"]
@@ -54,6 +55,16 @@ COMMANDS: dict[str, Command] = {
         "  levit predict photos/ -m levit_256 --pretrained --backend openvino --precision int8",
         args_predict,
         cmd_predict,
+    ),
+    "serve": Command(
+        "classify images over HTTP: dynamic batching, health/ready/metrics, limits, graceful shutdown",
+        "  levit serve                                          # the demo digits model on 127.0.0.1:8000\n"
+        "  levit serve --model levit_128s --pretrained --max-batch-size 32 --max-wait-ms 10\n"
+        "  levit serve --checkpoint mine.safetensors --backend openvino --port 8080 --quiet\n"
+        "  levit serve --model levit_256 --pretrained --ray --replicas 4   # Ray Serve, local cluster\n"
+        "  curl -s --data-binary @cat.jpg -H 'content-type: image/jpeg' 'http://127.0.0.1:8000/v1/classify?topk=3'",
+        args_serve,
+        cmd_serve,
     ),
     "bench": Command(
         "measure images/s (the paper's Table 3 protocol) for LeViT, EfficientNet and DeiT on this machine",

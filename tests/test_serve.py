@@ -1,0 +1,438 @@
+"""``levit serve``: every endpoint, every class of bad input, batching, draining on SIGTERM, and the
+same application on Ray Serve. The server runs as ``python -m levit serve`` on a free loopback port
+with a tiny randomised model; answers are checked against ``levit predict``'s pipeline on the same files."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("fastapi", reason="levit serve needs the serve extra: pip install 'levit[serve]'")
+pytest.importorskip("ray.serve", reason="levit serve batches with Ray Serve: pip install 'levit[serve]'")
+httpx = pytest.importorskip("httpx", reason="the tests' HTTP client")
+
+import levit  # noqa: E402
+from levit.cli import main  # noqa: E402
+from levit.models.testing import randomize_weights, sample_images  # noqa: E402
+from levit.runtime.predict import predict_paths  # noqa: E402
+
+HOST = "127.0.0.1"
+MAX_WAIT_MS = 60  # long enough that concurrent test requests share batches on a busy machine
+
+
+# ---- fixtures: a model file, photo-like images, a running server ---------------------------------
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("serve")
+    torch.manual_seed(0)
+    levit.save(randomize_weights(levit.create_model("levit_tiny", img_size=32), seed=1), d / "tiny.safetensors")
+    out = {"model": d / "tiny.safetensors"}
+    imgs = (sample_images(6, 72, seed=5).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    for i, (name, fmt) in enumerate([("a.jpg", "JPEG"), ("b.png", "PNG"), ("c.webp", "WEBP"), ("e.jpg", "JPEG")]):
+        Image.fromarray(imgs[i]).save(d / name, format=fmt)
+        out[name] = d / name
+    grey16 = (imgs[4].mean(-1) * 257).astype(np.uint16)  # 16-bit greyscale PNG
+    Image.fromarray(grey16).save(d / "d16.png")
+    out["d16.png"] = d / "d16.png"
+    for name, side in (("bomb.png", 30000), ("big.png", 3000)):
+        out[name] = d / name
+        out[name].write_bytes(_blank_png(side))
+    return out
+
+
+def _blank_png(side: int) -> bytes:
+    """A black 1-bit PNG of side x side pixels, written row by row (30000^2 = 900 Mpx in ~500 KB)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z = zlib.compressobj(1)
+    rows = bytes((1 + (side + 7) // 8) * 1000)  # 1000 rows of: filter byte 0, packed black pixels
+    idat = b"".join(z.compress(rows[: len(rows) // 1000 * min(1000, side - i)]) for i in range(0, side, 1000))
+    idat += z.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def expected(files) -> dict[str, list[dict]]:
+    """levit predict's answers (the same decoding and preprocessing, one image at a time)."""
+    model = levit.create_model("levit_tiny", checkpoint=files["model"])
+    names = ["a.jpg", "b.png", "c.webp", "d16.png", "e.jpg"]
+    res = predict_paths(model, [files[n] for n in names], topk=3, batch_size=1, progress=False)
+    return {n: r["top"] for n, r in zip(names, res, strict=True)}
+
+
+class Server:
+    """``python -m levit serve ...`` in a subprocess on a free loopback port; stderr kept in a file."""
+
+    def __init__(self, tmp: Path, *args: str) -> None:
+        self.log = tmp / f"serve-{time.monotonic_ns()}.log"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        cmd = [sys.executable, "-m", "levit", "serve", "--host", HOST, "--port", "0", *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log.open("w"), env=env)
+        self.url = self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 90.0) -> str:
+        end = time.monotonic() + timeout
+        url = None
+        while time.monotonic() < end:
+            assert self.proc.poll() is None, f"server exited {self.proc.returncode}: {self.log.read_text()}"
+            if url is None and (m := re.search(r"http://127\.0\.0\.1:\d+", self.log.read_text())):
+                url = m.group(0)
+            if url is not None:
+                try:
+                    if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                        return url
+                except httpx.TransportError:
+                    pass
+            time.sleep(0.2)
+        raise AssertionError(f"server not ready in {timeout} s: {self.log.read_text()}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server(files, tmp_path_factory):
+    s = Server(
+        tmp_path_factory.mktemp("log"),
+        *("--checkpoint", str(files["model"]), "--backend", "eager", "--threads", "1"),
+        *("--max-batch-size", "8", "--max-wait-ms", str(MAX_WAIT_MS), "--topk", "3"),
+        *("--max-body-mb", "1", "--max-megapixels", "2", "--read-timeout", "3"),
+    )
+    yield s
+    assert s.stop() == 0
+
+
+def post(url: str, data: bytes, ctype: str | None = "image/jpeg", **kw) -> httpx.Response:
+    headers = {"content-type": ctype} if ctype else {}
+    return httpx.post(url + "/v1/classify", content=data, headers=headers, timeout=30, **kw)
+
+
+def assert_same(top: list[dict], want: list[dict]) -> None:
+    assert [t["class"] for t in top] == [w["class"] for w in want]
+    assert [t["label"] for t in top] == [w["label"] for w in want]
+    np.testing.assert_allclose([t["prob"] for t in top], [w["prob"] for w in want], atol=2e-5)
+
+
+def metric(url: str, name: str, labels: dict | None = None) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", timeout=10).text
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and (labels is None or all(s.labels.get(k) == v for k, v in labels.items())):
+                return s.value
+    return 0.0
+
+
+# ---- endpoints -------------------------------------------------------------------------------------
+def test_health_ready_docs(server):
+    assert httpx.get(server.url + "/health").json() == {"status": "alive"}
+    r = httpx.get(server.url + "/ready")
+    assert r.status_code == 200 and r.json()["status"] == "ready"
+    assert "swagger" in httpx.get(server.url + "/docs").text.lower()
+    spec = httpx.get(server.url + "/openapi.json").json()
+    assert "multipart/form-data" in spec["paths"]["/v1/classify"]["post"]["requestBody"]["content"]
+
+
+@pytest.mark.parametrize("name", ["a.jpg", "b.png", "c.webp", "d16.png"])
+def test_classify_raw_bytes_matches_predict(server, files, expected, name):
+    ctype = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp"}[name.rsplit(".", 1)[1]]
+    r = post(server.url, files[name].read_bytes(), ctype)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "levit_tiny" and body["latency_ms"] > 0
+    assert_same(body["top"], expected[name])
+
+
+def test_classify_multipart_and_topk(server, files, expected):
+    r = httpx.post(
+        server.url + "/v1/classify?topk=2", files={"file": ("a.jpg", files["a.jpg"].read_bytes(), "image/jpeg")}
+    )
+    assert r.status_code == 200, r.text
+    assert_same(r.json()["top"], expected["a.jpg"][:2])
+    r = post(server.url, files["a.jpg"].read_bytes(), None)  # no content type: the bytes are sniffed
+    assert_same(r.json()["top"], expected["a.jpg"])
+
+
+def test_metrics_count_statuses_latency_and_queue(server, files):
+    before = metric(server.url, "levit_requests_total", {"route": "/v1/classify", "status": "200"})
+    lat_before = metric(server.url, "levit_request_latency_seconds_count")
+    bad_before = metric(server.url, "levit_requests_total", {"route": "/v1/classify", "status": "415"})
+    assert post(server.url, files["a.jpg"].read_bytes()).status_code == 200
+    assert post(server.url, b"{}", "application/json").status_code == 415
+    assert metric(server.url, "levit_requests_total", {"route": "/v1/classify", "status": "200"}) == before + 1
+    assert metric(server.url, "levit_requests_total", {"route": "/v1/classify", "status": "415"}) == bad_before + 1
+    assert metric(server.url, "levit_request_latency_seconds_count") == lat_before + 1
+    assert metric(server.url, "levit_queue_depth") == 0 and metric(server.url, "levit_in_flight") == 0
+    assert metric(server.url, "levit_ready") == 1
+
+
+# ---- batching ----------------------------------------------------------------------------------
+async def _concurrent(url: str, bodies: list[tuple[bytes, str]]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=64)) as c:
+        return await asyncio.gather(
+            *(c.post(url + "/v1/classify", content=b, headers={"content-type": t}) for b, t in bodies)
+        )
+
+
+def test_concurrent_requests_are_batched_and_bad_ones_harm_none(server, files, expected):
+    """16 good and 4 bad requests at once: the batch-size histogram shows batches of more than one,
+    every good answer equals the one-at-a-time answer, every bad one gets its 4xx."""
+    n0 = metric(server.url, "levit_batch_size_count")
+    s0 = metric(server.url, "levit_batch_size_sum")
+    good = ["a.jpg", "b.png", "c.webp", "d16.png"] * 4
+    jpg = files["e.jpg"].read_bytes()
+    bad = [
+        (b"not an image", "image/jpeg"),
+        (jpg[: len(jpg) // 2], "image/jpeg"),
+        (b"", "image/png"),
+        (b"x", "text/plain"),
+    ]
+    bodies = [(files[n].read_bytes(), "application/octet-stream") for n in good] + bad
+    order = np.random.default_rng(0).permutation(len(bodies))
+    responses = asyncio.run(_concurrent(server.url, [bodies[i] for i in order]))
+    by_index = dict(zip(order.tolist(), responses, strict=True))
+    for i, name in enumerate(good):
+        assert by_index[i].status_code == 200, by_index[i].text
+        assert_same(by_index[i].json()["top"], expected[name])
+    assert [by_index[len(good) + j].status_code for j in range(4)] == [400, 400, 400, 415]
+    batches = metric(server.url, "levit_batch_size_count") - n0
+    assert metric(server.url, "levit_batch_size_sum") - s0 == len(good)  # each good image in exactly one batch
+    assert batches < len(good), f"{len(good)} concurrent requests ran as {batches} batches: nothing was batched"
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+def _error_line(r: httpx.Response, status: int) -> str:
+    assert r.status_code == status, r.text
+    msg = r.json()["error"]
+    assert msg and "\n" not in msg and "Traceback" not in msg
+    return msg
+
+
+def test_not_an_image_truncated_and_empty_are_400(server, files):
+    jpg = files["e.jpg"].read_bytes()
+    assert "not an image" in _error_line(post(server.url, b"GIF89a? no, plain text"), 400)
+    assert "truncated" in _error_line(post(server.url, jpg[: len(jpg) // 3]), 400)
+    assert "empty" in _error_line(post(server.url, b""), 400)
+    assert "topk" in _error_line(post(server.url + "", jpg, params={"topk": "zero"}), 400)
+    r = httpx.post(server.url + "/v1/classify", files={"text": (None, "no file here")})
+    assert "without a file" in _error_line(r, 400)
+
+
+def test_unsupported_media_type_is_415(server, files):
+    msg = _error_line(post(server.url, files["a.jpg"].read_bytes(), "application/json"), 415)
+    assert "image/jpeg" in msg and "multipart/form-data" in msg
+
+
+def test_body_over_the_limit_is_413(server):
+    big = os.urandom(1_500_000)  # --max-body-mb 1
+    assert "--max-body-mb" in _error_line(post(server.url, big), 413)
+
+    def chunked():  # no content-length: refused while streaming
+        for _ in range(4):
+            yield big[:400_000]
+
+    assert "--max-body-mb" in _error_line(post(server.url, chunked()), 413)
+
+
+def test_decompression_bomb_is_refused_before_decoding(server, files, expected):
+    """Both PNGs fit under --max-body-mb; the header says how many pixels they would decode to: a
+    30000x30000 (Pillow's own bomb guard) and a 3000x3000 (over --max-megapixels 2) are refused."""
+    for name, words in (("bomb.png", "too large"), ("big.png", "at most 2 Mpx")):
+        data = files[name].read_bytes()
+        assert len(data) < 1_000_000
+        assert words in _error_line(post(server.url, data, "image/png"), 400)
+    assert_same(post(server.url, files["a.jpg"].read_bytes()).json()["top"], expected["a.jpg"])
+
+
+def _raw_request(url: str, body_sent: bytes, declared: int) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    s = socket.create_connection((host, int(port)), timeout=10)
+    head = (
+        f"POST /v1/classify HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/jpeg\r\nContent-Length: {declared}\r\n\r\n"
+    )
+    s.sendall(head.encode() + body_sent)
+    return s
+
+
+def test_slow_client_gets_408_and_disconnects_leave_nothing_stuck(server, files, expected):
+    jpg = files["a.jpg"].read_bytes()
+    slow = _raw_request(server.url, jpg[:100], len(jpg))  # then silence: --read-timeout 3
+    gone = [_raw_request(server.url, jpg[:200], len(jpg)) for _ in range(3)]
+    for s in gone:  # clients that vanish mid-upload
+        s.close()
+    t0 = time.monotonic()
+    reply = slow.recv(4096).decode()
+    slow.close()
+    assert reply.startswith("HTTP/1.1 408") and time.monotonic() - t0 < 10
+    assert_same(post(server.url, jpg).json()["top"], expected["a.jpg"])
+    end = time.monotonic() + 5
+    while metric(server.url, "levit_in_flight") != 0 and time.monotonic() < end:
+        time.sleep(0.1)
+    assert metric(server.url, "levit_in_flight") == 0
+    assert metric(server.url, "levit_requests_total", {"route": "/v1/classify", "status": "499"}) == 3
+
+
+def test_access_log_has_one_line_per_request_and_no_traceback(server, files):
+    marker = f"topk=2&probe={time.monotonic_ns()}"
+    post(server.url + "", files["a.jpg"].read_bytes(), params=dict(p.split("=") for p in marker.split("&")))
+    post(server.url, b"junk", params={"probe": "bad"})
+    time.sleep(0.2)
+    log = server.log.read_text()
+    assert len(re.findall(rf'"POST /v1/classify\?{re.escape(marker)}" 200 [\d.]+ms', log)) == 1
+    assert re.search(r'"POST /v1/classify\?probe=bad" 400', log)
+    assert "Traceback" not in log
+
+
+def test_access_log_off_with_quiet_in_process(files, caplog):
+    """The application in-process (httpx's ASGI transport): one access record per request, none with quiet."""
+    from levit.runtime.serve import LeViTService, ServeConfig
+
+    model = levit.create_model("levit_tiny", checkpoint=files["model"])
+    jpg = files["a.jpg"].read_bytes()
+
+    async def two_requests(quiet: bool) -> list[int]:
+        service = LeViTService(model, ServeConfig(backend="eager", quiet=quiet, max_wait_ms=1), load_now=True)
+        transport = httpx.ASGITransport(app=service.build_app())
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            return [(await c.post("/v1/classify", content=b)).status_code for b in (jpg, b"junk")]
+
+    for quiet in (False, True):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="levit.serve.access"):
+            assert asyncio.run(two_requests(quiet)) == [200, 400]
+        lines = [r.getMessage() for r in caplog.records if r.name == "levit.serve.access"]
+        assert len(lines) == (0 if quiet else 2), lines
+
+
+# ---- the command line ------------------------------------------------------------------------------
+def test_cli_usage_errors_are_one_line(capsys, files):
+    assert main(["serve", "--replicas", "2"]) == 2
+    assert "--replicas needs --ray" in capsys.readouterr().err
+    assert main(["serve", "--max-batch-size", "0"]) == 2
+    assert "--max-batch-size must be >= 1" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind((HOST, 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        assert main(["serve", "--checkpoint", str(files["model"]), "--host", HOST, "--port", str(port)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot listen on {HOST}:{port}" in err[0]
+
+
+def test_cli_names_the_missing_extra(capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a))
+    assert main(["serve"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["levit serve: error: levit serve needs fastapi: pip install 'levit[serve]'"]
+
+
+def test_demo_model_is_trained_once_then_read_from_the_cache(files, monkeypatch, tmp_path):
+    """With no model named, the digits demo model comes from the user's cache when it is there."""
+    import shutil
+
+    import levit.train.run
+    from levit.cli import serve as cli_serve
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = cli_serve.digits_model_path()
+    assert path.is_relative_to(tmp_path / "levit" / "serve")
+    path.parent.mkdir(parents=True)
+    shutil.copy(files["model"], path)
+    monkeypatch.setattr(levit.train.run, "train", lambda *a, **k: pytest.fail("trained although cached"))
+    model = cli_serve.digits_model()
+    want = levit.create_model("levit_tiny", checkpoint=files["model"]).state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+
+
+# ---- Ray Serve ---------------------------------------------------------------------------------------
+def test_ray_serve_two_replicas_answer_like_the_single_process_server(files, expected, server):
+    """The same application as a Ray Serve deployment with 2 replicas on a local 2-CPU Ray: both
+    replicas answer, with the single-process server's answers."""
+    import ray
+    from ray import serve
+
+    from levit.runtime.serve import ServeConfig
+    from levit.runtime.serve_ray import start_ray
+
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        port = probe.getsockname()[1]
+    model = levit.create_model("levit_tiny", checkpoint=files["model"])
+    config = ServeConfig(host=HOST, port=port, backend="eager", threads=1, topk=3, max_wait_ms=MAX_WAIT_MS, quiet=True)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        start_ray(model, config, replicas=2)
+        url = f"http://{HOST}:{port}"
+        names = ["a.jpg", "b.png", "c.webp", "d16.png"] * 4
+        single = {n: post(server.url, files[n].read_bytes()).json()["top"] for n in set(names)}
+        replicas = set()
+        for _ in range(5):
+            responses = asyncio.run(_concurrent(url, [(files[n].read_bytes(), "image/png") for n in names]))
+            for n, r in zip(names, responses, strict=True):
+                assert r.status_code == 200, r.text
+                assert_same(r.json()["top"], single[n])
+                assert_same(r.json()["top"], expected[n])
+                replicas.add(r.headers["x-levit-replica"])
+            if len(replicas) == 2:
+                break
+        assert len(replicas) == 2, f"only {replicas} answered"
+        assert post(url, b"junk").status_code == 400
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+# ---- SIGTERM (last: it stops the module's server) ---------------------------------------------------
+def test_sigterm_drains_in_flight_requests_then_exits_0(server, files, expected):
+    """A request uploading when SIGTERM arrives gets its answer; one arriving after gets 503 (or finds
+    the port closed); the process exits 0."""
+    jpg = files["a.jpg"].read_bytes()
+    result = {}
+
+    def slow_upload() -> None:
+        def body():
+            yield jpg[:100]
+            time.sleep(1.2)  # under --read-timeout 3
+            yield jpg[100:]
+
+        result["r"] = post(server.url, body())
+
+    t = threading.Thread(target=slow_upload)
+    t.start()
+    time.sleep(0.4)
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    try:
+        late = post(server.url, jpg).status_code
+    except httpx.TransportError:
+        late = "refused"
+    t.join()
+    assert late in (503, "refused")
+    assert result["r"].status_code == 200
+    assert_same(result["r"].json()["top"], expected["a.jpg"])
+    assert server.proc.wait(timeout=30) == 0
+    assert "SIGTERM: draining 1 in-flight request(s)" in server.log.read_text()
