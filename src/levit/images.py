@@ -50,16 +50,38 @@ def _to_8bit(im):
     return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
 
 
-def open_rgb(path: str | os.PathLike):
-    """Decode an image file to an 8-bit RGB ``PIL.Image`` (fully loaded, file closed).
+def open_rgb(
+    path: str | os.PathLike | bytes,
+    *,
+    draft: int | None = None,
+    max_pixels: int | None = None,
+):
+    """Decode an image file (or its bytes) to an 8-bit RGB ``PIL.Image`` (fully loaded, file closed).
 
     Palette, grey, CMYK and alpha images are converted by Pillow; 16-bit and 32-bit integer and float
     greyscale images are first scaled to 8 bits over their type's range, so a 16-bit PNG gives the same
     pixels as its 8-bit copy.
+
+    ``draft=S`` lets a JPEG decoder skip the pixels a resize to a short side of ``S`` would throw away
+    (Pillow's ``draft``: DCT-domain downscaling by 1/2, 1/4 or 1/8 while both sides stay >= ``S``);
+    the pixels then differ slightly from a full decode. ``max_pixels`` refuses larger images with an
+    :class:`~levit.errors.ImageError` before any pixel is decoded (decompression bombs).
     """
+    import io
+
     from PIL import Image
 
-    with Image.open(path) as im:
+    with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as im:
+        if max_pixels is not None and im.size[0] * im.size[1] > max_pixels:
+            from .errors import ImageError
+
+            w, h = im.size
+            raise ImageError(
+                f"image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}",
+                None if isinstance(path, bytes) else path,
+            )
+        if draft is not None and im.format == "JPEG":
+            im.draft("RGB", (draft, draft))
         im.load()
         if im.mode in ("I", "F") or im.mode.startswith("I;16"):
             im = _to_8bit(im)
