@@ -279,17 +279,18 @@ def test_all_unreadable_is_a_failure(ckpt, folder, capsys):
     )
 
 
-def test_fast_decode_skips_pixels_and_stays_close(tmp_path):
-    """--fast-decode: a large JPEG is decoded at 1/8 scale (DCT draft) and resized by torch; the
-    tensor stays close to the official one; small JPEGs and PNGs take the same code."""
-    big = write_sample_jpegs(tmp_path, 1, (1200, 1600), seed=7)[0]
+def test_fast_decode_skips_pixels_of_large_jpegs_only(folder, tmp_path):
+    """--fast-decode: a large JPEG is decoded at 1/8 scale (DCT draft), the tensor close to the
+    official one; a JPEG too small to scale, and a PNG, give the official tensor exactly."""
+    big = write_sample_jpegs(tmp_path, 1, (600, 800), seed=7)[0]
     fast, full = Preprocess(64, fast_decode=True), Preprocess(64)
-    assert fast.decode(big).size == (200, 150) and full.decode(big).size == (1600, 1200)  # 1/8: short side >= 73
+    assert fast.decode(big).size == (100, 75) and full.decode(big).size == (800, 600)  # 1/8: short side >= 73
     a, b = fast(big), full(big)
     assert a.shape == b.shape and (a - b).abs().mean() < 0.03 and not torch.equal(a, b)
+    assert torch.equal(fast(folder / "img_00000.jpg"), full(folder / "img_00000.jpg"))  # 120x90: nothing to skip
     png = tmp_path / "x.png"
-    Image.open(big).resize((160, 120)).save(png)
-    assert (fast(png) - full(png)).abs().max() < 0.05
+    Image.open(big).save(png)
+    assert torch.equal(fast(png), full(png))
 
 
 def test_ray_data_gives_the_same_rows_and_resumes(model, ckpt, folder, tmp_path, reference, capsys):
@@ -317,3 +318,25 @@ def test_ray_data_gives_the_same_rows_and_resumes(model, ckpt, folder, tmp_path,
     for r, ref in zip(rows, reference):
         assert r["error"] == ref["error"] and [t["class"] for t in r["top"]] == [t["class"] for t in ref["top"]]
         assert [t["prob"] for t in r["top"]] == pytest.approx([t["prob"] for t in ref["top"]], abs=2e-6)
+
+
+def test_an_unfusable_model_runs_unfused(folder):
+    """Ablation A3 (LayerNorm: nothing to fold) is classified as it is, not refused or mis-fused."""
+    torch.manual_seed(0)
+    m = levit.create_model("levit_tiny", img_size=64, num_classes=10, ablation="A3").eval()
+    files = [folder / "img_00001.jpg", folder / "grey.png"]
+    rows = list(iter_predictions(m, files, topk=2, workers=0, threads=1))
+    with torch.no_grad():
+        want = m(torch.stack([Preprocess(64)(f) for f in files])).softmax(-1).topk(2)
+    assert [[t["class"] for t in r["top"]] for r in rows] == want.indices.tolist()
+    got = [t["prob"] for r in rows for t in r["top"]]
+    assert got == pytest.approx(want.values.flatten().tolist(), abs=2e-6)
+
+
+def test_unreadable_files_are_listed_up_to_a_limit_then_counted(ckpt, folder, capsys, monkeypatch):
+    monkeypatch.setattr(levit.cli, "PREDICT_ERROR_LINES", 1)
+    argv = ["predict", str(folder / "empty.jpg"), str(folder / "notes.jpg"), str(folder / "truncated.jpg")]
+    assert main([*argv, str(folder / "grey.png"), "-c", str(ckpt), "--topk", "1"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("skipped ") == 1 and "... and 2 more unreadable file(s)\n" in err
+    assert "1 classified, 3 unreadable" in err

@@ -109,11 +109,11 @@ class Preprocess:
 
     The default is the authors' evaluation preprocessing, exactly as :func:`levit.data.eval_transform`
     on :func:`levit.images.open_rgb` (resize the short side to ``img_size / crop_pct`` bicubic, centre
-    crop, ImageNet mean/std; 16-bit images scaled to 8 bits). ``fast_decode=True`` lets JPEG decoding
-    skip the pixels the resize throws away (Pillow's DCT-domain ``draft``) and resizes with torch's
-    antialiased bicubic kernel: several times faster on large photos, with slightly different pixels
-    (measured in docs/predict.md), hence opt-in. Images over ``max_pixels`` pixels (``None``: Pillow's
-    own limit) are refused before decoding.
+    crop, ImageNet mean/std; 16-bit images scaled to 8 bits). ``fast_decode=True`` lets the decoder of
+    a JPEG at least twice the resize target skip the pixels the resize throws away (Pillow's
+    DCT-domain ``draft``): five times faster on phone photos, with slightly different pixels (measured
+    in docs/predict.md), hence opt-in; smaller JPEGs and other formats are unchanged. Images over
+    ``max_pixels`` pixels (``None``: Pillow's own limit) are refused before decoding.
 
     Unreadable, truncated, empty, non-image and too-large inputs raise :class:`ImageError` (one line).
     Picklable, for DataLoader workers and Ray actors.
@@ -138,8 +138,6 @@ class Preprocess:
         self.fast_decode, self.max_pixels = bool(fast_decode), max_pixels
         self.resize = resize_size(img_size, crop_pct)  # also checks crop_pct
         self._transform = eval_transform(img_size, crop_pct, self.mean, self.std)
-        self._mean_t = torch.tensor(self.mean).view(-1, 1, 1)
-        self._std_t = torch.tensor(self.std).view(-1, 1, 1)
         _quiet_bomb_warning()
 
     @classmethod
@@ -180,15 +178,7 @@ class Preprocess:
 
     def __call__(self, src: str | os.PathLike | bytes) -> Tensor:
         """The (3, H, W) float32 input tensor of one image; raises :class:`ImageError` if it cannot be read."""
-        im = self.decode(src)
-        if not self.fast_decode:
-            return self._transform(im)
-        from torchvision.transforms.v2 import functional as F
-
-        x = F.pil_to_tensor(im)  # (3, h, w) uint8, channels-last in memory: torch's fast uint8 resize kernel
-        x = F.resize(x, [self.resize], interpolation=F.InterpolationMode.BICUBIC, antialias=True)
-        x = F.center_crop(x, list(self.out_hw))
-        return x.float().div_(255).sub_(self._mean_t).div_(self._std_t)
+        return self._transform(self.decode(src))
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}

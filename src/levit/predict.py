@@ -179,6 +179,9 @@ def predict_files(
     """
     from .writers import ResultWriter
 
+    use_ray = ray is not False and ray is not None
+    if use_ray and runner is not None:
+        raise LeViTError("on Ray the backend is built on each actor: pass ray_backend=dict(...), not runner")
     start = time.perf_counter()
     summary = Summary(output=Path(output) if output is not None else None)
     k = min(topk, model.config.num_classes)
@@ -193,7 +196,7 @@ def predict_files(
             todo = [f for f in todo if f not in writer.done]
             summary.already_done = len(files) - len(todo)
         pre = preprocess or Preprocess.for_model(runner or model)
-        if ray is not False and ray is not None:
+        if use_ray:
             batches = iter_batches_ray(
                 model,
                 todo,

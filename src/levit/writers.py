@@ -231,6 +231,8 @@ class ResultWriter:
                 self.partial.unlink()
         elif resume and not self.partial.exists() and self.path.exists():
             self._seed_from(self.path)
+        self._created = not self.partial.exists()
+        self._written = 0
         self._file: IO[str] | None = open(self.partial, "a", encoding="utf-8", newline="")  # noqa: SIM115
         self.done: set[str] = set()
         self.resumed_rows = 0
@@ -305,6 +307,7 @@ class ResultWriter:
         else:
             f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         f.flush()
+        self._written += len(rows)
         self.done.update(r["path"] for r in rows)
 
     def close(self) -> Path:
@@ -325,11 +328,15 @@ class ResultWriter:
         return self.path
 
     def abort(self) -> None:
-        """Stop without finishing: the partial file stays (flushed) for a resumed run."""
+        """Stop without finishing: the partial file stays (flushed) for a resumed run, unless this
+        writer made it and wrote no row into it."""
         if self._file is not None:
             self._file.flush()
             self._file.close()
             self._file = None
+            if self._created and not self._written:
+                with contextlib.suppress(FileNotFoundError):
+                    self.partial.unlink()
 
     def _to_parquet(self) -> None:
         import pyarrow.parquet as pq
