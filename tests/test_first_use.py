@@ -304,15 +304,32 @@ def test_a_small_text_file_is_not_a_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("limit", [3000, 1000])  # Pillow warns past its limit and refuses past twice it
-def test_a_decompression_bomb_is_one_skipped_line(tmp_path, monkeypatch, limit):
+def test_a_decompression_bomb_is_one_line_when_opened(tmp_path, monkeypatch, limit):
+    """Training and eval decode with Pillow's own limit: past it, one line of ours, not Pillow's warning."""
+    import warnings
+
     from PIL import Image
+
+    from levit.data.images import open_rgb
+    from levit.errors import ImageError
 
     Image.new("RGB", (64, 64), "red").save(tmp_path / "huge.png")  # 4096 pixels: over the lowered limit
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
-    r = cli("predict", tmp_path / "huge.png", "-m", "levit_tiny")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ImageError, match="too large to decode safely") as e:
+            open_rgb(tmp_path / "huge.png")
+    assert "\n" not in str(e.value)
+
+
+def test_predict_refuses_an_image_over_max_pixels_in_one_skipped_line(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "huge.png")  # 4096 pixels
+    r = cli("predict", tmp_path / "huge.png", "-m", "levit_tiny", "--max-pixels", "1000")
     assert r.returncode == 1
     skipped = [ln for ln in r.stderr.splitlines() if ln.startswith("skipped")]
-    assert len(skipped) == 1 and "too large to decode safely" in skipped[0], r.stderr
+    assert len(skipped) == 1 and "over the limit of 1,000" in skipped[0], r.stderr
     assert "DecompressionBomb" not in r.stderr and "Traceback" not in r.stderr
 
 

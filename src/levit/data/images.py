@@ -51,29 +51,51 @@ def _to_8bit(im):
     return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
 
 
-def open_rgb(path: str | os.PathLike):
-    """Decode an image file to an 8-bit RGB ``PIL.Image`` (fully loaded, file closed).
+def open_rgb(
+    path: str | os.PathLike | bytes,
+    *,
+    draft: int | None = None,
+    max_pixels: int | None = 0,
+):
+    """Decode an image file (or its bytes) to an 8-bit RGB ``PIL.Image`` (fully loaded, file closed).
 
     Palette, grey, CMYK and alpha images are converted by Pillow; 16-bit and 32-bit integer and float
     greyscale images are first scaled to 8 bits over their type's range, so a 16-bit PNG gives the same
     pixels as its 8-bit copy.
+
+    ``draft=S`` lets a JPEG decoder skip the pixels a resize to a short side of ``S`` would throw away
+    (Pillow's ``draft``: DCT-domain downscaling by 1/2, 1/4 or 1/8 while both sides stay >= ``S``);
+    the pixels then differ slightly from a full decode. ``max_pixels`` refuses larger images with an
+    :class:`~levit.errors.ImageError` before any pixel is decoded: ``0`` (the default) is Pillow's own
+    limit (``PIL.Image.MAX_IMAGE_PIXELS``, decompression bombs), reported in one line of ours instead
+    of Pillow's warning; ``None`` sets no limit.
     """
+    import io
     import warnings
 
     from PIL import Image
 
+    from ..errors import ImageError
+
+    source = None if isinstance(path, bytes) else path
     with warnings.catch_warnings():  # Pillow's decompression-bomb warning: one line of ours instead
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        warnings.simplefilter("error" if max_pixels == 0 else "ignore", Image.DecompressionBombWarning)
         try:
-            im = Image.open(path)
+            im = Image.open(io.BytesIO(path) if isinstance(path, bytes) else path)
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
             m = re.search(r"\((\d+) pixels\)", str(e))
             size = f"{int(m.group(1)) / 1e6:.1f}-megapixel " if m else ""
-            raise ValueError(
+            raise ImageError(
                 f"{size}image too large to decode safely (Pillow's limit: {Image.MAX_IMAGE_PIXELS:,} pixels, "
-                "PIL.Image.MAX_IMAGE_PIXELS)"
+                "PIL.Image.MAX_IMAGE_PIXELS)",
+                source,
             ) from None
     with im:
+        if max_pixels and im.size[0] * im.size[1] > max_pixels:
+            w, h = im.size
+            raise ImageError(f"image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}", source)
+        if draft is not None and im.format == "JPEG":
+            im.draft("RGB", (draft, draft))
         im.load()
         if im.mode in ("I", "F") or im.mode.startswith("I;16"):
             im = _to_8bit(im)

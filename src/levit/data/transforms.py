@@ -10,19 +10,28 @@ from torchvision import transforms as T
 from ..models.config import DEFAULT_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD
 
 
-def eval_transform(img_size: int | tuple[int, int] = 224, crop_pct: float = DEFAULT_CROP_PCT) -> T.Compose:
+def resize_size(img_size: int | tuple[int, int] = 224, crop_pct: float = DEFAULT_CROP_PCT) -> int:
+    """The short side the evaluation resize goes to: ``img_size / crop_pct`` (for (H, W): ``max(H, W)``)."""
+    if not 0.0 < crop_pct <= 1.0:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    return math.floor((img_size if isinstance(img_size, int) else max(img_size)) / crop_pct)
+
+
+def eval_transform(
+    img_size: int | tuple[int, int] = 224,
+    crop_pct: float = DEFAULT_CROP_PCT,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> T.Compose:
     """The official evaluation preprocessing for a PIL image: resize the short side to
     ``img_size / crop_pct`` (bicubic), centre-crop ``img_size``, to tensor, ImageNet mean/std.
     For an (H, W) size the short side goes to ``max(H, W) / crop_pct``, so the crop always fits."""
-    if not 0.0 < crop_pct <= 1.0:
-        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
-    size = math.floor((img_size if isinstance(img_size, int) else max(img_size)) / crop_pct)
     return T.Compose(
         [
-            T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
+            T.Resize(resize_size(img_size, crop_pct), interpolation=T.InterpolationMode.BICUBIC),
             T.CenterCrop(img_size),
             T.ToTensor(),
-            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            T.Normalize(mean, std),
         ]
     )
 

@@ -11,13 +11,15 @@ residual branch contributes.
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from .config import LeViTConfig
 
-__all__ = ["randomize_weights", "sample_images"]
+__all__ = ["randomize_weights", "sample_images", "write_sample_jpegs"]
 
 
 def sample_images(n: int, img_size: int | tuple[int, int] = 224, *, seed: int = 0, channels: int = 3) -> Tensor:
@@ -177,3 +179,39 @@ def randomize_weights(model: nn.Module, seed: int = 0, *, images: Tensor | None 
         for m, mode in was_training.items():
             m.training = mode
     return model
+
+
+def write_sample_jpegs(
+    folder: str | os.PathLike,
+    n: int,
+    size: tuple[int, int] = (375, 500),
+    *,
+    seed: int = 0,
+    quality: int = 90,
+    prefix: str = "img",
+) -> list[Path]:
+    """Write ``n`` photo-like JPEGs of ``size`` (H, W) into ``folder`` (:func:`sample_images`' scenes)
+    and return their paths, sorted. Large sizes are drawn at most 1024 px wide, upscaled (bicubic) and
+    given fresh per-pixel sensor noise, so a 12-megapixel "phone photo" takes a fraction of a second
+    and still costs a decoder what a real one does (its JPEG is about 2 MB at quality 90)."""
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    h, w = size
+    scale = max(1, math.ceil(max(h, w) / 1024))
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        x = sample_images(1, (math.ceil(h / scale), math.ceil(w / scale)), seed=seed + i)[0] * std + mean
+        im = Image.fromarray((x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+        if scale > 1:
+            a = np.asarray(im.resize((w, h), Image.BICUBIC), dtype=np.int16)
+            a = a + rng.integers(-4, 5, size=a.shape, dtype=np.int16)  # sensor noise at full resolution
+            im = Image.fromarray(a.clip(0, 255).astype(np.uint8))
+        paths.append(folder / f"{prefix}_{i:05d}.jpg")
+        im.save(paths[-1], quality=quality)
+    return paths

@@ -1,21 +1,29 @@
-"""Classify image files with the official evaluation preprocessing."""
+"""Classify image files with the official evaluation preprocessing, from a handful to millions.
+
+- :func:`predict_paths`: a small job's results as a list;
+- :func:`iter_predictions`: the rows one by one, for any number of images, in constant memory;
+- :func:`predict_files`: a whole job (``levit predict``): rows streamed to a resumable results file
+  (:mod:`levit.runtime.writers`), bad files reported and counted, a progress bar, locally or on Ray.
+
+All three run :mod:`levit.runtime.pipeline` (decoding in worker processes while the model runs).
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from torch import nn
+from torch import Tensor, nn
 
-from ..data.datasets import imagenet_class_names
-from ..data.images import IMAGE_EXTENSIONS, find_images, open_rgb
-from ..data.transforms import eval_transform
+from ..data.images import IMAGE_EXTENSIONS, find_images
+from ..data.transforms import DEFAULT_CROP_PCT
 from ..errors import LeViTError
-from ..utils import first_line
+from .pipeline import DEFAULT_MAX_PIXELS, Preprocess, class_names_for, iter_batches, iter_batches_ray
 
-__all__ = ["class_names_for", "list_inputs", "predict_paths"]
+__all__ = ["Summary", "class_names_for", "iter_predictions", "list_inputs", "predict_files", "predict_paths"]
 
 
 def list_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
@@ -30,78 +38,214 @@ def list_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return files
 
 
-def class_names_for(model: nn.Module) -> list[str]:
-    """Label names: the model's own (``model.class_names``), ImageNet's for 1000 classes, else numbers."""
-    names = getattr(model, "class_names", None)
-    n = model.config.num_classes
-    if names and len(names) == n:
-        return list(names)
-    if n == 1000:
-        return imagenet_class_names()
-    return [f"class_{i}" for i in range(n)]
+def iter_predictions(
+    model: nn.Module,
+    paths: Iterable[str | os.PathLike],
+    *,
+    topk: int = 5,
+    batch_size: int | None = None,
+    crop_pct: float = DEFAULT_CROP_PCT,
+    fast_decode: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    workers: int | None = None,
+    threads: int | None = None,
+    device: str | None = None,
+    include_logits: bool = False,
+    class_names: Sequence[str] | None = None,
+    runner: Callable[[Tensor], Tensor] | None = None,
+) -> Iterator[dict]:
+    """One row per image under ``paths`` (files and folders), in order, in constant memory:
+    ``{"path", "top": [{"class", "label", "prob"}, ...], "error"}`` (+ ``"logits"``); an unreadable
+    file's row has ``error`` set and an empty ``top``. Arguments as :func:`levit.runtime.pipeline.iter_batches`;
+    ``crop_pct``, ``fast_decode`` and ``max_pixels`` as :class:`levit.runtime.pipeline.Preprocess`.
+
+    Example:
+        >>> for row in iter_predictions(model, ["photos/"], topk=1):
+        ...     print(row["path"], row["top"][0]["label"] if row["top"] else row["error"])
+    """
+    pre = Preprocess.for_model(runner or model, crop_pct=crop_pct, fast_decode=fast_decode, max_pixels=max_pixels)
+    for rows in iter_batches(
+        model,
+        list_inputs(paths),
+        topk=topk,
+        batch_size=batch_size,
+        preprocess=pre,
+        workers=workers,
+        threads=threads,
+        device=device,
+        include_logits=include_logits,
+        class_names=class_names,
+        runner=runner,
+    ):
+        yield from rows
 
 
-def _batches(
-    files: list[Path], transform: Callable, batch_size: int, on_error: Callable[[Path, str], None]
-) -> Iterator[tuple[list[Path], torch.Tensor]]:
-    paths, tensors = [], []
-    for f in files:
-        try:
-            tensors.append(transform(open_rgb(f)))
-            paths.append(f)
-        except Exception as e:  # unreadable or truncated image: report and go on
-            on_error(f, f"cannot read image ({type(e).__name__}: {first_line(e, limit=160)})")
-            continue
-        if len(paths) == batch_size:
-            yield paths, torch.stack(tensors)
-            paths, tensors = [], []
-    if paths:
-        yield paths, torch.stack(tensors)
-
-
-@torch.inference_mode()
 def predict_paths(
     model: nn.Module,
     paths: Iterable[str | os.PathLike],
     *,
     topk: int = 5,
     batch_size: int = 32,
-    crop_pct: float | None = None,
+    crop_pct: float = DEFAULT_CROP_PCT,
     progress: bool = True,
     on_error: Callable[[Path, str], None] | None = None,
-    runner: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    runner: Callable[[Tensor], Tensor] | None = None,
+    **kwargs: object,
 ) -> list[dict]:
-    """Top-k predictions for every readable image under ``paths``.
+    """Top-k predictions for every readable image under ``paths``, as a list (small jobs; see
+    :func:`iter_predictions` and :func:`predict_files` for large ones).
 
     Returns one dict per image: ``{"path", "top": [{"class", "label", "prob"}, ...]}``. Unreadable
     images are passed to ``on_error(path, message)`` and skipped; no image at all is a
-    :class:`LeViTError`. The model runs in its inference form (:func:`levit.models.fuse.inference_form`:
-    same outputs, faster). ``crop_pct`` defaults to the model's own (``model.pretrained_cfg``). ``runner`` (e.g. a :func:`levit.deploy` predictor) replaces the model's forward pass:
-    logits from a (B, 3, H, W) batch.
+    :class:`LeViTError`. The model is fused first when it is an unfused LeViT (same outputs,
+    faster). ``runner`` (e.g. a :func:`levit.deploy` predictor) replaces the model's forward pass:
+    logits from a (B, 3, H, W) batch. ``kwargs``: the other options of :func:`iter_predictions`.
     """
-    from ..models.fuse import inference_form
-
     files = list_inputs(paths)
-    names = class_names_for(model)
-    model = inference_form(model)
-    p = next(model.parameters())
-    transform = eval_transform(model.config.img_size, crop_pct or model.pretrained_cfg["crop_pct"])
-    k = min(topk, model.config.num_classes)
     results = []
-    bar = None
-    if progress and len(files) > batch_size:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(files), unit="img", desc="predict")
-    for batch_paths, x in _batches(files, transform, batch_size, on_error or (lambda path, msg: None)):
-        logits = runner(x) if runner is not None else model(x.to(device=p.device, dtype=p.dtype))
-        probs = logits.float().softmax(-1)
-        top_p, top_i = probs.topk(k, dim=-1)
-        for path, ps, idx in zip(batch_paths, top_p.tolist(), top_i.tolist()):
-            top = [{"class": i, "label": names[i], "prob": round(v, 6)} for v, i in zip(ps, idx)]
-            results.append({"path": str(path), "top": top})
+    bar = _bar(len(files), progress and len(files) > batch_size)
+    for row in iter_predictions(
+        model, files, topk=topk, batch_size=batch_size, crop_pct=crop_pct, runner=runner, **kwargs
+    ):  # type: ignore[arg-type]
         if bar is not None:
-            bar.update(len(batch_paths))
+            bar.update(1)
+        error = row.pop("error")
+        if error is not None:
+            if on_error is not None:
+                on_error(Path(row["path"]), error)
+            continue
+        results.append(row)
     if bar is not None:
         bar.close()
     return results
+
+
+def _bar(total: int, enabled: bool):  # -> tqdm | None
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="img", desc="predict", dynamic_ncols=True, smoothing=0.1, disable=None)
+
+
+@dataclass
+class Summary:
+    """What a :func:`predict_files` run did: images classified, unreadable (error rows), already in
+    the output before it started (``resume``), its wall-clock seconds and the output file."""
+
+    classified: int = 0
+    failed: int = 0
+    already_done: int = 0
+    seconds: float = 0.0
+    output: Path | None = None
+
+    @property
+    def images_per_s(self) -> float:
+        """Images (classified or not) processed per second of this run."""
+        return (self.classified + self.failed) / self.seconds if self.seconds > 0 else 0.0
+
+
+def predict_files(
+    model: nn.Module,
+    files: Sequence[str | os.PathLike],
+    *,
+    output: str | os.PathLike | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    topk: int = 5,
+    batch_size: int | None = None,
+    preprocess: Preprocess | None = None,
+    include_logits: bool = False,
+    class_names: Sequence[str] | None = None,
+    workers: int | None = None,
+    threads: int | None = None,
+    device: str | None = None,
+    runner: Callable[[Tensor], Tensor] | None = None,
+    ray: bool | str = False,
+    ray_backend: dict | None = None,
+    on_rows: Callable[[list[dict]], None] | None = None,
+    on_error: Callable[[str, str], None] | None = None,
+    progress: bool = True,
+) -> Summary:
+    """Classify ``files`` (a list, e.g. from :func:`list_inputs`) as one job.
+
+    Rows go to ``output`` (``.jsonl``, ``.csv`` or ``.parquet``; :class:`levit.runtime.writers.ResultWriter`:
+    written and flushed batch by batch, ``resume`` skips the images already there, an existing file
+    needs ``resume`` or ``overwrite``) and/or to ``on_rows(rows)`` per batch. Each unreadable file is
+    passed to ``on_error(path, reason)`` and gets an error row; the run goes on. ``ray``: run on Ray
+    Data (``True``: the cluster already initialised here, else a new local one; a string: the address
+    of one to join), the backend given as ``ray_backend`` (:func:`levit.deploy` arguments, built on
+    each actor) instead of ``runner``. The other arguments are :func:`levit.runtime.pipeline.iter_batches`'s.
+    """
+    from .writers import ResultWriter
+
+    use_ray = ray is not False and ray is not None
+    if use_ray and runner is not None:
+        raise LeViTError("on Ray the backend is built on each actor: pass ray_backend=dict(...), not runner")
+    start = time.perf_counter()
+    summary = Summary(output=Path(output) if output is not None else None)
+    k = min(topk, model.config.num_classes)
+    writer = (
+        ResultWriter(output, k=k, include_logits=include_logits, resume=resume, overwrite=overwrite)
+        if output is not None
+        else None
+    )
+    try:
+        todo = [os.fspath(f) for f in files]
+        if writer is not None and writer.done:
+            todo = [f for f in todo if f not in writer.done]
+            summary.already_done = len(files) - len(todo)
+        pre = preprocess or Preprocess.for_model(runner or model)
+        if use_ray:
+            batches = iter_batches_ray(
+                model,
+                todo,
+                address=ray if isinstance(ray, str) and ray else None,
+                topk=topk,
+                batch_size=batch_size or 32,
+                preprocess=pre,
+                include_logits=include_logits,
+                class_names=class_names,
+                backend=ray_backend,
+            )
+        else:
+            batches = iter_batches(
+                model,
+                todo,
+                topk=topk,
+                batch_size=batch_size,
+                preprocess=pre,
+                workers=workers,
+                threads=threads,
+                device=device,
+                include_logits=include_logits,
+                class_names=class_names,
+                runner=runner,
+            )
+        bar = None
+        for rows in batches:
+            if bar is None:  # made after the first batch: the decoding workers fork before its thread starts
+                bar = _bar(len(todo), progress and len(todo) > len(rows))
+            if writer is not None:
+                writer.write(rows)
+            for r in rows:
+                if r["error"] is None:
+                    summary.classified += 1
+                else:
+                    summary.failed += 1
+                    if on_error is not None:
+                        on_error(r["path"], r["error"])
+            if on_rows is not None:
+                on_rows(rows)
+            if bar is not None:
+                bar.update(len(rows))
+        if bar is not None:
+            bar.close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()  # the partial file stays, flushed, for --resume
+        raise
+    if writer is not None:
+        writer.close()
+    summary.seconds = time.perf_counter() - start
+    return summary
