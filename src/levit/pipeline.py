@@ -332,6 +332,9 @@ def iter_batches(
         include_logits: add the raw logits to each row. ``class_names``: labels (default:
             :func:`class_names_for`).
         runner: a backend, e.g. a :func:`levit.deploy` predictor: (B, 3, H, W) -> (B, classes) logits.
+
+    Eager on the CPU sets torch to one thread while the iterator runs (restored when it finishes or
+    is closed): torch work done between two batches runs on one thread too.
     """
     paths = [os.fspath(p) for p in paths]
     names = list(class_names) if class_names is not None else class_names_for(model)
