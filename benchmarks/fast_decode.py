@@ -88,7 +88,7 @@ def compare(model: torch.nn.Module, files: list[Path], labels: list[int] | None 
                 right_full += int((pa == y).sum())
                 right_fast += int((pb == y).sum())
     out = {
-        "images": len(files),
+        "n": len(files),
         "max |diff|": max(diffs_max),
         "mean |diff|": statistics.mean(diffs_mean),
         "top-1 agreement %": 100 * agree / len(files),
