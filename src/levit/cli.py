@@ -407,7 +407,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError("--precision int8 needs calibration images: use `levit predict` or levit.deploy()")
     if args.device == "cpu" and args.backend == "cudagraph":
         raise UsageError("--backend cudagraph needs a GPU: add --device cuda")
-    if args.device == "cuda" and args.backend in ("onnxruntime", "openvino"):
+    if args.device == "cuda" and args.backend in ("onnxruntime", "openvino", "executorch"):
         raise UsageError(f"--backend {args.backend} runs on the CPU only: drop --device cuda")
     try:
         batches = parse_batch_sizes(args.batch_size) if args.batch_size is not None else None
@@ -478,25 +478,51 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 # ---- export ------------------------------------------------------------------------------------
+_EDGE_FORMAT = ("executorch", ".pte")  # levit.edge.FORMAT / SUFFIX (no torch import to build the parser)
+
+
 def _args_export(p: argparse.ArgumentParser) -> None:
     from levit.export import DEFAULT_TOLERANCE, FORMATS
 
+    formats = {**FORMATS, _EDGE_FORMAT[0]: _EDGE_FORMAT[1]}
     _model_options(p)
     p.add_argument(
         "--format",
         "-f",
-        type=_one_of(tuple(FORMATS), "format"),
-        metavar="|".join(FORMATS),
+        type=_one_of(tuple(formats), "format"),
+        metavar="|".join(formats),
         default=None,
         help="output format (default: from --output's suffix)",
     )
-    suffixes = ", ".join(FORMATS.values())
+    suffixes = ", ".join(formats.values())
     p.add_argument("--output", "-o", type=Path, required=True, help=f"output file ({suffixes})")
     _img_size_option(
         p, "input resolution N or HxW (e.g. 192x320), multiples of 16 (default: the model's, 224)", rectangular=True
     )
-    p.add_argument("--batch-size", "-b", type=int, default=2, help="batch traced with (the batch axis stays dynamic)")
+    p.add_argument(
+        "--batch-size",
+        "-b",
+        type=int,
+        default=None,
+        help="onnx/openvino/torchscript: batch traced with, the batch axis stays dynamic (default 2); "
+        "executorch: the program's fixed batch (default 1), or its largest with --dynamic-batch (default 32)",
+    )
     p.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    p.add_argument(
+        "--precision",
+        type=_one_of(("fp32", "int8"), "precision"),
+        default="fp32",
+        metavar="fp32|int8",
+        help="executorch: int8 = PT2E static quantization with XNNPACK's quantizer (needs --calibration)",
+    )
+    p.add_argument("--calibration", type=Path, nargs="+", help="executorch int8: calibration images (files or folders)")
+    p.add_argument("--dynamic-batch", action="store_true", help="executorch: a batch of 1..--batch-size, not fixed")
+    p.add_argument(
+        "--min-agreement",
+        type=float,
+        default=None,
+        help="executorch int8: lowest accepted top-1 agreement with fp32 on the calibration images (default: 0.5)",
+    )
     p.add_argument(
         "--tolerance",
         type=_positive_float,
@@ -509,6 +535,19 @@ def _args_export(p: argparse.ArgumentParser) -> None:
 def _cmd_export(args: argparse.Namespace) -> int:
     from levit.export import ExportError, check_opset, check_packages, export, resolve_format
 
+    if args.format == _EDGE_FORMAT[0] or (args.format is None and args.output.suffix.lower() == _EDGE_FORMAT[1]):
+        return _cmd_export_executorch(args)
+    for flag, given in (
+        ("--precision int8", args.precision != "fp32"),
+        ("--calibration", args.calibration),
+        ("--dynamic-batch", args.dynamic_batch),
+        ("--min-agreement", args.min_agreement is not None),
+    ):
+        if given:
+            raise UsageError(
+                f"{flag} is only for --format executorch (onnx/openvino/torchscript are fp32, batch dynamic)"
+            )
+    args.batch_size = 2 if args.batch_size is None else args.batch_size
     try:
         fmt = resolve_format(args.output, args.format)
         if fmt == "onnx":
@@ -526,6 +565,44 @@ def _cmd_export(args: argparse.Namespace) -> int:
     result = export(
         model, args.output, format=fmt, batch_size=args.batch_size, opset=args.opset, tolerance=args.tolerance
     )
+    print(f"exported {result}")
+    return 0
+
+
+def _cmd_export_executorch(args: argparse.Namespace) -> int:
+    """``levit export --format executorch``: levit.edge.export_executorch, flags checked first."""
+    if args.output.suffix.lower() != _EDGE_FORMAT[1]:
+        raise UsageError(f"--output: an ExecuTorch program is a {_EDGE_FORMAT[1]} file, got {args.output.name!r}")
+    if not args.output.parent.is_dir():
+        raise UsageError(f"--output: folder {args.output.parent} does not exist")
+    if args.precision == "int8" and not args.calibration:
+        raise UsageError("--precision int8 needs --calibration images (files or folders)")
+    if args.precision == "fp32" and (args.calibration or args.min_agreement is not None):
+        raise UsageError("--calibration and --min-agreement are for --precision int8")
+    if args.min_agreement is not None and not 0 <= args.min_agreement <= 1:
+        raise UsageError(f"--min-agreement must be in [0, 1], got {args.min_agreement}")
+    batch = args.batch_size if args.batch_size is not None else (32 if args.dynamic_batch else 1)
+    if batch < (2 if args.dynamic_batch else 1):
+        raise UsageError(f"--batch-size must be >= {2 if args.dynamic_batch else 1}, got {batch}")
+    from levit.pte import available
+
+    if not available():
+        raise UsageError("--format executorch needs ExecuTorch: pip install 'levit[edge]'")
+    from levit.edge import DEFAULT_MIN_AGREEMENT, export_executorch
+
+    kwargs = {"img_size": args.img_size} if args.img_size else {}
+    model = _load_model(args, **kwargs)
+    with _warnings_as_lines():  # e.g. an unfusable ablation exported unfused
+        result = export_executorch(
+            model,
+            args.output,
+            precision=args.precision,
+            calibration=args.calibration,
+            batch_size=batch,
+            dynamic_batch=args.dynamic_batch,
+            tolerance=args.tolerance,
+            min_agreement=DEFAULT_MIN_AGREEMENT if args.min_agreement is None else args.min_agreement,
+        )
     print(f"exported {result}")
     return 0
 
@@ -804,10 +881,12 @@ COMMANDS: dict[str, Command] = {
         _cmd_bench,
     ),
     "export": Command(
-        "export the fused model to ONNX / OpenVINO / TorchScript and check it against PyTorch",
+        "export the fused model to ONNX / OpenVINO / TorchScript / ExecuTorch and check it against PyTorch",
         "  levit export --model levit_128s --checkpoint LeViT-128S-96703c44.pth --format onnx --output levit.onnx\n"
         "  levit export --model levit_256 --pretrained --format openvino --output levit_256.xml\n"
-        "  levit export --checkpoint mine.safetensors --output mine.pt   # format from the suffix",
+        "  levit export --checkpoint mine.safetensors --output mine.pt   # format from the suffix\n"
+        "  levit export -m levit_128s --pretrained -o levit.pte          # ExecuTorch/XNNPACK (phones), fp32, batch 1\n"
+        "  levit export -m levit_128s --pretrained -o levit_int8.pte --precision int8 --calibration photos/",
         _args_export,
         _cmd_export,
     ),
