@@ -334,7 +334,7 @@ def test_an_unfusable_model_runs_unfused(folder):
 
 
 def test_unreadable_files_are_listed_up_to_a_limit_then_counted(ckpt, folder, capsys, monkeypatch):
-    monkeypatch.setattr(levit.cli, "PREDICT_ERROR_LINES", 1)
+    monkeypatch.setattr(levit.cli.predict, "PREDICT_ERROR_LINES", 1)
     argv = ["predict", str(folder / "empty.jpg"), str(folder / "notes.jpg"), str(folder / "truncated.jpg")]
     assert main([*argv, str(folder / "grey.png"), "-c", str(ckpt), "--topk", "1"]) == 0
     err = capsys.readouterr().err

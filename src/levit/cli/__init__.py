@@ -78,10 +78,12 @@ COMMANDS: dict[str, Command] = {
         cmd_bench,
     ),
     "export": Command(
-        "export the fused model to ONNX / OpenVINO / TorchScript and check it against PyTorch",
+        "export the fused model to ONNX / OpenVINO / TorchScript / ExecuTorch and check it against PyTorch",
         "  levit export --model levit_128s --checkpoint LeViT-128S-96703c44.pth --format onnx --output levit.onnx\n"
         "  levit export --model levit_256 --pretrained --format openvino --output levit_256.xml\n"
-        "  levit export --checkpoint mine.safetensors --output mine.pt   # format from the suffix",
+        "  levit export --checkpoint mine.safetensors --output mine.pt   # format from the suffix\n"
+        "  levit export -m levit_128s --pretrained -o levit.pte          # ExecuTorch/XNNPACK (phones), fp32, batch 1\n"
+        "  levit export -m levit_128s --pretrained -o levit_int8.pte --precision int8 --calibration photos/",
         args_export,
         cmd_export,
     ),

@@ -112,7 +112,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError("--precision int8 needs calibration images: use `levit predict` or levit.deploy()")
     if args.device == "cpu" and args.backend == "cudagraph":
         raise UsageError("--backend cudagraph needs a GPU: add --device cuda")
-    if args.device == "cuda" and args.backend in ("onnxruntime", "openvino"):
+    if args.device == "cuda" and args.backend in ("onnxruntime", "openvino", "executorch"):
         raise UsageError(f"--backend {args.backend} runs on the CPU only: drop --device cuda")
     try:
         batches = parse_batch_sizes(args.batch_size) if args.batch_size is not None else None

@@ -1,32 +1,64 @@
-"""``levit export``: the fused model to ONNX / OpenVINO / TorchScript, checked against PyTorch."""
+"""``levit export``: the fused model to ONNX / OpenVINO / TorchScript / ExecuTorch, checked against PyTorch."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from .common import UsageError, check_output, img_size_option, load_model, model_options, one_of, positive_float
+from .common import (
+    UsageError,
+    check_output,
+    img_size_option,
+    load_model,
+    model_options,
+    one_of,
+    positive_float,
+    warnings_as_lines,
+)
 
 
 def args_export(p: argparse.ArgumentParser) -> None:
-    from levit.runtime.options import DEFAULT_TOLERANCE, FORMATS
+    from levit.runtime.options import DEFAULT_TOLERANCE, EDGE_FORMAT, FORMATS
 
+    formats = {**FORMATS, EDGE_FORMAT[0]: EDGE_FORMAT[1]}
     model_options(p)
     p.add_argument(
         "--format",
         "-f",
-        type=one_of(tuple(FORMATS), "format"),
-        metavar="|".join(FORMATS),
+        type=one_of(tuple(formats), "format"),
+        metavar="|".join(formats),
         default=None,
         help="output format (default: from --output's suffix)",
     )
-    suffixes = ", ".join(FORMATS.values())
+    suffixes = ", ".join(formats.values())
     p.add_argument("--output", "-o", type=Path, required=True, help=f"output file ({suffixes})")
     img_size_option(
         p, "input resolution N or HxW (e.g. 192x320), multiples of 16 (default: the model's, 224)", rectangular=True
     )
-    p.add_argument("--batch-size", "-b", type=int, default=2, help="batch traced with (the batch axis stays dynamic)")
+    p.add_argument(
+        "--batch-size",
+        "-b",
+        type=int,
+        default=None,
+        help="onnx/openvino/torchscript: batch traced with, the batch axis stays dynamic (default 2); "
+        "executorch: the program's fixed batch (default 1), or its largest with --dynamic-batch (default 32)",
+    )
     p.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    p.add_argument(
+        "--precision",
+        type=one_of(("fp32", "int8"), "precision"),
+        default="fp32",
+        metavar="fp32|int8",
+        help="executorch: int8 = PT2E static quantization with XNNPACK's quantizer (needs --calibration)",
+    )
+    p.add_argument("--calibration", type=Path, nargs="+", help="executorch int8: calibration images (files or folders)")
+    p.add_argument("--dynamic-batch", action="store_true", help="executorch: a batch of 1..--batch-size, not fixed")
+    p.add_argument(
+        "--min-agreement",
+        type=float,
+        default=None,
+        help="executorch int8: lowest accepted top-1 agreement with fp32 on the calibration images (default: 0.5)",
+    )
     p.add_argument(
         "--tolerance",
         type=positive_float,
@@ -38,7 +70,21 @@ def args_export(p: argparse.ArgumentParser) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from levit.runtime.export import ExportError, check_opset, check_packages, export, resolve_format
+    from levit.runtime.options import EDGE_FORMAT
 
+    if args.format == EDGE_FORMAT[0] or (args.format is None and args.output.suffix.lower() == EDGE_FORMAT[1]):
+        return cmd_export_executorch(args)
+    for flag, given in (
+        ("--precision int8", args.precision != "fp32"),
+        ("--calibration", args.calibration),
+        ("--dynamic-batch", args.dynamic_batch),
+        ("--min-agreement", args.min_agreement is not None),
+    ):
+        if given:
+            raise UsageError(
+                f"{flag} is only for --format executorch (onnx/openvino/torchscript are fp32, batch dynamic)"
+            )
+    args.batch_size = 2 if args.batch_size is None else args.batch_size
     try:
         fmt = resolve_format(args.output, args.format)
         if fmt == "onnx":
@@ -55,5 +101,44 @@ def cmd_export(args: argparse.Namespace) -> int:
     result = export(
         model, args.output, format=fmt, batch_size=args.batch_size, opset=args.opset, tolerance=args.tolerance
     )
+    print(f"exported {result}")
+    return 0
+
+
+def cmd_export_executorch(args: argparse.Namespace) -> int:
+    """``levit export --format executorch``: :func:`levit.runtime.edge.export_executorch`, flags checked first."""
+    from levit.runtime.options import EDGE_FORMAT
+
+    if args.output.suffix.lower() != EDGE_FORMAT[1]:
+        raise UsageError(f"--output: an ExecuTorch program is a {EDGE_FORMAT[1]} file, got {args.output.name!r}")
+    check_output(args.output)
+    if args.precision == "int8" and not args.calibration:
+        raise UsageError("--precision int8 needs --calibration images (files or folders)")
+    if args.precision == "fp32" and (args.calibration or args.min_agreement is not None):
+        raise UsageError("--calibration and --min-agreement are for --precision int8")
+    if args.min_agreement is not None and not 0 <= args.min_agreement <= 1:
+        raise UsageError(f"--min-agreement must be in [0, 1], got {args.min_agreement}")
+    batch = args.batch_size if args.batch_size is not None else (32 if args.dynamic_batch else 1)
+    if batch < (2 if args.dynamic_batch else 1):
+        raise UsageError(f"--batch-size must be >= {2 if args.dynamic_batch else 1}, got {batch}")
+    from levit.runtime.pte import available
+
+    if not available():
+        raise UsageError("--format executorch needs ExecuTorch: pip install 'levit[edge]'")
+    from levit.runtime.edge import DEFAULT_MIN_AGREEMENT, export_executorch
+
+    kwargs = {"img_size": args.img_size} if args.img_size else {}
+    model = load_model(args, batch=batch, **kwargs)
+    with warnings_as_lines():
+        result = export_executorch(
+            model,
+            args.output,
+            precision=args.precision,
+            calibration=args.calibration,
+            batch_size=batch,
+            dynamic_batch=args.dynamic_batch,
+            tolerance=args.tolerance,
+            min_agreement=DEFAULT_MIN_AGREEMENT if args.min_agreement is None else args.min_agreement,
+        )
     print(f"exported {result}")
     return 0

@@ -125,24 +125,9 @@ def _read_labels(path: Path, num_classes: int) -> list[str]:
     return names
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    from levit.runtime.pipeline import Preprocess
-    from levit.runtime.predict import list_inputs, predict_files
-
-    files = list_inputs(args.paths)  # a missing path or no image at all fails before the model is built
-    _check_predict_args(args)
-    use_runtime = args.backend != "eager" or args.precision != "fp32"
-    if use_runtime:
-        check_runtime(args.backend, args.precision)  # the CLI's one check, before the model is built
-    import torch
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU is available here")
-    if args.ray is not None and args.device == "cuda":
-        raise UsageError("--ray runs on the cluster's CPUs: drop --device cuda")
-    kwargs = {"img_size": args.img_size} if args.img_size else {}
-    model = load_model(args, batch=min(args.batch_size or 32, len(files)), **kwargs).to(args.device)
-    names = _read_labels(args.labels, model.config.num_classes) if args.labels else None
+def _backends(args: argparse.Namespace, model, files: list, use_runtime: bool) -> tuple:
+    """(runner, ray_backend): a :func:`levit.deploy` predictor built here, or the recipe for one that
+    each Ray actor builds; both None for the eager fp32 model."""
     runner, ray_backend = None, None
     calib = None
     if use_runtime and args.precision != "fp32":
@@ -169,6 +154,28 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 f"{f['images']} images, max relative logit error {f['max_rel_error']:.2e}",
                 file=sys.stderr,
             )
+    return runner, ray_backend
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from levit.runtime.pipeline import Preprocess
+    from levit.runtime.predict import list_inputs, predict_files
+
+    files = list_inputs(args.paths)  # a missing path or no image at all fails before the model is built
+    _check_predict_args(args)
+    use_runtime = args.backend != "eager" or args.precision != "fp32"
+    if use_runtime:
+        check_runtime(args.backend, args.precision)  # the CLI's one check, before the model is built
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is available here")
+    if args.ray is not None and args.device == "cuda":
+        raise UsageError("--ray runs on the cluster's CPUs: drop --device cuda")
+    kwargs = {"img_size": args.img_size} if args.img_size else {}
+    model = load_model(args, batch=min(args.batch_size or 32, len(files)), **kwargs).to(args.device)
+    names = _read_labels(args.labels, model.config.num_classes) if args.labels else None
+    runner, ray_backend = _backends(args, model, files, use_runtime)
     from tqdm.auto import tqdm
 
     shown = 0

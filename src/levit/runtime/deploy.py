@@ -8,6 +8,8 @@
 - ``openvino``: the fused model converted with ``openvino.convert_model``;
 - ``cudagraph``: the fused eager module replayed from CUDA graphs (one capture per batch shape,
   a static input buffer, the last partial batch padded): no kernel-launch overhead on a GPU;
+- ``executorch``: the fused model lowered to an ExecuTorch program for XNNPACK (:mod:`levit.runtime.pte`),
+  run in ExecuTorch's runtime at a fixed batch of ``batch_size``: what a phone runs;
 - ``auto``: the fastest one on this machine for the precision asked for.
 
 Reduced precisions follow what the CPU can do: bf16 oneDNN kernels only where
@@ -67,6 +69,7 @@ _NEEDS: dict[tuple[str, str | None], tuple[str, ...]] = {
     ("onnxruntime", None): ("onnx", "onnxruntime"),
     ("openvino", None): ("openvino",),
     ("openvino", "int8"): ("openvino", "nncf"),
+    ("executorch", None): ("executorch",),
 }
 # `auto`: measured on CPU with `benchmarks/speed_targets.py` (README, Speed); the first installed one wins
 _AUTO_ORDER: dict[str, tuple[str, ...]] = {
@@ -80,7 +83,7 @@ _AUTO_ORDER: dict[str, tuple[str, ...]] = {
 # one H200 (torch 2.11, fp16/bf16, LeViT-128S and LeViT-384): graphs run 7.8x / 3.3x eager at batch
 # 64 and 16x / 13x at batch 1, while at batch 1024 inductor runs 1.27x / 1.54x graphs (docs/speed.md, GPU).
 _AUTO_GPU_GRAPH_MAX_BATCH: dict[str, int] = {"fp32": 64, "fp16": 64, "bf16": 64}
-_CPU_ONLY = ("onnxruntime", "openvino")
+_CPU_ONLY = ("onnxruntime", "openvino", "executorch")
 _GPU_ONLY = ("cudagraph",)
 
 
@@ -166,8 +169,9 @@ def check_backend(backend: str, precision: str) -> None:
         )
     missing = _missing(backend, precision)
     if missing:
+        extra = "edge" if backend == "executorch" else "export"
         raise DeployError(
-            f"backend {backend} ({precision}) needs the package(s) {', '.join(missing)}: pip install 'levit[export]'"
+            f"backend {backend} ({precision}) needs the package(s) {', '.join(missing)}: pip install 'levit[{extra}]'"
         )
 
 
@@ -502,6 +506,10 @@ def build_runner(
         if backend == "cudagraph":
             return _graph_runner(module, precision)
         module = copy.deepcopy(module).float().eval()
+        if backend == "executorch":
+            from .pte import Program, lower
+
+            return Program(lower(module, example, precision=precision, calibration=calibration), threads=threads)
         if backend == "onnxruntime":
             return _ort_runner(module, precision, threads, example, calibration)
         return _ov_runner(module, precision, threads, example, calibration)
