@@ -37,7 +37,7 @@ from ..data.datasets import imagenet_class_names
 from ..data.images import open_rgb
 from ..data.transforms import DEFAULT_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, eval_transform, resize_size
 from ..errors import ImageError, LeViTError
-from ..utils import first_line, num_threads
+from ..utils import available_cpus, first_line, num_threads
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -59,11 +59,8 @@ CPU_BATCH_SIZE, GPU_BATCH_SIZE = 32, 256
 
 
 def available_cores() -> int:
-    """The CPU cores this process may run on (its affinity mask; ``os.cpu_count()`` where there is none)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS, Windows
-        return max(1, os.cpu_count() or 1)
+    """The CPU cores this process may run on (:func:`levit.utils.available_cpus`), at least 1."""
+    return max(1, available_cpus())
 
 
 def _quiet_bomb_warning() -> None:
