@@ -17,14 +17,16 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .ablate import args_ablate, args_biases, cmd_ablate, cmd_biases
+from .ablate import args_ablate, cmd_ablate
 from .bench import args_bench, cmd_bench
+from .biases import args_biases, cmd_biases
 from .common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_PIPE, EXIT_USAGE, Formatter, Parser, UsageError
+from .eval import args_eval, cmd_eval
 from .export import args_export, cmd_export
 from .models import args_models, cmd_models
 from .predict import args_predict, cmd_predict
 from .serve import args_serve, cmd_serve
-from .train import args_eval, args_train, cmd_eval, cmd_train
+from .train import args_train, cmd_train
 
 __all__ = ["COMMANDS", "UsageError", "build_parser", "main"]
 

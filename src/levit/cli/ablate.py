@@ -1,4 +1,4 @@
-"""``levit ablate`` and ``levit biases``: the paper's Table 5 and its attention-bias pictures."""
+"""``levit ablate``: the paper's Table 5 ablations, trained and timed side by side."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import UsageError, check_output, img_size_option, img_size_type, load_model, model_options, require
+from .common import UsageError, img_size_type, require
 
 
 def args_ablate(p: argparse.ArgumentParser) -> None:
@@ -69,31 +69,4 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     results = ablate(settings, progress=lambda m: print(m, file=sys.stderr, flush=True))
     print(format_markdown(results, settings))
     print(f"written: {args.output / 'ablations.csv'}, {args.output / 'ablations.md'}")
-    return 0
-
-
-def args_biases(p: argparse.ArgumentParser) -> None:
-    model_options(p)
-    p.add_argument("--output", "-o", type=Path, default=Path("attention_biases.png"), help="PNG (+ .npz beside it)")
-    img_size_option(
-        p, "show the biases resampled to this resolution, N or HxW (default: the model's)", rectangular=True
-    )
-
-
-def cmd_biases(args: argparse.Namespace) -> int:
-    from levit.tools.biases import attention_biases, plot_biases, save_biases
-
-    if args.output.suffix.lower() != ".png":
-        raise UsageError(f"--output: expected a .png file, got {args.output.name!r}")
-    check_output(args.output)
-    check_output(args.output.with_suffix(".npz"))
-    kwargs = {"img_size": args.img_size} if args.img_size else {}
-    model = load_model(args, **kwargs)
-    tables = attention_biases(model)
-    npz = save_biases(tables, args.output.with_suffix(".npz"))
-    cfg = model.config
-    label = cfg.name + (f" ({cfg.ablation})" if cfg.ablation else "")
-    size = "x".join(map(str, cfg.img_hw)) if cfg.img_hw[0] != cfg.img_hw[1] else f"{cfg.img_hw[0]}px"
-    plot_biases(tables, args.output, title=f"{label} attention biases at {size}")
-    print(f"written: {args.output} and {npz} ({len(tables)} attention layers)")
     return 0

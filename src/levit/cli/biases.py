@@ -1,0 +1,35 @@
+"""``levit biases``: draw the learned attention biases of every layer."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import UsageError, check_output, img_size_option, load_model, model_options
+
+
+def args_biases(p: argparse.ArgumentParser) -> None:
+    model_options(p)
+    p.add_argument("--output", "-o", type=Path, default=Path("attention_biases.png"), help="PNG (+ .npz beside it)")
+    img_size_option(
+        p, "show the biases resampled to this resolution, N or HxW (default: the model's)", rectangular=True
+    )
+
+
+def cmd_biases(args: argparse.Namespace) -> int:
+    from levit.tools.biases import attention_biases, plot_biases, save_biases
+
+    if args.output.suffix.lower() != ".png":
+        raise UsageError(f"--output: expected a .png file, got {args.output.name!r}")
+    check_output(args.output)
+    check_output(args.output.with_suffix(".npz"))
+    kwargs = {"img_size": args.img_size} if args.img_size else {}
+    model = load_model(args, **kwargs)
+    tables = attention_biases(model)
+    npz = save_biases(tables, args.output.with_suffix(".npz"))
+    cfg = model.config
+    label = cfg.name + (f" ({cfg.ablation})" if cfg.ablation else "")
+    size = "x".join(map(str, cfg.img_hw)) if cfg.img_hw[0] != cfg.img_hw[1] else f"{cfg.img_hw[0]}px"
+    plot_biases(tables, args.output, title=f"{label} attention biases at {size}")
+    print(f"written: {args.output} and {npz} ({len(tables)} attention layers)")
+    return 0
