@@ -43,7 +43,7 @@ import torch
 
 import levit
 from levit.models.testing import randomize_weights, write_sample_jpegs
-from levit.runtime.pipeline import ImageFiles, Preprocess, available_cores, collate
+from levit.runtime.pipeline import ImageFiles, Preprocess, available_cores, collate, plan
 from levit.runtime.predict import predict_files
 
 SIZES = {"500x375": (375, 500), "4032x3024": (3024, 4032)}
@@ -131,7 +131,10 @@ def decode_cpu_s(files: list[Path], pre: Preprocess) -> float:
 
 def decode_rate(files: list[Path], pre: Preprocess, workers: int) -> float:
     """Images/s decoded + preprocessed by ``workers`` DataLoader processes (the pipeline's decoding alone)."""
-    loader = torch.utils.data.DataLoader(ImageFiles(files, pre), batch_size=32, num_workers=workers, collate_fn=collate)
+    workers, batch = plan(files, 32, workers)  # as levit predict splits the job
+    loader = torch.utils.data.DataLoader(
+        ImageFiles(files, pre), batch_size=batch, num_workers=workers, collate_fn=collate
+    )
     t = time.perf_counter()
     n = sum(len(b.paths) for b in loader)
     return n / (time.perf_counter() - t)

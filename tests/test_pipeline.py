@@ -25,6 +25,7 @@ from levit.data.images import open_rgb
 from levit.data.transforms import eval_transform
 from levit.errors import ImageError
 from levit.models.testing import randomize_weights, write_sample_jpegs
+from levit.runtime import pipeline
 from levit.runtime.pipeline import Preprocess, iter_batches
 from levit.runtime.predict import iter_predictions, predict_paths
 from levit.runtime.writers import partial_path, read_results
@@ -155,6 +156,24 @@ def test_worker_processes_and_model_lanes_give_the_same_rows(model, folder, refe
     rows = [r for b in iter_batches(model, _files(folder), topk=3, batch_size=2, workers=2, threads=2) for r in b]
     assert rows == reference
     assert torch.get_num_threads() == before
+
+
+def test_plan_spreads_a_small_job_over_the_decoding_processes(tmp_path, monkeypatch):
+    """24 phone photos at batch 32 are two batches of 12 on a 2-core machine (each process decodes
+    half; one batch would leave a core idle), a few small files decode in this process (starting
+    processes costs more), and a long job keeps the full batch."""
+    monkeypatch.setattr(pipeline, "available_cores", lambda: 2)
+    big = []
+    for i in range(24):
+        (f := tmp_path / f"big{i}.jpg").write_bytes(b"\0" * (pipeline.WORKERS_FROM_BYTES // 8))
+        big.append(f)
+    small = big[:3]
+    assert pipeline.plan(big, 32) == (2, 12)
+    assert pipeline.plan(small, 32) == (0, 32)  # 3/8 MB: not worth starting processes
+    assert pipeline.plan(big[:9], 32) == (2, 5)  # 1.1 MB in one batch: two batches of at most 5
+    assert pipeline.plan(["x"] * 1000, 32) == (2, 32)  # many batches: no file is even looked at
+    assert pipeline.plan(["x"] * 100, 32) == (2, 25)  # 4 batches of 25, not 32 + 32 + 32 + 4
+    assert pipeline.plan(big, 32, workers=0) == (0, 32) and pipeline.plan(big, 32, workers=1) == (1, 32)
 
 
 def test_a_runner_backend_is_called_with_the_batches(model, folder, reference):

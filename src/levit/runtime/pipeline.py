@@ -15,8 +15,12 @@ How a local run is laid out, and why (measured with ``benchmarks/predict_e2e.py`
   thread stalls the rest (LeViT-128S, batch 32, on a busy 2-core machine: 15-33 img/s on 2 intra-op
   threads against 62-118 img/s as two one-thread lanes). Independent lanes never wait on each other.
   Other backends (ONNX Runtime, OpenVINO, CUDA) run one batch at a time with their own threading;
-- the batches have the backend's size (:attr:`levit.runtime.deploy.Predictor.batch_size`), results come out
-  in input order, one batch at a time, so memory does not grow with the number of images;
+- the batches have the backend's size (:attr:`levit.runtime.deploy.Predictor.batch_size`) at most, and a
+  job of few batches is spread over at least as many batches as there are decoding processes
+  (:func:`plan`): 24 phone photos at batch 32 are two batches of 12 decoded side by side, not one
+  batch decoded by one process while the other cores idle;
+- results come out in input order, one batch at a time, so memory does not grow with the number of
+  images;
 - an unreadable image becomes an ``error`` row; the run goes on.
 """
 
@@ -50,12 +54,39 @@ __all__ = [
     "iter_batches",
     "iter_batches_ray",
     "make_rows",
+    "plan",
 ]
 
 # Pillow's own decompression-bomb threshold (PIL.Image.MAX_IMAGE_PIXELS, ~89.5 megapixels: a 24-bit
 # image of 256 MiB). Larger images are refused with an ImageError instead of Pillow's warning.
 DEFAULT_MAX_PIXELS = 89_478_485
 CPU_BATCH_SIZE, GPU_BATCH_SIZE = 32, 256
+# Decoding processes take ~60 ms to start (2-core machine, fork) and decoding with the evaluation
+# preprocessing runs at ~10 MB of JPEG per CPU second (4.3 ms for a 500x375 JPEG of 40 kB, 140 ms for
+# a 4032x3024 one of 1.9 MB; docs/predict.md): a one-batch job starts them from 1 MB of files.
+WORKERS_FROM_BYTES = 1 << 20
+
+
+def plan(paths: Sequence[str | os.PathLike], batch_size: int, workers: int | None = None) -> tuple[int, int]:
+    """``(workers, batch_size)`` for decoding ``paths`` in batches of at most ``batch_size``.
+
+    ``workers`` (default): none for a job of one batch whose files total under
+    :data:`WORKERS_FROM_BYTES` (starting processes would cost more than they save), else one per
+    available core, at most one per image. With two or more workers the images are spread evenly over
+    a multiple of ``workers`` batches, so that every process decodes a share of a small job.
+    """
+    n = len(paths)
+    if workers is None:
+        one_batch = n <= batch_size
+        if one_batch and (n < 2 or sum(_size(p) or 0 for p in paths) < WORKERS_FROM_BYTES):
+            workers = 0
+        else:
+            workers = min(available_cores(), n)
+    if workers > 1 and n:
+        n_batches = -(-n // batch_size)
+        n_batches = -(-n_batches // workers) * workers
+        batch_size = -(-n // n_batches)
+    return workers, batch_size
 
 
 def available_cores() -> int:
@@ -317,8 +348,8 @@ def iter_batches(
     Args:
         model: the LeViT (its class names and input size; also the forward pass unless ``runner``).
             An unfused LeViT is fused first where it can be (same outputs, faster).
-        topk: classes per row. ``batch_size``: images per forward pass (default: ``runner.batch_size``,
-            else 32 on a CPU and 256 on a GPU).
+        topk: classes per row. ``batch_size``: the most images per forward pass (default:
+            ``runner.batch_size``, else 32 on a CPU and 256 on a GPU); :func:`plan` may run fewer.
         preprocess: decoding + preprocessing (default: ``Preprocess.for_model(model)``).
         workers: decoding processes (default: the available cores; 0 decodes in this process).
         threads: CPU model threads, eager only: that many batches run at once, one torch thread each
@@ -354,9 +385,7 @@ def iter_batches(
         raise LeViTError(f"topk and batch_size must be >= 1, got {topk} and {batch_size}")
     k = min(topk, num_classes)
     pre = preprocess or Preprocess.for_model(model)
-    n_batches = -(-len(paths) // batch_size)
-    if workers is None:
-        workers = 0 if n_batches <= 1 else min(available_cores(), n_batches)
+    workers, batch_size = plan(paths, batch_size, workers)
     lanes = (threads or available_cores()) if runner is None and on_cpu else 1
     if not paths:
         return
