@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
 from helpers import tiny_model
 from torch import nn
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # the suite runs in several processes (README: pytest-xdist's ``-n``): one torch thread each, so
+    # that they do not fight over the cores
+    torch.set_num_threads(1)
 
 
 @pytest.fixture
 def tiny() -> nn.Module:
     """A randomised 64-px levit_tiny in eval mode (a new one per test)."""
     return tiny_model(seed=1)
+
+
+# the files with the longest tests (Ray clusters, ExecuTorch lowering, servers, training runs) start
+# first, so that the short tests fill both processes up to the end instead of waiting behind them
+_LONG_FIRST = ("test_serve", "test_edge", "test_pipeline", "test_train", "test_docs", "test_deploy")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Long files first (a stable sort: the order inside a file is kept)."""
+    rank = {name: i for i, name in enumerate(_LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))

@@ -82,6 +82,44 @@ def test_sidecar_describes_what_an_app_needs(model, exported):
     assert rel_max_error(edge.load(res.path)(x), ref) <= 1e-5
 
 
+def _as_the_sidecar_says(img, pre: dict):
+    """docs/edge.md's preprocessing, step by step from the sidecar (what an app does)."""
+    import math
+
+    import numpy as np
+    from PIL import Image
+
+    h, w = pre["center_crop"]
+    short = pre["resize_shorter_side"]
+    if img.width <= img.height:
+        size = (short, math.floor(short * img.height / img.width))
+    else:
+        size = (math.floor(short * img.width / img.height), short)
+    img = img.resize(size, Image.BICUBIC)
+    left, top = round((img.width - w) / 2), round((img.height - h) / 2)
+    img = img.crop((left, top, left + w, top + h))
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) * pre["scale"]).permute(2, 0, 1)
+    return (x - torch.tensor(pre["mean"]).view(3, 1, 1)) / torch.tensor(pre["std"]).view(3, 1, 1)
+
+
+def test_the_sidecar_recipe_is_levits_preprocessing(exported, tmp_path):
+    """An app following the sidecar (docs/edge.md, step by step) gets the tensor levit predict gets,
+    on portrait, landscape and square images whose crop offsets round both ways."""
+    import numpy as np
+    from PIL import Image
+
+    from levit.runtime.pipeline import Preprocess
+
+    pre = edge.read_sidecar(exported[0].path)["preprocessing"]
+    official = Preprocess(HW)
+    rng = np.random.default_rng(0)
+    for hw in [(120, 161), (161, 120), (100, 100), (95, 240), (300, 97)]:
+        img = Image.fromarray(rng.integers(0, 256, (*hw, 3), dtype=np.uint8))
+        img.save(tmp_path / "x.png")
+        got, want = _as_the_sidecar_says(img, pre), official(tmp_path / "x.png")
+        assert got.shape == want.shape and (got - want).abs().max() < 1e-5, hw  # x/255 vs x*(1/255): an ulp
+
+
 def test_xnnpack_rewrites_keep_the_numbers(model):
     """The graph rewrites leave none of the ops XNNPACK refuses and move the same numbers."""
     aten = torch.ops.aten

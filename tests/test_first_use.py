@@ -350,5 +350,7 @@ def test_eval_shows_progress(tmp_path, capsys):
 def test_readme_keeps_its_two_commands_and_shows_a_cpu_only_install():
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     install = 'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[dev,train]" && levit bench --quick\n'
-    assert install + "python -m pytest -q\n" in text
+    assert install + "python -m pytest -q -n auto\n" in text
+    ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text().splitlines()
+    assert ci[-1] == "python -m pytest -q -n auto"  # CI runs exactly the README's test command
     assert "--index-url https://download.pytorch.org/whl/cpu" in text

@@ -134,8 +134,10 @@ def _metadata(model: nn.Module, path: Path, precision: str, batch: int, dynamic:
         # the official evaluation preprocessing (levit.data.eval_transform)
         "preprocessing": {
             "resize_shorter_side": math.floor(max(h, w) / DEFAULT_CROP_PCT),
+            "resize_longer_side": "floor(longer * resize_shorter_side / shorter)",
             "interpolation": "bicubic",
             "center_crop": [h, w],
+            "crop_offset": "round((resized - crop) / 2) per axis, a half rounded to even",
             "crop_pct": DEFAULT_CROP_PCT,
             "scale": 1 / 255,
             "mean": list(IMAGENET_MEAN),
