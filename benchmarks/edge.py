@@ -103,14 +103,21 @@ def section_parity(args, out: Path) -> list[dict]:
             }
         )
     print("\n## fp32 .pte in ExecuTorch's runtime vs float64 PyTorch (levit export --format executorch)")
-    print(f"{'case':<28} {'rel error':>10} {'fp32 torch':>11} {'MB':>6} {'export s':>9}")
+    print("(max |difference| / max |logit| over the check images; 'fp32 torch' is fp32 PyTorch's own error, the")
+    print(" rounding floor on these weights: randomised ones put it near 1e-5)")
+    print(f"{'case':<28} {'rel error':>10} {'fp32 torch':>11} {'ratio':>6} {'MB':>6} {'export s':>9}")
     for r in rows:
         print(
-            f"{r['case']:<28} {r['rel_error']:10.2e} {r['torch_rel_error']:11.2e} {r['mb']:6.1f} {r['export_s']:9.1f}"
+            f"{r['case']:<28} {r['rel_error']:10.2e} {r['torch_rel_error']:11.2e} "
+            f"{r['rel_error'] / r['torch_rel_error']:6.2f} {r['mb']:6.1f} {r['export_s']:9.1f}"
         )
     worst = max(r["rel_error"] for r in rows)
+    worst_ratio = max(r["rel_error"] / r["torch_rel_error"] for r in rows)
     slowest = max(r["export_s"] for r in rows)
-    print(f"target rel error <= 1e-5: worst {worst:.2e} {'MET' if worst <= 1e-5 else 'NOT MET'}")
+    print(
+        f"target rel error <= 1e-5: worst {worst:.2e} {'MET' if worst <= 1e-5 else 'NOT MET'} "
+        f"(at most {worst_ratio:.2f}x fp32 PyTorch's own error)"
+    )
     print(f"target export < 60 s per variant: slowest {slowest:.0f} s {'MET' if slowest < 60 else 'NOT MET'}")
     return rows
 

@@ -194,6 +194,23 @@ def test_int8_through_the_cli(model, exported, tmp_path, capsys):
     assert rel_max_error(program(x[:1]), ref[:1]) < 0.5 and torch.equal(program(x[3:4]), got[3:4])
 
 
+def test_programs_with_different_threads_take_turns(model, exported):
+    """Two programs on 1 and 2 threads called in turn: each resize of ExecuTorch's threadpool frees
+    the pool the other was loaded with, so each reloads itself (without that the process crashes)."""
+    res, _ = exported
+    before = pte.get_threads()
+    x = photos(2, HW, seed=12)
+    with torch.inference_mode():
+        ref = levit.fuse(model)(x)
+    try:
+        one, two = pte.Program(res.path, max_batch=3, threads=1), pte.Program(res.path, max_batch=3, threads=2)
+        outs = [p(x) for p in (one, two, one, two)]
+        assert pte.get_threads() == 2
+    finally:
+        pte.set_threads(before)
+    assert all(rel_max_error(o, ref) <= 1e-5 for o in outs)
+
+
 @pytest.mark.parametrize(
     ("args", "flag"),
     [

@@ -128,6 +128,9 @@ def _portable_lib():
 
 
 _pool_made = False
+# bumped by every resize of the threadpool: XNNPACK's delegates keep the pool they were loaded with,
+# and a resize frees it, so a Program loaded before a resize loads itself again (Program._execute)
+_pool_generation = 0
 
 
 def get_threads() -> int:
@@ -146,14 +149,19 @@ def set_threads(n: int) -> None:
     """Resize ExecuTorch's process-wide threadpool to ``n`` threads (XNNPACK's kernels run on it).
 
     ExecuTorch's Python bindings expose this as ``_unsafe_reset_threadpool`` (experimental: it must
-    not be called while a program runs on another Python thread). A no-op when ``n`` threads already
-    run. On a phone the app sets it through the runtime's C++ threadpool API.
+    not be called while a program runs on another Python thread). The old pool is freed, and the
+    XNNPACK delegates of programs loaded before still point at it: every :class:`Program` loads
+    itself again before its next call (running such a program otherwise crashes the process). A
+    no-op when ``n`` threads already run. On a phone the app sets it through the runtime's C++
+    threadpool API.
     """
+    global _pool_generation
     if n < 1:
         raise ExecuTorchError(f"threads must be >= 1, got {n}")
     if get_threads() != n:
         with native_log():  # "Resetting threadpool to n threads."
             _portable_lib()._unsafe_reset_threadpool(int(n))
+        _pool_generation += 1
 
 
 # ---- graph rewrites ---------------------------------------------------------------------------------
@@ -355,27 +363,32 @@ class Program:
         self, source: bytes | str | os.PathLike, *, max_batch: int | None = None, threads: int | None = None
     ) -> None:
         check_available()
-        with _quiet():
-            from executorch.runtime import Runtime
         self.threads = threads
         if threads is not None:
             set_threads(threads)
-        what = "the program" if isinstance(source, bytes) else str(source)
-        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+        self._what = "the program" if isinstance(source, bytes) else str(source)
+        self._data = source if isinstance(source, bytes) else Path(source).read_bytes()
+        self._load()
+        info = self._method.metadata.input_tensor_meta(0)
+        self.input_shape = tuple(int(s) for s in info.sizes())  # as planned: the example's shape
+        self.max_batch = max_batch  # None: the batch is fixed to input_shape[0]
+
+    def _load(self) -> None:
+        """Load the program and its ``forward`` (XNNPACK's delegates take the threadpool of now)."""
+        with _quiet():
+            from executorch.runtime import Runtime
+
         with native_log() as log:
             try:
-                self._program = Runtime.get().load_program(data)  # keeps ``data`` alive
+                self._program = Runtime.get().load_program(self._data)  # keeps the bytes alive
                 self._method = self._program.load_method("forward")
-                meta = self._method.metadata
                 err = None
             except Exception as e:
                 err = e
         if err is not None:
             why = _reason(log) or first_line(err)
-            raise ExecuTorchError(f"ExecuTorch cannot load {what}: {why}") from err
-        info = meta.input_tensor_meta(0)
-        self.input_shape = tuple(int(s) for s in info.sizes())  # as planned: the example's shape
-        self.max_batch = max_batch  # None: the batch is fixed to input_shape[0]
+            raise ExecuTorchError(f"ExecuTorch cannot load {self._what}: {why}") from err
+        self._generation = _pool_generation
         self._first = True
 
     @property
@@ -384,6 +397,8 @@ class Program:
         return self.max_batch or self.input_shape[0]
 
     def _execute(self, x: Tensor) -> Tensor:
+        if self._generation != _pool_generation:  # the threadpool was resized since the load
+            self._load()
         if self._first:  # XNNPACK sets itself up on the first call and logs from C++
             with native_log() as log:
                 try:
