@@ -7,18 +7,19 @@ Sections (``--sections``, default all three, in this order):
    fused model) for all five variants at 224x224, LeViT-128S at a non-square 224x320 and with a
    dynamic batch (1..16); the relative error (target <= 1e-5), the size and the export time
    (target < 60 s) per variant.
-2. ``int8``: LeViT-128S and LeViT-256 exported in int8 (PT2E, XNNPACK's quantizer) calibrated on
-   real photos (the ones ``benchmarks/speed_targets.py`` uses: scikit-learn's and scikit-image's
-   samples, 54 views); top-1 agreement and max relative logit error against fp32 on those images,
-   beside ``levit.deploy``'s int8 backends (OpenVINO + NNCF, ONNX Runtime) on the same images and
-   weights (target: at least as good as deploy's ``auto`` int8), and the size against the fp32 file
+2. ``int8``: LeViT-128S and LeViT-256 exported in int8 (PT2E, XNNPACK's quantizer; activations
+   quantized per token at run time, the default, and per tensor with calibrated scales) on real
+   photos (the ones ``benchmarks/speed_targets.py`` uses: scikit-learn's and scikit-image's samples,
+   54 views); top-1 agreement and max relative logit error against fp32 on those images, beside
+   ``levit.deploy``'s int8 backends (OpenVINO + NNCF, ONNX Runtime) on the same images and weights
+   (target: at least as good as deploy's ``auto`` int8), and the size against the fp32 file
    (target <= 30%).
 3. ``speed``: images/s of LeViT-128S and LeViT-256 at batch 1 and 16, one thread and all cores:
    levit's fused model eager, ONNX Runtime and OpenVINO (fp32, through ``levit.deploy``) and the
-   ExecuTorch programs (fp32, int8) in ExecuTorch's runtime, the same weights. Every candidate is
-   built first, then all are timed in interleaved rounds (a noisy neighbour slows all alike); the
-   median over the rounds is reported. Targets at batch 1, one thread, LeViT-128S: ExecuTorch fp32
-   >= 1.0x levit eager, ExecuTorch int8 >= 1.5x ExecuTorch fp32.
+   ExecuTorch programs (fp32, int8 both ways) in ExecuTorch's runtime, the same weights. Per thread
+   count, every candidate is built first, then all are timed in interleaved rounds (a noisy
+   neighbour slows all alike); the median over the rounds is reported. Targets at batch 1, one
+   thread, LeViT-128S: ExecuTorch fp32 >= 1.0x levit eager, ExecuTorch int8 >= 1.5x ExecuTorch fp32.
 
 XNNPACK on this x86 CPU stands in for ARM (the same kernels, built for another instruction set):
 the paper's ARM figures (Table 3: Graviton2, one thread) are printed beside the table for context,
@@ -129,17 +130,20 @@ def section_int8(args, out: Path, images: torch.Tensor) -> list[dict]:
         model = build_model(name, args.checkpoint)
         log(f"int8: {name} fp32 export ...")
         fp32 = edge.export_executorch(model, out / f"{name}.pte")
-        log(f"int8: {name} int8 export on {images.shape[0]} images ...")
-        t0 = time.perf_counter()
-        q = edge.export_executorch(model, out / f"{name}_int8.pte", precision="int8", calibration=images)
-        row = {
-            "model": name,
-            "fp32_mb": fp32.size_bytes / 1e6,
-            "int8_mb": q.size_bytes / 1e6,
-            "size_ratio": q.size_bytes / fp32.size_bytes,
-            "export_s": time.perf_counter() - t0,
-            "executorch": {"top1_agreement": q.top1_agreement, "max_rel_error": q.max_rel_error},
-        }
+        row = {"model": name, "fp32_mb": fp32.size_bytes / 1e6}
+        for act in pte.INT8_ACTIVATIONS:
+            log(f"int8: {name} int8 ({act} activations) export on {images.shape[0]} images ...")
+            t0 = time.perf_counter()
+            q = edge.export_executorch(
+                model, out / f"{name}_int8.pte", precision="int8", calibration=images, int8_activations=act
+            )
+            row[f"executorch {act}"] = {
+                "top1_agreement": q.top1_agreement,
+                "max_rel_error": q.max_rel_error,
+                "mb": q.size_bytes / 1e6,
+                "size_ratio": q.size_bytes / fp32.size_bytes,
+                "export_s": time.perf_counter() - t0,
+            }
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for be in ("openvino", "onnxruntime"):
@@ -147,77 +151,91 @@ def section_int8(args, out: Path, images: torch.Tensor) -> list[dict]:
                 row[be] = deploy(model, backend=be, precision="int8", batch_size=16, calibration=images).fidelity
         row["auto"] = resolve("auto", "int8")[0]  # deploy's choice for int8 on this CPU
         rows.append(row)
-    print(f"\n## int8 on {images.shape[0]} real-photo views: agreement with fp32 (same images calibrate)")
-    print(f"{'model':<11} {'runtime':<22} {'top-1 agree':>11} {'max rel err':>12} {'MB':>6} {'of fp32':>8}")
+    print(f"\n## int8 on {images.shape[0]} real-photo views: agreement with fp32 (the same images calibrate)")
+    print(f"{'model':<11} {'runtime':<34} {'top-1 agree':>11} {'max rel err':>12} {'MB':>6} {'of fp32':>8}")
     for r in rows:
-        e = r["executorch"]
-        print(
-            f"{r['model']:<11} {'executorch xnnpack':<22} {e['top1_agreement'] * 100:10.1f}% "
-            f"{e['max_rel_error']:12.2e} {r['int8_mb']:6.1f} {r['size_ratio'] * 100:7.1f}%"
-        )
+        print(f"{r['model']:<11} {'executorch fp32':<34} {'':>11} {'':>12} {r['fp32_mb']:6.1f}")
+        for act in pte.INT8_ACTIVATIONS:
+            e = r[f"executorch {act}"]
+            print(
+                f"{'':<11} {f'executorch int8 {act}':<34} {e['top1_agreement'] * 100:10.1f}% "
+                f"{e['max_rel_error']:12.2e} {e['mb']:6.1f} {e['size_ratio'] * 100:7.1f}%"
+            )
         for be in ("openvino", "onnxruntime"):
             f = r[be]
-            tag = f"deploy {be}" + (" (auto)" if be == r["auto"] else "")
-            print(f"{'':<11} {tag:<22} {f['top1_agreement'] * 100:10.1f}% {f['max_rel_error']:12.2e}")
+            tag = f"levit.deploy {be} int8" + (" (auto)" if be == r["auto"] else "")
+            print(f"{'':<11} {tag:<34} {f['top1_agreement'] * 100:10.1f}% {f['max_rel_error']:12.2e}")
     for r in rows:
-        e, a = r["executorch"]["top1_agreement"], r[r["auto"]]["top1_agreement"]
+        e, a = r["executorch dynamic"], r[r["auto"]]["top1_agreement"]
         print(
-            f"target {r['model']} int8 agreement >= deploy auto int8 ({r['auto']}): {e * 100:.1f}% vs "
-            f"{a * 100:.1f}% {'MET' if e >= a else 'NOT MET'}; size <= 30% of fp32: "
-            f"{r['size_ratio'] * 100:.1f}% {'MET' if r['size_ratio'] <= 0.30 else 'NOT MET'}"
+            f"target {r['model']} int8 (dynamic, the default) agreement >= deploy auto int8 ({r['auto']}): "
+            f"{e['top1_agreement'] * 100:.1f}% vs {a * 100:.1f}% {'MET' if e['top1_agreement'] >= a else 'NOT MET'}; "
+            f"size <= 30% of fp32: {e['size_ratio'] * 100:.1f}% {'MET' if e['size_ratio'] <= 0.30 else 'NOT MET'}"
         )
     return rows
 
 
 # ---- 3. speed --------------------------------------------------------------------------------------
 def section_speed(args, images: torch.Tensor) -> dict:
+    """One phase per thread count (ExecuTorch's threadpool is process-wide: a resize makes every
+    program reload), the candidates of a phase timed in interleaved rounds."""
     all_cores = os.cpu_count() or 1
     threads = [1] if args.quick else sorted({1, all_cores})
     batches = [1] if args.quick else [1, 16]
-    cands: dict[tuple, object] = {}  # (model, backend, batch, threads) -> runner
-    for name in args.models:
-        fused = levit.fuse(build_model(name, args.checkpoint))
-        for b in batches:
-            x = sample_images(b, 224, seed=1)
-            progs = {}
-            for prec in ("fp32", "int8"):
-                log(f"speed: {name} executorch {prec} batch {b} ...")
-                progs[prec] = pte.lower(fused, x, precision=prec, calibration=images if prec == "int8" else None)
-            for th in threads:
-                cands[(name, "levit eager", b, th)] = build_runner(fused, "eager", example=x, threads=th)
-                for be in ("onnxruntime", "openvino"):
-                    cands[(name, be, b, th)] = build_runner(fused, be, example=x, threads=th)
-                for prec, data in progs.items():
-                    cands[(name, f"executorch {prec}", b, th)] = pte.Program(data, threads=th)
+    precs = ("fp32", "int8 dynamic", "int8 static")
+    programs: dict[tuple, bytes] = {}
+    fused_models = {name: levit.fuse(build_model(name, args.checkpoint)) for name in args.models}
     inputs = {b: sample_images(b, 224, seed=1) for b in batches}
-    for (_, _, b, th), run in cands.items():  # warm up: XNNPACK and the runtimes set up on first calls
-        torch.set_num_threads(th)
-        run(inputs[b])
-        run(inputs[b])
-    speeds: dict[tuple, list[float]] = {k: [] for k in cands}
-    for r in range(args.rounds):
-        for key, run in cands.items():
-            b, th = key[2], key[3]
-            torch.set_num_threads(th)  # levit eager's threads; the other runtimes hold their own
-            x = inputs[b]
-            n, t0 = 0, time.perf_counter()
-            while True:
-                run(x)
-                n += 1
-                dt = time.perf_counter() - t0
-                if dt >= args.window:
-                    break
-            speeds[key].append(n * b / dt)
-        log(f"speed: round {r + 1}/{args.rounds}")
+    for name, fused in fused_models.items():
+        for b in batches:
+            for prec in precs:
+                log(f"speed: {name} executorch {prec} batch {b} ...")
+                act = prec.split()[-1] if prec != "fp32" else "dynamic"
+                programs[(name, prec, b)] = pte.lower(
+                    fused,
+                    inputs[b],
+                    precision=prec.split()[0],
+                    calibration=images if prec != "fp32" else None,
+                    int8_activations=act,
+                )
+    speeds: dict[tuple, list[float]] = {}
+    for th in threads:
+        cands: dict[tuple, object] = {}  # (model, backend, batch, threads) -> runner
+        for name, fused in fused_models.items():
+            for b in batches:
+                cands[(name, "levit eager", b, th)] = build_runner(fused, "eager", example=inputs[b], threads=th)
+                for be in ("onnxruntime", "openvino"):
+                    cands[(name, be, b, th)] = build_runner(fused, be, example=inputs[b], threads=th)
+                for prec in precs:
+                    cands[(name, f"executorch {prec}", b, th)] = pte.Program(programs[(name, prec, b)], threads=th)
+        torch.set_num_threads(th)  # levit eager's threads; the other runtimes hold their own
+        for (_, _, b, _), run in cands.items():  # warm up: XNNPACK and the runtimes set up on first calls
+            run(inputs[b])
+            run(inputs[b])
+        for key in cands:
+            speeds[key] = []
+        for r in range(args.rounds):
+            for key, run in cands.items():
+                b = key[2]
+                x = inputs[b]
+                n, t0 = 0, time.perf_counter()
+                while True:
+                    run(x)
+                    n += 1
+                    dt = time.perf_counter() - t0
+                    if dt >= args.window:
+                        break
+                speeds[key].append(n * b / dt)
+            log(f"speed: {th} thread(s), round {r + 1}/{args.rounds}")
     med = {k: statistics.median(v) for k, v in speeds.items()}
     print(f"\n## images/s, median of {args.rounds} interleaved rounds ({device_name()}, {all_cores} cores)")
     print("XNNPACK on this x86 CPU stands in for ARM: the same kernels, another instruction set.")
-    backends = ["levit eager", "onnxruntime", "openvino", "executorch fp32", "executorch int8"]
-    print(f"{'model':<11} {'batch':>5} {'thr':>4} " + " ".join(f"{b:>16}" for b in backends))
+    backends = ["levit eager", "onnxruntime", "openvino", *(f"executorch {p}" for p in precs)]
+    print(f"{'model':<11} {'batch':>5} {'thr':>4} " + " ".join(f"{b:>22}" for b in backends))
     for name in args.models:
         for b in batches:
             for th in threads:
-                vals = " ".join(f"{med[(name, be, b, th)]:16.1f}" for be in backends)
+                vals = " ".join(f"{med[(name, be, b, th)]:22.1f}" for be in backends)
                 print(f"{name:<11} {b:>5} {th:>4} {vals}")
     print(
         "paper, Table 3, ARM (AWS Graviton2, one thread), for context: "
@@ -227,14 +245,14 @@ def section_speed(args, images: torch.Tensor) -> dict:
     if "levit_128s" in args.models:
         k = ("levit_128s", "executorch fp32", 1, 1)
         r1 = med[k] / med[("levit_128s", "levit eager", 1, 1)]
-        r2 = med[("levit_128s", "executorch int8", 1, 1)] / med[k]
+        r2 = med[("levit_128s", "executorch int8 dynamic", 1, 1)] / med[k]
         targets = {"fp32_vs_eager": r1, "int8_vs_fp32": r2}
         print(
             f"target LeViT-128S batch 1, one thread: executorch fp32 / levit eager = {r1:.2f}x (>= 1.0) "
             f"{'MET' if r1 >= 1.0 else 'NOT MET'}"
         )
         print(
-            f"target LeViT-128S batch 1, one thread: executorch int8 / executorch fp32 = {r2:.2f}x (>= 1.5) "
+            f"target LeViT-128S batch 1, one thread: executorch int8 (dynamic) / executorch fp32 = {r2:.2f}x (>= 1.5) "
             f"{'MET' if r2 >= 1.5 else 'NOT MET'}"
         )
     return {"speeds": {" | ".join(map(str, k)): v for k, v in speeds.items()}, "targets": targets}

@@ -157,6 +157,23 @@ def test_a_program_that_fails_its_check_writes_nothing(model, exported, tmp_path
     assert out.read_bytes() == b"old" and edge.sidecar_path(out).read_text() == "old"
 
 
+@pytest.mark.parametrize(("activations", "at_run_time"), [("dynamic", True), ("static", False)])
+def test_int8_activation_schemes(activations, at_run_time):
+    """dynamic: the linear layers' inputs get their scales while the program runs (choose_qparams in
+    the graph); static: fixed, calibrated scales only. Both keep the fp32 model's answers here."""
+    m = randomized_model("levit_tiny", seed=4, img_size=32, embed_dim=(16,), num_heads=(1,), depth=(1,))
+    fused = levit.fuse(m)
+    x = photos(4, 32, seed=13)
+    gm = pte.xnnpack_friendly(torch.export.export(fused, (x[:1],)).module())
+    q = pte._quantize(gm, x, 1, True, activations)
+    targets = {str(n.target) for n in q.graph.nodes if n.op == "call_function"}
+    assert any("choose_qparams" in t for t in targets) == at_run_time, targets
+    assert any("quantize_per_channel" in t for t in targets)  # int8 weights per output channel either way
+    with torch.inference_mode():
+        got = torch.cat([q(x[i : i + 1]) for i in range(4)])  # exported at batch 1
+        assert torch.equal(got.argmax(1), fused(x).argmax(1))
+
+
 def _write_photos(folder, n: int) -> None:
     """``n`` photo-like PNGs that the evaluation transform turns into 48x80 inputs."""
     from PIL import Image
@@ -177,11 +194,13 @@ def test_int8_through_the_cli(model, exported, tmp_path, capsys):
     argv = ["export", "-c", str(ckpt), "-o", str(out), "--precision", "int8"]  # the file knows its model
     code = main([*argv, "--calibration", str(tmp_path / "calib")])
     printed = capsys.readouterr().out
-    assert code == 0 and "executorch int8, batch 1," in printed and "top-1 agreement with fp32" in printed
+    assert code == 0 and "executorch int8, dynamic activations, batch 1," in printed, printed
+    assert "top-1 agreement with fp32" in printed
     meta = edge.read_sidecar(out)
-    assert meta["precision"] == "int8" and meta["batch"] == 1 and meta["check"]["images"] == 8
-    # measured on these 8 images: 5/8 and 0.15; levit.deploy's int8 on the same ones: OpenVINO 7/8 and
-    # 0.13, onnxruntime 4/8 and 0.16 (randomised weights have close top logits: tests/test_deploy.py)
+    assert meta["precision"] == "int8" and meta["int8_activations"] == "dynamic" and meta["batch"] == 1
+    assert meta["check"]["images"] == 8
+    # levit.deploy's int8 on these 8 images: OpenVINO 7/8 and 0.13, onnxruntime 4/8 and 0.16 (randomised
+    # weights have close top logits: tests/test_deploy.py); a wrong scale or weight agrees on ~1/1000
     assert meta["check"]["top1_agreement"] >= 4 / 8 and meta["check"]["max_rel_error"] < 0.4, meta["check"]
     fp32_size = exported[0].size_bytes
     assert out.stat().st_size < 0.45 * fp32_size  # int8 weights; the tiny model's fp32 attention biases stay
@@ -218,6 +237,8 @@ def test_programs_with_different_threads_take_turns(model, exported):
         (["-o", "{out}.pte", "--precision", "int8"], "--calibration"),
         (["-o", "{out}.onnx", "--precision", "int8"], "--precision int8 is only for --format executorch"),
         (["-o", "{out}.onnx", "--dynamic-batch"], "--dynamic-batch"),
+        (["-o", "{out}.pte", "--int8-activations", "static"], "--int8-activations are for --precision int8"),
+        (["-o", "{out}.pte", "--precision", "int8", "--calibration", ".", "--int8-activations", "x"], "dynamic"),
         (["-o", "{out}.pte", "--dynamic-batch", "-b", "1"], "--batch-size"),
         (["--format", "executorch", "-o", "{out}.onnx"], ".pte"),
     ],

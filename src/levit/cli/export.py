@@ -49,7 +49,15 @@ def args_export(p: argparse.ArgumentParser) -> None:
         type=one_of(("fp32", "int8"), "precision"),
         default="fp32",
         metavar="fp32|int8",
-        help="executorch: int8 = PT2E static quantization with XNNPACK's quantizer (needs --calibration)",
+        help="executorch: int8 = PT2E quantization with XNNPACK's quantizer (needs --calibration)",
+    )
+    p.add_argument(
+        "--int8-activations",
+        type=one_of(("dynamic", "static"), "int8 activations"),
+        default=None,
+        metavar="dynamic|static",
+        help="executorch int8: the linear layers' inputs quantized per token while the program runs (dynamic, "
+        "the default: closer to fp32), or per tensor with calibrated scales (static)",
     )
     p.add_argument("--calibration", type=Path, nargs="+", help="executorch int8: calibration images (files or folders)")
     p.add_argument("--dynamic-batch", action="store_true", help="executorch: a batch of 1..--batch-size, not fixed")
@@ -79,6 +87,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         ("--calibration", args.calibration),
         ("--dynamic-batch", args.dynamic_batch),
         ("--min-agreement", args.min_agreement is not None),
+        ("--int8-activations", args.int8_activations is not None),
     ):
         if given:
             raise UsageError(
@@ -114,8 +123,8 @@ def cmd_export_executorch(args: argparse.Namespace) -> int:
     check_output(args.output)
     if args.precision == "int8" and not args.calibration:
         raise UsageError("--precision int8 needs --calibration images (files or folders)")
-    if args.precision == "fp32" and (args.calibration or args.min_agreement is not None):
-        raise UsageError("--calibration and --min-agreement are for --precision int8")
+    if args.precision == "fp32" and (args.calibration or args.min_agreement is not None or args.int8_activations):
+        raise UsageError("--calibration, --min-agreement and --int8-activations are for --precision int8")
     if args.min_agreement is not None and not 0 <= args.min_agreement <= 1:
         raise UsageError(f"--min-agreement must be in [0, 1], got {args.min_agreement}")
     batch = args.batch_size if args.batch_size is not None else (32 if args.dynamic_batch else 1)
@@ -139,6 +148,7 @@ def cmd_export_executorch(args: argparse.Namespace) -> int:
             dynamic_batch=args.dynamic_batch,
             tolerance=args.tolerance,
             min_agreement=DEFAULT_MIN_AGREEMENT if args.min_agreement is None else args.min_agreement,
+            int8_activations=args.int8_activations or "dynamic",
         )
     print(f"exported {result}")
     return 0

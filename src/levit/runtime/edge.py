@@ -36,12 +36,13 @@ from torch import Tensor, nn
 
 from ..utils import atomic_path
 from .export import _FP32_MARGIN, DEFAULT_TOLERANCE, ExportError, _rel_error
-from .pte import PRECISIONS, ExecuTorchError, Program, check_available, lower
+from .pte import INT8_ACTIVATIONS, PRECISIONS, ExecuTorchError, Program, check_available, lower
 
 __all__ = [
     "DEFAULT_DYNAMIC_MAX_BATCH",
     "DEFAULT_MIN_AGREEMENT",
     "FORMAT",
+    "INT8_ACTIVATIONS",
     "PRECISIONS",
     "SIDECAR_FORMAT",
     "SUFFIX",
@@ -77,6 +78,7 @@ class EdgeExportResult:
     torch_rel_error: float = 0.0  # fp32 PyTorch vs float64: the rounding floor (fp32 only)
     limit: float = DEFAULT_TOLERANCE  # fp32: the accepted error
     top1_agreement: float | None = None  # int8: same arg-max as fp32 PyTorch (fraction of images)
+    int8_activations: str | None = None  # int8: "dynamic" or "static"
     min_agreement: float | None = None  # int8: the accepted agreement
     metadata: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -87,6 +89,7 @@ class EdgeExportResult:
             f"{self.seconds:.0f} s): "
         )
         if self.precision == "int8":
+            head = head.replace(f"{self.precision},", f"int8, {self.int8_activations} activations,", 1)
             check = (
                 f"top-1 agreement with fp32 {self.top1_agreement * 100:.1f}% on {self.images} calibration images "
                 f"(accepted from {self.min_agreement * 100:.0f}%), max relative logit error {self.max_rel_error:.2e}"
@@ -115,7 +118,9 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _metadata(model: nn.Module, path: Path, precision: str, batch: int, dynamic: bool, check: dict) -> dict:
+def _metadata(
+    model: nn.Module, path: Path, precision: str, batch: int, dynamic: bool, check: dict, activations: str | None
+) -> dict:
     """The sidecar: everything an app needs besides the program."""
     from ..data.transforms import DEFAULT_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD
     from .predict import class_names_for
@@ -129,6 +134,7 @@ def _metadata(model: nn.Module, path: Path, precision: str, batch: int, dynamic:
         "variant": cfg.name,
         "ablation": cfg.ablation,
         "precision": precision,
+        "int8_activations": activations,
         "batch": {"min": 1, "max": batch} if dynamic else batch,
         "input": {"shape": [batch, cfg.in_chans, h, w], "dtype": "float32", "layout": "NCHW", "channels": "RGB"},
         # the official evaluation preprocessing (levit.data.eval_transform)
@@ -183,7 +189,13 @@ def _fused(model: nn.Module) -> nn.Module:
 
 
 def _check_args(
-    path: Path, precision: str, batch_size: int, dynamic_batch: bool, tolerance: float, min_agreement: float
+    path: Path,
+    precision: str,
+    batch_size: int,
+    dynamic_batch: bool,
+    tolerance: float,
+    min_agreement: float,
+    int8_activations: str,
 ) -> None:
     if path.suffix.lower() != SUFFIX:
         raise ExportError(f"an ExecuTorch program is a {SUFFIX} file, got {path.name!r}")
@@ -199,6 +211,8 @@ def _check_args(
         raise ExportError(f"tolerance must be > 0, got {tolerance}")
     if not 0 <= min_agreement <= 1:
         raise ExportError(f"min_agreement must be in [0, 1], got {min_agreement}")
+    if int8_activations not in INT8_ACTIVATIONS:
+        raise ExportError(f"int8_activations must be one of {', '.join(INT8_ACTIVATIONS)}, got {int8_activations!r}")
 
 
 def export_executorch(
@@ -211,6 +225,7 @@ def export_executorch(
     dynamic_batch: bool = False,
     tolerance: float = DEFAULT_TOLERANCE,
     min_agreement: float = DEFAULT_MIN_AGREEMENT,
+    int8_activations: str = "dynamic",
 ) -> EdgeExportResult:
     """Export the fused ``model`` to an ExecuTorch program for XNNPACK at ``path`` (``.pte``) with its
     JSON sidecar (:func:`sidecar_path`), and check the written file in ExecuTorch's runtime.
@@ -226,11 +241,14 @@ def export_executorch(
         dynamic_batch: a batch of 1..``batch_size`` instead of a fixed one.
         tolerance: fp32: the accepted relative error against float64 (fp32 rounding allowed on top).
         min_agreement: int8: the lowest accepted top-1 agreement with fp32 on the calibration images.
+        int8_activations: int8: ``dynamic`` (the linear layers' inputs quantized per token while the
+            program runs) or ``static`` (per tensor, scales calibrated): :data:`levit.runtime.pte.INT8_ACTIVATIONS`.
 
     Raises :class:`levit.export.ExportError` (and writes nothing) when the export or its check fails.
     """
     path = Path(path)
-    _check_args(path, precision, batch_size, dynamic_batch, tolerance, min_agreement)
+    _check_args(path, precision, batch_size, dynamic_batch, tolerance, min_agreement, int8_activations)
+    activations = int8_activations if precision == "int8" else None
     try:
         check_available()
     except ExecuTorchError as e:
@@ -253,7 +271,14 @@ def export_executorch(
     example = sample_images(batch_size, cfg.img_hw, seed=0)
     max_batch = batch_size if dynamic_batch else None
     try:
-        data = lower(fused, example, precision=precision, calibration=calib, max_batch=max_batch)
+        data = lower(
+            fused,
+            example,
+            precision=precision,
+            calibration=calib,
+            max_batch=max_batch,
+            int8_activations=int8_activations,
+        )
     except ExecuTorchError as e:
         raise ExportError(str(e)) from e
     with atomic_path(path, companions=(".json",)) as tmp:
@@ -266,12 +291,13 @@ def export_executorch(
                 check = _check_int8(fused, program, calib, min_agreement, path)
         except ExecuTorchError as e:
             raise ExportError(f"{e}; nothing was written to {path}") from e
-        meta = _metadata(fused, path, precision, batch_size, dynamic_batch, check)
+        meta = _metadata(fused, path, precision, batch_size, dynamic_batch, check, activations)
         sidecar_path(tmp).write_text(json.dumps(meta, indent=1) + "\n")
     return EdgeExportResult(
         path=path,
         sidecar=sidecar_path(path),
         precision=precision,
+        int8_activations=activations,
         batch=batch_size,
         dynamic_batch=dynamic_batch,
         size_bytes=len(data),
