@@ -56,8 +56,8 @@ PRECISIONS = ("fp32", "int8")
 # int8 activations: "dynamic" quantizes the inputs of the linear layers per token while the program
 # runs (XNNPACK's dynamically quantized GEMMs); "static" quantizes the inputs of the linear layers
 # and convolutions per tensor, with scales calibrated beforehand. On LeViT-128S, 54 real photos:
-# top-1 agreement with fp32 70.4% (dynamic) against 53.7% (static), both ~280 img/s at batch 1 on
-# one thread against 125 for fp32 (benchmarks/edge.py, docs/edge.md).
+# top-1 agreement with fp32 70.4% (dynamic) against 53.7% (static), 249 and 261 img/s at batch 1 on
+# one thread against 114 for fp32 (benchmarks/edge.py, docs/edge.md).
 INT8_ACTIVATIONS = ("dynamic", "static")
 
 _aten = torch.ops.aten
