@@ -53,6 +53,7 @@ from levit.models.testing import randomize_weights, sample_images
 from levit.runtime import edge, pte
 from levit.runtime.deploy import build_runner, deploy, resolve
 from levit.tools.benchmark import device_name
+from levit.tools.timing import interleaved
 
 VARIANTS = ("levit_128s", "levit_128", "levit_192", "levit_256", "levit_384")
 SECTIONS = ("parity", "int8", "speed")
@@ -209,24 +210,14 @@ def section_speed(args, images: torch.Tensor) -> dict:
                 for prec in precs:
                     cands[(name, f"executorch {prec}", b, th)] = pte.Program(programs[(name, prec, b)], threads=th)
         torch.set_num_threads(th)  # levit eager's threads; the other runtimes hold their own
-        for (_, _, b, _), run in cands.items():  # warm up: XNNPACK and the runtimes set up on first calls
-            run(inputs[b])
-            run(inputs[b])
-        for key in cands:
-            speeds[key] = []
-        for r in range(args.rounds):
-            for key, run in cands.items():
-                b = key[2]
-                x = inputs[b]
-                n, t0 = 0, time.perf_counter()
-                while True:
-                    run(x)
-                    n += 1
-                    dt = time.perf_counter() - t0
-                    if dt >= args.window:
-                        break
-                speeds[key].append(n * b / dt)
-            log(f"speed: {th} thread(s), round {r + 1}/{args.rounds}")
+        # warm-up calls first (XNNPACK and the runtimes set up on first calls), then timed windows
+        per_call = interleaved(
+            {k: (lambda run=run, x=inputs[k[2]]: run(x)) for k, run in cands.items()},
+            rounds=args.rounds,
+            window=args.window,
+            on_round=lambda r, n, th=th: log(f"speed: {th} thread(s), round {r}/{n}"),
+        )
+        speeds.update({k: [k[2] / s for s in v] for k, v in per_call.items()})
     med = {k: statistics.median(v) for k, v in speeds.items()}
     print(f"\n## images/s, median of {args.rounds} interleaved rounds ({device_name()}, {all_cores} cores)")
     print("XNNPACK on this x86 CPU stands in for ARM: the same kernels, another instruction set.")
