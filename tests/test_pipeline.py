@@ -149,13 +149,44 @@ def test_rows_match_the_old_per_image_loop(model, folder, reference):
     assert sorted(p.name for p in errors) == sorted(BAD)
 
 
-def test_worker_processes_and_model_lanes_give_the_same_rows(model, folder, reference):
-    """Decoding in 2 worker processes with 2 one-thread model lanes (the default layout) against
-    decoding in this process with one lane: the same rows, in the same order; threads restored."""
+@pytest.mark.parametrize(
+    ("workers", "lanes_decode_up_to", "processes"), [(None, 8, False), (2, 8, True), (None, 1, True)]
+)
+def test_both_layouts_give_the_same_rows(model, folder, reference, monkeypatch, workers, lanes_decode_up_to, processes):
+    """Eager on the CPU: two one-thread lanes each decoding its own batch (the default, no process
+    started), and decoding in two worker processes while two lanes run the model (``workers=2``, or
+    by default beyond LANES_DECODE_UP_TO lanes) give the rows of one lane decoding in order, in the
+    same order; torch's thread count is restored."""
+    loaders = []
+    real = torch.utils.data.DataLoader
+    monkeypatch.setattr(torch.utils.data, "DataLoader", lambda *a, **kw: loaders.append(kw) or real(*a, **kw))
+    monkeypatch.setattr(pipeline, "LANES_DECODE_UP_TO", lanes_decode_up_to)
     before = torch.get_num_threads()
-    rows = [r for b in iter_batches(model, _files(folder), topk=3, batch_size=2, workers=2, threads=2) for r in b]
+    rows = [r for b in iter_batches(model, _files(folder), topk=3, batch_size=2, workers=workers, threads=2) for r in b]
     assert rows == reference
     assert torch.get_num_threads() == before
+    assert [kw["num_workers"] for kw in loaders] == ([2] if processes else [])
+
+
+def test_closing_the_iterator_stops_the_lanes_within_an_image(model, folder, monkeypatch):
+    """A consumer that stops early (Ctrl-C, an error writing rows) does not wait for the lanes to
+    decode their whole batches: each lane stops before its next image."""
+    decoded = []
+    slow = Preprocess.__call__
+
+    def call(self, src):
+        time.sleep(0.05)
+        decoded.append(src)
+        return slow(self, src)
+
+    monkeypatch.setattr(Preprocess, "__call__", call)
+    files = _files(folder) * 8  # 96 files: 2 lanes x batches of 12, 4 batches queued or running
+    it = iter_batches(model, files, topk=1, batch_size=12, threads=2)
+    first = next(it)
+    t = time.perf_counter()
+    it.close()
+    assert len(first) == 12 and time.perf_counter() - t < 0.5  # a whole batch would take 0.6 s
+    assert len(decoded) <= 12 + 12 + 2 + 2  # the batch taken, the other lane's, one more image each
 
 
 def test_plan_spreads_a_small_job_over_the_decoding_processes(tmp_path, monkeypatch):

@@ -48,10 +48,16 @@ def args_predict(p: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=None,
-        help="CPU threads for the model; eager runs that many batches at once, one thread each "
-        "(default: the cores available; other backends: the runtime's)",
+        help="CPU threads for the model; eager runs that many lanes, each decoding and classifying its own "
+        "batch on one thread (default: the cores available; other backends: the runtime's)",
     )
-    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: the cores available)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="decoding processes (default: none for eager on the CPU, whose lanes decode their own batches; "
+        "the cores available for other backends and GPUs)",
+    )
     p.add_argument(
         "--fast-decode",
         action="store_true",

@@ -99,4 +99,5 @@ def open_rgb(
         im.load()
         if im.mode in ("I", "F") or im.mode.startswith("I;16"):
             im = _to_8bit(im)
-        return im.convert("RGB")
+        # an RGB image is returned as loaded: convert("RGB") would copy it (48 MB for a phone photo)
+        return im if im.mode == "RGB" else im.convert("RGB")

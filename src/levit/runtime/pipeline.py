@@ -6,19 +6,25 @@ Ray Data job (``levit predict --ray``) and the HTTP server all decode and prepro
 
 How a local run is laid out, and why (measured with ``benchmarks/predict_e2e.py``, docs/predict.md):
 
-- decoding and preprocessing run in DataLoader worker processes (``workers``; default: the cores this
-  process may use), each on one torch thread (the DataLoader sets it), while the model runs: the two
-  overlap instead of taking turns;
-- the eager model runs ``threads`` batches at once, each in its own Python thread on ONE torch thread
-  (``torch.set_num_threads(1)`` for the run, restored after). Torch's intra-op pool splits every op
-  across threads that then wait for one another; when another job shares the cores, a descheduled
-  thread stalls the rest (LeViT-128S, batch 32, on a busy 2-core machine: 15-33 img/s on 2 intra-op
-  threads against 62-118 img/s as two one-thread lanes). Independent lanes never wait on each other.
-  Other backends (ONNX Runtime, OpenVINO, CUDA) run one batch at a time with their own threading;
+- the eager model on the CPU runs as ``threads`` *lanes* (default: the cores this process may use),
+  Python threads on ONE torch thread each (``torch.set_num_threads(1)`` for the run, restored after),
+  every lane decoding and preprocessing a batch and then classifying it. Torch's intra-op pool splits
+  every op across threads that then wait for one another; when another job shares the cores, a
+  descheduled thread stalls the rest (LeViT-128S, batch 32, on a busy 2-core machine: 15-33 img/s on
+  2 intra-op threads against 62-118 img/s as two one-thread lanes). Independent lanes never wait on
+  each other, and with the decoding in the lanes too there are as many busy threads as cores: no
+  batch crosses a process boundary and decoding never preempts the model (600 photos of 500x375 on
+  2 cores: 166 img/s against 149 with decoding in 2 worker processes beside 2 model lanes, 11.6 CPU
+  ms per image against 13.0; on 4032x3024 phone photos the two layouts measured the same). Pillow and
+  torch release the GIL while they decode, resize and compute; beyond :data:`LANES_DECODE_UP_TO`
+  lanes, or with ``workers=N``, N worker processes decode instead;
+- other backends (ONNX Runtime, OpenVINO, CUDA) run one batch at a time with their own threading,
+  while DataLoader worker processes (``workers``; default: the available cores), each on one torch
+  thread, decode the next batches: decoding and the model overlap instead of taking turns;
 - the batches have the backend's size (:attr:`levit.runtime.deploy.Predictor.batch_size`) at most, and a
-  job of few batches is spread over at least as many batches as there are decoding processes
-  (:func:`plan`): 24 phone photos at batch 32 are two batches of 12 decoded side by side, not one
-  batch decoded by one process while the other cores idle;
+  job of few batches is spread over at least as many batches as there are lanes or decoding
+  processes (:func:`plan`): 24 phone photos at batch 32 are two batches of 12 decoded side by side,
+  not one batch decoded on one core while the other idles;
 - results come out in input order, one batch at a time, so memory does not grow with the number of
   images;
 - an unreadable image becomes an ``error`` row; the run goes on.
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -45,6 +52,7 @@ from ..utils import available_cpus, first_line, num_threads
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "LANES_DECODE_UP_TO",
     "Batch",
     "ImageError",
     "ImageFiles",
@@ -65,6 +73,11 @@ CPU_BATCH_SIZE, GPU_BATCH_SIZE = 32, 256
 # preprocessing runs at ~10 MB of JPEG per CPU second (4.3 ms for a 500x375 JPEG of 40 kB, 140 ms for
 # a 4032x3024 one of 1.9 MB; docs/predict.md): a one-batch job starts them from 1 MB of files.
 WORKERS_FROM_BYTES = 1 << 20
+# Eager on the CPU, up to this many lanes decode their own batches (module docstring). Decoding holds
+# the GIL for ~5% of its time (500x375 JPEGs: a pure-Python thread kept 95-97% of its speed beside one
+# decoding thread), so 8 lanes ask for it ~40% of the time at most; beyond that, by default, worker
+# processes decode.
+LANES_DECODE_UP_TO = 8
 
 
 def plan(paths: Sequence[str | os.PathLike], batch_size: int, workers: int | None = None) -> tuple[int, int]:
@@ -351,9 +364,12 @@ def iter_batches(
         topk: classes per row. ``batch_size``: the most images per forward pass (default:
             ``runner.batch_size``, else 32 on a CPU and 256 on a GPU); :func:`plan` may run fewer.
         preprocess: decoding + preprocessing (default: ``Preprocess.for_model(model)``).
-        workers: decoding processes (default: the available cores; 0 decodes in this process).
-        threads: CPU model threads, eager only: that many batches run at once, one torch thread each
-            (default: the available cores). Backends given as ``runner`` keep their own threading.
+        workers: decoding processes. Default: eager on the CPU with up to
+            :data:`LANES_DECODE_UP_TO` lanes, none (each lane decodes its own batch; so does 0);
+            otherwise the available cores (0 decodes in this thread, between batches).
+        threads: CPU lanes, eager only: that many batches are decoded and classified at once, one
+            torch thread each (default: the available cores). Backends given as ``runner`` keep
+            their own threading.
         device: where the model runs (default: the model's device; a ``runner``'s ``device``).
             On CUDA the batches come in pinned memory and are copied without blocking.
         include_logits: add the raw logits to each row. ``class_names``: labels (default:
@@ -385,10 +401,16 @@ def iter_batches(
         raise LeViTError(f"topk and batch_size must be >= 1, got {topk} and {batch_size}")
     k = min(topk, num_classes)
     pre = preprocess or Preprocess.for_model(model)
-    workers, batch_size = plan(paths, batch_size, workers)
-    lanes = (threads or available_cores()) if runner is None and on_cpu else 1
+    eager_cpu = runner is None and on_cpu
+    lanes = (threads or available_cores()) if eager_cpu else 1
     if not paths:
         return
+    if eager_cpu and (workers == 0 or (workers is None and lanes <= LANES_DECODE_UP_TO)):
+        # each lane decodes its own batch, then classifies it (module docstring)
+        _, batch_size = plan(paths, batch_size, lanes)
+        yield from _lanes_decode_and_classify(paths, pre, run, dev, k, include_logits, names, batch_size, lanes)
+        return
+    workers, batch_size = plan(paths, batch_size, workers)
     loader = torch.utils.data.DataLoader(
         ImageFiles(paths, pre),
         batch_size=batch_size,
@@ -399,7 +421,7 @@ def iter_batches(
     )
     batches = iter(loader)  # workers start here, before any model thread exists (fork-safe)
     # eager on the CPU: lanes of one torch thread each (module docstring); other backends: as they are
-    with num_threads(1 if runner is None and on_cpu else None), ThreadPoolExecutor(lanes) as pool:
+    with num_threads(1 if eager_cpu else None), ThreadPoolExecutor(lanes) as pool:
         pending: collections.deque[tuple[Batch, Future | None]] = collections.deque()
 
         def rows_of(batch: Batch, fut: Future | None) -> list[dict]:
@@ -419,6 +441,54 @@ def iter_batches(
                 if fut is not None:
                     fut.cancel()
             del batches  # stops the workers now, not at garbage collection
+
+
+class _StoppedError(Exception):
+    """A lane was told to stop (the consumer closed the iterator or raised)."""
+
+
+def _lanes_decode_and_classify(
+    paths: list[str],
+    pre: Preprocess,
+    run: Callable[[Tensor], Tensor],
+    dev: torch.device,
+    k: int,
+    include_logits: bool,
+    names: Sequence[str],
+    batch_size: int,
+    lanes: int,
+) -> Iterator[list[dict]]:
+    """The eager CPU layout: ``lanes`` threads on one torch thread each, every one decoding a batch
+    and then classifying it; rows of each batch yielded in input order. One more batch than there are
+    lanes is queued, so a lane that finishes starts the next batch while this thread writes rows."""
+    stop = threading.Event()
+
+    def lane(batch_paths: list[str]) -> list[dict]:
+        items = []
+        for p in batch_paths:
+            if stop.is_set():
+                raise _StoppedError
+            items.append(_load(pre, p))
+        batch = collate(items)
+        p = c = lg = None
+        if batch.x is not None:
+            p, c, lg = _classify(run, batch.x, dev, k, include_logits)
+        return make_rows(batch, p, c, lg, names, include_logits)
+
+    starts = iter(range(0, len(paths), batch_size))
+    pending: collections.deque[Future] = collections.deque()
+    with num_threads(1), ThreadPoolExecutor(lanes, thread_name_prefix="levit-lane") as pool:
+        try:
+            for start in starts:
+                pending.append(pool.submit(lane, paths[start : start + batch_size]))
+                if len(pending) > lanes:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            stop.set()
+            for fut in pending:
+                fut.cancel()
 
 
 # ---- Ray Data --------------------------------------------------------------------------------
