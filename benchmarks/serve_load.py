@@ -2,8 +2,9 @@
 
 Starts the server (``python -m levit serve``) on 127.0.0.1, waits for ``/ready``, then sends
 photo-like JPEGs (crops of the photos scikit-learn and scikit-image ship, ~480x360, quality 90) from
-C concurrent clients (an asyncio httpx load generator, bounded by a request count and a duration per
-run). After the clean runs: a mixed run (10% bad requests: garbage bytes, truncated JPEGs, bodies
+C concurrent clients (an asyncio aiohttp load generator, bounded by a request count and a duration per
+run; aiohttp costs about a third of httpx's CPU per request, which matters when the generator
+shares the server's cores). After the clean runs: a mixed run (10% bad requests: garbage bytes, truncated JPEGs, bodies
 over ``--max-body-mb``) and a run where 10% of the clients drop the connection mid-upload. Every good
 answer is checked against the answer the server gave that image alone (``wrong`` column); the
 server's RSS is read before and after. The ceiling it is compared with is ``levit predict``'s own
@@ -21,8 +22,9 @@ below on Ray Serve.
     python benchmarks/serve_load.py --compare-engines --short  # uvicorn vs Ray Serve for one process
     python benchmarks/serve_load.py --backend openvino --threads 2 --max-batch-size 32 --max-wait-ms 10
 
-The load generator shares the machine with the server: on a 2-core machine it takes a noticeable
-part of one core at high request rates, so the numbers are a lower bound for a server alone.
+The load generator shares the machine with the server; each run prints the CPU milliseconds per
+request of both (the server's with its child processes), so the cost of serving is visible apart
+from the generator's.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from pathlib import Path
 import numpy as np
 
 HOST = "127.0.0.1"  # loopback only
+OFFLINE_IMAGES = 512  # the offline ceiling classifies the JPEGs over and over as this many files
 
 
 # ---- inputs --------------------------------------------------------------------------------------
@@ -93,22 +96,42 @@ class Ceiling:
     decode + model). Measured in rounds between the server runs (while the server idles), medians
     reported, so that the machine's load moves both sides alike."""
 
-    def __init__(self, ckpt: Path, jpegs: list[bytes], backend: str, threads: int | None, batch: int) -> None:
+    def __init__(
+        self, ckpt: Path, jpegs: list[bytes], backend: str, threads: int | None, batch: int, lanes: int | None = None
+    ) -> None:
         import levit
         from levit.weights.format import read_metadata
 
         # fused once here, as `levit predict` does (predict_paths would fuse an unfused model on every call)
         self.model = levit.fuse(levit.create_model(read_metadata(ckpt)["variant"], checkpoint=ckpt))
         self.dir = tempfile.TemporaryDirectory(prefix="levit-serve-ceiling-")
-        self.files = []
-        for i, b in enumerate(jpegs):
+        self.files = []  # enough files that start-up (worker processes, the first batch) does not dominate
+        for i in range(max(len(jpegs), OFFLINE_IMAGES)):
             self.files.append(Path(self.dir.name) / f"{i:04d}.jpg")
-            self.files[-1].write_bytes(b)
+            self.files[-1].write_bytes(jpegs[i % len(jpegs)])
         self.batch = batch
         self.runners = {
             bs: levit.deploy(self.model, backend=backend, batch_size=bs, threads=threads) for bs in (batch, 1)
         }
         self.backend = self.runners[batch].backend
+        # one full batch on one of the server's lanes (levit.runtime.serve.lane_layout), for the p99 target
+        import torch
+
+        from levit.runtime.pipeline import Preprocess
+        from levit.runtime.serve import lane_layout
+        from levit.utils import available_cpus
+
+        self.lane_threads = lane_layout(lanes, threads, available_cpus())[1]
+        lane = levit.deploy(self.model, backend=backend, batch_size=batch, threads=self.lane_threads)
+        pre = Preprocess.for_model(self.model)
+        x = torch.stack([pre(b) for b in (jpegs * batch)[:batch]])
+        times = []
+        with torch.inference_mode():
+            for _ in range(6):
+                t0 = time.perf_counter()
+                lane(x)
+                times.append(time.perf_counter() - t0)
+        self.full_batch_ms = statistics.median(times[1:]) * 1e3
         self.img_s: list[float] = []
         self.single_ms: list[float] = []
         self.measure()  # warm-up round, not kept
@@ -133,6 +156,8 @@ class Ceiling:
             "single_ms": statistics.median(self.single_ms),
             "backend": self.backend,
             "rounds": len(self.img_s),
+            "full_batch_ms": self.full_batch_ms,
+            "lane_threads": self.lane_threads,
         }
 
 
@@ -162,6 +187,18 @@ class Server:
                 total += q.memory_info().rss
         return total / 2**20
 
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) of the server and its child processes so far."""
+        import psutil
+
+        p = psutil.Process(self.proc.pid)
+        total = 0.0
+        for q in [p, *p.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                t = q.cpu_times()
+                total += t.user + t.system
+        return total
+
     def stop(self, timeout: float = 120) -> int:
         self.proc.send_signal(signal.SIGTERM)
         try:
@@ -180,6 +217,8 @@ def start_server(engine: str, ckpt: Path, args: argparse.Namespace, logdir: Path
     cmd += ["--max-wait-ms", str(args.max_wait_ms), "--max-body-mb", str(args.max_body_mb), "--quiet"]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.lanes:
+        cmd += ["--lanes", str(args.lanes)]
     if engine == "ray":
         cmd += ["--ray", "--replicas", "1", "--replica-cpus", str(os.cpu_count() or 1)]
     log = logdir / f"server-{engine}.log"
@@ -240,6 +279,8 @@ class Run:
     dropped: int = 0  # clients that disconnected mid-upload
     missed: collections.Counter = field(default_factory=collections.Counter)  # (kind, what it got instead)
     batches: str = ""
+    server_cpu_ms: float = float("nan")  # CPU ms per answered request: the server (and its children)
+    client_cpu_ms: float = float("nan")  # ... and this load generator
 
     def row(self) -> list[str]:
         lat = sorted(self.latencies)
@@ -261,6 +302,7 @@ class Run:
             str(self.wrong),
             bad,
             str(self.dropped) if self.dropped else "-",
+            f"{self.server_cpu_ms:.1f}, {self.client_cpu_ms:.1f}",
             self.batches,
         ]
 
@@ -299,7 +341,7 @@ async def load(
     name: str = "clean",
 ) -> tuple[Run, list[list[dict] | None]]:
     """``clients`` coroutines send requests until ``count`` are sent or ``duration`` s have passed."""
-    import httpx
+    import aiohttp
 
     run = Run(name, clients)
     answers: list[list[dict] | None] = [None] * len(jpegs)
@@ -308,8 +350,9 @@ async def load(
     sent = 0
     t0 = time.perf_counter()
     end = t0 + duration
+    transport_errors = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
-    async def client(c: httpx.AsyncClient) -> None:
+    async def client(c: aiohttp.ClientSession) -> None:
         nonlocal sent
         while sent < count and time.perf_counter() < end:
             i = sent
@@ -325,9 +368,10 @@ async def load(
                 body, ctype, want = bad_request(kind, jpegs[img], max_body_mb)
                 run.bad_sent += 1
                 try:
-                    r = await c.post(url + "/v1/classify", content=body, headers={"content-type": ctype})
-                    got: int | str = r.status_code
-                except httpx.TransportError as e:
+                    async with c.post(url + "/v1/classify", data=body, headers={"content-type": ctype}) as r:
+                        await r.read()
+                        got: int | str = r.status
+                except transport_errors as e:
                     got = type(e).__name__
                 run.bad_ok += got == want
                 if got != want:
@@ -335,23 +379,38 @@ async def load(
                 continue
             t = time.perf_counter()
             try:
-                r = await c.post(url + "/v1/classify", content=jpegs[img], headers={"content-type": "image/jpeg"})
-            except httpx.TransportError:
+                async with c.post(url + "/v1/classify", data=jpegs[img], headers={"content-type": "image/jpeg"}) as r:
+                    status = r.status
+                    payload = await r.json() if status == 200 else None
+            except transport_errors:
                 run.errors += 1
                 continue
-            if r.status_code != 200:
+            if status != 200:
                 run.errors += 1
                 continue
             run.latencies.append(time.perf_counter() - t)
-            top = r.json()["top"]
+            top = payload["top"]
             answers[img] = top
             if reference is not None and reference[img] is not None and not same_answer(top, reference[img]):
                 run.wrong += 1
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(timeout=60, limits=limits) as c:
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as c:
         await asyncio.gather(*(client(c) for _ in range(clients)))
     run.seconds = time.perf_counter() - t0
+    return run, answers
+
+
+def measured_load(srv: Server, *args, **kwargs) -> tuple[Run, list[list[dict] | None]]:
+    """:func:`load`, with the CPU time per answered request of the server and of this generator."""
+    import psutil
+
+    me = psutil.Process()
+    s0, c0 = srv.cpu_s(), sum(me.cpu_times()[:2])
+    run, answers = asyncio.run(load(srv.url, *args, **kwargs))
+    n = max(1, len(run.latencies) + run.bad_sent)
+    run.server_cpu_ms = (srv.cpu_s() - s0) / n * 1e3
+    run.client_cpu_ms = (sum(me.cpu_times()[:2]) - c0) / n * 1e3
     return run, answers
 
 
@@ -382,7 +441,7 @@ def bench_engine(
         for c in args.clients:
             ceiling.measure()  # the server idles meanwhile
             h0 = batch_histogram(srv.url)
-            run, _ = asyncio.run(load(srv.url, jpegs, c, args.requests, args.duration, reference=reference))
+            run, _ = measured_load(srv, jpegs, c, args.requests, args.duration, reference=reference)
             run.batches = histogram_text(h0, batch_histogram(srv.url))
             out["runs"].append(run)
         out["rss_clean"] = srv.rss_mb()
@@ -390,19 +449,17 @@ def bench_engine(
         if not args.no_mixed:
             for name, bad, drop in (("10% bad", 0.1, 0.0), ("10% drop", 0.0, 0.1)):
                 h0 = batch_histogram(srv.url)
-                run, _ = asyncio.run(
-                    load(
-                        srv.url,
-                        jpegs,
-                        c,
-                        args.requests,
-                        args.duration,
-                        reference=reference,
-                        bad_fraction=bad,
-                        drop_fraction=drop,
-                        max_body_mb=args.max_body_mb,
-                        name=name,
-                    )
+                run, _ = measured_load(
+                    srv,
+                    jpegs,
+                    c,
+                    args.requests,
+                    args.duration,
+                    reference=reference,
+                    bad_fraction=bad,
+                    drop_fraction=drop,
+                    max_body_mb=args.max_body_mb,
+                    name=name,
                 )
                 run.batches = histogram_text(h0, batch_histogram(srv.url))
                 out["runs"].append(run)
@@ -485,7 +542,7 @@ def print_report(results: list[dict], ceiling: dict, args: argparse.Namespace) -
         f"{ceiling['single_ms']:.1f} ms (decode + model)\n"
     )
     head = ["run", "clients", "ok", "req/s", "p50 ms", "p95 ms", "p99 ms", "errors", "wrong", "bad 4xx", "dropped"]
-    head.append("batches (size:count)")
+    head += ["CPU ms/req: server, client", "batches (size:count)"]
     for r in results:
         print(
             f"engine {r['engine']}: start-up {r['startup_s']:.1f} s, GET /health {r['health_ms']:.2f} ms, exit {r['exit_code']}"
@@ -507,10 +564,17 @@ def print_report(results: list[dict], ceiling: dict, args: argparse.Namespace) -
         if clean:
             top = clean[max(clean)]
             rps = len(top.latencies) / top.seconds
+            lat = sorted(top.latencies)
+            p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e3 if lat else float("nan")
+            p99_target = args.max_wait_ms + 3 * ceiling["full_batch_ms"]
+            floor = max(clean) / rps * 1e3 if rps else float("nan")
             print(
                 f"targets: {max(clean)} clients {rps:.1f} req/s = {rps / ceiling['img_s'] * 100:.0f}% of levit predict "
                 f"offline (target >= 80%); 1 client p50 {r['single_p50_ms']:.1f} ms vs 1.5 x {ceiling['single_ms']:.1f} "
-                f"+ {args.max_wait_ms} = {1.5 * ceiling['single_ms'] + args.max_wait_ms:.1f} ms\n"
+                f"+ {args.max_wait_ms} = {1.5 * ceiling['single_ms'] + args.max_wait_ms:.1f} ms; {max(clean)} clients "
+                f"p99 {p99:.0f} ms vs {args.max_wait_ms} + 3 x {ceiling['full_batch_ms']:.0f} ms (one full batch of "
+                f"{args.max_batch_size} on a lane of {ceiling['lane_threads']} thread(s)) = {p99_target:.0f} ms; "
+                f"Little's law floor for {max(clean)} clients at this rate: {floor:.0f} ms\n"
             )
 
 
@@ -529,8 +593,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5, help="--compare-engines: interleaved rounds")
     p.add_argument("--startup-rounds", type=int, default=2, help="--compare-engines: starts of each engine")
     p.add_argument("--backend", default="auto")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=None, help="server: threads per lane; offline: the backend's")
+    p.add_argument("--lanes", type=int, default=None, help="server model lanes (default: levit serve's)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="as levit serve's default")
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--max-body-mb", type=float, default=2.0)
     p.add_argument("--clients", default="1,8,64", help="concurrency levels")
@@ -564,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.compare_engines:
             compare_engines(ckpt, jpegs, args, Path(d))
             return 0
-        ceiling = Ceiling(ckpt, jpegs, args.backend, args.threads, args.max_batch_size)
+        ceiling = Ceiling(ckpt, jpegs, args.backend, args.threads, args.max_batch_size, args.lanes)
         results = [bench_engine(e, ckpt, jpegs, args, Path(d), ceiling) for e in args.engine.split(",")]
     print_report(results, ceiling.result(), args)
     return 0

@@ -215,6 +215,21 @@ def test_openvino_bf16_reports_what_runs():
 
 
 @pytest.mark.skipif(not HAS_OPENVINO, reason="openvino not installed")
+def test_openvino_does_not_pin_a_model_on_fewer_threads_than_cores(monkeypatch):
+    """OpenVINO pins a compiled model's threads from the first core on: two one-thread models (levit
+    serve's lanes, Ray actors) would share one core. Fewer threads than cores: no pinning."""
+    import openvino as ov
+
+    monkeypatch.setattr(deploy_mod, "available_cpus", lambda: 4)
+    assert deploy_mod._ov_config("fp32", 1)["ENABLE_CPU_PINNING"] is False
+    assert "ENABLE_CPU_PINNING" not in deploy_mod._ov_config("fp32", 4)  # all the cores: OpenVINO's default
+    assert "ENABLE_CPU_PINNING" not in deploy_mod._ov_config("fp32", None)
+    net = ov.convert_model(torch.nn.Linear(8, 4).eval(), example_input=torch.randn(2, 8))
+    compiled = ov.Core().compile_model(net, "CPU", deploy_mod._ov_config("fp32", 1))
+    assert compiled.get_property("ENABLE_CPU_PINNING") is False
+
+
+@pytest.mark.skipif(not HAS_OPENVINO, reason="openvino not installed")
 @pytest.mark.parametrize("bf16_ok", [False, True])
 def test_openvino_int8_unquantized_layers_follow_the_bf16_probe(bf16_ok):
     import openvino as ov

@@ -221,6 +221,96 @@ def test_concurrent_requests_are_batched_and_bad_ones_harm_none(server, files, e
     assert batches < len(good), f"{len(good)} concurrent requests ran as {batches} batches: nothing was batched"
 
 
+def test_lane_layout_fills_the_cores():
+    from levit.runtime.serve import lane_layout
+
+    assert lane_layout(None, None, 4) == (4, 1)  # the default: a one-thread lane per core
+    assert lane_layout(None, 2, 4) == (2, 2) and lane_layout(2, None, 4) == (2, 2)
+    assert lane_layout(None, 8, 2) == (1, 8) and lane_layout(3, 1, 2) == (3, 1)  # as asked
+
+
+def test_lanes_compute_batches_at_once_each_on_its_own_backend(files, monkeypatch):
+    """Two lanes: two copies of the backend (one thread each), two batches in flight at once, and
+    every request answered by the batch it was in."""
+    import levit.runtime.deploy as deploy_mod
+    from levit.runtime.serve import LeViTService, ServeConfig
+
+    made, lock = [], threading.Lock()
+    state = {"active": 0, "peak": 0}
+
+    def fake_deploy(model, **kw):
+        made.append(kw["threads"])
+        lane = len(made)
+
+        def run(x):
+            with lock:
+                state["active"] += 1
+                state["peak"] = max(state["peak"], state["active"])
+            time.sleep(0.15)
+            with lock:
+                state["active"] -= 1
+            logits = torch.zeros(x.shape[0], 10)
+            logits[:, lane] = 5.0  # the answer says which lane computed it
+            return logits
+
+        return run
+
+    monkeypatch.setattr(deploy_mod, "deploy", fake_deploy)
+    model = levit.create_model("levit_tiny", checkpoint=files["model"])
+    threads = torch.get_num_threads()
+    try:
+        svc = LeViTService(model, ServeConfig(lanes=2, max_batch_size=2, max_wait_ms=1, quiet=True), load_now=True)
+        jpg = files["a.jpg"].read_bytes()
+
+        async def eight():
+            return await asyncio.gather(*(svc.classify(jpg, 1) for _ in range(8)))
+
+        state["peak"] = 0  # the warm-up ran the lanes one after the other
+        answers = asyncio.run(eight())
+    finally:
+        torch.set_num_threads(threads)
+    assert made == [1, 1] and (svc.lanes, svc.lane_threads) == (2, 1)
+    assert state["peak"] == 2, "the two lanes never computed at the same time"
+    assert {a[0]["class"] for a in answers} == {1, 2}  # both lanes answered requests
+    assert len(svc._free) == 2  # every lane given back
+
+
+def test_requests_arriving_while_every_lane_is_busy_fill_one_batch(files, monkeypatch):
+    """Ray Serve's batcher closes a batch when its wait ends, free lane or not: without the stretched
+    wait, 6 requests arriving 15 ms apart during a 0.4 s batch would queue as 6 batches of one. With
+    it they wait for the lane together, as one or two batches; the wait is max_wait_ms again after."""
+    import levit.runtime.deploy as deploy_mod
+    from levit.runtime.serve import LeViTService, ServeConfig
+
+    def fake_deploy(model, **kw):
+        def run(x):
+            time.sleep(0.4 if x.shape[0] < 8 else 0.01)  # the warm-up's full batch sets a small per-image time
+            return torch.zeros(x.shape[0], 10)
+
+        return run
+
+    monkeypatch.setattr(deploy_mod, "deploy", fake_deploy)
+    model = levit.create_model("levit_tiny", checkpoint=files["model"])
+    svc = LeViTService(model, ServeConfig(lanes=1, max_batch_size=8, max_wait_ms=1, quiet=True), load_now=True)
+    svc._per_image_s = 0.4  # as the first real batch would teach it
+    sizes = []
+    monkeypatch.setattr(svc.metrics, "batch_size", type("Sizes", (), {"observe": lambda self, n: sizes.append(n)})())
+    jpg = files["a.jpg"].read_bytes()
+
+    async def go():
+        first = asyncio.create_task(svc.classify(jpg, 1))
+        await asyncio.sleep(0.05)  # the first batch is computing
+        rest = []
+        for _ in range(6):
+            rest.append(asyncio.create_task(svc.classify(jpg, 1)))
+            await asyncio.sleep(0.015)
+        await asyncio.gather(first, *rest)
+
+    asyncio.run(go())
+    assert sizes[0] == 1 and sum(sizes) == 7 and len(sizes) <= 3, sizes
+    assert svc._classify._get_batch_wait_timeout_s() == pytest.approx(0.001)  # a lane is free: the short wait
+
+
 # ---- bad input -----------------------------------------------------------------------------------
 def _error_line(r: httpx.Response, status: int) -> str:
     assert r.status_code == status, r.text

@@ -31,9 +31,13 @@ def args_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed at start)")
     g = p.add_argument_group("batching")
-    g.add_argument("--max-batch-size", type=int, default=16, help="most images per forward pass")
+    g.add_argument("--max-batch-size", type=int, default=32, help="most images per forward pass")
     g.add_argument(
-        "--max-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill after its first request"
+        "--max-wait-ms",
+        type=float,
+        default=5.0,
+        help="longest wait for a batch to fill after its first request while a model lane is free "
+        "(while every lane is busy, requests wait for the first to finish and fill one batch)",
     )
     g = p.add_argument_group("limits")
     g.add_argument("--max-body-mb", type=positive_float, default=20.0, help="larger request bodies get 413")
@@ -51,7 +55,16 @@ def args_serve(p: argparse.ArgumentParser) -> None:
     g.add_argument("--crop-pct", type=float, default=DEFAULT_CROP_PCT, help="centre-crop fraction, as levit predict")
     runtime_options(g, backend="auto", precision="fp32", precision_help="numeric precision")
     g.add_argument("--calibration", type=Path, nargs="+", help="int8: calibration images (files or folders)")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads of the model (default: the runtime's)")
+    g.add_argument(
+        "--lanes",
+        type=int,
+        default=None,
+        help="model lanes: batches computed at once, each by its own copy of the backend "
+        "(default on a CPU: the cores // --threads; a GPU runs one)",
+    )
+    g.add_argument(
+        "--threads", type=int, default=None, help="CPU threads per model lane (default: the cores // --lanes, else 1)"
+    )
     g = p.add_argument_group("Ray Serve")
     g.add_argument(
         "--ray",
@@ -72,6 +85,7 @@ def _check(args: argparse.Namespace) -> None:
         ("--topk", args.topk),
         ("--replicas", args.replicas),
         ("--threads", args.threads),
+        ("--lanes", args.lanes),
         ("--decode-workers", args.decode_workers),
     ):
         if value is not None and value < 1:
@@ -163,6 +177,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         backend=args.backend,
         precision=args.precision,
         threads=args.threads,
+        lanes=args.lanes,
         decode_workers=args.decode_workers,
         read_timeout_s=args.read_timeout,
         drain_timeout_s=args.drain_timeout,

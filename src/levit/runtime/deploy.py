@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LeViTError
-from ..utils import num_threads
+from ..utils import available_cpus, num_threads
 from .options import BACKENDS, PRECISIONS, SUPPORTED_PRECISIONS
 
 __all__ = [
@@ -441,6 +441,11 @@ def _ov_config(precision: str, threads: int | None) -> dict[str, object]:
     config["INFERENCE_PRECISION_HINT"] = hint
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
+        if threads < available_cpus():
+            # OpenVINO pins a compiled model's threads to cores counted from the first one, so two
+            # one-thread models (levit serve's lanes, Ray actors on one machine) would share a core:
+            # 2 lanes of LeViT-128S on a 2-core machine used 1.4 cores pinned, 1.8 not
+            config["ENABLE_CPU_PINNING"] = False
     return config
 
 

@@ -26,8 +26,12 @@ log = logging.getLogger("levit.serve")
 def deployment(model: nn.Module, config: ServeConfig, *, replicas: int = 1, replica_cpus: float = 1.0) -> Any:
     """The bound Ray Serve application: ``replicas`` copies of :class:`LeViTService`, each loading and
     warming up its model in its constructor (a replica is routed to only once it is ready)."""
+    import dataclasses
+
     from ray import serve
 
+    if config.lanes is None and config.threads is None:  # a lane per CPU the replica reserves, not per core
+        config = dataclasses.replace(config, lanes=max(1, int(replica_cpus)))
     cls = serve.deployment(
         serve.ingress()(LeViTService),
         name="LeViTService",
