@@ -189,6 +189,9 @@ class LeViTService:
         if next(model.parameters()).device.type != "cpu":  # a GPU runs one batch at a time
             self.lanes, self.lane_threads = 1, config.threads
         self._free: list[Callable[[Tensor], Tensor]] = []  # the lanes' predictors not computing a batch
+        self._lanes_changed = asyncio.Event()  # set (and replaced) when a lane frees or a batch stops waiting
+        self._waiting: dict[int, int] = {}  # batches formed, waiting for a lane: images, in arrival order
+        self._forming = 0  # images handed to the batcher and not yet in a batch
         self._running: dict[int, tuple[float, int]] = {}  # batches being computed: (start, images)
         self._per_image_s = 0.0  # a lane's seconds per image (moving average; from the warm-up at first)
         self.ready = False
@@ -197,11 +200,13 @@ class LeViTService:
         self.load_error: str | None = None
         self.replica = f"{socket.gethostname()}:{os.getpid()}"  # which process answered (a header)
         self._limiters: tuple | None = None
-        # Ray Serve's batcher, made per instance so that its queue lives on this instance's event loop
+        # Ray Serve's batcher, made per instance so that its queue lives on this instance's event loop.
+        # It hands over every batch it forms (no concurrency cap of its own: _run_batch waits for a
+        # lane, so that the batches waiting are known to _retune_wait)
         self._classify = serve.batch(
             max_batch_size=config.max_batch_size,
             batch_wait_timeout_s=config.max_wait_ms / 1e3,
-            max_concurrent_batches=self.lanes,
+            max_concurrent_batches=1 << 20,
         )(self._run_batch)
         if load_now:
             self.load()
@@ -267,41 +272,68 @@ class LeViTService:
         return self._limiters[which]
 
     async def _run_batch(self, images: list[Tensor]) -> list[Tensor]:
-        """One forward pass for the images the batcher collected (each (3, H, W)) -> their probabilities."""
+        """One forward pass for the images the batcher collected (each (3, H, W)) -> their probabilities,
+        on the first model lane free (batches take the lanes in the order they were formed)."""
         import anyio
 
-        m = self.metrics
-        m.queue_depth.dec(len(images))
-        m.batch_size.observe(len(images))
+        m, n, key = self.metrics, len(images), id(images)
+        self._forming = max(0, self._forming - n)
+        self._waiting[key] = n
+        try:
+            self._retune_wait()
+            # FIFO: a batch goes once it is the oldest waiting and a lane is free
+            while not (self._free and next(iter(self._waiting)) == key):
+                await self._lanes_changed.wait()
+            predictor = self._free.pop()
+        finally:
+            del self._waiting[key]
+            self._wake()
+        m.queue_depth.dec(n)
+        m.batch_size.observe(n)
         t0 = time.perf_counter()
-        predictor = self._free.pop()  # the batcher runs at most `lanes` batches at once
-        key = id(images)
-        self._running[key] = (t0, len(images))
+        self._running[key] = (t0, n)
         self._retune_wait()
         try:
             probs = await anyio.to_thread.run_sync(
                 self._forward, predictor, torch.stack(images), limiter=self._limiter(1)
             )
         finally:
-            self._free.append(predictor)
-            del self._running[key]
             dt = time.perf_counter() - t0
-            self._per_image_s = 0.8 * self._per_image_s + 0.2 * dt / len(images)
+            del self._running[key]
+            self._free.append(predictor)
+            self._per_image_s = 0.8 * self._per_image_s + 0.2 * dt / n
             self._retune_wait()
+            self._wake()
         m.batch_latency.observe(dt)
         return list(probs.unbind(0))
+
+    def _wake(self) -> None:
+        """Let the batches waiting for a lane look again (a lane freed, or the oldest stopped waiting)."""
+        event, self._lanes_changed = self._lanes_changed, asyncio.Event()
+        event.set()
 
     def _retune_wait(self) -> None:
         """Ray Serve's batcher closes a batch when its wait ends whether or not a lane is free to
         compute it, so under load it would queue batches of one or two images behind busy lanes.
-        While every lane is busy, the wait for the next batch is stretched to when the first of them
-        should finish (at most one full batch's time): the requests that would queue for a lane
-        anyway fill one batch. Once a lane is free, the wait is ``max_wait_ms`` again."""
+        So the wait for the next batch is stretched to when a lane should be free for it: after the
+        batches computing, those waiting and the one forming (at most two full batches' time). The
+        requests that would wait for a lane anyway then fill one batch. With a lane free for it, the
+        wait is ``max_wait_ms``. (The batcher reads the wait when a batch starts forming.)"""
+        import heapq
+
         wait = self.config.max_wait_ms / 1e3
-        if len(self._running) >= self.lanes and self._per_image_s > 0:
-            first_free = min(t0 + self._per_image_s * n for t0, n in self._running.values())
-            full_batch = self._per_image_s * self.config.max_batch_size
-            wait = max(wait, min(first_free - time.perf_counter(), full_batch))
+        per = self._per_image_s
+        ahead = list(self._waiting.values())
+        if self._forming:
+            ahead.append(min(self._forming, self.config.max_batch_size))
+        if per > 0 and (ahead or len(self._running) >= self.lanes):
+            now = time.perf_counter()
+            free_at = [t0 + per * n for t0, n in self._running.values()]
+            free_at += [now] * (self.lanes - len(free_at))
+            heapq.heapify(free_at)
+            for n in ahead:  # the batches waiting and forming take the lanes in turn
+                heapq.heappush(free_at, max(heapq.heappop(free_at), now) + per * n)
+            wait = max(wait, min(free_at[0] - now, 2 * per * self.config.max_batch_size))
         self._classify.set_batch_wait_timeout_s(wait)
 
     async def classify(self, data: bytes, topk: int) -> list[dict]:
@@ -313,6 +345,7 @@ class LeViTService:
         except ImageError as e:
             raise ClientError(400, str(e)) from None
         self.metrics.queue_depth.inc()
+        self._forming += 1
         probs = await self._classify(x)
         p, i = probs.topk(min(topk, self.num_classes))
         return [{"class": c, "label": self.names[c], "prob": round(v, 6)} for v, c in zip(p.tolist(), i.tolist())]
