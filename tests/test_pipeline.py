@@ -216,6 +216,54 @@ def test_a_runner_backend_is_called_with_the_batches(model, folder, reference):
         assert [t["class"] for t in r["top"]] == [t["class"] for t in ref["top"]] and r["error"] == ref["error"]
 
 
+@pytest.mark.parametrize("workers", [None, 2])
+def test_a_list_of_runners_runs_as_lanes(model, folder, reference, monkeypatch, workers):
+    """One backend per lane (``levit predict --backend onnxruntime`` builds one one-thread copy per
+    core): every copy computes batches, the lanes decode their own batches (or worker processes do,
+    with ``workers``), and the rows are the reference rows in order."""
+    calls = {0: 0, 1: 0}
+
+    def lane(i):
+        pred = levit.deploy(model, backend="eager", batch_size=2, threads=1)
+
+        def run(x):
+            calls[i] += 1
+            time.sleep(0.02)  # long enough that the two lanes overlap
+            return pred(x)
+
+        run.batch_size, run.img_size = 2, pred.img_size  # what a levit.deploy predictor says of itself
+        return run
+
+    loaders = []
+    real = torch.utils.data.DataLoader
+    monkeypatch.setattr(torch.utils.data, "DataLoader", lambda *a, **kw: loaders.append(kw) or real(*a, **kw))
+    rows = list(iter_predictions(model, [folder], topk=3, runner=[lane(0), lane(1)], workers=workers))
+    assert [r["path"] for r in rows] == [r["path"] for r in reference]
+    for r, ref in zip(rows, reference):
+        assert [t["class"] for t in r["top"]] == [t["class"] for t in ref["top"]] and r["error"] == ref["error"]
+    assert calls[0] > 0 and calls[1] > 0, calls
+    assert [kw["num_workers"] for kw in loaders] == ([] if workers is None else [2])
+
+
+def test_predict_builds_one_backend_per_lane(ckpt, folder, monkeypatch, capsys):
+    """``levit predict --backend X --threads 2``: two one-thread copies of X on the CPU; int8 one copy."""
+    pytest.importorskip("onnxruntime", reason="the onnxruntime backend")
+    import levit.runtime.deploy as deploy_mod
+
+    real = deploy_mod.deploy
+    made = []
+
+    def counting(model, **kw):
+        made.append((kw["backend"], kw["threads"]))
+        return real(model, **{**kw, "backend": "eager", "precision": "fp32", "calibration": None})
+
+    monkeypatch.setattr(deploy_mod, "deploy", counting)
+    argv = ["predict", str(folder / "sub"), "-c", str(ckpt), "--json", "--backend", "onnxruntime", "--threads", "2"]
+    assert main(argv) == 0
+    assert made == [("onnxruntime", 1), ("onnxruntime", 1)]
+    assert len(json.loads(capsys.readouterr().out)) == 3
+
+
 @pytest.mark.parametrize("ext", [".jsonl", ".csv", ".parquet"])
 def test_each_output_format_reads_back_to_the_same_rows(model, ckpt, folder, tmp_path, capsys, ext):
     if ext == ".parquet":

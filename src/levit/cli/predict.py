@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from levit.models.config import DEFAULT_CROP_PCT
@@ -48,8 +49,8 @@ def args_predict(p: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=None,
-        help="CPU threads for the model; eager runs that many lanes, each decoding and classifying its own "
-        "batch on one thread (default: the cores available; other backends: the runtime's)",
+        help="CPU model lanes: that many batches decoded and classified at once, one thread each (eager: the "
+        "model; other backends: a copy each; int8: one copy on that many threads) (default: the cores available)",
     )
     p.add_argument(
         "--workers",
@@ -143,20 +144,31 @@ def _backends(args: argparse.Namespace, model, files: list, use_runtime: bool) -
         ray_backend["batch_size"] = args.batch_size or 32
     elif use_runtime:
         from levit.runtime.deploy import deploy
+        from levit.utils import available_cpus
 
-        with warnings_as_lines():  # e.g. "this CPU has no bf16 instructions: runs fp32"
-            runner = deploy(
-                model,
-                backend=args.backend,
-                precision=args.precision,
-                batch_size=args.batch_size or (32 if args.device == "cpu" else 256),
-                threads=args.threads,
-                calibration=calib,
-            )
-        if runner.fidelity:
-            f = runner.fidelity
+        # on the CPU, one one-thread copy of the backend per lane (levit.runtime.pipeline); int8
+        # calibrates once: one copy on all the threads, one batch at a time
+        lanes = (args.threads or available_cpus()) if args.device == "cpu" and calib is None else 1
+        runners = []
+        for i in range(lanes):
+            with warnings_as_lines() if i == 0 else warnings.catch_warnings():  # e.g. "no bf16 here: runs fp32"
+                if i:
+                    warnings.simplefilter("ignore")  # said once
+                runners.append(
+                    deploy(
+                        model,
+                        backend=args.backend,
+                        precision=args.precision,
+                        batch_size=args.batch_size or (32 if args.device == "cpu" else 256),
+                        threads=1 if lanes > 1 else args.threads,
+                        calibration=calib,
+                    )
+                )
+        runner = runners if lanes > 1 else runners[0]
+        if runners[0].fidelity:
+            f = runners[0].fidelity
             print(
-                f"{runner.backend} {runner.precision}: top-1 agreement with fp32 {f['top1_agreement'] * 100:.1f}% on "
+                f"{runners[0].backend} {runners[0].precision}: top-1 agreement with fp32 {f['top1_agreement'] * 100:.1f}% on "
                 f"{f['images']} images, max relative logit error {f['max_rel_error']:.2e}",
                 file=sys.stderr,
             )
@@ -218,7 +230,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             topk=args.topk,
             batch_size=args.batch_size,
             preprocess=Preprocess.for_model(
-                runner or model,
+                model if runner is None else runner[0] if isinstance(runner, list) else runner,
                 crop_pct=args.crop_pct or model.pretrained_cfg["crop_pct"],  # else the checkpoint's own
                 fast_decode=args.fast_decode,
                 **({"max_pixels": args.max_pixels} if args.max_pixels else {}),

@@ -57,6 +57,7 @@ __all__ = [
     "ImageError",
     "ImageFiles",
     "Preprocess",
+    "Runner",
     "available_cores",
     "class_names_for",
     "iter_batches",
@@ -78,6 +79,9 @@ WORKERS_FROM_BYTES = 1 << 20
 # decoding thread), so 8 lanes ask for it ~40% of the time at most; beyond that, by default, worker
 # processes decode.
 LANES_DECODE_UP_TO = 8
+
+Runner = Callable[[Tensor], Tensor] | Sequence[Callable[[Tensor], Tensor]]
+"""A backend for :func:`iter_batches`: one callable, or one per CPU lane."""
 
 
 def plan(paths: Sequence[str | os.PathLike], batch_size: int, workers: int | None = None) -> tuple[int, int]:
@@ -354,7 +358,7 @@ def iter_batches(
     device: torch.device | str | None = None,
     include_logits: bool = False,
     class_names: Sequence[str] | None = None,
-    runner: Callable[[Tensor], Tensor] | None = None,
+    runner: Runner | None = None,
 ) -> Iterator[list[dict]]:
     """Classify ``paths`` (files, in this order) and yield the rows of each batch (:func:`make_rows`).
 
@@ -374,7 +378,9 @@ def iter_batches(
             On CUDA the batches come in pinned memory and are copied without blocking.
         include_logits: add the raw logits to each row. ``class_names``: labels (default:
             :func:`class_names_for`).
-        runner: a backend, e.g. a :func:`levit.deploy` predictor: (B, 3, H, W) -> (B, classes) logits.
+        runner: a backend, e.g. a :func:`levit.deploy` predictor: (B, 3, H, W) -> (B, classes) logits;
+            or a list of them on the CPU, one per lane (say ``levit.deploy(..., threads=1)`` per core):
+            the lanes then decode and classify their own batches, as the eager model's do.
 
     Eager on the CPU sets torch to one thread while the iterator runs (restored when it finishes or
     is closed): torch work done between two batches runs on one thread too.
@@ -384,6 +390,11 @@ def iter_batches(
     num_classes = model.config.num_classes
     if len(names) != num_classes:
         raise LeViTError(f"{len(names)} class names for a model with {num_classes} classes")
+    runners = list(runner) if isinstance(runner, (list, tuple)) else None
+    if runners is not None and not runners:
+        raise LeViTError("runner: an empty list of backends")
+    if runners is not None and len(runners) == 1:
+        runner, runners = runners[0], None
     if runner is None:
         model = _inference_form(model)
         if device is not None:
@@ -391,25 +402,30 @@ def iter_batches(
         dev = next(model.parameters()).device
         run: Callable[[Tensor], Tensor] = model
     else:
-        run = runner
-        dev = torch.device(device if device is not None else getattr(runner, "device", "cpu"))
+        run = runners[0] if runners else runner  # type: ignore[assignment]
+        dev = torch.device(device if device is not None else getattr(run, "device", "cpu"))
     dev = torch.device(dev)
     on_cpu = dev.type == "cpu"
     if batch_size is None:
-        batch_size = getattr(runner, "batch_size", None) or (CPU_BATCH_SIZE if on_cpu else GPU_BATCH_SIZE)
+        batch_size = getattr(run, "batch_size", None) or (CPU_BATCH_SIZE if on_cpu else GPU_BATCH_SIZE)
     if topk < 1 or batch_size < 1:
         raise LeViTError(f"topk and batch_size must be >= 1, got {topk} and {batch_size}")
     k = min(topk, num_classes)
     pre = preprocess or Preprocess.for_model(model)
     eager_cpu = runner is None and on_cpu
-    lanes = (threads or available_cores()) if eager_cpu else 1
+    if runners is not None and not on_cpu:
+        raise LeViTError(f"a list of runners (lanes) runs on the CPU, not on {dev}")
+    lanes = len(runners) if runners else (threads or available_cores()) if eager_cpu else 1
     if not paths:
         return
-    if eager_cpu and (workers == 0 or (workers is None and lanes <= LANES_DECODE_UP_TO)):
+    if (eager_cpu or runners) and (workers == 0 or (workers is None and lanes <= LANES_DECODE_UP_TO)):
         # each lane decodes its own batch, then classifies it (module docstring)
         _, batch_size = plan(paths, batch_size, lanes)
-        yield from _lanes_decode_and_classify(paths, pre, run, dev, k, include_logits, names, batch_size, lanes)
+        lane_runs = runners or [run] * lanes
+        yield from _lanes_decode_and_classify(paths, pre, lane_runs, dev, k, include_logits, names, batch_size)
         return
+    if runners:  # decoding processes, and the lanes' backends as the model lanes
+        eager_cpu, run = True, _RoundRobin(runners)
     workers, batch_size = plan(paths, batch_size, workers)
     loader = torch.utils.data.DataLoader(
         ImageFiles(paths, pre),
@@ -447,21 +463,41 @@ class _StoppedError(Exception):
     """A lane was told to stop (the consumer closed the iterator or raised)."""
 
 
+class _RoundRobin:
+    """Several backends called as one from concurrent model lanes: each call takes a free one."""
+
+    def __init__(self, runs: Sequence[Callable[[Tensor], Tensor]]) -> None:
+        import queue
+
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        for r in runs:
+            self._free.put(r)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        run = self._free.get()
+        try:
+            return run(x)
+        finally:
+            self._free.put(run)
+
+
 def _lanes_decode_and_classify(
     paths: list[str],
     pre: Preprocess,
-    run: Callable[[Tensor], Tensor],
+    runs: Sequence[Callable[[Tensor], Tensor]],
     dev: torch.device,
     k: int,
     include_logits: bool,
     names: Sequence[str],
     batch_size: int,
-    lanes: int,
 ) -> Iterator[list[dict]]:
-    """The eager CPU layout: ``lanes`` threads on one torch thread each, every one decoding a batch
-    and then classifying it; rows of each batch yielded in input order. One more batch than there are
-    lanes is queued, so a lane that finishes starts the next batch while this thread writes rows."""
+    """The CPU lane layout: one thread per backend in ``runs`` (the same eager model, or one
+    one-thread copy of a backend each), on one torch thread, every one decoding a batch and then
+    classifying it; rows of each batch yielded in input order. One more batch than there are lanes is
+    queued, so a lane that finishes starts the next batch while this thread writes rows."""
     stop = threading.Event()
+    lanes = len(runs)
+    run = _RoundRobin(runs)
 
     def lane(batch_paths: list[str]) -> list[dict]:
         items = []

@@ -21,9 +21,14 @@ from torch import Tensor, nn
 from ..data.images import IMAGE_EXTENSIONS, find_images
 from ..data.transforms import DEFAULT_CROP_PCT
 from ..errors import LeViTError
-from .pipeline import DEFAULT_MAX_PIXELS, Preprocess, class_names_for, iter_batches, iter_batches_ray
+from .pipeline import DEFAULT_MAX_PIXELS, Preprocess, Runner, class_names_for, iter_batches, iter_batches_ray
 
 __all__ = ["Summary", "class_names_for", "iter_predictions", "list_inputs", "predict_files", "predict_paths"]
+
+
+def _first(runner: Runner | None) -> Callable[[Tensor], Tensor] | None:
+    """The (first) backend of ``runner``: one callable, or one per lane."""
+    return runner[0] if isinstance(runner, (list, tuple)) else runner  # type: ignore[return-value]
 
 
 def list_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
@@ -52,7 +57,7 @@ def iter_predictions(
     device: str | None = None,
     include_logits: bool = False,
     class_names: Sequence[str] | None = None,
-    runner: Callable[[Tensor], Tensor] | None = None,
+    runner: Runner | None = None,
 ) -> Iterator[dict]:
     """One row per image under ``paths`` (files and folders), in order, in constant memory:
     ``{"path", "top": [{"class", "label", "prob"}, ...], "error"}`` (+ ``"logits"``); an unreadable
@@ -63,7 +68,9 @@ def iter_predictions(
         >>> for row in iter_predictions(model, ["photos/"], topk=1):
         ...     print(row["path"], row["top"][0]["label"] if row["top"] else row["error"])
     """
-    pre = Preprocess.for_model(runner or model, crop_pct=crop_pct, fast_decode=fast_decode, max_pixels=max_pixels)
+    pre = Preprocess.for_model(
+        _first(runner) or model, crop_pct=crop_pct, fast_decode=fast_decode, max_pixels=max_pixels
+    )
     for rows in iter_batches(
         model,
         list_inputs(paths),
@@ -89,7 +96,7 @@ def predict_paths(
     crop_pct: float = DEFAULT_CROP_PCT,
     progress: bool = True,
     on_error: Callable[[Path, str], None] | None = None,
-    runner: Callable[[Tensor], Tensor] | None = None,
+    runner: Runner | None = None,
     **kwargs: object,
 ) -> list[dict]:
     """Top-k predictions for every readable image under ``paths``, as a list (small jobs; see
@@ -160,7 +167,7 @@ def predict_files(
     workers: int | None = None,
     threads: int | None = None,
     device: str | None = None,
-    runner: Callable[[Tensor], Tensor] | None = None,
+    runner: Runner | None = None,
     ray: bool | str = False,
     ray_backend: dict | None = None,
     on_rows: Callable[[list[dict]], None] | None = None,
@@ -195,7 +202,7 @@ def predict_files(
         if writer is not None and writer.done:
             todo = [f for f in todo if f not in writer.done]
             summary.already_done = len(files) - len(todo)
-        pre = preprocess or Preprocess.for_model(runner or model)
+        pre = preprocess or Preprocess.for_model(_first(runner) or model)
         if use_ray:
             batches = iter_batches_ray(
                 model,
