@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 
 from levit.models.config import DEFAULT_CROP_PCT
@@ -143,27 +142,22 @@ def _backends(args: argparse.Namespace, model, files: list, use_runtime: bool) -
         ray_backend = {"backend": args.backend, "precision": args.precision, "threads": 1, "calibration": calib}
         ray_backend["batch_size"] = args.batch_size or 32
     elif use_runtime:
-        from levit.runtime.deploy import deploy
+        from levit.runtime.deploy import deploy_lanes
         from levit.utils import available_cpus
 
         # on the CPU, one one-thread copy of the backend per lane (levit.runtime.pipeline); int8
         # calibrates once: one copy on all the threads, one batch at a time
         lanes = (args.threads or available_cpus()) if args.device == "cpu" and calib is None else 1
-        runners = []
-        for i in range(lanes):
-            with warnings_as_lines() if i == 0 else warnings.catch_warnings():  # e.g. "no bf16 here: runs fp32"
-                if i:
-                    warnings.simplefilter("ignore")  # said once
-                runners.append(
-                    deploy(
-                        model,
-                        backend=args.backend,
-                        precision=args.precision,
-                        batch_size=args.batch_size or (32 if args.device == "cpu" else 256),
-                        threads=1 if lanes > 1 else args.threads,
-                        calibration=calib,
-                    )
-                )
+        with warnings_as_lines():  # e.g. "this CPU has no bf16 instructions: runs fp32"
+            runners = deploy_lanes(
+                model,
+                lanes,
+                threads=1 if lanes > 1 else args.threads,
+                backend=args.backend,
+                precision=args.precision,
+                batch_size=args.batch_size or (32 if args.device == "cpu" else 256),
+                calibration=calib,
+            )
         runner = runners if lanes > 1 else runners[0]
         if runners[0].fidelity:
             f = runners[0].fidelity

@@ -57,6 +57,7 @@ __all__ = [
     "cpu_flags",
     "cpu_int8_fast",
     "deploy",
+    "deploy_lanes",
     "fidelity",
     "graphs_available",
     "load_calibration",
@@ -641,3 +642,17 @@ def deploy(
     if calib is not None and precision != "fp32":
         pred.fidelity = pred.fidelity_on(calib)
     return pred
+
+
+def deploy_lanes(model: nn.Module, lanes: int, *, threads: int | None = 1, **kwargs: object) -> list[Predictor]:
+    """``lanes`` copies of :func:`deploy` (``kwargs``: its other arguments), each on ``threads``
+    threads: the model lanes of ``levit predict`` and ``levit serve``, which compute one batch each
+    at the same time (a batch of one or two images split over every core leaves most threads waiting;
+    levit.runtime.pipeline). A warning (e.g. no bf16 here) is given once, by the first copy."""
+    if lanes < 1:
+        raise ValueError(f"lanes must be >= 1, got {lanes}")
+    copies = [deploy(model, threads=threads, **kwargs)]  # type: ignore[arg-type]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeployWarning)
+        copies += [deploy(model, threads=threads, **kwargs) for _ in range(lanes - 1)]  # type: ignore[arg-type]
+    return copies

@@ -215,27 +215,24 @@ class LeViTService:
     def load(self) -> None:
         """Deploy the model on the configured backend, once per lane, and warm each lane up (batch 1
         and a full batch)."""
-        from .deploy import deploy
+        from .deploy import deploy_lanes
 
         c = self.config
         t0 = time.perf_counter()
-
-        def one_lane(threads: int | None) -> Callable[[Tensor], Tensor]:
-            return deploy(
-                self.model,
-                backend=c.backend,
-                precision=c.precision,
-                batch_size=c.max_batch_size,
-                threads=threads,
-                calibration=list(c.calibration) if c.calibration else None,
-            )
-
-        first = one_lane(self.lane_threads)
         if self.lanes > 1 and self.lane_threads:
             # every lane's predictor sets torch to the same count: set it once, so that no lane's
             # restore (levit.utils.num_threads) changes another lane's count mid-batch
             torch.set_num_threads(self.lane_threads)
-        lanes = [first, *(one_lane(self.lane_threads) for _ in range(self.lanes - 1))]
+        lanes = deploy_lanes(
+            self.model,
+            self.lanes,
+            threads=self.lane_threads,
+            backend=c.backend,
+            precision=c.precision,
+            batch_size=c.max_batch_size,
+            calibration=list(c.calibration) if c.calibration else None,
+        )
+        first = lanes[0]
         x = self.preprocess(_warmup_image())
         for p in lanes:
             for n in (1, c.max_batch_size, 1):
