@@ -43,6 +43,7 @@ import torch
 
 import levit
 from levit.models.testing import randomize_weights, write_sample_jpegs
+from levit.runtime.deploy import deploy_lanes
 from levit.runtime.pipeline import ImageFiles, Preprocess, available_cores, collate, plan
 from levit.runtime.predict import predict_files
 
@@ -140,11 +141,13 @@ def decode_rate(files: list[Path], pre: Preprocess, workers: int) -> float:
     return n / (time.perf_counter() - t)
 
 
-def model_runner(
-    model: torch.nn.Module, backend: str, device: str, batch: int
-) -> Callable[[torch.Tensor], torch.Tensor]:
+def model_runner(model: torch.nn.Module, backend: str, device: str, batch: int, lanes: int = 1):
+    """The model as `levit predict` runs it: the fused eager model, or ``lanes`` one-thread copies of
+    another backend on the CPU (a list), or one copy on its own threads."""
     if backend == "eager":
         return levit.fuse(model).to(device).eval()
+    if device == "cpu" and lanes > 1:
+        return deploy_lanes(model, lanes, backend=backend, batch_size=batch)
     return levit.deploy(model.to(device), backend=backend, batch_size=batch)
 
 
@@ -163,12 +166,15 @@ def model_cpu_s(run: Callable, x: torch.Tensor, calls: int) -> float:
         torch.set_num_threads(prev)
 
 
-def model_rate(run: Callable, x: torch.Tensor, calls: int, lanes: int, device: str) -> float:
-    """Images/s of the model alone as the pipeline runs it: ``lanes`` one-thread lanes for eager on
-    the CPU (lanes=1: the backend's own threads)."""
+def model_rate(runs: list[Callable], x: torch.Tensor, calls: int, device: str) -> float:
+    """Images/s of the model alone as the pipeline runs it: one one-thread lane per entry of ``runs``
+    (one entry: the backend's own threads)."""
     x = x.to(device)
+    lanes = len(runs)
+    free = list(runs)
 
     def work(n: int) -> None:
+        run = free.pop()
         with torch.inference_mode():
             for _ in range(n):
                 run(x).float().cpu()
@@ -294,10 +300,13 @@ def main() -> None:
     batch = args.batch or (32 if dev == "cpu" else 256)
     competitor_runs = not args.no_competitor and dev == "cpu"
     model = randomize_weights(levit.create_model(args.model)).eval()
-    runner = None if args.backend == "eager" else model_runner(model, args.backend, dev, batch)
+    lanes = cores if dev == "cpu" else 1
+    runner = None if args.backend == "eager" else model_runner(model, args.backend, dev, batch, lanes)
     run = runner or model_runner(model, "eager", dev, batch)
+    runs = runner if isinstance(runner, list) else [run] * lanes if runner is None else [run]
+    lanes = len(runs)
+    run = runs[0]
     fused = levit.fuse(model).to(dev)  # fused once, not in every timed run
-    lanes = cores if (runner is None and dev == "cpu") else 1
     timm_model = None
     if not args.no_timm:
         import timm
@@ -305,7 +314,7 @@ def main() -> None:
         timm_model = timm.create_model(args.model, pretrained=False).eval().to(dev)
     x = levit.models.testing.sample_images(batch, 224)
     m_cpu = model_cpu_s(run, x, 3) if dev == "cpu" else float("nan")
-    m_rate = model_rate(run, x, max(4, 2 * lanes), lanes, dev)
+    m_rate = model_rate(runs, x, max(4, 2 * lanes), dev)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "preds.jsonl"
