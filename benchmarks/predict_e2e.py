@@ -175,9 +175,12 @@ def model_rate(runs: list[Callable], x: torch.Tensor, calls: int, device: str) -
 
     def work(n: int) -> None:
         run = free.pop()
-        with torch.inference_mode():
-            for _ in range(n):
-                run(x).float().cpu()
+        try:
+            with torch.inference_mode():
+                for _ in range(n):
+                    run(x).float().cpu()
+        finally:
+            free.append(run)
 
     prev = torch.get_num_threads()
     if lanes > 1:
