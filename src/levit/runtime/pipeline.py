@@ -18,7 +18,10 @@ How a local run is laid out, and why (measured with ``benchmarks/predict_e2e.py`
   ms per image against 13.0; on 4032x3024 phone photos the two layouts measured the same). Pillow and
   torch release the GIL while they decode, resize and compute; beyond :data:`LANES_DECODE_UP_TO`
   lanes, or with ``workers=N``, N worker processes decode instead;
-- other backends (ONNX Runtime, OpenVINO, CUDA) run one batch at a time with their own threading,
+- ONNX Runtime and OpenVINO run the same lanes when given one one-thread copy per lane (a list of
+  runners, :func:`levit.runtime.deploy.deploy_lanes`, as ``levit predict`` builds them: OpenVINO 173
+  img/s against 132 as one two-thread runtime, ONNX Runtime 160 against 113, same photos);
+- one runner (an int8 model calibrated once, CUDA) runs one batch at a time with its own threading,
   while DataLoader worker processes (``workers``; default: the available cores), each on one torch
   thread, decode the next batches: decoding and the model overlap instead of taking turns;
 - the batches have the backend's size (:attr:`levit.runtime.deploy.Predictor.batch_size`) at most, and a
@@ -368,12 +371,12 @@ def iter_batches(
         topk: classes per row. ``batch_size``: the most images per forward pass (default:
             ``runner.batch_size``, else 32 on a CPU and 256 on a GPU); :func:`plan` may run fewer.
         preprocess: decoding + preprocessing (default: ``Preprocess.for_model(model)``).
-        workers: decoding processes. Default: eager on the CPU with up to
-            :data:`LANES_DECODE_UP_TO` lanes, none (each lane decodes its own batch; so does 0);
+        workers: decoding processes. Default: with lanes (eager on the CPU, or a list of runners) up
+            to :data:`LANES_DECODE_UP_TO` of them, none (each lane decodes its own batch; so does 0);
             otherwise the available cores (0 decodes in this thread, between batches).
-        threads: CPU lanes, eager only: that many batches are decoded and classified at once, one
-            torch thread each (default: the available cores). Backends given as ``runner`` keep
-            their own threading.
+        threads: CPU lanes of the eager model: that many batches are decoded and classified at
+            once, one torch thread each (default: the available cores). With a list of runners, one
+            lane per runner; one runner keeps its own threading.
         device: where the model runs (default: the model's device; a ``runner``'s ``device``).
             On CUDA the batches come in pinned memory and are copied without blocking.
         include_logits: add the raw logits to each row. ``class_names``: labels (default:

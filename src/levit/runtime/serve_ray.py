@@ -30,8 +30,8 @@ def deployment(model: nn.Module, config: ServeConfig, *, replicas: int = 1, repl
 
     from ray import serve
 
-    if config.lanes is None and config.threads is None:  # a lane per CPU the replica reserves, not per core
-        config = dataclasses.replace(config, lanes=max(1, int(replica_cpus)))
+    if config.lanes is None and config.threads is None:  # a one-thread lane per CPU the replica reserves
+        config = dataclasses.replace(config, lanes=max(1, int(replica_cpus)), threads=1)
     cls = serve.deployment(
         serve.ingress()(LeViTService),
         name="LeViTService",
