@@ -282,9 +282,11 @@ def test_requests_arriving_while_every_lane_is_busy_fill_one_batch(files, monkey
     import levit.runtime.deploy as deploy_mod
     from levit.runtime.serve import LeViTService, ServeConfig
 
+    slow = {"on": False}  # the warm-up runs fast
+
     def fake_deploy(model, **kw):
         def run(x):
-            time.sleep(0.4 if x.shape[0] < 8 else 0.01)  # the warm-up's full batch sets a small per-image time
+            time.sleep(0.4 if slow["on"] else 0.001)
             return torch.zeros(x.shape[0], 10)
 
         return run
@@ -292,7 +294,7 @@ def test_requests_arriving_while_every_lane_is_busy_fill_one_batch(files, monkey
     monkeypatch.setattr(deploy_mod, "deploy", fake_deploy)
     model = levit.create_model("levit_tiny", checkpoint=files["model"])
     svc = LeViTService(model, ServeConfig(lanes=1, max_batch_size=8, max_wait_ms=1, quiet=True), load_now=True)
-    svc._per_image_s = 0.4  # as the first real batch would teach it
+    svc._per_image_s, slow["on"] = 0.4, True  # as the first real batch would teach it
     sizes = []
     monkeypatch.setattr(svc.metrics, "batch_size", type("Sizes", (), {"observe": lambda self, n: sizes.append(n)})())
     jpg = files["a.jpg"].read_bytes()

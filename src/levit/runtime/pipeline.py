@@ -430,6 +430,24 @@ def iter_batches(
     if runners:  # decoding processes, and the lanes' backends as the model lanes
         eager_cpu, run = True, _RoundRobin(runners)
     workers, batch_size = plan(paths, batch_size, workers)
+    yield from _workers_decode(paths, pre, run, dev, k, include_logits, names, batch_size, workers, lanes, eager_cpu)
+
+
+def _workers_decode(
+    paths: list[str],
+    pre: Preprocess,
+    run: Callable[[Tensor], Tensor],
+    dev: torch.device,
+    k: int,
+    include_logits: bool,
+    names: Sequence[str],
+    batch_size: int,
+    workers: int,
+    lanes: int,
+    one_thread: bool,
+) -> Iterator[list[dict]]:
+    """The layout with decoding processes: DataLoader ``workers`` decode the batches, ``lanes``
+    threads run ``run`` on them (with ``one_thread``, each on one torch thread), rows in input order."""
     loader = torch.utils.data.DataLoader(
         ImageFiles(paths, pre),
         batch_size=batch_size,
@@ -440,7 +458,7 @@ def iter_batches(
     )
     batches = iter(loader)  # workers start here, before any model thread exists (fork-safe)
     # eager on the CPU: lanes of one torch thread each (module docstring); other backends: as they are
-    with num_threads(1 if eager_cpu else None), ThreadPoolExecutor(lanes) as pool:
+    with num_threads(1 if one_thread else None), ThreadPoolExecutor(lanes) as pool:
         pending: collections.deque[tuple[Batch, Future | None]] = collections.deque()
 
         def rows_of(batch: Batch, fut: Future | None) -> list[dict]:
