@@ -55,8 +55,8 @@ def args_predict(p: argparse.ArgumentParser) -> None:
         "--workers",
         type=int,
         default=None,
-        help="decoding processes (default: none for eager on the CPU, whose lanes decode their own batches; "
-        "the cores available for other backends and GPUs)",
+        help="decoding processes (default: none on the CPU, where the lanes decode their own batches, up to "
+        "8 lanes; the cores available for an int8 model and on a GPU)",
     )
     p.add_argument(
         "--fast-decode",
