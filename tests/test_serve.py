@@ -225,6 +225,7 @@ def test_lane_layout_fills_the_cores():
     from levit.runtime.serve import lane_layout
 
     assert lane_layout(None, None, 4) == (4, 1)  # the default: a one-thread lane per core
+    assert lane_layout(None, None, 32) == (8, 4)  # at most 8 copies of the model, sharing the cores
     assert lane_layout(None, 2, 4) == (2, 2) and lane_layout(2, None, 4) == (2, 2)
     assert lane_layout(None, 8, 2) == (1, 8) and lane_layout(3, 1, 2) == (3, 1)  # as asked
 

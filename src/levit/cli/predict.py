@@ -49,7 +49,8 @@ def args_predict(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="CPU model lanes: that many batches decoded and classified at once, one thread each (eager: the "
-        "model; other backends: a copy each; int8: one copy on that many threads) (default: the cores available)",
+        "model; other backends: a copy each; int8: one copy on that many threads) (default: the cores available; "
+        "other backends: at most 8 copies, sharing the cores)",
     )
     p.add_argument(
         "--workers",
@@ -143,16 +144,20 @@ def _backends(args: argparse.Namespace, model, files: list, use_runtime: bool) -
         ray_backend["batch_size"] = args.batch_size or 32
     elif use_runtime:
         from levit.runtime.deploy import deploy_lanes
+        from levit.runtime.pipeline import LANES_DECODE_UP_TO
         from levit.utils import available_cpus
 
-        # on the CPU, one one-thread copy of the backend per lane (levit.runtime.pipeline); int8
-        # calibrates once: one copy on all the threads, one batch at a time
-        lanes = (args.threads or available_cpus()) if args.device == "cpu" and calib is None else 1
+        # on the CPU, one one-thread copy of the backend per lane (levit.runtime.pipeline), at most
+        # 8 copies by default (memory), sharing the cores; int8 calibrates once: one copy on all the
+        # threads, one batch at a time
+        cores = available_cpus()
+        lanes = (args.threads or min(cores, LANES_DECODE_UP_TO)) if args.device == "cpu" and calib is None else 1
+        per_lane = 1 if args.threads else max(1, cores // lanes)
         with warnings_as_lines():  # e.g. "this CPU has no bf16 instructions: runs fp32"
             runners = deploy_lanes(
                 model,
                 lanes,
-                threads=1 if lanes > 1 else args.threads,
+                threads=per_lane if lanes > 1 else args.threads,
                 backend=args.backend,
                 precision=args.precision,
                 batch_size=args.batch_size or (32 if args.device == "cpu" else 256),

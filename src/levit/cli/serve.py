@@ -60,7 +60,7 @@ def args_serve(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="model lanes: batches computed at once, each by its own copy of the backend "
-        "(default on a CPU: the cores // --threads; a GPU runs one)",
+        "(default on a CPU: the cores // --threads, or one per core up to 8; a GPU runs one)",
     )
     g.add_argument(
         "--threads", type=int, default=None, help="CPU threads per model lane (default: the cores // --lanes, else 1)"

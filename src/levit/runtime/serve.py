@@ -142,12 +142,16 @@ def _allow_batching_outside_a_replica() -> None:
 
 def lane_layout(lanes: int | None, threads: int | None, cores: int) -> tuple[int, int | None]:
     """``(lanes, threads per lane)`` on ``cores`` CPU cores: given both, as given; given one, the
-    other fills the cores; given neither, one lane of one thread per core."""
+    other fills the cores; given neither, one lane of one thread per core, at most
+    :data:`levit.runtime.pipeline.LANES_DECODE_UP_TO` lanes (each holds a copy of the model), which
+    then share the cores."""
+    from .pipeline import LANES_DECODE_UP_TO
+
     if lanes is None:
-        lanes = max(1, cores // threads) if threads else max(1, cores)
-    elif threads is None:
+        lanes = max(1, cores // threads) if threads else max(1, min(cores, LANES_DECODE_UP_TO))
+    if threads is None:
         threads = max(1, cores // lanes)
-    return lanes, threads or 1
+    return lanes, threads
 
 
 def _warmup_image(size: int = 320) -> bytes:
