@@ -70,8 +70,8 @@ class ServeConfig:
     crop_pct: float = DEFAULT_CROP_PCT
     backend: str = "auto"
     precision: str = "fp32"
-    threads: int | None = None  # CPU threads per model lane (None: cores // lanes, 1 when lanes is None too)
-    lanes: int | None = None  # batches computed at once (None: cores // threads on a CPU, 1 on a GPU)
+    threads: int | None = None  # CPU threads per model lane (None: cores // lanes; lane_layout)
+    lanes: int | None = None  # batches computed at once (None: cores // threads, or a lane per core up to 8)
     decode_workers: int | None = None  # threads decoding at once (None: the CPU count); bounds memory too
     read_timeout_s: float = 30.0  # a client that has not sent its whole body by then gets 408
     drain_timeout_s: float = 30.0  # SIGTERM: longest wait for in-flight requests
