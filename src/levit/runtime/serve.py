@@ -205,12 +205,12 @@ class LeViTService:
         self.replica = f"{socket.gethostname()}:{os.getpid()}"  # which process answered (a header)
         self._limiters: tuple | None = None
         # Ray Serve's batcher, made per instance so that its queue lives on this instance's event loop.
-        # It hands over every batch it forms (no concurrency cap of its own: _run_batch waits for a
-        # lane, so that the batches waiting are known to _retune_wait)
+        # It hands over up to two batches per lane (_run_batch waits for a lane, so that the batches
+        # waiting are known to _retune_wait; with the stretched wait more than one rarely waits)
         self._classify = serve.batch(
             max_batch_size=config.max_batch_size,
             batch_wait_timeout_s=config.max_wait_ms / 1e3,
-            max_concurrent_batches=1 << 20,
+            max_concurrent_batches=2 * self.lanes,
         )(self._run_batch)
         if load_now:
             self.load()

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from .serve import LeViTService, ServeConfig, setup_logging
+from .serve import LeViTService, ServeConfig, lane_layout, setup_logging
 
 __all__ = ["APP_NAME", "deployment", "init_ray", "run_deployment", "run_ray", "start_ray"]
 
@@ -32,12 +32,14 @@ def deployment(model: nn.Module, config: ServeConfig, *, replicas: int = 1, repl
 
     if config.lanes is None and config.threads is None:  # a one-thread lane per CPU the replica reserves
         config = dataclasses.replace(config, lanes=max(1, int(replica_cpus)), threads=1)
+    lanes = lane_layout(config.lanes, config.threads, max(1, int(replica_cpus)))[0]
     cls = serve.deployment(
         serve.ingress()(LeViTService),
         name="LeViTService",
         num_replicas=replicas,
-        # the batcher can only fill its batches if the router lets that many requests in at once
-        max_ongoing_requests=max(4 * config.max_batch_size, 64),
+        # the batcher can only fill its batches (up to two per lane handed over) if the router lets
+        # that many requests in at once
+        max_ongoing_requests=max(2 * lanes * config.max_batch_size, 64),
         ray_actor_options={"num_cpus": replica_cpus},
         graceful_shutdown_timeout_s=config.drain_timeout_s,
     )
