@@ -20,6 +20,7 @@ no pipeline on this machine can beat it. End-to-end rates are medians over inter
     python benchmarks/predict_e2e.py --backend openvino                # another backend
     python benchmarks/predict_e2e.py --device cuda                     # the model on a GPU (no competitor runs)
     python benchmarks/predict_e2e.py --memory 1000,20000               # peak RSS of `levit predict` on N images
+    python benchmarks/predict_e2e.py --layouts --big 0 --no-timm --no-competitor   # lanes vs decoding processes
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import torch
 import levit
 from levit.models.testing import randomize_weights, write_sample_jpegs
 from levit.runtime.deploy import deploy_lanes
-from levit.runtime.pipeline import ImageFiles, Preprocess, available_cores, collate, plan
+from levit.runtime.pipeline import ImageFiles, Preprocess, available_cores, collate, lane_layout, plan
 from levit.runtime.predict import predict_files
 
 SIZES = {"500x375": (375, 500), "4032x3024": (3024, 4032)}
@@ -147,7 +148,8 @@ def model_runner(model: torch.nn.Module, backend: str, device: str, batch: int, 
     if backend == "eager":
         return levit.fuse(model).to(device).eval()
     if device == "cpu" and lanes > 1:
-        return deploy_lanes(model, lanes, backend=backend, batch_size=batch)
+        copies, threads = lane_layout(None, None, lanes)  # as levit predict builds them
+        return deploy_lanes(model, copies, threads=threads, backend=backend, batch_size=batch)
     return levit.deploy(model.to(device), backend=backend, batch_size=batch)
 
 
@@ -206,7 +208,7 @@ def cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def levit_e2e(model, files, pre, out: Path, runner, device: str, batch: int) -> float:
+def levit_e2e(model, files, pre, out: Path, runner, device: str, batch: int, workers: int | None = None) -> float:
     s = predict_files(
         model,
         files,
@@ -216,6 +218,7 @@ def levit_e2e(model, files, pre, out: Path, runner, device: str, batch: int) -> 
         preprocess=pre,
         runner=runner,
         device=device,
+        workers=workers,
         progress=False,
     )
     assert s.classified == len(files), s
@@ -291,6 +294,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved end-to-end rounds (median)")
     ap.add_argument("--no-timm", action="store_true", help="skip the timm peer")
     ap.add_argument("--no-competitor", action="store_true", help="skip the runs with a CPU-bound competitor")
+    ap.add_argument(
+        "--layouts",
+        action="store_true",
+        help="also run the layout before the lanes decoded their own batches, in the same rounds: decoding "
+        "processes (one per core) beside the model lanes, or one runtime on all threads for other backends",
+    )
     ap.add_argument("--images", type=Path, default=Path(tempfile.gettempdir()) / "levit_predict_e2e")
     ap.add_argument("--memory", help="only measure peak RSS on these image counts, e.g. 1000,20000")
     args = ap.parse_args()
@@ -310,6 +319,8 @@ def main() -> None:
     lanes = len(runs)
     run = runs[0]
     fused = levit.fuse(model).to(dev)  # fused once, not in every timed run
+    # --layouts: the previous layout (decoding processes; one copy of another backend on all threads)
+    old_runner = None if args.backend == "eager" else model_runner(model, args.backend, dev, batch)
     timm_model = None
     if not args.no_timm:
         import timm
@@ -334,6 +345,7 @@ def main() -> None:
                 gpu: list[float] = []
                 for r in range(args.rounds):
                     order = [("levit", False), ("timm", False), ("levit", True), ("timm", True)]
+                    order += [("processes", False)] if args.layouts and dev == "cpu" else []
                     for who, busy in order if r % 2 == 0 else order[::-1]:
                         if (busy and not competitor_runs) or (who == "timm" and (timm_model is None or fast)):
                             continue
@@ -341,6 +353,8 @@ def main() -> None:
                             c0 = cpu_seconds()
                             if who == "levit":
                                 v = levit_e2e(fused, files, pre, out, runner, dev, batch)
+                            elif who == "processes":
+                                v = levit_e2e(fused, files, pre, out, old_runner, dev, batch, workers=cores)
                             else:
                                 v = timm_e2e(files, timm_model, cores, dev, batch)
                             cpu = (cpu_seconds() - c0) / len(files)  # the competitor is not reaped yet
@@ -434,6 +448,12 @@ def print_table(rows: list[dict], args: argparse.Namespace, cores: int, batch: i
         "CPU ms/img: all the CPU an end-to-end run used (its process and its workers) per image; what it spends "
         "beyond decode+pre + model is overhead (threads waiting on one another, copies)."
     )
+    for r in rows:
+        if r.get("processes"):
+            print(
+                f"{r['images']}: lanes decoding {r['levit']:.1f} img/s ({r['levit_cpu']:.1f} CPU ms/img) against "
+                f"decoding processes {r['processes']:.1f} ({r['processes_cpu']:.1f}): {r['levit'] / r['processes']:.2f}x"
+            )
     for r in rows:
         if "4032x3024" in r["images"] and "fast" not in r["images"] and r["one-core"] == r["one-core"]:
             print(

@@ -112,19 +112,18 @@ class Ceiling:
         self.batch = batch
         # as `levit predict` builds its backend: by default one one-thread copy per core (lanes)
         from levit.runtime.deploy import deploy_lanes
+        from levit.runtime.pipeline import lane_layout
         from levit.utils import available_cpus
 
-        lanes = available_cpus() if threads is None else 1
+        copies, per_copy = lane_layout(None, None, available_cpus()) if threads is None else (1, threads)
         self.runners = {
-            bs: deploy_lanes(self.model, lanes, threads=1 if lanes > 1 else threads, backend=backend, batch_size=bs)
-            for bs in (batch, 1)
+            bs: deploy_lanes(self.model, copies, threads=per_copy, backend=backend, batch_size=bs) for bs in (batch, 1)
         }
         self.backend = self.runners[batch][0].backend
-        # one full batch on one of the server's lanes (levit.runtime.serve.lane_layout), for the p99 target
+        # one full batch on one of the server's lanes (levit.runtime.pipeline.lane_layout), for the p99 target
         import torch
 
         from levit.runtime.pipeline import Preprocess
-        from levit.runtime.serve import lane_layout
 
         self.lane_threads = lane_layout(lanes, threads, available_cpus())[1]
         lane = levit.deploy(self.model, backend=backend, batch_size=batch, threads=self.lane_threads)

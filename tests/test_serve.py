@@ -222,7 +222,7 @@ def test_concurrent_requests_are_batched_and_bad_ones_harm_none(server, files, e
 
 
 def test_lane_layout_fills_the_cores():
-    from levit.runtime.serve import lane_layout
+    from levit.runtime.pipeline import lane_layout
 
     assert lane_layout(None, None, 4) == (4, 1)  # the default: a one-thread lane per core
     assert lane_layout(None, None, 32) == (8, 4)  # at most 8 copies of the model, sharing the cores

@@ -144,15 +144,15 @@ def _backends(args: argparse.Namespace, model, files: list, use_runtime: bool) -
         ray_backend["batch_size"] = args.batch_size or 32
     elif use_runtime:
         from levit.runtime.deploy import deploy_lanes
-        from levit.runtime.pipeline import LANES_DECODE_UP_TO
+        from levit.runtime.pipeline import lane_layout
         from levit.utils import available_cpus
 
         # on the CPU, one one-thread copy of the backend per lane (levit.runtime.pipeline), at most
         # 8 copies by default (memory), sharing the cores; int8 calibrates once: one copy on all the
         # threads, one batch at a time
-        cores = available_cpus()
-        lanes = (args.threads or min(cores, LANES_DECODE_UP_TO)) if args.device == "cpu" and calib is None else 1
-        per_lane = 1 if args.threads else max(1, cores // lanes)
+        lanes, per_lane = lane_layout(args.threads, 1 if args.threads else None, available_cpus())
+        if args.device != "cpu" or calib is not None:
+            lanes = 1
         with warnings_as_lines():  # e.g. "this CPU has no bf16 instructions: runs fp32"
             runners = deploy_lanes(
                 model,

@@ -14,13 +14,15 @@ How a local run is laid out, and why (measured with ``benchmarks/predict_e2e.py`
   2 intra-op threads against 62-118 img/s as two one-thread lanes). Independent lanes never wait on
   each other, and with the decoding in the lanes too there are as many busy threads as cores: no
   batch crosses a process boundary and decoding never preempts the model (600 photos of 500x375 on
-  2 cores: 166 img/s against 149 with decoding in 2 worker processes beside 2 model lanes, 11.6 CPU
-  ms per image against 13.0; on 4032x3024 phone photos the two layouts measured the same). Pillow and
+  2 cores, ``benchmarks/predict_e2e.py --layouts``: 1.13x the img/s of decoding in 2 worker processes
+  beside 2 model lanes, 13.4 CPU ms per image against 15.2; on 4032x3024 phone photos the two layouts
+  measured the same). Pillow and
   torch release the GIL while they decode, resize and compute; beyond :data:`LANES_DECODE_UP_TO`
   lanes, or with ``workers=N``, N worker processes decode instead;
 - ONNX Runtime and OpenVINO run the same lanes when given one one-thread copy per lane (a list of
-  runners, :func:`levit.runtime.deploy.deploy_lanes`, as ``levit predict`` builds them: OpenVINO 173
-  img/s against 132 as one two-thread runtime, ONNX Runtime 160 against 113, same photos);
+  runners, :func:`levit.runtime.deploy.deploy_lanes`, as ``levit predict`` builds them: OpenVINO
+  1.34x and ONNX Runtime 1.41x the img/s of one two-thread runtime fed by decoding processes, same
+  photos and benchmark);
 - one runner (an int8 model calibrated once, CUDA) runs one batch at a time with its own threading,
   while DataLoader worker processes (``workers``; default: the available cores), each on one torch
   thread, decode the next batches: decoding and the model overlap instead of taking turns;
@@ -65,6 +67,7 @@ __all__ = [
     "class_names_for",
     "iter_batches",
     "iter_batches_ray",
+    "lane_layout",
     "make_rows",
     "plan",
 ]
@@ -85,6 +88,18 @@ LANES_DECODE_UP_TO = 8
 
 Runner = Callable[[Tensor], Tensor] | Sequence[Callable[[Tensor], Tensor]]
 """A backend for :func:`iter_batches`: one callable, or one per CPU lane."""
+
+
+def lane_layout(lanes: int | None, threads: int | None, cores: int) -> tuple[int, int]:
+    """``(lanes, threads per lane)`` for the copies of a backend on ``cores`` CPU cores (``levit serve``'s
+    ``--lanes``/``--threads``; ``levit predict --threads N`` asks for N lanes of one thread). Given both,
+    as given; given one, the other fills the cores; given neither, one lane of one thread per core, at
+    most :data:`LANES_DECODE_UP_TO` lanes (each holds a copy of the model), which then share the cores."""
+    if lanes is None:
+        lanes = max(1, cores // threads) if threads else max(1, min(cores, LANES_DECODE_UP_TO))
+    if threads is None:
+        threads = max(1, cores // lanes)
+    return lanes, threads
 
 
 def plan(paths: Sequence[str | os.PathLike], batch_size: int, workers: int | None = None) -> tuple[int, int]:

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from ..errors import LeViTError
 from ..models.config import DEFAULT_CROP_PCT
 from ..utils import available_cpus, first_line
-from .pipeline import ImageError, Preprocess
+from .pipeline import ImageError, Preprocess, lane_layout
 
 __all__ = ["ROUTES", "ClientError", "LeViTService", "ServeConfig", "listen", "run_server", "setup_logging"]
 
@@ -70,7 +70,7 @@ class ServeConfig:
     crop_pct: float = DEFAULT_CROP_PCT
     backend: str = "auto"
     precision: str = "fp32"
-    threads: int | None = None  # CPU threads per model lane (None: cores // lanes; lane_layout)
+    threads: int | None = None  # CPU threads per model lane (None: cores // lanes; pipeline.lane_layout)
     lanes: int | None = None  # batches computed at once (None: cores // threads, or a lane per core up to 8)
     decode_workers: int | None = None  # threads decoding at once (None: the CPU count); bounds memory too
     read_timeout_s: float = 30.0  # a client that has not sent its whole body by then gets 408
@@ -140,20 +140,6 @@ def _allow_batching_outside_a_replica() -> None:
     queue._warn_if_max_batch_size_exceeds_max_ongoing_requests = check
 
 
-def lane_layout(lanes: int | None, threads: int | None, cores: int) -> tuple[int, int | None]:
-    """``(lanes, threads per lane)`` on ``cores`` CPU cores: given both, as given; given one, the
-    other fills the cores; given neither, one lane of one thread per core, at most
-    :data:`levit.runtime.pipeline.LANES_DECODE_UP_TO` lanes (each holds a copy of the model), which
-    then share the cores."""
-    from .pipeline import LANES_DECODE_UP_TO
-
-    if lanes is None:
-        lanes = max(1, cores // threads) if threads else max(1, min(cores, LANES_DECODE_UP_TO))
-    if threads is None:
-        threads = max(1, cores // lanes)
-    return lanes, threads
-
-
 def _warmup_image(size: int = 320) -> bytes:
     """A photo-like PNG (smooth gradients and edges) for the warm-up requests."""
     import numpy as np
@@ -188,7 +174,6 @@ class LeViTService:
         self.num_classes = len(self.names)
         self.preprocess = Preprocess.for_model(model, crop_pct=config.crop_pct, max_pixels=config.max_pixels)
         self.metrics = _Metrics()
-        self.predictor: Callable[[Tensor], Tensor] | None = None  # the first lane's
         self.lanes, self.lane_threads = lane_layout(config.lanes, config.threads, available_cpus())
         if next(model.parameters()).device.type != "cpu":  # a GPU runs one batch at a time
             self.lanes, self.lane_threads = 1, config.threads
@@ -244,7 +229,7 @@ class LeViTService:
                 self._forward(p, x.expand(n, *x.shape).contiguous())
                 if n > 1:
                     self._per_image_s = (time.perf_counter() - t) / n
-        self.predictor, self._free = first, lanes
+        self._free = lanes
         self.ready = True
         self.metrics.ready.set(1)
         log.info(

@@ -15,7 +15,8 @@ from typing import Any
 
 from torch import nn
 
-from .serve import LeViTService, ServeConfig, lane_layout, setup_logging
+from .pipeline import lane_layout
+from .serve import LeViTService, ServeConfig, setup_logging
 
 __all__ = ["APP_NAME", "deployment", "init_ray", "run_deployment", "run_ray", "start_ray"]
 
