@@ -314,6 +314,64 @@ def test_requests_arriving_while_every_lane_is_busy_fill_one_batch(files, monkey
     assert svc._classify._get_batch_wait_timeout_s() == pytest.approx(0.001)  # a lane is free: the short wait
 
 
+def _service_with_fake_lanes(files, monkeypatch, config, seconds):
+    """A service whose lanes sleep ``seconds`` a batch, its batch sizes recorded in ``svc.sizes``."""
+    import levit.runtime.deploy as deploy_mod
+    from levit.runtime.serve import LeViTService
+
+    def fake_deploy(model, **kw):
+        def run(x):
+            time.sleep(seconds)
+            return torch.zeros(x.shape[0], 10)
+
+        return run
+
+    monkeypatch.setattr(deploy_mod, "deploy", fake_deploy)
+    svc = LeViTService(levit.create_model("levit_tiny", checkpoint=files["model"]), config)
+    svc.sizes = []
+    monkeypatch.setattr(svc.metrics, "batch_size", type("Sizes", (), {"observe": lambda _, n: svc.sizes.append(n)})())
+    return svc
+
+
+def test_a_burst_goes_as_one_batch_per_free_lane_and_a_lone_request_does_not_wait(files, monkeypatch):
+    """A free lane takes its batch once no request is being decoded to join it, or once the batch has
+    its share of those here and on their way (the batcher's batch_size_fn): 8 requests arriving at
+    once, decoded 2 at a time, go as one batch on one free lane and as two of 4 on two, not as the
+    first one or two decoded then the rest; a lone request goes at once, not after --max-wait-ms."""
+    from levit.runtime.serve import ServeConfig
+
+    jpg = files["a.jpg"].read_bytes()
+    threads = torch.get_num_threads()
+    try:
+        for lanes, want in ((1, [8]), (2, [4, 4])):
+            config = ServeConfig(lanes=lanes, max_batch_size=8, max_wait_ms=1, decode_workers=2, quiet=True)
+            svc = _service_with_fake_lanes(files, monkeypatch, config, 0.01)
+            svc.load()  # the warm-up, fast
+            svc._free = [lambda x: (time.sleep(0.4), torch.zeros(x.shape[0], 10))[1]] * lanes  # busy past the burst
+            decode = svc.preprocess
+
+            def slow_decode(data, decode=decode):  # 40 ms an image: 8 take 160 ms on 2 decoding threads
+                time.sleep(0.04)
+                return decode(data)
+
+            svc.preprocess = slow_decode
+            svc._per_decode_s = 0.04  # as decoding would teach it
+
+            async def burst(svc=svc):
+                await asyncio.gather(*(svc.classify(jpg, 1) for _ in range(8)))
+
+            asyncio.run(burst())
+            assert svc.sizes == want, lanes
+    finally:
+        torch.set_num_threads(threads)
+
+    lone = _service_with_fake_lanes(files, monkeypatch, ServeConfig(lanes=1, max_wait_ms=2000, quiet=True), 0.01)
+    lone.load()
+    t0 = time.perf_counter()
+    asyncio.run(lone.classify(jpg, 1))
+    assert time.perf_counter() - t0 < 1.0  # the batch did not wait its 2 s
+
+
 # ---- bad input -----------------------------------------------------------------------------------
 def _error_line(r: httpx.Response, status: int) -> str:
     assert r.status_code == status, r.text

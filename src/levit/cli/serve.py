@@ -36,8 +36,9 @@ def args_serve(p: argparse.ArgumentParser) -> None:
         "--max-wait-ms",
         type=float,
         default=5.0,
-        help="longest wait for a batch to fill after its first request while a model lane is free "
-        "(while every lane is busy, requests wait for the first to finish and fill one batch)",
+        help="longest wait for a batch to fill after its first request while a model lane is free and "
+        "no request is being decoded to join it (a lone request does not wait; while every lane is busy, "
+        "requests wait for the first to finish and fill one batch)",
     )
     g = p.add_argument_group("limits")
     g.add_argument("--max-body-mb", type=positive_float, default=20.0, help="larger request bodies get 413")

@@ -9,6 +9,9 @@ One application class, :class:`LeViTService`, runs in two engines:
 Requests are batched by Ray Serve's batcher (``ray.serve.batch``) in both: concurrent requests that
 arrive within ``max_wait_ms`` of each other (while every model lane is busy, until the first is
 free: :meth:`LeViTService._retune_wait`) run as one forward pass of up to ``max_batch_size`` images.
+A batch with a lane free for it goes as soon as no request is being decoded to join it
+(:meth:`LeViTService._batch_size`): a lone request does not wait ``max_wait_ms``, and the requests of
+a burst go together rather than the first one or two decoded taking the lane alone.
 Decoding and preprocessing are :class:`levit.runtime.pipeline.Preprocess` (the code ``levit predict``
 runs), on a bounded thread pool off the event loop. The model runs as *lanes*, as in
 ``levit predict``: on a CPU, one copy of the backend (:func:`levit.deploy`, fused when the model can
@@ -183,6 +186,9 @@ class LeViTService:
         self._forming = 0  # images handed to the batcher and not yet in a batch
         self._running: dict[int, tuple[float, int]] = {}  # batches being computed: (start, images)
         self._per_image_s = 0.0  # a lane's seconds per image (moving average; from the warm-up at first)
+        self._decoding = 0  # requests decoding their image or waiting for a decoding thread
+        self._per_decode_s = 0.0  # one decode's seconds (moving average; from the warm-up at first)
+        self._decoded_at: dict[int, float] = {}  # an image (its id) given to the batcher -> when
         self.ready = False
         self.draining = False
         self.in_flight = 0
@@ -196,6 +202,7 @@ class LeViTService:
             max_batch_size=config.max_batch_size,
             batch_wait_timeout_s=config.max_wait_ms / 1e3,
             max_concurrent_batches=2 * self.lanes,
+            batch_size_fn=self._batch_size,
         )(self._run_batch)
         if load_now:
             self.load()
@@ -222,7 +229,7 @@ class LeViTService:
             calibration=list(c.calibration) if c.calibration else None,
         )
         first = lanes[0]
-        x = self.preprocess(_warmup_image())
+        x, self._per_decode_s = self._decode(_warmup_image())
         for p in lanes:
             for n in (1, c.max_batch_size, 1):
                 t = time.perf_counter()
@@ -254,6 +261,12 @@ class LeViTService:
         """:meth:`_forward` on a batch stacked on the lane's thread, not on the event loop (a batch of 32
         is 19 MB to copy)."""
         return list(cls._forward(predictor, torch.stack(images)).unbind(0))
+
+    def _decode(self, data: bytes) -> tuple[Tensor, float]:
+        """:attr:`preprocess` on a decoding thread, with its seconds (for :meth:`_batch_size`)."""
+        t0 = time.perf_counter()
+        x = self.preprocess(data)
+        return x, time.perf_counter() - t0
 
     def _limiter(self, which: int):
         import anyio
@@ -297,6 +310,37 @@ class LeViTService:
         m.batch_latency.observe(dt)
         return probs
 
+    def _batch_size(self, images: list[Tensor]) -> int:
+        """The size Ray Serve's batcher gives a forming batch (its ``batch_size_fn``, read each time a
+        request joins): the image count, or ``max_batch_size``, which closes the batch at once, when a
+        lane is free for it and waiting longer would only add latency: no request is being decoded (so
+        none is about to join), the batch has its share of those here and being decoded (one batch per
+        free lane: a burst on two free lanes goes as two batches, computed at once), or the oldest
+        image has waited as long as decoding a full batch takes.
+
+        With only the wait (``max_wait_ms`` while a lane is free), a burst (the clients of a full batch
+        just answered, sending again) split: the first one or two decoded took the free lane alone and
+        the rest waited a whole batch for the next lane (LeViT-128S, 64 clients, 2-core machine: a
+        third of the batches had under 9 images). The wait is stretched meanwhile (:meth:`_retune_wait`),
+        so that the batch does not close before the burst is decoded. (With this hook Ray's batcher
+        moves an image that would overflow the batch to the back of its queue: that takes more images
+        arriving between two of its turns than the batch has room left for.)"""
+        n, full = len(images), self.config.max_batch_size
+        free = len(self._free) - len(self._waiting)  # lanes free for this batch
+        if n >= full or free <= 0:
+            return n  # full, or no lane for it yet: _retune_wait's wait closes it
+        # its share of the requests here and on their way, with the free lanes taking one batch each
+        if self._decoding and n * free < n + self._decoding:
+            now = time.perf_counter()
+            if now - self._decoded_at.get(id(images[0]), now) < self._full_decode_s():
+                return n
+        return full
+
+    def _full_decode_s(self) -> float:
+        """Seconds to decode a full batch on the decoding threads (the wait for a burst)."""
+        threads = self._limiter(0).total_tokens
+        return self.config.max_batch_size * self._per_decode_s / min(threads, self.config.max_batch_size)
+
     def _wake(self) -> None:
         """Let the batches waiting for a lane look again (a lane freed, or the oldest stopped waiting)."""
         event, self._lanes_changed = self._lanes_changed, asyncio.Event()
@@ -324,19 +368,30 @@ class LeViTService:
             for n in ahead:  # the batches waiting and forming take the lanes in turn
                 heapq.heappush(free_at, max(heapq.heappop(free_at), now) + per * n)
             wait = max(wait, min(free_at[0] - now, 2 * per * self.config.max_batch_size))
+        if self._decoding:  # wait for the requests being decoded (_batch_size closes the batch sooner)
+            wait = max(wait, self._full_decode_s())
         self._classify.set_batch_wait_timeout_s(wait)
 
     async def classify(self, data: bytes, topk: int) -> list[dict]:
         """Decode ``data`` (off the event loop), batch it with concurrent requests, return its top-k."""
         import anyio
 
+        self._decoding += 1
         try:
-            x = await anyio.to_thread.run_sync(self.preprocess, data, limiter=self._limiter(0))
+            x, seconds = await anyio.to_thread.run_sync(self._decode, data, limiter=self._limiter(0))
         except ImageError as e:
             raise ClientError(400, str(e)) from None
+        finally:
+            self._decoding -= 1
+        self._per_decode_s = 0.9 * self._per_decode_s + 0.1 * seconds
         self.metrics.queue_depth.inc()
         self._forming += 1
-        probs = await self._classify(x)
+        self._decoded_at[id(x)] = time.perf_counter()
+        self._retune_wait()  # the batcher reads the wait when this image starts a batch
+        try:
+            probs = await self._classify(x)
+        finally:
+            del self._decoded_at[id(x)]
         p, i = probs.topk(min(topk, self.num_classes))
         return [{"class": c, "label": self.names[c], "prob": round(v, 6)} for v, c in zip(p.tolist(), i.tolist())]
 
