@@ -372,6 +372,25 @@ def test_a_burst_goes_as_one_batch_per_free_lane_and_a_lone_request_does_not_wai
     assert time.perf_counter() - t0 < 1.0  # the batch did not wait its 2 s
 
 
+def test_a_serving_process_freezes_its_heap_once_the_model_is_loaded(files, monkeypatch):
+    """A process that only serves (run_server, a Ray replica) moves what start-up made out of the
+    garbage collector's reach (gc.freeze), once the model is loaded: full collections then stop
+    pausing the event loop for a quarter of a second. A LeViTService used as a library leaves the
+    caller's collector alone."""
+    import gc
+
+    from levit.runtime.serve import ServeConfig
+
+    frozen = []
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(svc.ready))
+    for own in (False, True):
+        svc = _service_with_fake_lanes(files, monkeypatch, ServeConfig(lanes=1, quiet=True), 0.0)
+        svc.own_process = own
+        svc._load_logged()
+        assert svc.ready
+    assert frozen == [True]  # once, by the serving process, after the model was loaded
+
+
 # ---- bad input -----------------------------------------------------------------------------------
 def _error_line(r: httpx.Response, status: int) -> str:
     assert r.status_code == status, r.text

@@ -194,6 +194,7 @@ class LeViTService:
         self.in_flight = 0
         self.load_error: str | None = None
         self.replica = f"{socket.gethostname()}:{os.getpid()}"  # which process answered (a header)
+        self.own_process = False  # the process serves only this (run_server, a Ray replica): _freeze_heap
         self._limiters: tuple | None = None
         # Ray Serve's batcher, made per instance so that its queue lives on this instance's event loop.
         # It hands over up to two batches per lane (_run_batch waits for a lane, so that the batches
@@ -513,6 +514,9 @@ class LeViTService:
 
     def __serve_build_asgi_app__(self) -> Any:  # Ray Serve: the app of each replica (its log goes to Ray's)
         setup_logging(self.config.quiet)
+        if self.ready:  # loaded in the replica's constructor
+            self.own_process = True
+            _freeze_heap()
         return self.build_app()
 
     @contextlib.asynccontextmanager
@@ -531,6 +535,22 @@ class LeViTService:
         except Exception as e:  # reported by the server, which then exits 1
             self.load_error = f"the model failed to load: {first_line(e)}"
             log.error(self.load_error)
+            return
+        if self.own_process:
+            _freeze_heap()
+
+
+def _freeze_heap() -> None:
+    """Put everything alive once the model is loaded (the libraries, the model) out of the garbage
+    collector's reach, in a process that only serves: a full collection then scans what requests
+    create, not the ~460,000 objects of torch, OpenVINO, FastAPI and Ray. Each full collection took
+    about 220-270 ms, holding the GIL: the event loop stopped, the lanes waited for batches, and the
+    requests of that moment made the p99 (LeViT-128S, 64 clients, 2-core machine: one such pause per
+    20 s of load). Objects made before it are never collected as cycles, only by reference count."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
 
 
 async def _discard(stream: AsyncIterator[bytes], limit: int, seconds: float = 2.0) -> None:
@@ -714,6 +734,7 @@ def run_server(service: LeViTService, sock: socket.socket | None = None) -> int:
     )
     server = _server_class()(config)
     server.service = service
+    service.own_process = True
     server.run(sockets=[sock])
     if service.load_error is not None:
         raise LeViTError(service.load_error)
