@@ -194,7 +194,7 @@ class LeViTService:
         self.in_flight = 0
         self.load_error: str | None = None
         self.replica = f"{socket.gethostname()}:{os.getpid()}"  # which process answered (a header)
-        self.own_process = False  # the process serves only this (run_server, a Ray replica): _freeze_heap
+        self.own_process = False  # run_server's process serves only this: _load_logged freezes the heap
         self._limiters: tuple | None = None
         # Ray Serve's batcher, made per instance so that its queue lives on this instance's event loop.
         # It hands over up to two batches per lane (_run_batch waits for a lane, so that the batches
@@ -514,8 +514,7 @@ class LeViTService:
 
     def __serve_build_asgi_app__(self) -> Any:  # Ray Serve: the app of each replica (its log goes to Ray's)
         setup_logging(self.config.quiet)
-        if self.ready:  # loaded in the replica's constructor
-            self.own_process = True
+        if self.ready:  # loaded in the replica's constructor, in a process that only serves it
             _freeze_heap()
         return self.build_app()
 
