@@ -23,7 +23,7 @@ import torch
 import levit
 from levit.models import kernels
 from levit.models.testing import randomize_weights
-from levit.tools.timing import interleaved
+from levit.paper.timing import interleaved
 
 
 def main() -> int:

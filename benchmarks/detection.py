@@ -28,7 +28,7 @@ import torch
 from torchvision.models.detection import FasterRCNN, fasterrcnn_resnet50_fpn
 
 import levit
-from levit.tools.timing import interleaved as timed_rounds
+from levit.paper.timing import interleaved as timed_rounds
 
 
 def interleaved(cands: dict[str, Callable[[], object]], rounds: int, window: float) -> dict[str, list[float]]:

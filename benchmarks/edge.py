@@ -50,10 +50,10 @@ import torch
 import levit
 from levit.models.config import PAPER_RESULTS
 from levit.models.testing import randomize_weights, sample_images
+from levit.paper.speed import device_name
+from levit.paper.timing import interleaved
 from levit.runtime import edge, pte
 from levit.runtime.deploy import build_runner, deploy, resolve
-from levit.tools.benchmark import device_name
-from levit.tools.timing import interleaved
 
 VARIANTS = ("levit_128s", "levit_128", "levit_192", "levit_256", "levit_384")
 SECTIONS = ("parity", "int8", "speed")

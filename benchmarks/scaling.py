@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from levit.tools.benchmark import benchmark_one, device_name, write_rows
+from levit.paper.speed import benchmark_one, device_name, write_rows
 
 
 def main() -> int:

@@ -183,7 +183,7 @@ def main() -> int:
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     med = {k: statistics.median(v) for k, v in speeds.items()}
 
-    from levit.tools.benchmark import device_name
+    from levit.paper.speed import device_name
 
     dev = device_name()
     print(

@@ -10,7 +10,7 @@ from train_utils import make_dataset
 
 import levit
 from levit.cli import main
-from levit.tools.ablate import COLUMNS
+from levit.paper.ablations import COLUMNS
 
 
 def _args(data, out, variants):

@@ -202,10 +202,10 @@ def test_training_recipe_takes_ablation():
 
 
 def test_bench_knows_the_ablations():
-    from levit.tools.benchmark import _build, list_bench_models
+    from levit.paper.speed import _build, list_bench_models
 
     assert {"levit_128s_a1", "levit_128s_a3", "levit_128s_a7"} <= set(list_bench_models())
-    from levit.tools.benchmark import BENCH_MODELS
+    from levit.paper.speed import BENCH_MODELS
 
     module, *_ = _build(BENCH_MODELS["levit_128s_a3"], 32)
     assert module.is_fused and module.config.norm == "ln"  # A3 timed fused, its LayerNorms kept

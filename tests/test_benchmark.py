@@ -1,4 +1,4 @@
-"""levit.benchmark on a tiny model: well-formed rows, table, CSV/JSON, plot; the OOM-safe batch search."""
+"""levit.paper.speed on a tiny model: well-formed rows, table, CSV/JSON, plot; the OOM-safe batch search."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from levit.errors import LeViTError
-from levit.tools.benchmark import benchmark, find_max_batch, format_table, plot_rows, write_rows
+from levit.paper.speed import benchmark, find_max_batch, format_table, plot_rows, write_rows
 
 FIELDS = {
     "model", "family", "implementation", "backend", "precision", "device", "torch", "timm", "batch", "threads",
@@ -97,7 +97,7 @@ def test_find_max_batch_stops_at_oom():
 
 # ---- several batch sizes in one run, and the levit/timm summary per batch ------------------------
 def test_parse_batch_sizes():
-    from levit.tools.benchmark import parse_batch_sizes
+    from levit.paper.speed import parse_batch_sizes
 
     assert parse_batch_sizes("1,64,1024") == [1, 64, 1024]
     assert parse_batch_sizes("16") == [16]
@@ -108,7 +108,7 @@ def test_parse_batch_sizes():
 
 
 def test_speedup_summary_per_batch():
-    from levit.tools.benchmark import speedup_summary
+    from levit.paper.speed import speedup_summary
 
     def row(model, batch, img_s, backend, impl):
         return {"model": model, "batch": batch, "img_s": img_s, "backend": backend, "implementation": impl}
@@ -166,9 +166,9 @@ def test_bench_cudagraph_on_cpu_is_a_usage_error(capsys):
     assert "--device cuda" in capsys.readouterr().err
 
 
-# ---- the one timing helper (levit.timing) and the thread helper (levit.utils.num_threads) ----------
+# ---- the one timing helper (levit.paper.timing) and the thread helper (levit.utils.num_threads) ----------
 def test_interleaved_rounds_alternate_order_and_time_every_candidate():
-    from levit.tools.timing import interleaved
+    from levit.paper.timing import interleaved
 
     calls: list[str] = []
     cands = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
@@ -180,7 +180,7 @@ def test_interleaved_rounds_alternate_order_and_time_every_candidate():
 def test_timed_window_reports_seconds_per_call():
     import time
 
-    from levit.tools.timing import timed_window
+    from levit.paper.timing import timed_window
 
     per_call = timed_window(lambda: time.sleep(0.01), 0.05)
     assert 0.009 < per_call < 0.05  # about 10 ms a call, not the window's total

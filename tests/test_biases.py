@@ -9,7 +9,7 @@ from PIL import Image
 
 import levit
 from levit.cli import main
-from levit.tools.biases import attention_biases
+from levit.paper.attention_biases import attention_biases
 
 
 def _known(tmp_path):

@@ -48,9 +48,9 @@ def captured_runs(monkeypatch):
 def test_ablate_trains_every_row_on_one_shared_copy_of_the_bundled_digits(
     tmp_path, small_digits, captured_runs, monkeypatch
 ):
-    import levit.tools.ablate
+    import levit.paper.ablations
 
-    monkeypatch.setattr(levit.tools.ablate, "_speeds", lambda rows, s: {r: (100.0, r != "A3") for r in rows})
+    monkeypatch.setattr(levit.paper.ablations, "_speeds", lambda rows, s: {r: (100.0, r != "A3") for r in rows})
     out = tmp_path / "sweep"
     r = cli("ablate", "--variants", "base,A3", "--epochs", "1", "--output", out)
     assert r.returncode == 0, r.stderr
@@ -272,13 +272,13 @@ def test_a_large_data_recipe_on_a_tiny_dataset_says_what_it_implies(tmp_path):
 )
 def test_an_output_that_cannot_be_written_is_refused_before_the_job(tmp_path, monkeypatch, argv, target):
     import levit.factory.registry
-    import levit.tools.benchmark
+    import levit.paper.speed
 
     def no_job(*args, **kwargs):
         raise AssertionError("the job must not start")
 
     monkeypatch.setattr(levit.factory.registry, "create_model", no_job)
-    monkeypatch.setattr(levit.tools.benchmark, "benchmark", no_job)
+    monkeypatch.setattr(levit.paper.speed, "benchmark", no_job)
     (tmp_path / "cat.jpg").write_bytes(b"\xff\xd8 a photo")
     (tmp_path / "folder.onnx").mkdir()
     output = target.format(tmp=tmp_path)

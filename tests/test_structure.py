@@ -1,9 +1,17 @@
 """The package's shape, checked with ``ast``: one level of subpackages by concern, imports that only run
-downward through the layers, no circles, no giant functions."""
+downward through the layers, no circles, no giant functions, no wide signatures, no private names
+borrowed across modules, and no reference in a docstring or a docs page to a name that does not exist.
+
+Each check is also run on a small synthetic package that breaks it, so a check that stopped seeing its
+violation would fail here rather than pass silently."""
 
 from __future__ import annotations
 
 import ast
+import importlib
+import inspect
+import re
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -11,10 +19,16 @@ import pytest
 import levit
 
 SRC = Path(levit.__file__).parent
-MAX_FUNCTION_LINES = 110
+ROOT = SRC.parent.parent
+# A function longer than a screen is read in pieces; past this, split it into named steps.
+MAX_FUNCTION_LINES = 80
+# A public signature wider than this is a settings object waiting to be written: group the knobs into
+# a dataclass. ``self``/``cls`` do not count; ``*args`` and ``**kwargs`` count one each (one name the
+# caller must learn, and a door through which more arrive), a bare ``*`` counts nothing.
+MAX_PUBLIC_PARAMETERS = 8
 # The layers, bottom first: a module may import its own layer and the ones below, never one above.
 # ``base`` is the package's top-level modules (errors, utils, _version).
-LAYERS = ["base", "models", "weights", "factory", "data", "train|runtime", "tools", "cli"]
+LAYERS = ["base", "models", "weights", "factory", "data", "train|runtime", "paper", "cli"]
 TOP_LEVEL_OK = {"__init__", "__main__"}  # the public re-exports (lazy) and ``python -m levit``
 
 
@@ -30,7 +44,7 @@ MODULES = {_module_name(p): p for p in sorted(SRC.rglob("*.py"))}
 
 def _layer(module: str) -> int:
     top = module.split(".")[0]
-    if "." not in module and top not in {"models", "weights", "factory", "data", "train", "runtime", "tools", "cli"}:
+    if "." not in module and top not in {"models", "weights", "factory", "data", "train", "runtime", "paper", "cli"}:
         return 0  # base
     for i, names in enumerate(LAYERS):
         if top in names.split("|"):
@@ -137,7 +151,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_one_level_of_subpackages_by_concern():
     packages = sorted({m.split(".")[0] for m in MODULES if "." in m})
-    assert packages == ["cli", "data", "factory", "models", "runtime", "tools", "train", "weights"]
+    assert packages == ["cli", "data", "factory", "models", "paper", "runtime", "train", "weights"]
     assert all(m.count(".") <= 1 for m in MODULES), [m for m in MODULES if m.count(".") > 1]
     top = sorted(m for m in MODULES if "." not in m and m not in packages)
     assert top == ["__init__", "__main__", "_version", "errors", "utils"]
@@ -157,15 +171,257 @@ def test_no_import_cycles():
     assert _cycles(_graph()) == []
 
 
-def test_no_function_longer_than_the_limit():
+def _long_functions(modules: dict[str, Path], limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """``module:line name (n lines)`` for every function (nested ones too) longer than ``limit`` lines."""
     long = []
-    for name, path in MODULES.items():
+    for name, path in modules.items():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 n = node.end_lineno - node.lineno + 1
-                if n > MAX_FUNCTION_LINES:
+                if n > limit:
                     long.append(f"{name}:{node.lineno} {node.name} ({n} lines)")
-    assert long == []
+    return long
+
+
+def test_no_function_longer_than_the_limit():
+    assert _long_functions(MODULES) == []
+
+
+# ---- signatures ----------------------------------------------------------------------------------
+def _is_private(name: str) -> bool:
+    """A leading single underscore: private to its module (``__dunder__`` names are public)."""
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _public_functions(node: ast.AST, qual: str = "", public: bool = True, in_class: bool = False):
+    """(function node, qualified name, is a method) for each public function and method: not nested in a
+    function, and no part of its qualified name private."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.ClassDef):
+            yield from _public_functions(child, f"{qual}{child.name}.", public and not _is_private(child.name), True)
+        elif isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
+            if public and not _is_private(child.name):
+                yield child, f"{qual}{child.name}", in_class
+        else:  # module-level `if`/`try` blocks
+            yield from _public_functions(child, qual, public, in_class)
+
+
+def _parameter_count(fn: ast.FunctionDef | ast.AsyncFunctionDef, is_method: bool) -> int:
+    a = fn.args
+    names = [*a.posonlyargs, *a.args, *a.kwonlyargs]
+    static = any(isinstance(d, ast.Name) and d.id == "staticmethod" for d in fn.decorator_list)
+    if is_method and not static and names:
+        names = names[1:]  # self / cls
+    return len(names) + (a.vararg is not None) + (a.kwarg is not None)
+
+
+def _wide_signatures(modules: dict[str, Path], limit: int = MAX_PUBLIC_PARAMETERS) -> list[str]:
+    """``module:line name (n parameters)`` for every public function or method with more than ``limit``."""
+    wide = []
+    for name, path in modules.items():
+        for fn, qual, is_method in _public_functions(ast.parse(path.read_text())):
+            n = _parameter_count(fn, is_method)
+            if n > limit:
+                wide.append(f"{name}:{fn.lineno} {qual} ({n} parameters)")
+    return wide
+
+
+def test_no_public_function_takes_more_than_the_limit_of_parameters():
+    assert _wide_signatures(MODULES) == []
+
+
+# ---- private names -------------------------------------------------------------------------------
+def _private_imports(modules: dict[str, Path], package: str = "levit") -> list[str]:
+    """``module:line from X import _y`` for every private name one module of the package takes from
+    another (a private submodule, such as ``_version``, is the package's own and allowed)."""
+    known = set(modules)
+    bad = []
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            if node.level == 0 and (node.module or "").split(".")[0] != package:
+                continue
+            for alias in node.names:
+                if not _is_private(alias.name):
+                    continue
+                pkg = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+                if name == "__init__":
+                    pkg = []
+                if node.level:
+                    base = [*pkg[: len(pkg) - (node.level - 1)], *(node.module.split(".") if node.module else [])]
+                else:
+                    base = (node.module or "").split(".")[1:]
+                if ".".join([*base, alias.name]) in known:
+                    continue  # a submodule, not a name inside one
+                src = "." * node.level + (node.module or "")
+                bad.append(f"{name}:{node.lineno} from {src} import {alias.name}")
+    return bad
+
+
+def test_no_private_name_is_imported_from_another_module():
+    assert _private_imports(MODULES) == []
+
+
+# ---- references in docstrings and docs pages ------------------------------------------------------
+_ROLE = re.compile(r":(mod|func|class|meth|attr|data|exc|obj):`([^`]+)`")
+_MISSING = object()
+_DECLARED = object()  # an attribute declared on a class (a dataclass field, ``self.x = ...``) but not set on it
+# a code span naming a file (``levit.onnx``), not a module or an object
+_FILE_SUFFIXES = {"onnx", "pte", "pt", "pth", "xml", "bin", "safetensors", "json", "jsonl", "csv", "png", "svg"}
+
+
+def _instance_attributes(klass: type) -> set[str]:
+    """Names a class's own code assigns as ``self.name`` (instance attributes that ``hasattr`` on the
+    class cannot see)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+    except (OSError, TypeError, SyntaxError):
+        return set()
+    return {
+        t.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)
+        for t in [node]
+        if isinstance(t.value, ast.Name) and t.value.id == "self"
+    }
+
+
+def _import(name: str) -> object:
+    """The module ``name``, or _MISSING when there is none; a module that exists but fails to import
+    raises (a broken module must not read as a stale reference)."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name is not None and (name == e.name or name.startswith(e.name + ".")):
+            return _MISSING
+        raise
+
+
+def _attribute(obj: object, name: str) -> object:
+    if inspect.ismodule(obj):  # a submodule that nothing has imported yet is not an attribute of its package
+        return getattr(obj, name) if hasattr(obj, name) else _import(f"{obj.__name__}.{name}")
+    if hasattr(obj, name):
+        return getattr(obj, name)
+    if inspect.isclass(obj):
+        for klass in obj.__mro__:
+            if name in getattr(klass, "__annotations__", {}) or name in _instance_attributes(klass):
+                return _DECLARED
+    return _MISSING
+
+
+def _lookup(dotted: str) -> object:
+    """The object a dotted name names (importing the longest module prefix, then walking attributes)."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        obj = _import(".".join(parts[:i]))
+        if obj is not _MISSING:
+            break
+    else:
+        return _MISSING
+    rest = parts[i:]
+    for k, attr in enumerate(rest):
+        obj = _attribute(obj, attr)
+        if obj is _MISSING or obj is _DECLARED:
+            return obj if k == len(rest) - 1 else _MISSING  # nothing can be looked up on a declared name
+    return obj
+
+
+def _candidates(target: str, module: str, is_package: bool, cls: str | None, package: str) -> list[str]:
+    """Where a reference may point, in the order Sphinx looks: the class, the module, the module's
+    package, the top package, then the name as written (``torch.nn.Module``)."""
+    if target == package or target.startswith(package + "."):
+        return [target]
+    parent = module if is_package else module.rpartition(".")[0] or module
+    out = [f"{module}.{cls}.{target}"] if cls else []
+    return [*out, f"{module}.{target}", f"{parent}.{target}", f"{package}.{target}", target]
+
+
+def _docstrings(tree: ast.Module):
+    """(first line, text, enclosing class or None) of the module's, each class's and each function's docstring."""
+
+    def doc(node: ast.AST):
+        body = getattr(node, "body", None)
+        first = body[0].value if body and isinstance(body[0], ast.Expr) else None
+        if isinstance(first, ast.Constant) and isinstance(first.value, str):
+            return first.lineno, first.value
+        return None
+
+    def walk(node: ast.AST, cls: str | None):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ClassDef):
+                qual = f"{cls}.{child.name}" if cls else child.name
+                if d := doc(child):
+                    yield (*d, qual)
+                yield from walk(child, qual)
+            elif isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
+                if d := doc(child):
+                    yield (*d, cls)
+                yield from walk(child, None)
+            else:
+                yield from walk(child, cls)
+
+    if d := doc(tree):
+        yield (*d, None)
+    yield from walk(tree, None)
+
+
+def _clean_target(text: str) -> str:
+    if m := re.search(r"<([^>]+)>$", text):  # :func:`title <target>`
+        text = m.group(1)
+    return text.strip().lstrip("~!.").removesuffix("()")
+
+
+def _docstring_references(modules: dict[str, Path], package: str = "levit") -> list[str]:
+    """``module:line :role:`target``` for every reference in a docstring that names nothing: the roles
+    (``~`` and short names resolved as Sphinx does) and double-backticked dotted names of the package.
+    A ``:mod:`` reference must name a module."""
+    dotted = re.compile(rf"``({re.escape(package)}(?:\.[A-Za-z_]\w*)+)")
+    bad = []
+    for name, path in modules.items():
+        if name == "__main__":
+            continue  # importing it runs the command line
+        module = package if name == "__init__" else f"{package}.{name}"
+        is_pkg = path.name == "__init__.py"
+        for line, text, cls in _docstrings(ast.parse(path.read_text())):
+            refs = [(m.start(), m.group(1), _clean_target(m.group(2)), m.group(0)) for m in _ROLE.finditer(text)]
+            refs += [(m.start(), "obj", m.group(1), m.group(0)) for m in dotted.finditer(text)]
+            for start, role, target, shown in refs:
+                objs = [_lookup(c) for c in _candidates(target, module, is_pkg, cls, package)]
+                found = [o for o in objs if o is not _MISSING]
+                if not found or (role == "mod" and not inspect.ismodule(found[0])):
+                    bad.append(f"{name}:{line + text.count(chr(10), 0, start)} {shown}")
+    return bad
+
+
+def _prose_references(pages: list[Path], package: str = "levit") -> list[str]:
+    """``page:line name`` for every code span in a page's prose (fenced code blocks aside) that starts
+    with a dotted name of the package naming nothing (``levit.runtime.pipeline.Preprocess`` is checked,
+    ``levit.onnx``, a file name, is not)."""
+    name_re = re.compile(rf"{re.escape(package)}(?:\.[A-Za-z_]\w*)+")
+    bad = []
+    for page in pages:
+        text = re.sub(r"^```.*?^```", lambda m: "\n" * m.group(0).count("\n"), page.read_text(), flags=re.M | re.S)
+        for m in re.finditer(r"`([^`\n]+)`", text):
+            span = m.group(1)
+            found = name_re.match(span)
+            if not found:
+                continue
+            dotted = found.group(0)
+            if dotted == span and dotted.rpartition(".")[2] in _FILE_SUFFIXES:
+                continue
+            if _lookup(dotted) is _MISSING:
+                bad.append(f"{page.name}:{text.count(chr(10), 0, m.start()) + 1} {dotted}")
+    return bad
+
+
+def test_every_docstring_reference_names_something():
+    assert _docstring_references(MODULES) == []
+
+
+def test_every_dotted_name_in_the_docs_names_something():
+    pages = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
+    assert _prose_references(pages) == []
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from .common import UsageError, img_size_type, require
 
 
 def args_ablate(p: argparse.ArgumentParser) -> None:
-    from levit.tools.ablate import ROWS
+    from levit.paper.ablations import ROWS
 
     p.add_argument("--output", "-o", type=Path, default=Path("runs/ablate"), help="sweep folder")
     p.add_argument("--data", type=Path, help="ImageFolder with train/ and val/ (default: the bundled digits)")
@@ -32,7 +32,7 @@ def args_ablate(p: argparse.ArgumentParser) -> None:
 
 def cmd_ablate(args: argparse.Namespace) -> int:
     from levit.errors import LeViTError
-    from levit.tools.ablate import ROWS, AblationSettings, ablate, format_markdown
+    from levit.paper.ablations import ROWS, AblationSettings, ablate, format_markdown
     from levit.train.recipe import parse_overrides
 
     rows = tuple(v.strip() for v in args.variants.split(",") if v.strip())

@@ -50,7 +50,7 @@ def args_bench(p: argparse.ArgumentParser) -> None:
 
 def _check_numbers_and_outputs(args: argparse.Namespace, models: list[str], batches: list[int] | None) -> None:
     """The numeric flags, the output files and the input size's memory, before any model is built."""
-    from levit.tools.benchmark import BENCH_MODELS
+    from levit.paper.speed import BENCH_MODELS
 
     for flag, v in (("--threads", args.threads), ("--windows", args.windows)):
         if v is not None and v < 1:
@@ -74,8 +74,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from levit.errors import LeViTError
-    from levit.runtime.deploy import check_backend
-    from levit.tools.benchmark import (
+    from levit.paper.speed import (
         BENCH_MODELS,
         DEFAULT_MODELS,
         QUICK_MODELS,
@@ -85,6 +84,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         plot_rows,
         write_rows,
     )
+    from levit.runtime.deploy import check_backend
 
     if args.list:
         for name, e in BENCH_MODELS.items():

@@ -17,7 +17,7 @@ def args_biases(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_biases(args: argparse.Namespace) -> int:
-    from levit.tools.biases import attention_biases, plot_biases, save_biases
+    from levit.paper.attention_biases import attention_biases, plot_biases, save_biases
 
     if args.output.suffix.lower() != ".png":
         raise UsageError(f"--output: expected a .png file, got {args.output.name!r}")

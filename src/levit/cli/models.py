@@ -57,7 +57,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_models_ablations(args: argparse.Namespace) -> int:
-    from levit.tools.ablate import count_rows  # arithmetic on the configs: no torch import
+    from levit.paper.ablations import count_rows  # arithmetic on the configs: no torch import
 
     rows = count_rows()
     if args.json:
