@@ -37,7 +37,7 @@ from PIL import Image
 
 import levit
 from levit.models.testing import randomize_weights, write_sample_jpegs
-from levit.runtime.pipeline import Preprocess
+from levit.data.preprocess import Preprocess
 
 SIZES = {"500x375": (375, 500), "4032x3024": (3024, 4032)}
 

@@ -45,7 +45,8 @@ import torch
 import levit
 from levit.models.testing import randomize_weights, write_sample_jpegs
 from levit.runtime.deploy import deploy_lanes
-from levit.runtime.pipeline import ImageFiles, Preprocess, available_cores, collate, lane_layout, plan
+from levit.data.preprocess import ImageFiles, Preprocess, collate
+from levit.runtime.pipeline import available_cores, lane_layout, plan
 from levit.runtime.predict import predict_files
 
 SIZES = {"500x375": (375, 500), "4032x3024": (3024, 4032)}

@@ -123,11 +123,11 @@ class Ceiling:
         # one full batch on one of the server's lanes (levit.runtime.pipeline.lane_layout), for the p99 target
         import torch
 
-        from levit.runtime.pipeline import Preprocess
+        from levit.data.preprocess import Preprocess
 
         self.lane_threads = lane_layout(lanes, threads, available_cpus())[1]
         lane = levit.deploy(self.model, backend=backend, batch_size=batch, threads=self.lane_threads)
-        pre = Preprocess.for_model(self.model)
+        pre = Preprocess.from_model(self.model)
         x = torch.stack([pre(b) for b in (jpegs * batch)[:batch]])
         times = []
         with torch.inference_mode():

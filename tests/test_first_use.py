@@ -342,7 +342,7 @@ def test_eval_shows_progress(tmp_path, capsys):
     data = make_dataset(tmp_path / "data", classes=2, train=1, val=2)
     model = levit.create_model("levit_tiny", num_classes=2, img_size=32)
     with torch.no_grad():
-        evaluate_folder(model, data / "val", img_size=32, batch_size=2, workers=0, device="cpu", progress=True)
+        evaluate_folder(model, data / "val", batch_size=2, workers=0, device="cpu", progress=True)
     err = capsys.readouterr().err
     assert "eval:" in err and "0/2 [" in err and "batch/s" in err, err  # a bar over the 2 batches
 

@@ -26,7 +26,8 @@ from levit.data.transforms import eval_transform
 from levit.errors import ImageError
 from levit.models.testing import randomize_weights, write_sample_jpegs
 from levit.runtime import pipeline
-from levit.runtime.pipeline import Preprocess, iter_batches
+from levit.data.preprocess import Preprocess
+from levit.runtime.pipeline import iter_batches
 from levit.runtime.predict import iter_predictions, predict_paths
 from levit.runtime.writers import partial_path, read_results
 
@@ -92,7 +93,7 @@ def test_preprocess_is_the_official_eval_transform_exactly(folder):
     # the 16-bit PNG is the 8-bit picture: the same tensor
     assert torch.equal(Preprocess(64)(folder / "grey16.png"), Preprocess(64)(folder / "grey.png"))
     m = levit.create_model("levit_tiny", img_size=(48, 80))
-    assert Preprocess.for_model(m, crop_pct=0.9).out_hw == (48, 80)
+    assert Preprocess.from_model(m, crop_pct=0.9).out_hw == (48, 80)
 
 
 @pytest.mark.parametrize(("name", "reason"), sorted(BAD.items()))

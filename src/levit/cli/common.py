@@ -96,6 +96,29 @@ def require(flag: str, value: float | None, low: float, *, strict: bool = False)
         raise UsageError(f"{flag} must be {'>' if strict else '>='} {low:g}, got {value:g}")
 
 
+def crop_pct_type(text: str) -> float:
+    """``--crop-pct``: a fraction in (0, 1] (:func:`levit.models.config.check_crop_pct`)."""
+    from levit.models.config import check_crop_pct
+
+    try:
+        return check_crop_pct(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}") from None
+
+
+def crop_pct_option(p: argparse.ArgumentParser) -> None:
+    """``--crop-pct``, the one preprocessing value a command may override (default: the model's own)."""
+    from levit.models.config import DEFAULT_CROP_PCT
+
+    p.add_argument(
+        "--crop-pct",
+        type=crop_pct_type,
+        default=None,
+        help="centre-crop fraction: resize to img_size / crop_pct, then crop (default: the checkpoint's "
+        f"pretrained_cfg, as every levit command and the server use it; the authors' {DEFAULT_CROP_PCT})",
+    )
+
+
 def check_output(path: Path | None, flag: str = "--output") -> None:
     """An output file that cannot be written is refused before the job runs, naming the flag."""
     from levit.utils import unwritable_reason
@@ -190,12 +213,20 @@ def check_runtime(backend: str, precision: str) -> None:
 
 @contextlib.contextmanager
 def warnings_as_lines() -> Iterator[None]:
-    """Python warnings raised inside the block are printed as one ``warning: ...`` line each."""
-    with warnings.catch_warnings(record=True) as caught:
+    """Python warnings raised inside the block are printed when they happen, as one ``warning: ...``
+    line each, and each message once (a warning given per model copy or per batch says nothing new)."""
+    seen: set[str] = set()
+
+    def show(message: Warning | str, *_: object, **__: object) -> None:
+        text = str(message)
+        if text not in seen:
+            seen.add(text)
+            print(f"warning: {text}", file=sys.stderr)
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = show  # restored by catch_warnings on the way out
         yield
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
 
 
 def load_model(args: argparse.Namespace, batch: int = 1, **kwargs: object):

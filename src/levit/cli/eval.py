@@ -7,9 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from levit.models.config import DEFAULT_CROP_PCT
-
-from .common import UsageError, check_output, img_size_option, load_model, model_options
+from .common import UsageError, check_output, crop_pct_option, img_size_option, load_model, model_options
 
 
 def args_eval(p: argparse.ArgumentParser) -> None:
@@ -17,13 +15,7 @@ def args_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, required=True, help="folder with one sub-folder per class")
     model_options(p)
     img_size_option(p, "input resolution N or HxW (default: the checkpoint's)", rectangular=True)
-    p.add_argument(
-        "--crop-pct",
-        type=float,
-        default=None,
-        help="centre-crop fraction (default: the checkpoint's pretrained_cfg: its training run's, or "
-        f"{DEFAULT_CROP_PCT}, the authors' evaluation)",
-    )
+    crop_pct_option(p)
     p.add_argument("--batch-size", "-b", type=int, default=64, help="images per forward pass (default: 64)")
     p.add_argument(
         "--workers", type=int, default=None, help="data loading processes (default: the CPU cores available, at most 8)"
@@ -43,8 +35,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 0:
         raise UsageError(f"--workers must be >= 0, got {args.workers}")
     check_output(args.output)
-    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
-        raise UsageError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
     if args.checkpoint is None and not args.pretrained:
         raise UsageError("--checkpoint PATH (or --pretrained) is required: evaluating random weights is meaningless")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -55,7 +45,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_image_folder(args.data)  # a bad folder fails before the model is loaded
     kwargs = {"img_size": args.img_size} if args.img_size else {}
     model = load_model(args, batch=args.batch_size, **kwargs)
-    crop_pct = args.crop_pct or model.pretrained_cfg["crop_pct"]  # the file's (a training run's eval crop)
+    from levit.data.preprocess import Preprocess
+
+    preprocess = Preprocess.from_model(model, crop_pct=args.crop_pct)  # the checkpoint's own, unless overridden
     if not args.no_fuse:
         from levit.models.fuse import inference_form
 
@@ -64,8 +56,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     m = evaluate_folder(
         model,
         args.data,
-        img_size=model.config.img_size,
-        crop_pct=crop_pct,
+        preprocess=preprocess,
         batch_size=args.batch_size,
         workers=args.workers if args.workers is not None else default_workers(),
         device=args.device,
@@ -83,7 +74,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "checkpoint": str(args.checkpoint) if args.checkpoint else "pretrained",
         "data": str(args.data),
         "img_size": model.config.img_size,
-        "crop_pct": crop_pct,
+        "crop_pct": preprocess.crop_pct,
         "fused": fused,
         **m,
         "skipped": [p for p, _ in skipped],

@@ -7,13 +7,18 @@ from collections.abc import Callable
 
 from torchvision import transforms as T
 
-from ..models.config import DEFAULT_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD
+from ..models.config import DEFAULT_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, check_crop_pct
+
+#: the interpolations a model's ``pretrained_cfg`` may name (timm's spellings)
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+#: the evaluation crops: ``center`` resizes the short side to ``img_size / crop_pct`` and crops the
+#: middle (the authors'); ``squash`` resizes the whole image to ``img_size / crop_pct`` then crops
+CROP_MODES = ("center", "squash")
 
 
 def resize_size(img_size: int | tuple[int, int] = 224, crop_pct: float = DEFAULT_CROP_PCT) -> int:
     """The short side the evaluation resize goes to: ``img_size / crop_pct`` (for (H, W): ``max(H, W)``)."""
-    if not 0.0 < crop_pct <= 1.0:
-        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    crop_pct = check_crop_pct(crop_pct)
     return math.floor((img_size if isinstance(img_size, int) else max(img_size)) / crop_pct)
 
 
@@ -22,18 +27,24 @@ def eval_transform(
     crop_pct: float = DEFAULT_CROP_PCT,
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
+    interpolation: str = "bicubic",
+    crop_mode: str = "center",
 ) -> T.Compose:
-    """The official evaluation preprocessing for a PIL image: resize the short side to
-    ``img_size / crop_pct`` (bicubic), centre-crop ``img_size``, to tensor, ImageNet mean/std.
-    For an (H, W) size the short side goes to ``max(H, W) / crop_pct``, so the crop always fits."""
-    return T.Compose(
-        [
-            T.Resize(resize_size(img_size, crop_pct), interpolation=T.InterpolationMode.BICUBIC),
-            T.CenterCrop(img_size),
-            T.ToTensor(),
-            T.Normalize(mean, std),
-        ]
-    )
+    """The evaluation preprocessing for a PIL image; the defaults are the authors' (resize the short
+    side to ``img_size / crop_pct`` bicubic, centre-crop ``img_size``, to tensor, ImageNet mean/std).
+    For an (H, W) size the short side goes to ``max(H, W) / crop_pct``, so the crop always fits.
+    ``crop_mode="squash"`` resizes both sides to ``img_size / crop_pct`` (aspect not kept) instead."""
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
+    if crop_mode not in CROP_MODES:
+        raise ValueError(f"crop_mode must be one of {', '.join(CROP_MODES)}, got {crop_mode!r}")
+    mode = T.InterpolationMode(interpolation)
+    if crop_mode == "squash":
+        hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        size: int | tuple[int, int] = tuple(math.floor(s / check_crop_pct(crop_pct)) for s in hw)  # type: ignore[assignment]
+    else:
+        size = resize_size(img_size, crop_pct)
+    return T.Compose([T.Resize(size, interpolation=mode), T.CenterCrop(img_size), T.ToTensor(), T.Normalize(mean, std)])
 
 
 def safe_posterize(img, bits_to_keep: int, **_):

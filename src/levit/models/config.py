@@ -28,6 +28,14 @@ __all__ = [
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_CROP_PCT = 0.875
+
+
+def check_crop_pct(crop_pct: object, what: str = "crop_pct") -> float:
+    """``crop_pct`` as a float in (0, 1] (the evaluation resizes to ``img_size / crop_pct``, then crops
+    ``img_size``); anything else is a ``ValueError`` naming ``what``."""
+    if isinstance(crop_pct, bool) or not isinstance(crop_pct, int | float) or not 0.0 < crop_pct <= 1.0:
+        raise ValueError(f"{what} must be in (0, 1], got {crop_pct!r}")
+    return float(crop_pct)
 #: the stem's total stride: four stride-2 convolutions (Section 4.2), or the one 16x16 stride-16
 #: convolution of Table 5's A2; input sides are multiples of it and stage s has stride PATCH_SIZE * 2**s
 PATCH_SIZE = 16

@@ -1,11 +1,13 @@
-"""Classify image files with the official evaluation preprocessing, from a handful to millions.
+"""Classify image files with the model's own preprocessing, from a handful to millions.
 
 - :func:`predict_paths`: a small job's results as a list;
 - :func:`iter_predictions`: the rows one by one, for any number of images, in constant memory;
-- :func:`predict_files`: a whole job (``levit predict``): rows streamed to a resumable results file
-  (:mod:`levit.runtime.writers`), bad files reported and counted, a progress bar, locally or on Ray.
+- :func:`predict_files`: a whole job (``levit predict``): the backend built (:func:`build_runner`),
+  rows streamed to a resumable results file (:mod:`levit.runtime.writers`), bad files reported and
+  counted, a progress bar, locally or on Ray.
 
-All three run :mod:`levit.runtime.pipeline` (decoding in worker processes while the model runs).
+Each takes one :class:`~levit.runtime.options.PredictOptions` (or its fields as keywords) and runs
+:mod:`levit.runtime.pipeline` (or :mod:`levit.runtime.ray_data`).
 """
 
 from __future__ import annotations
@@ -13,22 +15,34 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
 from ..data.images import IMAGE_EXTENSIONS, find_images
-from ..data.transforms import DEFAULT_CROP_PCT
+from ..data.preprocess import Preprocess
 from ..errors import LeViTError
-from .pipeline import DEFAULT_MAX_PIXELS, Preprocess, Runner, class_names_for, iter_batches, iter_batches_ray
+from .options import CALIBRATION_IMAGES, PredictOptions
+from .pipeline import Runner, class_names_for, iter_batches, lane_layout, preprocess_for
 
-__all__ = ["Summary", "class_names_for", "iter_predictions", "list_inputs", "predict_files", "predict_paths"]
+__all__ = [
+    "PredictOptions",
+    "Summary",
+    "build_runner",
+    "class_names_for",
+    "iter_predictions",
+    "list_inputs",
+    "predict_files",
+    "predict_paths",
+]
 
 
-def _first(runner: Runner | None) -> Callable[[Tensor], Tensor] | None:
-    """The (first) backend of ``runner``: one callable, or one per lane."""
-    return runner[0] if isinstance(runner, (list, tuple)) else runner  # type: ignore[return-value]
+def _options(options: PredictOptions | None, fields: dict[str, Any]) -> PredictOptions:
+    """``options`` with ``fields`` replaced (a keyword API over the one options object)."""
+    opts = options or PredictOptions()
+    return opts.replace(**fields) if fields else opts
 
 
 def list_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
@@ -46,74 +60,47 @@ def list_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
 def iter_predictions(
     model: nn.Module,
     paths: Iterable[str | os.PathLike],
+    options: PredictOptions | None = None,
     *,
-    topk: int = 5,
-    batch_size: int | None = None,
-    crop_pct: float = DEFAULT_CROP_PCT,
-    fast_decode: bool = False,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
-    workers: int | None = None,
-    threads: int | None = None,
-    device: str | None = None,
-    include_logits: bool = False,
-    class_names: Sequence[str] | None = None,
     runner: Runner | None = None,
+    **fields: Any,
 ) -> Iterator[dict]:
     """One row per image under ``paths`` (files and folders), in order, in constant memory:
     ``{"path", "top": [{"class", "label", "prob"}, ...], "error"}`` (+ ``"logits"``); an unreadable
-    file's row has ``error`` set and an empty ``top``. Arguments as :func:`levit.runtime.pipeline.iter_batches`;
-    ``crop_pct``, ``fast_decode`` and ``max_pixels`` as :class:`levit.runtime.pipeline.Preprocess`.
+    file's row has ``error`` set and an empty ``top``. ``options`` (or its ``fields`` as keywords,
+    e.g. ``topk=1``): :class:`~levit.runtime.options.PredictOptions`; ``runner``: a backend, as
+    :func:`levit.runtime.pipeline.iter_batches` takes it.
 
     Example:
         >>> for row in iter_predictions(model, ["photos/"], topk=1):
         ...     print(row["path"], row["top"][0]["label"] if row["top"] else row["error"])
     """
-    pre = Preprocess.for_model(
-        _first(runner) or model, crop_pct=crop_pct, fast_decode=fast_decode, max_pixels=max_pixels
-    )
-    for rows in iter_batches(
-        model,
-        list_inputs(paths),
-        topk=topk,
-        batch_size=batch_size,
-        preprocess=pre,
-        workers=workers,
-        threads=threads,
-        device=device,
-        include_logits=include_logits,
-        class_names=class_names,
-        runner=runner,
-    ):
+    for rows in iter_batches(model, list_inputs(paths), _options(options, fields), runner=runner):
         yield from rows
 
 
 def predict_paths(
     model: nn.Module,
     paths: Iterable[str | os.PathLike],
+    options: PredictOptions | None = None,
     *,
-    topk: int = 5,
-    batch_size: int = 32,
-    crop_pct: float = DEFAULT_CROP_PCT,
     progress: bool = True,
     on_error: Callable[[Path, str], None] | None = None,
     runner: Runner | None = None,
-    **kwargs: object,
+    **fields: Any,
 ) -> list[dict]:
     """Top-k predictions for every readable image under ``paths``, as a list (small jobs; see
     :func:`iter_predictions` and :func:`predict_files` for large ones).
 
     Returns one dict per image: ``{"path", "top": [{"class", "label", "prob"}, ...]}``. Unreadable
     images are passed to ``on_error(path, message)`` and skipped; no image at all is a
-    :class:`LeViTError`. The model is fused first when it is an unfused LeViT (same outputs,
-    faster). ``runner`` (e.g. a :func:`levit.deploy` predictor) replaces the model's forward pass:
-    logits from a (B, 3, H, W) batch. ``kwargs``: the other options of :func:`iter_predictions`.
+    :class:`~levit.errors.LeViTError`. Options as :func:`iter_predictions`.
     """
+    opts = _options(options, fields)
     files = list_inputs(paths)
     results = []
-    bar = _bar(len(files), progress and len(files) > batch_size)
-    for row in iter_predictions(
-        model, files, topk=topk, batch_size=batch_size, crop_pct=crop_pct, runner=runner, **kwargs
-    ):  # type: ignore[arg-type]
+    bar = _bar(len(files), progress and len(files) > opts.default_batch_size(on_cpu=True))
+    for row in iter_predictions(model, files, opts, runner=runner):
         if bar is not None:
             bar.update(1)
         error = row.pop("error")
@@ -125,6 +112,71 @@ def predict_paths(
     if bar is not None:
         bar.close()
     return results
+
+
+def build_runner(
+    model: nn.Module,
+    options: PredictOptions,
+    files: Sequence[str | os.PathLike] = (),
+    on_note: Callable[[str], None] | None = None,
+) -> Runner | None:
+    """The backend ``options`` ask for (``None``: the eager fp32 model runs itself).
+
+    On the CPU, one one-thread copy of the backend per lane (:func:`levit.runtime.pipeline.lane_layout`:
+    ``threads`` lanes, default one per core, at most eight copies for their memory), which then share
+    the cores; an int8 model calibrates once, so it is one copy on all the threads (``threads``), as is
+    any backend on a GPU. int8 calibrates on ``options.calibration``, else the first
+    :data:`~levit.runtime.options.CALIBRATION_IMAGES` of ``files``, decoded with the model's own
+    preprocessing; its agreement with fp32 goes to ``on_note`` as one line.
+    """
+    if not options.uses_runtime:
+        return None
+    from ..utils import available_cpus
+    from .deploy import deploy_lanes
+
+    calibration = None
+    if options.precision == "int8":
+        sources = list(options.calibration or files[:CALIBRATION_IMAGES])
+        calibration = _calibration_images(model, sources)
+    on_cpu = options.device in (None, "cpu")
+    lanes, per_lane = lane_layout(options.threads, 1 if options.threads else None, available_cpus())
+    if not on_cpu or calibration is not None:
+        lanes = 1
+    runners = deploy_lanes(
+        model,
+        lanes,
+        threads=per_lane if lanes > 1 else options.threads,
+        backend=options.backend,
+        precision=options.precision,
+        batch_size=options.default_batch_size(on_cpu),
+        calibration=calibration,
+    )
+    first = runners[0]
+    if first.fidelity and on_note is not None:
+        f = first.fidelity
+        on_note(
+            f"{first.backend} {first.precision}: top-1 agreement with fp32 {f['top1_agreement'] * 100:.1f}% on "
+            f"{f['images']} images, max relative logit error {f['max_rel_error']:.2e}"
+        )
+    return runners if lanes > 1 else first
+
+
+def _calibration_images(model: nn.Module, sources: Sequence[str | os.PathLike]):  # -> Tensor
+    """The calibration images (files and folders) as one (N, 3, H, W) tensor, decoded as the model's
+    inputs are (its own preprocessing): int8 ranges measured on other pixels would be wrong ones."""
+    import torch
+
+    pre = Preprocess.from_model(model)
+    files = find_images(sources)[:CALIBRATION_IMAGES] if sources else []
+    images = []
+    for f in files:
+        try:
+            images.append(pre(f))
+        except LeViTError:
+            continue  # an unreadable file calibrates nothing; the job reports it as an error row
+    if not images:
+        raise LeViTError(f"no readable calibration image in {', '.join(map(str, sources)) or '(none given)'}")
+    return torch.stack(images)
 
 
 def _bar(total: int, enabled: bool):  # -> tqdm | None
@@ -146,113 +198,98 @@ class Summary:
     seconds: float = 0.0
     output: Path | None = None
 
+    _bar: Any = field(default=None, repr=False, compare=False)
+
     @property
     def images_per_s(self) -> float:
         """Images (classified or not) processed per second of this run."""
         return (self.classified + self.failed) / self.seconds if self.seconds > 0 else 0.0
 
+    def count(self, rows: list[dict], on_error: Callable[[str, str], None] | None = None) -> None:
+        """Count one batch's rows, passing each error row to ``on_error(path, reason)``."""
+        for r in rows:
+            if r["error"] is None:
+                self.classified += 1
+            else:
+                self.failed += 1
+                if on_error is not None:
+                    on_error(r["path"], r["error"])
+
+    def progress(self, total: int, done: int, close: bool = False) -> None:
+        """Advance the progress bar by ``done`` of ``total`` images (made at the first batch, after
+        the decoding workers have forked, and only for a job of more than one batch)."""
+        if close:
+            if self._bar:
+                self._bar.close()
+            return
+        if self._bar is None:
+            self._bar = _bar(total, total > done) or False
+        if self._bar:
+            self._bar.update(done)
+
 
 def predict_files(
     model: nn.Module,
     files: Sequence[str | os.PathLike],
+    options: PredictOptions | None = None,
     *,
-    output: str | os.PathLike | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    topk: int = 5,
-    batch_size: int | None = None,
-    preprocess: Preprocess | None = None,
-    include_logits: bool = False,
-    class_names: Sequence[str] | None = None,
-    workers: int | None = None,
-    threads: int | None = None,
-    device: str | None = None,
-    runner: Runner | None = None,
-    ray: bool | str = False,
-    ray_backend: dict | None = None,
     on_rows: Callable[[list[dict]], None] | None = None,
     on_error: Callable[[str, str], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
     progress: bool = True,
 ) -> Summary:
-    """Classify ``files`` (a list, e.g. from :func:`list_inputs`) as one job.
+    """Classify ``files`` (a list, e.g. from :func:`list_inputs`) as one job: ``levit predict``.
 
-    Rows go to ``output`` (``.jsonl``, ``.csv`` or ``.parquet``; :class:`levit.runtime.writers.ResultWriter`:
-    written and flushed batch by batch, ``resume`` skips the images already there, an existing file
-    needs ``resume`` or ``overwrite``) and/or to ``on_rows(rows)`` per batch. Each unreadable file is
-    passed to ``on_error(path, reason)`` and gets an error row; the run goes on. ``ray``: run on Ray
-    Data (``True``: the cluster already initialised here, else a new local one; a string: the address
-    of one to join), the backend given as ``ray_backend`` (:func:`levit.deploy` arguments, built on
-    each actor) instead of ``runner``. The other arguments are :func:`levit.runtime.pipeline.iter_batches`'s.
+    The backend is built as ``options`` say (:func:`build_runner`; on Ray, by each actor). Rows go to
+    ``options.output`` (:class:`levit.runtime.writers.ResultWriter`: written and flushed batch by
+    batch, ``resume`` skips the images already there, an existing file needs ``resume`` or
+    ``overwrite``) and/or to ``on_rows(rows)`` per batch. Each unreadable file is passed to
+    ``on_error(path, reason)`` and gets an error row; the run goes on. ``on_note`` receives one-line
+    notes about the run (an int8 model's agreement with fp32); ``progress`` shows a bar.
     """
     from .writers import ResultWriter
 
-    use_ray = ray is not False and ray is not None
-    if use_ray and runner is not None:
-        raise LeViTError("on Ray the backend is built on each actor: pass ray_backend=dict(...), not runner")
+    opts = options or PredictOptions()
     start = time.perf_counter()
-    summary = Summary(output=Path(output) if output is not None else None)
-    k = min(topk, model.config.num_classes)
-    writer = (
-        ResultWriter(output, k=k, include_logits=include_logits, resume=resume, overwrite=overwrite)
-        if output is not None
-        else None
-    )
+    summary = Summary(output=Path(opts.output) if opts.output is not None else None)
+    k = min(opts.topk, model.config.num_classes)
+    writer = None
+    if opts.output is not None:
+        writer = ResultWriter(
+            opts.output, k=k, include_logits=opts.include_logits, resume=opts.resume, overwrite=opts.overwrite
+        )
     try:
         todo = [os.fspath(f) for f in files]
         if writer is not None and writer.done:
             todo = [f for f in todo if f not in writer.done]
             summary.already_done = len(files) - len(todo)
-        pre = preprocess or Preprocess.for_model(_first(runner) or model)
-        if use_ray:
-            batches = iter_batches_ray(
-                model,
-                todo,
-                address=ray if isinstance(ray, str) and ray else None,
-                topk=topk,
-                batch_size=batch_size or 32,
-                preprocess=pre,
-                include_logits=include_logits,
-                class_names=class_names,
-                backend=ray_backend,
-            )
-        else:
-            batches = iter_batches(
-                model,
-                todo,
-                topk=topk,
-                batch_size=batch_size,
-                preprocess=pre,
-                workers=workers,
-                threads=threads,
-                device=device,
-                include_logits=include_logits,
-                class_names=class_names,
-                runner=runner,
-            )
-        bar = None
-        for rows in batches:
-            if bar is None:  # made after the first batch: the decoding workers fork before its thread starts
-                bar = _bar(len(todo), progress and len(todo) > len(rows))
+        for rows in _batches(model, todo, opts, on_note):
             if writer is not None:
                 writer.write(rows)
-            for r in rows:
-                if r["error"] is None:
-                    summary.classified += 1
-                else:
-                    summary.failed += 1
-                    if on_error is not None:
-                        on_error(r["path"], r["error"])
+            summary.count(rows, on_error)
             if on_rows is not None:
                 on_rows(rows)
-            if bar is not None:
-                bar.update(len(rows))
-        if bar is not None:
-            bar.close()
+            if progress:
+                summary.progress(len(todo), len(rows))
+        summary.progress(0, 0, close=True)
     except BaseException:
         if writer is not None:
-            writer.abort()  # the partial file stays, flushed, for --resume
+            writer.abort()  # the partial file stays, flushed, for resume
         raise
     if writer is not None:
         writer.close()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _batches(
+    model: nn.Module, todo: list[str], opts: PredictOptions, on_note: Callable[[str], None] | None
+) -> Iterator[list[dict]]:
+    """The rows of ``todo``, batch by batch: on Ray Data, or here with the backend ``opts`` ask for."""
+    calibration_files = list(opts.calibration or todo[:CALIBRATION_IMAGES])
+    if opts.ray is not None:
+        from .ray_data import iter_batches_ray
+
+        return iter_batches_ray(model, todo, opts, calibration=calibration_files)
+    runner = build_runner(model, opts, calibration_files, on_note) if todo else None
+    return iter_batches(model, todo, opts, preprocess=preprocess_for(model, opts), runner=runner)

@@ -25,6 +25,7 @@ from typing import IO, Any
 
 from ..errors import LeViTError
 from ..utils import atomic_path, fsync_dir
+from .options import OUTPUT_SUFFIXES
 
 __all__ = [
     "FORMATS",
@@ -37,12 +38,17 @@ __all__ = [
     "table_to_rows",
 ]
 
-FORMATS = {".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+FORMATS = {suffix: suffix[1:] for suffix in OUTPUT_SUFFIXES}  # file suffix -> format
 _PARQUET_CHUNK = 8192  # rows per Parquet row group when a finished run converts its JSON Lines journal
 
 
 class OutputExistsError(LeViTError):
-    """The output (or an interrupted run's partial file) exists and neither resume nor overwrite was asked."""
+    """The output (or, with ``partial``, an interrupted run's partial file) exists and neither resume
+    nor overwrite was asked."""
+
+    def __init__(self, message: str, *, partial: bool = False) -> None:
+        super().__init__(message)
+        self.partial = partial
 
 
 def output_format(path: str | os.PathLike) -> str:
@@ -190,6 +196,26 @@ def read_results(path: str | os.PathLike, fmt: str | None = None) -> Iterator[di
 
 
 # ---- writing ---------------------------------------------------------------------------------
+def check_destination(path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> None:
+    """Whether a job may write ``path``, checked before it starts: its folder exists, and an existing
+    ``path`` or its partial file (an interrupted run) needs ``resume`` or ``overwrite``
+    (:class:`OutputExistsError`, whose ``partial`` says which was found)."""
+    path = Path(path)
+    if resume and overwrite:
+        raise LeViTError("resume and overwrite contradict each other: choose one")
+    if not path.parent.is_dir():
+        raise LeViTError(f"{path}: folder {path.parent} does not exist")
+    if resume or overwrite:
+        return
+    if partial_path(path).exists():
+        raise OutputExistsError(
+            f"{partial_path(path)} is left from an interrupted run: resume it, or overwrite to start again",
+            partial=True,
+        )
+    if path.exists():
+        raise OutputExistsError(f"{path} exists: resume to add missing images, or overwrite to replace it")
+
+
 class ResultWriter:
     """Writes rows to ``path`` (format from the extension) through ``path.partial``.
 
@@ -215,17 +241,7 @@ class ResultWriter:
         self.k, self.include_logits = k, include_logits
         if self.fmt == "parquet":
             _import_pyarrow()
-        if resume and overwrite:
-            raise LeViTError("resume and overwrite contradict each other: choose one")
-        if not self.path.parent.is_dir():
-            raise LeViTError(f"{self.path}: folder {self.path.parent} does not exist")
-        if not resume and not overwrite:
-            if self.partial.exists():
-                raise OutputExistsError(
-                    f"{self.partial} is left from an interrupted run: resume it, or overwrite to start again"
-                )
-            if self.path.exists():
-                raise OutputExistsError(f"{self.path} exists: resume to add missing images, or overwrite to replace it")
+        check_destination(self.path, resume=resume, overwrite=overwrite)
         if overwrite:
             with contextlib.suppress(FileNotFoundError):
                 self.partial.unlink()

@@ -1,5 +1,5 @@
-"""Evaluating a model on an image folder (``levit eval``): class matching, the official preprocessing,
-one shard per process under torchrun."""
+"""Evaluating a model on an image folder (``levit eval``): class matching, the model's own
+preprocessing (:meth:`levit.data.preprocess.Preprocess.from_model`), one shard per process under torchrun."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.transforms import DEFAULT_CROP_PCT, eval_transform
+from ..data.preprocess import Preprocess
 from ..errors import LeViTError
 from .distributed import distributed
 from .engine import evaluate
@@ -23,15 +23,14 @@ def evaluate_folder(
     model: nn.Module,
     data: str | os.PathLike,
     *,
-    img_size: int,
-    crop_pct: float = DEFAULT_CROP_PCT,
+    preprocess: Preprocess | None = None,
     batch_size: int = 64,
     workers: int = 2,
     device: str = "auto",
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate ``model`` on an ImageFolder (one sub-folder per class) with the official preprocessing;
-    under torchrun every process takes a shard and the counts are reduced (the group is torn down
+    """Evaluate ``model`` on an ImageFolder (one sub-folder per class) with ``preprocess`` (default:
+    the model's own, :meth:`levit.data.preprocess.Preprocess.from_model`, as ``levit predict`` uses); under torchrun every process takes a shard and the counts are reduced (the group is torn down
     after). Class folders are matched to ``model.class_names`` by name when the model has them, else
     taken in sorted order. Returns :func:`evaluate`'s numbers plus ``rank`` (only rank 0 should print).
     ``progress`` shows a progress bar on stderr (rank 0)."""
@@ -52,9 +51,8 @@ def evaluate_folder(
                 "no class names to match them by (folders are taken in sorted order)"
             )
         class_to_idx = {c: i for i, c in enumerate(classes)}
-    dataset = SafeImageFolder(
-        data, transform=eval_transform(img_size, crop_pct), class_to_idx=class_to_idx, replace_bad=False
-    )
+    transform = (preprocess or Preprocess.from_model(model)).transform
+    dataset = SafeImageFolder(data, transform=transform, class_to_idx=class_to_idx, replace_bad=False)
     with distributed(device) as ctx:
         loader = torch.utils.data.DataLoader(
             dataset,

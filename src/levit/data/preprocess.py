@@ -1,0 +1,250 @@
+"""The one inference preprocessing: an image file (or its bytes) -> the model's (3, H, W) input.
+
+Every way an image reaches a model (``levit predict``, ``levit serve`` and its Ray replicas, ``levit
+eval``, ``levit predict --ray``, the export sidecars) builds :class:`Preprocess` with
+:meth:`Preprocess.from_model`, from the preprocessing the weights carry in ``model.pretrained_cfg``
+(input size, crop, interpolation, mean, std). So the same image gives the same tensor whichever way
+it comes in, and a value the user overrides is overridden the same way everywhere.
+
+Also here: :class:`ImageFiles` and :func:`collate`, the DataLoader side of the same decoding, where an
+unreadable file is an item carrying its reason instead of an exception.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import ImageError, LeViTError
+from ..models.config import DEFAULT_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, check_crop_pct
+from ..utils import first_line
+from .images import open_rgb
+from .transforms import eval_transform, resize_size
+
+__all__ = ["DEFAULT_MAX_PIXELS", "Batch", "ImageFiles", "Preprocess", "collate", "load_item"]
+
+# Pillow's own decompression-bomb threshold (PIL.Image.MAX_IMAGE_PIXELS, a 24-bit image of 256 MiB).
+# Larger images are refused with an ImageError instead of Pillow's warning.
+DEFAULT_MAX_PIXELS = 89_478_485
+
+
+def _quiet_bomb_warning() -> None:
+    """Silence Pillow's decompression-bomb warning (once, process-wide): :class:`Preprocess` applies
+    its own ``max_pixels`` limit and reports a refused image as one :class:`~levit.errors.ImageError` line."""
+    from PIL import Image
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def _size(path: object) -> int | None:
+    try:
+        return os.path.getsize(path)  # type: ignore[arg-type]
+    except (OSError, TypeError):
+        return None
+
+
+def _image_error(src: object, e: BaseException) -> ImageError:
+    """A one-line :class:`~levit.errors.ImageError` saying why ``src`` could not be decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    name = None if isinstance(src, (bytes, bytearray)) else src
+    if isinstance(e, FileNotFoundError):
+        reason = "no such file"
+    elif isinstance(e, IsADirectoryError):
+        reason = "is a folder, not an image file"
+    elif isinstance(e, PermissionError):
+        reason = "permission denied"
+    elif (len(src) if name is None else _size(src)) == 0:  # type: ignore[arg-type]
+        reason = "empty file (0 bytes)"
+    elif isinstance(e, Image.DecompressionBombError):
+        reason = f"image too large ({first_line(e, 160)})"
+    elif isinstance(e, UnidentifiedImageError):
+        reason = "not an image (Pillow cannot identify its format)"
+    elif isinstance(e, OSError) and "truncated" in str(e):
+        reason = "truncated image (the file ends before the picture does)"
+    else:
+        reason = f"cannot decode image ({type(e).__name__}: {first_line(e, 160)})"
+    return ImageError(reason, name)
+
+
+def _model_cfg(model: Any) -> tuple[Any, Mapping[str, Any]]:
+    """``(input size, pretrained_cfg)`` of a LeViT, its features wrapper or anything carrying both."""
+    cfg = getattr(model, "config", None)
+    size = getattr(cfg, "img_size", None) or getattr(model, "img_size", None)
+    if size is None:
+        raise LeViTError(f"cannot tell the input size of {type(model).__name__}: pass Preprocess(img_size=...)")
+    return size, getattr(model, "pretrained_cfg", None) or {}
+
+
+class Preprocess:
+    """Decode one image (a file path or its bytes) to the model's (3, H, W) float32 input.
+
+    Build it with :meth:`from_model`: the model's own preprocessing. The defaults of the constructor
+    are the authors' evaluation (resize the short side to ``img_size / crop_pct`` bicubic, centre crop,
+    ImageNet mean/std), exactly :func:`levit.data.transforms.eval_transform` on
+    :func:`levit.data.images.open_rgb` (16-bit images scaled to 8 bits).
+
+    ``fast_decode=True`` lets the decoder of a JPEG at least twice the resize target skip the pixels
+    the resize throws away (Pillow's DCT-domain ``draft``): much faster on large photos, with slightly
+    different pixels (docs/predict.md measures both), hence opt-in; smaller JPEGs and other formats
+    are unchanged. Images over ``max_pixels`` pixels (``None``: no limit) are refused before decoding.
+
+    Unreadable, truncated, empty, non-image and too-large inputs raise
+    :class:`~levit.errors.ImageError` (one line). Picklable, for DataLoader workers and Ray actors.
+    """
+
+    #: the settings that define a preprocessing (what :meth:`settings` returns and pickling keeps)
+    FIELDS = ("img_size", "crop_pct", "mean", "std", "interpolation", "crop_mode", "fast_decode", "max_pixels")
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        crop_pct: float = DEFAULT_CROP_PCT,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        interpolation: str = "bicubic",
+        crop_mode: str = "center",
+        fast_decode: bool = False,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        if isinstance(img_size, (tuple, list)):
+            img_size = (int(img_size[0]), int(img_size[1]))
+            img_size = img_size[0] if img_size[0] == img_size[1] else img_size
+        if max_pixels is not None and max_pixels < 1:
+            raise ValueError(f"max_pixels must be >= 1 or None, got {max_pixels}")
+        for name, v in (("mean", mean), ("std", std)):
+            if len(v) != 3:
+                raise ValueError(f"{name} must have 3 values (R, G, B), got {tuple(v)!r}")
+        if any(s <= 0 for s in std):
+            raise ValueError(f"std must be > 0, got {tuple(std)!r}")
+        self.img_size, self.crop_pct = img_size, check_crop_pct(crop_pct)
+        self.mean, self.std = tuple(map(float, mean)), tuple(map(float, std))
+        self.interpolation, self.crop_mode = str(interpolation), str(crop_mode)
+        self.fast_decode, self.max_pixels = bool(fast_decode), max_pixels
+        self.resize = resize_size(img_size, crop_pct)
+        self.transform = eval_transform(img_size, self.crop_pct, self.mean, self.std, self.interpolation, crop_mode)
+        _quiet_bomb_warning()
+
+    @classmethod
+    def from_model(cls, model: Any, **overrides: Any) -> Preprocess:
+        """The preprocessing ``model`` expects: its input size (``model.config.img_size``) and the
+        ``crop_pct``, ``crop_mode``, ``interpolation``, ``mean`` and ``std`` of its ``pretrained_cfg``
+        (a levit file's saved values, a converted checkpoint's, the authors' defaults otherwise).
+
+        ``overrides``: any of :attr:`FIELDS`; a value of ``None`` keeps the model's (so a command-line
+        flag left unset passes straight through).
+        """
+        unknown = set(overrides) - set(cls.FIELDS)
+        if unknown:
+            raise TypeError(f"unknown preprocessing setting(s) {sorted(unknown)}; known: {', '.join(cls.FIELDS)}")
+        size, cfg = _model_cfg(model)
+        kw: dict[str, Any] = {"img_size": size}
+        kw.update({k: cfg[k] for k in ("crop_pct", "crop_mode", "interpolation", "mean", "std") if k in cfg})
+        kw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**kw)
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        """The (H, W) of the tensors this returns."""
+        s = self.img_size
+        return (s, s) if isinstance(s, int) else s
+
+    def settings(self) -> dict[str, Any]:
+        """The settings as plain data (:attr:`FIELDS`): what :meth:`from_model` resolved, for sidecars and logs."""
+        return {k: getattr(self, k) for k in self.FIELDS}
+
+    def __repr__(self) -> str:
+        return "Preprocess(" + ", ".join(f"{k}={v!r}" for k, v in self.settings().items()) + ")"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Preprocess) and self.settings() == other.settings()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def decode(self, src: str | os.PathLike | bytes):
+        """The 8-bit RGB ``PIL.Image`` of ``src`` (JPEGs drafted when ``fast_decode``); raises
+        :class:`~levit.errors.ImageError`."""
+        try:
+            return open_rgb(
+                bytes(src) if isinstance(src, bytearray) else src,
+                draft=self.resize if self.fast_decode else None,
+                max_pixels=self.max_pixels,
+            )
+        except ImageError:
+            raise
+        except Exception as e:  # whatever Pillow raises for a bad file
+            raise _image_error(src, e) from None
+
+    def __call__(self, src: str | os.PathLike | bytes) -> Tensor:
+        """The (3, H, W) float32 input tensor of one image; raises :class:`~levit.errors.ImageError` if
+        it cannot be read."""
+        return self.transform(self.decode(src))
+
+    def __getstate__(self) -> dict:
+        return self.settings()
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+
+class _PathList:
+    """File names packed in one byte buffer + offsets: DataLoader workers read them without touching
+    Python objects, so their copy-on-write memory does not grow with the number of files (a list of
+    str would be copied page by page into every worker as its reference counts change)."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike]) -> None:
+        encoded = [os.fsencode(p) for p in paths]
+        self._offsets = np.cumsum([0] + [len(b) for b in encoded], dtype=np.int64)
+        self._buf = np.frombuffer(b"".join(encoded), dtype=np.uint8) if encoded else np.zeros(0, np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        return os.fsdecode(self._buf[self._offsets[i] : self._offsets[i + 1]].tobytes())
+
+
+def load_item(preprocess: Preprocess, path: str) -> tuple[str, Tensor | None, str | None]:
+    """``(path, tensor, None)`` for a readable image, ``(path, None, reason)`` for an unreadable one."""
+    try:
+        return path, preprocess(path), None
+    except ImageError as e:
+        return path, None, e.reason
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Image files as ``(path, tensor or None, error or None)``: a bad file is an item with its reason."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike], preprocess: Preprocess) -> None:
+        self.paths, self.preprocess = _PathList(paths), preprocess
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[str, Tensor | None, str | None]:
+        return load_item(self.preprocess, self.paths[i])
+
+
+class Batch(NamedTuple):
+    """Up to ``batch_size`` files in input order: ``x`` stacks the readable ones (``None`` if none),
+    ``ok`` their positions in ``paths``, ``errors`` maps the other positions to their reason."""
+
+    paths: list[str]
+    x: Tensor | None
+    ok: list[int]
+    errors: dict[int, str]
+
+
+def collate(items: list[tuple[str, Tensor | None, str | None]]) -> Batch:
+    """DataLoader ``collate_fn`` for :class:`ImageFiles` (stacked in shared memory inside a worker)."""
+    from torch.utils.data import default_collate
+
+    ok = [i for i, (_, x, _) in enumerate(items) if x is not None]
+    x = default_collate([items[i][1] for i in ok]) if ok else None
+    return Batch([p for p, _, _ in items], x, ok, {i: e for i, (_, _, e) in enumerate(items) if e is not None})
