@@ -50,7 +50,8 @@ from levit.models.testing import randomize_weights
 from levit.paper.speed import device_name, find_max_batch
 from levit.paper.timing import cuda_sync
 from levit.paper.timing import interleaved as timed_rounds
-from levit.runtime.deploy import build_runner, fidelity
+from levit.runtime.calibration import fidelity
+from levit.runtime.deploy import build_runner
 from levit.weights.format import to_timm_state_dict
 
 PAPER_VARIANTS = ("levit_128s", "levit_128", "levit_192", "levit_256", "levit_384")

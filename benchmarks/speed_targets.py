@@ -31,7 +31,8 @@ import torch
 import levit
 from levit.models.config import DEFAULT_CROP_PCT
 from levit.models.testing import randomize_weights as randomize
-from levit.runtime.deploy import build_runner, fidelity
+from levit.runtime.calibration import fidelity
+from levit.runtime.deploy import build_runner
 from levit.weights.convert import to_timm_state_dict
 
 

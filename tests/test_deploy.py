@@ -10,15 +10,8 @@ import torch
 from helpers import photos, tiny_model
 
 import levit
-from levit.runtime.deploy import (
-    DeployError,
-    DeployWarning,
-    Predictor,
-    check_backend,
-    fidelity,
-    resolve,
-    resolve_backend,
-)
+from levit.runtime.calibration import fidelity
+from levit.runtime.deploy import DeployError, DeployWarning, Predictor, check_backend, resolve
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +38,8 @@ def reference(model, images):
 # this small is rough (6/12 to 10/12 over other seeds); randomised weights have close top logits,
 # so even on LeViT-128S and real photos int8 agrees on 72% and bf16 on 85% (timm's bf16 export: 87%;
 # benchmarks/speed_targets.py). Without VNNI (oneDNN limited to AVX2) NNCF's overflow fix keeps
-# int8 OpenVINO at 10/12 and 0.35 here.
+# int8 OpenVINO at 10/12 and 0.35 here; ONNX Runtime's 7-bit weights keep onnxruntime within its
+# bounds on such a CPU (test_onnxruntime_int8_follows_the_saturation_probe), where 8-bit ones saturate.
 CASES = [
     ("eager", "fp32", 1e-5, 1.0),
     ("onnxruntime", "fp32", 1e-5, 1.0),
@@ -149,7 +143,9 @@ def test_missing_runtime_names_the_extra(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "openvino" else real(n, *a))
     with pytest.raises(DeployError, match=r"openvino.*pip install 'levit\[export\]'"):
         check_backend("openvino", "fp32")
-    assert resolve_backend("auto", "fp32") != "openvino"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeployWarning)
+        assert resolve("auto", "fp32")[0] != "openvino"
 
 
 def test_wrong_input_shape_is_a_clear_error(model):
@@ -160,6 +156,10 @@ def test_wrong_input_shape_is_a_clear_error(model):
 
 # ---- what the CPU can do: each probe forced both ways, so the suite passes on AVX2, AVX-512 and AMX
 deploy_mod = importlib.import_module("levit.runtime.deploy")  # the module (``levit.deploy`` is the function)
+cpu = importlib.import_module("levit.runtime.cpu")  # the probes: patched here, every backend sees it
+backend_torch = importlib.import_module("levit.runtime.backend_torch")
+ort_backend = importlib.import_module("levit.runtime.backend_onnxruntime")
+ov_backend = importlib.import_module("levit.runtime.backend_openvino")
 kernels = importlib.import_module("levit.models.kernels")  # the one bf16 probe deploy and the kernels ask
 HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
 
@@ -220,12 +220,12 @@ def test_openvino_does_not_pin_a_model_on_fewer_threads_than_cores(monkeypatch):
     serve's lanes, Ray actors) would share one core. Fewer threads than cores: no pinning."""
     import openvino as ov
 
-    monkeypatch.setattr(deploy_mod, "available_cpus", lambda: 4)
-    assert deploy_mod._ov_config("fp32", 1)["ENABLE_CPU_PINNING"] is False
-    assert "ENABLE_CPU_PINNING" not in deploy_mod._ov_config("fp32", 4)  # all the cores: OpenVINO's default
-    assert "ENABLE_CPU_PINNING" not in deploy_mod._ov_config("fp32", None)
+    monkeypatch.setattr(ov_backend, "available_cpus", lambda: 4)
+    assert ov_backend.openvino_config("fp32", 1)["ENABLE_CPU_PINNING"] is False
+    assert "ENABLE_CPU_PINNING" not in ov_backend.openvino_config("fp32", 4)  # all the cores: OpenVINO's default
+    assert "ENABLE_CPU_PINNING" not in ov_backend.openvino_config("fp32", None)
     net = ov.convert_model(torch.nn.Linear(8, 4).eval(), example_input=torch.randn(2, 8))
-    compiled = ov.Core().compile_model(net, "CPU", deploy_mod._ov_config("fp32", 1))
+    compiled = ov.Core().compile_model(net, "CPU", ov_backend.openvino_config("fp32", 1))
     assert compiled.get_property("ENABLE_CPU_PINNING") is False
 
 
@@ -235,10 +235,10 @@ def test_openvino_int8_unquantized_layers_follow_the_bf16_probe(bf16_ok):
     import openvino as ov
 
     with kernels.forced(cpu_bf16=bf16_ok):
-        config = deploy_mod._ov_config("int8", 1)
+        config = ov_backend.openvino_config("int8", 1)
     assert config["INFERENCE_PRECISION_HINT"] == ("bf16" if bf16_ok else "f32")
     assert config["INFERENCE_NUM_THREADS"] == 1
-    assert deploy_mod._ov_config("fp32", None)["INFERENCE_PRECISION_HINT"] == "f32"  # asked-for precisions win
+    assert ov_backend.openvino_config("fp32", None)["INFERENCE_PRECISION_HINT"] == "f32"  # asked-for precisions win
     if not bf16_ok:  # OpenVINO takes the option and runs f32 on any CPU
         net = ov.convert_model(torch.nn.Linear(8, 4).eval(), example_input=torch.randn(2, 8))
         compiled = ov.Core().compile_model(net, "CPU", config)
@@ -249,15 +249,15 @@ def test_openvino_int8_unquantized_layers_follow_the_bf16_probe(bf16_ok):
 def test_int8_overflow_fix_follows_the_probe(monkeypatch):
     from nncf.quantization.advanced_parameters import OverflowFix
 
-    monkeypatch.setattr(deploy_mod, "cpu_int8_fast", lambda: False)
-    assert deploy_mod._overflow_fix() is OverflowFix.ENABLE  # 7-bit weights: no 16-bit saturation without VNNI
-    monkeypatch.setattr(deploy_mod, "cpu_int8_fast", lambda: True)
-    assert deploy_mod._overflow_fix() is None
+    monkeypatch.setattr(cpu, "cpu_int8_fast", lambda: False)
+    assert ov_backend.overflow_fix() is OverflowFix.ENABLE  # 7-bit weights: no 16-bit saturation without VNNI
+    monkeypatch.setattr(cpu, "cpu_int8_fast", lambda: True)
+    assert ov_backend.overflow_fix() is None
 
 
 @pytest.mark.parametrize("fast", [False, True])
 def test_int8_follows_vnni(monkeypatch, fast):
-    monkeypatch.setattr(deploy_mod, "cpu_int8_fast", lambda: fast)
+    monkeypatch.setattr(cpu, "cpu_int8_fast", lambda: fast)
     if fast:
         with warnings.catch_warnings():
             warnings.simplefilter("error", DeployWarning)
@@ -269,6 +269,69 @@ def test_int8_follows_vnni(monkeypatch, fast):
         assert resolve("onnxruntime", "int8") == ("onnxruntime", "int8")
 
 
+def _weight_range(onnx_model: bytes) -> tuple[int, int]:
+    """The smallest and largest int8 value of the quantized weights of every MatMul and Conv."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load_from_string(onnx_model).graph
+    consumers = {i: n.op_type for n in graph.node for i in n.input}
+    dequant_out = {n.input[0]: consumers.get(n.output[0]) for n in graph.node if n.op_type == "DequantizeLinear"}
+    ws = [
+        numpy_helper.to_array(t)
+        for t in graph.initializer
+        if t.data_type == onnx.TensorProto.INT8 and dequant_out.get(t.name) in ("MatMul", "Conv")
+    ]
+    assert ws, "no int8 weights in the quantized graph"
+    return min(int(w.min()) for w in ws), max(int(w.max()) for w in ws)
+
+
+@pytest.mark.parametrize("saturates", [False, True], ids=["vnni", "no-vnni"])
+def test_onnxruntime_int8_follows_the_saturation_probe(monkeypatch, model, images, reference, saturates):
+    """Without VNNI, ONNX Runtime's u8 x s8 kernels add product pairs in 16 bits (255 x 127 x 2 does not
+    fit): there the weights are quantized to 7 bits (255 x 64 x 2 fits), elsewhere to all 8. Each side
+    forced, its quantized graph inspected, and within the onnxruntime int8 bounds of CASES (8-bit
+    weights only where this CPU's kernels really cannot saturate)."""
+    here_saturates = cpu.u8s8_saturates()
+    monkeypatch.setattr(cpu, "u8s8_saturates", lambda: saturates)
+    assert ort_backend.quantization_options()["reduce_range"] is saturates
+    made = []
+    real = ort_backend.quantize_int8
+    monkeypatch.setattr(ort_backend, "quantize_int8", lambda *a: made.append(real(*a)) or made[-1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeployWarning)
+        pred = levit.deploy(model, backend="onnxruntime", precision="int8", batch_size=5, threads=1, calibration=images)
+    assert len(made) == 1
+    lo, hi = _weight_range(made[0])
+    if saturates:
+        assert lo >= -64 and hi <= 64, (lo, hi)
+    else:
+        assert max(-lo, hi) == 127, (lo, hi)  # per-channel symmetric: each channel's largest weight is +-127
+    if here_saturates and not saturates:
+        return  # 8-bit weights on a CPU without VNNI: the saturation this test shows the remedy for
+    max_err, min_agree = next(c[2:] for c in CASES if c[:2] == ("onnxruntime", "int8"))
+    f = fidelity(pred(images), reference)
+    assert f["max_rel_error"] <= max_err and f["top1_agreement"] >= min_agree, f
+
+
+def test_u8s8_saturation_probe_reads_flags_with_a_fallback(monkeypatch):
+    """x86 without VNNI/AMX saturates; with any of them, or on ARM, it does not. ONNX Runtime reads the
+    CPU itself, so oneDNN's ISA limit does not count."""
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: {"sse2", "avx2", "fma"})
+    assert cpu.u8s8_saturates()
+    for flag in ("avx512_vnni", "avx_vnni", "amx_int8"):
+        monkeypatch.setattr(cpu, "cpu_flags", lambda f=flag: {"sse2", "avx2", f})
+        assert not cpu.u8s8_saturates(), flag
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: {"fp", "asimd", "asimddp"})  # ARM's Features line
+    assert not cpu.u8s8_saturates()
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: None)  # /proc/cpuinfo unreadable
+    for machine, cap, saturates in (("x86_64", "AVX2", True), ("AMD64", "AMX", False), ("aarch64", "DEFAULT", False)):
+        monkeypatch.setattr(cpu.platform, "machine", lambda m=machine: m)
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=cap: c)
+        assert cpu.u8s8_saturates() is saturates, machine
+
+
 def _no_isa_limit(monkeypatch) -> None:
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
@@ -276,27 +339,27 @@ def _no_isa_limit(monkeypatch) -> None:
 
 def test_cpu_int8_probe_reads_flags_with_a_fallback(monkeypatch):
     _no_isa_limit(monkeypatch)
-    monkeypatch.setattr(deploy_mod, "cpu_flags", lambda: {"avx2", "fma"})
-    assert not deploy_mod.cpu_int8_fast()
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: {"avx2", "fma"})
+    assert not cpu.cpu_int8_fast()
     for flag in ("avx512_vnni", "avx_vnni", "amx_int8"):
-        monkeypatch.setattr(deploy_mod, "cpu_flags", lambda f=flag: {"avx2", f})
-        assert deploy_mod.cpu_int8_fast()
-    monkeypatch.setattr(deploy_mod, "cpu_flags", lambda: None)  # /proc/cpuinfo unreadable
+        monkeypatch.setattr(cpu, "cpu_flags", lambda f=flag: {"avx2", f})
+        assert cpu.cpu_int8_fast()
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: None)  # /proc/cpuinfo unreadable
     for cap, fast in (("AVX2", False), ("AVX512", True), ("DEFAULT", False)):
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=cap: c)
-        assert deploy_mod.cpu_int8_fast() == fast
+        assert cpu.cpu_int8_fast() == fast
 
 
 def test_int8_probe_obeys_onednn_isa_limit(monkeypatch):
-    monkeypatch.setattr(deploy_mod, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_vnni"})
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_vnni"})
     _no_isa_limit(monkeypatch)
-    assert deploy_mod.cpu_int8_fast()
+    assert cpu.cpu_int8_fast()
     for limit, fast in (("avx2", False), ("AVX512_CORE", False), ("AVX512_CORE_VNNI", True), ("ALL", True)):
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", limit)
-        assert deploy_mod.cpu_int8_fast() is fast, limit
-    monkeypatch.setattr(deploy_mod, "cpu_flags", lambda: {"avx2", "fma"})
+        assert cpu.cpu_int8_fast() is fast, limit
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: {"avx2", "fma"})
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "ALL")
-    assert not deploy_mod.cpu_int8_fast()
+    assert not cpu.cpu_int8_fast()
 
 
 # ---- CUDA graphs, structurally (a fake graph stands in for torch.cuda.CUDAGraph) ---------------
@@ -315,8 +378,8 @@ def fake_graphs(monkeypatch):
 
         return static_out, replay
 
-    monkeypatch.setattr(deploy_mod, "_capture", capture)
-    monkeypatch.setattr(deploy_mod, "graphs_available", lambda device: True)
+    monkeypatch.setattr(backend_torch, "capture_cuda_graph", capture)
+    monkeypatch.setattr(backend_torch, "graphs_available", lambda device: True)
     monkeypatch.setattr(deploy_mod, "_GPU_ONLY", ())  # let the CPU stand in for the GPU
     return captures
 
@@ -346,7 +409,7 @@ def test_cudagraph_needs_a_gpu(model):
 
 
 def test_auto_on_a_gpu_picks_graphs_for_small_batches_inductor_for_large(monkeypatch):
-    monkeypatch.setattr(deploy_mod, "graphs_available", lambda device: True)
+    monkeypatch.setattr(backend_torch, "graphs_available", lambda device: True)
     for precision in ("fp32", "fp16", "bf16"):
         assert resolve("auto", precision, "cuda", 1) == ("cudagraph", precision)
         assert resolve("auto", precision, "cuda", 1024) == ("inductor", precision)
@@ -355,7 +418,7 @@ def test_auto_on_a_gpu_picks_graphs_for_small_batches_inductor_for_large(monkeyp
     monkeypatch.setitem(deploy_mod._AUTO_GPU_GRAPH_MAX_BATCH, "bf16", 128)  # the table is per precision
     assert resolve("auto", "bf16", "cuda", 128) == ("cudagraph", "bf16")
     assert resolve("auto", "fp16", "cuda", 128) == ("inductor", "fp16")
-    monkeypatch.setattr(deploy_mod, "graphs_available", lambda device: False)
+    monkeypatch.setattr(backend_torch, "graphs_available", lambda device: False)
     assert resolve("auto", "fp16", "cuda", 1) == ("inductor", "fp16")
     with pytest.raises(DeployError, match="CPU only"):
         resolve("openvino", "fp32", "cuda")

@@ -186,7 +186,7 @@ def runtime_options(
     precision_help: str,
     backend_help: str = "runtime",
 ) -> None:
-    """--backend / --precision, choices from :mod:`levit.deploy`."""
+    """--backend / --precision, choices from :mod:`levit.runtime.deploy`."""
     from levit.runtime.options import BACKENDS, PRECISIONS
 
     p.add_argument(

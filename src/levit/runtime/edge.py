@@ -259,9 +259,10 @@ def export_executorch(
     if precision == "int8":
         if calibration is None:
             raise ExportError("int8 needs calibration images (calibration=... / --calibration)")
-        from .deploy import load_calibration
+        from ..data.preprocess import Preprocess
+        from .calibration import load_calibration
 
-        calib = load_calibration(calibration, cfg.img_size)
+        calib = load_calibration(calibration, Preprocess.from_model(fused))
         if tuple(calib.shape[-2:]) != cfg.img_hw:
             h, w = cfg.img_hw
             raise ExportError(f"calibration images are {calib.shape[-2]}x{calib.shape[-1]}, the model takes {h}x{w}")
@@ -335,7 +336,7 @@ def _check_fp32(
 def _check_int8(fused: nn.Module, program: Program, calib: Tensor, min_agreement: float, path: Path) -> dict:
     """Top-1 agreement and max relative logit error against fp32 PyTorch on the calibration images,
     as :func:`levit.deploy.fidelity` measures them for ``levit deploy``'s int8."""
-    from .deploy import fidelity
+    from .calibration import fidelity
 
     with torch.inference_mode():
         ref = torch.cat([fused(c) for c in calib.split(16)])

@@ -1,0 +1,92 @@
+"""The ``onnxruntime`` backend of :func:`levit.deploy`: the fused model as ONNX, all graph
+optimisations on, fp32 or int8 (static QDQ quantization calibrated on the user's images)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from . import cpu
+
+__all__ = ["onnx_bytes", "onnxruntime_runner", "quantization_options", "quantize_int8"]
+
+
+def onnx_bytes(module: nn.Module, example: Tensor) -> bytes:
+    """``module`` (an fp32 inference module) as ONNX bytes, by the package's one ONNX export
+    (:func:`levit.runtime.export.write_onnx`), batch axis dynamic."""
+    from .export import write_onnx
+
+    buf = io.BytesIO()
+    write_onnx(module.float().eval(), example.float(), buf, opset=17)
+    return buf.getvalue()
+
+
+def quantization_options() -> dict[str, object]:
+    """The keyword arguments of ONNX Runtime's ``quantize_static`` for this CPU.
+
+    QDQ, weights per output channel, u8 activations and s8 weights (U8S8, the format ONNX Runtime's
+    quantization guide recommends for CPUs). Where those kernels can saturate (:func:`levit.runtime.cpu.u8s8_saturates`:
+    x86 without VNNI), the weights are quantized to 7 bits (``reduce_range``): a u8 x s7 pair sum
+    then always fits the 16 bits it is added in, and the same fast kernels run. Elsewhere the weights
+    keep all 8 bits.
+    """
+    from onnxruntime.quantization import QuantFormat, QuantType
+
+    return {
+        "quant_format": QuantFormat.QDQ,
+        "per_channel": True,
+        "activation_type": QuantType.QUInt8,
+        "weight_type": QuantType.QInt8,
+        "reduce_range": cpu.u8s8_saturates(),
+    }
+
+
+def quantize_int8(onnx_model: bytes, calib: Tensor) -> bytes:
+    """The int8 QDQ model of ``onnx_model`` (bytes), calibrated on ``calib`` (N, 3, H, W), with
+    :func:`quantization_options`."""
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter([{"images": c.numpy()} for c in calib.float().split(8)])
+
+        def get_next(self) -> dict | None:
+            return next(self.it, None)
+
+    with tempfile.TemporaryDirectory() as d:
+        src, dst = Path(d, "fp32.onnx"), Path(d, "int8.onnx")
+        src.write_bytes(onnx_model)
+        with contextlib.redirect_stdout(io.StringIO()):  # progress output would corrupt --json output
+            quantize_static(str(src), str(dst), Reader(), **quantization_options())
+        return dst.read_bytes()
+
+
+def onnxruntime_runner(
+    module: nn.Module, precision: str, threads: int | None, example: Tensor, calib: Tensor | None
+) -> Callable[[Tensor], Tensor]:
+    """An ONNX Runtime CPU session of ``module`` at ``precision`` (``fp32``, or ``int8`` calibrated on
+    ``calib``), on ``threads`` intra-op threads (``None``: ONNX Runtime's default)."""
+    import onnxruntime as ort
+
+    onnx_model = onnx_bytes(module, example)
+    if precision == "int8":
+        onnx_model = quantize_int8(onnx_model, calib)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.inter_op_num_threads = 1
+    if threads:
+        so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(onnx_model, so, providers=["CPUExecutionProvider"])
+
+    def run(x: Tensor) -> Tensor:
+        out = sess.run(None, {"images": x.detach().float().cpu().contiguous().numpy()})[0]
+        return torch.from_numpy(out)
+
+    return run
