@@ -95,6 +95,57 @@ def test_find_max_batch_stops_at_oom():
         find_max_batch(lambda b: (_ for _ in ()).throw(RuntimeError("boom")))
 
 
+def test_a_speed_run_resolves_the_papers_defaults_and_refuses_what_cannot_run():
+    """What ``levit bench`` asks for, completed by the library: the paper's CPU protocol unless a flag
+    says otherwise, and a one-line refusal (naming the flag) for what cannot run."""
+    from levit.paper.speed import DEFAULT_MODELS, QUICK_MODELS, SpeedRun
+
+    r = SpeedRun().resolved()
+    assert r.models == DEFAULT_MODELS and (r.backend, r.precision, r.batch_sizes, r.threads) == (
+        "eager",
+        "fp32",
+        (16,),
+        1,
+    )
+    assert (r.warmup_s, r.windows, r.window_s) == (5.0, 5, 3.0) and r.resolved() == r
+    q = SpeedRun(quick=True, warmup_s=0.0).resolved()
+    assert q.models == QUICK_MODELS and (q.warmup_s, q.windows, q.window_s) == (0.0, 3, 1.0)  # a given 0 wins
+    p = SpeedRun(models=("levit_tiny",), batch_sizes=(1, 2), img_size=64, threads=2).protocol()
+    assert (p.backend, p.precision, p.device, p.img_size, p.threads, p.batch_size) == (
+        "eager",
+        "fp32",
+        "cpu",
+        64,
+        2,
+        None,
+    )
+    for bad, words in (
+        ({"models": ()}, "--models: no model named"),
+        ({"models": ("levit_tiny", "resnet_9000")}, "--models: unknown resnet_9000"),
+        ({"backend": "openvino", "precision": "int8"}, "--precision int8 needs calibration"),
+        ({"backend": "cudagraph"}, "--backend cudagraph needs a GPU"),
+    ):
+        with pytest.raises(LeViTError, match=words):
+            SpeedRun(**bad).resolved()
+    if torch.cuda.is_available():
+        gpu = SpeedRun(device="cuda").resolved()
+        assert (gpu.backend, gpu.precision, gpu.batch_sizes, gpu.threads) == ("auto", "fp16", None, None)
+    else:
+        with pytest.raises(LeViTError, match="--device cuda: no CUDA GPU"):
+            SpeedRun(device="cuda").resolved()
+
+
+def test_run_speed_table_times_every_model_at_every_batch_by_the_runs_protocol():
+    from levit.paper.speed import SpeedRun, run_speed_table
+
+    run = SpeedRun(models=("levit_tiny",), batch_sizes=(1, 2), img_size=64, warmup_s=0, windows=1, window_s=0)
+    rows = run_speed_table(run)
+    assert [(r["model"], r["batch"], r["img_size"], r["backend"], r["threads"]) for r in rows] == [
+        ("levit_tiny", 1, 64, "eager", 1),
+        ("levit_tiny", 2, 64, "eager", 1),
+    ]
+
+
 # ---- several batch sizes in one run, and the levit/timm summary per batch ------------------------
 def test_parse_batch_sizes():
     from levit.paper.speed import parse_batch_sizes

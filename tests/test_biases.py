@@ -83,3 +83,15 @@ def test_library_function_shapes():
     tables = attention_biases(model)
     assert len(tables) == sum(cfg.depth) + cfg.num_stages - 1
     assert tables["stage2.block0"].shape == (cfg.num_heads[2], 1, 1)
+
+
+def test_draw_biases_writes_the_picture_and_the_arrays_beside_it(tmp_path):
+    from levit.paper.attention_biases import draw_biases
+
+    model, _, pattern = _known(tmp_path)
+    png, npz, layers = draw_biases(model, tmp_path / "pics" / "b.png")
+    assert png == tmp_path / "pics" / "b.png" and npz == tmp_path / "pics" / "b.npz"
+    assert layers == len(attention_biases(model)) == len(np.load(npz).files)
+    np.testing.assert_array_equal(np.load(npz)["stage0.block0"][1], pattern)
+    with Image.open(png) as im:
+        assert im.format == "PNG"

@@ -70,7 +70,7 @@ COMMANDS: dict[str, Command] = {
     ),
     "bench": Command(
         "measure images/s (the paper's Table 3 protocol) for LeViT, EfficientNet and DeiT on this machine",
-        "  levit bench --quick                              # ~1.5 min: one line per family, 1 thread, batch 16\n"
+        "  levit bench --quick                              # a few models per family, 1 thread, batch 16\n"
         "  levit bench --plot speed.png --output speed.csv  # the whole Table 3 + Figure 1\n"
         "  levit bench --models levit_128s,timm_levit_128s --backend openvino --precision bf16\n"
         "  levit bench --device cuda                        # fp16, largest power-of-two batch\n"
@@ -114,7 +114,7 @@ COMMANDS: dict[str, Command] = {
     ),
     "ablate": Command(
         "train LeViT-128S and the paper's Table 5 ablations A1-A7 at a short schedule; table + bar chart",
-        "  levit ablate                                        # the bundled digits, 32px, 10 epochs, 2-CPU minutes\n"
+        "  levit ablate                                        # base + A1-A7 on the bundled digits, 32px, 10 epochs\n"
         "  levit ablate --resume auto                          # continue an interrupted sweep\n"
         "  levit ablate --variants base,A3,A5 --epochs 3\n"
         "  levit ablate --data ~/imagenet100 --img-size 224 --epochs 100 --output runs/ablate-in100 \\\n"

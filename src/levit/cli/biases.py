@@ -17,19 +17,13 @@ def args_biases(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_biases(args: argparse.Namespace) -> int:
-    from levit.paper.attention_biases import attention_biases, plot_biases, save_biases
+    from levit.paper.attention_biases import draw_biases
 
     if args.output.suffix.lower() != ".png":
         raise UsageError(f"--output: expected a .png file, got {args.output.name!r}")
     check_output(args.output)
     check_output(args.output.with_suffix(".npz"))
-    kwargs = {"img_size": args.img_size} if args.img_size else {}
-    model = load_model(args, **kwargs)
-    tables = attention_biases(model)
-    npz = save_biases(tables, args.output.with_suffix(".npz"))
-    cfg = model.config
-    label = cfg.name + (f" ({cfg.ablation})" if cfg.ablation else "")
-    size = "x".join(map(str, cfg.img_hw)) if cfg.img_hw[0] != cfg.img_hw[1] else f"{cfg.img_hw[0]}px"
-    plot_biases(tables, args.output, title=f"{label} attention biases at {size}")
-    print(f"written: {args.output} and {npz} ({len(tables)} attention layers)")
+    model = load_model(args, **({"img_size": args.img_size} if args.img_size else {}))
+    png, npz, layers = draw_biases(model, args.output)
+    print(f"written: {png} and {npz} ({layers} attention layers)")
     return 0

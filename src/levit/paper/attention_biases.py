@@ -24,7 +24,7 @@ from torch import nn
 from ..errors import LeViTError
 from ..utils import atomic_path, save_figure
 
-__all__ = ["attention_biases", "plot_biases", "save_biases"]
+__all__ = ["attention_biases", "draw_biases", "plot_biases", "save_biases"]
 
 
 def _table(module: nn.Module) -> torch.Tensor | None:
@@ -118,3 +118,17 @@ def plot_biases(tables: dict[str, np.ndarray], path: str | os.PathLike, title: s
     fig.suptitle((title or "attention biases") + "\neach head over offsets (dy, dx); red +, blue -", fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path, format="png", dpi=80)
+
+
+def draw_biases(model: nn.Module, path: str | os.PathLike) -> tuple[Path, Path, int]:
+    """The model's attention biases drawn to ``path`` (a PNG titled with the variant, its ablation and
+    the input size) and saved as arrays beside it (the same name, ``.npz``): ``levit biases`` in one
+    call. Returns (png, npz, number of attention layers); nothing is written for a model without biases."""
+    path = Path(path)
+    tables = attention_biases(model)
+    cfg = model.config
+    label = cfg.name + (f" ({cfg.ablation})" if cfg.ablation else "")
+    h, w = cfg.img_hw
+    size = f"{h}x{w}" if h != w else f"{h}px"
+    npz = save_biases(tables, path.with_suffix(".npz"))
+    return plot_biases(tables, path, title=f"{label} attention biases at {size}"), npz, len(tables)

@@ -11,6 +11,9 @@ windows. Competitors are timm models built with
 
 >>> rows = benchmark(["levit_128s", "timm_levit_128s"], threads=1, batch_size=16)
 >>> print(format_table(rows))
+
+``levit bench`` asks for a :class:`SpeedRun` (the flags as given), which :meth:`SpeedRun.resolved`
+completes with the protocol's defaults for the device, and runs it with :func:`run_speed_table`.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ import os
 import platform
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,14 +40,18 @@ __all__ = [
     "BENCH_MODELS",
     "QUICK_MODELS",
     "BenchModel",
+    "SpeedProtocol",
+    "SpeedRun",
     "benchmark",
     "benchmark_one",
     "device_name",
     "find_max_batch",
+    "format_bench_models",
     "format_table",
     "list_bench_models",
     "parse_batch_sizes",
     "plot_rows",
+    "run_speed_table",
     "speedup_summary",
     "write_rows",
 ]
@@ -96,7 +104,8 @@ DEFAULT_MODELS: tuple[str, ...] = (
     "deit_tiny",
     "deit_small",
 )
-# `levit bench --quick`: one line per family in under 2 minutes on 2 cores
+# `levit bench --quick`: a few models of each family, so that a first comparison is a short run on a small
+# machine (how long it takes here is in docs/speed.md, beside the command)
 QUICK_MODELS: tuple[str, ...] = (
     "levit_128s",
     "levit_192",
@@ -112,6 +121,14 @@ QUICK_MODELS: tuple[str, ...] = (
 def list_bench_models() -> list[str]:
     """Names :func:`benchmark` accepts."""
     return list(BENCH_MODELS)
+
+
+def format_bench_models() -> str:
+    """One line per model :func:`benchmark` knows: name, family, native resolution, the paper's top-1."""
+    return "\n".join(
+        f"{name:<26} {e.family:<30} {e.img_size}px  top-1 {e.top1 if e.top1 else '-'}"
+        for name, e in BENCH_MODELS.items()
+    )
 
 
 def device_name(device: str | torch.device = "cpu") -> str:
@@ -223,55 +240,50 @@ def find_max_batch(try_batch: Callable[[int], object], start: int = 1, limit: in
     return best
 
 
-def benchmark_one(
-    name: str,
-    *,
-    backend: str = "eager",
-    precision: str | None = None,
-    device: str | torch.device = "cpu",
-    batch_size: int | None = None,
-    threads: int | None = 1,
-    img_size: int | None = None,
-    warmup_s: float = 5.0,
-    windows: int = 5,
-    window_s: float = 3.0,
-    backend_for_competitors: bool = True,
-) -> dict:
+@dataclass(frozen=True)
+class SpeedProtocol:
+    """How :func:`benchmark_one` times a model. The defaults are the paper's CPU protocol (fp32, batch
+    16, one thread); on a GPU the precision defaults to fp16 and the batch to the largest power of two
+    that fits."""
+
+    backend: str = "eager"  # this library's LeViT (fused first); timm's models too when backend_for_competitors
+    precision: str | None = None  # None: fp32 on CPU, fp16 on GPU
+    device: str = "cpu"
+    batch_size: int | None = None  # None: 16 on CPU, the largest fitting power of two on GPU
+    threads: int | None = 1  # CPU threads (ignored on a GPU)
+    img_size: int | None = None  # None: each model's native resolution
+    warmup_s: float = 5.0
+    windows: int = 5
+    window_s: float = 3.0
+    backend_for_competitors: bool = True  # else timm's models run eager
+
+
+def benchmark_one(name: str, protocol: SpeedProtocol | None = None, **settings: Any) -> dict:
     """Time one model (a name from :func:`list_bench_models`) and return its row.
 
-    ``backend``/``precision`` apply to this library's LeViT (fused first); timm models run on the
-    same backend when ``backend_for_competitors`` (else eager). Defaults follow the paper: CPU fp32,
-    batch 16; GPU fp16 with the largest power-of-two batch that fits.
+    ``settings`` are :class:`SpeedProtocol` fields that override ``protocol`` (or its defaults), so
+    ``benchmark_one("levit_128s", batch_size=1)`` reads as the protocol with one change.
     """
+    p = replace(protocol or SpeedProtocol(), **settings)
     if name not in BENCH_MODELS:
         raise LeViTError(f"unknown benchmark model {name!r}; valid: {', '.join(BENCH_MODELS)}")
     entry = BENCH_MODELS[name]
-    device = torch.device(device)
+    device = torch.device(p.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LeViTError("--device cuda: no CUDA GPU is available")
-    precision = precision or ("fp16" if device.type == "cuda" else "fp32")
-    be = backend if (entry.implementation == "levit" or backend_for_competitors) else "eager"
+    precision = p.precision or ("fp16" if device.type == "cuda" else "fp32")
+    be = p.backend if (entry.implementation == "levit" or p.backend_for_competitors) else "eager"
     if be == "auto" and device.type != "cpu" and entry.implementation != "levit":
         be = "eager"  # on a GPU the peers run in their best eager form (fp16/bf16 weights, no compiler)
-    with num_threads(threads if device.type == "cpu" else None):
-        return _measure(entry, name, be, precision, device, batch_size, threads, img_size, warmup_s, windows, window_s)
+    with num_threads(p.threads if device.type == "cpu" else None):
+        return _measure(entry, name, replace(p, backend=be, precision=precision), device)
 
 
-def _measure(
-    entry: BenchModel,
-    name: str,
-    be: str,
-    precision: str,
-    device: torch.device,
-    batch_size: int | None,
-    threads: int | None,
-    img_size: int | None,
-    warmup_s: float,
-    windows: int,
-    window_s: float,
-) -> dict:
+def _measure(entry: BenchModel, name: str, p: SpeedProtocol, device: torch.device) -> dict:
     from ..runtime.deploy import build_runner, resolve
 
+    be, precision, batch_size, img_size = p.backend, p.precision, p.batch_size, p.img_size
+    threads = p.threads
     peak_ok = device.type == "cpu" and _reset_peak_rss()
     rss0 = _rss_kb("VmRSS")
     if device.type == "cuda":
@@ -297,7 +309,7 @@ def _measure(
             batch_size = 16
     be, precision = resolve(be, precision, device, batch_size)  # auto: this batch's fastest path
     runner = make_runner(batch_size, be)
-    per_call = _timed_windows(runner, device, warmup_s, windows, window_s)
+    per_call = _timed_windows(runner, device, p.warmup_s, p.windows, p.window_s)
     rates = [batch_size / t for t in per_call]
     if device.type == "cuda":
         peak_mb = (torch.cuda.max_memory_allocated(device) - base_gpu) / 2**20
@@ -349,12 +361,14 @@ def parse_batch_sizes(text: str) -> list[int]:
 
 def benchmark(
     models: Sequence[str] = DEFAULT_MODELS,
+    protocol: SpeedProtocol | None = None,
     *,
     batch_size: int | Sequence[int] | None = None,
     progress: Callable[[int, int, str, dict | None], None] | None = None,
-    **kwargs: object,
+    **settings: Any,
 ) -> list[dict]:
-    """Rows of :func:`benchmark_one` for each name in ``models`` (same keyword arguments).
+    """Rows of :func:`benchmark_one` for each name in ``models``, timed by ``protocol`` with
+    ``settings`` (its fields) changed.
 
     ``batch_size`` may be a list: every model is timed at each batch (batch-major order, so the
     models compared at one batch run one after the other). ``progress(i, n, name, row)`` is called
@@ -366,23 +380,116 @@ def benchmark(
     batches: list[int | None] = list(batch_size) if isinstance(batch_size, Sequence) else [batch_size]
     if not batches:
         raise LeViTError("batch_size: give at least one batch size")
+    protocol = replace(protocol or SpeedProtocol(), **settings)
     jobs = [(name, b) for b in batches for name in models]
     rows = []
     for i, (name, b) in enumerate(jobs):
         if progress:
             progress(i, len(jobs), name, None)
-        row = benchmark_one(name, batch_size=b, **kwargs)  # type: ignore[arg-type]
+        row = benchmark_one(name, protocol, batch_size=b)
         rows.append(row)
         if progress:
             progress(i, len(jobs), name, row)
     return rows
 
 
+@dataclass(frozen=True)
+class SpeedRun:
+    """One ``levit bench`` run as asked for, ``None`` meaning "the default"; :meth:`resolved` fills in
+    the defaults of the paper's protocol for the device and refuses what cannot run."""
+
+    models: tuple[str, ...] | None = None  # None: all of Table 3, or QUICK_MODELS with ``quick``
+    quick: bool = False  # fewer models, a shorter warm-up and shorter windows
+    device: str = "cpu"
+    backend: str | None = None  # None: eager on CPU (the paper's protocol); on GPU auto for levit, timm eager
+    precision: str | None = None  # None: fp32 on CPU, fp16 on GPU
+    batch_sizes: tuple[int, ...] | None = None  # None: 16 on CPU, the largest fitting power of two on GPU
+    threads: int | None = 1  # CPU threads
+    img_size: int | None = None  # None: each model's native resolution
+    warmup_s: float | None = None  # None: 5 s (quick: 1 s)
+    windows: int | None = None  # None: 5 (quick: 3)
+    window_s: float | None = None  # None: 3 s (quick: 1 s)
+
+    def resolved(self) -> SpeedRun:
+        """Every default filled in; raises :class:`~levit.errors.LeViTError` naming the flag at fault
+        for an unknown model, a missing GPU, or a backend/precision/device that cannot run together
+        (int8 needs calibration images, which a speed table does not take)."""
+        from ..runtime.deploy import check_backend
+
+        models = self.models if self.models is not None else (QUICK_MODELS if self.quick else DEFAULT_MODELS)
+        if not models:
+            raise LeViTError("--models: no model named; give comma-separated names (see `levit bench --list`)")
+        unknown = [m for m in models if m not in BENCH_MODELS]
+        if unknown:
+            raise LeViTError(f"--models: unknown {', '.join(unknown)}; see `levit bench --list`")
+        gpu = self.device == "cuda"
+        if gpu and not torch.cuda.is_available():
+            raise LeViTError("--device cuda: no CUDA GPU is available here")
+        precision = self.precision or ("fp16" if gpu else "fp32")
+        backend = self.backend or ("auto" if gpu else "eager")
+        try:
+            check_backend(backend, precision)
+        except ValueError as e:
+            raise LeViTError(f"--backend/--precision: {e}") from e
+        if precision == "int8":
+            raise LeViTError("--precision int8 needs calibration images: use `levit predict` or levit.deploy()")
+        if not gpu and backend == "cudagraph":
+            raise LeViTError("--backend cudagraph needs a GPU: add --device cuda")
+        if gpu and backend in ("onnxruntime", "openvino", "executorch"):
+            raise LeViTError(f"--backend {backend} runs on the CPU only: drop --device cuda")
+        warmup_s, windows, window_s = (1.0, 3, 1.0) if self.quick else (5.0, 5, 3.0)
+        return replace(
+            self,
+            models=tuple(models),
+            backend=backend,
+            precision=precision,
+            batch_sizes=self.batch_sizes or (None if gpu else (16,)),
+            threads=None if gpu else self.threads,
+            warmup_s=warmup_s if self.warmup_s is None else self.warmup_s,
+            windows=self.windows or windows,
+            window_s=window_s if self.window_s is None else self.window_s,
+        )
+
+    def protocol(self) -> SpeedProtocol:
+        """The :class:`SpeedProtocol` every model of the run is timed by (the batch is set per job)."""
+        r = self.resolved()
+        return SpeedProtocol(
+            backend=r.backend,
+            precision=r.precision,
+            device=r.device,
+            threads=r.threads,
+            img_size=r.img_size,
+            warmup_s=r.warmup_s,
+            windows=r.windows,
+            window_s=r.window_s,
+        )
+
+    def describe(self) -> str:
+        """One line saying what a resolved run times and how, to print before the long part."""
+        batch = ",".join(map(str, self.batch_sizes)) if self.batch_sizes else "max power of two"
+        return (
+            f"{len(self.models or ())} models, {self.device}, backend {self.backend}, {self.precision}, "
+            f"batch {batch}, threads {self.threads or '-'}; "
+            f"warm-up {self.warmup_s:g}s + {self.windows} x {self.window_s:g}s per model"
+        )
+
+
+def run_speed_table(
+    run: SpeedRun, *, progress: Callable[[int, int, str, dict | None], None] | None = None
+) -> list[dict]:
+    """The rows of a ``levit bench`` run (resolved first): every model at every batch size, by the
+    run's protocol; ``progress`` as in :func:`benchmark`."""
+    run = run.resolved()
+    return benchmark(
+        run.models, run.protocol(), batch_size=run.batch_sizes and list(run.batch_sizes), progress=progress
+    )
+
+
 def speedup_summary(rows: Sequence[dict]) -> str | None:
     """levit img/s / timm img/s for each LeViT whose timm twin ran at the same batch, one line.
 
-    ``levit (fused) / timm's LeViT, img/s: batch 1: levit_128s 2.10x (cudagraph vs eager); batch 64:
-    ...`` (each ratio names the two backends). None when no pair ran.
+    ``levit (fused) / timm's LeViT, img/s: batch B: NAME RATIOx (LEVIT_BACKEND vs TIMM_BACKEND); ...``
+    (each ratio names the two backends that produced it). None when no pair ran.
     """
     groups: dict[int, list[str]] = {}
     by_key = {(r["model"], r["batch"]): r for r in rows}
