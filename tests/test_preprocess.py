@@ -1,0 +1,115 @@
+"""One preprocessing, from the model: a checkpoint's own crop, interpolation, mean and std reach every
+way in (the library, ``levit predict``, ``levit eval``) and give the tensors an independent
+implementation of the same recipe gives (timm's ``resolve_data_config`` + ``create_transform``)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import levit
+from levit.cli import main
+from levit.data.preprocess import Preprocess
+from levit.models.testing import randomize_weights, write_sample_jpegs
+
+# not the authors' evaluation (0.875, bicubic, ImageNet mean/std): a fine-tune's own recipe
+OWN = {"crop_pct": 1.0, "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+RECIPES = [
+    {},  # the authors'
+    OWN,
+    {"crop_pct": 0.95, "interpolation": "bilinear", "mean": (0.45, 0.45, 0.45), "std": (0.2, 0.3, 0.25)},
+    {"crop_pct": 0.9, "crop_mode": "squash"},
+]
+
+
+def _model(recipe: dict) -> torch.nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        m = randomize_weights(levit.create_model("levit_tiny", img_size=64, num_classes=10), seed=3).eval()
+    m.class_names = [f"thing{i}" for i in range(10)]
+    m.pretrained_cfg = {**m.pretrained_cfg, **recipe}
+    return m
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Photo-like JPEGs, landscape and portrait, so that the crop decides what the model sees."""
+    d = tmp_path_factory.mktemp("photos")
+    write_sample_jpegs(d, 4, (90, 150), seed=1)
+    write_sample_jpegs(d, 4, (160, 100), seed=7, prefix="tall")
+    return sorted(d.glob("*.jpg"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=["authors", "own", "bilinear", "squash"])
+def test_a_saved_recipe_gives_timms_tensors_bit_for_bit(recipe, photos, tmp_path):
+    """Saved, loaded, and read by timm's own data config: the same tensors as ``Preprocess.from_model``."""
+    from timm.data import create_transform, resolve_data_config
+
+    from levit.data.images import open_rgb
+
+    loaded = levit.create_model("levit_tiny", checkpoint=levit.save(_model(recipe), tmp_path / "m.safetensors"))
+    assert {k: loaded.pretrained_cfg[k] for k in recipe} == recipe  # the recipe survives the file
+    pre = Preprocess.from_model(loaded)
+    timm_tf = create_transform(**resolve_data_config({}, model=loaded))
+    for f in photos:
+        assert torch.equal(pre(f), timm_tf(open_rgb(f))), f.name
+    if recipe:  # and it is not the authors' recipe under another name
+        assert not torch.equal(pre(photos[0]), Preprocess(64)(photos[0]))
+
+
+def test_overrides_replace_the_models_values_and_none_keeps_them():
+    m = _model(OWN)
+    assert Preprocess.from_model(m).settings() | {"max_pixels": None} == Preprocess(
+        64, **OWN, max_pixels=None
+    ).settings()
+    pre = Preprocess.from_model(m, crop_pct=0.5, mean=None)
+    assert (pre.crop_pct, pre.mean, pre.std) == (0.5, OWN["mean"], OWN["std"])
+    with pytest.raises(TypeError, match="unknown preprocessing setting"):
+        Preprocess.from_model(m, crop=0.5)
+    with pytest.raises(ValueError, match=r"crop_pct must be in \(0, 1\]"):
+        Preprocess.from_model(m, crop_pct=1.5)
+
+
+@pytest.fixture(scope="module")
+def own(tmp_path_factory, photos):
+    """A checkpoint with its own recipe, and what that recipe gives on ``photos`` (fused model)."""
+    m = _model(OWN)
+    ckpt = levit.save(m, tmp_path_factory.mktemp("ckpt") / "own.safetensors")
+    pre = Preprocess(64, **OWN)
+    with torch.no_grad():
+        fused = levit.fuse(m)
+        logits = fused(torch.stack([pre(f) for f in photos]))
+        authors = fused(torch.stack([Preprocess(64)(f) for f in photos]))
+    assert (logits.argmax(-1) != authors.argmax(-1)).any()  # the recipe changes answers on these photos
+    return ckpt, logits
+
+
+def test_levit_predict_uses_the_checkpoints_recipe(own, photos, capsys):
+    ckpt, logits = own
+    assert main(["predict", *map(str, photos), "-c", str(ckpt), "--topk", "5", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    want = logits.softmax(-1).topk(5)
+    assert [r["path"] for r in rows] == list(map(str, photos))
+    assert [[t["class"] for t in r["top"]] for r in rows] == want.indices.tolist()
+    got = [t["prob"] for r in rows for t in r["top"]]
+    assert got == pytest.approx(want.values.flatten().tolist(), abs=2e-6)
+
+
+def test_levit_eval_uses_the_checkpoints_recipe(own, photos, tmp_path, capsys):
+    """The loss of ``levit eval`` is the cross-entropy of the recipe's logits: the same tensors."""
+    ckpt, logits = own
+    labels = [i % 10 for i in range(len(photos))]
+    for f, c in zip(photos, labels):
+        (tmp_path / "val" / f"thing{c}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "val" / f"thing{c}" / f.name).write_bytes(f.read_bytes())
+    order = sorted(range(len(photos)), key=lambda i: (f"thing{labels[i]}", photos[i].name))
+    out = tmp_path / "eval.json"
+    argv = ["eval", "--data", str(tmp_path / "val"), "-c", str(ckpt), "--workers", "0", "--output", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    want = torch.nn.functional.cross_entropy(logits[order], torch.tensor([labels[i] for i in order])).item()
+    assert result["crop_pct"] == 1.0 and math.isclose(result["loss"], want, rel_tol=1e-5)
+    assert "top-1" in capsys.readouterr().out
