@@ -22,11 +22,11 @@ from PIL import Image
 import levit
 from levit.cli import main
 from levit.data.images import open_rgb
+from levit.data.preprocess import Preprocess
 from levit.data.transforms import eval_transform
 from levit.errors import ImageError
 from levit.models.testing import randomize_weights, write_sample_jpegs
 from levit.runtime import pipeline
-from levit.data.preprocess import Preprocess
 from levit.runtime.pipeline import iter_batches
 from levit.runtime.predict import iter_predictions, predict_paths
 from levit.runtime.writers import partial_path, read_results
