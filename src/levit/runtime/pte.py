@@ -16,8 +16,8 @@ attention's stride-2 subsampling (the paper's Section 4.2, "shrink attention") a
 stride-1 slice, the token average before the classifier a 4-D mean, and the stem's channels-last
 copy (an eager oneDNN layout hint) is dropped. Every rewrite moves the same numbers.
 
-Only this module and the ``executorch`` package talk to each other: :mod:`levit.deploy` runs
-programs through it (backend ``executorch``), :mod:`levit.edge` writes and proves ``.pte`` files.
+Only this module and the ``executorch`` package talk to each other: :mod:`levit.runtime.deploy` runs
+programs through it (backend ``executorch``), :mod:`levit.runtime.edge` writes and proves ``.pte`` files.
 """
 
 from __future__ import annotations
