@@ -9,6 +9,10 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # matplotlib is an optional extra (plot)
+    from matplotlib.figure import Figure
 
 __all__ = [
     "atomic_path",
@@ -85,7 +89,7 @@ def atomic_path(path: str | os.PathLike, *, companions: tuple[str, ...] = ()) ->
     fsync_dir(path.parent)
 
 
-def save_figure(fig, path: str | os.PathLike, **savefig_kwargs: object) -> Path:
+def save_figure(fig: Figure, path: str | os.PathLike, **savefig_kwargs: object) -> Path:
     """Write a matplotlib figure atomically (:func:`atomic_path`) and close it; returns the path."""
     import matplotlib.pyplot as plt
 

@@ -25,7 +25,9 @@ def cuda_sync(device: object) -> Callable[[], None] | None:
     return lambda: torch.cuda.synchronize(device)
 
 
-def warm_up(run: Callable[[], object], seconds: float = 0.0, *, min_calls: int = 2, sync=None) -> None:
+def warm_up(
+    run: Callable[[], object], seconds: float = 0.0, *, min_calls: int = 2, sync: Callable[[], None] | None = None
+) -> None:
     """Call ``run`` at least ``min_calls`` times and for at least ``seconds`` (caches, lazy inits, autotuning)."""
     n, t0 = 0, time.perf_counter()
     while n < min_calls or time.perf_counter() - t0 < seconds:
