@@ -43,9 +43,10 @@ from pathlib import Path
 import torch
 
 import levit
+from levit.data.preprocess import ImageFiles, Preprocess, collate
 from levit.models.testing import randomize_weights, write_sample_jpegs
 from levit.runtime.deploy import deploy_lanes
-from levit.data.preprocess import ImageFiles, Preprocess, collate
+from levit.runtime.options import PredictOptions
 from levit.runtime.pipeline import available_cores, lane_layout, plan
 from levit.runtime.predict import predict_files
 
@@ -210,18 +211,17 @@ def cpu_seconds() -> float:
 
 
 def levit_e2e(model, files, pre, out: Path, runner, device: str, batch: int, workers: int | None = None) -> float:
-    s = predict_files(
-        model,
-        files,
-        output=out,
+    options = PredictOptions(
+        output=str(out),
         overwrite=True,
         batch_size=batch,
-        preprocess=pre,
-        runner=runner,
+        crop_pct=pre.crop_pct,
+        fast_decode=pre.fast_decode,
+        max_pixels=pre.max_pixels,
         device=device,
         workers=workers,
-        progress=False,
     )
+    s = predict_files(model, files, options, runner=runner, progress=False)
     assert s.classified == len(files), s
     return len(files) / s.seconds
 

@@ -180,7 +180,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             raise UsageError("--device cuda: no CUDA GPU is available here")
     kwargs = {"img_size": args.img_size} if args.img_size else {}
-    model = load_model(args, batch=min(args.batch_size or 32, len(files)), **kwargs).to(args.device)
+    batch = min(options.default_batch_size(on_cpu=args.device == "cpu"), len(files))
+    model = load_model(args, batch=batch, **kwargs).to(args.device)
     if args.labels:
         options = options.replace(class_names=tuple(_read_labels(args.labels, model.config.num_classes)))
     out = _Printer(args)

@@ -237,6 +237,7 @@ def predict_files(
     on_error: Callable[[str, str], None] | None = None,
     on_note: Callable[[str], None] | None = None,
     progress: bool = True,
+    runner: Runner | None = None,
 ) -> Summary:
     """Classify ``files`` (a list, e.g. from :func:`list_inputs`) as one job: ``levit predict``.
 
@@ -245,7 +246,8 @@ def predict_files(
     batch, ``resume`` skips the images already there, an existing file needs ``resume`` or
     ``overwrite``) and/or to ``on_rows(rows)`` per batch. Each unreadable file is passed to
     ``on_error(path, reason)`` and gets an error row; the run goes on. ``on_note`` receives one-line
-    notes about the run (an int8 model's agreement with fp32); ``progress`` shows a bar.
+    notes about the run (an int8 model's agreement with fp32); ``progress`` shows a bar. ``runner``:
+    a backend built beforehand (as :func:`build_runner` builds it) instead of the one ``options`` ask for.
     """
     from .writers import ResultWriter
 
@@ -263,7 +265,7 @@ def predict_files(
         if writer is not None and writer.done:
             todo = [f for f in todo if f not in writer.done]
             summary.already_done = len(files) - len(todo)
-        for rows in _batches(model, todo, opts, on_note):
+        for rows in _batches(model, todo, opts, on_note, runner):
             if writer is not None:
                 writer.write(rows)
             summary.count(rows, on_error)
@@ -283,13 +285,21 @@ def predict_files(
 
 
 def _batches(
-    model: nn.Module, todo: list[str], opts: PredictOptions, on_note: Callable[[str], None] | None
+    model: nn.Module,
+    todo: list[str],
+    opts: PredictOptions,
+    on_note: Callable[[str], None] | None,
+    runner: Runner | None,
 ) -> Iterator[list[dict]]:
-    """The rows of ``todo``, batch by batch: on Ray Data, or here with the backend ``opts`` ask for."""
+    """The rows of ``todo``, batch by batch: on Ray Data, or here with ``runner`` or the backend
+    ``opts`` ask for."""
     calibration_files = list(opts.calibration or todo[:CALIBRATION_IMAGES])
     if opts.ray is not None:
+        if runner is not None:
+            raise LeViTError("on Ray each actor builds its backend from the options: pass no runner")
         from .ray_data import iter_batches_ray
 
         return iter_batches_ray(model, todo, opts, calibration=calibration_files)
-    runner = build_runner(model, opts, calibration_files, on_note) if todo else None
+    if runner is None and todo:
+        runner = build_runner(model, opts, calibration_files, on_note)
     return iter_batches(model, todo, opts, preprocess=preprocess_for(model, opts), runner=runner)
