@@ -40,25 +40,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA GPU is available")
     from levit.data.datasets import check_image_folder
-    from levit.utils import default_workers
 
     check_image_folder(args.data)  # a bad folder fails before the model is loaded
     kwargs = {"img_size": args.img_size} if args.img_size else {}
     model = load_model(args, batch=args.batch_size, **kwargs)
-    from levit.data.preprocess import Preprocess
-
-    preprocess = Preprocess.from_model(model, crop_pct=args.crop_pct)  # the checkpoint's own, unless overridden
-    if not args.no_fuse:
-        from levit.models.fuse import inference_form
-
-        model = inference_form(model)
-    fused = model.is_fused
     m = evaluate_folder(
         model,
         args.data,
-        preprocess=preprocess,
+        crop_pct=args.crop_pct,  # None: the checkpoint's own
+        fuse=not args.no_fuse,
         batch_size=args.batch_size,
-        workers=args.workers if args.workers is not None else default_workers(),
+        workers=args.workers,
         device=args.device,
         progress=sys.stderr.isatty(),  # a bar on a terminal, nothing in logs
     )
@@ -74,8 +66,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "checkpoint": str(args.checkpoint) if args.checkpoint else "pretrained",
         "data": str(args.data),
         "img_size": model.config.img_size,
-        "crop_pct": preprocess.crop_pct,
-        "fused": fused,
         **m,
         "skipped": [p for p, _ in skipped],
     }

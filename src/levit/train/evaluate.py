@@ -23,17 +23,23 @@ def evaluate_folder(
     model: nn.Module,
     data: str | os.PathLike,
     *,
-    preprocess: Preprocess | None = None,
+    crop_pct: float | None = None,
+    fuse: bool = True,
     batch_size: int = 64,
-    workers: int = 2,
+    workers: int | None = None,
     device: str = "auto",
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate ``model`` on an ImageFolder (one sub-folder per class) with ``preprocess`` (default:
-    the model's own, :meth:`levit.data.preprocess.Preprocess.from_model`, as ``levit predict`` uses); under torchrun every process takes a shard and the counts are reduced (the group is torn down
-    after). Class folders are matched to ``model.class_names`` by name when the model has them, else
-    taken in sorted order. Returns :func:`evaluate`'s numbers plus ``rank`` (only rank 0 should print).
-    ``progress`` shows a progress bar on stderr (rank 0)."""
+    """Evaluate ``model`` on an ImageFolder (one sub-folder per class); under torchrun every process
+    takes a shard and the counts are reduced (the group is torn down after).
+
+    The images get the model's own preprocessing (:meth:`levit.data.preprocess.Preprocess.from_model`,
+    as ``levit predict`` and the server give them), ``crop_pct`` overriding its crop; with ``fuse`` the
+    model runs in its inference form (:func:`levit.models.fuse.inference_form`; same outputs, faster).
+    Class folders are matched to ``model.class_names`` by name when the model has them, else taken in
+    sorted order. ``workers``: loading processes (default: the available cores, at most eight).
+    Returns :func:`levit.train.engine.evaluate`'s numbers plus ``rank`` (only rank 0 should print),
+    ``crop_pct`` and ``fused``. ``progress`` shows a progress bar on stderr (rank 0)."""
     from ..data.datasets import SafeImageFolder, check_image_folder, collate_skip
     from ..data.samplers import ShardSampler
 
@@ -51,8 +57,16 @@ def evaluate_folder(
                 "no class names to match them by (folders are taken in sorted order)"
             )
         class_to_idx = {c: i for i, c in enumerate(classes)}
-    transform = (preprocess or Preprocess.from_model(model)).transform
-    dataset = SafeImageFolder(data, transform=transform, class_to_idx=class_to_idx, replace_bad=False)
+    preprocess = Preprocess.from_model(model, crop_pct=crop_pct)
+    if fuse:
+        from ..models.fuse import inference_form
+
+        model = inference_form(model)
+    dataset = SafeImageFolder(data, transform=preprocess.transform, class_to_idx=class_to_idx, replace_bad=False)
+    if workers is None:
+        from ..utils import default_workers
+
+        workers = default_workers()
     with distributed(device) as ctx:
         loader = torch.utils.data.DataLoader(
             dataset,
@@ -67,4 +81,4 @@ def evaluate_folder(
 
             batches = tqdm(loader, desc="eval", unit="batch", leave=False, file=sys.stderr, dynamic_ncols=True)
         metrics = evaluate(model.to(ctx.device).eval(), batches, ctx.device)
-        return metrics | {"rank": ctx.rank}
+        return metrics | {"rank": ctx.rank, "crop_pct": preprocess.crop_pct, "fused": model.is_fused}
