@@ -9,11 +9,11 @@ import math
 
 import pytest
 import torch
+from helpers import randomize_weights, write_sample_jpegs
 
 import levit
 from levit.cli import main
 from levit.data.preprocess import Preprocess
-from levit.models.testing import randomize_weights, write_sample_jpegs
 
 # not the authors' evaluation (0.875, bicubic, ImageNet mean/std): a fine-tune's own recipe
 OWN = {"crop_pct": 1.0, "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
@@ -62,9 +62,9 @@ def test_a_saved_recipe_gives_timms_tensors_bit_for_bit(recipe, photos, tmp_path
 
 def test_overrides_replace_the_models_values_and_none_keeps_them():
     m = _model(OWN)
-    assert Preprocess.from_model(m).settings() | {"max_pixels": None} == Preprocess(
-        64, **OWN, max_pixels=None
-    ).settings()
+    assert (
+        Preprocess.from_model(m).settings() | {"max_pixels": None} == Preprocess(64, **OWN, max_pixels=None).settings()
+    )
     pre = Preprocess.from_model(m, crop_pct=0.5, mean=None)
     assert (pre.crop_pct, pre.mean, pre.std) == (0.5, OWN["mean"], OWN["std"])
     with pytest.raises(TypeError, match="unknown preprocessing setting"):
@@ -113,3 +113,18 @@ def test_levit_eval_uses_the_checkpoints_recipe(own, photos, tmp_path, capsys):
     want = torch.nn.functional.cross_entropy(logits[order], torch.tensor([labels[i] for i in order])).item()
     assert result["crop_pct"] == 1.0 and math.isclose(result["loss"], want, rel_tol=1e-5)
     assert "top-1" in capsys.readouterr().out
+
+
+def test_a_job_leaves_the_callers_model_as_it_was(photos):
+    """The pipeline runs the inference form: an unfused model is not fused in place, a fused one in
+    training mode is not switched to eval mode (the job runs a copy)."""
+    from levit.runtime.predict import predict_paths
+
+    unfused, fused = _model(OWN), levit.fuse(_model(OWN)).train()
+    for m in (unfused, fused):
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        mode = m.training
+        rows = predict_paths(m, photos[:2], topk=1, progress=False, workers=0, threads=1)
+        assert len(rows) == 2 and m.training == mode
+        assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    assert not unfused.is_fused

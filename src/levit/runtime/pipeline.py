@@ -126,18 +126,14 @@ def class_names_for(model: Any) -> list[str]:
 
 
 def inference_model(model: nn.Module) -> nn.Module:
-    """The model's inference form (:func:`levit.models.fuse.inference_form`: a new, fused module), or a
-    fused model itself; in eval mode either way. A fused model that is in training mode is copied
-    rather than switched, so the caller's module is never changed."""
+    """What a prediction job runs: a fused model in eval mode as it is (shared, not copied), anything
+    else as its inference form (:func:`levit.models.fuse.inference_form`, a new module), so the
+    caller's model is never changed."""
     from ..models.fuse import inference_form
 
-    if not getattr(model, "is_fused", False):
-        return inference_form(model)
-    if model.training:
-        import copy
-
-        return copy.deepcopy(model).eval()
-    return model
+    if getattr(model, "is_fused", False) and not model.training:
+        return model
+    return inference_form(model)
 
 
 def make_rows(
