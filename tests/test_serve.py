@@ -1,6 +1,10 @@
 """``levit serve``: every endpoint, every class of bad input, batching, draining on SIGTERM, and the
 same application on Ray Serve. The server runs as ``python -m levit serve`` on a free loopback port
-with a tiny randomised model; answers are checked against ``levit predict``'s pipeline on the same files."""
+with a tiny randomised model; answers are checked against ``levit predict``'s pipeline on the same files.
+
+The model carries a preprocessing of its own (:data:`PREPROCESS`: no crop margin, its own mean and
+std), as a fine-tuned checkpoint does, so every comparison with ``levit predict`` also checks that the
+server (and each Ray replica) preprocesses as the model says, not as ImageNet's defaults would."""
 
 from __future__ import annotations
 
@@ -24,12 +28,15 @@ pytest.importorskip("fastapi", reason="levit serve needs the serve extra: pip in
 pytest.importorskip("ray.serve", reason="levit serve batches with Ray Serve: pip install 'levit[serve]'")
 httpx = pytest.importorskip("httpx", reason="the tests' HTTP client")
 
+from helpers import randomize_weights, sample_images  # noqa: E402
+
 import levit  # noqa: E402
 from levit.cli import main  # noqa: E402
-from levit.models.testing import randomize_weights, sample_images  # noqa: E402
 from levit.runtime.predict import predict_paths  # noqa: E402
 
 HOST = "127.0.0.1"
+# the model's own preprocessing, far from the authors' (crop 0.875, ImageNet mean/std)
+PREPROCESS = {"crop_pct": 1.0, "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
 MAX_WAIT_MS = 60  # long enough that concurrent test requests share batches on a busy machine
 
 
@@ -38,7 +45,9 @@ MAX_WAIT_MS = 60  # long enough that concurrent test requests share batches on a
 def files(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("serve")
     torch.manual_seed(0)
-    levit.save(randomize_weights(levit.create_model("levit_tiny", img_size=32), seed=1), d / "tiny.safetensors")
+    model = randomize_weights(levit.create_model("levit_tiny", img_size=32), seed=1)
+    model.pretrained_cfg = PREPROCESS
+    levit.save(model, d / "tiny.safetensors")
     out = {"model": d / "tiny.safetensors"}
     imgs = (sample_images(6, 72, seed=5).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     for i, (name, fmt) in enumerate([("a.jpg", "JPEG"), ("b.png", "PNG"), ("c.webp", "WEBP"), ("e.jpg", "JPEG")]):
@@ -172,6 +181,51 @@ def test_classify_multipart_and_topk(server, files, expected):
     assert_same(r.json()["top"], expected["a.jpg"][:2])
     r = post(server.url, files["a.jpg"].read_bytes(), None)  # no content type: the bytes are sniffed
     assert_same(r.json()["top"], expected["a.jpg"])
+
+
+def _same_top(a: list[dict], b: list[dict]) -> bool:
+    """The same classes in the same order, with the same probabilities (as :func:`assert_same`)."""
+    return [t["class"] for t in a] == [t["class"] for t in b] and np.allclose(
+        [t["prob"] for t in a], [t["prob"] for t in b], atol=2e-5, rtol=0
+    )
+
+
+def test_answers_use_the_models_own_preprocessing_as_predict_does(server, files):
+    """The model's pretrained_cfg (crop 1.0, its own mean and std) reaches the server as it reaches
+    levit predict: the top-5 over HTTP equal predict_paths' on every image. The same model preprocessed
+    the authors' way (ImageNet mean/std, crop 0.875), or with only their crop, answers differently on
+    at least one of these images, so a server falling back to either default fails here."""
+    from levit.models.network import default_preprocess
+
+    names = ["a.jpg", "b.png", "c.webp", "d16.png", "e.jpg"]
+    paths = [files[n] for n in names]
+    model = levit.create_model("levit_tiny", checkpoint=files["model"])
+    assert {k: model.pretrained_cfg[k] for k in PREPROCESS} == PREPROCESS  # the file carries it
+    want = predict_paths(model, paths, topk=5, batch_size=1, progress=False)
+    for name, row in zip(names, want, strict=True):
+        r = post(server.url, files[name].read_bytes(), None, params={"topk": 5})
+        assert r.status_code == 200, r.text
+        assert len(r.json()["top"]) == 5
+        assert_same(r.json()["top"], row["top"])
+    authors = default_preprocess()
+    for other in (authors, {**PREPROCESS, "crop_pct": authors["crop_pct"]}):
+        model.pretrained_cfg = other
+        rows = predict_paths(model, paths, topk=5, batch_size=1, progress=False)
+        assert not all(_same_top(r["top"], w["top"]) for r, w in zip(rows, want, strict=True)), other
+
+
+def test_the_config_keeps_the_models_preprocessing_unless_crop_pct_is_given(files):
+    """``ServeConfig.crop_pct`` None (the default, and ``levit serve`` without ``--crop-pct``) keeps the
+    model's; a value overrides the crop only, as ``levit predict --crop-pct`` does."""
+    from levit.data.preprocess import Preprocess
+    from levit.runtime.serve import LeViTService, ServeConfig
+
+    model = levit.create_model("levit_tiny", checkpoint=files["model"])
+    config = ServeConfig()
+    assert config.crop_pct is None
+    assert LeViTService(model, config).preprocess == Preprocess.from_model(model, max_pixels=config.max_pixels)
+    pre = LeViTService(model, ServeConfig(crop_pct=0.5)).preprocess
+    assert (pre.crop_pct, pre.mean, pre.std) == (0.5, PREPROCESS["mean"], PREPROCESS["std"])
 
 
 def test_metrics_count_statuses_latency_and_queue(server, files):
@@ -501,6 +555,10 @@ def test_cli_usage_errors_are_one_line(capsys, files):
     assert "--replicas needs --ray" in capsys.readouterr().err
     assert main(["serve", "--max-batch-size", "0"]) == 2
     assert "--max-batch-size must be >= 1" in capsys.readouterr().err
+    assert main(["serve", "--crop-pct", "1.5"]) == 2
+    assert "--crop-pct" in capsys.readouterr().err
+    assert main(["serve", "--precision", "int8"]) == 2
+    assert "--precision int8 needs --calibration" in capsys.readouterr().err
     with socket.socket() as taken:
         taken.bind((HOST, 0))
         taken.listen(1)
@@ -525,17 +583,42 @@ def test_demo_model_is_trained_once_then_read_from_the_cache(files, monkeypatch,
     import shutil
 
     import levit.train.run
-    from levit.cli import serve as cli_serve
+    from levit.train import demo
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    path = cli_serve.digits_model_path()
+    path = demo.digits_model_path()
     assert path.is_relative_to(tmp_path / "levit" / "serve")
     path.parent.mkdir(parents=True)
     shutil.copy(files["model"], path)
     monkeypatch.setattr(levit.train.run, "train", lambda *a, **k: pytest.fail("trained although cached"))
-    model = cli_serve.digits_model()
+    model = demo.digits_model(on_note=lambda line: pytest.fail(f"announced a training: {line}"))
     want = levit.create_model("levit_tiny", checkpoint=files["model"]).state_dict()
     assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+
+
+def test_demo_model_is_trained_when_missing_and_keeps_its_validation_crop(files, monkeypatch, tmp_path):
+    """A missing demo model is trained by the recipe (here a stand-in returns a model), saved with the
+    crop the recipe validates at, and read back; the caller's torch thread count is left as it was."""
+    import levit.train.run
+    from levit.train import demo
+    from levit.train.recipe import resolve_config
+
+    trained, threads = [], torch.get_num_threads()
+
+    def fake_train(cfg):
+        trained.append(cfg.epochs)
+        torch.set_num_threads(1)  # as the recipe does
+        model = randomize_weights(levit.create_model("levit_tiny", img_size=32), seed=2)
+        return type("Result", (), {"model": model})()
+
+    monkeypatch.setattr(levit.train.run, "train", fake_train)
+    notes = []
+    model = demo.digits_model(tmp_path / "demo.safetensors", on_note=notes.append)
+    assert trained == [demo.DIGITS_EPOCHS] and len(notes) == 1 and (tmp_path / "demo.safetensors").is_file()
+    assert torch.get_num_threads() == threads
+    recipe = resolve_config(config="digits", output=str(tmp_path / "run"))
+    assert recipe.eval_crop_pct != levit.create_model("levit_tiny").pretrained_cfg["crop_pct"]  # the check can bite
+    assert model.pretrained_cfg["crop_pct"] == recipe.eval_crop_pct
 
 
 # ---- Ray Serve ---------------------------------------------------------------------------------------

@@ -3,27 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import sys
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
-
-from levit.models.config import DEFAULT_CROP_PCT
 
 from .common import (
     UsageError,
     check_runtime,
+    crop_pct_option,
     img_size_option,
     load_model,
     model_options,
     positive_float,
     runtime_options,
+    warnings_as_lines,
 )
-
-# the demo model served when no model is named: levit_tiny trained on the bundled digits (no download)
-DIGITS_EPOCHS = 8
 
 
 def args_serve(p: argparse.ArgumentParser) -> None:
@@ -53,7 +46,7 @@ def args_serve(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and runtime")
     g.add_argument("--topk", type=int, default=5, help="classes per answer unless the request says ?topk=")
     img_size_option(g, "input resolution N or HxW, multiples of 16 (default: the model's)", rectangular=True)
-    g.add_argument("--crop-pct", type=float, default=DEFAULT_CROP_PCT, help="centre-crop fraction, as levit predict")
+    crop_pct_option(g)
     runtime_options(g, backend="auto", precision="fp32", precision_help="numeric precision")
     g.add_argument("--calibration", type=Path, nargs="+", help="int8: calibration images (files or folders)")
     g.add_argument(
@@ -80,130 +73,64 @@ def args_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="no access log (one line per request) or info lines")
 
 
-def _check(args: argparse.Namespace) -> None:
-    for flag, value in (
-        ("--max-batch-size", args.max_batch_size),
-        ("--topk", args.topk),
-        ("--replicas", args.replicas),
-        ("--threads", args.threads),
-        ("--lanes", args.lanes),
-        ("--decode-workers", args.decode_workers),
-    ):
-        if value is not None and value < 1:
-            raise UsageError(f"{flag} must be >= 1, got {value}")
-    if args.max_wait_ms < 0:
-        raise UsageError(f"--max-wait-ms must be >= 0, got {args.max_wait_ms}")
-    if not 0 <= args.port <= 65535:
-        raise UsageError(f"--port must be in 0..65535, got {args.port}")
-    if not 0 < args.crop_pct <= 1:
-        raise UsageError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
-    if args.ray is None and args.replicas != 1:
-        raise UsageError("--replicas needs --ray (one process serves one copy of the model)")
-    if args.precision == "int8" and not args.calibration:
-        raise UsageError("--precision int8 needs --calibration IMAGES (files or folders)")
+def _config(args: argparse.Namespace):
+    """The server's :class:`~levit.runtime.serve_app.ServeConfig` from the flags; a bad value is a usage
+    error naming the flag (exit 2, before any model)."""
+    from levit.runtime.options import OptionError
+    from levit.runtime.serve_app import ServeConfig
+    from levit.train.demo import DIGITS_MODEL_NAME
 
-
-def digits_model_path() -> Path:
-    """Where the demo digits model is cached: ``$XDG_CACHE_HOME/levit/serve/`` (default ``~/.cache``)."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "levit" / "serve" / f"levit_tiny_digits_{DIGITS_EPOCHS}ep.safetensors"
-
-
-def digits_model():
-    """The demo model: levit_tiny trained on the bundled handwritten digits (``configs/digits.yaml``,
-    shortened to a few epochs), trained once on first use and cached (:func:`digits_model_path`)."""
-    import tempfile
-
-    from levit.factory.registry import create_model
-    from levit.utils import atomic_path
-    from levit.weights.format import save
-
-    path = digits_model_path()
-    if not path.is_file():
-        from levit.train.recipe import resolve_config
-        from levit.train.run import train
-
-        print(
-            f"no --model/--checkpoint: training the demo model (levit_tiny on the bundled digits, {DIGITS_EPOCHS} "
-            f"epochs, about a minute on 2 CPU cores), once; cached as {path}",
-            file=sys.stderr,
+    if args.img_size and _demo(args):
+        raise UsageError("--img-size needs --model or --checkpoint (the demo digits model is 32x32)")
+    try:
+        return ServeConfig(
+            host=args.host,
+            port=args.port,
+            max_batch_size=args.max_batch_size,
+            max_wait_ms=args.max_wait_ms,
+            max_body_mb=args.max_body_mb,
+            max_pixels=int(args.max_megapixels * 1e6),
+            topk=args.topk,
+            crop_pct=args.crop_pct,
+            backend=args.backend,
+            precision=args.precision,
+            threads=args.threads,
+            lanes=args.lanes,
+            decode_workers=args.decode_workers,
+            read_timeout_s=args.read_timeout,
+            drain_timeout_s=args.drain_timeout,
+            quiet=args.quiet,
+            model_name=DIGITS_MODEL_NAME if _demo(args) else None,
+            calibration=tuple(map(str, args.calibration)) if args.calibration else None,
         )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="levit-digits-") as tmp:
-            cfg = resolve_config(config="digits", output=str(Path(tmp) / "run"), epochs=DIGITS_EPOCHS)
-            result = train(cfg)
-            with atomic_path(path) as out:
-                save(result.model, out)
-    return create_model("levit_tiny", checkpoint=path)
+    except OptionError as e:
+        raise UsageError(e.as_flags()) from None
 
 
-def _check_installed() -> None:
-    """The serve extra's packages, checked without importing them (one line naming the missing ones)."""
-    import importlib.util
+def _demo(args: argparse.Namespace) -> bool:
+    """No model named: the demo digits model (:func:`levit.train.demo.digits_model`)."""
+    return args.model is None and args.checkpoint is None and not args.pretrained
 
-    from levit.errors import LeViTError
 
-    wanted = {"ray": "ray[serve]", "fastapi": "fastapi", "uvicorn": "uvicorn", "prometheus_client": "prometheus-client"}
-    wanted["multipart"] = "python-multipart"
-    missing = [pkg for mod, pkg in wanted.items() if importlib.util.find_spec(mod) is None]
-    if missing:
-        raise LeViTError(f"levit serve needs {', '.join(missing)}: pip install 'levit[serve]'")
+def _model(args: argparse.Namespace):
+    """The model to serve, loaded (or the demo one trained) once the port is bound."""
+    if _demo(args):
+        from levit.train.demo import digits_model
+
+        return digits_model(on_note=lambda line: print(f"no --model/--checkpoint: {line}", file=sys.stderr))
+    return load_model(args, **({"img_size": args.img_size} if args.img_size else {}))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    _check(args)
-    _check_installed()
+    from levit.runtime.options import OptionError
+    from levit.runtime.serve import serve
+
+    config = _config(args)
     check_runtime(args.backend, args.precision)
-    from levit.runtime.serve import LeViTService, ServeConfig, listen
-
-    sock = listen(args.host, args.port) if args.ray is None else None  # a taken port fails before the model loads
-
-    if args.model is None and args.checkpoint is None and not args.pretrained:
-        if args.img_size:
-            raise UsageError("--img-size needs --model or --checkpoint (the demo digits model is 32x32)")
-        model = digits_model()
-        name = "levit_tiny_digits"
-    else:
-        model = load_model(args, **({"img_size": args.img_size} if args.img_size else {}))
-        name = None
-    config = ServeConfig(
-        host=args.host,
-        port=args.port,
-        max_batch_size=args.max_batch_size,
-        max_wait_ms=args.max_wait_ms,
-        max_body_mb=args.max_body_mb,
-        max_pixels=int(args.max_megapixels * 1e6),
-        topk=args.topk,
-        crop_pct=args.crop_pct,
-        backend=args.backend,
-        precision=args.precision,
-        threads=args.threads,
-        lanes=args.lanes,
-        decode_workers=args.decode_workers,
-        read_timeout_s=args.read_timeout,
-        drain_timeout_s=args.drain_timeout,
-        quiet=args.quiet,
-        model_name=name,
-        calibration=tuple(map(str, args.calibration)) if args.calibration else None,
-    )
-    with _warnings_as_lines_now():
-        if args.ray is not None:
-            from levit.runtime.serve_ray import run_ray
-
-            return run_ray(
-                model, config, address=args.ray or None, replicas=args.replicas, replica_cpus=args.replica_cpus
-            )
-        from levit.runtime.serve import run_server
-
-        return run_server(LeViTService(model, config), sock)
-
-
-@contextlib.contextmanager
-def _warnings_as_lines_now() -> Iterator[None]:
-    """Python warnings printed as one ``warning: ...`` line each, when they happen (a server runs for days)."""
-    old = warnings.showwarning
-    warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
     try:
-        yield
-    finally:
-        warnings.showwarning = old
+        with warnings_as_lines():  # each when it happens (a server runs for days), each message once
+            return serve(
+                lambda: _model(args), config, ray=args.ray, replicas=args.replicas, replica_cpus=args.replica_cpus
+            )
+    except OptionError as e:  # --replicas without --ray
+        raise UsageError(e.as_flags()) from None

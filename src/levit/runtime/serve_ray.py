@@ -1,9 +1,11 @@
-"""``levit serve --ray``: the same :class:`~levit.runtime.serve.LeViTService` as a Ray Serve deployment.
+"""``levit serve --ray``: the same :class:`~levit.runtime.serve_app.LeViTService` as a Ray Serve deployment.
 
 N replicas, each the whole application (its own model, batcher and metrics), behind Ray Serve's HTTP
 proxy and router. Locally ``ray.init()`` starts a one-machine cluster; with an address the
 deployment joins that cluster (the model's weights travel with the deployment, so the nodes need no
-shared file system).
+shared file system). Its preprocessing travels with it too (``model.pretrained_cfg``, and
+``ServeConfig.crop_pct`` when set): each replica builds the same
+:class:`~levit.data.preprocess.Preprocess` as the single-process server and ``levit predict``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from typing import Any
 from torch import nn
 
 from .pipeline import lane_layout
-from .serve import LeViTService, ServeConfig, setup_logging
+from .serve_app import LeViTService, ServeConfig
+from .serve_process import setup_logging
 
 __all__ = ["APP_NAME", "deployment", "init_ray", "run_deployment", "run_ray", "start_ray"]
 

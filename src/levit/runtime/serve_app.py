@@ -1,0 +1,522 @@
+"""The serving application: :class:`LeViTService`, the model, its lanes, the batching rule, the metrics
+and the routes; the same object runs in one process (:func:`levit.runtime.serve_process.run_server`)
+and as each Ray Serve replica (:mod:`levit.runtime.serve_ray`).
+
+Decoding and preprocessing are :meth:`levit.data.preprocess.Preprocess.from_model`, the code and the
+settings ``levit predict`` uses (the model's ``pretrained_cfg``, ``crop_pct`` overridable), on a
+bounded thread pool off the event loop, so an image gets the same answer from both.
+
+The model runs as *lanes*, as in ``levit predict``: on a CPU one copy of the backend
+(:func:`levit.runtime.deploy.deploy_lanes`, fused when the model can be) per core, each on one thread
+and each computing its own batch, so that up to that many batches are in flight at once. Requests
+under load come in ones and twos, and a backend that splits a batch of one or two over every core
+spends the extra threads waiting for one another; one-thread lanes do not wait. On a GPU one lane runs
+one batch at a time.
+
+The batching rule. Requests are batched by Ray Serve's batcher (``ray.serve.batch``): concurrent
+requests become one forward pass of up to ``max_batch_size`` images.
+
+- A batch with a lane free for it goes as soon as waiting longer would only add latency
+  (:meth:`LeViTService._batch_size`): no request is being decoded to join it, or it holds its share
+  of the requests here and being decoded; so a lone request does not wait ``max_wait_ms``, and a
+  burst goes together rather than its first one or two decoded images taking a lane alone.
+- While every lane is busy, the wait for the forming batch is stretched to when a lane should be free
+  for it (:meth:`LeViTService._retune_wait`): the batcher closes a batch when its wait ends, free lane
+  or not, so without the stretch the requests that would wait for a lane anyway would queue as many
+  small batches instead of filling one.
+- Formed batches take the lanes in the order they were formed.
+
+Bad input never reaches a batch: :mod:`levit.runtime.serve_http` refuses it in the request's own
+coroutine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import io
+import logging
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..data.preprocess import Preprocess
+from ..errors import ImageError
+from ..models.config import check_crop_pct
+from ..utils import available_cpus, first_line
+from .options import BACKENDS, PRECISIONS, OptionError
+from .pipeline import class_names_for, lane_layout
+from .serve_http import (
+    CLASSIFY_OPENAPI,
+    CLOSE_AFTER,
+    AccessLog,
+    ClientError,
+    error_response,
+    parse_topk,
+    read_image,
+)
+from .serve_process import freeze_heap, setup_logging
+
+__all__ = ["LeViTService", "ServeConfig"]
+
+log = logging.getLogger("levit.serve")
+
+_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything the service and its server need besides the model (picklable, for Ray replicas),
+    validated once (:class:`~levit.runtime.options.OptionError` names the field).
+
+    ``crop_pct`` ``None`` (the default) keeps the model's own, as ``levit predict`` does; ``threads``,
+    ``lanes`` and ``decode_workers`` ``None`` fill the cores (:func:`levit.runtime.pipeline.lane_layout`).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch_size: int = 32  # levit predict's CPU batch
+    max_wait_ms: float = 5.0
+    max_body_mb: float = 20.0
+    max_pixels: int = 50_000_000  # header check before decoding: a 30000x30000 PNG never gets decoded
+    topk: int = 5
+    crop_pct: float | None = None  # None: the model's pretrained_cfg
+    backend: str = "auto"
+    precision: str = "fp32"
+    threads: int | None = None  # CPU threads per model lane (None: cores // lanes; pipeline.lane_layout)
+    lanes: int | None = None  # batches computed at once (None: cores // threads, or a lane per core up to 8)
+    decode_workers: int | None = None  # threads decoding at once (None: the CPU count); bounds memory too
+    read_timeout_s: float = 30.0  # a client that has not sent its whole body by then gets 408
+    drain_timeout_s: float = 30.0  # SIGTERM: longest wait for in-flight requests
+    quiet: bool = False
+    model_name: str | None = None  # reported in each answer (default: the model's variant)
+    calibration: tuple[str, ...] | None = None  # int8: calibration image files/folders
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "topk", "threads", "lanes", "decode_workers", "max_pixels"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise OptionError(name, f"must be >= 1, got {v}")
+        if self.max_wait_ms < 0:
+            raise OptionError("max_wait_ms", f"must be >= 0, got {self.max_wait_ms}")
+        for name in ("max_body_mb", "read_timeout_s", "drain_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise OptionError(name, f"must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.port <= 65535:
+            raise OptionError("port", f"must be in 0..65535, got {self.port}")
+        if self.crop_pct is not None:
+            try:
+                check_crop_pct(self.crop_pct)
+            except ValueError:
+                raise OptionError("crop_pct", f"must be in (0, 1], got {self.crop_pct}") from None
+        if self.backend not in BACKENDS:
+            raise OptionError("backend", f"must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.precision not in PRECISIONS:
+            raise OptionError("precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision == "int8" and not self.calibration:
+            raise OptionError("precision", "int8 needs {calibration} IMAGES (files or folders)")
+
+    def replace(self, **changes: Any) -> ServeConfig:
+        """A copy with ``changes`` (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+class _Metrics:
+    """The Prometheus series, in a registry of their own (one per service instance)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("levit_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.latency = Histogram(
+            "levit_request_latency_seconds",
+            "POST /v1/classify, arrival to answer",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram("levit_batch_size", "images per forward pass", buckets=_SIZE_BUCKETS, registry=r)
+        self.batch_latency = Histogram(
+            "levit_batch_latency_seconds", "one forward pass", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge("levit_queue_depth", "decoded images waiting for a batch", registry=r)
+        self.in_flight = Gauge("levit_in_flight", "POST /v1/classify requests being handled", registry=r)
+        self.ready = Gauge("levit_ready", "1 once the model is loaded and warmed up", registry=r)
+
+    def exposition(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _allow_batching_outside_a_replica() -> None:
+    """Let Ray Serve's batcher run in a plain asyncio process (the single-process server).
+
+    ``ray.serve.batch`` needs no Ray cluster: its queue is an ``asyncio.Queue`` on the running loop.
+    The one call that assumes a replica is a warning check on creating the queue, which compares the
+    batch size with the replica's ``max_ongoing_requests``; outside a replica there is no such limit,
+    so there (and only there: the check raises ``RayServeException``) it is skipped.
+    """
+    from ray.serve import batching
+    from ray.serve.exceptions import RayServeException
+
+    queue = batching._BatchQueue
+    original = queue._warn_if_max_batch_size_exceeds_max_ongoing_requests
+    if getattr(original, "_levit_wrapped", False):
+        return
+
+    def check(self: Any) -> None:
+        with contextlib.suppress(RayServeException):
+            original(self)
+
+    check._levit_wrapped = True  # type: ignore[attr-defined]
+    queue._warn_if_max_batch_size_exceeds_max_ongoing_requests = check
+
+
+def _warmup_image(size: int = 320) -> bytes:
+    """A photo-like PNG (smooth gradients and edges) for the warm-up requests."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    rgb = np.stack([x, y, (x * y + ((x - 0.5) ** 2 + (y - 0.5) ** 2 < 0.1)) / 2], -1)
+    buf = io.BytesIO()
+    Image.fromarray((rgb * 255).clip(0, 255).astype("uint8")).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class LeViTService:
+    """The application: model, preprocessing, batching, metrics and the HTTP routes.
+
+    ``LeViTService(model, config)`` then :meth:`build_app` gives the ASGI app; the model is deployed
+    and warmed up by :meth:`load` (at start-up in the background when ``load_now`` is False, so that
+    ``/health`` answers while ``/ready`` still says 503). Ray Serve builds the same app per replica
+    through ``__serve_build_asgi_app__``.
+    """
+
+    def __init__(self, model: nn.Module, config: ServeConfig = ServeConfig(), *, load_now: bool = False) -> None:
+        from ray import serve
+
+        _allow_batching_outside_a_replica()
+        self.config = config
+        self.model = model.eval()
+        self.model_name = config.model_name or model.config.name
+        self.names = class_names_for(model)
+        self.num_classes = len(self.names)
+        self.preprocess = Preprocess.from_model(model, crop_pct=config.crop_pct, max_pixels=config.max_pixels)
+        self.metrics = _Metrics()
+        self.lanes, self.lane_threads = lane_layout(config.lanes, config.threads, available_cpus())
+        if next(model.parameters()).device.type != "cpu":  # a GPU runs one batch at a time
+            self.lanes, self.lane_threads = 1, config.threads
+        self._free: list[Callable[[Tensor], Tensor]] = []  # the lanes' predictors not computing a batch
+        self._lanes_changed = asyncio.Event()  # set (and replaced) when a lane frees or a batch stops waiting
+        self._waiting: dict[int, int] = {}  # batches formed, waiting for a lane: images, in arrival order
+        self._forming = 0  # images handed to the batcher and not yet in a batch
+        self._running: dict[int, tuple[float, int]] = {}  # batches being computed: (start, images)
+        self._per_image_s = 0.0  # a lane's seconds per image (moving average; from the warm-up at first)
+        self._decoding = 0  # requests decoding their image or waiting for a decoding thread
+        self._per_decode_s = 0.0  # one decode's seconds (moving average; from the warm-up at first)
+        self._decoded_at: dict[int, float] = {}  # an image (its id) given to the batcher -> when
+        self.ready = False
+        self.draining = False
+        self.in_flight = 0
+        self.load_error: str | None = None
+        self.replica = f"{socket.gethostname()}:{os.getpid()}"  # which process answered (a header)
+        self.own_process = False  # run_server's process serves only this: _load_logged freezes the heap
+        self._limiters: tuple | None = None
+        # Ray Serve's batcher, made per instance so that its queue lives on this instance's event loop.
+        # It hands over up to two batches per lane (_run_batch waits for a lane, so that the batches
+        # waiting are known to _retune_wait; with the stretched wait more than one rarely waits)
+        self._classify = serve.batch(
+            max_batch_size=config.max_batch_size,
+            batch_wait_timeout_s=config.max_wait_ms / 1e3,
+            max_concurrent_batches=2 * self.lanes,
+            batch_size_fn=self._batch_size,
+        )(self._run_batch)
+        if load_now:
+            self.load()
+
+    # ---- the model ------------------------------------------------------------------------------
+    def load(self) -> None:
+        """Deploy the model on the configured backend, once per lane, and warm each lane up (batch 1
+        and a full batch)."""
+        from .deploy import deploy_lanes
+
+        c = self.config
+        t0 = time.perf_counter()
+        if self.lanes > 1 and self.lane_threads:
+            # every lane's predictor sets torch to the same count: set it once, so that no lane's
+            # restore (levit.utils.num_threads) changes another lane's count mid-batch
+            torch.set_num_threads(self.lane_threads)
+        lanes = deploy_lanes(
+            self.model,
+            self.lanes,
+            threads=self.lane_threads,
+            backend=c.backend,
+            precision=c.precision,
+            batch_size=c.max_batch_size,
+            calibration=list(c.calibration) if c.calibration else None,
+        )
+        first = lanes[0]
+        x, self._per_decode_s = self._decode(_warmup_image())
+        for p in lanes:
+            for n in (1, c.max_batch_size, 1):
+                t = time.perf_counter()
+                self._forward(p, x.expand(n, *x.shape).contiguous())
+                if n > 1:
+                    self._per_image_s = (time.perf_counter() - t) / n
+        self._free = lanes
+        self.ready = True
+        self.metrics.ready.set(1)
+        log.info(
+            "model %s ready: %s %s, %d lane(s) of %s thread(s), batches of up to %d within %g ms, warm-up %.1f s",
+            self.model_name,
+            getattr(first, "backend", "?"),
+            getattr(first, "precision", "?"),
+            self.lanes,
+            self.lane_threads or "the runtime's",
+            c.max_batch_size,
+            c.max_wait_ms,
+            time.perf_counter() - t0,
+        )
+
+    @staticmethod
+    @torch.inference_mode()
+    def _forward(predictor: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+        return predictor(x).float().softmax(-1)
+
+    @classmethod
+    def _forward_images(cls, predictor: Callable[[Tensor], Tensor], images: list[Tensor]) -> list[Tensor]:
+        """:meth:`_forward` on a batch stacked on the lane's thread, not on the event loop: a full batch is
+        megabytes to copy, and the event loop only does HTTP."""
+        return list(cls._forward(predictor, torch.stack(images)).unbind(0))
+
+    def _decode(self, data: bytes) -> tuple[Tensor, float]:
+        """:attr:`preprocess` on a decoding thread, with its seconds (for :meth:`_batch_size`)."""
+        t0 = time.perf_counter()
+        x = self.preprocess(data)
+        return x, time.perf_counter() - t0
+
+    def _limiter(self, which: int):
+        import anyio
+
+        if self._limiters is None:  # made on the event loop that uses them
+            workers = self.config.decode_workers or os.cpu_count() or 1
+            self._limiters = (anyio.CapacityLimiter(workers), anyio.CapacityLimiter(self.lanes))
+        return self._limiters[which]
+
+    async def _run_batch(self, images: list[Tensor]) -> list[Tensor]:
+        """One forward pass for the images the batcher collected (each (3, H, W)) -> their probabilities,
+        on the first model lane free (batches take the lanes in the order they were formed)."""
+        import anyio
+
+        m, n, key = self.metrics, len(images), id(images)
+        self._forming = max(0, self._forming - n)
+        self._waiting[key] = n
+        try:
+            self._retune_wait()
+            # FIFO: a batch goes once it is the oldest waiting and a lane is free
+            while not (self._free and next(iter(self._waiting)) == key):
+                await self._lanes_changed.wait()
+            predictor = self._free.pop()
+        finally:
+            del self._waiting[key]
+            self._wake()
+        m.queue_depth.dec(n)
+        m.batch_size.observe(n)
+        t0 = time.perf_counter()
+        self._running[key] = (t0, n)
+        self._retune_wait()
+        try:
+            probs = await anyio.to_thread.run_sync(self._forward_images, predictor, images, limiter=self._limiter(1))
+        finally:
+            dt = time.perf_counter() - t0
+            del self._running[key]
+            self._free.append(predictor)
+            self._per_image_s = 0.8 * self._per_image_s + 0.2 * dt / n
+            self._retune_wait()
+            self._wake()
+        m.batch_latency.observe(dt)
+        return probs
+
+    def _batch_size(self, images: list[Tensor]) -> int:
+        """The size Ray Serve's batcher gives a forming batch (its ``batch_size_fn``, read each time a
+        request joins): the image count, or ``max_batch_size``, which closes the batch at once, when a
+        lane is free for it and waiting longer would only add latency: no request is being decoded (so
+        none is about to join), the batch has its share of those here and being decoded (one batch per
+        free lane: a burst on two free lanes goes as two batches, computed at once), or the oldest
+        image has waited as long as decoding a full batch takes.
+
+        Why: the clients of a batch just answered send again at once, a burst decoded a few images at a
+        time. With only the wait (``max_wait_ms`` while a lane is free), the first one or two decoded
+        would take the free lane alone and the rest wait a whole batch for the next lane. The wait is
+        stretched meanwhile (:meth:`_retune_wait`), so that the batch does not close before the burst
+        is decoded. (With this hook Ray's batcher moves an image that would overflow the batch to the
+        back of its queue: that takes more images arriving between two of its turns than the batch has
+        room left for.)"""
+        n, full = len(images), self.config.max_batch_size
+        free = len(self._free) - len(self._waiting)  # lanes free for this batch
+        if n >= full or free <= 0:
+            return n  # full, or no lane for it yet: _retune_wait's wait closes it
+        # its share of the requests here and on their way, with the free lanes taking one batch each
+        if self._decoding and n * free < n + self._decoding:
+            now = time.perf_counter()
+            if now - self._decoded_at.get(id(images[0]), now) < self._full_decode_s():
+                return n
+        return full
+
+    def _full_decode_s(self) -> float:
+        """Seconds to decode a full batch on the decoding threads (the wait for a burst)."""
+        threads = self._limiter(0).total_tokens
+        return self.config.max_batch_size * self._per_decode_s / min(threads, self.config.max_batch_size)
+
+    def _wake(self) -> None:
+        """Let the batches waiting for a lane look again (a lane freed, or the oldest stopped waiting)."""
+        event, self._lanes_changed = self._lanes_changed, asyncio.Event()
+        event.set()
+
+    def _retune_wait(self) -> None:
+        """Ray Serve's batcher closes a batch when its wait ends whether or not a lane is free to
+        compute it, so under load it would queue batches of one or two images behind busy lanes.
+        So the wait for the next batch is stretched to when a lane should be free for it: after the
+        batches computing, those waiting and the one forming (at most two full batches' time). The
+        requests that would wait for a lane anyway then fill one batch. With a lane free for it, the
+        wait is ``max_wait_ms``. (The batcher reads the wait when a batch starts forming.)"""
+        import heapq
+
+        wait = self.config.max_wait_ms / 1e3
+        per = self._per_image_s
+        ahead = list(self._waiting.values())
+        if self._forming:
+            ahead.append(min(self._forming, self.config.max_batch_size))
+        if per > 0 and (ahead or len(self._running) >= self.lanes):
+            now = time.perf_counter()
+            free_at = [t0 + per * n for t0, n in self._running.values()]
+            free_at += [now] * (self.lanes - len(free_at))
+            heapq.heapify(free_at)
+            for n in ahead:  # the batches waiting and forming take the lanes in turn
+                heapq.heappush(free_at, max(heapq.heappop(free_at), now) + per * n)
+            wait = max(wait, min(free_at[0] - now, 2 * per * self.config.max_batch_size))
+        if self._decoding:  # wait for the requests being decoded (_batch_size closes the batch sooner)
+            wait = max(wait, self._full_decode_s())
+        self._classify.set_batch_wait_timeout_s(wait)
+
+    async def classify(self, data: bytes, topk: int) -> list[dict]:
+        """Decode ``data`` (off the event loop), batch it with concurrent requests, return its top-k."""
+        import anyio
+
+        self._decoding += 1
+        try:
+            x, seconds = await anyio.to_thread.run_sync(self._decode, data, limiter=self._limiter(0))
+        except ImageError as e:
+            raise ClientError(400, str(e)) from None
+        finally:
+            self._decoding -= 1
+        self._per_decode_s = 0.9 * self._per_decode_s + 0.1 * seconds
+        self.metrics.queue_depth.inc()
+        self._forming += 1
+        self._decoded_at[id(x)] = time.perf_counter()
+        self._retune_wait()  # the batcher reads the wait when this image starts a batch
+        try:
+            probs = await self._classify(x)
+        finally:
+            del self._decoded_at[id(x)]
+        p, i = probs.topk(min(topk, self.num_classes))
+        return [{"class": c, "label": self.names[c], "prob": round(v, 6)} for v, c in zip(p.tolist(), i.tolist())]
+
+    # ---- HTTP --------------------------------------------------------------------------------------
+    async def _handle_classify(self, request: Any) -> Any:
+        from fastapi.responses import JSONResponse
+
+        t0 = time.perf_counter()
+        if self.draining:
+            return error_response(503, "server is shutting down", close=True)
+        if not self.ready:
+            return error_response(503, "model is loading: retry when GET /ready answers 200")
+        self.in_flight += 1
+        self.metrics.in_flight.inc()
+        try:
+            topk = parse_topk(request.query_params.get("topk"), self.config.topk, self.num_classes)
+            c = self.config
+            data = await read_image(request, max_body_mb=c.max_body_mb, read_timeout_s=c.read_timeout_s)
+            top = await self.classify(data, topk)
+        except ClientError as e:
+            return error_response(e.status, str(e), close=e.status in CLOSE_AFTER)
+        finally:
+            self.in_flight -= 1
+            self.metrics.in_flight.dec()
+        ms = (time.perf_counter() - t0) * 1e3
+        body = {"top": top, "model": self.model_name, "latency_ms": round(ms, 2)}
+        return JSONResponse(body, headers={"x-levit-replica": self.replica})
+
+    def build_app(self) -> Any:
+        """The FastAPI app: ``POST /v1/classify``, ``GET /health``, ``/ready``, ``/metrics`` and ``/docs``."""
+        from fastapi import FastAPI, Request
+        from fastapi.responses import JSONResponse, Response
+
+        app = FastAPI(
+            title="levit serve",
+            description=f"LeViT image classification: {self.model_name}",
+            lifespan=self._lifespan,
+        )
+
+        async def classify(request):  # type: ignore[no-untyped-def]
+            return await self._handle_classify(request)
+
+        # FastAPI reads the annotations as objects: the module's `from __future__ import annotations`
+        # would leave the string "Request", which it cannot resolve from inside this function
+        classify.__annotations__ = {"request": Request, "return": Response}
+        app.post("/v1/classify", openapi_extra=CLASSIFY_OPENAPI, response_model=None)(classify)
+
+        @app.get("/health")
+        async def health() -> dict:
+            return {"status": "alive"}
+
+        @app.get("/ready", response_model=None)
+        async def ready() -> Response:
+            if self.draining:
+                return error_response(503, "shutting down")
+            if not self.ready:
+                return error_response(503, self.load_error or "model is loading")
+            return JSONResponse({"status": "ready", "model": self.model_name})
+
+        @app.get("/metrics", response_model=None)
+        async def metrics() -> Response:
+            body, ctype = self.metrics.exposition()
+            return Response(body, media_type=ctype)
+
+        return AccessLog(app, self.metrics, quiet=self.config.quiet)
+
+    def __serve_build_asgi_app__(self) -> Any:  # Ray Serve: the app of each replica (its log goes to Ray's)
+        setup_logging(self.config.quiet)
+        if self.ready:  # loaded in the replica's constructor, in a process that only serves it
+            freeze_heap()
+        return self.build_app()
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Any) -> AsyncIterator[None]:
+        task = None
+        if not self.ready and self.load_error is None:
+            task = asyncio.get_running_loop().run_in_executor(None, self._load_logged)
+        yield
+        if task is not None:
+            with contextlib.suppress(BaseException):
+                await task
+
+    def _load_logged(self) -> None:
+        try:
+            self.load()
+        except Exception as e:  # reported by the server, which then exits 1
+            self.load_error = f"the model failed to load: {first_line(e)}"
+            log.error(self.load_error)
+            return
+        if self.own_process:
+            freeze_heap()

@@ -1,0 +1,207 @@
+"""The server's HTTP protocol: what a classify request may carry and how each refusal is answered.
+
+This module owns the wire side of :class:`levit.runtime.serve.LeViTService`: reading the image of a
+``POST /v1/classify`` (raw bytes of an image media type, or the one file of a multipart form), the
+limits a body must meet (size, read time), the ``topk`` parameter, the one-line JSON errors, the
+OpenAPI description of the route and the access log. Bad input is refused here, by the request's own
+coroutine, before any batch sees it: 400 (not an image, truncated, empty, bad ``topk``, a form without
+a file), 408 (body too slow), 413 (body over the limit), 415 (not an image media type), 499 (the
+client left mid-upload, for the metrics).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from ..utils import first_line
+
+__all__ = [
+    "CLASSIFY_OPENAPI",
+    "IMAGE_TYPES",
+    "ROUTES",
+    "AccessLog",
+    "ClientError",
+    "error_response",
+    "parse_topk",
+    "read_image",
+]
+
+access_log = logging.getLogger("levit.serve.access")
+
+ROUTES = ("/v1/classify", "/health", "/ready", "/metrics", "/docs", "/openapi.json")
+# Content types read as image bytes (the decoder sniffs the format); anything else is 415.
+IMAGE_TYPES = ("image/", "application/octet-stream")
+# Statuses after which the connection is closed: the rest of the body may still be on its way.
+CLOSE_AFTER = (408, 413, 499)
+
+
+class ClientError(Exception):
+    """A request the service refuses: its status code and a one-line message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def error_response(status: int, message: str, *, close: bool = False) -> Any:
+    """The JSON answer ``{"error": message}`` with ``status`` (``close``: the connection closes after it)."""
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": message}, status_code=status, headers={"connection": "close"} if close else None)
+
+
+def parse_topk(text: str | None, default: int, num_classes: int) -> int:
+    """The ``?topk=`` of a request (``default`` when absent); 400 unless an integer in 1..``num_classes``."""
+    if text is None:
+        return default
+    try:
+        k = int(text)
+    except ValueError:
+        k = 0
+    if not 1 <= k <= num_classes:
+        raise ClientError(400, f"topk must be an integer from 1 to {num_classes}, got {text!r}")
+    return k
+
+
+async def read_image(request: Any, *, max_body_mb: float, read_timeout_s: float) -> bytes:
+    """The image in a request: the raw body (an image media type, or none: the bytes are sniffed) or the
+    one file of a multipart form; :class:`ClientError` 415, 413, 408, 499 or 400 otherwise."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    multipart = ctype == "multipart/form-data"
+    if ctype and not multipart and not ctype.startswith(IMAGE_TYPES):
+        raise ClientError(
+            415,
+            f"unsupported media type {ctype!r}: send the image bytes (image/jpeg, image/png, image/webp, "
+            "application/octet-stream) or multipart/form-data with one file",
+        )
+    body = await _read_body(request, max_body_mb, read_timeout_s)
+    if multipart:
+        body = await _form_file(request.headers, body)
+    if not body:
+        raise ClientError(400, "empty body: expected the bytes of one image (JPEG, PNG, WebP, ...)")
+    return body
+
+
+async def _read_body(request: Any, max_body_mb: float, read_timeout_s: float) -> bytes:
+    """The request body, refused (413) as soon as it passes the limit, (408) if it takes too long."""
+    import anyio
+    from starlette.requests import ClientDisconnect
+
+    limit = int(max_body_mb * 2**20)
+    too_big = ClientError(413, f"request body over the {max_body_mb:g} MB limit (--max-body-mb)")
+    declared = request.headers.get("content-length", "")
+    chunks, n = [], 0
+    try:
+        if declared.isdigit() and int(declared) > limit:
+            await _discard(request.stream(), limit)
+            raise too_big
+        with anyio.fail_after(read_timeout_s):
+            async for chunk in request.stream():
+                n += len(chunk)
+                if n > limit:
+                    await _discard(request.stream(), limit)
+                    raise too_big
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ClientError(408, f"request body not received within {read_timeout_s:g} s") from None
+    except ClientDisconnect:
+        raise ClientError(499, "client disconnected before sending the whole body") from None
+    return b"".join(chunks)
+
+
+async def _discard(stream: AsyncIterator[bytes], limit: int, seconds: float = 2.0) -> None:
+    """Read and drop up to ``4 * limit`` more bytes, for at most ``seconds``, before a 413 (a lingering
+    close, as nginx does): a client still uploading then reads the answer instead of a reset connection."""
+    import anyio
+
+    budget = 4 * limit
+    with anyio.move_on_after(seconds):
+        async for chunk in stream:
+            budget -= len(chunk)
+            if budget <= 0:
+                break
+
+
+async def _form_file(headers: Any, body: bytes) -> bytes:
+    """The bytes of the one file in a multipart/form-data body (400 if there is none or it is malformed)."""
+    from starlette.datastructures import UploadFile
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    async def stream() -> AsyncIterator[bytes]:
+        yield body
+
+    try:
+        form = await MultiPartParser(headers, stream(), max_files=1, max_fields=16).parse()
+    except MultiPartException as e:
+        raise ClientError(400, f"malformed multipart/form-data: {first_line(e)}") from None
+    try:
+        files = [v for v in form.values() if isinstance(v, UploadFile)]
+        if not files:
+            raise ClientError(400, "multipart/form-data without a file: expected one image file field")
+        return await files[0].read()
+    finally:
+        await form.close()
+
+
+CLASSIFY_OPENAPI = {
+    "summary": "Classify one image",
+    "description": "The body is the image (JPEG, PNG, WebP, 16-bit PNG, ...) or a multipart form with one file. "
+    "Answers `{top: [{class, label, prob}], model, latency_ms}`; 400 unreadable image, 413 body too "
+    "large, 415 unsupported media type, 503 loading or shutting down.",
+    "parameters": [
+        {"name": "topk", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1}},
+    ],
+    "requestBody": {
+        "required": True,
+        "content": {
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}
+            },
+        },
+    },
+}
+
+
+class AccessLog:
+    """ASGI middleware: one access-log line (unless ``quiet``) and the request counter per HTTP request.
+
+    ``metrics`` has the Prometheus series ``requests`` (by route and status) and ``latency`` (classify
+    requests answered 200)."""
+
+    def __init__(self, app: Any, metrics: Any, *, quiet: bool = False) -> None:
+        self.app, self.metrics, self.quiet = app, metrics, quiet
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        state = {"status": 500, "bytes": 0}
+
+        async def send_logged(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                state["status"] = message["status"]
+            elif message["type"] == "http.response.body":
+                state["bytes"] += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_logged)
+        finally:
+            dt = time.perf_counter() - t0
+            path, status = scope["path"], state["status"]
+            route = path if path in ROUTES else "other"
+            self.metrics.requests.labels(route, str(status)).inc()
+            if route == "/v1/classify" and status == 200:
+                self.metrics.latency.observe(dt)
+            if not self.quiet:
+                client = "{}:{}".format(*scope["client"]) if scope.get("client") else "-"
+                qs = scope.get("query_string", b"").decode("latin-1")
+                target = f"{path}?{qs}" if qs else path
+                access_log.info(
+                    '%s "%s %s" %d %.1fms %dB', client, scope["method"], target, status, dt * 1e3, state["bytes"]
+                )
