@@ -21,6 +21,7 @@ below on Ray Serve.
     python benchmarks/serve_load.py --short              # a couple of minutes: fewer requests, tiny runs
     python benchmarks/serve_load.py --compare-engines --short  # uvicorn vs Ray Serve for one process
     python benchmarks/serve_load.py --backend openvino --threads 2 --max-batch-size 32 --max-wait-ms 10
+    python benchmarks/serve_load.py --gc-cost            # what a full garbage collection costs a loaded server
 
 The load generator shares the machine with the server; each run prints the CPU milliseconds per
 request of both (the server's with its child processes), so the cost of serving is visible apart
@@ -582,6 +583,42 @@ def print_report(results: list[dict], ceiling: dict, args: argparse.Namespace) -
             )
 
 
+def gc_cost(ckpt: Path, args: argparse.Namespace, rounds: int = 5) -> None:
+    """What a full garbage collection costs in a serving process once its model is loaded: the objects
+    the collector tracks (the libraries, the model, the app) and the time of one full collection
+    (median of ``rounds``), before and after ``gc.freeze()`` (what ``levit serve`` does then). A full
+    collection holds the GIL, so under load that time is a pause of the event loop and the lanes."""
+    import gc
+
+    import uvicorn  # noqa: F401  (a serving process has it loaded too)
+
+    import levit
+    from levit.runtime.serve import LeViTService, ServeConfig
+    from levit.runtime.serve_process import freeze_heap
+    from levit.weights.format import read_metadata
+
+    model = levit.create_model(read_metadata(ckpt)["variant"], checkpoint=ckpt)
+    config = ServeConfig(backend=args.backend, threads=args.threads, lanes=args.lanes, quiet=True)
+    service = LeViTService(model, config, load_now=True)
+    service.build_app()
+
+    def collect_ms() -> float:
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            gc.collect()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    tracked, before = len(gc.get_objects()), collect_ms()
+    freeze_heap()
+    print(
+        f"gc: {tracked:,} objects tracked once the model is loaded ({service.lanes} lane(s), backend "
+        f"{args.backend}); a full collection {before:.0f} ms, "
+        f"{collect_ms():.1f} ms after gc.freeze() ({gc.get_freeze_count():,} objects frozen)"
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -610,6 +647,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--health-requests", type=int, default=300)
     p.add_argument("--no-mixed", action="store_true", help="skip the bad-request and disconnect runs")
     p.add_argument("--short", action="store_true", help="200 requests / 20 s per run, 32 JPEGs")
+    p.add_argument(
+        "--gc-cost",
+        action="store_true",
+        help="only the garbage collector's cost in a loaded server: objects tracked, one full collection's time",
+    )
     args = p.parse_args(argv)
     if args.short:
         args.requests, args.duration, args.images, args.health_requests = 200, 20.0, 32, 100
@@ -621,7 +663,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import levit
-    from levit.models.testing import randomize_weights
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' helpers (test support)
+    from helpers import randomize_weights
 
     w, h = (int(v) for v in args.image_size.lower().split("x"))
     args.jpegs = jpegs = photo_jpegs(args.images, (w, h))
@@ -632,6 +676,9 @@ def main(argv: list[str] | None = None) -> int:
             levit.save(randomize_weights(levit.create_model(args.model), seed=0), ckpt)
         if args.compare_engines:
             compare_engines(ckpt, jpegs, args, Path(d))
+            return 0
+        if args.gc_cost:
+            gc_cost(ckpt, args)
             return 0
         ceiling = Ceiling(ckpt, jpegs, args.backend, args.threads, args.max_batch_size, args.lanes)
         results = [bench_engine(e, ckpt, jpegs, args, Path(d), ceiling) for e in args.engine.split(",")]
