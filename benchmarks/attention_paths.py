@@ -17,13 +17,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from pathlib import Path
 
 import torch
 
 import levit
 from levit.models import kernels
-from levit.models.testing import randomize_weights
 from levit.paper.timing import interleaved
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' helpers (test support)
+from helpers import randomize_weights
 
 
 def main() -> int:

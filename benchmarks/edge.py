@@ -48,12 +48,15 @@ from pathlib import Path
 import torch
 
 import levit
+from levit.data.synthetic import photo_like_images
 from levit.models.config import PAPER_RESULTS
-from levit.models.testing import randomize_weights, sample_images
 from levit.paper.speed import device_name
 from levit.paper.timing import interleaved
 from levit.runtime import edge, pte
 from levit.runtime.deploy import build_runner, deploy, resolve
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' helpers (test support)
+from helpers import randomize_weights
 
 VARIANTS = ("levit_128s", "levit_128", "levit_192", "levit_256", "levit_384")
 SECTIONS = ("parity", "int8", "speed")
@@ -61,7 +64,7 @@ SECTIONS = ("parity", "int8", "speed")
 
 def real_images() -> torch.Tensor:
     """The real photos of benchmarks/speed_targets.py (needs scikit-learn and scikit-image), else
-    photo-like synthetic images (levit.testing.sample_images)."""
+    photo-like synthetic images (levit.data.synthetic.photo_like_images)."""
     sys.path.insert(0, str(Path(__file__).parent))
     try:
         from speed_targets import real_images as photos
@@ -69,7 +72,7 @@ def real_images() -> torch.Tensor:
         return photos()
     except ImportError as e:
         print(f"(real photos unavailable: {e}; using 54 synthetic photo-like images)", file=sys.stderr)
-        return sample_images(54, 224, seed=11)
+        return photo_like_images(54, 224, seed=11)
 
 
 def build_model(name: str, checkpoint: str | None, img_size=224) -> torch.nn.Module:
@@ -136,7 +139,7 @@ def section_int8(args, out: Path, images: torch.Tensor) -> list[dict]:
             log(f"int8: {name} int8 ({act} activations) export on {images.shape[0]} images ...")
             t0 = time.perf_counter()
             q = edge.export_executorch(
-                model, out / f"{name}_int8.pte", precision="int8", calibration=images, int8_activations=act
+                model, out / f"{name}_int8.pte", precision="int8", calibration=images, int8=edge.Int8Options(act)
             )
             row[f"executorch {act}"] = {
                 "top1_agreement": q.top1_agreement,
@@ -186,7 +189,7 @@ def section_speed(args, images: torch.Tensor) -> dict:
     precs = ("fp32", "int8 dynamic", "int8 static")
     programs: dict[tuple, bytes] = {}
     fused_models = {name: levit.fuse(build_model(name, args.checkpoint)) for name in args.models}
-    inputs = {b: sample_images(b, 224, seed=1) for b in batches}
+    inputs = {b: photo_like_images(b, 224, seed=1) for b in batches}
     for name, fused in fused_models.items():
         for b in batches:
             for prec in precs:

@@ -13,7 +13,7 @@ units) and top-1 agreement, on two models:
 
 - a LeViT trained on the bundled digits (`levit train --dataset digits`, or --digits-checkpoint):
   its validation digits written as JPEGs at both sizes; accuracy against the true digit too;
-- LeViT-128S with randomised weights (levit.models.testing.randomize_weights, which makes its answers
+- LeViT-128S with randomised weights (tests/helpers.py's randomize_weights, which makes its answers
   depend on the image like a trained model's): photo-like JPEGs and the photos scikit-learn and
   scikit-image ship, at their own size and upscaled to 4032x3024.
 
@@ -36,8 +36,10 @@ import torch
 from PIL import Image
 
 import levit
-from levit.models.testing import randomize_weights, write_sample_jpegs
 from levit.data.preprocess import Preprocess
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' helpers (test support)
+from helpers import randomize_weights, write_sample_jpegs
 
 SIZES = {"500x375": (375, 500), "4032x3024": (3024, 4032)}
 

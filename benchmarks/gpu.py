@@ -46,13 +46,15 @@ import torch.nn.functional as F
 
 import levit
 from levit.models.config import PAPER_RESULTS
-from levit.models.testing import randomize_weights
 from levit.paper.speed import device_name, find_max_batch
 from levit.paper.timing import cuda_sync
 from levit.paper.timing import interleaved as timed_rounds
 from levit.runtime.calibration import fidelity
 from levit.runtime.deploy import build_runner
 from levit.weights.format import to_timm_state_dict
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' helpers (test support)
+from helpers import randomize_weights
 
 PAPER_VARIANTS = ("levit_128s", "levit_128", "levit_192", "levit_256", "levit_384")
 T0 = time.perf_counter()

@@ -1,7 +1,7 @@
 """`levit predict` end to end against its parts, its CPU-time limit and timm's loader loop, in ONE run.
 
 Photo-like JPEGs at ImageNet's typical 500x375 and at phone size (4032x3024) are written once
-(levit.models.testing.write_sample_jpegs), then, side by side on the same machine:
+(tests/helpers.py's write_sample_jpegs), then, side by side on the same machine:
 
 - decode + preprocess alone: CPU seconds per image (one process, one thread) and images/s on all
   cores (DataLoader workers, as the pipeline runs them);
@@ -44,11 +44,13 @@ import torch
 
 import levit
 from levit.data.preprocess import ImageFiles, Preprocess, collate
-from levit.models.testing import randomize_weights, write_sample_jpegs
 from levit.runtime.deploy import deploy_lanes
 from levit.runtime.options import PredictOptions
 from levit.runtime.pipeline import available_cores, lane_layout, plan
 from levit.runtime.predict import predict_files
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' helpers (test support)
+from helpers import randomize_weights, sample_images, write_sample_jpegs
 
 SIZES = {"500x375": (375, 500), "4032x3024": (3024, 4032)}
 
@@ -327,7 +329,7 @@ def main() -> None:
         import timm
 
         timm_model = timm.create_model(args.model, pretrained=False).eval().to(dev)
-    x = levit.models.testing.sample_images(batch, 224)
+    x = sample_images(batch, 224)
     m_cpu = model_cpu_s(run, x, 3) if dev == "cpu" else float("nan")
     m_rate = model_rate(runs, x, max(4, 2 * lanes), dev)
     rows = []

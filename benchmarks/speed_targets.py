@@ -24,16 +24,19 @@ import statistics
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
 
 import levit
 from levit.models.config import DEFAULT_CROP_PCT
-from levit.models.testing import randomize_weights as randomize
 from levit.runtime.calibration import fidelity
 from levit.runtime.deploy import build_runner
 from levit.weights.convert import to_timm_state_dict
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' helpers (test support)
+from helpers import randomize_weights as randomize
 
 
 def real_images(img_size: int = 224) -> torch.Tensor:

@@ -7,14 +7,13 @@ import warnings
 
 import pytest
 import torch
-from helpers import FUSE_TOL, photos, rel_l2_error
+from helpers import FUSE_TOL, photos, randomize_weights, rel_l2_error
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import levit
 from levit.models.config import ABLATIONS, PAPER_ABLATIONS, VARIANTS, LeViTConfig
 from levit.models.layers import Attention, ShrinkAttention
-from levit.models.testing import randomize_weights
 
 ROWS = ["base", *ABLATIONS]
 

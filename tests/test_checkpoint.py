@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import rel_l2_error, tiny_model
+from helpers import randomize_weights, rel_l2_error, tiny_model
 from safetensors.torch import save_file
 
 import levit
 from levit.errors import CheckpointError
 from levit.models.fuse import FusedLeViT
-from levit.models.testing import randomize_weights
 from levit.weights.convert import to_official_state_dict, to_timm_state_dict
 from levit.weights.format import read_metadata
 from levit.weights.hub import download_checkpoint

@@ -28,7 +28,7 @@ Stand-ins keep the whole file fast and offline (no download, no minutes of train
   and ``--pretrained`` take the mirror route. Random stand-ins cannot carry the release's SHA-256, so
   the hash check is switched off here (``levit.weights.hub`` reads no hash from the file names);
   tests/test_checkpoint.py tests it.
-- Images: ``cat.jpg``, ``img.png`` and ``photos/`` are photo-like pictures (levit.models.testing.sample_images).
+- Images: ``cat.jpg``, ``img.png`` and ``photos/`` are photo-like pictures (tests/helpers.py's sample_images).
 - Training: the bundled digits are cut to their first 200 images (scikit-learn's ``load_digits`` is
   wrapped) and every ``levit train`` / ``levit ablate`` run is capped at one epoch. Commands run as
   printed; the accuracies the docs' tables report need the full runs. A page that reads
@@ -131,9 +131,8 @@ def _levit_file(path: Path) -> None:
 
 
 def _images(path: Path, n: int, suffix: str) -> None:
+    from helpers import sample_images
     from PIL import Image
-
-    from levit.models.testing import sample_images
 
     x = sample_images(n, 96, seed=3)
     files = [path] if n == 1 else [path / f"photo_{i}{suffix}" for i in range(n)]

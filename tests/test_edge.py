@@ -1,4 +1,4 @@
-"""levit.edge / levit.pte: ExecuTorch (XNNPACK) programs, fp32 and int8, proven in ExecuTorch's runtime.
+"""levit.runtime.edge / levit.runtime.pte: ExecuTorch (XNNPACK) programs, fp32 and int8, proven in ExecuTorch's runtime.
 
 Lowering costs seconds per graph node, so the model is a two-stage ``levit_tiny`` (every kind of
 LeViT layer: stem, attention blocks, one shrink attention, MLPs, merged head; a third fewer nodes)
@@ -82,6 +82,25 @@ def test_sidecar_describes_what_an_app_needs(model, exported):
     assert rel_max_error(edge.load(res.path)(x), ref) <= 1e-5
 
 
+def test_sidecar_carries_the_models_own_preprocessing(model, exported, tmp_path, monkeypatch):
+    """A model whose weights expect another preprocessing (its ``pretrained_cfg``) gets a sidecar with
+    that preprocessing, not the ImageNet defaults (the program itself is the one already lowered)."""
+    res, _ = exported
+    monkeypatch.setattr(edge, "lower", lambda *a, **k: res.path.read_bytes())
+    own = copy.deepcopy(model)
+    own.pretrained_cfg = {
+        "crop_pct": 1.0,
+        "mean": (0.5, 0.5, 0.5),
+        "std": (0.25, 0.25, 0.25),
+        "interpolation": "bilinear",
+    }
+    out = edge.export_executorch(own, tmp_path / "own.pte", batch_size=3, dynamic_batch=True)
+    pre = edge.read_sidecar(out.path)["preprocessing"]
+    assert pre["crop_pct"] == 1.0 and pre["mean"] == [0.5] * 3 and pre["std"] == [0.25] * 3
+    assert pre["interpolation"] == "bilinear" and pre["crop_mode"] == "center"
+    assert pre["resize_shorter_side"] == 80 and pre["center_crop"] == list(HW)  # max(48, 80) / 1.0
+
+
 def _as_the_sidecar_says(img, pre: dict):
     """docs/edge.md's preprocessing, step by step from the sidecar (what an app does)."""
     import math
@@ -108,7 +127,7 @@ def test_the_sidecar_recipe_is_levits_preprocessing(exported, tmp_path):
     import numpy as np
     from PIL import Image
 
-    from levit.runtime.pipeline import Preprocess
+    from levit.data.preprocess import Preprocess
 
     pre = edge.read_sidecar(exported[0].path)["preprocessing"]
     official = Preprocess(HW)
@@ -152,7 +171,9 @@ def test_a_program_that_fails_its_check_writes_nothing(model, exported, tmp_path
     calib = photos(8, HW, seed=2) if precision == "int8" else None
     match = "does not match PyTorch" if precision == "fp32" else "below the accepted"
     with pytest.raises(ExportError, match=match):
-        edge.export_executorch(planted, out, precision=precision, calibration=calib, min_agreement=0.9)
+        edge.export_executorch(
+            planted, out, precision=precision, calibration=calib, int8=edge.Int8Options(min_agreement=0.9)
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.pte"]
     assert out.read_bytes() == b"old" and edge.sidecar_path(out).read_text() == "old"
 

@@ -1,4 +1,4 @@
-"""levit.export: each format reproduces PyTorch, has a dynamic batch axis, and never leaves half files."""
+"""levit.runtime.export: each format reproduces PyTorch, has a dynamic batch axis, and never leaves half files."""
 
 from __future__ import annotations
 
@@ -117,3 +117,29 @@ def test_exported_fused_checkpoint_roundtrip(model, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), fused(x))
     assert export(loaded, tmp_path / "f.onnx").max_rel_error <= 1e-4
+
+
+def test_one_proof_for_every_artifact(model, tmp_path):
+    """:func:`prove` accepts a file that computes the model and refuses one 1% off, naming the file."""
+    from levit.runtime.export import FP32_MARGIN, proof_images, prove
+
+    fused = levit.fuse(model)
+    images = proof_images(fused, 3, seed=1)
+    proof = prove(fused, fused, images, tolerance=1e-4, what="the exact copy", path=tmp_path / "m")
+    assert proof.images == 3 and proof.max_rel_error <= proof.limit
+    assert proof.limit == max(1e-4, FP32_MARGIN * proof.torch_rel_error)
+    with pytest.raises(ExportError, match=r"the copy 1% off does not match PyTorch.*nothing was written to .*m$"):
+        prove(fused, lambda x: fused(x) * 1.01, images, tolerance=1e-4, what="the copy 1% off", path=tmp_path / "m")
+
+
+def test_proof_images_follow_the_models_normalisation(model):
+    """The proof's images are the same scenes, normalised with the model's own mean and std."""
+    from levit.runtime.export import proof_images
+
+    own = copy.deepcopy(model)
+    own.pretrained_cfg = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+    x, ref = proof_images(own, 3, seed=0), proof_images(model, 3, seed=0)
+    mean, std = torch.tensor(model.pretrained_cfg["mean"]), torch.tensor(model.pretrained_cfg["std"])
+    pixels = x * 0.25 + 0.5
+    assert pixels.min() >= 0 and pixels.max() <= 1 and x.shape == (3, 3, 64, 64)
+    torch.testing.assert_close(pixels, ref * std.view(3, 1, 1) + mean.view(3, 1, 1))

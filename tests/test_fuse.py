@@ -7,13 +7,12 @@ from collections import Counter
 
 import pytest
 import torch
-from helpers import FULL_VARIANTS, FUSE_TOL, photos, randomized_model, rel_l2_error, tiny_model
+from helpers import FULL_VARIANTS, FUSE_TOL, photos, randomize_weights, randomized_model, rel_l2_error, tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import levit
 from levit.models import kernels
 from levit.models.fuse import FusedLeViT
-from levit.models.testing import randomize_weights
 
 
 @pytest.mark.parametrize("name", FULL_VARIANTS)

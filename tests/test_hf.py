@@ -6,12 +6,11 @@ import json
 
 import pytest
 import torch
-from helpers import FUSE_TOL, rel_l2_error
+from helpers import FUSE_TOL, randomize_weights, rel_l2_error, sample_images
 
 import levit
 from levit.errors import CheckpointError
 from levit.models.config import get_config
-from levit.models.testing import randomize_weights, sample_images
 from levit.weights.format import read_metadata
 from levit.weights.hf import hf_config_dict, levit_to_hf_state_dict, save_hf_pretrained
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import FULL_VARIANTS
+from helpers import FULL_VARIANTS, randomize_weights
 from torch import nn
 
 import levit
 from levit.models.config import VARIANTS
 from levit.models.layers import attention_bias_index
-from levit.models.testing import randomize_weights
 
 EXACT = {  # the authors' released models: Table 3 gives these sizes rounded (M params, M FLOPs)
     "levit_128s": (7_777_058, 305_108_946),

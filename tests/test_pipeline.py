@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import randomize_weights, write_sample_jpegs
 from PIL import Image
 
 import levit
@@ -25,7 +26,6 @@ from levit.data.images import open_rgb
 from levit.data.preprocess import Preprocess
 from levit.data.transforms import eval_transform
 from levit.errors import ImageError
-from levit.models.testing import randomize_weights, write_sample_jpegs
 from levit.runtime import pipeline
 from levit.runtime.pipeline import iter_batches
 from levit.runtime.predict import iter_predictions, predict_paths

@@ -1,7 +1,7 @@
 """Tests of the tests: bugs planted on purpose must fail the fusion and timm-parity checks.
 
 A check on a model whose output ignores its input passes whatever the bug. These three bugs are the
-kind a fusion or a conversion could really introduce; with ``levit.models.testing.randomize_weights`` and
+kind a fusion or a conversion could really introduce; with ``helpers.randomize_weights`` and
 photo-like inputs each moves the logits far beyond the tolerances of tests/test_fuse.py and
 tests/test_parity.py (the same constants, the same inputs).
 """

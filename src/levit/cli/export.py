@@ -18,7 +18,7 @@ from .common import (
 
 
 def args_export(p: argparse.ArgumentParser) -> None:
-    from levit.runtime.options import DEFAULT_TOLERANCE, EDGE_FORMAT, FORMATS
+    from levit.runtime.options import DEFAULT_DYNAMIC_MAX_BATCH, DEFAULT_TOLERANCE, EDGE_FORMAT, FORMATS
 
     formats = {**FORMATS, EDGE_FORMAT[0]: EDGE_FORMAT[1]}
     model_options(p)
@@ -41,7 +41,8 @@ def args_export(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="onnx/openvino/torchscript: batch traced with, the batch axis stays dynamic (default 2); "
-        "executorch: the program's fixed batch (default 1), or its largest with --dynamic-batch (default 32)",
+        "executorch: the program's fixed batch (default 1), or its largest with --dynamic-batch "
+        f"(default {DEFAULT_DYNAMIC_MAX_BATCH})",
     )
     p.add_argument("--opset", type=int, default=17, help="ONNX opset")
     p.add_argument(
@@ -116,7 +117,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_export_executorch(args: argparse.Namespace) -> int:
     """``levit export --format executorch``: :func:`levit.runtime.edge.export_executorch`, flags checked first."""
-    from levit.runtime.options import EDGE_FORMAT
+    from levit.runtime.options import DEFAULT_DYNAMIC_MAX_BATCH, EDGE_FORMAT
 
     if args.output.suffix.lower() != EDGE_FORMAT[1]:
         raise UsageError(f"--output: an ExecuTorch program is a {EDGE_FORMAT[1]} file, got {args.output.name!r}")
@@ -127,15 +128,19 @@ def cmd_export_executorch(args: argparse.Namespace) -> int:
         raise UsageError("--calibration, --min-agreement and --int8-activations are for --precision int8")
     if args.min_agreement is not None and not 0 <= args.min_agreement <= 1:
         raise UsageError(f"--min-agreement must be in [0, 1], got {args.min_agreement}")
-    batch = args.batch_size if args.batch_size is not None else (32 if args.dynamic_batch else 1)
+    batch = args.batch_size if args.batch_size is not None else (DEFAULT_DYNAMIC_MAX_BATCH if args.dynamic_batch else 1)
     if batch < (2 if args.dynamic_batch else 1):
         raise UsageError(f"--batch-size must be >= {2 if args.dynamic_batch else 1}, got {batch}")
     from levit.runtime.pte import available
 
     if not available():
         raise UsageError("--format executorch needs ExecuTorch: pip install 'levit[edge]'")
-    from levit.runtime.edge import DEFAULT_MIN_AGREEMENT, export_executorch
+    from levit.runtime.edge import DEFAULT_MIN_AGREEMENT, Int8Options, export_executorch
 
+    int8 = Int8Options(
+        activations=args.int8_activations or "dynamic",
+        min_agreement=DEFAULT_MIN_AGREEMENT if args.min_agreement is None else args.min_agreement,
+    )
     kwargs = {"img_size": args.img_size} if args.img_size else {}
     model = load_model(args, batch=batch, **kwargs)
     with warnings_as_lines():
@@ -147,8 +152,7 @@ def cmd_export_executorch(args: argparse.Namespace) -> int:
             batch_size=batch,
             dynamic_batch=args.dynamic_batch,
             tolerance=args.tolerance,
-            min_agreement=DEFAULT_MIN_AGREEMENT if args.min_agreement is None else args.min_agreement,
-            int8_activations=args.int8_activations or "dynamic",
+            int8=int8,
         )
     print(f"exported {result}")
     return 0

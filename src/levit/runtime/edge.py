@@ -2,28 +2,26 @@
 
 The paper measures LeViT on three device classes (Table 3: GPU, Intel CPU, ARM); ExecuTorch with
 its XNNPACK backend is PyTorch's way onto the third. :func:`export_executorch` fuses the model,
-lowers it (:func:`levit.pte.lower`: ``torch.export`` -> XNNPACK, fp32 or PT2E int8), writes the
-``.pte`` and a JSON sidecar, and proves the written file the way :func:`levit.export.export`
-proves the other formats: the file is loaded in ExecuTorch's runtime and
+lowers it (:func:`levit.runtime.pte.lower`: ``torch.export`` -> XNNPACK, fp32 or PT2E int8), writes
+the ``.pte`` and a JSON sidecar, and proves the written file, loaded in ExecuTorch's runtime:
 
-- fp32: compared with a float64 run of the same fused model on photo-like images; the accepted
-  relative error is ``tolerance`` or ten times fp32 PyTorch's own error, whichever is larger;
+- fp32: by the proof of every export, :func:`levit.runtime.export.prove` (against a float64 run of
+  the same fused model on photo-like images);
 - int8: its top-1 agreement and largest relative logit error against the fused fp32 model on the
-  calibration images are measured with :func:`levit.deploy.fidelity` (the measure ``levit deploy``
-  reports for its int8 backends); below ``min_agreement`` the file fails.
+  calibration images are measured with :func:`levit.runtime.calibration.fidelity` (what
+  :func:`levit.deploy` reports for its int8 backends); below ``min_agreement`` the file fails.
 
 A file that fails is not written (neither is its sidecar): both are written under temporary
 names and renamed once the check has passed.
 
 The sidecar (``model.json`` beside ``model.pte``) holds what an app needs besides the program:
-the variant, the input size and batch, the preprocessing (resize, centre crop, mean, std), the
-precision and the class names.
+the variant, the input size and batch, the model's own preprocessing (resize, crop, interpolation,
+mean, std: :meth:`levit.data.preprocess.Preprocess.from_model`), the precision and the class names.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import os
@@ -35,7 +33,9 @@ import torch
 from torch import Tensor, nn
 
 from ..utils import atomic_path
-from .export import _FP32_MARGIN, DEFAULT_TOLERANCE, ExportError, _rel_error
+from .calibration import CalibrationImages
+from .export import DEFAULT_TOLERANCE, ExportError, proof_images, prove
+from .options import DEFAULT_DYNAMIC_MAX_BATCH
 from .pte import INT8_ACTIVATIONS, PRECISIONS, ExecuTorchError, Program, check_available, lower
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "SIDECAR_FORMAT",
     "SUFFIX",
     "EdgeExportResult",
+    "Int8Options",
     "export_executorch",
     "load",
     "read_sidecar",
@@ -55,11 +56,31 @@ __all__ = [
 
 FORMAT, SUFFIX = "executorch", ".pte"
 SIDECAR_FORMAT = "levit-executorch/1"
-DEFAULT_DYNAMIC_MAX_BATCH = 32  # the largest batch of a dynamic-batch program when none is given
 # int8 fails below this top-1 agreement with fp32: a broken quantization (a wrong scale, a wrong
-# weight) agrees on about 1/classes of the images, while int8 of LeViT on randomised weights and
-# photo-like images agrees on 60-90% (deploy's int8 backends alike: tests/test_deploy.py)
+# weight) agrees on about 1/classes of the images, a working one on most of them, even on randomised
+# weights whose top logits are close (docs/edge.md measures it beside levit.deploy's int8 backends)
 DEFAULT_MIN_AGREEMENT = 0.5
+
+
+@dataclass(frozen=True)
+class Int8Options:
+    """How an int8 program is quantized and accepted (:func:`export_executorch`).
+
+    ``activations``: ``dynamic`` (the linear layers' inputs quantized per token while the program
+    runs) or ``static`` (per tensor, scales calibrated): :data:`levit.runtime.pte.INT8_ACTIVATIONS`.
+    ``min_agreement``: the lowest accepted top-1 agreement with fp32 on the calibration images.
+    """
+
+    activations: str = "dynamic"
+    min_agreement: float = DEFAULT_MIN_AGREEMENT
+
+    def __post_init__(self) -> None:
+        if self.activations not in INT8_ACTIVATIONS:
+            raise ExportError(
+                f"int8 activations must be one of {', '.join(INT8_ACTIVATIONS)}, got {self.activations!r}"
+            )
+        if not 0 <= self.min_agreement <= 1:
+            raise ExportError(f"min_agreement must be in [0, 1], got {self.min_agreement}")
 
 
 @dataclass(frozen=True)
@@ -118,11 +139,38 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _preprocessing(model: nn.Module) -> dict:
+    """The model's own preprocessing (:meth:`levit.data.preprocess.Preprocess.from_model`), spelt out
+    step by step for an app that has no levit."""
+    from ..data.preprocess import Preprocess
+
+    pre = Preprocess.from_model(model)
+    h, w = pre.out_hw
+    if pre.crop_mode == "squash":  # both sides to img_size / crop_pct, the aspect not kept
+        resize = {"resize_to": [math.floor(h / pre.crop_pct), math.floor(w / pre.crop_pct)]}
+    else:
+        resize = {
+            "resize_shorter_side": pre.resize,
+            "resize_longer_side": "floor(longer * resize_shorter_side / shorter)",
+        }
+    return {
+        "crop_mode": pre.crop_mode,
+        **resize,
+        "interpolation": pre.interpolation,
+        "center_crop": [h, w],
+        "crop_offset": "round((resized - crop) / 2) per axis, a half rounded to even",
+        "crop_pct": pre.crop_pct,
+        "scale": 1 / 255,
+        "mean": list(pre.mean),
+        "std": list(pre.std),
+        "formula": "(pixel * scale - mean[c]) / std[c], channel c in R, G, B order",
+    }
+
+
 def _metadata(
     model: nn.Module, path: Path, precision: str, batch: int, dynamic: bool, check: dict, activations: str | None
 ) -> dict:
     """The sidecar: everything an app needs besides the program."""
-    from ..data.transforms import DEFAULT_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD
     from .predict import class_names_for
 
     cfg = model.config
@@ -137,19 +185,7 @@ def _metadata(
         "int8_activations": activations,
         "batch": {"min": 1, "max": batch} if dynamic else batch,
         "input": {"shape": [batch, cfg.in_chans, h, w], "dtype": "float32", "layout": "NCHW", "channels": "RGB"},
-        # the official evaluation preprocessing (levit.data.eval_transform)
-        "preprocessing": {
-            "resize_shorter_side": math.floor(max(h, w) / DEFAULT_CROP_PCT),
-            "resize_longer_side": "floor(longer * resize_shorter_side / shorter)",
-            "interpolation": "bicubic",
-            "center_crop": [h, w],
-            "crop_offset": "round((resized - crop) / 2) per axis, a half rounded to even",
-            "crop_pct": DEFAULT_CROP_PCT,
-            "scale": 1 / 255,
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
-            "formula": "(pixel * scale - mean[c]) / std[c], channel c in R, G, B order",
-        },
+        "preprocessing": _preprocessing(model),
         "output": {"shape": [batch, n], "dtype": "float32", "kind": "logits" if n else "features"},
         "class_names": class_names_for(model) if n else [],
         "check": check,
@@ -188,15 +224,7 @@ def _fused(model: nn.Module) -> nn.Module:
     return inference_form(model).float().cpu().eval()  # a new module: the input is untouched
 
 
-def _check_args(
-    path: Path,
-    precision: str,
-    batch_size: int,
-    dynamic_batch: bool,
-    tolerance: float,
-    min_agreement: float,
-    int8_activations: str,
-) -> None:
+def _check_args(path: Path, precision: str, batch_size: int, dynamic_batch: bool, tolerance: float) -> None:
     if path.suffix.lower() != SUFFIX:
         raise ExportError(f"an ExecuTorch program is a {SUFFIX} file, got {path.name!r}")
     if not path.parent.is_dir():
@@ -209,10 +237,20 @@ def _check_args(
         raise ExportError(f"a dynamic batch runs 1..batch_size: batch_size must be >= 2, got {batch_size}")
     if not tolerance > 0:
         raise ExportError(f"tolerance must be > 0, got {tolerance}")
-    if not 0 <= min_agreement <= 1:
-        raise ExportError(f"min_agreement must be in [0, 1], got {min_agreement}")
-    if int8_activations not in INT8_ACTIVATIONS:
-        raise ExportError(f"int8_activations must be one of {', '.join(INT8_ACTIVATIONS)}, got {int8_activations!r}")
+
+
+def _calibration(fused: nn.Module, calibration: CalibrationImages | None) -> Tensor:
+    """The int8 calibration images, decoded with the model's own preprocessing."""
+    from ..data.preprocess import Preprocess
+    from .calibration import load_calibration
+
+    if calibration is None:
+        raise ExportError("int8 needs calibration images (calibration=... / --calibration)")
+    calib = load_calibration(calibration, Preprocess.from_model(fused))
+    if tuple(calib.shape[-2:]) != fused.config.img_hw:
+        h, w = fused.config.img_hw
+        raise ExportError(f"calibration images are {calib.shape[-2]}x{calib.shape[-1]}, the model takes {h}x{w}")
+    return calib
 
 
 def export_executorch(
@@ -220,12 +258,11 @@ def export_executorch(
     path: str | os.PathLike,
     *,
     precision: str = "fp32",
-    calibration: Tensor | str | os.PathLike | list | None = None,
+    calibration: CalibrationImages | None = None,
     batch_size: int = 1,
     dynamic_batch: bool = False,
     tolerance: float = DEFAULT_TOLERANCE,
-    min_agreement: float = DEFAULT_MIN_AGREEMENT,
-    int8_activations: str = "dynamic",
+    int8: Int8Options = Int8Options(),
 ) -> EdgeExportResult:
     """Export the fused ``model`` to an ExecuTorch program for XNNPACK at ``path`` (``.pte``) with its
     JSON sidecar (:func:`sidecar_path`), and check the written file in ExecuTorch's runtime.
@@ -239,49 +276,33 @@ def export_executorch(
             (N, 3, H, W) tensor, tensors, or image files/folders (as for :func:`levit.deploy`).
         batch_size: the program's fixed batch (1: what phones run); with ``dynamic_batch``, its largest.
         dynamic_batch: a batch of 1..``batch_size`` instead of a fixed one.
-        tolerance: fp32: the accepted relative error against float64 (fp32 rounding allowed on top).
-        min_agreement: int8: the lowest accepted top-1 agreement with fp32 on the calibration images.
-        int8_activations: int8: ``dynamic`` (the linear layers' inputs quantized per token while the
-            program runs) or ``static`` (per tensor, scales calibrated): :data:`levit.runtime.pte.INT8_ACTIVATIONS`.
+        tolerance: fp32: the accepted relative error against float64 (:func:`levit.runtime.export.prove`).
+        int8: int8: the activations' quantization and the lowest accepted agreement (:class:`Int8Options`).
 
-    Raises :class:`levit.export.ExportError` (and writes nothing) when the export or its check fails.
+    Raises :class:`levit.runtime.export.ExportError` (and writes nothing) when the export or its check fails.
     """
     path = Path(path)
-    _check_args(path, precision, batch_size, dynamic_batch, tolerance, min_agreement, int8_activations)
-    activations = int8_activations if precision == "int8" else None
+    _check_args(path, precision, batch_size, dynamic_batch, tolerance)
     try:
         check_available()
     except ExecuTorchError as e:
         raise ExportError(str(e)) from None
     fused = _fused(model)
-    cfg = fused.config
-    calib = None
-    if precision == "int8":
-        if calibration is None:
-            raise ExportError("int8 needs calibration images (calibration=... / --calibration)")
-        from ..data.preprocess import Preprocess
-        from .calibration import load_calibration
-
-        calib = load_calibration(calibration, Preprocess.from_model(fused))
-        if tuple(calib.shape[-2:]) != cfg.img_hw:
-            h, w = cfg.img_hw
-            raise ExportError(f"calibration images are {calib.shape[-2]}x{calib.shape[-1]}, the model takes {h}x{w}")
-    from ..models.testing import sample_images
-
+    calib = _calibration(fused, calibration) if precision == "int8" else None
     t0 = time.perf_counter()
-    example = sample_images(batch_size, cfg.img_hw, seed=0)
     max_batch = batch_size if dynamic_batch else None
-    try:
+    try:  # the example only fixes the input's shape (and, dynamic, its largest batch)
         data = lower(
             fused,
-            example,
+            proof_images(fused, batch_size, seed=0),
             precision=precision,
             calibration=calib,
             max_batch=max_batch,
-            int8_activations=int8_activations,
+            int8_activations=int8.activations,
         )
     except ExecuTorchError as e:
         raise ExportError(str(e)) from e
+    activations = int8.activations if precision == "int8" else None
     with atomic_path(path, companions=(".json",)) as tmp:
         tmp.write_bytes(data)
         try:
@@ -289,7 +310,7 @@ def export_executorch(
             if precision == "fp32":
                 check = _check_fp32(fused, program, batch_size, dynamic_batch, tolerance, path)
             else:
-                check = _check_int8(fused, program, calib, min_agreement, path)
+                check = _check_int8(fused, program, calib, int8.min_agreement, path)
         except ExecuTorchError as e:
             raise ExportError(f"{e}; nothing was written to {path}") from e
         meta = _metadata(fused, path, precision, batch_size, dynamic_batch, check, activations)
@@ -311,31 +332,29 @@ def export_executorch(
 def _check_fp32(
     fused: nn.Module, program: Program, batch_size: int, dynamic: bool, tolerance: float, path: Path
 ) -> dict:
-    """The program against float64 PyTorch on photo-like images: two full batches (fixed batch),
-    or one image and then three (dynamic: the batch is shown to vary)."""
-    from ..models.testing import sample_images
-
-    cfg = fused.config
+    """The program proven (:func:`levit.runtime.export.prove`) on two full batches (fixed batch), or
+    on one image and then three (dynamic: the batch is shown to vary)."""
     sizes = [1, min(3, batch_size)] if dynamic else [batch_size, batch_size]
-    images = sample_images(sum(sizes), cfg.img_hw, seed=1)
-    with torch.inference_mode():
-        exact = copy.deepcopy(fused).double()(images.double())  # the answer fp32 only approximates
-        torch_err = _rel_error(fused(images), exact)
-    limit = max(tolerance, _FP32_MARGIN * torch_err)
-    got = torch.cat([program(c) for c in images.split(sizes)])
-    err = _rel_error(got, exact) if tuple(got.shape) == tuple(exact.shape) else float("inf")
-    if not err <= limit:
-        raise ExportError(
-            f"the ExecuTorch program does not match PyTorch: relative error {err:.2e} vs float64 > {limit:.1e} "
-            f"(fp32 PyTorch: {torch_err:.2e}; shape {tuple(got.shape)} vs {tuple(exact.shape)}); "
-            f"nothing was written to {path}"
-        )
-    return {"images": int(images.shape[0]), "max_rel_error": err, "torch_rel_error": torch_err, "limit": limit}
+    images = proof_images(fused, sum(sizes), seed=1)
+    proof = prove(
+        fused,
+        lambda x: torch.cat([program(c) for c in x.split(sizes)]),
+        images,
+        tolerance=tolerance,
+        what="the ExecuTorch program",
+        path=path,
+    )
+    return {
+        "images": proof.images,
+        "max_rel_error": proof.max_rel_error,
+        "torch_rel_error": proof.torch_rel_error,
+        "limit": proof.limit,
+    }
 
 
 def _check_int8(fused: nn.Module, program: Program, calib: Tensor, min_agreement: float, path: Path) -> dict:
     """Top-1 agreement and max relative logit error against fp32 PyTorch on the calibration images,
-    as :func:`levit.deploy.fidelity` measures them for ``levit deploy``'s int8."""
+    as :func:`levit.runtime.calibration.fidelity` measures them for :func:`levit.deploy`'s int8."""
     from .calibration import fidelity
 
     with torch.inference_mode():

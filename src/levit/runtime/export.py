@@ -1,15 +1,18 @@
 """Export the fused LeViT to ONNX, OpenVINO IR or TorchScript, and prove the file equal to PyTorch.
 
-Every export runs the written file in its own runtime on a batch of a different size than the
-one it was traced with (so the batch dimension is shown to be dynamic) and compares its logits
-with a float64 run of the same fused model: the exact answer, which fp32 PyTorch itself only
-approximates. The accepted error is ``tolerance`` or ten times fp32 PyTorch's own error against
-float64, whichever is larger, so a model whose BatchNorm statistics make fp32 rounding visible
-still exports, while a wrong graph (errors of 1e-2 and more) never does. The file only appears at
-``path`` once that check has passed (written under a temporary name, then renamed).
+:func:`prove` is the one proof of every exported artifact (these formats, and ExecuTorch programs:
+:func:`levit.runtime.edge.export_executorch`): the written file runs in its own runtime on
+photo-like images normalised as the model's preprocessing normalises photos (:func:`proof_images`),
+here on a batch of a different size than the one it was traced with (so the batch dimension is
+shown to be dynamic), and its logits are compared with a float64 run of the same fused model: the
+exact answer, which fp32 PyTorch itself only approximates. The accepted error is ``tolerance`` or
+:data:`FP32_MARGIN` times fp32 PyTorch's own error against float64, whichever is larger, so a model
+whose BatchNorm statistics make fp32 rounding visible still exports, while a wrong graph, whose
+error is orders of magnitude above fp32 rounding, never does. The file only appears at ``path``
+once that check has passed (written under a temporary name, then renamed).
 
 :func:`write_onnx` and :func:`to_openvino` are the package's one ONNX export and one OpenVINO
-conversion (:mod:`levit.deploy` runs its backends on them too).
+conversion (the backends of :func:`levit.runtime.deploy.deploy` run on them too).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import copy
 import io
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,12 +35,18 @@ from .options import DEFAULT_TOLERANCE, FORMATS
 __all__ = [
     "DEFAULT_TOLERANCE",
     "FORMATS",
+    "FP32_MARGIN",
     "MIN_OPSET",
     "ExportError",
     "ExportResult",
+    "Proof",
     "check_opset",
+    "check_packages",
     "export",
     "max_opset",
+    "proof_images",
+    "prove",
+    "rel_error",
     "resolve_format",
     "to_openvino",
     "write_onnx",
@@ -44,7 +54,10 @@ __all__ = [
 
 _PACKAGES = {"onnx": ("onnx", "onnxruntime"), "openvino": ("openvino",), "torchscript": ()}
 MIN_OPSET = 14  # HardSwish is an ONNX operator from opset 14 on
-_FP32_MARGIN = 10.0  # an export may be this many times further from float64 than fp32 PyTorch is
+# an exported file may be this many times further from float64 than fp32 PyTorch is: a runtime's
+# kernels round differently from PyTorch's (other summation orders, fused operations), by the same
+# order of magnitude, while a wrong graph is off by far more
+FP32_MARGIN = 10.0
 
 
 class ExportError(LeViTError, RuntimeError):
@@ -60,7 +73,7 @@ class ExportResult:
     max_rel_error: float  # max |exported - float64| / max |float64| on the check batch
     check_batch: int
     torch_rel_error: float = 0.0  # the same measure for fp32 PyTorch: the rounding floor
-    limit: float = DEFAULT_TOLERANCE  # the accepted error: max(tolerance, 10 x torch_rel_error)
+    limit: float = DEFAULT_TOLERANCE  # the accepted error: max(tolerance, FP32_MARGIN x torch_rel_error)
 
     def __str__(self) -> str:
         return (
@@ -69,8 +82,65 @@ class ExportResult:
         )
 
 
-def _rel_error(a: Tensor, b: Tensor) -> float:
+def rel_error(a: Tensor, b: Tensor) -> float:
+    """``max |a - b| / max |b|`` in float64: the measure every exported file is judged by."""
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+@dataclass(frozen=True)
+class Proof:
+    """What :func:`prove` measured: the file's error against float64 and fp32 PyTorch's (both
+    :func:`rel_error`), the accepted error, and the number of images."""
+
+    max_rel_error: float
+    torch_rel_error: float
+    limit: float
+    images: int
+
+
+def proof_images(model: nn.Module, n: int, *, seed: int = 0) -> Tensor:
+    """``n`` photo-like images at ``model``'s input size, normalised with the mean and std of its
+    ``pretrained_cfg`` (:func:`levit.data.synthetic.photo_like_images`): the inputs of :func:`prove`."""
+    from ..data.synthetic import photo_like_images
+    from ..models.config import IMAGENET_MEAN, IMAGENET_STD
+
+    cfg = model.config
+    pre = getattr(model, "pretrained_cfg", None) or {}
+    mean, std = pre.get("mean", IMAGENET_MEAN), pre.get("std", IMAGENET_STD)
+    if len(mean) != cfg.in_chans:  # not an RGB model: every channel normalised alike
+        mean, std = [sum(mean) / len(mean)] * cfg.in_chans, [sum(std) / len(std)] * cfg.in_chans
+    return photo_like_images(n, cfg.img_hw, seed=seed, mean=mean, std=std)
+
+
+def prove(
+    fused: nn.Module,
+    run: Callable[[Tensor], Tensor],
+    images: Tensor,
+    *,
+    tolerance: float,
+    what: str,
+    path: str | os.PathLike,
+) -> Proof:
+    """Prove that ``run`` (a written file, run in its own runtime) computes ``fused`` (the fp32
+    inference module it was made from) on ``images``, or raise :class:`ExportError`.
+
+    The reference is a float64 run of ``fused``; the accepted error is ``tolerance`` or
+    :data:`FP32_MARGIN` times fp32 PyTorch's own error, whichever is larger. ``what`` names the file
+    in the error ("the exported onnx model"), which also says that nothing was written to ``path``.
+    """
+    with torch.inference_mode():
+        exact = copy.deepcopy(fused).double()(images.double())  # float64: the answer fp32 only approximates
+        torch_err = rel_error(fused(images), exact)
+    limit = max(tolerance, FP32_MARGIN * torch_err)
+    got = run(images)
+    err = rel_error(got, exact) if tuple(got.shape) == tuple(exact.shape) else float("inf")
+    if not err <= limit:
+        raise ExportError(
+            f"{what} does not match PyTorch: relative error {err:.2e} vs float64 > {limit:.1e} "
+            f"(fp32 PyTorch: {torch_err:.2e}; shape {tuple(got.shape)} vs {tuple(exact.shape)}); "
+            f"nothing was written to {path}"
+        )
+    return Proof(err, torch_err, limit, int(images.shape[0]))
 
 
 def check_packages(fmt: str) -> None:
@@ -101,7 +171,7 @@ def check_opset(opset: int) -> None:
 
 def write_onnx(model: nn.Module, example: Tensor, dest: str | os.PathLike | io.BytesIO, opset: int = 17) -> None:
     """Write ``model`` (an fp32 inference module) as ONNX with a dynamic batch axis: the package's
-    one ONNX export (``levit export`` and the onnxruntime backend of :func:`levit.deploy`)."""
+    one ONNX export (``levit export`` and :func:`levit.runtime.backend_onnxruntime.onnx_bytes`)."""
     check_opset(opset)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -129,7 +199,8 @@ def _run_onnx(path: Path, x: Tensor) -> Tensor:
 
 def to_openvino(model: nn.Module, example: Tensor):
     """``model`` (an fp32 inference module) converted to an ``openvino.Model`` with a dynamic batch
-    axis: the package's one OpenVINO conversion (``levit export`` and :func:`levit.deploy`)."""
+    axis: the package's one OpenVINO conversion (``levit export`` and
+    :func:`levit.runtime.backend_openvino.openvino_runner`)."""
     import openvino as ov
 
     with warnings.catch_warnings():
@@ -195,9 +266,9 @@ def export(
         format: ``onnx``, ``openvino`` or ``torchscript``; ``None`` infers it from the suffix.
         batch_size: the batch traced with; the check runs another batch size (dynamic batch).
         opset: ONNX opset (14 or newer).
-        tolerance: the accepted relative error against float64 (max |diff| / max |logit|); fp32
-            rounding is allowed on top (10x fp32 PyTorch's own error). Above it
-            :class:`ExportError` is raised and nothing is written.
+        tolerance: the accepted relative error against float64 (:func:`rel_error`); fp32 rounding
+            is allowed on top (:data:`FP32_MARGIN` times fp32 PyTorch's own error). Above it
+            :class:`ExportError` is raised and nothing is written (:func:`prove`).
     """
     from ..models.fuse import inference_form
 
@@ -214,15 +285,8 @@ def export(
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise ExportError(f"export() needs a levit model, got {type(model).__name__}")
     fused = inference_form(model).float().cpu()  # a new module: the input is untouched
-    cfg = fused.config
-    gen = torch.Generator().manual_seed(0)
-    example = torch.randn(batch_size, cfg.in_chans, *cfg.img_hw, generator=gen)
-    check = torch.randn(batch_size + 1, cfg.in_chans, *cfg.img_hw, generator=gen)
-    with torch.inference_mode():
-        exact = copy.deepcopy(fused).double()(check.double())  # float64: the answer fp32 only approximates
-        torch_err = _rel_error(fused(check), exact)
-    limit = max(tolerance, _FP32_MARGIN * torch_err)
-
+    example = proof_images(fused, batch_size, seed=0)
+    check = proof_images(fused, batch_size + 1, seed=1)  # another batch size: the batch axis is dynamic
     companions = (".bin",) if format == "openvino" else ()
     with atomic_path(path, companions=companions) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -237,12 +301,13 @@ def export(
             raise
         except Exception as e:
             raise ExportError(f"{format} export failed: {type(e).__name__}: {first_line(e)}") from e
-        got = {"onnx": _run_onnx, "openvino": _run_openvino, "torchscript": _run_torchscript}[format](tmp, check)
-        err = _rel_error(got, exact) if tuple(got.shape) == tuple(exact.shape) else float("inf")
-        if not err <= limit:
-            raise ExportError(
-                f"the exported {format} model does not match PyTorch: relative error {err:.2e} vs float64 > "
-                f"{limit:.1e} (fp32 PyTorch: {torch_err:.2e}; shape {tuple(got.shape)} vs {tuple(exact.shape)}); "
-                f"nothing was written to {path}"
-            )
-    return ExportResult(path, format, err, int(check.shape[0]), torch_err, limit)
+        runner = {"onnx": _run_onnx, "openvino": _run_openvino, "torchscript": _run_torchscript}[format]
+        proof = prove(
+            fused,
+            lambda x: runner(tmp, x),
+            check,
+            tolerance=tolerance,
+            what=f"the exported {format} model",
+            path=path,
+        )
+    return ExportResult(path, format, proof.max_rel_error, proof.images, proof.torch_rel_error, proof.limit)

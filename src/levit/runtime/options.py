@@ -15,6 +15,7 @@ __all__ = [
     "BACKENDS",
     "CALIBRATION_IMAGES",
     "CPU_BATCH_SIZE",
+    "DEFAULT_DYNAMIC_MAX_BATCH",
     "DEFAULT_TOLERANCE",
     "EDGE_FORMAT",
     "FORMATS",
@@ -38,6 +39,7 @@ SUPPORTED_PRECISIONS: dict[str, tuple[str, ...]] = {
 # export formats and the file suffix each is recognised by
 FORMATS = {"onnx": ".onnx", "openvino": ".xml", "torchscript": ".pt"}
 EDGE_FORMAT = ("executorch", ".pte")  # ExecuTorch programs (levit.runtime.edge), exported by their own path
+DEFAULT_DYNAMIC_MAX_BATCH = 32  # the largest batch of a dynamic-batch ExecuTorch program when none is given
 DEFAULT_TOLERANCE = 1e-4  # relative to the float64 run; the fp32 rounding floor is added on top
 
 

@@ -55,9 +55,9 @@ __all__ = [
 PRECISIONS = ("fp32", "int8")
 # int8 activations: "dynamic" quantizes the inputs of the linear layers per token while the program
 # runs (XNNPACK's dynamically quantized GEMMs); "static" quantizes the inputs of the linear layers
-# and convolutions per tensor, with scales calibrated beforehand. On LeViT-128S, 54 real photos:
-# top-1 agreement with fp32 70.4% (dynamic) against 53.7% (static), 249 and 261 img/s at batch 1 on
-# one thread against 114 for fp32 (benchmarks/edge.py, docs/edge.md).
+# and convolutions per tensor, with scales calibrated beforehand. Dynamic is the default: a scale per
+# token follows LeViT's activations, whose range varies from token to token, closer than one
+# calibrated scale per tensor, at about the same speed (docs/edge.md measures both with benchmarks/edge.py).
 INT8_ACTIVATIONS = ("dynamic", "static")
 
 _aten = torch.ops.aten
