@@ -164,7 +164,7 @@ def test_numeric_flags_are_checked_in_one_line_with_exit_2(tmp_path, argv, words
 def test_an_img_size_that_cannot_fit_is_refused_before_anything_is_allocated(tmp_path, monkeypatch):
     from PIL import Image
 
-    import levit.factory.registry
+    import levit.factory.create
     import levit.utils
 
     Image.new("RGB", (40, 30)).save(tmp_path / "cat.png")
@@ -173,7 +173,7 @@ def test_an_img_size_that_cannot_fit_is_refused_before_anything_is_allocated(tmp
     def no_model(*args, **kwargs):
         raise AssertionError("the model must not be built")
 
-    monkeypatch.setattr(levit.factory.registry, "create_model", no_model)
+    monkeypatch.setattr(levit.factory.create, "create_model", no_model)
     r = cli("predict", tmp_path / "cat.png", "-m", "levit_tiny", "--img-size", "2048")
     assert r.returncode == 2
     line = _one_error_line(r)
@@ -271,13 +271,13 @@ def test_a_large_data_recipe_on_a_tiny_dataset_says_what_it_implies(tmp_path):
     ],
 )
 def test_an_output_that_cannot_be_written_is_refused_before_the_job(tmp_path, monkeypatch, argv, target):
-    import levit.factory.registry
+    import levit.factory.create
     import levit.paper.speed
 
     def no_job(*args, **kwargs):
         raise AssertionError("the job must not start")
 
-    monkeypatch.setattr(levit.factory.registry, "create_model", no_job)
+    monkeypatch.setattr(levit.factory.create, "create_model", no_job)
     monkeypatch.setattr(levit.paper.speed, "benchmark", no_job)
     (tmp_path / "cat.jpg").write_bytes(b"\xff\xd8 a photo")
     (tmp_path / "folder.onnx").mkdir()

@@ -13,7 +13,7 @@ from ._version import __version__
 
 if TYPE_CHECKING:
     from .factory.backbone import create_backbone
-    from .factory.registry import create_model
+    from .factory.create import create_model
     from .models.config import LeViTConfig, list_models
     from .models.flops import count_flops, count_params
     from .models.fuse import fuse
@@ -39,7 +39,7 @@ _PUBLIC = {
     "create_backbone": "factory.backbone",
     "count_flops": "models.flops",
     "count_params": "models.flops",
-    "create_model": "factory.registry",
+    "create_model": "factory.create",
     "deploy": "runtime.deploy",
     "fuse": "models.fuse",
     "list_models": "models.config",

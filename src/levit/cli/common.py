@@ -232,7 +232,7 @@ def warnings_as_lines() -> Iterator[None]:
 def load_model(args: argparse.Namespace, batch: int = 1, **kwargs: object):
     """The model named by --model / --checkpoint / --pretrained (levit files may omit --model); an
     ``img_size`` whose attention for ``batch`` images would not fit in memory is refused first."""
-    from levit.factory.registry import create_model
+    from levit.factory.create import create_model
     from levit.weights.format import read_metadata
 
     name = args.model

@@ -138,7 +138,7 @@ def create_backbone(
         >>> backbone = levit.create_backbone("levit_128s", checkpoint="LeViT-128S-96703c44.pth")
         >>> detector = FasterRCNN(backbone, num_classes=91)
     """
-    from .registry import create_model
+    from .create import create_model
 
     body = create_model(name, checkpoint=checkpoint, pretrained=pretrained, **model_kwargs)
     return LeViTBackbone(body, out_indices, fpn, out_channels, extra_levels, frozen_bn)

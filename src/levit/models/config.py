@@ -36,6 +36,8 @@ def check_crop_pct(crop_pct: object, what: str = "crop_pct") -> float:
     if isinstance(crop_pct, bool) or not isinstance(crop_pct, int | float) or not 0.0 < crop_pct <= 1.0:
         raise ValueError(f"{what} must be in (0, 1], got {crop_pct!r}")
     return float(crop_pct)
+
+
 #: the stem's total stride: four stride-2 convolutions (Section 4.2), or the one 16x16 stride-16
 #: convolution of Table 5's A2; input sides are multiples of it and stage s has stride PATCH_SIZE * 2**s
 PATCH_SIZE = 16
@@ -352,7 +354,5 @@ def get_config(name: str, **overrides: object) -> LeViTConfig:
 
     ``ablation="A1".."A7"`` first turns the variant into the paper's Table 5 row, then the other
     overrides apply."""
-    from ..models.config import ablation_config
-
     ablation = overrides.pop("ablation", None)
     return ablation_config(VARIANTS[canonical_name(name)], ablation).replace(**overrides)

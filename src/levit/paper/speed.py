@@ -176,7 +176,7 @@ def _flops_of(module: nn.Module, img_size: int) -> int:
 
 def _build(entry: BenchModel, img_size: int | None) -> tuple[nn.Module, int, int, int]:
     """(inference module, params, FLOPs per image, resolution)."""
-    from ..factory.registry import create_model
+    from ..factory.create import create_model
     from ..models.flops import count_flops, count_params
     from ..models.fuse import inference_form
 

@@ -1,4 +1,4 @@
-"""The ``create_model`` entry point: a network from its name, with weights loaded (the name lookup lives in
+"""``create_model``: a network from its name, with weights loaded (the name lookup lives in
 :mod:`levit.models.config`; it is re-exported here)."""
 
 from __future__ import annotations
