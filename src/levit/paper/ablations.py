@@ -179,7 +179,7 @@ def _train_row(row: str, s: AblationSettings, out: Path) -> dict[str, Any]:
 
 def _speeds(rows: Sequence[str], s: AblationSettings) -> dict[str, tuple[float, bool]]:
     """(img/s, fused) per row: the 1000-class model in its inference form (A3 keeps its LayerNorms), side by side."""
-    from ..factory.registry import create_model
+    from ..factory.create import create_model
     from ..models.fuse import inference_form
 
     models, fused = {}, {}
