@@ -126,14 +126,86 @@ def test_timm_model_attributes(model, tmp_path):
             pooled = m.forward_head(m.forward_features(x), pre_logits=True)
             assert pooled.shape == (2, m.num_features)
             torch.testing.assert_close(m.forward_head(m.forward_features(x)), m(x), atol=0, rtol=0)
-    assert fused.pretrained_cfg["classifier"] == "head" and model.pretrained_cfg["classifier"] == ("head", "head_dist")
+    # timm's convention: the layers whose .weight and .bias are the classifier (BNLinear's is .linear)
+    assert fused.pretrained_cfg["classifier"] == "head"
+    assert model.pretrained_cfg["classifier"] == ("head.linear", "head_dist.linear")
     with torch.no_grad():
         want = model.forward_head(model.forward_features(x), pre_logits=True)
         assert rel_l2_error(fused.forward_head(fused.forward_features(x), pre_logits=True), want) <= FUSE_TOL
     timm_data = pytest.importorskip("timm.data")
     assert timm_data.resolve_data_config({}, model=model)["crop_pct"] == 0.875
+
+
+def test_pretrained_cfg_is_one_plain_dict_whose_edits_travel(tmp_path):
+    """timm's convention: a plain, mutable dict (``default_cfg`` the very same object); an edit in place
+    survives fuse, save and load, and is what the preprocessing reads; the keys that follow from the
+    model are rewritten when it changes form or head, the edits are not."""
+    from levit.data.preprocess import Preprocess
+
+    model = tiny_model(seed=2)
+    cfg = model.pretrained_cfg
+    assert type(cfg) is dict and model.pretrained_cfg is cfg and model.default_cfg is cfg
+    cfg["crop_pct"] = 1.0
+    cfg["interpolation"] = "bilinear"
+    cfg["mean"] = (0.5, 0.5, 0.5)
+    assert model.pretrained_cfg["crop_pct"] == 1.0  # not a fresh copy per access
+    fused = levit.fuse(model)
+    assert fused.pretrained_cfg is not cfg and fused.default_cfg is fused.pretrained_cfg
+    for m in (fused, levit.create_model("levit_tiny", checkpoint=levit.save(fused, tmp_path / "f.safetensors"))):
+        got = m.pretrained_cfg
+        assert (got["crop_pct"], got["interpolation"], got["mean"]) == (1.0, "bilinear", (0.5, 0.5, 0.5))
+        assert (got["classifier"], got["first_conv"], got["input_size"]) == ("head", "stem.0", (3, 64, 64))
+        pre = Preprocess.from_model(m)
+        assert (pre.crop_pct, pre.interpolation, pre.mean) == (1.0, "bilinear", (0.5, 0.5, 0.5))
+    loaded = levit.create_model("levit_tiny", checkpoint=levit.save(model, tmp_path / "u.safetensors"))
+    assert loaded.pretrained_cfg["crop_pct"] == 1.0 and loaded.pretrained_cfg["classifier"][0] == "head.linear"
+    model.default_cfg["note"] = "mine"
+    model.reset_classifier(7)
+    assert model.pretrained_cfg is cfg and cfg["num_classes"] == 7 and cfg["note"] == "mine" and cfg["crop_pct"] == 1.0
+    cfg["crop_pct"] = 1.5  # an edit in place cannot be refused when made: it is where it is written or read
     with pytest.raises(ValueError, match="crop_pct"):
-        model.pretrained_cfg = {"crop_pct": 1.5}
+        levit.save(model, tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="crop_pct"):
+        Preprocess.from_model(model)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("distillation", [True, False])
+def test_classifier_names_the_layers_timm_drops(tmp_path, fused, distillation):
+    """``pretrained_cfg["classifier"]`` names the layers whose .weight and .bias are the classifier, in
+    both forms: timm's ``load_pretrained`` drops exactly those when the class count differs and loads
+    everything else; ``first_conv`` names the stem convolution it adapts."""
+    timm_models = pytest.importorskip("timm.models")
+    source = tiny_model(seed=3, distillation=distillation)
+    source = levit.fuse(source) if fused else source
+    sd = source.state_dict()
+    names = source.pretrained_cfg["classifier"]
+    names = (names,) if isinstance(names, str) else names
+    assert len(names) == (1 if fused or not distillation else 2)
+    for name in names:
+        assert sd[name + ".weight"].shape == (1000, 64) and sd[name + ".bias"].shape == (1000,)
+    assert source.pretrained_cfg["first_conv"] + ".weight" in sd
+    torch.save(sd, tmp_path / "source.pth")
+    target = tiny_model(seed=4, distillation=distillation)
+    target = levit.fuse(target) if fused else target
+    target.reset_classifier(10)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    cfg = dict(source.pretrained_cfg, file=str(tmp_path / "source.pth"))
+    timm_models.load_pretrained(target, pretrained_cfg=cfg, num_classes=10)
+    after = target.state_dict()
+    for k, v in after.items():
+        is_classifier = any(k in (n + ".weight", n + ".bias") for n in names)
+        assert torch.equal(v, before[k] if is_classifier else sd[k]), k
+
+
+def test_features_only_model_has_both_cfg_names():
+    for fused in (False, True):
+        feats = levit.create_model("levit_tiny", img_size=64, features_only=True)
+        feats = levit.fuse(feats) if fused else feats
+        assert feats.default_cfg is feats.pretrained_cfg is feats.model.pretrained_cfg
+        assert feats.pretrained_cfg["input_size"] == (3, 64, 64) and feats.pretrained_cfg["num_classes"] == 0
+        feats.pretrained_cfg["crop_pct"] = 0.95
+        assert feats.model.pretrained_cfg["crop_pct"] == 0.95
 
 
 def test_fx_symbolic_trace_matches_eager(model):

@@ -287,7 +287,7 @@ def test_fused_model_fx_traces_at_any_size(tiny):
     fused = levit.fuse(tiny)
     gm = torch.fx.symbolic_trace(fused)
     leaves = {n.target.__name__ for n in gm.graph.nodes if n.op == "call_function"}
-    assert {"linear", "attention", "conv_stem", "fused_grid_bias"} <= leaves
+    assert {"linear", "attention", "conv_stem", "grid_bias"} <= leaves
     x = photos(kernels.ONEDNN_MIN_BATCH, 64)
     with torch.inference_mode():
         torch.testing.assert_close(gm(x), fused(x), atol=0, rtol=0)

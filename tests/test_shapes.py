@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from helpers import FUSE_TOL, photos, rel_l2_error, tiny_model
 
 import levit
+from levit.models.config import LeViTConfig
 from levit.weights.format import to_official_state_dict
 
 
@@ -167,32 +170,36 @@ def test_cli_takes_height_x_width(tmp_path, capsys):
     assert [d.dim_value for d in dims[1:]] == [3, 48, 96]
 
 
-def test_fused_grid_cache_follows_the_buffer():
-    from levit.models.layers import _GRID_CACHE
+def test_one_grid_bias_for_both_forms_never_stale():
+    """The trained table and the fused matrix give the same bias at every grid through the one
+    ``grid_bias``, and nothing is cached: an in-place edit or a dtype move is seen by the next call."""
+    from levit.models import layers
+    from levit.models.layers import grid_bias
 
-    fused = levit.fuse(_tiny(64))
+    model = _tiny(64)
+    fused = levit.fuse(model)
+    pairs = [(model.stages[0].blocks[0].attn, fused.stages[0].blocks[0].attn)]
+    pairs.append((model.stages[1].downsample.attn, fused.stages[1].downsample.attn))
+    for trained, inference in pairs:
+        for hw in (trained.resolution, (6, 5), (3, 7)):
+            want = trained.bias_for(*hw)
+            assert want.shape[1:] == (
+                math.prod(LeViTConfig.subsampled_grid(hw)) if trained.stride == 2 else math.prod(hw),
+                math.prod(hw),
+            )
+            got = grid_bias(inference.attn_bias, inference.resolution, *hw, stride=inference.stride)
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert not any(isinstance(v, dict) for k, v in vars(layers).items() if k.isupper())  # no module-level cache
     x = photos(1, (96, 80))
     attn = fused.stages[0].blocks[0].attn
-
-    def cached(bias):  # the grids cached for this very tensor
-        entry = _GRID_CACHE.get(id(bias))
-        return entry[2] if entry is not None and entry[0]() is bias else {}
-
     with torch.no_grad():
         first = fused.forward_features(x)
-        assert list(cached(attn.attn_bias)) == [(6, 5, 1)]  # served from the cache the second time
         torch.testing.assert_close(fused.forward_features(x), first, atol=0, rtol=0)
-        attn.attn_bias = attn.attn_bias.clone() * 2  # a new buffer object: recomputed
-        assert not torch.allclose(fused.forward_features(x), first)
-        single = fused.forward_features(x)
-        fused.double()  # in place: new storage and dtype, so recomputed; same numbers up to fp32 rounding
-        double = fused.forward_features(x.double())
-        assert [v.dtype for v in cached(attn.attn_bias).values()] == [torch.float64]
-        assert rel_l2_error(single, double) <= 1e-5
-    old = attn.attn_bias
-    key = id(old)
-    del fused, attn, old
-    assert key not in _GRID_CACHE  # a buffer's entry goes with it
+        attn.attn_bias.mul_(2)  # in place: the very same tensor object, new numbers
+        changed = fused.forward_features(x)
+        assert not torch.allclose(changed, first)
+        fused.double()
+        assert rel_l2_error(fused.forward_features(x.double()), changed) <= 1e-5
 
 
 def test_deploy_runs_a_non_square_model_with_image_calibration(tmp_path):

@@ -65,6 +65,7 @@ def _to_inference_form(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, LeViT):
             m.__class__ = FusedLeViT
+            m.sync_pretrained_cfg()  # the fused form's layer names; the user's edits stay
 
 
 @torch.no_grad()

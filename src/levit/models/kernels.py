@@ -1,5 +1,10 @@
-"""The kernels of LeViT's inference form: which attention implementation and which linear/conv
-kernels run, chosen per call from what the device can do.
+"""The kernels of LeViT: which attention implementation and which linear/conv kernels run, chosen
+per call from what the device can do.
+
+:func:`attention` is the attention of both layers (:class:`~levit.models.layers.Attention`,
+:class:`~levit.models.layers.ShrinkAttention`) in both forms (trained and fused), written once; which
+implementation runs is decided in one place (:func:`attention_path` for eager inference, traced,
+compiled and autograd calls beside it). The linear and convolution kernels serve the inference form.
 
 Two choices, each with one setter (the style of timm's ``set_fused_attn``) and ``None`` meaning
 "decide from the device":
@@ -42,14 +47,14 @@ __all__ = [
 ]
 
 ATTENTION_PATHS = ("per_image", "matmul", "sdpa")
-#: oneDNN's fused kernels from this batch size up; below it plain PyTorch was measured faster
-#: (``benchmarks/attention_paths.py``: the fused kernels reorder the weights on every call, which a
-#: batch of one image does not pay back)
+#: oneDNN's fused kernels from this batch size up, plain PyTorch below it: the fused kernels reorder
+#: the weights on every call, which a batch of a few images does not pay back (measured with
+#: ``benchmarks/attention_paths.py``; the figures are in docs/speed.md, "Attention paths").
 ONEDNN_MIN_BATCH = 4
-#: the per-image attention loop is used for fp32 on CPU up to this many intra-op threads: measured side
-#: by side with ``benchmarks/attention_paths.py`` on an AVX-512 CPU (LeViT-128S, batch 16) it beat
-#: the ``matmul`` path on one thread in fp32 (1.06x in the quietest run), not in bf16 (0.93x) nor on
-#: two threads (README, Speed). 0 switches it off.
+#: the per-image attention loop is used for fp32 on CPU up to this many intra-op threads, the one
+#: setting where it beat the batched ``matmul`` path side by side; bf16 and more threads run the batched
+#: path (``benchmarks/attention_paths.py`` measures both; its figures are in docs/speed.md, "Attention
+#: paths"). 0 switches it off.
 PER_IMAGE_MAX_THREADS = 1
 
 # The forced choices (None: decide from the device). Set them with the setters or ``forced``.
@@ -118,9 +123,10 @@ def attention_path(device: torch.device | str, dtype: torch.dtype = torch.float3
     """The eager attention implementation for ``device``: ``"per_image"``, ``"matmul"`` or ``"sdpa"``.
 
     The two batched forms run over all images and heads at once, so nothing loops over the batch in
-    Python: ``matmul`` (two batched matmuls, the bias added in place; measured faster than SDPA with
-    a mask on CPU) on the CPU, ``sdpa`` (one ``scaled_dot_product_attention``, the bias as an
-    additive mask) on every other device (CUDA, ``meta``, ...). ``per_image`` (one batched GEMM over
+    Python: ``matmul`` (two batched matmuls, the bias added in place) on the CPU, where SDPA with an
+    additive mask runs slower (docs/speed.md, "Attention paths"); ``sdpa`` (one
+    ``scaled_dot_product_attention``, the bias as an additive mask) on every other device (CUDA,
+    ``meta``, ...). ``per_image`` (one batched GEMM over
     the heads per image, written in place) is used for fp32 on CPUs running at most
     :data:`PER_IMAGE_MAX_THREADS` threads (one). :func:`set_attention_path` overrides all.
     """
@@ -208,61 +214,75 @@ def conv_stem(
     return x
 
 
-def _attention_batched(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
-    """One fused attention over all images and heads; the bias is an additive mask. (B, N_q, H*Dv)."""
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> Tensor:
+    """One fused attention over all images and heads, the bias an additive mask. (B, H, N_q, Dv)."""
+    return F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, scale=scale
+    )
+
+
+def _scores_to_probs(attn: Tensor, bias: Tensor | None, scale: float) -> Tensor:
+    """``softmax(attn * scale + bias)`` over keys, in place on the fresh scores (autograd saves the
+    inputs of a matmul, not its output, so writing over it is safe in training too). The scale is
+    applied after the product, as the authors' code and timm do, so the trained form matches them."""
+    if scale != 1.0:
+        attn = attn.mul_(scale)
+    if bias is not None:  # None: no attention bias (Table 5, ablation A5)
+        attn = attn.add_(bias)
+    return attn.softmax(dim=-1)
+
+
+def _matmul(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> Tensor:
+    """Two batched matmuls over all images and heads. (B, H, N_q, Dv)."""
+    attn = _scores_to_probs(torch.matmul(q.transpose(1, 2), k.permute(0, 2, 3, 1)), bias, scale)  # (B, H, N_q, N_k)
+    return torch.matmul(attn, v.transpose(1, 2))
+
+
+def _per_image(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> Tensor:
+    """One batched GEMM over the heads per image, straight on the strided views, written in place
+    (no autograd formula for ``out=``: inference only). (B, H, N_q, Dv), a view of a (B, N_q, H, Dv) buffer."""
     B, Nq, H, _ = q.shape
-    x = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, scale=1.0
-    )  # (B, H, N_q, Dv)
-    return x.transpose(1, 2).reshape(B, Nq, H * v.shape[-1])
-
-
-def _attention_matmul(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
-    """Two batched matmuls over all images and heads, the bias added in place. (B, N_q, H*Dv)."""
-    B, Nq, H, _ = q.shape
-    attn = torch.matmul(q.transpose(1, 2), k.permute(0, 2, 3, 1)).add_(bias).softmax(dim=-1)  # (B, H, N_q, N_k)
-    return torch.matmul(attn, v.transpose(1, 2)).transpose(1, 2).reshape(B, Nq, H * v.shape[-1])
-
-
-def _attention_per_image(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
-    """One batched GEMM over the heads per image, straight on the strided views, written in place."""
-    B, Nq, H, _ = q.shape
-    Dv = v.shape[-1]
-    out = q.new_empty(B, Nq, H, Dv)
+    out = q.new_empty(B, Nq, H, v.shape[-1])
     for b in range(B):
-        attn = torch.bmm(q[b].transpose(0, 1), k[b].permute(1, 2, 0)).add_(bias).softmax(dim=-1)  # (H, N_q, N_k)
+        attn = _scores_to_probs(torch.bmm(q[b].transpose(0, 1), k[b].permute(1, 2, 0)), bias, scale)  # (H, N_q, N_k)
         torch.bmm(attn, v[b].transpose(0, 1), out=out[b].transpose(0, 1))
-    return out.view(B, Nq, H * Dv)
+    return out.transpose(1, 2)
+
+
+_PATHS = {"per_image": _per_image, "matmul": _matmul, "sdpa": _sdpa}
+
+
+def _path_for(q: Tensor) -> str:
+    """The one place the attention implementation of a call is chosen. Traced graphs (ONNX, OpenVINO,
+    TorchScript) get ``sdpa``, the one fused attention op the runtimes optimise; autograd,
+    ``torch.compile`` and ``torch.export`` get ``matmul``, plain batched matmuls that every backward
+    and compiler takes; eager inference gets what :func:`attention_path` picks for the device."""
+    if torch.jit.is_tracing():
+        return "sdpa"
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return "matmul"
+    return attention_path(q.device, q.dtype)
 
 
 @torch.fx.wrap
-def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, act: bool = True) -> Tensor:
-    """``hardswish(softmax(q k^T + bias) v)`` for token-major views, heads concatenated.
+def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, act: bool = True, scale: float = 1.0) -> Tensor:
+    """``act(softmax(q k^T * scale + bias) v)`` for token-major views, heads concatenated: the
+    attention of both forms of both attention layers, written once.
 
     q: (B, N_q, H, D), k: (B, N_k, H, D), v: (B, N_k, H, Dv) (strided views into the projection
-    outputs; the scale is folded into q), bias: (H, N_q, N_k). Returns (B, N_q, H*Dv).
+    outputs), bias: (H, N_q, N_k) or ``None`` (no attention bias, Table 5's A5). ``scale``: the
+    trained form passes D^-0.5; the inference form folds it into q and passes 1. ``act``: a Hardswish
+    on the result (``False``: the caller applies its own, or none, as in Table 5's A7).
+    Returns (B, N_q, H*Dv).
 
     Eager inference takes the path :func:`attention_path` picks for the device: batched over images
     and heads (``scaled_dot_product_attention`` on GPUs and ``meta``, batched matmuls on the CPU) or
-    the per-image loop (one CPU thread, fp32). Traced graphs (ONNX, OpenVINO, TorchScript) get the one
-    fused attention op that the runtimes optimise; autograd, ``torch.compile`` and ``torch.export`` get
-    plain batched matmuls. ``act=False`` (Table 5, ablation A7) leaves the Hardswish out.
+    the per-image loop (one CPU thread, fp32); see :func:`_path_for` for traced, compiled and
+    autograd calls.
     """
     B, Nq, H, _ = q.shape
-    Dv = v.shape[-1]
-    if torch.jit.is_tracing():
-        x = _attention_batched(q, k, v, bias)
-        return F.hardswish(x) if act else x
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
-        attn = torch.matmul(q.transpose(1, 2), k.permute(0, 2, 3, 1)) + bias  # (B, H, N_q, N_k)
-        x = torch.matmul(attn.softmax(dim=-1), v.transpose(1, 2))  # (B, H, N_q, Dv)
-        x = x.transpose(1, 2).reshape(B, Nq, H * Dv)
-        return F.hardswish(x) if act else x
-    path = attention_path(q.device, q.dtype)
-    if path == "per_image":
-        x = _attention_per_image(q, k, v, bias)
-    elif path == "matmul":
-        x = _attention_matmul(q, k, v, bias)
-    else:
-        x = _attention_batched(q, k, v, bias)
-    return F.hardswish(x, inplace=True) if act else x
+    x = _PATHS[_path_for(q)](q, k, v, bias, scale)  # (B, H, N_q, Dv)
+    x = x.transpose(1, 2).reshape(B, Nq, H * v.shape[-1])
+    if not act:
+        return x
+    return F.hardswish(x, inplace=not torch.is_grad_enabled() and not _portable())

@@ -13,8 +13,9 @@ Table 5's A3) have no second form and stay as they are.
 from __future__ import annotations
 
 import copy
-import weakref
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.fx
@@ -27,6 +28,7 @@ from .config import PATCH_SIZE, LeViTConfig
 __all__ = [
     "MLP",
     "Attention",
+    "AttentionSwitches",
     "BNLinear",
     "ConvBN",
     "DropPath",
@@ -38,7 +40,6 @@ __all__ = [
     "ShrinkAttention",
     "Stem",
     "attention_bias_index",
-    "fused_grid_bias",
     "grid_bias",
     "merge_heads",
     "resample_bias_table",
@@ -229,19 +230,26 @@ def resample_bias_table(table: Tensor, src: int | tuple[int, int], dst: int | tu
 
 
 @torch.fx.wrap
-def grid_bias(table: Tensor, idxs: Tensor, build: tuple[int, int], h: int, w: int, stride: int = 1) -> Tensor:
-    """The (heads, N_q, N_k) attention bias for a (h, w) key grid.
+def grid_bias(
+    bias: Tensor, build: tuple[int, int], h: int, w: int, stride: int = 1, index: Tensor | None = None
+) -> Tensor:
+    """The (heads, N_q, N_k) attention bias for an (h, w) key grid, from either form's bias: the
+    learned (heads, h*w) table of the trained form (with its ``index``, :func:`attention_bias_index`),
+    or the gathered (heads, N_q, N_k) matrix of the inference form.
 
-    At the build grid this gathers the learned table with the precomputed index (exactly the
-    model's numbers); at another grid the table is resampled (:func:`resample_bias_table`) and the
-    index rebuilt on every call: nothing is cached, so it can never be stale after a weight update.
-    A leaf for ``torch.fx`` (the grid comparison is Python control flow on the input's shape).
+    At the build grid this is the model's own bias (the table gathered, or the matrix itself). At
+    another grid the table (a matrix's first row: query (0, 0) sees every offset) is resampled
+    (:func:`resample_bias_table`) and gathered with an index built for that grid. Computed on every
+    call: nothing is cached, so nothing can be stale after a weight update, a move or an in-place
+    edit. A leaf for ``torch.fx`` (the grid comparison is Python control flow on the input's shape).
     """
     h, w = int(h), int(w)
+    table = bias if bias.ndim == 2 else bias[:, 0, :]
     if (h, w) == tuple(build):
-        return table[:, idxs]
-    idx = attention_bias_index((h, w), stride, table.device)
-    return resample_bias_table(table, build, (h, w))[:, idx]
+        if bias.ndim == 3:
+            return bias
+        return table[:, attention_bias_index(build, stride, bias.device) if index is None else index]
+    return resample_bias_table(table, build, (h, w))[:, attention_bias_index((h, w), stride, bias.device)]
 
 
 def _add_bias_table(m: nn.Module, heads: int, resolution: tuple[int, int], stride: int, use_bias: bool) -> None:
@@ -276,15 +284,84 @@ class DropPath(nn.Module):
         return DropPath(0.0)
 
 
-class Attention(nn.Module):
+@dataclass(frozen=True)
+class AttentionSwitches:
+    """The paper's Table 5 switches of an attention layer, all on in LeViT itself: ``norm="ln"`` (A3)
+    biased linears without BatchNorm, ``use_bias=False`` (A5) no attention bias (``attention_biases``
+    is ``None``), ``act=False`` (A7) no Hardswish before the projection."""
+
+    norm: str = "bn"
+    use_bias: bool = True
+    act: bool = True
+
+
+class _AttentionGrid(nn.Module):
+    """What every attention layer shares, in both forms: the head geometry, the key grid its bias was
+    built for (``resolution``; the query grid ``resolution_out`` when queries are subsampled), and the
+    one attention call (:func:`levit.models.kernels.attention`) with the bias for the input's grid."""
+
+    stride = 1  # queries on every ``stride``-th row and column of the key grid (2: shrink attention)
+
+    def __init__(self, key_dim: int, num_heads: int, val_dim: int, resolution: int | tuple[int, int]) -> None:
+        super().__init__()
+        self.num_heads, self.key_dim, self.val_dim = num_heads, key_dim, val_dim
+        self.resolution = _pair(resolution)  # build grid (h, w) of the keys
+        self.resolution_out = LeViTConfig.subsampled_grid(self.resolution) if self.stride == 2 else self.resolution
+
+    def bias_for(self, h: int, w: int) -> Tensor | None:
+        """The (heads, N_q, N_k) bias for an (h, w) key grid (``None``: no attention bias, ablation A5)."""
+        raise NotImplementedError
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, hw: tuple[int, int], act: bool, scale: float) -> Tensor:
+        """(B, N_q, H*Dv) attention of (B, N, H, d) views on the (h, w) key grid ``hw``."""
+        return kernels.attention(q, k, v, self.bias_for(*hw), act, scale)
+
+    def queries(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+        """The tokens the queries are made from: (B, h*w, C) -> (B, h'*w', C), the input itself or its
+        even rows and columns (stride 2)."""
+        if self.stride == 1:
+            return x
+        (h, w), (h2, w2) = hw, LeViTConfig.subsampled_grid(hw)
+        return x.view(x.shape[0], h, w, -1)[:, ::2, ::2].reshape(x.shape[0], h2 * w2, -1)
+
+
+class _TrainedAttention(_AttentionGrid):
+    """The trained form's share: the scale, the activation before the projection and the learned
+    (heads, h*w) bias table, gathered on every call (no cache that could go stale); ``switches``: the
+    Table 5 ablations (:class:`AttentionSwitches`)."""
+
+    def __init__(
+        self,
+        key_dim: int,
+        num_heads: int,
+        attn_ratio: float,
+        resolution: int | tuple[int, int],
+        switches: AttentionSwitches,
+    ) -> None:
+        super().__init__(key_dim, num_heads, int(attn_ratio * key_dim), resolution)
+        self.scale = key_dim**-0.5
+        self.act = nn.Hardswish() if switches.act else nn.Identity()
+        _add_bias_table(self, num_heads, self.resolution, self.stride, switches.use_bias)
+
+    def bias_for(self, h: int, w: int) -> Tensor | None:
+        """The learned table gathered for an (h, w) key grid (resampled off the build grid)."""
+        if self.attention_biases is None:
+            return None
+        return grid_bias(self.attention_biases, self.resolution, h, w, self.stride, self.attention_bias_idxs)
+
+    def _fused_like(self, out: _FusedAttentionBase) -> _FusedAttentionBase:
+        """``out`` on this layer's device and dtype, with the bias table gathered into its matrix."""
+        out = _like(out, self.proj.linear.weight)
+        if self.attention_biases is not None:
+            out.attn_bias.copy_(self.attention_biases[:, self.attention_bias_idxs])
+        return out
+
+
+class Attention(_TrainedAttention):
     """Multi-head self-attention with a learned per-head relative-position bias.
 
-    Per head the qkv channels are laid out [q: D, k: D, v: attn_ratio*D]. The bias is gathered
-    from ``attention_biases`` on every call: there is no cache that could go stale.
-
-    Table 5 ablations: ``norm="ln"`` (A3) biased linears without BatchNorm, ``use_bias=False`` (A5)
-    no attention bias (``attention_biases`` is ``None``), ``act=False`` (A7) no Hardswish before
-    the projection.
+    Per head the qkv channels are laid out [q: D, k: D, v: attn_ratio*D]. ``switches``: the Table 5
+    ablations (:class:`AttentionSwitches`; all on by default).
     """
 
     def __init__(
@@ -294,67 +371,45 @@ class Attention(nn.Module):
         num_heads: int,
         attn_ratio: float,
         resolution: int | tuple[int, int],
-        *,
-        norm: str = "bn",
-        use_bias: bool = True,
-        act: bool = True,
+        switches: AttentionSwitches = AttentionSwitches(),
     ) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.key_dim = key_dim
-        self.val_dim = int(attn_ratio * key_dim)
-        self.resolution = _pair(resolution)  # build grid (h, w)
-        self.scale = key_dim**-0.5
+        super().__init__(key_dim, num_heads, attn_ratio, resolution, switches)
+        norm = switches.norm
         self.qkv = LinearBN(dim, num_heads * (2 * key_dim + self.val_dim), norm=norm)
-        self.act = nn.Hardswish() if act else nn.Identity()
         self.proj = LinearBN(num_heads * self.val_dim, dim, bn_weight_init=0.0, norm=norm)
-        _add_bias_table(self, num_heads, self.resolution, 1, use_bias)
 
     def forward(self, x: Tensor, hw: tuple[int, int] | None = None, residual: Tensor | None = None) -> Tensor:
         """(B, N, C) tokens on an (h, w) grid (default: the build grid) -> (B, N, C), plus
         ``residual`` when given."""
         B, N, _ = x.shape
-        h, w = self.resolution if hw is None else hw
         qkv = self.qkv(x).view(B, N, self.num_heads, -1)
-        q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], dim=3)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, d)
-        attn = (q @ k.transpose(-2, -1)) * self.scale
-        if self.attention_biases is not None:  # None: no attention bias (ablation A5)
-            attn = attn + grid_bias(self.attention_biases, self.attention_bias_idxs, self.resolution, h, w)
-        x = attn.softmax(dim=-1) @ v  # (B, H, N, val_dim)
-        x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.val_dim)
-        x = self.proj(self.act(x))
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], dim=3)  # (B, N, H, d) views
+        x = self.proj(self.act(self.attend(q, k, v, hw or self.resolution, False, self.scale)))
         return x if residual is None else residual + x
 
     @torch.no_grad()
     def fused(self) -> FusedAttention:
         """Inference form: BatchNorms folded, the q scale folded into the q rows of ``qkv``, the bias
         table gathered into a (heads, N, N) matrix (zeros without attention bias, ablation A5)."""
-        out = FusedAttention(
-            self.qkv.linear.in_features,
-            self.key_dim,
-            self.num_heads,
-            self.val_dim,
-            self.resolution,
-            act=isinstance(self.act, nn.Hardswish),
-        )
-        out = _like(out, self.qkv.linear.weight)
+        dim, act = self.qkv.linear.in_features, isinstance(self.act, nn.Hardswish)
+        out = self._fused_like(FusedAttention(dim, self.key_dim, self.num_heads, self.val_dim, self.resolution, act))
         w, b = self.qkv.folded()
         per_head = 2 * self.key_dim + self.val_dim  # rows per head: [q: D, k: D, v: Dv]
         w.view(self.num_heads, per_head, -1)[:, : self.key_dim] *= self.scale
         b.view(self.num_heads, per_head)[:, : self.key_dim] *= self.scale
         _load(out.qkv, w, b)
         _load(out.proj, *self.proj.folded())
-        if self.attention_biases is not None:
-            out.attn_bias.copy_(self.attention_biases[:, self.attention_bias_idxs])
         return out
 
 
-class ShrinkAttention(nn.Module):
+class ShrinkAttention(_TrainedAttention):
     """Attention that halves the token grid: queries from the stride-2 subsampled input.
 
-    Heads H = C_in / D; kv per head [k: D, v: 4D]; output width C_out. Not residual.
+    Heads H = C_in / D; kv per head [k: D, v: 4D]; output width C_out. Not residual. ``switches``:
+    the Table 5 ablations (:class:`AttentionSwitches`; all on by default).
     """
+
+    stride = 2
 
     def __init__(
         self,
@@ -364,60 +419,34 @@ class ShrinkAttention(nn.Module):
         num_heads: int,
         attn_ratio: float,
         resolution: int | tuple[int, int],
-        *,
-        norm: str = "bn",
-        use_bias: bool = True,
-        act: bool = True,
+        switches: AttentionSwitches = AttentionSwitches(),
     ) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.key_dim = key_dim
-        self.val_dim = int(attn_ratio * key_dim)
-        self.resolution = _pair(resolution)  # build input grid (h, w)
-        self.resolution_out = LeViTConfig.subsampled_grid(self.resolution)
-        self.scale = key_dim**-0.5
+        super().__init__(key_dim, num_heads, attn_ratio, resolution, switches)
+        norm = switches.norm
         self.kv = LinearBN(in_dim, num_heads * (key_dim + self.val_dim), norm=norm)
         self.q = LinearBN(in_dim, num_heads * key_dim, norm=norm)
-        self.act = nn.Hardswish() if act else nn.Identity()
         self.proj = LinearBN(num_heads * self.val_dim, out_dim, norm=norm)
-        _add_bias_table(self, num_heads, self.resolution, 2, use_bias)
 
     def forward(self, x: Tensor, hw: tuple[int, int] | None = None) -> Tensor:
         """(B, h*w, C_in) tokens on an (h, w) grid (default: the build grid) -> (B, h'*w', C_out)."""
-        B, N, C = x.shape
-        h, w = self.resolution if hw is None else hw
-        h2, w2 = LeViTConfig.subsampled_grid((h, w))
+        B, N, _ = x.shape
+        hw = hw or self.resolution
         k, v = self.kv(x).view(B, N, self.num_heads, -1).split([self.key_dim, self.val_dim], dim=3)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, d)
-        xs = x.view(B, h, w, C)[:, ::2, ::2].reshape(B, h2 * w2, C)  # subsampled queries
-        q = self.q(xs).view(B, h2 * w2, self.num_heads, self.key_dim).transpose(1, 2)
-        attn = (q @ k.transpose(-2, -1)) * self.scale
-        if self.attention_biases is not None:  # None: no attention bias (ablation A5)
-            attn = attn + grid_bias(self.attention_biases, self.attention_bias_idxs, self.resolution, h, w, 2)
-        x = attn.softmax(dim=-1) @ v  # (B, H, N_q, val_dim)
-        x = x.transpose(1, 2).reshape(B, h2 * w2, self.num_heads * self.val_dim)
-        return self.proj(self.act(x))
+        q = self.q(self.queries(x, hw))
+        q = q.view(B, q.shape[1], self.num_heads, self.key_dim)  # (B, N_q, H, D)
+        return self.proj(self.act(self.attend(q, k, v, hw, False, self.scale)))
 
     @torch.no_grad()
     def fused(self) -> FusedShrinkAttention:
         """Inference form: BatchNorms folded, the q scale folded into ``q``, the bias table gathered
         into a (heads, N_q, N_k) matrix (zeros without attention bias, ablation A5)."""
-        out = FusedShrinkAttention(
-            self.kv.linear.in_features,
-            self.proj.linear.out_features,
-            self.key_dim,
-            self.num_heads,
-            self.val_dim,
-            self.resolution,
-            act=isinstance(self.act, nn.Hardswish),
-        )
-        out = _like(out, self.kv.linear.weight)
+        dims = (self.kv.linear.in_features, self.proj.linear.out_features, self.key_dim, self.num_heads)
+        act = isinstance(self.act, nn.Hardswish)
+        out = self._fused_like(FusedShrinkAttention(*dims, self.val_dim, self.resolution, act))
         _load(out.kv, *self.kv.folded())
         w, b = self.q.folded()
         _load(out.q, w * self.scale, b * self.scale)
         _load(out.proj, *self.proj.folded())
-        if self.attention_biases is not None:
-            out.attn_bias.copy_(self.attention_biases[:, self.attention_bias_idxs])
         return out
 
 
@@ -477,75 +506,48 @@ class FusedStem(nn.Sequential):
         )
 
 
-_GRID_CACHE: dict[int, tuple[weakref.ref, tuple, dict]] = {}  # id(bias) -> (ref, stamp, {(h, w, stride): bias})
-_GRID_CACHE_SIZE = 4  # grids kept per bias
+class _FusedAttentionBase(_AttentionGrid):
+    """The inference form's share: the activation switch (``False`` in ablation A7) and the bias as a
+    gathered (heads, N_q, N_k) buffer, resampled at another grid on every call (:func:`grid_bias`)."""
+
+    def __init__(
+        self, key_dim: int, num_heads: int, val_dim: int, resolution: int | tuple[int, int], act: bool
+    ) -> None:
+        super().__init__(key_dim, num_heads, val_dim, resolution)
+        self.act = act  # Hardswish before the projection (False in ablation A7)
+        nq, nk = math.prod(self.resolution_out), math.prod(self.resolution)
+        self.register_buffer("attn_bias", torch.zeros(num_heads, nq, nk))
+
+    def bias_for(self, h: int, w: int) -> Tensor:
+        """The gathered bias, or its resampling for an (h, w) key grid."""
+        return grid_bias(self.attn_bias, self.resolution, h, w, self.stride)
 
 
-@torch.fx.wrap
-def fused_grid_bias(bias: Tensor, build: tuple[int, int], h: int, w: int, stride: int = 1) -> Tensor:
-    """The (H, N_q, N_k) bias of a fused attention for an (h, w) key grid: ``bias`` itself at the build
-    grid; at another grid its first row (the query at offset (0, 0): the whole (H, h*w) relative-offset
-    table) resampled (:func:`resample_bias_table`) and gathered for the new grid.
-
-    Results are cached per grid (a few, oldest dropped) and only served for the very same tensor
-    object, storage, version, device and dtype, so a ``load_state_dict``, ``.to()``, reassignment or
-    in-place edit of the buffer is never served stale; nothing is cached with autograd on or while
-    compiling. A leaf for ``torch.fx`` (the grid comparison is Python control flow on the input's shape).
-    """
-    h, w = int(h), int(w)
-    if (h, w) == tuple(build):
-        return bias
-    cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-    stamp = (bias.data_ptr(), bias._version, bias.device, bias.dtype)
-    key = (h, w, stride)
-    entry = _GRID_CACHE.get(id(bias)) if cacheable else None
-    if entry is not None and entry[0]() is bias and entry[1] == stamp and key in entry[2]:
-        return entry[2][key]
-    table = resample_bias_table(bias[:, 0, :], build, (h, w))
-    out = table[:, attention_bias_index((h, w), stride, bias.device)]
-    if cacheable:
-        if entry is None or entry[0]() is not bias:  # a new tensor: its entry goes when it does
-            weakref.finalize(bias, _GRID_CACHE.pop, id(bias), None)
-        if entry is None or entry[0]() is not bias or entry[1] != stamp:
-            entry = (weakref.ref(bias), stamp, {})
-            _GRID_CACHE[id(bias)] = entry
-        grids = entry[2]
-        if len(grids) >= _GRID_CACHE_SIZE:
-            grids.pop(next(iter(grids)))
-        grids[key] = out
-    return out
-
-
-class FusedAttention(nn.Module):
+class FusedAttention(_FusedAttentionBase):
     """:class:`Attention`'s inference form: ``qkv`` with the q scale folded in, the bias as a
     (H, N, N) buffer, run by :mod:`levit.models.kernels` (the path chosen per call by the device)."""
 
     def __init__(
         self, dim: int, key_dim: int, num_heads: int, val_dim: int, resolution: int | tuple[int, int], act: bool = True
     ) -> None:
-        super().__init__()
-        self.num_heads, self.key_dim, self.val_dim = num_heads, key_dim, val_dim
-        self.act = act  # Hardswish before the projection (False in ablation A7)
-        self.resolution = _pair(resolution)  # build grid (h, w)
-        n = self.resolution[0] * self.resolution[1]
+        super().__init__(key_dim, num_heads, val_dim, resolution, act)
         self.qkv = nn.Linear(dim, num_heads * (2 * key_dim + val_dim))
         self.proj = nn.Linear(num_heads * val_dim, dim)
-        self.register_buffer("attn_bias", torch.zeros(num_heads, n, n))
 
     def forward(self, x: Tensor, hw: tuple[int, int] | None = None, residual: Tensor | None = None) -> Tensor:
         """(B, N, C) -> (B, N, C) on an (h, w) grid (default: the build grid), plus ``residual`` when
         given (added inside the projection's GEMM)."""
         B, N, _ = x.shape
-        h, w = self.resolution if hw is None else hw
-        bias = fused_grid_bias(self.attn_bias, self.resolution, h, w, 1)
         qkv = kernels.linear(x, self.qkv.weight, self.qkv.bias).view(B, N, self.num_heads, -1)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], 3)  # (B, N, H, d) views
-        x = kernels.attention(q, k, v, bias, self.act)
+        x = self.attend(q, k, v, hw or self.resolution, self.act, 1.0)
         return kernels.linear(x, self.proj.weight, self.proj.bias, residual=residual)
 
 
-class FusedShrinkAttention(nn.Module):
+class FusedShrinkAttention(_FusedAttentionBase):
     """:class:`ShrinkAttention`'s inference form: folded BNs, the q scale in ``q``, a (H, N_q, N_k) bias buffer."""
+
+    stride = 2
 
     def __init__(
         self,
@@ -557,30 +559,20 @@ class FusedShrinkAttention(nn.Module):
         resolution: int | tuple[int, int],
         act: bool = True,
     ) -> None:
-        super().__init__()
-        self.num_heads, self.key_dim, self.val_dim = num_heads, key_dim, val_dim
-        self.act = act  # Hardswish before the projection (False in ablation A7)
-        self.resolution = _pair(resolution)  # build input grid (h, w)
-        self.resolution_out = LeViTConfig.subsampled_grid(self.resolution)
-        nq = self.resolution_out[0] * self.resolution_out[1]
-        nk = self.resolution[0] * self.resolution[1]
+        super().__init__(key_dim, num_heads, val_dim, resolution, act)
         self.kv = nn.Linear(in_dim, num_heads * (key_dim + val_dim))
         self.q = nn.Linear(in_dim, num_heads * key_dim)
         self.proj = nn.Linear(num_heads * val_dim, out_dim)
-        self.register_buffer("attn_bias", torch.zeros(num_heads, nq, nk))
 
     def forward(self, x: Tensor, hw: tuple[int, int] | None = None) -> Tensor:
         """(B, h*w, C_in) on an (h, w) grid (default: the build grid) -> (B, h'*w', C_out)."""
-        B, N, C = x.shape
-        h, w = self.resolution if hw is None else hw
-        h2, w2 = LeViTConfig.subsampled_grid((h, w))
-        bias = fused_grid_bias(self.attn_bias, self.resolution, h, w, 2)
-        H = self.num_heads
-        kv = kernels.linear(x, self.kv.weight, self.kv.bias).view(B, N, H, -1)
+        B, N, _ = x.shape
+        hw = hw or self.resolution
+        kv = kernels.linear(x, self.kv.weight, self.kv.bias).view(B, N, self.num_heads, -1)
         k, v = kv.split([self.key_dim, self.val_dim], dim=3)  # (B, N, H, d)
-        xs = x.view(B, h, w, C)[:, ::2, ::2].reshape(B, h2 * w2, C)  # subsampled queries
-        q = kernels.linear(xs, self.q.weight, self.q.bias).view(B, h2 * w2, H, self.key_dim)  # (B, N_q, H, D)
-        return kernels.linear(kernels.attention(q, k, v, bias, self.act), self.proj.weight, self.proj.bias)
+        q = kernels.linear(self.queries(x, hw), self.q.weight, self.q.bias)
+        q = q.view(B, q.shape[1], self.num_heads, self.key_dim)  # (B, N_q, H, D)
+        return kernels.linear(self.attend(q, k, v, hw, self.act, 1.0), self.proj.weight, self.proj.bias)
 
 
 class FusedMLP(nn.Module):

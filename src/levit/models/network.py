@@ -3,15 +3,15 @@ each layer for its own (:mod:`levit.models.layers`), never by building a second 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.fx._symbolic_trace as _fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import DEFAULT_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE, LeViTConfig
-from .layers import MLP, Attention, BNLinear, DropPath, ShrinkAttention, Stem
+from .config import DEFAULT_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE, LeViTConfig, check_crop_pct
+from .layers import MLP, Attention, AttentionSwitches, BNLinear, DropPath, ShrinkAttention, Stem
 
 __all__ = [
     "PREPROCESS_KEYS",
@@ -22,6 +22,8 @@ __all__ = [
     "LeViTStage",
     "ShrinkBlock",
     "check_input",
+    "checked_preprocess",
+    "default_preprocess",
 ]
 
 
@@ -44,7 +46,7 @@ class LeViTBlock(nn.Module):
     def __init__(self, cfg: LeViTConfig, stage: int, drop_path: float) -> None:
         super().__init__()
         dim, r = cfg.embed_dim[stage], cfg.grid_sizes[stage]
-        self.attn = Attention(dim, cfg.key_dim, cfg.num_heads[stage], cfg.attn_ratio, r, **_attn_switches(cfg))
+        self.attn = Attention(dim, cfg.key_dim, cfg.num_heads[stage], cfg.attn_ratio, r, _attn_switches(cfg))
         self.mlp = MLP(dim, int(dim * cfg.mlp_ratio), norm=cfg.norm)
         self.drop_path = DropPath(drop_path)
         self.norm1, self.norm2 = _prenorm(cfg, dim), _prenorm(cfg, dim)
@@ -57,9 +59,9 @@ class LeViTBlock(nn.Module):
         return self.mlp(self.norm2(x), residual=x)
 
 
-def _attn_switches(cfg: LeViTConfig) -> dict:
+def _attn_switches(cfg: LeViTConfig) -> AttentionSwitches:
     """The Table 5 switches of the attention layers (all on for LeViT itself)."""
-    return dict(norm=cfg.norm, use_bias=cfg.pos == "bias", act=cfg.attn_act)
+    return AttentionSwitches(norm=cfg.norm, use_bias=cfg.pos == "bias", act=cfg.attn_act)
 
 
 def _prenorm(cfg: LeViTConfig, dim: int) -> nn.Module:
@@ -80,7 +82,7 @@ class ShrinkBlock(nn.Module):
             cfg.shrink_heads[stage - 1],
             cfg.down_attn_ratio,
             cfg.grid_sizes[stage - 1],
-            **_attn_switches(cfg),
+            _attn_switches(cfg),
         )
         self.mlp = MLP(c_out, int(c_out * cfg.down_mlp_ratio), norm=cfg.norm)
         self.drop_path = DropPath(drop_path)
@@ -227,6 +229,29 @@ def default_preprocess() -> dict:
     }
 
 
+def checked_preprocess(cfg: Mapping) -> dict:
+    """The preprocessing keys (:data:`PREPROCESS_KEYS`) of a ``pretrained_cfg``, checked and as plain
+    values: ``crop_pct`` in (0, 1], ``mean`` and ``std`` three numbers each (``std`` > 0), the
+    interpolation and crop mode strings. A ``ValueError`` names the first bad key. The dict itself can
+    be edited in place at any time, so this runs where it is written to or read from a file."""
+    out = {k: cfg[k] for k in PREPROCESS_KEYS if k in cfg}
+    if "crop_pct" in out:
+        out["crop_pct"] = check_crop_pct(out["crop_pct"])
+    for k in ("mean", "std"):
+        if k not in out:
+            continue
+        v = out[k]
+        if isinstance(v, str | bytes) or not isinstance(v, Sequence) or len(v) != 3:
+            raise ValueError(f"{k} must be three numbers (R, G, B), got {v!r}")
+        out[k] = tuple(float(x) for x in v)
+        if k == "std" and min(out[k]) <= 0:
+            raise ValueError(f"std must be > 0, got {v!r}")
+    for k in ("interpolation", "crop_mode"):
+        if k in out and not isinstance(out[k], str):
+            raise ValueError(f"{k} must be a string, got {out[k]!r}")
+    return out
+
+
 class LeViT(nn.Module):
     """LeViT image classifier (Graham et al., ICCV 2021).
 
@@ -248,7 +273,7 @@ class LeViT(nn.Module):
         super().__init__()
         self.config = cfg
         self.class_names = None
-        self._preprocess = default_preprocess()
+        self.pretrained_cfg: dict = default_preprocess()  # + the keys that follow from the model, below
         ch = cfg.stem_channels  # in_chans -> C/8 -> C/4 -> C/2 -> C (A2: in_chans -> C)
         self.stem = Stem(ch, patch16=cfg.stem == "linear16", norm=cfg.norm)
         self.pos_embed: nn.Parameter | None = None
@@ -261,6 +286,7 @@ class LeViT(nn.Module):
         self.head = BNLinear(nf, nc, norm=cfg.norm) if nc > 0 else nn.Identity()
         self.head_dist = (BNLinear(nf, nc, norm=cfg.norm) if nc > 0 else nn.Identity()) if cfg.distillation else None
         self.distilled_training = False
+        self.sync_pretrained_cfg()
 
     # ---- timm's model attributes ----------------------------------------------------------------
     @property
@@ -284,34 +310,41 @@ class LeViT(nn.Module):
         return self.config.in_chans
 
     @property
-    def pretrained_cfg(self) -> dict:
-        """timm's ``pretrained_cfg``: input size, classes and the preprocessing the weights expect
-        (``crop_pct``, ``crop_mode``, ``interpolation``, ``mean``, ``std``), e.g. for
-        ``timm.data.resolve_data_config``. Assigning a dict takes its preprocessing keys (the others
-        follow from the config)."""
+    def default_cfg(self) -> dict:
+        """timm's older name of :attr:`pretrained_cfg`: the very same dict."""
+        return self.pretrained_cfg
+
+    @default_cfg.setter
+    def default_cfg(self, value: dict) -> None:
+        self.pretrained_cfg = value
+
+    def sync_pretrained_cfg(self) -> dict:
+        """Rewrite, in place, the keys of :attr:`pretrained_cfg` that follow from the model: input
+        size, classes, the first convolution and the classifier layers (timm's ``first_conv`` and
+        ``classifier``: the layers whose ``.weight`` and ``.bias`` timm's ``load_pretrained`` adapts
+        or drops). Run whenever the model changes form or head; the preprocessing and every other
+        key stay as the user set them. Returns the dict.
+
+        ``pretrained_cfg`` is a plain dict attribute, as in timm: edit it in place
+        (``model.pretrained_cfg["crop_pct"] = 1.0``); :func:`levit.fuse`, :func:`levit.save` and
+        loading keep the edits, and every preprocessing is built from it.
+        """
         cfg = self.config
-        return {
-            "input_size": (cfg.in_chans, *cfg.img_hw),
-            "fixed_input_size": True,
-            "num_classes": cfg.num_classes,
-            "pool_size": None,
-            "first_conv": "stem.0" if self.is_fused else "stem.0.conv",
-            "classifier": "head" if self.head_dist is None else ("head", "head_dist"),
-            **self._preprocess,
-        }
-
-    @pretrained_cfg.setter
-    def pretrained_cfg(self, value: dict) -> None:
-        given = {k: value[k] for k in PREPROCESS_KEYS if k in value}
-        crop = given.get("crop_pct", self._preprocess["crop_pct"])
-        if not isinstance(crop, int | float) or not 0 < crop <= 1:
-            raise ValueError(f"crop_pct must be in (0, 1], got {crop!r}")
-        for k in ("mean", "std"):
-            if k in given:
-                given[k] = tuple(float(v) for v in given[k])
-        self._preprocess = {**self._preprocess, **given}
-
-    default_cfg = pretrained_cfg  # timm's older name
+        linear_head = self.is_fused and cfg.norm == "bn"  # the fused BatchNorm head is one nn.Linear
+        heads = ["head"] if self.head_dist is None else ["head", "head_dist"]
+        names = tuple(h if linear_head else f"{h}.linear" for h in heads)
+        if not isinstance(self.__dict__.get("pretrained_cfg"), dict):
+            self.pretrained_cfg = default_preprocess()
+        self.pretrained_cfg.update(
+            architecture=cfg.name,
+            input_size=(cfg.in_chans, *cfg.img_hw),
+            fixed_input_size=True,
+            num_classes=cfg.num_classes,
+            pool_size=None,
+            first_conv="stem.0" if self.is_fused else "stem.0.conv",
+            classifier=names[0] if len(names) == 1 else names,
+        )
+        return self.pretrained_cfg
 
     # ---- training switches -----------------------------------------------------------------------
     def set_distilled_training(self, enable: bool = True) -> None:
@@ -328,7 +361,7 @@ class LeViT(nn.Module):
     def _tokens(self, x: Tensor, upto: int | None = None) -> list[tuple[Tensor, tuple[int, int]]]:
         """Stem + stages (through ``upto``): [(tokens, grid)] after each stage. Every layer gets the
         grid of its input: at the build size the biases are the learned (or fused) ones, at another
-        size they are resampled (:func:`levit.models.layers.grid_bias`, ``fused_grid_bias``)."""
+        size they are resampled (:func:`levit.models.layers.grid_bias`, for both forms)."""
         x = self.stem(x)  # (B, C, h, w)
         hw = (x.shape[2], x.shape[3])
         x = x.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C)
@@ -390,6 +423,7 @@ class LeViT(nn.Module):
         self.head = new_head()
         if self.head_dist is not None:
             self.head_dist = new_head()
+        self.sync_pretrained_cfg()
 
     # ---- timm's feature API ----------------------------------------------------------------------
     @property
@@ -461,8 +495,21 @@ class LeViTFeatures(nn.Module):
 
     @property
     def pretrained_cfg(self) -> dict:
-        """The wrapped model's ``pretrained_cfg`` (input size and preprocessing)."""
+        """The wrapped model's ``pretrained_cfg`` (the same dict: edits in place reach the model)."""
         return self.model.pretrained_cfg
+
+    @pretrained_cfg.setter
+    def pretrained_cfg(self, value: dict) -> None:
+        self.model.pretrained_cfg = value
+
+    @property
+    def default_cfg(self) -> dict:
+        """timm's older name of :attr:`pretrained_cfg`: the very same dict."""
+        return self.model.pretrained_cfg
+
+    @default_cfg.setter
+    def default_cfg(self, value: dict) -> None:
+        self.model.pretrained_cfg = value
 
     def forward(self, x: Tensor) -> list[Tensor]:
         return self.model.forward_intermediates(x, indices=list(self.out_indices), intermediates_only=True)

@@ -4,8 +4,9 @@ saving checkpoint files and of the metadata levit files carry.
 Layouts read: the official release (``{"model": state_dict}`` .pth), timm LeViT state dicts (.pth or
 .safetensors), and levit's own files (safetensors weights + JSON metadata: format version, variant,
 config, fused or not, class names), unfused or fused. The key maps between layouts live in
-:mod:`levit.convert`, downloads in :mod:`levit.hub`; models are built by :mod:`levit.registry`, which
-calls :func:`open_checkpoint`, :func:`checkpoint_config` and :func:`load_into` here.
+:mod:`levit.weights.convert`, downloads in :mod:`levit.weights.hub`; models are built by
+:func:`levit.factory.create.create_model`, which calls :func:`open_checkpoint`,
+:func:`checkpoint_config` and :func:`load_into` here.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def read_checkpoint(path: str | os.PathLike, *, flag: str | None = None) -> tupl
     whose message starts with ``flag`` (e.g. ``"--teacher-checkpoint"``) when given.
 
     A Hugging Face ``save_pretrained`` folder is read through its weights file, and transformers'
-    files get metadata naming their variant (:mod:`levit.hf`)."""
+    files get metadata naming their variant (:mod:`levit.weights.hf`)."""
     from . import hf
 
     path = hf.resolve_folder(Path(path))
@@ -266,8 +267,9 @@ def checkpoint_config(ck: Checkpoint, base: LeViTConfig, changes: Mapping[str, o
 
 
 def load_into(model: nn.Module, ck: Checkpoint) -> nn.Module:
-    """Load ``ck`` into ``model`` (built by the registry from :func:`checkpoint_config`), strictly:
-    names converted, heads and bias tables fitted, the first misfit named. Returns ``model``."""
+    """Load ``ck`` into ``model`` (built by :func:`levit.factory.create.create_model` from
+    :func:`checkpoint_config`), strictly: names converted, heads and bias tables fitted, the first
+    misfit named. Returns ``model``."""
     cfg: LeViTConfig = model.config
     if ck.format == "hf":
         from .hf import hf_to_levit_state_dict
@@ -291,17 +293,18 @@ def load_into(model: nn.Module, ck: Checkpoint) -> nn.Module:
 
 
 def _restore_preprocess(model: nn.Module, info: Mapping, path: Path) -> None:
-    """The preprocessing the file says its weights expect (``model.pretrained_cfg``): its saved
-    ``pretrained_cfg``, and a training run's evaluation crop (``eval``) on top."""
-    given = dict(info.get("pretrained_cfg") or {})
-    crop = (info.get("eval") or {}).get("crop_pct")
-    if crop is not None:
-        given["crop_pct"] = crop
-    if given:
-        try:
-            model.pretrained_cfg = given
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: corrupt levit metadata (pretrained_cfg: {_short(e)})") from None
+    """The preprocessing the file says its weights expect, merged into ``model.pretrained_cfg`` in
+    place: its saved ``pretrained_cfg``, and a training run's evaluation crop (``eval``) on top."""
+    from ..models.network import checked_preprocess
+
+    try:
+        given = dict(info.get("pretrained_cfg") or {})
+        crop = (info.get("eval") or {}).get("crop_pct")
+        if crop is not None:
+            given["crop_pct"] = crop
+        model.pretrained_cfg.update(checked_preprocess(given))
+    except (TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: corrupt levit metadata (pretrained_cfg: {_short(e)})") from None
 
 
 def _resize_bias_table(t: Tensor, dst: tuple[int, int], src: tuple[int, int] | None = None) -> Tensor:
@@ -425,7 +428,7 @@ def build_metadata(model: nn.Module, **extra: object) -> dict:
     """The self-description every levit file carries (format version, variant, config, fused or not,
     levit version, the preprocessing the weights expect, class names when the model has them), plus
     ``extra`` entries (e.g. a training run's ``eval``, whose crop becomes the preprocessing's)."""
-    from ..models.network import PREPROCESS_KEYS
+    from ..models.network import checked_preprocess
 
     cfg = model.config
     meta: dict = {
@@ -437,9 +440,8 @@ def build_metadata(model: nn.Module, **extra: object) -> dict:
     }
     pre = getattr(model, "pretrained_cfg", None)
     if isinstance(pre, Mapping):
-        meta["pretrained_cfg"] = {
-            k: list(v) if isinstance(v, tuple) else v for k, v in pre.items() if k in PREPROCESS_KEYS
-        }
+        checked = checked_preprocess(pre)  # edited in place by the user: checked where it is written
+        meta["pretrained_cfg"] = {k: list(v) if isinstance(v, tuple) else v for k, v in checked.items()}
         crop = (extra.get("eval") or {}).get("crop_pct") if isinstance(extra.get("eval"), Mapping) else None
         if crop is not None:
             meta["pretrained_cfg"]["crop_pct"] = crop
