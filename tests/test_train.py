@@ -634,7 +634,7 @@ def test_process_group_backend_follows_the_device(monkeypatch, gpu, backend):
     monkeypatch.setattr(ld.dist, "init_process_group", lambda backend, **kw: calls.update(backend=backend, **kw))
     monkeypatch.setattr(ld.dist, "destroy_process_group", lambda: calls.update(destroyed=True))
     with ld.distributed("auto") as d:
-        assert calls["backend"] == backend and (d.rank, d.world, d.local_rank) == (3, 4, 1) and not d.main
+        assert calls["backend"] == backend and (d.rank, d.world_size, d.local_rank) == (3, 4, 1) and not d.is_main
         assert d.device == (torch.device("cuda", 1) if gpu else torch.device("cpu"))
         assert calls.get("set_device") == (1 if gpu else None)
         assert calls["device_id"] == (torch.device("cuda", 1) if gpu else None)

@@ -140,8 +140,8 @@ class Teacher(nn.Module):
     ) -> None:
         super().__init__()
         self.model = model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        for param in self.model.parameters():
+            param.requires_grad_(False)
         # x_teacher = (x * input_std + input_mean - mean) / std = x * scale + shift
         scale = torch.tensor(input_std) / torch.tensor(std)
         shift = (torch.tensor(input_mean) - torch.tensor(mean)) / torch.tensor(std)
@@ -178,7 +178,7 @@ def build_teacher(
 
     Raises :class:`LeViTError` when the weights are missing or do not fit ``num_classes``.
     """
-    from ..factory.registry import create_model
+    from ..factory.create import create_model
     from ..models.config import canonical_name
     from ..weights.format import read_checkpoint, read_metadata
 
@@ -213,9 +213,9 @@ def build_teacher(
         if not timm.is_model(name):
             raise LeViTError(f"--teacher: {name!r} is neither a levit model nor a timm model name")
         model = timm.create_model(name, pretrained=False, num_classes=num_classes)
-        sd = read_checkpoint(path, flag="--teacher-checkpoint")[0]
+        state_dict = read_checkpoint(path, flag="--teacher-checkpoint")[0]
         try:
-            model.load_state_dict(sd, strict=True)
+            model.load_state_dict(state_dict, strict=True)
         except RuntimeError as e:
             lines = str(e).strip().splitlines()  # torch: a header line, then the missing / unexpected keys
             detail = first_line(lines[1] if len(lines) > 1 else str(e), limit=200)

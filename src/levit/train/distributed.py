@@ -28,20 +28,20 @@ class DistContext:
     """This process's place in the run: rank, world size, local rank and its device."""
 
     rank: int = 0
-    world: int = 1
+    world_size: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     owns_group: bool = False  # this process group was started here (and is torn down here)
 
     @property
-    def main(self) -> bool:
+    def is_main(self) -> bool:
         """Rank 0: the process that logs and writes files."""
         return self.rank == 0
 
     @property
-    def on(self) -> bool:
+    def is_distributed(self) -> bool:
         """More than one process."""
-        return self.world > 1
+        return self.world_size > 1
 
 
 def init_distributed(device: str = "auto") -> DistContext:
@@ -49,17 +49,18 @@ def init_distributed(device: str = "auto") -> DistContext:
     if device == "cuda" and not torch.cuda.is_available():
         raise LeViTError("--device cuda: no CUDA GPU is available (use --device cpu)")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
-        torch.cuda.set_device(local)
-        dev = torch.device("cuda", local)
+        torch.cuda.set_device(local_rank)
+        process_device = torch.device("cuda", local_rank)
     else:
-        dev = torch.device("cpu")
-    ctx = DistContext(rank, world, local, dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+        process_device = torch.device("cpu")
+    ctx = DistContext(rank, world_size, local_rank, process_device)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if use_cuda else "gloo"
+        dist.init_process_group(backend=backend, device_id=process_device if use_cuda else None)
         ctx.owns_group = True
     return ctx
 
@@ -76,29 +77,29 @@ def distributed(device: str = "auto") -> Iterator[DistContext]:
             dist.destroy_process_group()
 
 
-def all_reduce_sum(t: Tensor) -> Tensor:
-    """Sum ``t`` over all processes in place (a no-op in a single process)."""
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """Sum ``tensor`` over all processes in place (a no-op in a single process)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t
+        dist.all_reduce(tensor)
+    return tensor
 
 
 def barrier(ctx: DistContext) -> None:
     """Wait for every process (a no-op in a single process)."""
-    if ctx.on:
+    if ctx.is_distributed:
         dist.barrier()
 
 
 def gather_lists(ctx: DistContext, items: list) -> list:
     """Every process's ``items`` concatenated in rank order (picklable objects)."""
-    if not ctx.on:
+    if not ctx.is_distributed:
         return list(items)
-    gathered: list = [None] * ctx.world
-    dist.all_gather_object(gathered, items)
-    return [x for g in gathered for x in g]
+    per_rank: list = [None] * ctx.world_size
+    dist.all_gather_object(per_rank, items)
+    return [item for rank_items in per_rank for item in rank_items]
 
 
 def log(ctx: DistContext, msg: str) -> None:
     """Print ``msg`` to stderr on rank 0 only."""
-    if ctx.main:
+    if ctx.is_main:
         print(msg, file=sys.stderr, flush=True)

@@ -71,12 +71,12 @@ def evaluate_folder(
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_size=batch_size,
-            sampler=ShardSampler(len(dataset), ctx.world, ctx.rank),
+            sampler=ShardSampler(len(dataset), ctx.world_size, ctx.rank),
             num_workers=workers,
             collate_fn=collate_skip,
         )
         batches: Iterable = loader
-        if progress and ctx.main:
+        if progress and ctx.is_main:
             from tqdm.auto import tqdm
 
             batches = tqdm(loader, desc="eval", unit="batch", leave=False, file=sys.stderr, dynamic_ncols=True)

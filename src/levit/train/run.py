@@ -1,8 +1,9 @@
 """Training: the paper's recipe (LeViT, Section 5.1) on an ImageFolder, from one CPU to many GPUs.
 
 :func:`train` takes a :class:`~levit.train.recipe.TrainConfig` (a YAML recipe + overrides, see
-:mod:`levit.recipe`) and runs: one epoch (:mod:`levit.engine`), evaluate, checkpoint (:mod:`levit.rundir`),
-repeat. Under ``torchrun`` it runs DDP (:mod:`levit.distributed`); only rank 0 logs and writes files.
+:mod:`levit.train.recipe`) and runs: one epoch (:mod:`levit.train.engine`), evaluate, checkpoint
+(:mod:`levit.train.rundir`), repeat. Under ``torchrun`` it runs DDP (:mod:`levit.train.distributed`);
+only rank 0 logs and writes files.
 Checkpoints hold everything needed to continue bit-exactly on CPU: model, EMA, optimizer, scheduler,
 grad scaler, epoch/step, sampler position and every rank's RNG states.
 """
@@ -97,7 +98,7 @@ class _Run:
 
     def __init__(self, cfg: TrainConfig, ctx: DistContext, resume: str | None) -> None:
         self.cfg, self.ctx, self.resume = cfg, ctx, resume
-        self.dir = RunDir(cfg.output, main=ctx.main)
+        self.dir = RunDir(cfg.output, is_main=ctx.is_main)
         self.made: list[Path] = []  # what a failed start removes
         self.resumed_from: Path | None = None
         self.state = LoopState()
@@ -108,62 +109,62 @@ class _Run:
         except BaseException:
             self.dir.discard(self.made)
             raise
-        cfg, st, d = self.cfg, self.state, self.ctx
-        if st.epoch >= cfg.epochs:
+        cfg, state, ctx = self.cfg, self.state, self.ctx
+        if state.epoch >= cfg.epochs:
             return self._nothing_left()
         if self.resumed_from is not None:
-            log(d, f"resumed from {self.resumed_from} (epoch {st.epoch + 1}, step {st.global_step})")
+            log(ctx, f"resumed from {self.resumed_from} (epoch {state.epoch + 1}, step {state.global_step})")
         self.dir.prepare(cfg.to_dict() | {"data": str(self.root)})
-        self.recorder.truncate(st.global_step, st.epoch)  # back to the checkpoint
-        barrier(d)
+        self.recorder.truncate(state.global_step, state.epoch)  # back to the checkpoint
+        barrier(ctx)
         self.parts.recorder = self.recorder
-        log(d, self.banner)
+        log(ctx, self.banner)
         t_run = time.time()
-        for epoch in range(st.epoch, cfg.epochs):
-            first_step = st.step_in_epoch if epoch == st.epoch else 0
-            st.epoch, st.step_in_epoch = epoch, first_step
+        for epoch in range(state.epoch, cfg.epochs):
+            first_step = state.step_in_epoch if epoch == state.epoch else 0
+            state.epoch, state.step_in_epoch = epoch, first_step
             self.scheduler.step(epoch)
-            self.data.sampler.set_epoch(epoch, first_step * self.parts.accum * cfg.batch_size)
+            self.data.sampler.set_epoch(epoch, first_step * self.parts.accumulation_steps * cfg.batch_size)
             self.model.train()
             if self.parts.teacher is not None:
                 self.parts.teacher.eval()
 
             def on_step(end_of_epoch: bool, epoch: int = epoch) -> None:
-                info = {"epoch": epoch, "step_in_epoch": st.step_in_epoch, "global_step": st.global_step}
-                for cb in callbacks:
-                    cb("step", info)
+                info = {"epoch": epoch, "step_in_epoch": state.step_in_epoch, "global_step": state.global_step}
+                for callback in callbacks:
+                    callback("step", info)
                 every = cfg.checkpoint_every_steps
-                if every and st.global_step % every == 0 and not end_of_epoch:
+                if every and state.global_step % every == 0 and not end_of_epoch:
                     self._save_checkpoint(complete=False)
 
-            stats = train_one_epoch(self.parts, self.data.train_loader, cfg, st, first_step, on_step)
+            stats = train_one_epoch(self.parts, self.data.train_loader, cfg, state, first_step, on_step)
             self._note_skipped(stats.pop("bad"), "training")
-            rec = self._end_of_epoch(stats)
+            record = self._end_of_epoch(stats)
             self._save_checkpoint(complete=True)
-            for cb in callbacks:
-                cb("epoch", rec)
+            for callback in callbacks:
+                callback("epoch", record)
         return self._finish(time.time() - t_run)
 
     # ---- building ------------------------------------------------------------------------------
     def _resume_point(self) -> tuple[Path, dict] | None:
         """Rank 0 applies the overwrite guard and picks the checkpoint (before anything is written);
         every rank gets its verdict, so all fail together or all load the same file."""
-        d = self.ctx
+        ctx = self.ctx
         verdict: list = [None, None]  # (error class, message), checkpoint path
         found, error = None, None
-        if d.main:
+        if ctx.is_main:
             try:
                 found = self.dir.resume_point(self.resume)  # a bad --resume fails before any work
                 verdict[1] = str(found[0]) if found else None
             except LeViTError as e:
                 error, verdict[0] = e, (type(e).__name__, str(e))
-        if d.on:
+        if ctx.is_distributed:
             dist.broadcast_object_list(verdict, src=0)
         if error is not None:
             raise error
         if verdict[0] is not None:
             raise (CheckpointError if verdict[0][0] == "CheckpointError" else LeViTError)(verdict[0][1])
-        if d.main or verdict[1] is None:
+        if ctx.is_main or verdict[1] is None:
             return found
         from .rundir import load_state
 
@@ -177,33 +178,35 @@ class _Run:
             self._restore(*resume_point)
         else:
             seed_all(self.cfg.seed + 7919 * self.ctx.rank)
-        self.recorder = MetricsRecorder(self.dir.path, self.ctx.main, self.cfg.tensorboard)
+        self.recorder = MetricsRecorder(self.dir.path, self.ctx.is_main, self.cfg.tensorboard)
         self._wrap()
 
     def _build_data(self) -> None:
         from ..data.datasets import build_loaders
         from ..data.digits import make_digits_folder
 
-        cfg, d = self.cfg, self.ctx
+        cfg, ctx = self.cfg, self.ctx
         if cfg.dataset == "digits":  # bundled data goes into the run folder, never into --data
             self.root = self.dir.path / "digits"
-            if d.main:
+            if ctx.is_main:
                 if not self.root.exists():
                     self.made.append(self.root)
                 make_digits_folder(self.root, seed=0)
-            barrier(d)
+            barrier(ctx)
         else:
             self.root = Path(cfg.data)
-        self.data = build_loaders(cfg, self.root, world=d.world, rank=d.rank, pin_memory=d.device.type == "cuda")
+        self.data = build_loaders(
+            cfg, self.root, world=ctx.world_size, rank=ctx.rank, pin_memory=ctx.device.type == "cuda"
+        )
         self.class_names = self.data.class_names
-        self.accum = accumulation_steps(cfg, d.world)
+        self.accumulation_steps = accumulation_steps(cfg, ctx.world_size)
 
     def _build_model(self) -> None:
-        from ..factory.registry import create_model
+        from ..factory.create import create_model
         from ..models.config import canonical_name
         from .distill import build_teacher
 
-        cfg, d = self.cfg, self.ctx
+        cfg, ctx = self.cfg, self.ctx
         torch.manual_seed(cfg.seed)  # same init on every rank; DDP also broadcasts rank 0's
         self.name = canonical_name(cfg.model)
         distill = cfg.distillation != "none"
@@ -222,20 +225,20 @@ class _Run:
 
                     hint = "or set init_checkpoint=PATH instead of pretrained=true"
                     raise CheckpointError(str(e).replace(PASS_A_FILE, hint)) from None
-            for w in caught:
-                log(d, f"note: {w.message}")
+            for warning in caught:
+                log(ctx, f"note: {warning.message}")
         else:
             model = create_model(self.name, **kwargs)
         model.class_names = self.class_names
         if distill:
             model.set_distilled_training(True)
-        self.channels_last = d.device.type == "cuda" and cfg.channels_last
-        model.to(d.device)
+        self.channels_last = ctx.device.type == "cuda" and cfg.channels_last
+        model.to(ctx.device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         self.model, self.teacher = model, None
         if distill:
-            self.teacher = build_teacher(cfg.teacher, cfg.teacher_checkpoint, len(self.class_names)).to(d.device)
+            self.teacher = build_teacher(cfg.teacher, cfg.teacher_checkpoint, len(self.class_names)).to(ctx.device)
             if self.channels_last:
                 self.teacher.to(memory_format=torch.channels_last)
 
@@ -248,13 +251,14 @@ class _Run:
         from ..data.transforms import build_mixup
         from .distill import DistillationLoss
 
-        cfg, d = self.cfg, self.ctx
-        self.total_batch = cfg.batch_size * d.world * self.accum
+        cfg, ctx = self.cfg, self.ctx
+        self.total_batch = cfg.batch_size * ctx.world_size * self.accumulation_steps
         self.lr = cfg.lr * self.total_batch / cfg.lr_base_batch
-        opt = create_optimizer_v2(self.model, opt=cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay, eps=cfg.opt_eps)
-        self.optimizer = opt
+        self.optimizer = create_optimizer_v2(
+            self.model, opt=cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay, eps=cfg.opt_eps
+        )
         self.scheduler, _ = create_scheduler_v2(
-            opt,
+            self.optimizer,
             sched=cfg.sched,
             num_epochs=cfg.epochs,
             warmup_epochs=cfg.warmup_epochs,
@@ -264,10 +268,10 @@ class _Run:
         )
         self.ema = ModelEmaV3(self.model, decay=cfg.model_ema_decay) if cfg.model_ema else None
         self.amp_dtype = None
-        if d.device.type == "cuda" and cfg.amp != "none":
+        if ctx.device.type == "cuda" and cfg.amp != "none":
             bf16 = cfg.amp == "bf16" and torch.cuda.is_bf16_supported()
             self.amp_dtype = torch.bfloat16 if bf16 else torch.float16
-        self.scaler = torch.amp.GradScaler(d.device.type, enabled=self.amp_dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.amp_dtype == torch.float16)
         self.mixup = build_mixup(cfg, len(self.class_names))
         if self.mixup is not None:
             base_loss: Callable = SoftTargetCrossEntropy()
@@ -284,48 +288,50 @@ class _Run:
             kl_norm=cfg.distillation_kl_norm,
         )
 
-    def _restore(self, path: Path, state: dict) -> None:
-        cfg, d, st = self.cfg, self.ctx, self.state
-        check_resume_fits(path, state, cfg, self.class_names)
+    def _restore(self, path: Path, saved: dict) -> None:
+        """Continue from checkpoint ``path`` (its contents ``saved``): weights, optimizer, schedule,
+        scaler, EMA, the loop position and this rank's random streams."""
+        cfg, ctx, state = self.cfg, self.ctx, self.state
+        check_resume_fits(path, saved, cfg, self.class_names)
         try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            old_cfg = state.get("train_config") or {}
+            self.model.load_state_dict(saved["model"])
+            self.optimizer.load_state_dict(saved["optimizer"])
+            old_cfg = saved.get("train_config") or {}
             if all(old_cfg.get(k) == getattr(cfg, k) for k in SCHEDULE_KEYS):
-                self.scheduler.load_state_dict(state["scheduler"])
+                self.scheduler.load_state_dict(saved["scheduler"])
             else:  # e.g. more epochs: the lr follows the new recipe from this epoch on
-                log(d, "note: the lr schedule differs from the checkpoint's run; following the new recipe")
-            self.scaler.load_state_dict(state["scaler"])
-            if self.ema is not None and state.get("ema") is not None:
-                self.ema.module.load_state_dict(state["ema"])
+                log(ctx, "note: the lr schedule differs from the checkpoint's run; following the new recipe")
+            self.scaler.load_state_dict(saved["scaler"])
+            if self.ema is not None and saved.get("ema") is not None:
+                self.ema.module.load_state_dict(saved["ema"])
         except (RuntimeError, ValueError, KeyError) as e:
             from ..utils import first_line
 
             raise CheckpointError(f"{path}: does not fit this run's model/optimizer ({first_line(e, 200)})") from None
-        st.global_step = int(state["global_step"])
-        st.best_top1, st.best_epoch = float(state.get("best_top1", -1.0)), int(state.get("best_epoch", 0))
-        st.last = dict(state.get("last") or {})
-        if state.get("epoch_complete", True):
-            st.epoch, st.step_in_epoch = int(state["epoch"]) + 1, 0
+        state.global_step = int(saved["global_step"])
+        state.best_top1, state.best_epoch = float(saved.get("best_top1", -1.0)), int(saved.get("best_epoch", 0))
+        state.last = dict(saved.get("last") or {})
+        if saved.get("epoch_complete", True):
+            state.epoch, state.step_in_epoch = int(saved["epoch"]) + 1, 0
         else:
-            st.epoch, st.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
-        rngs = state.get("rng") or []
-        if len(rngs) == d.world:
-            set_rng_state(rngs[d.rank])
+            state.epoch, state.step_in_epoch = int(saved["epoch"]), int(saved["step_in_epoch"])
+        rng_states = saved.get("rng") or []
+        if len(rng_states) == ctx.world_size:
+            set_rng_state(rng_states[ctx.rank])
         else:
-            log(d, f"warning: checkpoint made with {len(rngs)} processes, now {d.world}: random streams restart")
-            seed_all(cfg.seed + 7919 * d.rank + st.global_step)
+            made_with = f"checkpoint made with {len(rng_states)} processes, now {ctx.world_size}"
+            log(ctx, f"warning: {made_with}: random streams restart")
+            seed_all(cfg.seed + 7919 * ctx.rank + state.global_step)
         self.resumed_from = path
 
     def _wrap(self) -> None:
-        cfg, d = self.cfg, self.ctx
-        net: nn.Module = self.model
-        if d.on:
-            cuda = d.device.type == "cuda"
-            net = nn.parallel.DistributedDataParallel(self.model, device_ids=[d.local_rank] if cuda else None)
-        ddp = net
-        if cfg.compile:
-            net = torch.compile(net)
+        cfg, ctx = self.cfg, self.ctx
+        ddp_wrapper: nn.Module = self.model
+        if ctx.is_distributed:
+            cuda = ctx.device.type == "cuda"
+            device_ids = [ctx.local_rank] if cuda else None
+            ddp_wrapper = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        forward_model = torch.compile(ddp_wrapper) if cfg.compile else ddp_wrapper
         n_train, n_val = self.data.sizes
         scaled = (
             ""
@@ -334,33 +340,33 @@ class _Run:
         )
         self.banner = (
             f"training {self.name} ({len(self.class_names)} classes, {n_train} train / {n_val} val images) on "
-            f"{d.world} x {d.device.type}; batch {cfg.batch_size} x {d.world} process(es) x {self.accum} accumulation"
+            f"{ctx.world_size} x {ctx.device.type}; batch {cfg.batch_size} x {ctx.world_size} process(es) x {self.accumulation_steps} accumulation"
             f" = {self.total_batch}, lr {self.lr:.3g}{scaled}, distillation {cfg.distillation}, amp {self.amp_dtype or 'off'}"
         )
-        updates = math.ceil(self.data.micro_per_epoch / self.accum)
-        if self.accum > 1 and updates < SMALL_DATA_UPDATES:  # an ImageNet recipe on a small dataset
+        updates = math.ceil(self.data.micro_per_epoch / self.accumulation_steps)
+        if self.accumulation_steps > 1 and updates < SMALL_DATA_UPDATES:  # an ImageNet recipe on a small dataset
             self.banner += (
                 f"\nnote: this recipe is made for a large dataset: on {n_train} training images it means an effective "
-                f"batch of {self.total_batch} ({self.accum} accumulation steps), lr {cfg.lr:g} x {self.total_batch}/"
+                f"batch of {self.total_batch} ({self.accumulation_steps} accumulation steps), lr {cfg.lr:g} x {self.total_batch}/"
                 f"{cfg.lr_base_batch} = {self.lr:.3g} and {updates} optimizer update(s) per epoch; for a small "
                 "dataset use --config digits, or total_batch=null with your own batch_size and lr"
             )
         self.parts = EpochParts(
             model=self.model,
-            net=net,
-            ddp=ddp,
+            forward_model=forward_model,
+            ddp_wrapper=ddp_wrapper,
             criterion=self.criterion,
             optimizer=self.optimizer,
             scaler=self.scaler,
             ema=self.ema,
             mixup=self.mixup,
             teacher=self.teacher,
-            ctx=d,
+            ctx=ctx,
             amp_dtype=self.amp_dtype,
-            accum=self.accum,
-            micro_per_epoch=self.data.micro_per_epoch,
-            updates_per_epoch=math.ceil(self.data.micro_per_epoch / self.accum),
-            samples_per_epoch=self.data.micro_per_epoch * cfg.batch_size * d.world,
+            accumulation_steps=self.accumulation_steps,
+            micro_batches_per_epoch=self.data.micro_per_epoch,
+            updates_per_epoch=math.ceil(self.data.micro_per_epoch / self.accumulation_steps),
+            samples_per_epoch=self.data.micro_per_epoch * cfg.batch_size * ctx.world_size,
             recorder=None,
         )
 
@@ -371,9 +377,9 @@ class _Run:
         return build_metadata(self.model, eval={"img_size": self.cfg.img_size, "crop_pct": self.cfg.eval_crop_pct})
 
     def _save_checkpoint(self, complete: bool) -> None:
-        d, st, cfg = self.ctx, self.state, self.cfg
-        rngs = gather_lists(d, [rng_state()])
-        if not d.main:
+        ctx, state, cfg = self.ctx, self.state, self.cfg
+        rng_states = gather_lists(ctx, [rng_state()])
+        if not ctx.is_main:
             return
         payload = {
             "model": self.model.state_dict(),
@@ -382,82 +388,86 @@ class _Run:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "epoch": st.epoch,
-            "step_in_epoch": st.step_in_epoch,
+            "epoch": state.epoch,
+            "step_in_epoch": state.step_in_epoch,
             "epoch_complete": complete,
-            "global_step": st.global_step,
-            "sampler": self.data.sampler.state_dict() | {"start": st.step_in_epoch * self.accum * cfg.batch_size},
-            "rng": rngs,
-            "best_top1": st.best_top1,
-            "best_epoch": st.best_epoch,
-            "last": {k: v for k, v in st.last.items() if isinstance(v, (int, float))},
-            "world_size": d.world,
+            "global_step": state.global_step,
+            "sampler": self.data.sampler.state_dict()
+            | {"start": state.step_in_epoch * self.accumulation_steps * cfg.batch_size},
+            "rng": rng_states,
+            "best_top1": state.best_top1,
+            "best_epoch": state.best_epoch,
+            "last": {k: v for k, v in state.last.items() if isinstance(v, (int, float))},
+            "world_size": ctx.world_size,
             "train_config": cfg.to_dict(),
         }
-        self.dir.save_checkpoint(payload, st.global_step, cfg.keep_last)
+        self.dir.save_checkpoint(payload, state.global_step, cfg.keep_last)
 
     def _note_skipped(self, bad: list, split: str) -> None:
-        new = [(p, r) for p, r in bad if p not in self.state.skipped]
-        for p, r in bad:
-            self.state.skipped.setdefault(p, r)
+        new = [(path, reason) for path, reason in bad if path not in self.state.skipped]
+        for path, reason in bad:
+            self.state.skipped.setdefault(path, reason)
         if new:
-            n = len({p for p, _ in new})
-            log(self.ctx, f"warning: skipped {n} unreadable {split} image(s), e.g. {new[0][0]} ({new[0][1]})")
+            count = len({path for path, _ in new})
+            log(self.ctx, f"warning: skipped {count} unreadable {split} image(s), e.g. {new[0][0]} ({new[0][1]})")
 
     def _end_of_epoch(self, stats: dict) -> dict:
-        cfg, d, st = self.cfg, self.ctx, self.state
-        if d.on:  # BN statistics made identical on all ranks before evaluating
-            for b in self.model.buffers():
-                dist.broadcast(b, 0)
-        rec: dict[str, Any] = {"event": "epoch", "epoch": st.epoch + 1, "train_loss": stats["train_loss"]}
-        rec |= {"lr": self.optimizer.param_groups[0]["lr"], "epoch_time_s": stats["epoch_time_s"]}
-        rec |= {"train_img_s": stats["train_img_s"]}
-        if (st.epoch + 1) % cfg.eval_every == 0 or st.epoch + 1 == cfg.epochs:
-            kw = dict(amp_dtype=self.amp_dtype, channels_last=self.channels_last)
-            m = evaluate(self.model, self.data.val_loader, d.device, **kw)
-            self._note_skipped(m.pop("skipped"), "validation")
-            rec.update(top1=m["top1"], top5=m["top5"], val_loss=m["loss"], val_images=m["n"])
+        cfg, ctx, state = self.cfg, self.ctx, self.state
+        if ctx.is_distributed:  # BN statistics made identical on all ranks before evaluating
+            for buffer in self.model.buffers():
+                dist.broadcast(buffer, 0)
+        record: dict[str, Any] = {"event": "epoch", "epoch": state.epoch + 1, "train_loss": stats["train_loss"]}
+        record |= {"lr": self.optimizer.param_groups[0]["lr"], "epoch_time_s": stats["epoch_time_s"]}
+        record |= {"train_img_s": stats["train_img_s"]}
+        if (state.epoch + 1) % cfg.eval_every == 0 or state.epoch + 1 == cfg.epochs:
+            options = dict(amp_dtype=self.amp_dtype, channels_last=self.channels_last)
+            metrics = evaluate(self.model, self.data.val_loader, ctx.device, **options)
+            self._note_skipped(metrics.pop("skipped"), "validation")
+            record.update(top1=metrics["top1"], top5=metrics["top5"], val_loss=metrics["loss"], val_images=metrics["n"])
             if self.ema is not None:
-                me = evaluate(self.ema.module, self.data.val_loader, d.device, **kw)
-                rec.update(ema_top1=me["top1"], ema_top5=me["top5"], ema_val_loss=me["loss"])
-            st.last = m
-            if m["top1"] > st.best_top1:
-                st.best_top1, st.best_epoch = m["top1"], st.epoch + 1
-                if d.main:
+                ema_metrics = evaluate(self.ema.module, self.data.val_loader, ctx.device, **options)
+                record.update(
+                    ema_top1=ema_metrics["top1"], ema_top5=ema_metrics["top5"], ema_val_loss=ema_metrics["loss"]
+                )
+            state.last = metrics
+            if metrics["top1"] > state.best_top1:
+                state.best_top1, state.best_epoch = metrics["top1"], state.epoch + 1
+                if ctx.is_main:
                     payload = {"model": self.model.state_dict(), "levit": self._metadata()}
-                    self.dir.save_best(payload | {"epoch": st.epoch + 1, "top1": m["top1"]})
-            ema = f", EMA top-1 {rec['ema_top1']:.2f}%" if self.ema is not None else ""
+                    self.dir.save_best(payload | {"epoch": state.epoch + 1, "top1": metrics["top1"]})
+            ema = f", EMA top-1 {record['ema_top1']:.2f}%" if self.ema is not None else ""
             log(
-                d,
-                f"epoch {st.epoch + 1}/{cfg.epochs}: train loss {stats['train_loss']:.4f}, val top-1 {m['top1']:.2f}% "
-                f"top-5 {m['top5']:.2f}% loss {m['loss']:.4f}{ema} ({stats['epoch_time_s']:.1f}s)",
+                ctx,
+                f"epoch {state.epoch + 1}/{cfg.epochs}: train loss {stats['train_loss']:.4f}, val top-1 "
+                f"{metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}% loss {metrics['loss']:.4f}{ema} "
+                f"({stats['epoch_time_s']:.1f}s)",
             )
-        rec["skipped_images"] = len(st.skipped)
-        self.recorder.write(rec, step=st.epoch + 1)
-        return rec
+        record["skipped_images"] = len(state.skipped)
+        self.recorder.write(record, step=state.epoch + 1)
+        return record
 
     def _finish(self, total_time: float) -> TrainResult:
-        cfg, st = self.cfg, self.state
-        last = st.last
-        summary = {"event": "summary", "best_top1": st.best_top1, "best_epoch": st.best_epoch}
+        cfg, state = self.cfg, self.state
+        last = state.last
+        summary = {"event": "summary", "best_top1": state.best_top1, "best_epoch": state.best_epoch}
         summary |= {"final_top1": last.get("top1"), "final_top5": last.get("top5"), "epochs": cfg.epochs}
-        summary |= {"steps": st.global_step, "time_s": total_time, "skipped_images": len(st.skipped)}
+        summary |= {"steps": state.global_step, "time_s": total_time, "skipped_images": len(state.skipped)}
         self.recorder.write(summary)
         self.recorder.close()
         final = f"final top-1 {last['top1']:.2f}% top-5 {last['top5']:.2f}%; " if "top1" in last else ""
         log(
             self.ctx,
-            f"done: best top-1 {st.best_top1:.2f}% at epoch {st.best_epoch}; {final}{total_time:.1f}s; "
+            f"done: best top-1 {state.best_top1:.2f}% at epoch {state.best_epoch}; {final}{total_time:.1f}s; "
             f"weights {self.dir.path / 'best.pth'}",
         )
         return self._result()
 
     def _nothing_left(self) -> TrainResult:
-        st = self.state
+        state = self.state
         log(
             self.ctx,
-            f"nothing left to do: {self.dir.path} already finished {st.epoch} of {self.cfg.epochs} epoch(s) "
-            f"(best top-1 {st.best_top1:.2f}% at epoch {st.best_epoch}); raise epochs=N to train longer",
+            f"nothing left to do: {self.dir.path} already finished {state.epoch} of {self.cfg.epochs} epoch(s) "
+            f"(best top-1 {state.best_top1:.2f}% at epoch {state.best_epoch}); raise epochs=N to train longer",
         )
         return self._result(finished_before=True)
 
@@ -465,6 +475,8 @@ class _Run:
         self.model.eval()
         if self.cfg.distillation != "none":
             self.model.set_distilled_training(False)
-        st = self.state
+        state = self.state
         out = self.dir.path
-        return TrainResult(st.best_top1, st.best_epoch, st.last, out, self.model, sorted(st.skipped), finished_before)
+        return TrainResult(
+            state.best_top1, state.best_epoch, state.last, out, self.model, sorted(state.skipped), finished_before
+        )

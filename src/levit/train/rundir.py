@@ -58,8 +58,8 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
 
 def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
     """``ckpt-<step>.pth`` files in ``folder``, newest (highest step) first."""
-    files = [p for p in Path(folder).glob("ckpt-*.pth") if p.stem[5:].isdigit()]
-    return sorted(files, key=lambda p: int(p.stem[5:]), reverse=True)
+    files = [f for f in Path(folder).glob("ckpt-*.pth") if f.stem[5:].isdigit()]
+    return sorted(files, key=lambda f: int(f.stem[5:]), reverse=True)
 
 
 def load_state(path: str | os.PathLike) -> dict:
@@ -96,10 +96,10 @@ def find_resume_checkpoint(output: str | os.PathLike, *, set_aside: bool = True)
 
 
 class RunDir:
-    """The output folder of one run. Only the main process (``main=True``) writes."""
+    """The output folder of one run. Only the main process (``is_main=True``) writes."""
 
-    def __init__(self, path: str | os.PathLike, main: bool = True) -> None:
-        self.path, self.main = Path(path), main
+    def __init__(self, path: str | os.PathLike, is_main: bool = True) -> None:
+        self.path, self.is_main = Path(path), is_main
         self.existed = self.path.exists()  # a failed start removes only what it made
         self.ckpt_dir = self.path / "checkpoints"
 
@@ -121,15 +121,15 @@ class RunDir:
         metrics = self.path / "metrics.jsonl"
         if metrics.is_file() and metrics.stat().st_size > 0:
             found.append("metrics.jsonl")
-        tb = self.path / "tensorboard"
-        if tb.is_dir() and any(p.is_file() for p in tb.rglob("*")):
+        tensorboard = self.path / "tensorboard"
+        if tensorboard.is_dir() and any(f.is_file() for f in tensorboard.rglob("*")):
             found.append("tensorboard/")
         return found
 
     def _take_over(self) -> None:
         """Say so when a folder with run files but nothing of value is reused by a new run."""
         found = self.traces()
-        if found and self.main:
+        if found and self.is_main:
             print(
                 f"note: --output {self.path} holds {', '.join(found)} of a run that saved no weights and no "
                 "metrics: starting a new run there",
@@ -157,7 +157,7 @@ class RunDir:
             if not path.is_file():
                 raise LeViTError(f"--resume: checkpoint file not found: {path}")
             return path, load_state(path)
-        found = find_resume_checkpoint(self.path, set_aside=self.main)
+        found = find_resume_checkpoint(self.path, set_aside=self.is_main)
         if found is None and not self.valuables():
             self._take_over()  # nothing of value: a fresh start
             return None
@@ -172,7 +172,7 @@ class RunDir:
 
     def prepare(self, config: Mapping[str, Any]) -> None:
         """Create the folder, clear temporary files left by a crash and write ``config.yaml``."""
-        if not self.main:
+        if not self.is_main:
             return
         import yaml
 
@@ -196,19 +196,20 @@ class RunDir:
 
     def discard(self, made: list[Path]) -> None:
         """After a failed start: remove the folder if this run created it, else the listed paths it made."""
-        if not self.main:
+        if not self.is_main:
             return
         if not self.existed and self.path.exists():
             shutil.rmtree(self.path, ignore_errors=True)
             return
-        for p in made:
-            shutil.rmtree(p, ignore_errors=True)
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
 
 
-def check_resume_fits(path: Path, state: dict, cfg: Any, class_names: list[str]) -> None:
-    """A resume checkpoint made for another model, resolution, class list or head: say which."""
-    old = state.get("train_config") or {}
-    meta = state.get("levit") or {}
+def check_resume_fits(path: Path, saved: dict, cfg: Any, class_names: list[str]) -> None:
+    """A resume checkpoint (``path``, its contents ``saved``) made for another model, resolution,
+    class list or head: say which."""
+    old = saved.get("train_config") or {}
+    meta = saved.get("levit") or {}
     diffs = []
     for key in ("model", "img_size", "distillation", "drop_path"):
         if key in old and old[key] != getattr(cfg, key):
@@ -243,33 +244,34 @@ def rng_state() -> dict:
     }
 
 
-def set_rng_state(s: Mapping) -> None:
+def set_rng_state(states: Mapping) -> None:
     """Restore a state from :func:`rng_state`."""
-    torch.set_rng_state(s["torch"])
-    if s.get("cuda") and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(s["cuda"])
-    n = s["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
-    py = s["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
+    torch.set_rng_state(states["torch"])
+    cuda = states.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    np_state = states["numpy"]
+    np.random.set_state((np_state[0], np_state[1].numpy().astype(np.uint32), *np_state[2:]))
+    py_state = states["python"]
+    random.setstate((py_state[0], tuple(py_state[1]), py_state[2]))
 
 
 # ---- metrics ------------------------------------------------------------------------------------
 class MetricsRecorder:
     """Rank-0 JSON lines (``metrics.jsonl``) + optional TensorBoard."""
 
-    def __init__(self, out: Path, main: bool, tensorboard: bool) -> None:
-        self.main, self.path, self.tb = main, Path(out) / "metrics.jsonl", None
-        if main and tensorboard:
+    def __init__(self, out: Path, is_main: bool, tensorboard: bool) -> None:
+        self.is_main, self.path, self.tensorboard = is_main, Path(out) / "metrics.jsonl", None
+        if is_main and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
                 raise LeViTError("tensorboard=true needs the tensorboard package: pip install 'levit[train]'") from e
-            self.tb = SummaryWriter(str(Path(out) / "tensorboard"))
+            self.tensorboard = SummaryWriter(str(Path(out) / "tensorboard"))
 
     def truncate(self, global_step: int, epochs_done: int) -> None:
         """On resume: drop records written after the checkpoint (the run will write them again)."""
-        if not self.main or not self.path.is_file():
+        if not self.is_main or not self.path.is_file():
             return
         if global_step == 0 and epochs_done == 0:  # a fresh start: no stale records of a killed run
             self.path.unlink()
@@ -277,31 +279,31 @@ class MetricsRecorder:
         keep = []
         for line in self.path.read_text().splitlines():
             try:
-                rec = json.loads(line)
+                record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by the crash
             if (
-                rec.get("event") == "summary"
-                or (rec.get("event") == "step" and rec["step"] > global_step)
-                or (rec.get("event") == "epoch" and rec["epoch"] > epochs_done)
+                record.get("event") == "summary"
+                or (record.get("event") == "step" and record["step"] > global_step)
+                or (record.get("event") == "epoch" and record["epoch"] > epochs_done)
             ):
                 continue
             keep.append(line)
         with atomic_path(self.path) as tmp:
-            tmp.write_text("".join(k + "\n" for k in keep))
+            tmp.write_text("".join(line + "\n" for line in keep))
 
-    def write(self, rec: dict, step: int | None = None) -> None:
+    def write(self, record: dict, step: int | None = None) -> None:
         """Append one record (and its numbers to TensorBoard at ``step``)."""
-        if not self.main:
+        if not self.is_main:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        if self.tb is not None and step is not None:
-            for k, v in rec.items():
-                if isinstance(v, (int, float)) and k not in ("epoch", "step"):
-                    self.tb.add_scalar(f"{rec['event']}/{k}", v, step)
+            f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None and step is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("epoch", "step"):
+                    self.tensorboard.add_scalar(f"{record['event']}/{key}", value, step)
 
     def close(self) -> None:
         """Flush TensorBoard."""
-        if self.tb is not None:
-            self.tb.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
