@@ -225,6 +225,9 @@ def warnings_as_lines() -> Iterator[None]:
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")
+        # as Python's default filters: the libraries' deprecations are for their developers, not users
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
         warnings.showwarning = show  # restored by catch_warnings on the way out
         yield
 

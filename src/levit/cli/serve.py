@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 
 from .common import (
@@ -129,9 +128,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _config(args)
     check_runtime(args.backend, args.precision)
     try:
-        with warnings_as_lines(), warnings.catch_warnings():  # each when it happens, each message once
-            # as Python's default filters: the libraries' deprecations are for their developers, not users
-            warnings.simplefilter("ignore", DeprecationWarning)
+        with warnings_as_lines():  # each when it happens, each message once
             return serve(
                 lambda: _model(args), config, ray=args.ray, replicas=args.replicas, replica_cpus=args.replica_cpus
             )

@@ -46,18 +46,25 @@ def load_calibration(images: CalibrationImages, preprocess: Preprocess, limit: i
 
 
 def _read_images(paths: list, preprocess: Preprocess, limit: int | None) -> Tensor:
+    """The readable images among ``paths`` (files and folders), at most ``limit``. An unreadable file
+    is skipped with one warning for all of them, as a prediction job skips it: by default the job's
+    own inputs calibrate it, and one bad photo among them must not stop the job."""
+    import warnings
+
     from ..data.images import find_images
+    from ..errors import ImageError
 
     files = find_images(paths)[: limit or None]
-    if not files:
-        raise LeViTError(f"no images found for calibration in {', '.join(map(str, paths))}")
-    xs = []
+    xs, bad = [], []
     for f in files:
         try:
             xs.append(preprocess(f))
-        except Exception as e:  # an ImageError says why; anything else by its type
-            why = getattr(e, "reason", None) or type(e).__name__
-            raise LeViTError(f"calibration image {f} cannot be read ({why})") from e
+        except ImageError as e:
+            bad.append(f"{f} ({e.reason})")
+    if bad:
+        warnings.warn(f"{len(bad)} calibration image(s) cannot be read and were skipped: {bad[0]}", stacklevel=3)
+    if not xs:
+        raise LeViTError(f"no readable images for calibration in {', '.join(map(str, paths))}")
     return torch.stack(xs)
 
 

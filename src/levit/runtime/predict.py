@@ -126,18 +126,19 @@ def build_runner(
     ``threads`` lanes, default one per core, at most eight copies for their memory), which then share
     the cores; an int8 model calibrates once, so it is one copy on all the threads (``threads``), as is
     any backend on a GPU. int8 calibrates on ``options.calibration``, else the first
-    :data:`~levit.runtime.options.CALIBRATION_IMAGES` of ``files``, decoded with the model's own
-    preprocessing; its agreement with fp32 goes to ``on_note`` as one line.
+    :data:`~levit.runtime.options.CALIBRATION_IMAGES` of ``files``
+    (:func:`levit.runtime.calibration.load_calibration`); its agreement with fp32 goes to ``on_note``.
     """
     if not options.uses_runtime:
         return None
     from ..utils import available_cpus
+    from .calibration import load_calibration
     from .deploy import deploy_lanes
 
     calibration = None
-    if options.precision == "int8":
+    if options.precision == "int8":  # decoded with the model's own preprocessing
         sources = list(options.calibration or files[:CALIBRATION_IMAGES])
-        calibration = _calibration_images(model, sources)
+        calibration = load_calibration(sources, Preprocess.from_model(model), CALIBRATION_IMAGES)
     on_cpu = options.device in (None, "cpu")
     lanes, per_lane = lane_layout(options.threads, 1 if options.threads else None, available_cpus())
     if not on_cpu or calibration is not None:
@@ -159,24 +160,6 @@ def build_runner(
             f"{f['images']} images, max relative logit error {f['max_rel_error']:.2e}"
         )
     return runners if lanes > 1 else first
-
-
-def _calibration_images(model: nn.Module, sources: Sequence[str | os.PathLike]):  # -> Tensor
-    """The calibration images (files and folders) as one (N, 3, H, W) tensor, decoded as the model's
-    inputs are (its own preprocessing): int8 ranges measured on other pixels would be wrong ones."""
-    import torch
-
-    pre = Preprocess.from_model(model)
-    files = find_images(sources)[:CALIBRATION_IMAGES] if sources else []
-    images = []
-    for f in files:
-        try:
-            images.append(pre(f))
-        except LeViTError:
-            continue  # an unreadable file calibrates nothing; the job reports it as an error row
-    if not images:
-        raise LeViTError(f"no readable calibration image in {', '.join(map(str, sources)) or '(none given)'}")
-    return torch.stack(images)
 
 
 def _bar(total: int, enabled: bool):  # -> tqdm | None
