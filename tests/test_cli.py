@@ -84,6 +84,13 @@ def test_predict_with_random_weights_says_so(images, capsys):
     [
         (["predict", "missing.jpg", "-m", "levit_tiny"], 1, "no such image file or folder: missing.jpg"),
         (["predict", "{img}", "-m", "levit_tiny", "--topk", "0"], 2, "--topk must be >= 1"),
+        (["predict", "{img}", "-m", "levit_tiny", "--crop-pct", "1.2"], 2, "--crop-pct: must be in (0, 1], got 1.2"),
+        (
+            ["predict", "{img}", "-m", "levit_tiny", "--calibration", "{img}"],
+            2,
+            "--calibration calibrates an int8 model: add --precision int8",
+        ),
+        (["predict", "{img}", "-m", "levit_tiny", "--resume"], 2, "--resume needs --output FILE"),
         (["predict", "{img}", "-m", "nope"], 2, "unknown model 'nope'; valid names:"),
         (["predict", "{img}", "-m", "levit_tiny", "--img-size", "100"], 2, "--img-size: must be a positive multiple"),
         (["predict", "{img}", "-m", "levit_tiny", "--img-size", "0"], 2, "--img-size: must be a positive multiple"),

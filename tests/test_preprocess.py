@@ -128,3 +128,14 @@ def test_a_job_leaves_the_callers_model_as_it_was(photos):
         assert len(rows) == 2 and m.training == mode
         assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
     assert not unfused.is_fused
+
+
+def test_a_reduced_precision_without_a_backend_gets_the_fastest_that_has_it():
+    from levit.runtime.options import OptionError, PredictOptions
+
+    assert PredictOptions().backend == "eager" and not PredictOptions().uses_runtime
+    assert PredictOptions(precision="int8").backend == "auto"
+    assert PredictOptions(precision="bf16", backend="openvino").backend == "openvino"
+    with pytest.raises(OptionError, match=r"^crop_pct must be in \(0, 1\]") as e:
+        PredictOptions(crop_pct=0)
+    assert e.value.as_flags() == "--crop-pct must be in (0, 1], got 0"

@@ -37,7 +37,13 @@ def args_predict(p: argparse.ArgumentParser) -> None:
         p, "input resolution N or HxW (e.g. 192x320), multiples of 16 (default: the model's, 224)", rectangular=True
     )
     crop_pct_option(p)
-    runtime_options(p, backend="eager", precision="fp32", precision_help="numeric precision")
+    runtime_options(
+        p,
+        backend=None,
+        precision="fp32",
+        precision_help="numeric precision",
+        backend_help="runtime (default: eager for fp32, else auto: the fastest here that has the precision)",
+    )
     p.add_argument("--calibration", type=Path, nargs="+", help="int8: calibration images (default: the input images)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the model runs (decoding: CPU)")
     p.add_argument(
@@ -173,7 +179,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     files = list_inputs(args.paths)  # a missing path or no image at all fails before the model is built
     options = predict_options(args)
     if options.uses_runtime:
-        check_runtime(args.backend, args.precision)
+        check_runtime(options.backend, options.precision)
     if args.device == "cuda":
         import torch
 

@@ -84,7 +84,7 @@ class PredictOptions:
     """Everything a prediction job can be told, validated once (:class:`OptionError` names the field).
 
     The model: ``backend`` and ``precision`` (:func:`levit.deploy`; ``eager``/``fp32`` runs the fused
-    model itself), ``calibration`` images for int8 (default: the first :data:`CALIBRATION_IMAGES` inputs),
+    model itself; no backend means ``eager`` for fp32 and ``auto`` otherwise), ``calibration`` images for int8 (default: the first :data:`CALIBRATION_IMAGES` inputs),
     ``device`` (``None``: the model's), ``batch_size`` (``None``: the backend's, else
     :data:`CPU_BATCH_SIZE` on a CPU and :data:`GPU_BATCH_SIZE` on a GPU), ``threads`` (CPU lanes: that
     many batches decoded and classified at once, one thread each) and ``workers`` (decoding processes;
@@ -102,7 +102,7 @@ class PredictOptions:
     topk: int = 5
     batch_size: int | None = None
     device: str | None = None
-    backend: str = "eager"
+    backend: str | None = None
     precision: str = "fp32"
     calibration: tuple[str, ...] | None = None
     threads: int | None = None
@@ -118,6 +118,8 @@ class PredictOptions:
     ray: str | None = None
 
     def __post_init__(self) -> None:
+        if self.backend is None:  # fp32: the eager model itself; else the fastest backend that has it
+            object.__setattr__(self, "backend", "eager" if self.precision == "fp32" else "auto")
         for name, low in (("topk", 1), ("batch_size", 1), ("threads", 1), ("workers", 0), ("max_pixels", 1)):
             v = getattr(self, name)
             if v is not None and v < low:
