@@ -28,7 +28,7 @@ MAX_FUNCTION_LINES = 80
 # caller must learn, and a door through which more arrive), a bare ``*`` counts nothing.
 MAX_PUBLIC_PARAMETERS = 8
 # Signatures the public interface fixes (DESIGN.md lists them and asks to keep them stable): create_model
-# takes timm's keywords by name, which callers outside the project already pass.
+# and create_backbone take timm's keywords by name, which callers outside the project already pass.
 WIDE_BY_DESIGN = {"factory.create.create_model", "factory.backbone.create_backbone"}
 # The layers, bottom first: a module may import its own layer and the ones below, never one above.
 # ``base`` is the package's top-level modules (errors, utils, _version).
@@ -286,11 +286,12 @@ def _instance_attributes(klass: type) -> set[str]:
     except (OSError, TypeError, SyntaxError):
         return set()
     return {
-        t.attr
+        node.attr
         for node in ast.walk(tree)
-        if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)
-        for t in [node]
-        if isinstance(t.value, ast.Name) and t.value.id == "self"
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.ctx, ast.Store)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "self"
     }
 
 

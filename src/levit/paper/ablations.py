@@ -72,7 +72,7 @@ def _ablation(row: str) -> str | None:
 
 def count_rows(rows: Sequence[str] = ROWS, img_size: int = 224, num_classes: int = 1000) -> list[dict[str, Any]]:
     """Params and FLOPs of every row's model, as in Table 5 (no distillation head), with the paper's
-    figures. Arithmetic on the configs (:mod:`levit.flops`, equal to the built models' counts): no torch."""
+    figures. Arithmetic on the configs (:mod:`levit.models.flops`, equal to the built models' counts): no torch."""
     from ..models.config import get_config
     from ..models.flops import flops_from_config, params_from_config
 
