@@ -198,7 +198,7 @@ def save_hf_pretrained(model: nn.Module, folder: str | os.PathLike) -> Path:
     return folder
 
 
-# ---- reading (hooks called by levit.checkpoint) --------------------------------------------------
+# ---- reading (hooks called by levit.weights.format) -----------------------------------------------
 def resolve_folder(path: Path) -> Path:
     """A ``save_pretrained`` folder -> its weights file; any other path is returned unchanged."""
     if not path.is_dir():
