@@ -175,6 +175,37 @@ def test_no_import_cycles():
     assert _cycles(_graph()) == []
 
 
+# The command line only parses, validates flags and prints: it calls the library's entry points
+# (levit.runtime.predict, .serve, .export, ...), never the lanes, backends or decoding they are made of,
+# so every decision about how a job runs lives in the library, callable from Python.
+CLI_MAY_NOT_IMPORT = (
+    "runtime.pipeline",
+    "runtime.ray_data",
+    "runtime.backend_",
+    "runtime.cpu",
+    "runtime.calibration",
+    "runtime.serve_app",
+    "runtime.serve_http",
+    "data.preprocess",
+    "models.fuse",
+    "models.kernels",
+)
+
+
+def _cli_internals(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(
+        f"{m} -> {d}"
+        for m, deps in graph.items()
+        if m.split(".")[0] == "cli"
+        for d in deps
+        if d.startswith(CLI_MAY_NOT_IMPORT)
+    )
+
+
+def test_the_cli_calls_entry_points_not_their_parts():
+    assert _cli_internals(_graph()) == []
+
+
 def _long_functions(modules: dict[str, Path], limit: int = MAX_FUNCTION_LINES) -> list[str]:
     """``module:line name (n lines)`` for every function (nested ones too) longer than ``limit`` lines."""
     long = []
@@ -467,6 +498,13 @@ def test_the_checker_sees_upward_imports_cycles_and_the_cli(fake_package):
         "weights.format -> cli",
     ]
     assert ["models.network", "weights.format", "models.network"] in _cycles(graph)
+    cli = fake_package(
+        {
+            "cli/predict.py": "from levit.runtime.predict import predict_files\ndef f():\n    from ..runtime.pipeline import plan\n",
+            "cli/serve.py": "from levit.runtime.backend_openvino import openvino_runner\n",
+        }
+    )
+    assert _cli_internals(_graph(cli)) == ["cli.predict -> runtime.pipeline", "cli.serve -> runtime.backend_openvino"]
 
 
 def test_the_checker_sees_long_functions_and_wide_public_signatures(fake_package):

@@ -77,7 +77,7 @@ def _config(args: argparse.Namespace):
     """The server's :class:`~levit.runtime.serve_app.ServeConfig` from the flags; a bad value is a usage
     error naming the flag (exit 2, before any model)."""
     from levit.runtime.options import OptionError
-    from levit.runtime.serve_app import ServeConfig
+    from levit.runtime.serve import ServeConfig
     from levit.train.demo import DIGITS_MODEL_NAME
 
     if args.img_size and _demo(args):
