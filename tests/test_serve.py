@@ -598,7 +598,7 @@ def test_demo_model_is_trained_once_then_read_from_the_cache(files, monkeypatch,
 
 def test_demo_model_is_trained_when_missing_and_keeps_its_validation_crop(files, monkeypatch, tmp_path):
     """A missing demo model is trained by the recipe (here a stand-in returns a model), saved with the
-    crop the recipe validates at, and read back; the caller's torch thread count is left as it was."""
+    crop the recipe validates at (which the run sets on its model), and read back; the caller's torch thread count is left as it was."""
     import levit.train.run
     from levit.train import demo
     from levit.train.recipe import resolve_config
@@ -609,6 +609,7 @@ def test_demo_model_is_trained_when_missing_and_keeps_its_validation_crop(files,
         trained.append(cfg.epochs)
         torch.set_num_threads(1)  # as the recipe does
         model = randomize_weights(levit.create_model("levit_tiny", img_size=32), seed=2)
+        model.pretrained_cfg["crop_pct"] = cfg.eval_crop_pct  # as a run sets it (tests/test_train.py)
         return type("Result", (), {"model": model})()
 
     monkeypatch.setattr(levit.train.run, "train", fake_train)

@@ -16,6 +16,7 @@ from train_utils import cli, env, make_dataset, run_py, step_losses, tiny_config
 
 import levit
 from levit.errors import CheckpointError, LeViTError
+from levit.models.config import DEFAULT_CROP_PCT
 from levit.train.run import TrainConfig, available_recipes, load_recipe, parse_overrides, resolve_config, train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -396,6 +397,8 @@ def test_digits_recipe_on_user_data_trains_on_that_data_only(tmp_path, monkeypat
     assert cfg.dataset is None and cfg.lr == load_recipe("digits")["lr"]
     result = train(cfg)
     assert result.model.class_names == ["c0", "c1", "c2"] and tree(data) == before
+    # the trained model carries the preprocessing its validation used, as its checkpoint does
+    assert result.model.pretrained_cfg["crop_pct"] == cfg.eval_crop_pct != DEFAULT_CROP_PCT
     assert not (tmp_path / "o" / "digits").exists()
     with pytest.raises(LeViTError, match="exclude each other"):
         resolve_config(config="digits", data=str(data), dataset="digits")

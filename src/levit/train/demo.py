@@ -68,6 +68,5 @@ def _train_to(path: Path) -> None:
             model = run.train(cfg).model
     finally:
         torch.set_num_threads(threads)
-    model.pretrained_cfg = {"crop_pct": cfg.eval_crop_pct}
     with atomic_path(path) as out:
         save(model, out)

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import CheckpointError, LeViTError
+from ..models.config import IMAGENET_MEAN, IMAGENET_STD
 from .distributed import DistContext, barrier, distributed, gather_lists, log
 from .engine import EpochParts, LoopState, evaluate, train_one_epoch
 from .recipe import (
@@ -230,6 +231,10 @@ class _Run:
         else:
             model = create_model(self.name, **kwargs)
         model.class_names = self.class_names
+        # the model carries the preprocessing its validation uses (the recipe's crop, the normalisation
+        # its training transforms apply), so the trained model in memory, its checkpoints and every
+        # entry point that reads them (Preprocess.from_model) agree
+        model.pretrained_cfg.update(crop_pct=cfg.eval_crop_pct, mean=IMAGENET_MEAN, std=IMAGENET_STD)
         if distill:
             model.set_distilled_training(True)
         self.channels_last = ctx.device.type == "cuda" and cfg.channels_last
