@@ -88,12 +88,7 @@ def test_sidecar_carries_the_models_own_preprocessing(model, exported, tmp_path,
     res, _ = exported
     monkeypatch.setattr(edge, "lower", lambda *a, **k: res.path.read_bytes())
     own = copy.deepcopy(model)
-    own.pretrained_cfg = {
-        "crop_pct": 1.0,
-        "mean": (0.5, 0.5, 0.5),
-        "std": (0.25, 0.25, 0.25),
-        "interpolation": "bilinear",
-    }
+    own.pretrained_cfg.update(crop_pct=1.0, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), interpolation="bilinear")
     out = edge.export_executorch(own, tmp_path / "own.pte", batch_size=3, dynamic_batch=True)
     pre = edge.read_sidecar(out.path)["preprocessing"]
     assert pre["crop_pct"] == 1.0 and pre["mean"] == [0.5] * 3 and pre["std"] == [0.25] * 3

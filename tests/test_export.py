@@ -137,7 +137,7 @@ def test_proof_images_follow_the_models_normalisation(model):
     from levit.runtime.export import proof_images
 
     own = copy.deepcopy(model)
-    own.pretrained_cfg = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+    own.pretrained_cfg.update(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     x, ref = proof_images(own, 3, seed=0), proof_images(model, 3, seed=0)
     mean, std = torch.tensor(model.pretrained_cfg["mean"]), torch.tensor(model.pretrained_cfg["std"])
     pixels = x * 0.25 + 0.5

@@ -46,7 +46,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("serve")
     torch.manual_seed(0)
     model = randomize_weights(levit.create_model("levit_tiny", img_size=32), seed=1)
-    model.pretrained_cfg = PREPROCESS
+    model.pretrained_cfg.update(PREPROCESS)
     levit.save(model, d / "tiny.safetensors")
     out = {"model": d / "tiny.safetensors"}
     imgs = (sample_images(6, 72, seed=5).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
@@ -209,7 +209,7 @@ def test_answers_use_the_models_own_preprocessing_as_predict_does(server, files)
         assert_same(r.json()["top"], row["top"])
     authors = default_preprocess()
     for other in (authors, {**PREPROCESS, "crop_pct": authors["crop_pct"]}):
-        model.pretrained_cfg = other
+        model.pretrained_cfg = {**model.pretrained_cfg, **other}
         rows = predict_paths(model, paths, topk=5, batch_size=1, progress=False)
         assert not all(_same_top(r["top"], w["top"]) for r, w in zip(rows, want, strict=True)), other
 
