@@ -139,3 +139,50 @@ def test_a_reduced_precision_without_a_backend_gets_the_fastest_that_has_it():
     with pytest.raises(OptionError, match=r"^crop_pct must be in \(0, 1\]") as e:
         PredictOptions(crop_pct=0)
     assert e.value.as_flags() == "--crop-pct must be in (0, 1], got 0"
+
+
+def test_an_extreme_aspect_ratio_costs_no_more_than_a_photo(tmp_path):
+    """A 1 x 8000 strip would resize to 256 x 2,048,000 pixels before the centre crop: cropped to
+    MAX_ASPECT first, it costs megabytes, in a fresh process as `levit predict` would run it."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    Image.new("RGB", (8000, 1), (120, 130, 140)).save(tmp_path / "strip.png")
+    code = (
+        "import resource, sys\n"
+        "from levit.data.preprocess import Preprocess\n"
+        "pre = Preprocess(224)\n"
+        "pre(sys.argv[1] + '/small.png')\n"  # everything imported and warmed up
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "x = pre(sys.argv[1] + '/strip.png')\n"
+        "print(x.shape[1:], (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n"
+    )
+    Image.new("RGB", (300, 200), (1, 2, 3)).save(tmp_path / "small.png")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
+    shape, grown_mb = out.stdout.rsplit(" ", 1)
+    assert shape == "torch.Size([224, 224])" and int(grown_mb) < 50, out.stdout
+
+
+@pytest.mark.parametrize("size", [(2000, 10), (10, 2000), (3000, 17)])
+def test_the_bound_keeps_what_the_crop_sees(size):
+    """Cropping a long strip before the resize changes the model's input by at most a rounding step,
+    and an image within the ratio is passed through untouched."""
+    import numpy as np
+    from PIL import Image
+
+    from levit.data.preprocess import MAX_ASPECT
+
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 255, max(size))[None, :, None]
+    pixels = (ramp + rng.normal(0, 20, (1, max(size), 3))).clip(0, 255).astype(np.uint8)
+    img = Image.fromarray(np.broadcast_to(pixels, (min(size), max(size), 3)).copy())
+    img = img if size[0] > size[1] else img.transpose(Image.Transpose.ROTATE_90)
+    pre = Preprocess(224)
+    bounded = pre.bounded(img)
+    assert max(bounded.size) == MAX_ASPECT * min(bounded.size) < max(img.size)
+    diff = (pre.transform(img) - pre.transform(bounded)).abs()
+    assert diff.max() <= 2 / 255 / min(pre.std)  # one or two 8-bit levels, normalised
+    photo = Image.new("RGB", (MAX_ASPECT * 20, 20))
+    assert pre.bounded(photo) is photo

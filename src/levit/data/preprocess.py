@@ -27,11 +27,14 @@ from ..utils import first_line
 from .images import open_rgb
 from .transforms import eval_transform, resize_size
 
-__all__ = ["DEFAULT_MAX_PIXELS", "Batch", "ImageFiles", "Preprocess", "collate", "load_item"]
+__all__ = ["DEFAULT_MAX_PIXELS", "MAX_ASPECT", "Batch", "ImageFiles", "Preprocess", "collate", "load_item"]
 
 # Pillow's own decompression-bomb threshold (PIL.Image.MAX_IMAGE_PIXELS, a 24-bit image of 256 MiB).
 # Larger images are refused with an ImageError instead of Pillow's warning.
 DEFAULT_MAX_PIXELS = 89_478_485
+# An image longer than this many times its short side is cropped towards its middle before the
+# resize (Preprocess.bounded): its resized intermediate stays a few megabytes whatever its shape.
+MAX_ASPECT = 16
 
 
 def _quiet_bomb_warning() -> None:
@@ -184,7 +187,27 @@ class Preprocess:
     def __call__(self, src: str | os.PathLike | bytes) -> Tensor:
         """The (3, H, W) float32 input tensor of one image; raises :class:`~levit.errors.ImageError` if
         it cannot be read."""
-        return self.transform(self.decode(src))
+        return self.transform(self.bounded(self.decode(src)))
+
+    def bounded(self, img):  # PIL.Image -> PIL.Image
+        """``img``, or for an image longer than :data:`MAX_ASPECT` times its short side, its centre
+        cropped to that ratio along the long side.
+
+        The resize takes the short side to ``resize`` pixels, so a 1 x 8000 strip would first become
+        a 256 x 2,048,000 image (gigabytes) of which the centre crop keeps 224 columns. The centre crop
+        lies within the short side's length of the middle, so cropping to :data:`MAX_ASPECT` first
+        keeps everything the crop reads, with room for the filter, and bounds the cost whatever the
+        shape; the positions the resize samples then move by less than a pixel. Images within the
+        ratio (every photo) are not touched. ``squash`` resizes to a fixed size and needs no bound.
+        """
+        w, h = img.size
+        short, long = min(w, h), max(w, h)
+        if self.crop_mode != "center" or long <= MAX_ASPECT * short:
+            return img
+        keep = MAX_ASPECT * short
+        start = (long - keep) // 2
+        box = (start, 0, start + keep, h) if w > h else (0, start, w, start + keep)
+        return img.crop(box)
 
     def __getstate__(self) -> dict:
         return self.settings()
