@@ -182,9 +182,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = build_parser(only=_command_in(argv))
     args, extra = parser.parse_known_args(argv)
-    if extra:  # reported by the sub-command, whose --help lists the valid flags
+    if extra:
+        # positionals split by a flag (`epochs=1 --distillation none lr=1e-3`) are what argparse's
+        # plain parse leaves over: the command's own words are parsed again, intermixed; anything
+        # still unknown is reported by the sub-command, whose --help lists the valid flags
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+        words = argv[argv.index(args.command) + 1 :]
+        vars(args).update(vars(sub.choices[args.command].parse_intermixed_args(words)))
     return args
 
 

@@ -127,6 +127,23 @@ def check_output(path: Path | None, flag: str = "--output") -> None:
         raise UsageError(f"{flag} {path}: {reason}")
 
 
+def check_input_file(path: Path | None, flag: str) -> None:
+    """A file the command will read: a folder, a device or a pipe, a missing or an unreadable file is
+    refused before the job runs, in one line naming the flag and what is wrong with the path."""
+    import os
+
+    if path is None:
+        return
+    if path.is_dir():
+        raise UsageError(f"{flag}: {path} is a folder, expected a file")
+    if path.exists() and not path.is_file():
+        raise UsageError(f"{flag}: {path} is not a regular file")
+    if not path.exists():
+        raise UsageError(f"{flag}: no such file: {path}")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"{flag}: {path}: permission denied")
+
+
 def check_img_memory(name: str, img_size: int | tuple[int, int], batch: int) -> None:
     """An input size whose attention maps would not fit in memory is refused before the model is
     built (its bias index tables alone grow with the square of the token count)."""

@@ -13,6 +13,7 @@ from levit.runtime.writers import partial_path
 
 from .common import (
     UsageError,
+    check_input_file,
     check_output,
     check_runtime,
     crop_pct_option,
@@ -91,8 +92,7 @@ def predict_options(args: argparse.Namespace) -> PredictOptions:
     ``--output`` that cannot be written, is a usage error naming the flag (exit 2, before any model)."""
     from levit.runtime.writers import OutputExistsError, check_destination
 
-    if args.labels is not None and not args.labels.is_file():
-        raise UsageError(f"--labels: no such file: {args.labels}")
+    check_input_file(args.labels, "--labels")
     try:
         options = PredictOptions(
             topk=args.topk,
@@ -176,7 +176,15 @@ class _Printer:
 def cmd_predict(args: argparse.Namespace) -> int:
     from levit.runtime.predict import list_inputs, predict_files
 
-    files = list_inputs(args.paths)  # a missing path or no image at all fails before the model is built
+    skipped: list[Path] = []
+    files = list_inputs(args.paths, skipped=skipped)  # a missing path or no image fails before the model is built
+    if skipped:  # files in the folders without an image extension are left out: say so, once
+        kinds = " ".join(sorted({f.suffix.lower() or "(none)" for f in skipped}))
+        print(
+            f"levit predict: skipped {len(skipped)} file(s) in the folders whose extension is not an image's "
+            f"({kinds}); give such a file by name to try it",
+            file=sys.stderr,
+        )
     options = predict_options(args)
     if options.uses_runtime:
         check_runtime(options.backend, options.precision)

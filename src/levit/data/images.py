@@ -21,15 +21,24 @@ def is_image(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(IMAGE_EXTENSIONS)
 
 
-def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
+def find_images(paths: Iterable[str | os.PathLike], *, skipped: list[Path] | None = None) -> list[Path]:
     """Files as given, plus every image (by extension) under each folder, recursively and sorted.
-    A missing path raises ``FileNotFoundError`` naming it."""
+    A missing path raises ``FileNotFoundError`` naming it, a folder that cannot be listed
+    ``PermissionError`` (a walk would silently find nothing in it); the other files found in
+    folders are appended to ``skipped`` when given, so that a caller can say what it left out."""
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and is_image(f))
+            if not os.access(p, os.R_OK | os.X_OK):
+                raise PermissionError(f"permission denied: cannot list the folder {p}")
+            found = sorted(f for f in p.rglob("*") if f.is_file())
+            out += [f for f in found if is_image(f)]
+            if skipped is not None:
+                skipped += [f for f in found if not is_image(f)]
         elif p.is_file():
             out.append(p)
+        elif p.exists():  # a device or a pipe: no image to decode
+            raise ValueError(f"{p}: not a regular file (expected an image file or a folder)")
         else:
             raise FileNotFoundError(f"no such image file or folder: {p}")
     return out

@@ -45,12 +45,13 @@ def _options(options: PredictOptions | None, fields: dict[str, Any]) -> PredictO
     return opts.replace(**fields) if fields else opts
 
 
-def list_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
+def list_inputs(paths: Iterable[str | os.PathLike], *, skipped: list[Path] | None = None) -> list[Path]:
     """The image files to classify: files as given plus the images under each folder. A missing path
     raises ``FileNotFoundError``; finding no image at all raises :class:`LeViTError` saying where and
-    what was looked for."""
+    what was looked for. Files in folders without an image extension go to ``skipped`` when given
+    (:func:`levit.data.images.find_images`)."""
     paths = list(paths)
-    files = find_images(paths)
+    files = find_images(paths, skipped=skipped)
     if not files:
         where = ", ".join(map(str, paths)) or "(no paths given)"
         raise LeViTError(f"no image files in {where} (looked for {' '.join(IMAGE_EXTENSIONS)})")

@@ -92,7 +92,37 @@ def _is_text(start: bytes) -> bool:
     return True
 
 
+# what an exported artifact handed over as a checkpoint is for: it holds a program, not weights that
+# load into a model, so the message names where it runs instead of a decoder's error
+_EXPORTED = {
+    "onnx": "this is an exported ONNX file, not a checkpoint: use it with ONNX Runtime "
+    "(onnxruntime.InferenceSession), or give the .safetensors / .pth it was exported from",
+    "pte": "this is an exported ExecuTorch program, not a checkpoint: use it with "
+    "levit.runtime.edge.load or ExecuTorch's runtime on the device, or give the .safetensors / .pth it was exported from",
+    "openvino": "this is an exported OpenVINO model, not a checkpoint: use it with OpenVINO "
+    "(openvino.Core().read_model), or give the .safetensors / .pth it was exported from",
+}
+# ONNX files are a protobuf ModelProto: field 1 (ir_version, varint: tag 0x08, one byte value) and
+# then another ModelProto field tag (producer name, graph, opset import, ...)
+_ONNX_SECOND_TAGS = frozenset({0x12, 0x1A, 0x22, 0x2A, 0x32, 0x3A, 0x42})
+
+
+def exported_kind(path: Path, start: bytes) -> str | None:
+    """Which exported format a file is ('onnx', 'pte', 'openvino'), from its first bytes or its suffix;
+    None for anything else. ExecuTorch programs carry the flatbuffer identifier ``ETnn`` at bytes 4-8."""
+    suffix = path.suffix.lower()
+    if suffix == ".pte" or (start[4:6] == b"ET" and start[6:8].isdigit()):
+        return "pte"
+    if suffix == ".onnx" or (len(start) > 2 and start[0] == 0x08 and start[1] < 0x80 and start[2] in _ONNX_SECOND_TAGS):
+        return "onnx"
+    if suffix == ".xml" and b"<net " in start:
+        return "openvino"
+    return None
+
+
 def _read_file(path: Path, pre: str) -> tuple[dict[str, Tensor], dict | None]:
+    if path.exists() and not path.is_file():  # a device or a pipe (/dev/null): nothing to load
+        raise CheckpointError(f"{pre}{path}: not a regular file, not a checkpoint")
     if not path.is_file():
         raise CheckpointError(f"{pre}checkpoint file not found: {path}")
     with open(path, "rb") as f:
@@ -100,6 +130,9 @@ def _read_file(path: Path, pre: str) -> tuple[dict[str, Tensor], dict | None]:
     head = start[:9]
     if not start:
         raise CheckpointError(f"{pre}{path}: file is empty, not a checkpoint")
+    kind = exported_kind(path, start)
+    if kind is not None:
+        raise CheckpointError(f"{pre}{path}: {_EXPORTED[kind]}")
     if _is_text(start):
         raise CheckpointError(
             f"{pre}{path}: cannot read it as a checkpoint: it is a text file ({path.stat().st_size} bytes), "
