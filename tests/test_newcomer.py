@@ -101,3 +101,24 @@ def test_folders_that_cannot_be_listed_or_devices_given_as_images_say_why(photos
     real = os.access
     monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != photos and real(p, mode, **kw))
     one_line_error(cli("predict", photos, "-c", ckpt), 1, str(photos), "permission denied")
+
+
+# ---- 2. a refused resume leaves nothing behind ------------------------------------------------
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_refused_resume_leaves_no_partial_file(photos, ckpt, tmp_path, suffix):
+    out = tmp_path / "results" / f"out{suffix}"
+    out.parent.mkdir()
+    assert cli("predict", photos, "-c", ckpt, "--topk", "1", "--output", out).returncode == 0
+    before = out.read_bytes()
+    r = cli("predict", photos, "-c", ckpt, "--topk", "2", "--output", out, "--resume")
+    one_line_error(r, 1, "--topk")
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name] and out.read_bytes() == before
+
+
+def test_resume_of_a_corrupt_file_leaves_no_partial_file(photos, ckpt, tmp_path):
+    out = tmp_path / "results" / "out.jsonl"
+    out.parent.mkdir()
+    out.write_text("this is not JSON\n")
+    one_line_error(cli("predict", photos, "-c", ckpt, "--output", out, "--resume"), 1, "not a JSON row")
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
+    assert out.read_text() == "this is not JSON\n"

@@ -245,9 +245,13 @@ class ResultWriter:
         if overwrite:
             with contextlib.suppress(FileNotFoundError):
                 self.partial.unlink()
-        elif resume and not self.partial.exists() and self.path.exists():
+        # a partial file made here (fresh, or seeded from a finished file to add images to) is this
+        # writer's to remove when it ends with no row written, a refused resume included: the user's
+        # own files are left as they were
+        seeded = resume and not self.partial.exists() and self.path.exists()
+        if seeded:
             self._seed_from(self.path)
-        self._created = not self.partial.exists()
+        self._created = seeded or not self.partial.exists()
         self._written = 0
         self._file: IO[str] | None = open(self.partial, "a", encoding="utf-8", newline="")  # noqa: SIM115
         self.done: set[str] = set()
