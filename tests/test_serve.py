@@ -327,13 +327,13 @@ def test_lanes_compute_batches_at_once_each_on_its_own_backend(files, monkeypatc
     assert made == [1, 1] and (svc.lanes, svc.lane_threads) == (2, 1)
     assert state["peak"] == 2, "the two lanes never computed at the same time"
     assert {a[0]["class"] for a in answers} == {1, 2}  # both lanes answered requests
-    assert len(svc._free) == 2  # every lane given back
+    assert len(svc.batcher.free) == 2 and svc.batcher.queued == 0  # every lane given back, nothing left
 
 
 def test_requests_arriving_while_every_lane_is_busy_fill_one_batch(files, monkeypatch):
-    """Ray Serve's batcher closes a batch when its wait ends, free lane or not: without the stretched
-    wait, 6 requests arriving 15 ms apart during a 0.4 s batch would queue as 6 batches of one. With
-    it they wait for the lane together, as one or two batches; the wait is max_wait_ms again after."""
+    """A batch closes only for a free lane: 6 requests arriving 15 ms apart during a 0.4 s batch wait
+    for the lane together and go as one batch (closing on the wait alone would queue them as 6
+    batches of one)."""
     import levit.runtime.deploy as deploy_mod
     from levit.runtime.serve import LeViTService, ServeConfig
 
@@ -349,7 +349,7 @@ def test_requests_arriving_while_every_lane_is_busy_fill_one_batch(files, monkey
     monkeypatch.setattr(deploy_mod, "deploy", fake_deploy)
     model = levit.create_model("levit_tiny", checkpoint=files["model"])
     svc = LeViTService(model, ServeConfig(lanes=1, max_batch_size=8, max_wait_ms=1, quiet=True), load_now=True)
-    svc._per_image_s, slow["on"] = 0.4, True  # as the first real batch would teach it
+    slow["on"] = True
     sizes = []
     monkeypatch.setattr(svc.metrics, "batch_size", type("Sizes", (), {"observe": lambda self, n: sizes.append(n)})())
     jpg = files["a.jpg"].read_bytes()
@@ -364,8 +364,7 @@ def test_requests_arriving_while_every_lane_is_busy_fill_one_batch(files, monkey
         await asyncio.gather(first, *rest)
 
     asyncio.run(go())
-    assert sizes[0] == 1 and sum(sizes) == 7 and len(sizes) <= 3, sizes
-    assert svc._classify._get_batch_wait_timeout_s() == pytest.approx(0.001)  # a lane is free: the short wait
+    assert sizes == [1, 6], sizes
 
 
 def _service_with_fake_lanes(files, monkeypatch, config, seconds):
@@ -401,7 +400,7 @@ def test_a_burst_goes_as_one_batch_per_free_lane_and_a_lone_request_does_not_wai
             config = ServeConfig(lanes=lanes, max_batch_size=8, max_wait_ms=1, decode_workers=2, quiet=True)
             svc = _service_with_fake_lanes(files, monkeypatch, config, 0.01)
             svc.load()  # the warm-up, fast
-            svc._free = [lambda x: (time.sleep(0.4), torch.zeros(x.shape[0], 10))[1]] * lanes  # busy past the burst
+            svc.batcher.free = [lambda x: (time.sleep(0.4), torch.zeros(x.shape[0], 10))[1]] * lanes  # past the burst
             decode = svc.preprocess
 
             def slow_decode(data, decode=decode):  # 40 ms an image: 8 take 160 ms on 2 decoding threads
@@ -409,7 +408,7 @@ def test_a_burst_goes_as_one_batch_per_free_lane_and_a_lone_request_does_not_wai
                 return decode(data)
 
             svc.preprocess = slow_decode
-            svc._per_decode_s = 0.08  # twice the sleep: the batch's wait has room on a busy machine
+            svc.batcher.per_decode_s = 0.08  # twice the sleep: the batch's wait has room on a busy machine
 
             async def burst(svc=svc):
                 await asyncio.gather(*(svc.classify(jpg, 1) for _ in range(8)))

@@ -3,8 +3,9 @@ Serve replicas. :func:`serve` is the one call the command line makes.
 
 The server, by concern:
 
-- :mod:`levit.runtime.serve_app`: the application, :class:`LeViTService` (model lanes, the batching
-  rule, metrics, routes) and its settings, :class:`ServeConfig`;
+- :mod:`levit.runtime.serve_app`: the application, :class:`LeViTService` (model lanes, metrics,
+  routes) and its settings, :class:`ServeConfig`;
+- :mod:`levit.runtime.batcher`: the batching rule and the bounded queue, an asyncio module of its own;
 - :mod:`levit.runtime.serve_http`: the HTTP protocol (reading a request, the refusals, the access log);
 - :mod:`levit.runtime.serve_process`: one serving process (logging, the socket, uvicorn with draining
   on SIGTERM, the frozen heap);
@@ -39,9 +40,8 @@ __all__ = [
     "setup_logging",
 ]
 
-# the serve extra: module -> the package that provides it
+# the serve extra: module -> the package that provides it (Ray only for --ray)
 _EXTRA = {
-    "ray": "ray[serve]",
     "fastapi": "fastapi",
     "uvicorn": "uvicorn",
     "prometheus_client": "prometheus-client",
@@ -49,12 +49,13 @@ _EXTRA = {
 }
 
 
-def check_installed() -> None:
-    """The serve extra's packages, checked without importing them: :class:`~levit.errors.LeViTError`
-    naming the missing ones, in one line."""
+def check_installed(ray: bool = False) -> None:
+    """The serve extra's packages (and Ray Serve's with ``ray``), checked without importing them:
+    :class:`~levit.errors.LeViTError` naming the missing ones, in one line."""
     import importlib.util
 
-    missing = [pkg for mod, pkg in _EXTRA.items() if importlib.util.find_spec(mod) is None]
+    needed = {**_EXTRA, "ray": "ray[serve]"} if ray else _EXTRA
+    missing = [pkg for mod, pkg in needed.items() if importlib.util.find_spec(mod) is None]
     if missing:
         raise LeViTError(f"levit serve needs {', '.join(missing)}: pip install 'levit[serve]'")
 
@@ -85,7 +86,7 @@ def serve(
     if not replica_cpus > 0:
         raise OptionError("replica_cpus", f"must be > 0, got {replica_cpus}")
     config = config or ServeConfig()
-    check_installed()
+    check_installed(ray is not None)
     if ray is not None:
         from .serve_ray import run_ray
 

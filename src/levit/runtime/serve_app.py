@@ -13,18 +13,9 @@ under load come in ones and twos, and a backend that splits a batch of one or tw
 spends the extra threads waiting for one another; one-thread lanes do not wait. On a GPU one lane runs
 one batch at a time.
 
-The batching rule. Requests are batched by Ray Serve's batcher (``ray.serve.batch``): concurrent
-requests become one forward pass of up to ``max_batch_size`` images.
-
-- A batch with a lane free for it goes as soon as waiting longer would only add latency
-  (:meth:`LeViTService._batch_size`): no request is being decoded to join it, or it holds its share
-  of the requests here and being decoded; so a lone request does not wait ``max_wait_ms``, and a
-  burst goes together rather than its first one or two decoded images taking a lane alone.
-- While every lane is busy, the wait for the forming batch is stretched to when a lane should be free
-  for it (:meth:`LeViTService._retune_wait`): the batcher closes a batch when its wait ends, free lane
-  or not, so without the stretch the requests that would wait for a lane anyway would queue as many
-  small batches instead of filling one.
-- Formed batches take the lanes in the order they were formed.
+The batching rule (when a batch closes, which lane takes it) and the bounded queue are
+:class:`levit.runtime.batcher.Batcher`'s, one asyncio module with no Ray in it: the single-process
+server and each Ray Serve replica run it on their own event loop.
 
 Bad input never reaches a batch: :mod:`levit.runtime.serve_http` refuses it in the request's own
 coroutine.
@@ -51,14 +42,17 @@ from ..data.preprocess import Preprocess
 from ..errors import ImageError
 from ..models.config import check_crop_pct
 from ..utils import available_cpus, first_line
+from .batcher import Batcher, QueueFullError
 from .options import BACKENDS, PRECISIONS, OptionError
 from .pipeline import class_names_for, lane_layout
 from .serve_http import (
     CLASSIFY_OPENAPI,
-    CLOSE_AFTER,
     AccessLog,
     ClientError,
+    answer_within,
+    client_error_response,
     error_response,
+    parse_timeout,
     parse_topk,
     read_image,
 )
@@ -94,6 +88,7 @@ class ServeConfig:
     threads: int | None = None  # CPU threads per model lane (None: cores // lanes; pipeline.lane_layout)
     lanes: int | None = None  # batches computed at once (None: cores // threads, or a lane per core up to 8)
     decode_workers: int | None = None  # threads decoding at once (None: the CPU count); bounds memory too
+    max_queue: int | None = None  # classify requests admitted at once, beyond: 429 (None: 4 full batches a lane)
     read_timeout_s: float = 30.0  # a client that has not sent its whole body by then gets 408
     drain_timeout_s: float = 30.0  # SIGTERM: longest wait for in-flight requests
     quiet: bool = False
@@ -101,7 +96,7 @@ class ServeConfig:
     calibration: tuple[str, ...] | None = None  # int8: calibration image files/folders
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "topk", "threads", "lanes", "decode_workers", "max_pixels"):
+        for name in ("max_batch_size", "topk", "threads", "lanes", "decode_workers", "max_pixels", "max_queue"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise OptionError(name, f"must be >= 1, got {v}")
@@ -157,30 +152,6 @@ class _Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-def _allow_batching_outside_a_replica() -> None:
-    """Let Ray Serve's batcher run in a plain asyncio process (the single-process server).
-
-    ``ray.serve.batch`` needs no Ray cluster: its queue is an ``asyncio.Queue`` on the running loop.
-    The one call that assumes a replica is a warning check on creating the queue, which compares the
-    batch size with the replica's ``max_ongoing_requests``; outside a replica there is no such limit,
-    so there (and only there: the check raises ``RayServeException``) it is skipped.
-    """
-    from ray.serve import batching
-    from ray.serve.exceptions import RayServeException
-
-    queue = batching._BatchQueue
-    original = queue._warn_if_max_batch_size_exceeds_max_ongoing_requests
-    if getattr(original, "_levit_wrapped", False):
-        return
-
-    def check(self: Any) -> None:
-        with contextlib.suppress(RayServeException):
-            original(self)
-
-    check._levit_wrapped = True  # type: ignore[attr-defined]
-    queue._warn_if_max_batch_size_exceeds_max_ongoing_requests = check
-
-
 def _warmup_image(size: int = 320) -> bytes:
     """A photo-like PNG (smooth gradients and edges) for the warm-up requests."""
     import numpy as np
@@ -203,9 +174,6 @@ class LeViTService:
     """
 
     def __init__(self, model: nn.Module, config: ServeConfig = ServeConfig(), *, load_now: bool = False) -> None:
-        from ray import serve
-
-        _allow_batching_outside_a_replica()
         self.config = config
         self.model = model.eval()
         self.model_name = config.model_name or model.config.name
@@ -216,15 +184,8 @@ class LeViTService:
         self.lanes, self.lane_threads = lane_layout(config.lanes, config.threads, available_cpus())
         if next(model.parameters()).device.type != "cpu":  # a GPU runs one batch at a time
             self.lanes, self.lane_threads = 1, config.threads
-        self._free: list[Callable[[Tensor], Tensor]] = []  # the lanes' predictors not computing a batch
-        self._lanes_changed = asyncio.Event()  # set (and replaced) when a lane frees or a batch stops waiting
-        self._waiting: dict[int, int] = {}  # batches formed, waiting for a lane: images, in arrival order
-        self._forming = 0  # images handed to the batcher and not yet in a batch
-        self._running: dict[int, tuple[float, int]] = {}  # batches being computed: (start, images)
-        self._per_image_s = 0.0  # a lane's seconds per image (moving average; from the warm-up at first)
-        self._decoding = 0  # requests decoding their image or waiting for a decoding thread
-        self._per_decode_s = 0.0  # one decode's seconds (moving average; from the warm-up at first)
-        self._decoded_at: dict[int, float] = {}  # an image (its id) given to the batcher -> when
+        self.batcher: Batcher | None = None  # made by load(), with the lanes
+        self.metrics.queue_depth.set_function(lambda: self.batcher.queued if self.batcher else 0)
         self.ready = False
         self.draining = False
         self.in_flight = 0
@@ -232,17 +193,13 @@ class LeViTService:
         self.replica = f"{socket.gethostname()}:{os.getpid()}"  # which process answered (a header)
         self.own_process = False  # run_server's process serves only this: _load_logged freezes the heap
         self._limiters: tuple | None = None
-        # Ray Serve's batcher, made per instance so that its queue lives on this instance's event loop.
-        # It hands over up to two batches per lane (_run_batch waits for a lane, so that the batches
-        # waiting are known to _retune_wait; with the stretched wait more than one rarely waits)
-        self._classify = serve.batch(
-            max_batch_size=config.max_batch_size,
-            batch_wait_timeout_s=config.max_wait_ms / 1e3,
-            max_concurrent_batches=2 * self.lanes,
-            batch_size_fn=self._batch_size,
-        )(self._run_batch)
         if load_now:
             self.load()
+
+    @property
+    def max_queue(self) -> int:
+        """Classify requests admitted at once (``config.max_queue``, default four full batches per lane)."""
+        return self.config.max_queue or 4 * self.config.max_batch_size * self.lanes
 
     # ---- the model ------------------------------------------------------------------------------
     def load(self) -> None:
@@ -266,14 +223,23 @@ class LeViTService:
             calibration=list(c.calibration) if c.calibration else None,
         )
         first = lanes[0]
-        x, self._per_decode_s = self._decode(_warmup_image())
+        batcher = Batcher(
+            lanes,
+            self._run_batch,
+            max_batch_size=c.max_batch_size,
+            max_wait_s=c.max_wait_ms / 1e3,
+            max_queue=self.max_queue,
+            decode_threads=c.decode_workers or os.cpu_count() or 1,
+        )
+        x, seconds = self._decode(_warmup_image())
+        batcher.observe_decode(seconds)
         for p in lanes:
             for n in (1, c.max_batch_size, 1):
                 t = time.perf_counter()
                 self._forward(p, x.expand(n, *x.shape).contiguous())
                 if n > 1:
-                    self._per_image_s = (time.perf_counter() - t) / n
-        self._free = lanes
+                    batcher.observe_batch(time.perf_counter() - t, n)
+        self.batcher = batcher
         self.ready = True
         self.metrics.ready.set(1)
         log.info(
@@ -300,7 +266,7 @@ class LeViTService:
         return list(cls._forward(predictor, torch.stack(images)).unbind(0))
 
     def _decode(self, data: bytes) -> tuple[Tensor, float]:
-        """:attr:`preprocess` on a decoding thread, with its seconds (for :meth:`_batch_size`)."""
+        """:attr:`preprocess` on a decoding thread, with its seconds (the batcher's wait for a burst)."""
         t0 = time.perf_counter()
         x = self.preprocess(data)
         return x, time.perf_counter() - t0
@@ -313,146 +279,93 @@ class LeViTService:
             self._limiters = (anyio.CapacityLimiter(workers), anyio.CapacityLimiter(self.lanes))
         return self._limiters[which]
 
-    async def _run_batch(self, images: list[Tensor]) -> list[Tensor]:
-        """One forward pass for the images the batcher collected (each (3, H, W)) -> their probabilities,
-        on the first model lane free (batches take the lanes in the order they were formed)."""
+    async def _run_batch(self, predictor: Callable[[Tensor], Tensor], images: list[Tensor]) -> list[Tensor]:
+        """One forward pass on the lane the batcher gave (each image (3, H, W)) -> their probabilities."""
         import anyio
 
-        m, n, key = self.metrics, len(images), id(images)
-        self._forming = max(0, self._forming - n)
-        self._waiting[key] = n
-        try:
-            self._retune_wait()
-            # FIFO: a batch goes once it is the oldest waiting and a lane is free
-            while not (self._free and next(iter(self._waiting)) == key):
-                await self._lanes_changed.wait()
-            predictor = self._free.pop()
-        finally:
-            del self._waiting[key]
-            self._wake()
-        m.queue_depth.dec(n)
-        m.batch_size.observe(n)
+        self.metrics.batch_size.observe(len(images))
         t0 = time.perf_counter()
-        self._running[key] = (t0, n)
-        self._retune_wait()
-        try:
-            probs = await anyio.to_thread.run_sync(self._forward_images, predictor, images, limiter=self._limiter(1))
-        finally:
-            dt = time.perf_counter() - t0
-            del self._running[key]
-            self._free.append(predictor)
-            self._per_image_s = 0.8 * self._per_image_s + 0.2 * dt / n
-            self._retune_wait()
-            self._wake()
-        m.batch_latency.observe(dt)
+        probs = await anyio.to_thread.run_sync(self._forward_images, predictor, images, limiter=self._limiter(1))
+        dt = time.perf_counter() - t0
+        self.batcher.observe_batch(dt, len(images))
+        self.metrics.batch_latency.observe(dt)
         return probs
 
-    def _batch_size(self, images: list[Tensor]) -> int:
-        """The size Ray Serve's batcher gives a forming batch (its ``batch_size_fn``, read each time a
-        request joins): the image count, or ``max_batch_size``, which closes the batch at once, when a
-        lane is free for it and waiting longer would only add latency: no request is being decoded (so
-        none is about to join), the batch has its share of those here and being decoded (one batch per
-        free lane: a burst on two free lanes goes as two batches, computed at once), or the oldest
-        image has waited as long as decoding a full batch takes.
-
-        Why: the clients of a batch just answered send again at once, a burst decoded a few images at a
-        time. With only the wait (``max_wait_ms`` while a lane is free), the first one or two decoded
-        would take the free lane alone and the rest wait a whole batch for the next lane. The wait is
-        stretched meanwhile (:meth:`_retune_wait`), so that the batch does not close before the burst
-        is decoded. (With this hook Ray's batcher moves an image that would overflow the batch to the
-        back of its queue: that takes more images arriving between two of its turns than the batch has
-        room left for.)"""
-        n, full = len(images), self.config.max_batch_size
-        free = len(self._free) - len(self._waiting)  # lanes free for this batch
-        if n >= full or free <= 0:
-            return n  # full, or no lane for it yet: _retune_wait's wait closes it
-        # its share of the requests here and on their way, with the free lanes taking one batch each
-        if self._decoding and n * free < n + self._decoding:
-            now = time.perf_counter()
-            if now - self._decoded_at.get(id(images[0]), now) < self._full_decode_s():
-                return n
-        return full
-
-    def _full_decode_s(self) -> float:
-        """Seconds to decode a full batch on the decoding threads (the wait for a burst)."""
-        threads = self._limiter(0).total_tokens
-        return self.config.max_batch_size * self._per_decode_s / min(threads, self.config.max_batch_size)
-
-    def _wake(self) -> None:
-        """Let the batches waiting for a lane look again (a lane freed, or the oldest stopped waiting)."""
-        event, self._lanes_changed = self._lanes_changed, asyncio.Event()
-        event.set()
-
-    def _retune_wait(self) -> None:
-        """Ray Serve's batcher closes a batch when its wait ends whether or not a lane is free to
-        compute it, so under load it would queue batches of one or two images behind busy lanes.
-        So the wait for the next batch is stretched to when a lane should be free for it: after the
-        batches computing, those waiting and the one forming (at most two full batches' time). The
-        requests that would wait for a lane anyway then fill one batch. With a lane free for it, the
-        wait is ``max_wait_ms``. (The batcher reads the wait when a batch starts forming.)"""
-        import heapq
-
-        wait = self.config.max_wait_ms / 1e3
-        per = self._per_image_s
-        ahead = list(self._waiting.values())
-        if self._forming:
-            ahead.append(min(self._forming, self.config.max_batch_size))
-        if per > 0 and (ahead or len(self._running) >= self.lanes):
-            now = time.perf_counter()
-            free_at = [t0 + per * n for t0, n in self._running.values()]
-            free_at += [now] * (self.lanes - len(free_at))
-            heapq.heapify(free_at)
-            for n in ahead:  # the batches waiting and forming take the lanes in turn
-                heapq.heappush(free_at, max(heapq.heappop(free_at), now) + per * n)
-            wait = max(wait, min(free_at[0] - now, 2 * per * self.config.max_batch_size))
-        if self._decoding:  # wait for the requests being decoded (_batch_size closes the batch sooner)
-            wait = max(wait, self._full_decode_s())
-        self._classify.set_batch_wait_timeout_s(wait)
-
     async def classify(self, data: bytes, topk: int) -> list[dict]:
-        """Decode ``data`` (off the event loop), batch it with concurrent requests, return its top-k."""
+        """Decode ``data`` (off the event loop), batch it with concurrent requests, return its top-k.
+
+        Raises :class:`~levit.runtime.serve_http.ClientError` 400 for an unreadable image. Cancelling
+        it before its batch closes drops the image from the queue."""
+        return (await self.classify_many([data], topk))[0]
+
+    async def classify_many(self, images: list[bytes], topk: int) -> list[list[dict]]:
+        """:meth:`classify` for several images at once, each batched as its own request."""
         import anyio
 
-        self._decoding += 1
+        batcher = self.batcher
+
+        async def one(data: bytes) -> Tensor:
+            with batcher.decoding_one():
+                try:
+                    x, seconds = await anyio.to_thread.run_sync(self._decode, data, limiter=self._limiter(0))
+                except ImageError as e:
+                    raise ClientError(400, str(e)) from None
+            batcher.observe_decode(seconds)
+            return await batcher.submit(x)
+
+        tasks = [asyncio.ensure_future(one(d)) for d in images]
         try:
-            x, seconds = await anyio.to_thread.run_sync(self._decode, data, limiter=self._limiter(0))
-        except ImageError as e:
-            raise ClientError(400, str(e)) from None
-        finally:
-            self._decoding -= 1
-        self._per_decode_s = 0.9 * self._per_decode_s + 0.1 * seconds
-        self.metrics.queue_depth.inc()
-        self._forming += 1
-        self._decoded_at[id(x)] = time.perf_counter()
-        self._retune_wait()  # the batcher reads the wait when this image starts a batch
-        try:
-            probs = await self._classify(x)
-        finally:
-            del self._decoded_at[id(x)]
-        p, i = probs.topk(min(topk, self.num_classes))
-        return [{"class": c, "label": self.names[c], "prob": round(v, 6)} for v, c in zip(p.tolist(), i.tolist())]
+            rows = await asyncio.gather(*tasks)
+        finally:  # one image refused, or the caller gone: the others leave the queue too
+            for t in tasks:
+                t.cancel()
+        k = min(topk, self.num_classes)
+        out = []
+        for probs in rows:
+            p, i = probs.topk(k)
+            out.append(
+                [{"class": c, "label": self.names[c], "prob": round(v, 6)} for v, c in zip(p.tolist(), i.tolist())]
+            )
+        return out
 
     # ---- HTTP --------------------------------------------------------------------------------------
-    async def _handle_classify(self, request: Any) -> Any:
-        from fastapi.responses import JSONResponse
-
-        t0 = time.perf_counter()
+    def _refusal(self) -> Any:
+        """The 503 for a request arriving while loading or draining, else None."""
         if self.draining:
             return error_response(503, "server is shutting down", close=True)
         if not self.ready:
             return error_response(503, "model is loading: retry when GET /ready answers 200")
+        return None
+
+    @contextlib.asynccontextmanager
+    async def _admitted(self) -> AsyncIterator[None]:
+        """One request through the bounded queue: 429 with ``Retry-After`` beyond ``max_queue``."""
         self.in_flight += 1
         self.metrics.in_flight.inc()
         try:
-            topk = parse_topk(request.query_params.get("topk"), self.config.topk, self.num_classes)
-            c = self.config
-            data = await read_image(request, max_body_mb=c.max_body_mb, read_timeout_s=c.read_timeout_s)
-            top = await self.classify(data, topk)
-        except ClientError as e:
-            return error_response(e.status, str(e), close=e.status in CLOSE_AFTER)
+            with self.batcher.admitted():
+                yield
+        except QueueFullError as e:
+            raise ClientError(429, f"{e} (--max-queue {self.max_queue})", retry_after=e.retry_after_s) from None
         finally:
             self.in_flight -= 1
             self.metrics.in_flight.dec()
+
+    async def _handle_classify(self, request: Any) -> Any:
+        from fastapi.responses import JSONResponse
+
+        t0 = time.perf_counter()
+        if (refused := self._refusal()) is not None:
+            return refused
+        try:
+            async with self._admitted():
+                topk = parse_topk(request.query_params.get("topk"), self.config.topk, self.num_classes)
+                timeout_s = parse_timeout(request)
+                c = self.config
+                data = await read_image(request, max_body_mb=c.max_body_mb, read_timeout_s=c.read_timeout_s)
+                top = await answer_within(self.classify(data, topk), request, timeout_s, t0)
+        except ClientError as e:
+            return client_error_response(e)
         ms = (time.perf_counter() - t0) * 1e3
         body = {"top": top, "model": self.model_name, "latency_ms": round(ms, 2)}
         return JSONResponse(body, headers={"x-levit-replica": self.replica})

@@ -11,9 +11,10 @@ client left mid-upload, for the metrics).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from ..utils import first_line
@@ -22,9 +23,13 @@ __all__ = [
     "CLASSIFY_OPENAPI",
     "IMAGE_TYPES",
     "ROUTES",
+    "TIMEOUT_HEADER",
     "AccessLog",
     "ClientError",
+    "answer_within",
+    "client_error_response",
     "error_response",
+    "parse_timeout",
     "parse_topk",
     "read_image",
 ]
@@ -39,11 +44,76 @@ CLOSE_AFTER = (408, 413, 499)
 
 
 class ClientError(Exception):
-    """A request the service refuses: its status code and a one-line message."""
+    """A request the service refuses: its status code and a one-line message (``retry_after``: seconds,
+    for a 429's ``Retry-After``)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.retry_after = retry_after
+
+
+def client_error_response(error: ClientError) -> Any:
+    """The JSON answer to a :class:`ClientError`: its status, ``Retry-After`` for a 429, the connection
+    closed after a status of :data:`CLOSE_AFTER` (the rest of the body may still be on its way)."""
+    from fastapi.responses import JSONResponse
+
+    headers = {}
+    if error.status in CLOSE_AFTER:
+        headers["connection"] = "close"
+    if error.retry_after is not None:
+        headers["retry-after"] = str(error.retry_after)
+    return JSONResponse({"error": str(error)}, status_code=error.status, headers=headers or None)
+
+
+# The request's own deadline: this header, or the ``timeout_ms`` query parameter.
+TIMEOUT_HEADER = "x-request-timeout-ms"
+
+
+def parse_timeout(request: Any) -> float | None:
+    """The request's deadline in seconds (``X-Request-Timeout-Ms`` header or ``?timeout_ms=``), None
+    without one; 400 unless a positive number."""
+    text = request.headers.get(TIMEOUT_HEADER) or request.query_params.get("timeout_ms")
+    if text is None:
+        return None
+    try:
+        ms = float(text)
+    except ValueError:
+        ms = 0.0
+    if not 0 < ms < float("inf"):
+        raise ClientError(400, f"{TIMEOUT_HEADER} / timeout_ms must be a positive number of ms, got {text!r}")
+    return ms / 1e3
+
+
+async def answer_within(work: Awaitable[Any], request: Any, timeout_s: float | None, t0: float) -> Any:
+    """Await ``work`` unless the client leaves first (:class:`ClientError` 499) or the deadline
+    ``timeout_s`` after ``t0`` (``time.perf_counter()``) passes (504); either way ``work`` is cancelled,
+    so a request still in the batcher's queue is never computed."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_client_gone(request))
+    left = None if timeout_s is None else timeout_s - (time.perf_counter() - t0)
+    try:
+        if left is not None and left <= 0:
+            raise ClientError(504, f"no answer within the request's deadline of {timeout_s * 1e3:g} ms")
+        done, _ = await asyncio.wait({task, gone}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        if gone in done:
+            raise ClientError(499, "client disconnected before its answer")
+        raise ClientError(504, f"no answer within the request's deadline of {timeout_s * 1e3:g} ms")
+    finally:
+        task.cancel()
+        gone.cancel()
+
+
+async def _client_gone(request: Any) -> None:
+    """Returns once the client has disconnected (the body already read, the next ASGI message is the
+    disconnect); never returns where the server cannot tell."""
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # a server that cannot say: wait for the answer or the deadline
+        await asyncio.Event().wait()
 
 
 def error_response(status: int, message: str, *, close: bool = False) -> Any:

@@ -41,9 +41,9 @@ def deployment(model: nn.Module, config: ServeConfig, *, replicas: int = 1, repl
         serve.ingress()(LeViTService),
         name="LeViTService",
         num_replicas=replicas,
-        # the batcher can only fill its batches (up to two per lane handed over) if the router lets
-        # that many requests in at once
-        max_ongoing_requests=max(2 * lanes * config.max_batch_size, 64),
+        # the router lets in more than the replica's queue admits, so that past it a client gets the
+        # replica's 429 with Retry-After rather than waiting in the proxy
+        max_ongoing_requests=(config.max_queue or 4 * lanes * config.max_batch_size) + lanes * config.max_batch_size,
         ray_actor_options={"num_cpus": replica_cpus},
         graceful_shutdown_timeout_s=config.drain_timeout_s,
     )

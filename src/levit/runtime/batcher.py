@@ -1,0 +1,232 @@
+"""The server's dynamic batcher: an asyncio queue, the model lanes, and the one rule that says when a
+batch closes and which lane takes it. No Ray import: the single-process server and each Ray Serve
+replica run it on their own event loop.
+
+The rule (:func:`batch_delay`, asked each time something changes: a request queued, a decode ended,
+a lane freed, a wait ran out):
+
+- A batch only closes for a **free lane**: while every lane is busy, requests wait in the queue and
+  the first lane to free takes up to ``max_batch_size`` of them, oldest first, as one batch (closing
+  batches for busy lanes would queue many small batches behind them).
+- With a lane free, the batch at the head of the queue goes at once when waiting longer would only
+  add latency: it is full, or **no request is being decoded** to join it (a lone request does not
+  wait), or it holds **its share** of the requests queued and being decoded, one batch per free lane
+  (a burst on two free lanes goes as two batches computed at once; on one lane, as one).
+- Otherwise it goes once its oldest request has waited the longer of ``max_wait_s`` and the time the
+  decoding threads take to decode a full batch: the clients of a batch just answered send again at
+  once, a burst decoded a few images at a time, and without this wait its first one or two decoded
+  images would take the free lane alone while the rest waited a whole batch for the next lane.
+
+Back-pressure: at most ``max_queue`` requests are admitted at once (:meth:`Batcher.admitted`, from
+reading the body to the answer); beyond, :class:`QueueFullError` says when to retry. A request whose
+waiter is cancelled (its client left, its deadline passed) is dropped from the queue, never computed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+__all__ = ["Batcher", "QueueFullError", "batch_delay"]
+
+Lane = TypeVar("Lane")
+
+
+class QueueFullError(Exception):
+    """The batcher holds ``max_queue`` requests: refused, with the seconds after which to retry."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__(f"server busy: the queue is full, retry after {retry_after_s:g} s")
+        self.retry_after_s = retry_after_s
+
+
+def batch_delay(
+    *,
+    queued: int,
+    oldest_wait_s: float,
+    decoding: int,
+    free_lanes: int,
+    max_batch_size: int,
+    wait_s: float,
+) -> float | None:
+    """Seconds until the batch at the head of the queue closes: ``0.0`` now, ``None`` not until
+    something changes (nothing queued, or no lane free for it).
+
+    ``queued``: requests waiting (decoded); ``oldest_wait_s``: how long the first has waited;
+    ``decoding``: requests being decoded, about to join; ``wait_s``: the longest a batch with a free
+    lane waits for them (the module docstring gives the rule and the reasons)."""
+    if queued == 0 or free_lanes <= 0:
+        return None
+    n = min(queued, max_batch_size)
+    if n >= max_batch_size or decoding == 0 or n * free_lanes >= queued + decoding:
+        return 0.0
+    return max(0.0, wait_s - oldest_wait_s)
+
+
+@dataclass
+class _Entry:
+    item: Any
+    future: asyncio.Future
+    queued_at: float
+
+
+@dataclass
+class _LoopState:
+    """What lives on one event loop: the queue, the wake-up event and the dispatching task."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: deque = field(default_factory=deque)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task | None = None
+
+
+class Batcher(Generic[Lane]):
+    """Requests in, batches out to the free lanes, by the rule of :func:`batch_delay`.
+
+    ``run(lane, items)`` computes one batch on ``lane`` and returns one result per item, in order; the
+    batcher runs up to one batch per lane at once and gives each lane back when its batch ends.
+    ``decode_threads``: how many requests decode at once (the full-batch decoding time is the wait
+    for a burst). ``clock``: monotonic seconds.
+    """
+
+    def __init__(
+        self,
+        lanes: list[Lane],
+        run: Callable[[Lane, list[Any]], Awaitable[list[Any]]],
+        *,
+        max_batch_size: int,
+        max_wait_s: float,
+        max_queue: int,
+        decode_threads: int = 1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.free: list[Lane] = list(lanes)
+        self.lanes = len(lanes)
+        self.run = run
+        self.max_batch_size, self.max_wait_s, self.max_queue = max_batch_size, max_wait_s, max_queue
+        self.decode_threads = decode_threads
+        self.clock = clock
+        self.decoding = 0  # requests being decoded (or waiting for a decoding thread)
+        self.admitted_now = 0  # requests admitted and not yet answered
+        self.per_decode_s = 0.0  # one decode's seconds (moving average)
+        self.per_image_s = 0.0  # a lane's seconds per image (moving average)
+        self._state: _LoopState | None = None
+        self._running: set[asyncio.Task] = set()  # the batches computing (the loop keeps weak references)
+
+    # ---- what the requests call ------------------------------------------------------------------
+    @contextlib.contextmanager
+    def admitted(self) -> Iterator[None]:
+        """Hold one of the ``max_queue`` places for a request, from its body to its answer;
+        :class:`QueueFullError` when none is left."""
+        if self.admitted_now >= self.max_queue:
+            raise QueueFullError(self.retry_after_s())
+        self.admitted_now += 1
+        try:
+            yield
+        finally:
+            self.admitted_now -= 1
+
+    @contextlib.contextmanager
+    def decoding_one(self) -> Iterator[None]:
+        """Count a request as being decoded (a batch with a free lane may wait for it) while inside."""
+        self.decoding += 1
+        try:
+            yield
+        finally:
+            self.decoding -= 1
+            self._wake()
+
+    def observe_decode(self, seconds: float) -> None:
+        """One decode's duration, for the full-batch decoding time."""
+        self.per_decode_s = seconds if self.per_decode_s == 0 else 0.9 * self.per_decode_s + 0.1 * seconds
+
+    def observe_batch(self, seconds: float, images: int) -> None:
+        """One batch's compute time, for :meth:`retry_after_s`."""
+        per = seconds / max(images, 1)
+        self.per_image_s = per if self.per_image_s == 0 else 0.8 * self.per_image_s + 0.2 * per
+
+    async def submit(self, item: Any) -> Any:
+        """Queue ``item`` and wait for its result; cancelling the wait drops it from the queue."""
+        state = self._loop_state()
+        future = state.loop.create_future()
+        state.queue.append(_Entry(item, future, self.clock()))
+        self._wake()
+        return await future
+
+    @property
+    def queued(self) -> int:
+        """Requests decoded and waiting for a batch."""
+        return len(self._state.queue) if self._state else 0
+
+    def full_decode_s(self) -> float:
+        """Seconds the decoding threads take to decode a full batch."""
+        return self.max_batch_size * self.per_decode_s / min(self.decode_threads, self.max_batch_size)
+
+    def retry_after_s(self) -> int:
+        """Whole seconds for the lanes to compute what is admitted (at least 1): ``Retry-After``."""
+        return max(1, math.ceil(self.admitted_now * self.per_image_s / self.lanes))
+
+    # ---- dispatching -------------------------------------------------------------------------------
+    def _loop_state(self) -> _LoopState:
+        loop = asyncio.get_running_loop()
+        if self._state is None or self._state.loop is not loop:  # a new event loop (tests run several)
+            self._state = _LoopState(loop)
+        if self._state.task is None or self._state.task.done():
+            self._state.task = loop.create_task(self._dispatch(self._state))
+        return self._state
+
+    def _wake(self) -> None:
+        if self._state is not None:
+            self._state.changed.set()
+
+    async def _dispatch(self, state: _LoopState) -> None:
+        """Close batches as :func:`batch_delay` says, each on the lane it frees."""
+        while True:
+            while state.queue and state.queue[0].future.done():  # the waiter left: never computed
+                state.queue.popleft()
+            now = self.clock()
+            delay = batch_delay(
+                queued=len(state.queue),
+                oldest_wait_s=now - state.queue[0].queued_at if state.queue else 0.0,
+                decoding=self.decoding,
+                free_lanes=len(self.free),
+                max_batch_size=self.max_batch_size,
+                wait_s=max(self.max_wait_s, self.full_decode_s()),
+            )
+            if delay == 0.0:
+                batch = []
+                while state.queue and len(batch) < self.max_batch_size:
+                    entry = state.queue.popleft()
+                    if not entry.future.done():
+                        batch.append(entry)
+                if batch:
+                    task = state.loop.create_task(self._run_batch(self.free.pop(0), batch))
+                    self._running.add(task)
+                    task.add_done_callback(self._running.discard)
+                continue
+            state.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(state.changed.wait(), delay)
+
+    async def _run_batch(self, lane: Lane, batch: list[_Entry]) -> None:
+        try:
+            results = await self.run(lane, [e.item for e in batch])
+        except BaseException as e:
+            for entry in batch:
+                if not entry.future.done():
+                    entry.future.set_exception(e if isinstance(e, Exception) else RuntimeError("batch cancelled"))
+            if not isinstance(e, Exception):
+                raise
+        else:
+            for entry, result in zip(batch, results, strict=True):
+                if not entry.future.done():
+                    entry.future.set_result(result)
+        finally:
+            self.free.append(lane)
+            self._wake()

@@ -1,0 +1,167 @@
+"""The server's batcher alone (:mod:`levit.runtime.batcher`): the rule on fixed numbers, then the queue
+with fake lanes that finish when the test says, on a fake clock. No model, no HTTP, no Ray."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from levit.runtime.batcher import Batcher, QueueFullError, batch_delay
+
+
+def delay(**kw) -> float | None:
+    args = {"queued": 1, "oldest_wait_s": 0.0, "decoding": 0, "free_lanes": 1, "max_batch_size": 8, "wait_s": 0.05}
+    return batch_delay(**{**args, **kw})
+
+
+def test_the_rule():
+    assert delay(queued=0) is None  # nothing to send
+    assert delay(queued=5, free_lanes=0, decoding=9) is None  # every lane busy: wait for one, whatever the wait
+    assert delay(queued=1) == 0.0  # a lone request: nobody is being decoded to join it, it goes at once
+    assert delay(queued=8, decoding=5) == 0.0  # full
+    assert delay(queued=3, decoding=1) == pytest.approx(0.05)  # one more on its way: wait for it
+    assert delay(queued=3, decoding=1, oldest_wait_s=0.03) == pytest.approx(0.02)
+    assert delay(queued=3, decoding=1, oldest_wait_s=0.07) == 0.0  # waited long enough
+    # its share: one batch per free lane of those queued and being decoded
+    assert delay(queued=4, decoding=4, free_lanes=2) == 0.0
+    assert delay(queued=3, decoding=5, free_lanes=2) == pytest.approx(0.05)
+
+
+class FakeLanes:
+    """Lanes whose batches end when the test releases them; each batch recorded as (lane, items)."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[str, list[int]]] = []
+        self.release: dict[int, asyncio.Event] = {}
+
+    async def run(self, lane: str, items: list[int]) -> list[int]:
+        self.batches.append((lane, items))
+        event = self.release.setdefault(len(self.batches) - 1, asyncio.Event())
+        await event.wait()
+        return [i * 10 for i in items]
+
+    def finish(self, index: int) -> None:
+        self.release.setdefault(index, asyncio.Event()).set()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(lanes=("L0",), **kw) -> tuple[Batcher, FakeLanes, Clock]:
+    fake, clock = FakeLanes(), Clock()
+    args = {"max_batch_size": 4, "max_wait_s": 0.0, "max_queue": 100, "clock": clock}
+    return Batcher(list(lanes), fake.run, **{**args, **kw}), fake, clock
+
+
+async def settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+def test_requests_arriving_while_every_lane_is_busy_fill_one_batch_in_order():
+    async def go():
+        b, lanes, _ = make()
+        first = asyncio.ensure_future(b.submit(1))
+        await settle()
+        assert lanes.batches == [("L0", [1])]  # alone and nobody decoding: at once
+        rest = [asyncio.ensure_future(b.submit(i)) for i in range(2, 8)]
+        await settle()
+        assert len(lanes.batches) == 1 and b.queued == 6  # the lane is busy: they wait
+        lanes.finish(0)
+        await settle()
+        assert lanes.batches[1] == ("L0", [2, 3, 4, 5])  # the freed lane takes a full batch, oldest first
+        lanes.finish(1)
+        await settle()
+        assert lanes.batches[2] == ("L0", [6, 7])
+        lanes.finish(2)
+        assert await asyncio.gather(first, *rest) == [10, 20, 30, 40, 50, 60, 70]
+        assert b.free == ["L0"] and b.queued == 0
+
+    asyncio.run(go())
+
+
+def test_a_batch_waits_for_requests_being_decoded_or_goes_with_its_share():
+    async def go(lanes_: tuple[str, ...]) -> list:
+        b, lanes, _ = make(lanes=lanes_, max_wait_s=5.0)
+        with b.decoding_one(), b.decoding_one():
+            waiting = [asyncio.ensure_future(b.submit(i)) for i in (1, 2)]
+            await settle()
+            seen = list(lanes.batches)
+        await settle()  # the two decodes ended (refused images): nobody left to wait for
+        if not seen:
+            assert lanes.batches == [("L0", [1, 2])]
+        lanes.finish(0)
+        assert await asyncio.gather(*waiting) == [10, 20]
+        return seen
+
+    # one lane: 2 queued and 2 on their way make one batch of 4, so it waits for them
+    assert asyncio.run(go(("L0",))) == []
+    # two free lanes: 2 is the share of each (4 requests, one batch per lane), so it goes at once
+    assert asyncio.run(go(("L0", "L1"))) == [("L0", [1, 2])]
+
+
+def test_the_wait_ends_on_the_clock():
+    async def go():
+        b, lanes, clock = make(max_wait_s=0.02)
+        with b.decoding_one():
+            task = asyncio.ensure_future(b.submit(1))
+            await settle()
+            assert lanes.batches == []  # one on its way
+            clock.now += 0.05  # past the wait
+            await asyncio.sleep(0.05)  # the dispatcher's timer
+            assert lanes.batches == [("L0", [1])]
+        lanes.finish(0)
+        assert await task == 10
+
+    asyncio.run(go())
+
+
+def test_a_cancelled_request_is_never_computed():
+    async def go():
+        b, lanes, _ = make()
+        busy = asyncio.ensure_future(b.submit(1))
+        await settle()
+        gone = asyncio.ensure_future(b.submit(2))
+        kept = asyncio.ensure_future(b.submit(3))
+        await settle()
+        gone.cancel()  # its client left, or its deadline passed
+        await settle()
+        lanes.finish(0)
+        lanes.finish(1)
+        assert await asyncio.gather(busy, kept) == [10, 30]
+        assert [items for _, items in lanes.batches] == [[1], [3]]
+
+    asyncio.run(go())
+
+
+def test_the_queue_is_bounded_and_says_when_to_retry():
+    b, _, _ = make(lanes=("L0", "L1"), max_queue=2)
+    b.observe_batch(1.6, 4)  # 0.4 s an image on a lane
+    with b.admitted(), b.admitted():
+        with pytest.raises(QueueFullError) as e, b.admitted():
+            pass
+        assert e.value.retry_after_s == 1  # 2 admitted x 0.4 s / 2 lanes, rounded up
+        assert b.admitted_now == 2
+    assert b.admitted_now == 0
+    with b.admitted():  # room again
+        pass
+
+
+def test_a_failing_batch_fails_its_requests_and_gives_the_lane_back():
+    async def go():
+        async def broken(lane, items):
+            raise RuntimeError("backend fell over")
+
+        b = Batcher(["L0"], broken, max_batch_size=4, max_wait_s=0.0, max_queue=10)
+        with pytest.raises(RuntimeError, match="fell over"):
+            await b.submit(1)
+        await settle()
+        assert b.free == ["L0"]
+
+    asyncio.run(go())
