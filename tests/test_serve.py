@@ -425,6 +425,122 @@ def test_a_burst_goes_as_one_batch_per_free_lane_and_a_lone_request_does_not_wai
     assert time.perf_counter() - t0 < 1.0  # the batch did not wait its 2 s
 
 
+# ---- back-pressure and deadlines ------------------------------------------------------------------
+async def _in_process(svc, requests: list[dict]) -> list[httpx.Response]:
+    """Requests at once to the service's app, in-process (httpx's ASGI transport)."""
+    transport = httpx.ASGITransport(app=svc.build_app())
+    async with httpx.AsyncClient(transport=transport, base_url="http://levit", timeout=30) as c:
+        return await asyncio.gather(*(c.post("/v1/classify", **r) for r in requests))
+
+
+def test_a_full_queue_answers_429_with_retry_after_and_holds_no_more(files, monkeypatch):
+    """--max-queue 2 and a slow model: of 8 requests at once, 2 are taken and answered, the other 6
+    get 429 with a Retry-After of whole seconds at once, and the batcher never held more than 2."""
+    from levit.runtime.serve import ServeConfig
+
+    config = ServeConfig(lanes=1, max_batch_size=1, max_wait_ms=1, max_queue=2, quiet=True)
+    svc = _service_with_fake_lanes(files, monkeypatch, config, 0.3)
+    svc.load()
+    peak = []
+    run = svc.batcher.run
+
+    async def watched(lane, items):
+        peak.append(svc.batcher.admitted_now + svc.batcher.queued)
+        return await run(lane, items)
+
+    svc.batcher.run = watched
+    jpg = files["a.jpg"].read_bytes()
+    t0 = time.perf_counter()
+    responses = asyncio.run(_in_process(svc, [{"content": jpg}] * 8))
+    codes = sorted(r.status_code for r in responses)
+    assert codes == [200] * 2 + [429] * 6, codes
+    for r in responses:
+        if r.status_code == 429:
+            assert int(r.headers["retry-after"]) >= 1 and "--max-queue 2" in r.json()["error"]
+    assert max(peak) <= 2 and svc.batcher.admitted_now == 0 and sum(svc.sizes) == 2
+    assert time.perf_counter() - t0 < 5
+
+
+def test_a_request_past_its_deadline_gets_504_and_is_never_computed(files, monkeypatch):
+    """X-Request-Timeout-Ms (or ?timeout_ms=): a request queued behind a slow batch gets 504 when its
+    deadline passes, without waiting for the lane, and its image never reaches a batch."""
+    from levit.runtime.serve import ServeConfig
+
+    svc = _service_with_fake_lanes(files, monkeypatch, ServeConfig(lanes=1, max_wait_ms=1, quiet=True), 0.6)
+    svc.load()
+    svc.sizes.clear()
+    jpg = files["a.jpg"].read_bytes()
+
+    async def go():
+        transport = httpx.ASGITransport(app=svc.build_app())
+        async with httpx.AsyncClient(transport=transport, base_url="http://levit", timeout=30) as c:
+            first = asyncio.ensure_future(c.post("/v1/classify", content=jpg))
+            await asyncio.sleep(0.1)  # the first computes for 0.6 s
+            t0 = time.perf_counter()
+            late = await c.post("/v1/classify", content=jpg, headers={"x-request-timeout-ms": "150"})
+            waited = time.perf_counter() - t0
+            also = await c.post("/v1/classify?timeout_ms=100", content=jpg)
+            bad = await c.post("/v1/classify?timeout_ms=soon", content=jpg)
+            return (await first), late, waited, also, bad
+
+    first, late, waited, also, bad = asyncio.run(go())
+    assert first.status_code == 200
+    assert "deadline of 150 ms" in _error_line(late, 504) and waited < 0.5
+    assert also.status_code == 504
+    assert "timeout_ms" in _error_line(bad, 400)
+    assert svc.sizes == [1]  # only the first image was computed
+    assert svc.batcher.queued == 0 and svc.batcher.admitted_now == 0
+
+
+def test_a_client_gone_before_its_answer_is_never_computed(files, monkeypatch):
+    """A client that disconnects while its image waits for a lane leaves the queue: its image never
+    reaches a batch (the ASGI app is driven by hand: the body, then the disconnect)."""
+    from levit.runtime.serve import ServeConfig
+
+    svc = _service_with_fake_lanes(files, monkeypatch, ServeConfig(lanes=1, max_wait_ms=1, quiet=True), 0.5)
+    svc.load()
+    svc.sizes.clear()
+    app = svc.build_app()
+    jpg = files["a.jpg"].read_bytes()
+
+    async def leaving_client() -> list[int]:
+        messages = [{"type": "http.request", "body": jpg, "more_body": False}]
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/classify",
+            "raw_path": b"/v1/classify",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"content-type", b"image/jpeg")],
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 80),
+        }
+        statuses = []
+
+        async def receive():
+            if messages:
+                return messages.pop(0)
+            await asyncio.sleep(0.1)  # queued behind the first batch by now
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        first = asyncio.ensure_future(svc.classify(jpg, 1))
+        await asyncio.sleep(0.05)
+        await app(scope, receive, send)
+        await first
+        return statuses
+
+    assert asyncio.run(leaving_client()) == [499]
+    assert svc.sizes == [1] and svc.batcher.queued == 0 and svc.in_flight == 0
+
+
 def test_a_serving_process_freezes_its_heap_once_the_model_is_loaded(files, monkeypatch):
     """A process that only serves (run_server, a Ray replica) moves what start-up made out of the
     garbage collector's reach (gc.freeze), once the model is loaded: full collections then stop
@@ -554,6 +670,8 @@ def test_cli_usage_errors_are_one_line(capsys, files):
     assert "--replicas needs --ray" in capsys.readouterr().err
     assert main(["serve", "--max-batch-size", "0"]) == 2
     assert "--max-batch-size must be >= 1" in capsys.readouterr().err
+    assert main(["serve", "--max-queue", "0"]) == 2
+    assert "--max-queue must be >= 1" in capsys.readouterr().err
     assert main(["serve", "--crop-pct", "1.5"]) == 2
     assert "--crop-pct" in capsys.readouterr().err
     assert main(["serve", "--precision", "int8"]) == 2

@@ -43,6 +43,13 @@ def args_serve(p: argparse.ArgumentParser) -> None:
         "--drain-timeout", type=positive_float, default=30.0, help="SIGTERM: seconds to finish in-flight requests"
     )
     g.add_argument("--decode-workers", type=int, default=None, help="images decoded at once (default: CPU count)")
+    g.add_argument(
+        "--max-queue",
+        type=int,
+        default=None,
+        help="classify requests taken at once, from upload to answer; beyond, 429 with Retry-After "
+        "(default: four full batches per model lane)",
+    )
     g = p.add_argument_group("model and runtime")
     g.add_argument("--topk", type=int, default=5, help="classes per answer unless the request says ?topk=")
     img_size_option(g, "input resolution N or HxW, multiples of 16 (default: the model's)", rectangular=True)
@@ -97,6 +104,7 @@ def _config(args: argparse.Namespace):
             threads=args.threads,
             lanes=args.lanes,
             decode_workers=args.decode_workers,
+            max_queue=args.max_queue,
             read_timeout_s=args.read_timeout,
             drain_timeout_s=args.drain_timeout,
             quiet=args.quiet,
