@@ -126,6 +126,7 @@ def server(files, tmp_path_factory):
         *("--checkpoint", str(files["model"]), "--backend", "eager", "--threads", "1"),
         *("--max-batch-size", "8", "--max-wait-ms", str(MAX_WAIT_MS), "--topk", "3"),
         *("--max-body-mb", "1", "--max-megapixels", "2", "--read-timeout", "3"),
+        *("--max-header-kb", "8", "--header-timeout", "2"),
     )
     yield s
     assert s.stop() == 0
@@ -630,6 +631,53 @@ def test_slow_client_gets_408_and_disconnects_leave_nothing_stuck(server, files,
         time.sleep(0.1)
     assert metric(server.url, "levit_in_flight") == 0
     assert metric(server.url, "levit_requests_total", {"route": "/v1/classify", "status": "499"}) == 3
+
+
+def _raw_reply(s: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    chunks = []
+    while chunk := s.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_a_request_head_over_the_limit_gets_431_and_its_connection_closes(server, files, expected):
+    """--max-header-kb 8: a 20 KB header block gets 431 with a JSON error and the connection closes; a
+    head just under the limit is served."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n")
+        reply = _raw_reply(s)
+    assert reply.startswith(b"HTTP/1.1 431"), reply[:200]
+    assert b"--max-header-kb" in reply and b'{"error"' in reply
+    r = httpx.post(
+        server.url + "/v1/classify",
+        content=files["a.jpg"].read_bytes(),
+        headers={"content-type": "image/jpeg", "x-fill": "b" * 7000},
+        timeout=30,
+    )
+    assert_same(r.json()["top"], expected["a.jpg"])
+
+
+def test_slow_request_heads_and_silent_connections_are_closed(server):
+    """--header-timeout 2: a client trickling its headers, and one that connects and sends nothing, are
+    answered 408 and disconnected within the timeout, not held open."""
+    host, port = server.url.removeprefix("http://").split(":")
+    trickle = socket.create_connection((host, int(port)), timeout=10)
+    silent = socket.create_connection((host, int(port)), timeout=10)
+    t0 = time.monotonic()
+    trickle.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\n")
+    for _ in range(3):  # a header line now and then, never the blank line that ends the head
+        time.sleep(0.5)
+        trickle.sendall(b"X-Slow: 1\r\n")
+    replies = [_raw_reply(s) for s in (trickle, silent)]
+    took = time.monotonic() - t0
+    trickle.close()
+    silent.close()
+    for reply in replies:
+        assert reply.startswith(b"HTTP/1.1 408") and b"--header-timeout" in reply, reply[:200]
+    assert took < 6
+    assert httpx.get(server.url + "/health").status_code == 200
 
 
 def test_access_log_has_one_line_per_request_and_no_traceback(server, files):

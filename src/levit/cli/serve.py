@@ -40,6 +40,15 @@ def args_serve(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--read-timeout", type=positive_float, default=30.0, help="seconds a client has to send its body")
     g.add_argument(
+        "--max-header-kb", type=positive_float, default=16.0, help="a larger request head (line + headers) gets 431"
+    )
+    g.add_argument(
+        "--header-timeout",
+        type=positive_float,
+        default=10.0,
+        help="seconds a client has to send its request head; then 408 and the connection is closed",
+    )
+    g.add_argument(
         "--drain-timeout", type=positive_float, default=30.0, help="SIGTERM: seconds to finish in-flight requests"
     )
     g.add_argument("--decode-workers", type=int, default=None, help="images decoded at once (default: CPU count)")
@@ -106,6 +115,8 @@ def _config(args: argparse.Namespace):
             decode_workers=args.decode_workers,
             max_queue=args.max_queue,
             read_timeout_s=args.read_timeout,
+            max_header_bytes=int(args.max_header_kb * 1024),
+            header_timeout_s=args.header_timeout,
             drain_timeout_s=args.drain_timeout,
             quiet=args.quiet,
             model_name=DIGITS_MODEL_NAME if _demo(args) else None,

@@ -90,19 +90,30 @@ class ServeConfig:
     decode_workers: int | None = None  # threads decoding at once (None: the CPU count); bounds memory too
     max_queue: int | None = None  # classify requests admitted at once, beyond: 429 (None: 4 full batches a lane)
     read_timeout_s: float = 30.0  # a client that has not sent its whole body by then gets 408
+    max_header_bytes: int = 16 * 1024  # a larger request head gets 431 (the single-process server)
+    header_timeout_s: float = 10.0  # a request head not in by then: 408, connection closed
     drain_timeout_s: float = 30.0  # SIGTERM: longest wait for in-flight requests
     quiet: bool = False
     model_name: str | None = None  # reported in each answer (default: the model's variant)
     calibration: tuple[str, ...] | None = None  # int8: calibration image files/folders
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "topk", "threads", "lanes", "decode_workers", "max_pixels", "max_queue"):
+        for name in (
+            "max_batch_size",
+            "topk",
+            "threads",
+            "lanes",
+            "decode_workers",
+            "max_pixels",
+            "max_queue",
+            "max_header_bytes",
+        ):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise OptionError(name, f"must be >= 1, got {v}")
         if self.max_wait_ms < 0:
             raise OptionError("max_wait_ms", f"must be >= 0, got {self.max_wait_ms}")
-        for name in ("max_body_mb", "read_timeout_s", "drain_timeout_s"):
+        for name in ("max_body_mb", "read_timeout_s", "drain_timeout_s", "header_timeout_s"):
             if not getattr(self, name) > 0:
                 raise OptionError(name, f"must be > 0, got {getattr(self, name)}")
         if not 0 <= self.port <= 65535:

@@ -10,6 +10,7 @@ process that only serves runs once its model is loaded.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import socket
@@ -66,6 +67,77 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _raw_error(status: int, reason: str, message: str) -> bytes:
+    """A whole HTTP/1.1 answer ``{"error": message}`` that closes the connection, for the refusals made
+    before a request reaches the application."""
+    import json
+
+    body = json.dumps({"error": message}).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        "connection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def _protocol_class(max_header_bytes: int, header_timeout_s: float) -> type:
+    """uvicorn's h11 protocol (the class its ``http`` setting takes) with the limits of a request head:
+    a head over ``max_header_bytes`` gets 431 (h11 alone would give 400), and a connection whose head
+    has not arrived ``header_timeout_s`` after its first byte (or after the connection opened) gets
+    408 and is closed, so that slow clients cannot hold connections open by trickling headers."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadLimits(H11Protocol):
+        head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self.head_timer = self.loop.call_later(header_timeout_s, self.head_too_slow)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.stop_head_timer()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if self.conn.their_state is h11.IDLE:  # these bytes are (part of) a request head
+                pending = self.conn.trailing_data[0] + data
+                end = pending.find(b"\r\n\r\n")
+                if (end if end >= 0 else len(pending)) > max_header_bytes:
+                    return self.refuse(
+                        431,
+                        "Request Header Fields Too Large",
+                        f"request head over {max_header_bytes // 1024} KB (--max-header-kb)",
+                    )
+                if self.head_timer is None:
+                    self.head_timer = self.loop.call_later(header_timeout_s, self.head_too_slow)
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:  # the head is in
+                self.stop_head_timer()
+
+        def stop_head_timer(self) -> None:
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+                self.head_timer = None
+
+        def head_too_slow(self) -> None:
+            self.head_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.refuse(
+                    408,
+                    "Request Timeout",
+                    f"request head not received within {header_timeout_s:g} s (--header-timeout)",
+                )
+
+        def refuse(self, status: int, reason: str, message: str) -> None:
+            self.stop_head_timer()
+            if not self.transport.is_closing():
+                self.transport.write(_raw_error(status, reason, message))
+                self.transport.close()
+
+    return HeadLimits
+
+
 def _server_class() -> type:
     import uvicorn
 
@@ -119,6 +191,8 @@ def run_server(service: LeViTService, sock: socket.socket | None = None) -> int:
         access_log=False,  # ours has the latency and the size
         timeout_graceful_shutdown=int(c.drain_timeout_s) + 1,
         lifespan="on",
+        http=_protocol_class(c.max_header_bytes, c.header_timeout_s),
+        h11_max_incomplete_event_size=c.max_header_bytes,
     )
     server = _server_class()(config)
     server.service = service
