@@ -357,6 +357,15 @@ class LeViT(nn.Module):
         """Parameter names that take no weight decay (attention bias tables)."""
         return {n for n, _ in self.named_parameters() if n.endswith("attention_biases") or n == "pos_embed"}
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's parameter grouping, first to last (layer-wise lr decay in ``timm.optim``): the stem,
+        then each stage (``coarse``) or each of its blocks in order, its shrinking block first; the
+        heads match nothing, which puts them last."""
+        if coarse:
+            return {"stem": r"^stem|^pos_embed", "blocks": r"^stages\.(\d+)"}
+        blocks = [(r"^stages\.(\d+)\.downsample", (-1,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None)]
+        return {"stem": r"^stem|^pos_embed", "blocks": blocks}
+
     # ---- the token flow --------------------------------------------------------------------------
     def _tokens(self, x: Tensor, upto: int | None = None) -> list[tuple[Tensor, tuple[int, int]]]:
         """Stem + stages (through ``upto``): [(tokens, grid)] after each stage. Every layer gets the

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..errors import LeViTError
 from .distributed import DistContext, all_reduce_sum, gather_lists
+from .optim import scheduler_on_update
 
 __all__ = ["EpochParts", "LoopState", "evaluate", "train_one_epoch"]
 
@@ -116,6 +117,7 @@ class EpochParts:
     updates_per_epoch: int
     samples_per_epoch: int  # over all processes
     recorder: Any  # levit.train.rundir.MetricsRecorder
+    scheduler: Any = None  # timm scheduler: told each update's number when it is stepped per update
 
 
 def _check_bad_samples(bad_count: float, cfg, parts: EpochParts, local_bad: list) -> None:
@@ -162,7 +164,7 @@ class _EpochMeter:
         _check_bad_samples(sums[1].item(), cfg, parts, self.bad)
         now = time.time()
         img_s = (self.seen - self.window_seen) * world_size / max(now - self.window_start, 1e-9)
-        lr = parts.optimizer.param_groups[0]["lr"]
+        lr = max(g["lr"] for g in parts.optimizer.param_groups)  # the heads' rate under layer decay
         record = {"event": "step", "epoch": state.epoch + 1, "step": state.global_step, "loss": avg_loss}
         parts.recorder.write(record | {"lr": lr, "img_s": img_s}, step=state.global_step)
         if bar is not None:
@@ -201,6 +203,8 @@ def _optimizer_step(parts: EpochParts, cfg, state: LoopState) -> None:
     """Unscale and clip (AGC or norm), step, zero the gradients, update the EMA."""
     from timm.utils import dispatch_clip_grad
 
+    if parts.scheduler is not None:  # this update's rate (a per-epoch schedule ignores it)
+        scheduler_on_update(parts.scheduler, state.global_step)
     if cfg.clip_grad is not None and cfg.clip_grad > 0:
         parts.scaler.unscale_(parts.optimizer)
         dispatch_clip_grad(parts.model.parameters(), cfg.clip_grad, mode=cfg.clip_mode)

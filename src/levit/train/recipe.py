@@ -45,6 +45,8 @@ class TrainConfig:
     ablation: str | None = None  # the paper's Table 5 row A1..A7 (A4: the base model with distillation none)
     init_checkpoint: str | None = None  # start from these weights (fine-tuning); any format create_model reads
     pretrained: bool = False  # start from the authors' released weights (downloaded)
+    reset_head: bool = False  # fine-tuning: new classifier head(s), also when the class count is the checkpoint's
+    freeze_epochs: int = 0  # fine-tuning: only the head(s) learn for this many epochs, then everything
     # schedule and batch
     epochs: int = 1000
     batch_size: int = 256  # per process (the paper: 32 GPUs x 256)
@@ -55,7 +57,9 @@ class TrainConfig:
     lr: float = 5e-4  # scaled by total_batch / lr_base_batch
     lr_base_batch: int = 512
     weight_decay: float = 0.025  # not on attention biases, norms and biases
-    sched: str = "cosine"  # stepped per epoch
+    layer_decay: float | None = None  # lr x layer_decay^(blocks from the head): heads full rate, stem lowest
+    sched: str = "cosine"
+    sched_on_updates: bool = False  # the rate changes every optimizer update (fine-tuning), not every epoch (the paper)
     warmup_epochs: int = 5
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
@@ -123,11 +127,12 @@ _CHOICES = {
 }
 _POSITIVE = ("epochs", "batch_size", "lr_base_batch", "keep_last", "log_every", "eval_every", "img_size", "recount")
 _NON_NEGATIVE = ("warmup_epochs", "warmup_lr", "min_lr", "weight_decay", "opt_eps", "checkpoint_every_steps", "mixup")
-_NON_NEGATIVE += ("cutmix", "color_jitter")
+_NON_NEGATIVE += ("cutmix", "color_jitter", "freeze_epochs")
 _FRACTIONS = ("hflip", "reprob", "mixup_prob", "mixup_switch_prob", "smoothing", "model_ema_decay")
 
 
 SCHEDULE_KEYS = ("epochs", "sched", "warmup_epochs", "warmup_lr", "min_lr", "lr", "lr_base_batch", "total_batch")
+SCHEDULE_KEYS += ("sched_on_updates",)
 
 
 def _fields() -> dict[str, dataclasses.Field]:
@@ -209,6 +214,8 @@ def check_config(cfg: TrainConfig) -> None:
             raise LeViTError(f"{key} must be > 0, got {getattr(cfg, key)}")
     if cfg.clip_grad is not None and not cfg.clip_grad > 0:
         raise LeViTError(f"clip_grad must be > 0 or null, got {cfg.clip_grad}")
+    if cfg.layer_decay is not None and not 0 < cfg.layer_decay <= 1:
+        raise LeViTError(f"layer_decay must be in (0, 1] or null, got {cfg.layer_decay}")
     if cfg.drop_path is not None and not 0 <= cfg.drop_path < 1:
         raise LeViTError(f"drop_path must be in [0, 1) or null, got {cfg.drop_path}")
     if cfg.total_batch is not None and cfg.total_batch < 1:

@@ -26,6 +26,7 @@ from ..errors import CheckpointError, LeViTError
 from ..models.config import IMAGENET_MEAN, IMAGENET_STD
 from .distributed import DistContext, barrier, distributed, gather_lists, log
 from .engine import EpochParts, LoopState, evaluate, train_one_epoch
+from .optim import build_optimizer, build_scheduler, freeze_trunk
 from .recipe import (
     SCHEDULE_KEYS,
     TrainConfig,
@@ -127,6 +128,7 @@ class _Run:
             self.scheduler.step(epoch)
             self.data.sampler.set_epoch(epoch, first_step * self.parts.accumulation_steps * cfg.batch_size)
             self.model.train()
+            self._freeze_for(epoch)
             if self.parts.teacher is not None:
                 self.parts.teacher.eval()
 
@@ -228,6 +230,12 @@ class _Run:
                     raise CheckpointError(str(e).replace(PASS_A_FILE, hint)) from None
             for warning in caught:
                 log(ctx, f"note: {warning.message}")
+            if cfg.reset_head and not any("re-initialised" in str(w.message) for w in caught):
+                model.reset_classifier(len(self.class_names))
+                log(
+                    ctx,
+                    f"note: the classifier head(s) are re-initialised for {len(self.class_names)} classes (reset_head)",
+                )
         else:
             model = create_model(self.name, **kwargs)
         model.class_names = self.class_names
@@ -249,8 +257,6 @@ class _Run:
 
     def _build_optimization(self) -> None:
         from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-        from timm.optim import create_optimizer_v2
-        from timm.scheduler import create_scheduler_v2
         from timm.utils import ModelEmaV3
 
         from ..data.transforms import build_mixup
@@ -259,18 +265,9 @@ class _Run:
         cfg, ctx = self.cfg, self.ctx
         self.total_batch = cfg.batch_size * ctx.world_size * self.accumulation_steps
         self.lr = cfg.lr * self.total_batch / cfg.lr_base_batch
-        self.optimizer = create_optimizer_v2(
-            self.model, opt=cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay, eps=cfg.opt_eps
-        )
-        self.scheduler, _ = create_scheduler_v2(
-            self.optimizer,
-            sched=cfg.sched,
-            num_epochs=cfg.epochs,
-            warmup_epochs=cfg.warmup_epochs,
-            warmup_lr=cfg.warmup_lr,
-            min_lr=cfg.min_lr,
-            step_on_epochs=True,
-        )
+        self.optimizer = build_optimizer(self.model, cfg, self.lr)
+        self.updates_per_epoch = math.ceil(self.data.micro_per_epoch / self.accumulation_steps)
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.updates_per_epoch)
         self.ema = ModelEmaV3(self.model, decay=cfg.model_ema_decay) if cfg.model_ema else None
         self.amp_dtype = None
         if ctx.device.type == "cuda" and cfg.amp != "none":
@@ -302,7 +299,8 @@ class _Run:
             self.model.load_state_dict(saved["model"])
             self.optimizer.load_state_dict(saved["optimizer"])
             old_cfg = saved.get("train_config") or {}
-            if all(old_cfg.get(k) == getattr(cfg, k) for k in SCHEDULE_KEYS):
+            defaults = TrainConfig()  # a key the checkpoint's run did not know had its default there
+            if all(old_cfg.get(k, getattr(defaults, k)) == getattr(cfg, k) for k in SCHEDULE_KEYS):
                 self.scheduler.load_state_dict(saved["scheduler"])
             else:  # e.g. more epochs: the lr follows the new recipe from this epoch on
                 log(ctx, "note: the lr schedule differs from the checkpoint's run; following the new recipe")
@@ -329,14 +327,32 @@ class _Run:
             seed_all(cfg.seed + 7919 * ctx.rank + state.global_step)
         self.resumed_from = path
 
-    def _wrap(self) -> None:
+    def _forward_models(self) -> tuple[nn.Module, nn.Module]:
+        """The DDP wrapper (or the model) and what runs forward (that, compiled or not). DDP registers
+        the parameters that require gradients when it is built: a run that freezes or releases the
+        trunk builds it again."""
         cfg, ctx = self.cfg, self.ctx
         ddp_wrapper: nn.Module = self.model
         if ctx.is_distributed:
             cuda = ctx.device.type == "cuda"
             device_ids = [ctx.local_rank] if cuda else None
             ddp_wrapper = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
-        forward_model = torch.compile(ddp_wrapper) if cfg.compile else ddp_wrapper
+        return ddp_wrapper, torch.compile(ddp_wrapper) if cfg.compile else ddp_wrapper
+
+    def _freeze_for(self, epoch: int) -> None:
+        """The trunk frozen during the first ``freeze_epochs`` epochs (the heads learn alone), then released."""
+        frozen = epoch < self.cfg.freeze_epochs
+        changed = freeze_trunk(self.model, frozen)
+        if changed:
+            what = "frozen: only the classifier head(s) learn" if frozen else "released: every layer learns"
+            log(self.ctx, f"epoch {epoch + 1}: the trunk is {what}")
+        if changed and self.ctx.is_distributed:
+            self.parts.ddp_wrapper, self.parts.forward_model = self._forward_models()
+
+    def _wrap(self) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        freeze_trunk(self.model, self.state.epoch < cfg.freeze_epochs)  # before DDP registers the parameters
+        ddp_wrapper, forward_model = self._forward_models()
         n_train, n_val = self.data.sizes
         scaled = (
             ""
@@ -348,7 +364,9 @@ class _Run:
             f"{ctx.world_size} x {ctx.device.type}; batch {cfg.batch_size} x {ctx.world_size} process(es) x {self.accumulation_steps} accumulation"
             f" = {self.total_batch}, lr {self.lr:.3g}{scaled}, distillation {cfg.distillation}, amp {self.amp_dtype or 'off'}"
         )
-        updates = math.ceil(self.data.micro_per_epoch / self.accumulation_steps)
+        if self.state.epoch < cfg.freeze_epochs:
+            self.banner += f"; the trunk is frozen until epoch {cfg.freeze_epochs} (only the head(s) learn)"
+        updates = self.updates_per_epoch
         if self.accumulation_steps > 1 and updates < SMALL_DATA_UPDATES:  # an ImageNet recipe on a small dataset
             self.banner += (
                 f"\nnote: this recipe is made for a large dataset: on {n_train} training images it means an effective "
@@ -370,9 +388,10 @@ class _Run:
             amp_dtype=self.amp_dtype,
             accumulation_steps=self.accumulation_steps,
             micro_batches_per_epoch=self.data.micro_per_epoch,
-            updates_per_epoch=math.ceil(self.data.micro_per_epoch / self.accumulation_steps),
+            updates_per_epoch=self.updates_per_epoch,
             samples_per_epoch=self.data.micro_per_epoch * cfg.batch_size * ctx.world_size,
             recorder=None,
+            scheduler=self.scheduler,
         )
 
     # ---- the epochs ----------------------------------------------------------------------------
@@ -422,7 +441,7 @@ class _Run:
             for buffer in self.model.buffers():
                 dist.broadcast(buffer, 0)
         record: dict[str, Any] = {"event": "epoch", "epoch": state.epoch + 1, "train_loss": stats["train_loss"]}
-        record |= {"lr": self.optimizer.param_groups[0]["lr"], "epoch_time_s": stats["epoch_time_s"]}
+        record |= {"lr": max(g["lr"] for g in self.optimizer.param_groups), "epoch_time_s": stats["epoch_time_s"]}
         record |= {"train_img_s": stats["train_img_s"]}
         if (state.epoch + 1) % cfg.eval_every == 0 or state.epoch + 1 == cfg.epochs:
             options = dict(amp_dtype=self.amp_dtype, channels_last=self.channels_last)
