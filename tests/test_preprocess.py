@@ -186,3 +186,80 @@ def test_the_bound_keeps_what_the_crop_sees(size):
     assert diff.max() <= 2 / 255 / min(pre.std)  # one or two 8-bit levels, normalised
     photo = Image.new("RGB", (MAX_ASPECT * 20, 20))
     assert pre.bounded(photo) is photo
+
+
+# ---- the tensor decoder: equal to the pil path but for 8-bit rounding; Pillow for everything else ----
+ONE_LEVEL = 1 / 255 / 0.224 + 1e-6  # one 8-bit step, in the normalised units of the smallest ImageNet std
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=["authors", "own", "bilinear", "squash"])
+def test_the_tensor_decoder_gives_the_pil_tensors_but_for_rounding(recipe, photos):
+    m = _model(recipe)
+    pil, tensor = Preprocess.from_model(m), Preprocess.from_model(m, decoder="tensor")
+    a, b = torch.stack([pil(f) for f in photos]), torch.stack([tensor(f) for f in photos])
+    assert (a - b).abs().max() <= ONE_LEVEL / min(pil.std) * 0.224 and (a - b).abs().mean() < ONE_LEVEL / 4
+    with torch.no_grad():
+        fused = levit.fuse(m)
+        assert torch.equal(fused(a).argmax(-1), fused(b).argmax(-1))
+
+
+def test_the_tensor_decoder_leaves_other_files_to_pillow(tmp_path, photos):
+    """16-bit PNGs, palette and grey images, drafted JPEGs and bad files: the pil path's pixels
+    (through Pillow) and its one-line reasons."""
+    import numpy as np
+    from PIL import Image
+
+    from levit.errors import ImageError
+
+    rng = np.random.default_rng(0)
+    ramp = (np.linspace(0, 60000, 90)[None, :] + rng.integers(0, 3000, (70, 90))).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")
+    Image.open(photos[0]).convert("P").save(tmp_path / "palette.png")
+    Image.open(photos[1]).convert("L").save(tmp_path / "grey.jpg")
+    whole = photos[2].read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "notes.jpg").write_text("a text file named like a photo\n")
+    pil, tensor = Preprocess(64), Preprocess(64, decoder="tensor")
+    for name in ("grey16.png", "palette.png", "grey.jpg"):
+        assert (pil(tmp_path / name) - tensor(tmp_path / name)).abs().max() <= ONE_LEVEL, name
+    fast_pil, fast_tensor = Preprocess(64, fast_decode=True), Preprocess(64, fast_decode=True, decoder="tensor")
+    assert (fast_pil(photos[0]) - fast_tensor(photos[0])).abs().max() <= ONE_LEVEL
+    for name in ("truncated.jpg", "empty.jpg", "notes.jpg"):
+        with pytest.raises(ImageError) as want:
+            pil(tmp_path / name)
+        with pytest.raises(ImageError) as got:
+            tensor(tmp_path / name)
+        assert got.value.reason == want.value.reason
+    with pytest.raises(ImageError, match="over the limit of 100"):
+        Preprocess(64, decoder="tensor", max_pixels=100)(photos[0])
+    assert torch.equal(tensor(photos[3]), tensor(photos[3].read_bytes()))  # bytes as files
+
+
+def test_torchvision_decodes_where_torchcodec_is_missing(monkeypatch, photos):
+    """The tensor path's decoder: TorchCodec where installed, torchvision's otherwise; the same pixels."""
+    import sys
+
+    from levit.data import decoders
+
+    data = torch.frombuffer(bytearray(photos[0].read_bytes()), dtype=torch.uint8)
+    first = decoders._decoder()
+    monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)  # import fails: not installed
+    name, decode = decoders._decoder()
+    assert name == "torchvision" and torch.equal(decode(data), first[1](data))
+
+
+def test_predict_and_eval_take_the_decoder_flag(own, photos, tmp_path, capsys):
+    ckpt, logits = own
+    assert main(["predict", *map(str, photos), "-c", str(ckpt), "--topk", "1", "--json", "--decoder", "tensor"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["top"][0]["class"] for r in rows] == logits.argmax(-1).tolist()
+    (tmp_path / "val" / "thing0").mkdir(parents=True)
+    for f in photos:
+        (tmp_path / "val" / "thing0" / f.name).write_bytes(f.read_bytes())
+    out = tmp_path / "eval.json"
+    argv = ["eval", "--data", str(tmp_path / "val"), "-c", str(ckpt), "--workers", "0", "--output", str(out)]
+    assert main([*argv, "--decoder", "tensor"]) == 0
+    want = torch.nn.functional.cross_entropy(logits, torch.zeros(len(photos), dtype=torch.long)).item()
+    assert math.isclose(json.loads(out.read_text())["loss"], want, rel_tol=1e-2)
+    assert main(["predict", str(photos[0]), "-c", str(ckpt), "--decoder", "simd"]) == 2

@@ -119,6 +119,19 @@ def crop_pct_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+def decoder_option(p: argparse.ArgumentParser) -> None:
+    """``--decoder``: how images are decoded and preprocessed (:class:`levit.data.preprocess.Preprocess`)."""
+    from levit.data import DECODERS
+
+    p.add_argument(
+        "--decoder",
+        choices=DECODERS,
+        default="pil",
+        help="pil: the authors' evaluation, bit for bit; tensor: decoded into a tensor and resized there, "
+        "about twice as fast per core, equal but for 8-bit rounding (docs/predict.md)",
+    )
+
+
 def check_output(path: Path | None, flag: str = "--output") -> None:
     """An output file that cannot be written is refused before the job runs, naming the flag."""
     from levit.utils import unwritable_reason

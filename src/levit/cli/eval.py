@@ -7,7 +7,15 @@ import json
 import sys
 from pathlib import Path
 
-from .common import UsageError, check_output, crop_pct_option, img_size_option, load_model, model_options
+from .common import (
+    UsageError,
+    check_output,
+    crop_pct_option,
+    decoder_option,
+    img_size_option,
+    load_model,
+    model_options,
+)
 
 
 def args_eval(p: argparse.ArgumentParser) -> None:
@@ -16,6 +24,7 @@ def args_eval(p: argparse.ArgumentParser) -> None:
     model_options(p)
     img_size_option(p, "input resolution N or HxW (default: the checkpoint's)", rectangular=True)
     crop_pct_option(p)
+    decoder_option(p)
     p.add_argument("--batch-size", "-b", type=int, default=64, help="images per forward pass (default: 64)")
     p.add_argument(
         "--workers", type=int, default=None, help="data loading processes (default: the CPU cores available, at most 8)"
@@ -47,7 +56,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     m = evaluate_folder(
         model,
         args.data,
-        crop_pct=args.crop_pct,  # None: the checkpoint's own
+        preprocessing={"crop_pct": args.crop_pct, "decoder": args.decoder},  # None: the checkpoint's own
         fuse=not args.no_fuse,
         batch_size=args.batch_size,
         workers=args.workers,

@@ -17,6 +17,7 @@ from .common import (
     check_output,
     check_runtime,
     crop_pct_option,
+    decoder_option,
     img_size_option,
     load_model,
     model_options,
@@ -38,6 +39,7 @@ def args_predict(p: argparse.ArgumentParser) -> None:
         p, "input resolution N or HxW (e.g. 192x320), multiples of 16 (default: the model's, 224)", rectangular=True
     )
     crop_pct_option(p)
+    decoder_option(p)
     runtime_options(
         p,
         backend=None,
@@ -105,6 +107,7 @@ def predict_options(args: argparse.Namespace) -> PredictOptions:
             workers=args.workers,
             crop_pct=args.crop_pct,
             fast_decode=args.fast_decode,
+            decoder=args.decoder,
             max_pixels=args.max_pixels,
             include_logits=args.include_logits,
             output=str(args.output) if args.output is not None else None,

@@ -69,8 +69,9 @@ def check_train_val_layout(root: str | os.PathLike) -> tuple[list[str], list[str
 class SafeImageFolder(torchvision.datasets.ImageFolder):
     """ImageFolder whose bad samples are skipped, counted and reported instead of crashing a run.
 
-    Images are listed by :func:`levit.data.images.is_image` and decoded by :func:`levit.data.images.open_rgb`
-    (16-bit images scaled to 8 bits). A sample is *bad* when decoding or the transform raises.
+    Images are listed by :func:`levit.data.images.is_image` and decoded by ``loader`` (default
+    :func:`levit.data.images.open_rgb`: 16-bit images scaled to 8 bits; ``str`` hands the path to a
+    ``transform`` that decodes, such as :class:`levit.data.preprocess.Preprocess`). A sample is *bad* when decoding or the transform raises.
     ``__getitem__`` accepts a plain index or ``(index, seed)`` from :class:`RepeatAugSampler`: with a
     seed the random augmentation of that sample is a pure function of the seed (so a resumed run sees
     the same images as an uninterrupted one), with the caller's RNG states left as they were. A sample
@@ -86,10 +87,11 @@ class SafeImageFolder(torchvision.datasets.ImageFolder):
         class_to_idx: dict[str, int] | None = None,
         *,
         replace_bad: bool = True,
+        loader=open_rgb,
     ) -> None:
         self._fixed = class_to_idx
         self.replace_bad = replace_bad
-        super().__init__(str(root), transform=transform, loader=open_rgb, is_valid_file=is_image)
+        super().__init__(str(root), transform=transform, loader=loader, is_valid_file=is_image)
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         classes, mapping = super().find_classes(directory)

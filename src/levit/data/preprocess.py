@@ -24,10 +24,11 @@ from torch import Tensor
 from ..errors import ImageError, LeViTError
 from ..models.config import DEFAULT_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, check_crop_pct
 from ..utils import first_line
+from . import DECODERS
 from .images import open_rgb
-from .transforms import eval_transform, resize_size
+from .transforms import eval_transform, resize_size, squash_size
 
-__all__ = ["DEFAULT_MAX_PIXELS", "MAX_ASPECT", "Batch", "ImageFiles", "Preprocess", "collate", "load_item"]
+__all__ = ["DECODERS", "DEFAULT_MAX_PIXELS", "MAX_ASPECT", "Batch", "ImageFiles", "Preprocess", "collate", "load_item"]
 
 # Pillow's own decompression-bomb threshold (PIL.Image.MAX_IMAGE_PIXELS, a 24-bit image of 256 MiB).
 # Larger images are refused with an ImageError instead of Pillow's warning.
@@ -103,7 +104,17 @@ class Preprocess:
     """
 
     #: the settings that define a preprocessing (what :meth:`settings` returns and pickling keeps)
-    FIELDS = ("img_size", "crop_pct", "mean", "std", "interpolation", "crop_mode", "fast_decode", "max_pixels")
+    FIELDS = (
+        "img_size",
+        "crop_pct",
+        "mean",
+        "std",
+        "interpolation",
+        "crop_mode",
+        "fast_decode",
+        "max_pixels",
+        "decoder",
+    )
 
     def __init__(
         self,
@@ -115,7 +126,10 @@ class Preprocess:
         crop_mode: str = "center",
         fast_decode: bool = False,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        decoder: str = "pil",
     ) -> None:
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
         if isinstance(img_size, (tuple, list)):
             img_size = (int(img_size[0]), int(img_size[1]))
             img_size = img_size[0] if img_size[0] == img_size[1] else img_size
@@ -129,7 +143,7 @@ class Preprocess:
         self.img_size, self.crop_pct = img_size, check_crop_pct(crop_pct)
         self.mean, self.std = tuple(map(float, mean)), tuple(map(float, std))
         self.interpolation, self.crop_mode = str(interpolation), str(crop_mode)
-        self.fast_decode, self.max_pixels = bool(fast_decode), max_pixels
+        self.fast_decode, self.max_pixels, self.decoder = bool(fast_decode), max_pixels, decoder
         self.resize = resize_size(img_size, crop_pct)
         self.transform = eval_transform(img_size, self.crop_pct, self.mean, self.std, self.interpolation, crop_mode)
         _quiet_bomb_warning()
@@ -187,7 +201,29 @@ class Preprocess:
     def __call__(self, src: str | os.PathLike | bytes) -> Tensor:
         """The (3, H, W) float32 input tensor of one image; raises :class:`~levit.errors.ImageError` if
         it cannot be read."""
-        return self.transform(self.bounded(self.decode(src)))
+        if self.decoder == "pil":
+            return self.transform(self.bounded(self.decode(src)))
+        from torchvision.transforms.v2.functional import pil_to_tensor
+
+        from .decoders import decode_to_tensor, normalize, resize_and_crop
+
+        img = None if self.fast_decode else decode_to_tensor(src, self.max_pixels)
+        if img is None:  # what the tensor decoder leaves to Pillow, and the drafted JPEGs of fast_decode
+            img = pil_to_tensor(self.decode(src))
+        box = self._bound_box(img.shape[-1], img.shape[-2])
+        if box is not None:
+            img = img[:, box[1] : box[3], box[0] : box[2]]
+        size = self.resize if self.crop_mode == "center" else squash_size(self.img_size, self.crop_pct)
+        return normalize(resize_and_crop(img, size, self.out_hw, self.interpolation), self.mean, self.std)
+
+    def _bound_box(self, w: int, h: int) -> tuple[int, int, int, int] | None:
+        """The (left, top, right, bottom) of :meth:`bounded`'s crop of a ``w`` x ``h`` image, or ``None``."""
+        short, long = min(w, h), max(w, h)
+        if self.crop_mode != "center" or long <= MAX_ASPECT * short:
+            return None
+        keep = MAX_ASPECT * short
+        start = (long - keep) // 2
+        return (start, 0, start + keep, h) if w > h else (0, start, w, start + keep)
 
     def bounded(self, img):  # PIL.Image -> PIL.Image
         """``img``, or for an image longer than :data:`MAX_ASPECT` times its short side, its centre
@@ -200,14 +236,8 @@ class Preprocess:
         shape; the positions the resize samples then move by less than a pixel. Images within the
         ratio (every photo) are not touched. ``squash`` resizes to a fixed size and needs no bound.
         """
-        w, h = img.size
-        short, long = min(w, h), max(w, h)
-        if self.crop_mode != "center" or long <= MAX_ASPECT * short:
-            return img
-        keep = MAX_ASPECT * short
-        start = (long - keep) // 2
-        box = (start, 0, start + keep, h) if w > h else (0, start, w, start + keep)
-        return img.crop(box)
+        box = self._bound_box(*img.size)
+        return img if box is None else img.crop(box)
 
     def __getstate__(self) -> dict:
         return self.settings()

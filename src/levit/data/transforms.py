@@ -22,6 +22,13 @@ def resize_size(img_size: int | tuple[int, int] = 224, crop_pct: float = DEFAULT
     return math.floor((img_size if isinstance(img_size, int) else max(img_size)) / crop_pct)
 
 
+def squash_size(img_size: int | tuple[int, int], crop_pct: float = DEFAULT_CROP_PCT) -> tuple[int, int]:
+    """The (H, W) the ``squash`` evaluation resizes to: each side ``img_size / crop_pct``."""
+    crop_pct = check_crop_pct(crop_pct)
+    hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    return (math.floor(hw[0] / crop_pct), math.floor(hw[1] / crop_pct))
+
+
 def eval_transform(
     img_size: int | tuple[int, int] = 224,
     crop_pct: float = DEFAULT_CROP_PCT,
@@ -39,11 +46,7 @@ def eval_transform(
     if crop_mode not in CROP_MODES:
         raise ValueError(f"crop_mode must be one of {', '.join(CROP_MODES)}, got {crop_mode!r}")
     mode = T.InterpolationMode(interpolation)
-    if crop_mode == "squash":
-        hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        size: int | tuple[int, int] = tuple(math.floor(s / check_crop_pct(crop_pct)) for s in hw)  # type: ignore[assignment]
-    else:
-        size = resize_size(img_size, crop_pct)
+    size = squash_size(img_size, crop_pct) if crop_mode == "squash" else resize_size(img_size, crop_pct)
     return T.Compose([T.Resize(size, interpolation=mode), T.CenterCrop(img_size), T.ToTensor(), T.Normalize(mean, std)])
 
 

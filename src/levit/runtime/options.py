@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from ..data import DECODERS
 from ..errors import LeViTError
 from ..models.config import check_crop_pct
 
@@ -90,8 +91,9 @@ class PredictOptions:
     many batches decoded and classified at once, one thread each) and ``workers`` (decoding processes;
     :func:`levit.runtime.pipeline.iter_batches` says when each is used).
 
-    The preprocessing: ``crop_pct`` (``None``: the model's ``pretrained_cfg``), ``fast_decode`` and
-    ``max_pixels`` (``None``: Pillow's limit), as :meth:`levit.data.preprocess.Preprocess.from_model`.
+    The preprocessing: ``crop_pct`` (``None``: the model's ``pretrained_cfg``), ``fast_decode``,
+    ``max_pixels`` (``None``: Pillow's limit) and ``decoder`` (``pil`` or ``tensor``), as
+    :meth:`levit.data.preprocess.Preprocess.from_model`.
 
     The rows: ``topk`` classes each, ``include_logits``, ``class_names`` (default: the model's or
     ImageNet's); ``output`` (``.jsonl``, ``.csv`` or ``.parquet``) with ``resume`` or ``overwrite``.
@@ -110,6 +112,7 @@ class PredictOptions:
     crop_pct: float | None = None
     fast_decode: bool = False
     max_pixels: int | None = None
+    decoder: str = "pil"
     include_logits: bool = False
     class_names: tuple[str, ...] | None = None
     output: str | None = None
@@ -129,6 +132,8 @@ class PredictOptions:
                 check_crop_pct(self.crop_pct)
             except ValueError:
                 raise OptionError("crop_pct", f"must be in (0, 1], got {self.crop_pct}") from None
+        if self.decoder not in DECODERS:
+            raise OptionError("decoder", f"must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
         if self.backend not in BACKENDS or self.precision not in PRECISIONS:
             field = "backend" if self.backend not in BACKENDS else "precision"
             choices = BACKENDS if field == "backend" else PRECISIONS

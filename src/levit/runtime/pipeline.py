@@ -275,7 +275,11 @@ def iter_batches(
 def preprocess_for(model: nn.Module, options: PredictOptions) -> Preprocess:
     """The model's own :class:`~levit.data.preprocess.Preprocess` with the options' overrides."""
     return Preprocess.from_model(
-        model, crop_pct=options.crop_pct, fast_decode=options.fast_decode, max_pixels=options.max_pixels
+        model,
+        crop_pct=options.crop_pct,
+        fast_decode=options.fast_decode,
+        max_pixels=options.max_pixels,
+        decoder=options.decoder,
     )
 
 

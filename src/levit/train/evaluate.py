@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -23,7 +23,7 @@ def evaluate_folder(
     model: nn.Module,
     data: str | os.PathLike,
     *,
-    crop_pct: float | None = None,
+    preprocessing: Mapping[str, Any] | None = None,
     fuse: bool = True,
     batch_size: int = 64,
     workers: int | None = None,
@@ -34,7 +34,8 @@ def evaluate_folder(
     takes a shard and the counts are reduced (the group is torn down after).
 
     The images get the model's own preprocessing (:meth:`levit.data.preprocess.Preprocess.from_model`,
-    as ``levit predict`` and the server give them), ``crop_pct`` overriding its crop; with ``fuse`` the
+    the very object ``levit predict`` and the server decode with), ``preprocessing`` overriding its
+    settings (e.g. ``{"crop_pct": 1.0, "decoder": "tensor"}``; ``None`` values keep the model's); with ``fuse`` the
     model runs in its inference form (:func:`levit.models.fuse.inference_form`; same outputs, faster).
     Class folders are matched to ``model.class_names`` by name when the model has them, else taken in
     sorted order. ``workers``: loading processes (default: the available cores, at most eight).
@@ -57,12 +58,13 @@ def evaluate_folder(
                 "no class names to match them by (folders are taken in sorted order)"
             )
         class_to_idx = {c: i for i, c in enumerate(classes)}
-    preprocess = Preprocess.from_model(model, crop_pct=crop_pct)
+    preprocess = Preprocess.from_model(model, **(preprocessing or {}))
     if fuse:
         from ..models.fuse import inference_form
 
         model = inference_form(model)
-    dataset = SafeImageFolder(data, transform=preprocess.transform, class_to_idx=class_to_idx, replace_bad=False)
+    # the dataset hands each path to the preprocessing, which decodes it as every other entry point does
+    dataset = SafeImageFolder(data, transform=preprocess, class_to_idx=class_to_idx, replace_bad=False, loader=str)
     if workers is None:
         from ..utils import default_workers
 

@@ -1,0 +1,139 @@
+"""The decoders of `levit.data.preprocess.Preprocess` side by side: what the `tensor` path changes
+against the bit-exact `pil` path on real photographs, and how fast each is per core.
+
+    python benchmarks/decoders.py            # agreement on 54 views of real photos + speed
+    python benchmarks/decoders.py --quick    # fewer images, for a check of the script itself
+
+Agreement: the photos shipped with scikit-learn and scikit-image, each written as JPEG at four sizes
+(half, as shipped, 2x and 4x), flipped, and cropped, 54 files; every view preprocessed both ways and
+classified by LeViT-128S with randomised, trained-like weights (tests/helpers.py). Reported: the
+largest and mean difference of the input tensors (normalised units), the largest relative logit
+error, top-1 agreement. Speed: decode + preprocess CPU ms per image on one thread, each path, on
+photo-like 500x375 and 4032x3024 JPEGs (as benchmarks/predict_e2e.py writes them), and the
+images/s of one and two decoding processes (`levit.runtime.pipeline` decodes in this layout with
+`--workers N`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import levit
+from levit.data.decoders import tensor_decoder_name
+from levit.data.preprocess import ImageFiles, Preprocess, collate
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' helpers (test support)
+from helpers import randomize_weights, write_sample_jpegs
+
+
+def photo_views(folder: Path, quick: bool) -> list[Path]:
+    """Real photos as JPEG files: each at 4 sizes, flipped and cropped (6 views a photo)."""
+    import skimage.data as skd
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = list(load_sample_images().images)
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field"):
+        photos.append(getattr(skd, name)())
+    photos.append(skd.stereo_motorcycle()[0])
+    files = []
+    for i, arr in enumerate(photos[: 3 if quick else None]):
+        im = Image.fromarray(np.asarray(arr)).convert("RGB")
+        w, h = im.size
+        views = {f"x{s}": im.resize((int(w * s), int(h * s)), Image.Resampling.LANCZOS) for s in (0.5, 1, 2, 4)}
+        views["flip"] = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        views["crop"] = im.crop((w // 6, h // 6, w - w // 6, h - h // 6))
+        for name, v in views.items():
+            files.append(folder / f"photo{i:02d}_{name}.jpg")
+            v.save(files[-1], quality=92)
+    return files
+
+
+def agreement(files: list[Path]) -> dict[str, float]:
+    torch.manual_seed(0)
+    model = levit.fuse(randomize_weights(levit.create_model("levit_128s"), seed=0).eval())
+    pil, tensor = Preprocess(224), Preprocess(224, decoder="tensor")
+    a = torch.stack([pil(f) for f in files])
+    b = torch.stack([tensor(f) for f in files])
+    with torch.inference_mode():
+        la, lb = model(a), model(b)
+    rel = ((la - lb).abs().amax(-1) / la.abs().amax(-1)).max().item()
+    return {
+        "views": len(files),
+        "max |diff|": (a - b).abs().max().item(),
+        "mean |diff|": (a - b).abs().mean().item(),
+        "max rel logit error": rel,
+        "top-1 agreement": (la.argmax(-1) == lb.argmax(-1)).float().mean().item(),
+    }
+
+
+def cpu_ms(files: list[Path], pre: Preprocess, rounds: int = 3) -> float:
+    """Best of ``rounds``: CPU ms per image to decode + preprocess, this process, one torch thread."""
+    pre(files[0])
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.process_time()
+        for f in files:
+            pre(f)
+        best = min(best, (time.process_time() - t) / len(files))
+    return best * 1e3
+
+
+def rate(files: list[Path], pre: Preprocess, workers: int) -> float:
+    """Images/s decoded + preprocessed by ``workers`` DataLoader processes, once they are running
+    (the second pass over ``files``: starting the processes is not decoding)."""
+    loader = torch.utils.data.DataLoader(
+        ImageFiles(files, pre),
+        batch_size=4,
+        num_workers=workers,
+        collate_fn=collate,
+        prefetch_factor=4,
+        persistent_workers=True,
+    )
+    sum(len(b.paths) for b in loader)
+    t = time.perf_counter()
+    n = sum(len(b.paths) for b in loader)
+    return n / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="3 photos, fewer speed images")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "views").mkdir()
+        res = agreement(photo_views(root / "views", args.quick))
+        print(f"tensor path ({tensor_decoder_name()}) against pil, {res.pop('views')} views of real photos:")
+        print("| " + " | ".join(res) + " |\n|" + "---|" * len(res))
+        print("| " + " | ".join(f"{v:.4g}" if k != "top-1 agreement" else f"{v:.1%}" for k, v in res.items()) + " |")
+        print(
+            "\n| images | pil CPU ms/img | tensor CPU ms/img | tensor / pil speed | 1 worker img/s (tensor) | 2 workers | 2 / 1 |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        for name, hw, n in (
+            ("500x375", (375, 500), 40 if args.quick else 200),
+            ("4032x3024", (3024, 4032), 4 if args.quick else 16),
+        ):
+            files = write_sample_jpegs(root / name, n, hw, seed=0)
+            p = cpu_ms(files, Preprocess(224))
+            t = cpu_ms(files, Preprocess(224, decoder="tensor"))
+            r1 = rate(files, Preprocess(224, decoder="tensor"), 1)
+            r2 = rate(files, Preprocess(224, decoder="tensor"), 2)
+            print(f"| {n} x {name} | {p:.2f} | {t:.2f} | {p / t:.2f}x | {r1:.1f} | {r2:.1f} | {r2 / r1:.2f}x |")
+    print(
+        f"\ntorch {torch.__version__}, one torch thread per process; command: python benchmarks/decoders.py"
+        + (" --quick" if args.quick else "")
+    )
+
+
+if __name__ == "__main__":
+    main()
