@@ -29,7 +29,13 @@ MAX_FUNCTION_LINES = 80
 MAX_PUBLIC_PARAMETERS = 8
 # Signatures the public interface fixes (DESIGN.md lists them and asks to keep them stable): create_model
 # and create_backbone take timm's keywords by name, which callers outside the project already pass.
-WIDE_BY_DESIGN = {"factory.create.create_model", "factory.backbone.create_backbone"}
+# Preprocess is itself the settings object: one keyword per key of timm's data config (input size,
+# crop_pct, crop_mode, interpolation, mean, std) and per decoding choice, as Preprocess.FIELDS lists.
+WIDE_BY_DESIGN = {
+    "factory.create.create_model",
+    "factory.backbone.create_backbone",
+    "data.preprocess.Preprocess.__init__",
+}
 # The layers, bottom first: a module may import its own layer and the ones below, never one above.
 # ``base`` is the package's top-level modules (errors, utils, _version).
 LAYERS = ["base", "models", "weights", "factory", "data", "train|runtime", "paper", "cli"]
