@@ -15,6 +15,7 @@ from .common import (
     img_size_option,
     load_model,
     model_options,
+    require,
 )
 
 
@@ -35,25 +36,22 @@ def args_eval(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
+    from levit.data.datasets import check_image_folder
     from levit.train.evaluate import evaluate_folder
 
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.workers is not None and args.workers < 0:
-        raise UsageError(f"--workers must be >= 0, got {args.workers}")
+    require("--batch-size", args.batch_size, 1)
+    require("--workers", args.workers, 0)
     check_output(args.output)
     if args.checkpoint is None and not args.pretrained:
         raise UsageError("--checkpoint PATH (or --pretrained) is required: evaluating random weights is meaningless")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU is available")
-    from levit.data.datasets import check_image_folder
+    if args.device == "cuda":
+        import torch
 
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: no CUDA GPU is available")
     check_image_folder(args.data)  # a bad folder fails before the model is loaded
-    kwargs = {"img_size": args.img_size} if args.img_size else {}
-    model = load_model(args, batch=args.batch_size, **kwargs)
-    m = evaluate_folder(
+    model = load_model(args, batch=args.batch_size, **({"img_size": args.img_size} if args.img_size else {}))
+    metrics = evaluate_folder(
         model,
         args.data,
         preprocessing={"crop_pct": args.crop_pct, "decoder": args.decoder},  # None: the checkpoint's own
@@ -63,13 +61,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
         device=args.device,
         progress=sys.stderr.isatty(),  # a bar on a terminal, nothing in logs
     )
-    if m.pop("rank") != 0:
-        return 0
-    skipped = m.pop("skipped")
+    if metrics.pop("rank") == 0:
+        _report(args, model, metrics)
+    return 0
+
+
+def _report(args: argparse.Namespace, model, metrics: dict) -> None:
+    """The unreadable images (the first five), the one result line, and ``--output``'s JSON."""
+    skipped = metrics.pop("skipped")
     for path, reason in skipped[:5]:
         print(f"warning: skipped unreadable image {path} ({reason})", file=sys.stderr)
     if len(skipped) > 5:
         print(f"warning: ... and {len(skipped) - 5} more unreadable images (all listed in --output)", file=sys.stderr)
+    note = f", {len(skipped)} unreadable skipped" if skipped else ""
+    m = metrics
+    print(f"top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  loss {m['loss']:.4f}  ({m['n']} images{note})")
+    if args.output is None:
+        return
+    from levit.utils import atomic_path
+
     result = {
         "model": model.config.name,
         "checkpoint": str(args.checkpoint) if args.checkpoint else "pretrained",
@@ -78,11 +88,5 @@ def cmd_eval(args: argparse.Namespace) -> int:
         **m,
         "skipped": [p for p, _ in skipped],
     }
-    note = f", {len(skipped)} unreadable skipped" if skipped else ""
-    print(f"top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  loss {m['loss']:.4f}  ({m['n']} images{note})")
-    if args.output is not None:
-        from levit.utils import atomic_path
-
-        with atomic_path(args.output) as tmp:
-            tmp.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    with atomic_path(args.output) as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
