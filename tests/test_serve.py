@@ -25,7 +25,6 @@ import torch
 from PIL import Image
 
 pytest.importorskip("fastapi", reason="levit serve needs the serve extra: pip install 'levit[serve]'")
-pytest.importorskip("ray.serve", reason="levit serve batches with Ray Serve: pip install 'levit[serve]'")
 httpx = pytest.importorskip("httpx", reason="the tests' HTTP client")
 
 from helpers import randomize_weights, sample_images  # noqa: E402
@@ -712,6 +711,80 @@ def test_access_log_off_with_quiet_in_process(files, caplog):
         assert len(lines) == (0 if quiet else 2), lines
 
 
+# ---- the Open Inference Protocol (KServe v2) ----------------------------------------------------------
+def test_v2_health_server_and_model_metadata(server):
+    assert httpx.get(server.url + "/v2/health/live").json() == {"live": True}
+    assert httpx.get(server.url + "/v2/health/ready").json() == {"ready": True}
+    assert httpx.get(server.url + "/v2").json()["name"] == "levit"
+    meta = httpx.get(server.url + "/v2/models/levit_tiny").json()
+    assert meta["name"] == "levit_tiny" and meta["inputs"][0]["datatype"] == "BYTES"
+    assert {o["name"]: o["datatype"] for o in meta["outputs"]} == {"class": "INT64", "label": "BYTES", "prob": "FP32"}
+    assert httpx.get(server.url + "/v2/models/levit_tiny/versions/1/ready").json() == {
+        "name": "levit_tiny",
+        "ready": True,
+    }
+
+
+def test_v2_infer_with_tritonclient_equals_predict(server, files, expected):
+    """tritonclient's HTTP client (the binary tensor extension both ways, and JSON outputs): a batch of
+    images in one request, each answer equal to levit predict's on the same checkpoint."""
+    http = pytest.importorskip("tritonclient.http", reason="the KServe v2 round trip needs tritonclient[http]")
+    names = ["a.jpg", "b.png", "c.webp", "d16.png"]
+    images = np.array([files[n].read_bytes() for n in names], dtype=object)
+    client = http.InferenceServerClient(url=server.url.removeprefix("http://"))
+    try:
+        assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("levit_tiny")
+        tensor = http.InferInput("image", [len(names)], "BYTES")
+        tensor.set_data_from_numpy(images, binary_data=True)
+        for binary in (True, False):
+            outputs = [http.InferRequestedOutput(n, binary_data=binary) for n in ("class", "label", "prob")]
+            result = client.infer("levit_tiny", [tensor], outputs=outputs, parameters={"topk": 3})
+            classes, labels, probs = (result.as_numpy(n) for n in ("class", "label", "prob"))
+            assert classes.shape == labels.shape == probs.shape == (len(names), 3)
+            for i, name in enumerate(names):
+                top = [
+                    {"class": int(c), "label": lab.decode() if isinstance(lab, bytes) else str(lab), "prob": float(p)}
+                    for c, lab, p in zip(classes[i], labels[i], probs[i], strict=True)
+                ]
+                assert_same(top, expected[name])
+        result = client.infer("levit_tiny", [tensor])  # no outputs named: all of them, binary
+        assert result.as_numpy("class")[0].tolist() == [t["class"] for t in expected["a.jpg"]]
+    finally:
+        client.close()
+
+
+def test_v2_infer_in_json_and_its_errors(server, files, expected):
+    import base64
+
+    url = server.url + "/v2/models/levit_tiny/infer"
+    jpg = files["a.jpg"].read_bytes()
+    request = {
+        "id": "r1",
+        "parameters": {"topk": 2},
+        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(jpg).decode()]}],
+    }
+    body = httpx.post(url, json=request, timeout=30).json()
+    assert body["id"] == "r1" and body["model_name"] == "levit_tiny"
+    out = {o["name"]: o for o in body["outputs"]}
+    assert out["class"]["shape"] == [1, 2] and out["class"]["data"] == [t["class"] for t in expected["a.jpg"][:2]]
+    assert out["label"]["data"] == [t["label"] for t in expected["a.jpg"][:2]]
+    bad = {**request, "inputs": [{**request["inputs"][0], "data": [base64.b64encode(b"junk").decode()]}]}
+    assert "not an image" in _error_line(httpx.post(url, json=bad, timeout=30), 400)
+    assert "BYTES" in _error_line(httpx.post(url, json={"inputs": [{"datatype": "FP32", "shape": [1]}]}), 400)
+    assert "KServe v2" in _error_line(httpx.post(url, content=b"{not json"), 400)
+    assert "unknown model 'resnet'" in _error_line(
+        httpx.post(server.url + "/v2/models/resnet/infer", json=request), 404
+    )
+    assert "version" in _error_line(httpx.get(server.url + "/v2/models/levit_tiny/versions/7"), 404)
+
+
+def test_unknown_routes_and_methods_answer_json_errors(server):
+    assert "Not Found" in _error_line(httpx.get(server.url + "/nowhere"), 404)
+    r = httpx.get(server.url + "/v2/models/levit_tiny/infer")
+    assert "Method Not Allowed" in _error_line(r, 405) and r.headers["allow"] == "POST"
+    assert _error_line(httpx.get(server.url + "/v1/classify"), 405)
+
+
 # ---- the command line ------------------------------------------------------------------------------
 def test_cli_usage_errors_are_one_line(capsys, files):
     assert main(["serve", "--replicas", "2"]) == 2
@@ -791,7 +864,8 @@ def test_demo_model_is_trained_when_missing_and_keeps_its_validation_crop(files,
 def test_ray_serve_two_replicas_answer_like_the_single_process_server(files, expected, server):
     """The same application as a Ray Serve deployment with 2 replicas on a local 2-CPU Ray: both
     replicas answer, with the single-process server's answers."""
-    import ray
+    ray = pytest.importorskip("ray", reason="levit serve --ray needs Ray Serve: pip install 'levit[serve]'")
+    pytest.importorskip("ray.serve", reason="levit serve --ray needs Ray Serve: pip install 'levit[serve]'")
 
     from levit.runtime.serve import ServeConfig
     from levit.runtime.serve_ray import start_ray

@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import io
 import logging
+import math
 import os
 import socket
 import time
@@ -52,10 +53,13 @@ from .serve_http import (
     answer_within,
     client_error_response,
     error_response,
+    json_errors,
     parse_timeout,
     parse_topk,
+    read_body,
     read_image,
 )
+from .serve_kserve import HEADER_LENGTH, add_v2_routes, encode_response, parse_request
 from .serve_process import freeze_heap, setup_logging
 
 __all__ = ["LeViTService", "ServeConfig"]
@@ -381,6 +385,31 @@ class LeViTService:
         body = {"top": top, "model": self.model_name, "latency_ms": round(ms, 2)}
         return JSONResponse(body, headers={"x-levit-replica": self.replica})
 
+    async def handle_v2_infer(self, request: Any) -> Any:
+        """``POST /v2/models/{name}/infer`` (:mod:`levit.runtime.serve_kserve`): its images batched as
+        classify requests are, under the same queue bound, deadline and limits."""
+        from fastapi.responses import Response
+
+        t0 = time.perf_counter()
+        if (refused := self._refusal()) is not None:
+            return refused
+        c = self.config
+        try:
+            async with self._admitted():
+                timeout_s = parse_timeout(request)
+                body = await read_body(request, max_body_mb=c.max_body_mb, read_timeout_s=c.read_timeout_s)
+                req = parse_request(body, request.headers.get(HEADER_LENGTH))
+                topk = parse_topk(None if req.topk is None else str(req.topk), c.topk, self.num_classes)
+                if len(req.images) > self.max_queue:
+                    raise ClientError(400, f"{len(req.images)} images in one request: at most {self.max_queue}")
+                timeout_s = min(t for t in (timeout_s, req.timeout_s, math.inf) if t is not None)
+                work = self.classify_many(req.images, topk)
+                rows = await answer_within(work, request, None if timeout_s == math.inf else timeout_s, t0)
+        except ClientError as e:
+            return client_error_response(e)
+        content, headers = encode_response(req, rows, self.model_name)
+        return Response(content, headers={**headers, "x-levit-replica": self.replica})
+
     def build_app(self) -> Any:
         """The FastAPI app: ``POST /v1/classify``, ``GET /health``, ``/ready``, ``/metrics`` and ``/docs``."""
         from fastapi import FastAPI, Request
@@ -416,6 +445,9 @@ class LeViTService:
         async def metrics() -> Response:
             body, ctype = self.metrics.exposition()
             return Response(body, media_type=ctype)
+
+        add_v2_routes(app, self)
+        json_errors(app)
 
         return AccessLog(app, self.metrics, quiet=self.config.quiet)
 

@@ -22,6 +22,7 @@ from ..utils import first_line
 __all__ = [
     "CLASSIFY_OPENAPI",
     "IMAGE_TYPES",
+    "INFER_ROUTE",
     "ROUTES",
     "TIMEOUT_HEADER",
     "AccessLog",
@@ -31,12 +32,37 @@ __all__ = [
     "error_response",
     "parse_timeout",
     "parse_topk",
+    "read_body",
     "read_image",
+    "route_of",
 ]
 
 access_log = logging.getLogger("levit.serve.access")
 
-ROUTES = ("/v1/classify", "/health", "/ready", "/metrics", "/docs", "/openapi.json")
+ROUTES = (
+    "/v1/classify",
+    "/health",
+    "/ready",
+    "/metrics",
+    "/docs",
+    "/openapi.json",
+    "/v2/health/live",
+    "/v2/health/ready",
+    "/v2",
+)
+INFER_ROUTE = "/v2/models/{name}/infer"  # the metrics' label for every model's inference route
+
+
+def route_of(path: str) -> str:
+    """The metrics' route label of a request path: one of :data:`ROUTES`, the v2 inference route
+    (whatever the model name), the other v2 model routes, or ``other``."""
+    if path in ROUTES:
+        return path
+    if path.startswith("/v2/models/"):
+        return INFER_ROUTE if path.endswith("/infer") else "/v2/models/{name}"
+    return "other"
+
+
 # Content types read as image bytes (the decoder sniffs the format); anything else is 415.
 IMAGE_TYPES = ("image/", "application/octet-stream")
 # Statuses after which the connection is closed: the rest of the body may still be on its way.
@@ -123,6 +149,26 @@ def error_response(status: int, message: str, *, close: bool = False) -> Any:
     return JSONResponse({"error": message}, status_code=status, headers={"connection": "close"} if close else None)
 
 
+def json_errors(app: Any) -> None:
+    """Answer the framework's own refusals (404 no such route, 405 wrong method, 422 a bad path
+    parameter) as every other error is: ``{"error": ...}``, FastAPI's headers (``Allow``) kept."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+
+    async def http_error(request: Any, exc: HTTPException) -> Any:
+        response = error_response(exc.status_code, str(exc.detail))
+        response.headers.update(exc.headers or {})
+        return response
+
+    async def invalid(request: Any, exc: RequestValidationError) -> Any:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return error_response(422, f"{where}: {first.get('msg', 'invalid request')}")
+
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, invalid)
+
+
 def parse_topk(text: str | None, default: int, num_classes: int) -> int:
     """The ``?topk=`` of a request (``default`` when absent); 400 unless an integer in 1..``num_classes``."""
     if text is None:
@@ -147,7 +193,7 @@ async def read_image(request: Any, *, max_body_mb: float, read_timeout_s: float)
             f"unsupported media type {ctype!r}: send the image bytes (image/jpeg, image/png, image/webp, "
             "application/octet-stream) or multipart/form-data with one file",
         )
-    body = await _read_body(request, max_body_mb, read_timeout_s)
+    body = await read_body(request, max_body_mb, read_timeout_s)
     if multipart:
         body = await _form_file(request.headers, body)
     if not body:
@@ -155,7 +201,7 @@ async def read_image(request: Any, *, max_body_mb: float, read_timeout_s: float)
     return body
 
 
-async def _read_body(request: Any, max_body_mb: float, read_timeout_s: float) -> bytes:
+async def read_body(request: Any, max_body_mb: float, read_timeout_s: float) -> bytes:
     """The request body, refused (413) as soon as it passes the limit, (408) if it takes too long."""
     import anyio
     from starlette.requests import ClientDisconnect
@@ -264,9 +310,9 @@ class AccessLog:
         finally:
             dt = time.perf_counter() - t0
             path, status = scope["path"], state["status"]
-            route = path if path in ROUTES else "other"
+            route = route_of(path)
             self.metrics.requests.labels(route, str(status)).inc()
-            if route == "/v1/classify" and status == 200:
+            if route in ("/v1/classify", INFER_ROUTE) and status == 200:
                 self.metrics.latency.observe(dt)
             if not self.quiet:
                 client = "{}:{}".format(*scope["client"]) if scope.get("client") else "-"
