@@ -5,6 +5,7 @@ skips and doubled warnings, clusters that can never answer. Each test pins one d
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -122,3 +123,139 @@ def test_resume_of_a_corrupt_file_leaves_no_partial_file(photos, ckpt, tmp_path)
     one_line_error(cli("predict", photos, "-c", ckpt, "--output", out, "--resume"), 1, "not a JSON row")
     assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
     assert out.read_text() == "this is not JSON\n"
+
+
+# ---- 3. a full disk, a read-only output ------------------------------------------------------
+ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def filling_open(room: int, modes: str = "wa"):
+    """``open`` whose files opened in one of ``modes`` take ``room`` more characters each, then
+    refuse as a full disk does (the other files open as usual)."""
+    real_open = open
+
+    def fake(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        return FillingFile(f, room) if any(m in mode for m in modes) else f
+
+    return fake
+
+
+class FillingFile:
+    """A real file that takes ``room`` more characters, then refuses as a full disk does."""
+
+    def __init__(self, f, room: int) -> None:
+        self._f, self._room = f, room
+
+    def write(self, text):
+        if len(text) > self._room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self._room -= len(text)
+        return self._f.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_predict_on_a_full_disk_is_one_line_and_keeps_the_partial_for_resume(
+    photos, ckpt, tmp_path, monkeypatch, suffix
+):
+    import levit.runtime.writers as writers
+
+    out = tmp_path / "results" / f"out{suffix}"
+    out.parent.mkdir()
+    # room for the header and the first image's row, not for the second
+    monkeypatch.setattr(writers, "open", filling_open(450), raising=False)
+    r = cli("predict", photos, "-c", ckpt, "-b", "1", "--output", out)
+    one_line_error(r, 1, f"{out.name}.partial", "no space left on device (ENOSPC)", "--resume")
+    assert sorted(p.name for p in out.parent.iterdir()) == [f"{out.name}.partial"]
+    monkeypatch.undo()  # room again: the resumed run finishes the file
+    r = cli("predict", photos, "-c", ckpt, "-b", "1", "--output", out, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
+    assert sorted(Path(row["path"]).name for row in writers.read_results(out)) == ["a.jpg", "b.jpg"]
+
+
+def test_train_on_a_full_disk_is_one_line_naming_the_file_and_leaves_no_half_checkpoint(tmp_path, monkeypatch):
+    from train_utils import make_dataset
+
+    import levit.train.rundir as rundir
+
+    data = make_dataset(tmp_path / "data", classes=2, train=2, val=1)
+    monkeypatch.setattr(rundir, "open", filling_open(0, modes="w"), raising=False)  # checkpoints, not the log
+    out = tmp_path / "run"
+    r = cli(
+        "train", "--data", data, "--output", out, "-m", "levit_tiny", "--distillation", "none", "--img-size", "32",
+        "--epochs", "1", "-b", "2", "--device", "cpu", "workers=0", "progress=false", "total_batch=null",
+    )  # fmt: skip
+    last = one_line_error(r, 1, str(out), ".pth", "no space left on device (ENOSPC)")
+    assert "unexpected pos" not in last
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name or p.name.endswith(".pth")]
+
+
+def test_train_into_a_read_only_folder_is_one_line(tmp_path, monkeypatch):
+    ro = tmp_path / "ro"
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self == ro or ro in self.parents:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    r = cli("train", "--dataset", "digits", "--output", ro / "run", "epochs=1", "--distillation", "none")
+    one_line_error(r, 1, str(ro), "read-only file system (EROFS)")
+
+
+def test_ablate_on_a_full_disk_is_one_line_and_leaves_no_empty_folder(tmp_path, monkeypatch):
+    import levit.data.digits
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(levit.data.digits, "make_digits_folder", full)
+    out = tmp_path / "sweep"
+    r = cli("ablate", "--variants", "base", "--epochs", "1", "--output", out)
+    one_line_error(r, 1, str(out), "no space left on device (ENOSPC)")
+    assert not out.exists()
+
+
+def test_export_on_a_full_disk_is_one_line_and_leaves_nothing(ckpt, tmp_path, monkeypatch):
+    out = tmp_path / "exports"
+    out.mkdir()
+    real_write_bytes = Path.write_bytes
+
+    def write_bytes(self, data):
+        if ".tmp" in self.name:
+            real_write_bytes(self, bytes(data)[:100])  # a full disk takes the first bytes only
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write_bytes(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    r = cli("export", "-c", ckpt, "--output", out / "m.pt")
+    one_line_error(r, 1, str(out / "m.pt"), "no space left on device (ENOSPC)")
+    assert list(out.iterdir()) == []
+
+
+def test_openvino_export_on_a_full_disk_names_the_file_not_a_stream_error(ckpt, tmp_path, monkeypatch):
+    ov = pytest.importorskip("openvino")
+    import shutil
+
+    def save_model(model, path, **kwargs):
+        Path(path).write_bytes(b"<?xml")  # what a full disk lets through, then OpenVINO's C++ stream error
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    monkeypatch.setattr(ov, "save_model", save_model)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 30, 1 << 30, 0))
+    out = tmp_path / "exports"
+    out.mkdir()
+    r = cli("export", "-c", ckpt, "--output", out / "m.xml")
+    last = one_line_error(r, 1, str(out / "m.xml"), "no space left on device (ENOSPC)")
+    assert "iostream" not in last and list(out.iterdir()) == []

@@ -6,6 +6,7 @@ Nothing here imports torch at import time, so the CLI can use it before the heav
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ __all__ = [
     "first_line",
     "fsync_dir",
     "num_threads",
+    "os_error_line",
     "save_figure",
     "unwritable_reason",
 ]
@@ -37,6 +39,18 @@ def first_line(e: BaseException | str, limit: int = 300) -> str:
         end = max(cut.rfind(". "), cut.rfind("; "), cut.rfind(": "))
         line = (cut[: end + 1] if end > limit // 2 else cut.rstrip()) + " ..."
     return line
+
+
+def os_error_line(e: OSError, path: str | os.PathLike | None = None) -> str:
+    """One line for a failed file operation: the file (``path``, else the one the error names), the
+    system's reason and its errno name, e.g. ``out.csv: no space left on device (ENOSPC)``. A full
+    disk raised by a write or a flush names no file; the caller knows which one it was writing."""
+    where = path if path is not None else (e.filename if e.filename is not None else None)
+    reason = (e.strerror or str(e) or type(e).__name__).rstrip(".")
+    reason = reason[:1].lower() + reason[1:]
+    code = errno.errorcode.get(e.errno or 0)
+    text = f"{reason} ({code})" if code else reason
+    return f"{where}: {text}" if where is not None else text
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:

@@ -21,6 +21,7 @@ from .ablate import args_ablate, cmd_ablate
 from .bench import args_bench, cmd_bench
 from .biases import args_biases, cmd_biases
 from .common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_PIPE, EXIT_USAGE, Formatter, Parser, UsageError
+from .data import args_data, cmd_data
 from .eval import args_eval, cmd_eval
 from .export import args_export, cmd_export
 from .models import args_models, cmd_models
@@ -122,6 +123,13 @@ COMMANDS: dict[str, Command] = {
         args_ablate,
         cmd_ablate,
     ),
+    "data": Command(
+        "prepare training data: write an ImageFolder as WebDataset tar shards (levit train --data reads both)",
+        "  levit data shard ~/flowers ~/flowers-shards --shard-size 1000\n"
+        "  levit train --data ~/flowers-shards --output runs/flowers --config finetune pretrained=true",
+        args_data,
+        cmd_data,
+    ),
     "biases": Command(
         "draw the learned attention biases: each head's bias over the (dy, dx) offsets, per stage",
         "  levit biases --model levit_128s --pretrained --output biases.png\n"
@@ -213,6 +221,21 @@ def _main(argv: list[str]) -> int:
             raise
         print(f"levit {args.command}: error: {e}", file=sys.stderr)
         return EXIT_FAILURE
+    except OSError as e:  # a full disk, a read-only file system: the system's reason, naming the file
+        if args.debug:
+            raise
+        print(f"levit {args.command}: error: {_os_error(e, getattr(args, 'output', None))}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _os_error(e: OSError, output: object) -> str:
+    """One line for a failed file operation: the file it names, else the command's ``--output``
+    (a write or a flush that fails on a full disk names no file, and the output is what was written)."""
+    from levit.utils import os_error_line
+
+    if e.filename is None and output is not None:
+        return f"--output {output}: {os_error_line(e)}"
+    return os_error_line(e)

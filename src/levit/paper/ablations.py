@@ -17,6 +17,7 @@ again and its row says so.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -212,7 +213,21 @@ def ablate(settings: AblationSettings, *, progress: Callable[[str], None] | None
             f"--output {out} holds an earlier sweep ({', '.join(started)}): continue it with --resume auto, "
             "or pick another --output (nothing is overwritten)"
         )
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _sweep(settings, out, rows, done, say)
+    except BaseException:
+        if created:  # a sweep that failed before writing anything leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+
+
+def _sweep(
+    settings: AblationSettings, out: Path, rows: list[str], done: list[str], say: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """The rows of :func:`ablate`, trained (or read back when ``done``) in ``out``, then the tables."""
     counts = {c["row"]: c for c in count_rows(rows, img_size=settings.bench_img_size)}
     results: list[dict[str, Any]] = []
     for row in rows:

@@ -18,6 +18,7 @@ conversion (the backends of :func:`levit.runtime.deploy.deploy` run on them too)
 from __future__ import annotations
 
 import copy
+import errno
 import io
 import os
 import warnings
@@ -29,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LeViTError
-from ..utils import atomic_path, first_line
+from ..utils import atomic_path, first_line, os_error_line
 from .options import DEFAULT_TOLERANCE, FORMATS
 
 __all__ = [
@@ -225,7 +226,11 @@ def _run_openvino(path: Path, x: Tensor) -> Tensor:
 
 def _write_torchscript(model: nn.Module, example: Tensor, tmp: Path) -> None:
     traced = torch.jit.trace(model, (example,), check_trace=False)
-    torch.jit.save(torch.jit.freeze(traced), str(tmp))
+    # saved to memory, then written by Python: torch's file writer aborts the whole process when a
+    # write fails (a full disk), where Python's raises an OSError that names the reason
+    buf = io.BytesIO()
+    torch.jit.save(torch.jit.freeze(traced), buf)
+    tmp.write_bytes(buf.getbuffer())
 
 
 def _run_torchscript(path: Path, x: Tensor) -> Tensor:
@@ -247,6 +252,39 @@ def resolve_format(path: str | os.PathLike, format: str | None = None) -> str:
     if format == "openvino" and path.suffix.lower() != ".xml":
         raise ExportError(f"an OpenVINO model is an .xml file (+ .bin beside it), got {path.name!r}")
     return format
+
+
+def _disk_full(folder: Path, model: nn.Module) -> bool:
+    """Whether ``folder``'s file system has less room left than ``model``'s weights take: OpenVINO's
+    C++ writer reports a full disk as a bare stream error, so the space is looked at instead (while
+    the half-written file still holds what it took)."""
+    import shutil
+
+    need = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    try:
+        return shutil.disk_usage(folder).free < need
+    except OSError:
+        return False
+
+
+def _write(format: str, fused: nn.Module, example: Tensor, tmp: Path, opset: int, path: Path) -> None:
+    """Write ``fused`` as ``format`` to ``tmp``; a failure is one :class:`ExportError` line naming ``path``."""
+    try:
+        if format == "onnx":
+            write_onnx(fused, example, tmp, opset)
+        elif format == "openvino":
+            _write_openvino(fused, example, tmp)
+        else:
+            _write_torchscript(fused, example, tmp)
+    except ExportError:
+        raise
+    except OSError as e:
+        raise ExportError(f"cannot write the {format} model: {os_error_line(e, path)}") from e
+    except Exception as e:
+        if _disk_full(path.parent, fused):
+            full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            raise ExportError(f"cannot write the {format} model: {os_error_line(full, path)}") from e
+        raise ExportError(f"{format} export failed: {type(e).__name__}: {first_line(e)}") from e
 
 
 def export(
@@ -290,17 +328,7 @@ def export(
     companions = (".bin",) if format == "openvino" else ()
     with atomic_path(path, companions=companions) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            if format == "onnx":
-                write_onnx(fused, example, tmp, opset)
-            elif format == "openvino":
-                _write_openvino(fused, example, tmp)
-            else:
-                _write_torchscript(fused, example, tmp)
-        except ExportError:
-            raise
-        except Exception as e:
-            raise ExportError(f"{format} export failed: {type(e).__name__}: {first_line(e)}") from e
+        _write(format, fused, example, tmp, opset, path)
         runner = {"onnx": _run_onnx, "openvino": _run_openvino, "torchscript": _run_torchscript}[format]
         proof = prove(
             fused,

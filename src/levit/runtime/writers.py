@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..errors import LeViTError
-from ..utils import atomic_path, fsync_dir
+from ..utils import atomic_path, fsync_dir, os_error_line
 from .options import OUTPUT_SUFFIXES
 
 __all__ = [
@@ -322,23 +322,35 @@ class ResultWriter:
         f = self._file
         if f is None:
             raise RuntimeError("writer is closed")
-        if self._csv is not None:
-            self._csv.writerows(_csv_record(r, self.k, self.include_logits) for r in rows)
-        else:
-            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        f.flush()
+        try:
+            if self._csv is not None:
+                self._csv.writerows(_csv_record(r, self.k, self.include_logits) for r in rows)
+            else:
+                f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            f.flush()
+        except OSError as e:  # a full disk: the rows flushed before stay for --resume (a torn last line is dropped)
+            raise LeViTError(
+                f"cannot write the results: {os_error_line(e, self.partial)}; the rows written so far stay "
+                "there for --resume"
+            ) from e
         self._written += len(rows)
         self.done.update(r["path"] for r in rows)
 
     def close(self) -> Path:
         """Finish: sync the partial file and move it (converted, for Parquet) to :attr:`path`."""
-        f, self._file = self._file, None
+        f = self._file
         if f is None:
             return self.path
-        f.flush()
-        os.fsync(f.fileno())
+        try:
+            f.flush()
+            os.fsync(f.fileno())
+            if self.fmt == "parquet":
+                self._to_parquet()  # a failure removes its half-written file; the journal stays
+        except OSError as e:
+            self.abort()
+            raise LeViTError(f"cannot finish the results: {os_error_line(e, self.path)}") from e
+        self._file = None
         if self.fmt == "parquet":
-            self._to_parquet()
             f.close()
             self.partial.unlink()
         else:
@@ -351,8 +363,10 @@ class ResultWriter:
         """Stop without finishing: the partial file stays (flushed) for a resumed run, unless this
         writer made it and wrote no row into it."""
         if self._file is not None:
-            self._file.flush()
-            self._file.close()
+            with contextlib.suppress(OSError):  # a full disk: what reached the file stays, for resume
+                self._file.flush()
+            with contextlib.suppress(OSError):  # closes even when its own last flush fails
+                self._file.close()
             self._file = None
             if self._created and not self._written:
                 with contextlib.suppress(FileNotFoundError):

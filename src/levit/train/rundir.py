@@ -51,8 +51,16 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` through :func:`levit.utils.atomic_path` (temporary file, fsync, rename): a crash at
     any moment leaves either the old state or the complete new file, never half a file."""
     path = Path(path)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            torch.save(obj, f)
+    except (OSError, RuntimeError) as e:
+        # torch reports a failed write (a full disk) as a bare stream-position error over the OSError:
+        # the system's error is raised again, naming the file
+        err = e if isinstance(e, OSError) else e.__context__
+        if isinstance(err, OSError) and err.errno is not None:
+            raise OSError(err.errno, err.strerror, str(path)) from e
+        raise
     return path
 
 
