@@ -263,3 +263,28 @@ def test_predict_and_eval_take_the_decoder_flag(own, photos, tmp_path, capsys):
     want = torch.nn.functional.cross_entropy(logits, torch.zeros(len(photos), dtype=torch.long)).item()
     assert math.isclose(json.loads(out.read_text())["loss"], want, rel_tol=1e-2)
     assert main(["predict", str(photos[0]), "-c", str(ckpt), "--decoder", "simd"]) == 2
+
+
+def test_a_pipe_named_like_a_photo_is_an_error_row_not_a_hang(tmp_path, photos):
+    """A FIFO with no writer (reading it would wait forever) swapped in for a photo after the files
+    were listed: one error row within a bounded time, with both decoders; the other image classified."""
+    import os
+    import threading
+
+    from levit.runtime.pipeline import iter_batches
+
+    (tmp_path / "a.jpg").write_bytes(photos[0].read_bytes())
+    os.mkfifo(tmp_path / "b.jpg")
+    m, files, rows = _model({}), [tmp_path / "a.jpg", tmp_path / "b.jpg"], []
+
+    def job() -> None:
+        for decoder in ("pil", "tensor"):
+            for batch in iter_batches(m, files, topk=1, workers=0, threads=1, decoder=decoder):
+                rows.extend((r["path"].rsplit("/", 1)[-1], r["error"]) for r in batch)
+
+    worker = threading.Thread(target=job, daemon=True)  # a hang leaves only a daemon thread behind
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "reading a pipe blocked"
+    pipe = "not a regular file (a pipe, socket or device), not an image file"
+    assert rows == [("a.jpg", None), ("b.jpg", pipe)] * 2

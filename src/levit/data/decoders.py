@@ -16,7 +16,6 @@ always, or the one-line :class:`~levit.errors.ImageError` an unreadable file get
 from __future__ import annotations
 
 import io
-import os
 import warnings
 from collections.abc import Callable
 
@@ -58,19 +57,11 @@ def tensor_decoder_name() -> str:
     return _NAME
 
 
-def decode_to_tensor(src: str | os.PathLike | bytes, max_pixels: int | None) -> Tensor | None:
-    """The (3, H, W) uint8 RGB tensor of a JPEG or 8-bit PNG, or ``None`` for anything this path
-    leaves to Pillow (another format or mode, over ``max_pixels``, or not decodable)."""
+def decode_to_tensor(data: bytes, max_pixels: int | None) -> Tensor | None:
+    """The (3, H, W) uint8 RGB tensor of the JPEG or 8-bit PNG in ``data``, or ``None`` for anything
+    this path leaves to Pillow (another format or mode, over ``max_pixels``, or not decodable)."""
     from PIL import Image
 
-    try:
-        if isinstance(src, (bytes, bytearray)):
-            data = bytes(src)
-        else:
-            with open(src, "rb") as f:
-                data = f.read()
-    except OSError:
-        return None
     if not any(data.startswith(magic) for magic in TENSOR_FORMATS):
         return None
     try:

@@ -13,6 +13,7 @@ unreadable file is an item carrying its reason instead of an exception.
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -28,7 +29,17 @@ from . import DECODERS
 from .images import open_rgb
 from .transforms import eval_transform, resize_size, squash_size
 
-__all__ = ["DECODERS", "DEFAULT_MAX_PIXELS", "MAX_ASPECT", "Batch", "ImageFiles", "Preprocess", "collate", "load_item"]
+__all__ = [
+    "DECODERS",
+    "DEFAULT_MAX_PIXELS",
+    "MAX_ASPECT",
+    "Batch",
+    "ImageFiles",
+    "Preprocess",
+    "collate",
+    "load_item",
+    "read_image_bytes",
+]
 
 # Pillow's own decompression-bomb threshold (PIL.Image.MAX_IMAGE_PIXELS, a 24-bit image of 256 MiB).
 # Larger images are refused with an ImageError instead of Pillow's warning.
@@ -75,6 +86,29 @@ def _image_error(src: object, e: BaseException) -> ImageError:
     else:
         reason = f"cannot decode image ({type(e).__name__}: {first_line(e, 160)})"
     return ImageError(reason, name)
+
+
+def read_image_bytes(src: str | os.PathLike | bytes | bytearray) -> bytes:
+    """The bytes of an image file (or ``src`` itself when given bytes), read without ever blocking:
+    the file is opened non-blocking and must be a regular file, so a pipe, socket or device named
+    like a photo (or swapped in after a folder was listed) is a one-line
+    :class:`~levit.errors.ImageError` instead of a read that waits forever."""
+    if isinstance(src, (bytes, bytearray)):
+        return bytes(src)
+    try:
+        fd = os.open(src, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except Exception as e:
+        raise _image_error(src, e) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ImageError("is a folder, not an image file", src)
+        if not stat.S_ISREG(mode):
+            raise ImageError("not a regular file (a pipe, socket or device), not an image file", src)
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read()
+    finally:
+        os.close(fd)
 
 
 def _model_cfg(model: Any) -> tuple[Any, Mapping[str, Any]]:
@@ -187,29 +221,31 @@ class Preprocess:
     def decode(self, src: str | os.PathLike | bytes):
         """The 8-bit RGB ``PIL.Image`` of ``src`` (JPEGs drafted when ``fast_decode``); raises
         :class:`~levit.errors.ImageError`."""
+        return self._pil(read_image_bytes(src), src)
+
+    def _pil(self, data: bytes, src: object):
+        """Pillow's decode of ``data`` (the file ``src``'s bytes), every failure one ImageError line."""
+        name = None if isinstance(src, (bytes, bytearray)) else src
         try:
-            return open_rgb(
-                bytes(src) if isinstance(src, bytearray) else src,
-                draft=self.resize if self.fast_decode else None,
-                max_pixels=self.max_pixels,
-            )
-        except ImageError:
-            raise
+            return open_rgb(data, draft=self.resize if self.fast_decode else None, max_pixels=self.max_pixels)
+        except ImageError as e:
+            raise ImageError(e.reason, name) from None
         except Exception as e:  # whatever Pillow raises for a bad file
             raise _image_error(src, e) from None
 
     def __call__(self, src: str | os.PathLike | bytes) -> Tensor:
         """The (3, H, W) float32 input tensor of one image; raises :class:`~levit.errors.ImageError` if
         it cannot be read."""
+        data = read_image_bytes(src)
         if self.decoder == "pil":
-            return self.transform(self.bounded(self.decode(src)))
+            return self.transform(self.bounded(self._pil(data, src)))
         from torchvision.transforms.v2.functional import pil_to_tensor
 
         from .decoders import decode_to_tensor, normalize, resize_and_crop
 
-        img = None if self.fast_decode else decode_to_tensor(src, self.max_pixels)
+        img = None if self.fast_decode else decode_to_tensor(data, self.max_pixels)
         if img is None:  # what the tensor decoder leaves to Pillow, and the drafted JPEGs of fast_decode
-            img = pil_to_tensor(self.decode(src))
+            img = pil_to_tensor(self._pil(data, src))
         box = self._bound_box(img.shape[-1], img.shape[-2])
         if box is not None:
             img = img[:, box[1] : box[3], box[0] : box[2]]
