@@ -10,7 +10,11 @@ from .common import UsageError, img_size_option, model_name
 
 def args_train(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter  # defaults come from the recipe, not argparse
-    p.add_argument("--data", type=Path, help="folder with train/ and val/ sub-folders (ImageFolder layout)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        help="folder with train/ and val/ sub-folders (ImageFolder layout, or WebDataset .tar shards)",
+    )
     p.add_argument("--dataset", choices=["digits"], help="a bundled dataset instead of --data (no download)")
     p.add_argument(
         "--output",

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -108,7 +110,7 @@ class SafeImageFolder(torchvision.datasets.ImageFolder):
             return img
         if seed is None:
             return self.transform(img)
-        with _seeded(seed):
+        with seeded(seed):
             return self.transform(img)
 
     def __getitem__(self, item):  # type: ignore[override]
@@ -126,7 +128,7 @@ class SafeImageFolder(torchvision.datasets.ImageFolder):
 
 
 @contextlib.contextmanager
-def _seeded(seed: int):
+def seeded(seed: int) -> Iterator[None]:
     """Seed python/numpy/torch RNGs for one sample's augmentation, then restore the caller's states."""
     states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
     random.seed(seed)
@@ -154,12 +156,21 @@ def collate_skip(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[tuple[st
 class TrainValData:
     """The loaders of a training run and what the loop needs to know about them."""
 
-    train_loader: torch.utils.data.DataLoader
-    val_loader: torch.utils.data.DataLoader
-    sampler: RepeatAugSampler  # the training sampler (epoch, resume position)
+    train_loader: Iterable  # batches of (images, targets, bad)
+    val_loader: Iterable
+    sampler: Any  # the training order: set_epoch(epoch, start), state_dict() (a RepeatAugSampler, or the shard loader)
     class_names: list[str]
     micro_per_epoch: int  # training batches per process per epoch
     sizes: tuple[int, int]  # train, val images
+    notes: list[str] = field(default_factory=list)  # what the run should tell the user about its data
+
+
+def check_batch(cfg, per_rank: int) -> None:
+    """A one-line error when a process gets no full batch, or an odd batch meets batch-mode Mixup."""
+    if per_rank < 1:
+        raise LeViTError(f"--batch-size {cfg.batch_size} is larger than the training images per process")
+    if cfg.mixup_mode == "batch" and (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
+        raise LeViTError(f"--batch-size must be even with Mixup/CutMix (mode batch), got {cfg.batch_size}")
 
 
 def build_loaders(
@@ -167,8 +178,12 @@ def build_loaders(
 ) -> TrainValData:
     """Loaders for ``root/train`` (the recipe's augmentation, :class:`RepeatAugSampler`, bad samples
     replaced) and ``root/val`` (evaluation preprocessing, sharded without padding, unreadable images
-    left out), after checking the layout. Loaders never touch the global RNG."""
+    left out), after checking the layout. Loaders never touch the global RNG. (WebDataset shards:
+    :func:`levit.data.shards.build_shard_loaders`.)"""
+    from ..utils import default_workers
+
     root = Path(root)
+    workers = cfg.workers if cfg.workers is not None else default_workers()  # null: the cores available
     check_train_val_layout(root)
     train_set = SafeImageFolder(root / "train", transform=train_transform(cfg))
     val_set = SafeImageFolder(
@@ -183,11 +198,7 @@ def build_loaders(
         raise LeViTError(
             f"--batch-size {cfg.batch_size} is larger than the {sampler.per_rank} training images per process"
         )
-    if cfg.mixup_mode == "batch" and (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
-        raise LeViTError(f"--batch-size must be even with Mixup/CutMix (mode batch), got {cfg.batch_size}")
-    from ..utils import default_workers
-
-    workers = cfg.workers if cfg.workers is not None else default_workers()  # null: the cores available
+    check_batch(cfg, micro_per_epoch)
     common = dict(batch_size=cfg.batch_size, num_workers=workers, collate_fn=collate_skip, pin_memory=pin_memory)
     train_loader = torch.utils.data.DataLoader(
         train_set,

@@ -187,6 +187,7 @@ class _Run:
     def _build_data(self) -> None:
         from ..data.datasets import build_loaders
         from ..data.digits import make_digits_folder
+        from ..data.shards import build_shard_loaders, is_shard_folder
 
         cfg, ctx = self.cfg, self.ctx
         if cfg.dataset == "digits":  # bundled data goes into the run folder, never into --data
@@ -198,9 +199,8 @@ class _Run:
             barrier(ctx)
         else:
             self.root = Path(cfg.data)
-        self.data = build_loaders(
-            cfg, self.root, world=ctx.world_size, rank=ctx.rank, pin_memory=ctx.device.type == "cuda"
-        )
+        build = build_shard_loaders if is_shard_folder(self.root) else build_loaders  # WebDataset or ImageFolder
+        self.data = build(cfg, self.root, world=ctx.world_size, rank=ctx.rank, pin_memory=ctx.device.type == "cuda")
         self.class_names = self.data.class_names
         self.accumulation_steps = accumulation_steps(cfg, ctx.world_size)
 
@@ -366,6 +366,8 @@ class _Run:
         )
         if self.state.epoch < cfg.freeze_epochs:
             self.banner += f"; the trunk is frozen until epoch {cfg.freeze_epochs} (only the head(s) learn)"
+        for note in self.data.notes:
+            self.banner += f"\nnote: {note}"
         updates = self.updates_per_epoch
         if self.accumulation_steps > 1 and updates < SMALL_DATA_UPDATES:  # an ImageNet recipe on a small dataset
             self.banner += (

@@ -1,0 +1,61 @@
+"""A training epoch's data loading on CPU: WebDataset shards against the ImageFolder they were written
+from, through the loaders `levit train` builds (`levit.data.datasets.build_loaders`: decode, the
+recipe's augmentation, collation), with no model, so only the reading differs.
+
+    python benchmarks/shard_loader.py                     # the bundled digits, the digits recipe
+    python benchmarks/shard_loader.py --workers 2 --rounds 5
+
+The digits are written as an ImageFolder and as shards (`levit.data.shards.write_shards`, 200 samples
+a shard) in a temporary folder; each round times one epoch of each loader in turn (alternating, so a
+busy machine weighs on both alike); reported: the median seconds of each and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from levit.data.datasets import build_loaders
+from levit.data.digits import make_digits_folder
+from levit.data.shards import write_shards
+from levit.train.recipe import resolve_config
+
+
+def epoch_seconds(data, epoch: int) -> tuple[float, int]:
+    """Seconds to iterate one training epoch of ``data`` and the images it gave."""
+    data.sampler.set_epoch(epoch)
+    start, n = time.perf_counter(), 0
+    for images, _, _ in data.train_loader:
+        n += images.shape[0]
+    return time.perf_counter() - start, n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=0, help="loader processes (the digits recipe: 0)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--shard-size", type=int, default=200)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = make_digits_folder(Path(tmp) / "digits")
+        write_shards(folder, Path(tmp) / "shards", shard_size=args.shard_size)
+        loaders = {
+            kind: build_loaders(resolve_config(config="digits", data=str(root), workers=args.workers), root)
+            for kind, root in (("imagefolder", folder), ("shards", Path(tmp) / "shards"))
+        }
+        times: dict[str, list[float]] = {kind: [] for kind in loaders}
+        for r in range(args.rounds):
+            for kind, data in loaders.items():
+                seconds, n = epoch_seconds(data, r)
+                times[kind].append(seconds)
+        for kind, ts in times.items():
+            print(f"{kind:12s} {statistics.median(ts):.3f} s/epoch ({n} images/epoch, median of {args.rounds})")
+        ratio = statistics.median(times["shards"]) / statistics.median(times["imagefolder"])
+        print(f"shards / imagefolder: {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()

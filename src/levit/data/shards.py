@@ -1,0 +1,302 @@
+"""WebDataset tar shards: the sequential layout for data that lives on network storage or in buckets.
+
+A shard folder holds ``train/*.tar`` and ``val/*.tar``; each sample of a shard is ``KEY.jpg`` (or
+``.png``, ``.jpeg``, ``.webp``) with ``KEY.cls``, its class index as text (WebDataset's convention).
+``levit-shards.json`` beside them names the classes and counts each shard's samples; without it the
+shards are listed once (tar headers only) and the classes are numbered.
+
+:func:`write_shards` writes such a folder from an ImageFolder (``levit data shard``).
+:class:`ShardStream` reads one split for one process: the process's shards (``r, r + W, ...`` of the
+sorted list), split again among its loader workers, so no sample is read twice in an epoch; reading is
+webdataset's (``tarfile_to_samples``, ``shuffle``), decoding and augmentation the same as for an
+ImageFolder (:func:`levit.data.images.open_rgb`, the recipe's transform, seeded per sample). A sample
+that cannot be read, decoded or augmented is skipped and reported as ``(shard:key, reason)``, like a
+corrupt file in :class:`levit.data.datasets.SafeImageFolder`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tarfile
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import LeViTError
+from ..utils import first_line
+from .datasets import TrainValData, check_batch, check_train_val_layout, collate_skip, seeded
+from .images import IMAGE_EXTENSIONS, is_image, open_rgb
+from .transforms import eval_transform, train_transform
+
+__all__ = ["IMAGE_KEYS", "INDEX_NAME", "EpochLoader", "ShardIndex", "ShardStream", "assign", "batches_per_process"]
+__all__ += ["build_shard_loaders", "is_shard_folder", "read_index", "write_shards"]
+
+#: the file beside ``train/`` and ``val/`` naming the classes and the samples of every shard
+INDEX_NAME = "levit-shards.json"
+#: the image extensions a sample may carry (the first present is decoded): those of an ImageFolder
+IMAGE_KEYS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
+
+
+def is_shard_folder(root: str | os.PathLike) -> bool:
+    """``root/train`` holds ``.tar`` shards (and no class folders): a WebDataset layout."""
+    train = Path(root) / "train"
+    return train.is_dir() and any(p.suffix == ".tar" for p in train.iterdir())
+
+
+@dataclass
+class ShardIndex:
+    """The classes of a shard folder and, per split, each shard's path and sample count."""
+
+    classes: list[str]
+    splits: dict[str, list[tuple[Path, int]]]
+
+
+def _count_samples(shard: Path) -> tuple[int, set[int]]:
+    """Samples (``.cls`` members) of one shard and the class indices they hold, from the tar alone."""
+    classes: set[int] = set()
+    n = 0
+    with tarfile.open(shard) as tar:
+        for member in tar:
+            if member.name.endswith(".cls"):
+                n += 1
+                data = tar.extractfile(member)
+                classes.add(int(data.read().decode().strip()) if data else 0)
+    return n, classes
+
+
+def read_index(root: str | os.PathLike) -> ShardIndex:
+    """The :class:`ShardIndex` of shard folder ``root``: from ``levit-shards.json``, or by listing the
+    shards (their class indices numbered ``0 .. max``). One-line :class:`LeViTError` on a bad layout."""
+    root = Path(root)
+    splits = {}
+    for split in ("train", "val"):
+        folder = root / split
+        shards = sorted(p for p in folder.glob("*.tar")) if folder.is_dir() else []
+        if not shards:
+            raise LeViTError(
+                f"--data: {folder} holds no .tar shards (expected {root}/train/*.tar and {root}/val/*.tar)"
+            )
+        splits[split] = shards
+    index_file = root / INDEX_NAME
+    if index_file.is_file():
+        try:
+            saved = json.loads(index_file.read_text())
+            counts = {split: {name: int(n) for name, n in saved[split].items()} for split in splits}
+            classes = [str(c) for c in saved["classes"]]
+            sized = {s: [(p, counts[s][p.name]) for p in shards] for s, shards in splits.items()}
+            return ShardIndex(classes, sized)
+        except (ValueError, KeyError, TypeError) as e:
+            raise LeViTError(f"--data: {index_file} is not a shard index ({first_line(e, 80)}): remove it") from None
+    sized, seen = {}, set()
+    for split, shards in splits.items():
+        sized[split] = []
+        for p in shards:
+            try:
+                n, found = _count_samples(p)
+            except (OSError, tarfile.TarError, ValueError) as e:
+                raise LeViTError(f"--data: {p} is not a readable tar shard ({first_line(e, 80)})") from None
+            sized[split].append((p, n))
+            seen |= found
+    return ShardIndex([str(i) for i in range(max(seen, default=-1) + 1)], sized)
+
+
+def assign(shards: list[tuple[Path, int]], rank: int, world: int, worker: int, workers: int) -> list[tuple[Path, int]]:
+    """The shards of loader worker ``worker`` of process ``rank``: every ``world``-th of the sorted
+    list for the process, every ``workers``-th of those for the worker (disjoint, together all)."""
+    return shards[rank::world][worker::workers]
+
+
+def batches_per_process(shards: list[tuple[Path, int]], world: int, workers: int, batch_size: int) -> int:
+    """Full batches every process can make in an epoch (the fewest of any process): each worker
+    batches its own samples and drops its last incomplete batch."""
+    return min(
+        sum(sum(n for _, n in assign(shards, r, world, w, workers)) // batch_size for w in range(workers))
+        for r in range(world)
+    )
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """One split of a shard folder for one process: ``(image, target, bad)`` samples, as
+    :class:`levit.data.datasets.SafeImageFolder` gives, for :func:`levit.data.datasets.collate_skip`.
+
+    ``shuffle`` (training): each epoch (:meth:`set_epoch`) the worker's shards come in a new order
+    and samples pass a shuffle buffer of ``buffer`` samples; each sample's augmentation is seeded by
+    (seed, epoch, key), so it depends neither on the worker count nor on where a run resumed. Bad
+    samples ride along with the next good one (``replace_bad``, training) or come back as an image of
+    ``None`` (evaluation)."""
+
+    def __init__(
+        self,
+        shards: list[tuple[Path, int]],
+        transform: Callable | None,
+        *,
+        rank: int = 0,
+        world: int = 1,
+        shuffle: bool = False,
+        seed: int = 0,
+        buffer: int = 1000,
+    ) -> None:
+        self.shards, self.transform, self.rank, self.world = shards, transform, rank, world
+        self.shuffle, self.seed, self.buffer, self.epoch = shuffle, seed, buffer, 0
+        self.replace_bad = shuffle
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's shard order, shuffle and augmentation seeds."""
+        self.epoch = epoch
+
+    def _mine(self) -> list[str]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        urls = [str(p) for p, _ in assign(self.shards, self.rank, self.world, worker, workers)]
+        if self.shuffle:
+            random.Random(zlib.crc32(f"{self.seed}/{self.epoch}/{self.rank}/{worker}".encode())).shuffle(urls)
+        return urls
+
+    def _samples(self, pending: list) -> Iterator[dict]:
+        import webdataset as wds
+
+        def handler(exn: Exception) -> bool:  # a broken tar: the rest of that shard is skipped, reported
+            pending.append((getattr(exn, "filename", None) or "shard", f"{type(exn).__name__}: {first_line(exn, 120)}"))
+            return True
+
+        stages = [wds.SimpleShardList(self._mine()), wds.tarfile_to_samples(handler=handler)]
+        if self.shuffle:
+            rng = random.Random(zlib.crc32(f"{self.seed}/{self.epoch}/{self.rank}".encode()))
+            stages.append(wds.shuffle(self.buffer, initial=min(self.buffer, 100), rng=rng))
+        return iter(wds.DataPipeline(*stages))
+
+    def _decode(self, sample: dict):
+
+        ext = next((k for k in IMAGE_KEYS if k in sample), None)
+        if ext is None or "cls" not in sample:
+            raise LeViTError(f"sample has no {'image' if ext is None else '.cls'} ({', '.join(sorted(sample))})")
+        target = int(sample["cls"].decode().strip())
+        img = open_rgb(sample[ext])
+        if self.transform is not None:
+            seed = zlib.crc32(f"{self.seed}/{self.epoch}/{sample['__key__']}".encode())
+            with seeded(seed):
+                img = self.transform(img)
+        return img, target
+
+    def __iter__(self) -> Iterator[tuple]:
+        pending: list[tuple[str, str]] = []
+        for sample in self._samples(pending):
+            where = f"{Path(str(sample.get('__url__', 'shard'))).name}:{sample.get('__key__', '?')}"
+            try:
+                img, target = self._decode(sample)
+            except Exception as e:  # a corrupt image or label, or an augmentation that fails on it
+                pending.append((where, f"{type(e).__name__}: {first_line(e, 120)}"))
+                if not self.replace_bad:
+                    yield None, -1, pending
+                    pending = []
+                continue
+            yield img, target, pending
+            pending = []
+        if pending and not self.replace_bad:
+            yield None, -1, pending
+
+
+class EpochLoader:
+    """A training loader over a :class:`ShardStream` that also plays the sampler's part in a run:
+    :meth:`set_epoch` (epoch, and the samples already done when resuming inside it), exactly
+    ``batches`` batches an epoch on every process (so DDP ranks stay in step), :meth:`state_dict`."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader, batches: int) -> None:
+        self.loader, self.batches = loader, batches
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch and skip its first ``start`` samples (whole batches: they are read again
+        and dropped, so a resumed epoch continues with the samples and augmentations it would have had)."""
+        self.epoch, self.start = epoch, start
+        self.loader.dataset.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator:
+        skip = self.start // self.loader.batch_size
+        for i, batch in enumerate(self.loader):
+            if i >= self.batches:
+                break
+            if i >= skip:
+                yield batch
+
+    def __len__(self) -> int:
+        return self.batches - self.start // self.loader.batch_size
+
+    def state_dict(self) -> dict:
+        """Epoch and position, saved in checkpoints."""
+        return {
+            "epoch": self.epoch,
+            "start": self.start,
+            "seed": self.loader.dataset.seed,
+            "num_replicas": self.loader.dataset.world,
+        }
+
+
+def write_shards(
+    src: str | os.PathLike, dst: str | os.PathLike, *, shard_size: int = 1000, seed: int = 0
+) -> dict[str, int]:
+    """Write the ImageFolder ``src`` (``train/`` and ``val/``, one sub-folder per class) as WebDataset
+    shards in ``dst`` (``train/shard-000000.tar`` ...: ``KEY.<ext>`` with the file's own bytes, never
+    re-encoded, and ``KEY.cls``), ``shard_size`` samples each, training samples in a seeded random
+    order so that every shard mixes the classes; writes ``levit-shards.json``. Returns the samples
+    written per split."""
+    import webdataset as wds
+
+    if shard_size < 1:
+        raise LeViTError(f"--shard-size must be >= 1, got {shard_size}")
+    src, dst = Path(src), Path(dst)
+    classes, _ = check_train_val_layout(src)
+    if dst.exists() and any(dst.iterdir()):
+        raise LeViTError(f"{dst} exists and is not empty: shards are written into a new folder")
+    index: dict = {"classes": classes}
+    written = {}
+    for split in ("train", "val"):
+        files = [(p, k) for k, c in enumerate(classes) for p in sorted((src / split / c).rglob("*")) if is_image(p)]
+        if split == "train":
+            random.Random(seed).shuffle(files)
+        (dst / split).mkdir(parents=True, exist_ok=True)
+        counts: dict[str, int] = {}
+        with wds.ShardWriter(str(dst / split / "shard-%06d.tar"), maxcount=shard_size, verbose=0) as sink:
+            for i, (path, label) in enumerate(files):
+                ext = path.suffix.lower().lstrip(".")
+                sink.write({"__key__": f"{i:09d}", ext: path.read_bytes(), "cls": str(label).encode()})
+                name = f"shard-{i // shard_size:06d}.tar"
+                counts[name] = counts.get(name, 0) + 1
+        index[split], written[split] = counts, len(files)
+    (dst / INDEX_NAME).write_text(json.dumps(index, indent=1) + "\n")
+    return written
+
+
+def build_shard_loaders(
+    cfg, root: str | os.PathLike, *, world: int = 1, rank: int = 0, pin_memory: bool = False
+) -> TrainValData:
+    """Loaders over the WebDataset shards in ``root/train`` and ``root/val``
+    (:class:`ShardStream`): the same transforms as an ImageFolder, each process and
+    loader worker reading its own shards, the same number of training batches on every process.
+    Repeated augmentation is not applied to a stream (a note says so)."""
+    from ..utils import default_workers
+
+    workers = cfg.workers if cfg.workers is not None else default_workers()  # null: the cores available
+    index = read_index(root)
+    train_shards, val_shards = index.splits["train"], index.splits["val"]
+    # a worker with no shard of its own would only idle: never more workers than a process has shards
+    train_workers = min(workers, max(1, len(train_shards[rank::world])))
+    batches = batches_per_process(train_shards, world, max(train_workers, 1), cfg.batch_size)
+    check_batch(cfg, batches)
+    train_set = ShardStream(train_shards, train_transform(cfg), rank=rank, world=world, shuffle=True, seed=cfg.seed)
+    val_set = ShardStream(val_shards, eval_transform(cfg.img_size, cfg.eval_crop_pct), rank=rank, world=world)
+    common = dict(batch_size=cfg.batch_size, collate_fn=collate_skip, pin_memory=pin_memory)
+    train_loader = torch.utils.data.DataLoader(train_set, num_workers=train_workers, drop_last=True, **common)
+    val_workers = min(workers, max(1, len(val_shards[rank::world])))
+    val_loader = torch.utils.data.DataLoader(val_set, num_workers=val_workers, **common)
+    loader = EpochLoader(train_loader, batches)
+    sizes = (sum(n for _, n in train_shards), sum(n for _, n in val_shards))
+    notes = [f"repeated_aug={cfg.repeated_aug} is not applied to shards (each sample once per epoch)"]
+    return TrainValData(
+        loader, val_loader, loader, index.classes, batches, sizes, notes if cfg.repeated_aug > 1 else []
+    )

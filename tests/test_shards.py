@@ -1,0 +1,104 @@
+"""WebDataset shards: written from an ImageFolder, read by `levit train --data` with no sample twice."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from train_utils import cli, make_dataset, tiny_config
+
+from levit.data.datasets import collate_skip
+from levit.data.shards import INDEX_NAME, ShardStream, assign, batches_per_process, read_index, write_shards
+from levit.data.transforms import eval_transform
+from levit.errors import LeViTError
+from levit.train.recipe import resolve_config
+from levit.train.run import train
+
+BROKEN = b"\x89PNG\r\n\x1a\n" + b"garbage" * 10
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """An ImageFolder (3 classes, 10 training images each, one of them corrupt) and its shards of 4."""
+    tmp = tmp_path_factory.mktemp("shards")
+    folder = make_dataset(tmp / "folder", classes=3, train=10, val=3)
+    (folder / "train" / "c1" / "broken.png").write_bytes(BROKEN)
+    written = write_shards(folder, tmp / "shards", shard_size=4)
+    return folder, tmp / "shards", written
+
+
+def test_written_shards_hold_every_image_with_its_class(shards):
+    folder, out, written = shards
+    assert written == {"train": 31, "val": 9}
+    index = read_index(out)
+    assert index.classes == ["c0", "c1", "c2"]
+    assert [n for _, n in index.splits["train"]] == [4] * 7 + [3] and len(index.splits["val"]) == 3
+    # without the index the shards are listed: same counts, classes numbered
+    saved = (out / INDEX_NAME).read_text()
+    (out / INDEX_NAME).unlink()
+    try:
+        listed = read_index(out)
+    finally:
+        (out / INDEX_NAME).write_text(saved)
+    assert listed.splits == index.splits and listed.classes == ["0", "1", "2"]
+    # the class of every sample is its folder's
+    from levit.data.images import open_rgb
+
+    want = sorted((open_rgb(p).tobytes(), int(p.parent.name[1:])) for p in (folder / "val").rglob("*.png"))
+    got = list(ShardStream(index.splits["val"], None))
+    assert all(not bad for _, _, bad in got)
+    assert sorted((img.tobytes(), target) for img, target, _ in got) == want
+
+
+def test_processes_and_workers_read_disjoint_shards_that_cover_the_split(shards):
+    _, out, _ = shards
+    split = read_index(out).splits["train"]
+    world, workers = 2, 2
+    parts = [assign(split, r, world, w, workers) for r in range(world) for w in range(workers)]
+    names = [p for part in parts for p, _ in part]
+    assert sorted(names) == sorted(p for p, _ in split) and len(set(names)) == len(names)
+    # through real loader processes: every readable sample once per epoch, over all processes
+    seen, bad = [], []
+    for rank in range(world):
+        stream = ShardStream(split, eval_transform(32, 1.0), rank=rank, world=world, shuffle=True, seed=3)
+        stream.set_epoch(1)
+        loader = torch.utils.data.DataLoader(stream, batch_size=2, num_workers=workers, collate_fn=collate_skip)
+        for images, _, bad_samples in loader:
+            seen += [hashlib.sha1(img.numpy().tobytes()).hexdigest() for img in images]
+            bad += bad_samples
+    assert len(seen) == 30 and len(set(seen)) == 30  # 31 samples, the corrupt one skipped
+    assert len(bad) == 1 and "Error" in bad[0][1] and bad[0][0].startswith("shard-")
+    # every process gets the same number of full batches: the fewest any of them can make
+    assert batches_per_process(split, world, workers, 2) == min(
+        sum(sum(n for _, n in assign(split, r, world, w, workers)) // 2 for w in range(workers)) for r in range(world)
+    )
+
+
+def test_training_on_shards_skips_and_reports_the_corrupt_sample(shards, tmp_path):
+    _, out, _ = shards
+    cfg = resolve_config(**tiny_config(out, tmp_path / "run", mixup=0.0, cutmix=0.0, max_bad_fraction=0.2))
+    result = train(cfg)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in lines if r["event"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2] and all(r["val_images"] == 9 for r in epochs)
+    # 31 samples, batch 4, one process, no workers: 7 full batches an epoch
+    assert [r["step"] for r in lines if r["event"] == "step"] == list(range(1, 15))
+    assert lines[-1]["skipped_images"] == 1 and ".tar:" in result.skipped_images[0]
+    assert result.model.class_names == ["c0", "c1", "c2"]
+
+
+def test_shard_cli_and_its_errors(tmp_path):
+    folder = make_dataset(tmp_path / "folder", classes=2, train=3, val=2)
+    done = cli("data", "shard", folder, tmp_path / "s", "--shard-size", "2")
+    assert done.returncode == 0, done.stderr
+    assert "train: 6 samples in 3 shard(s)" in done.stderr and (tmp_path / "s" / "val" / "shard-000000.tar").is_file()
+    again = cli("data", "shard", folder, tmp_path / "s")
+    assert again.returncode == 1 and "not empty" in again.stderr
+    assert cli("data", "shard", folder, tmp_path / "t", "--shard-size", "0").returncode == 2
+    missing = cli("data", "shard", tmp_path / "nope", tmp_path / "u")
+    assert missing.returncode == 1 and "nope" in missing.stderr
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(LeViTError, match=r"no \.tar shards"):
+        read_index(tmp_path / "empty")
