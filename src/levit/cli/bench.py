@@ -28,7 +28,15 @@ def args_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quick", action="store_true", help="a short run: a few models of each family, shorter warm-up and windows"
     )
-    p.add_argument("--models", help="comma-separated names (see --list); default: all of Table 3")
+    p.add_argument(
+        "--suite",
+        choices=["paper", "modern"],
+        default="paper",
+        help="paper: Table 3 (default); modern: LeViT against today's efficient models, each in its best fp32 "
+        "form (the fastest of eager, OpenVINO and ONNX Runtime that gives eager's logits), with cited top-1 "
+        "and the Pareto front",
+    )
+    p.add_argument("--models", help="comma-separated names (see --list); default: all of the suite")
     p.add_argument("--list", action="store_true", help="list the models the benchmark knows")
     runtime_options(
         p,
@@ -84,6 +92,7 @@ def _speed_run(args: argparse.Namespace) -> SpeedRun:
             warmup_s=args.warmup,
             windows=args.windows,
             window_s=args.window,
+            suite=args.suite,
         ).resolved()
     except LeViTError as e:
         raise UsageError(str(e)) from None
@@ -109,6 +118,8 @@ def _progress_printer() -> Callable[[int, int, str, dict | None], None]:
     def progress(i: int, n: int, name: str, row: dict | None) -> None:
         if row is None:
             print(f"[{i + 1}/{n}] {name} ...", end="", file=sys.stderr, flush=True)
+        elif "img_s" not in row:  # a step without a speed of its own (the modern suite's timed rounds)
+            print(f" done [{time.perf_counter() - t0:.0f}s]", file=sys.stderr, flush=True)
         else:
             print(
                 f" {row['img_s']:.1f} img/s ({row['backend']} {row['precision']}, batch {row['batch']}) "

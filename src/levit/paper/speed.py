@@ -34,16 +34,21 @@ from torch import nn
 
 from ..errors import LeViTError
 from ..utils import atomic_path, num_threads, save_figure
+from .accuracy import FIELD_ACCURACY, MODERN_MODELS, MODERN_QUICK_MODELS
 from .timing import cuda_sync, timed_window, warm_up
 
 __all__ = [
     "BENCH_MODELS",
     "QUICK_MODELS",
+    "SUITES",
     "BenchModel",
     "SpeedProtocol",
     "SpeedRun",
+    "bench_inference_form",
+    "bench_size",
     "benchmark",
     "benchmark_one",
+    "build_bench_model",
     "device_name",
     "find_max_batch",
     "format_bench_models",
@@ -92,6 +97,9 @@ def _entries() -> dict[str, BenchModel]:
         )
     out["deit_tiny"] = BenchModel("deit_tiny", "DeiT", "timm", "deit_tiny_patch16_224", 224, 76.6)
     out["deit_small"] = BenchModel("deit_small", "DeiT", "timm", "deit_small_patch16_224", 224, 82.6)
+    for name, acc in FIELD_ACCURACY.items():  # today's peers (the modern suite), each in its best form
+        if name not in out and acc.timm_model:
+            out[name] = BenchModel(name, acc.family, "timm+reparam", acc.timm_model, acc.img_size, acc.top1)
     return out
 
 
@@ -174,33 +182,59 @@ def _flops_of(module: nn.Module, img_size: int) -> int:
     return fc.get_total_flops() // 2
 
 
-def _build(entry: BenchModel, img_size: int | None) -> tuple[nn.Module, int, int, int]:
-    """(inference module, params, FLOPs per image, resolution)."""
+def build_bench_model(entry: BenchModel, img_size: int | None = None) -> tuple[nn.Module, int]:
+    """``entry``'s model as built, before any fusion (eval mode, random weights), and its resolution.
+
+    This library's LeViT comes from :func:`levit.create_model`; the peers from timm with
+    ``pretrained=False`` (nothing is downloaded).
+    """
     from ..factory.create import create_model
-    from ..models.flops import count_flops, count_params
-    from ..models.fuse import inference_form
 
     res = img_size or entry.img_size
     if entry.implementation == "levit":
-        model = create_model(entry.source, img_size=res, ablation=entry.ablation).eval()
-        params, flops = count_params(model), count_flops(model)
-        return inference_form(model), params, flops, res
+        return create_model(entry.source, img_size=res, ablation=entry.ablation).eval(), res
     try:
         import timm
     except ImportError as e:  # pragma: no cover - timm is a dependency
         raise LeViTError("the competitors need timm: pip install timm") from e
     kwargs = {"img_size": res} if img_size and entry.source.startswith(("levit", "deit")) else {}
-    model = timm.create_model(entry.source, pretrained=False, **kwargs).eval()
-    params = sum(p.numel() for p in model.parameters())
+    return timm.create_model(entry.source, pretrained=False, **kwargs).eval(), res
+
+
+def bench_inference_form(entry: BenchModel, model: nn.Module) -> nn.Module:
+    """The module ``entry`` is timed as: this library's fused LeViT, timm's ``reparameterize_model``
+    (a new module; branches merged, BN folded where the model knows how) for ``timm+reparam``, else
+    ``model`` itself."""
+    if entry.implementation == "levit":
+        from ..models.fuse import inference_form
+
+        return inference_form(model)
     if entry.implementation == "timm+reparam":
         from timm.utils.model import reparameterize_model
 
-        model = reparameterize_model(model)
-    if entry.source.startswith("levit") and res == 224:
-        flops = count_flops(entry.source)
-    else:
-        flops = _flops_of(model, res)
-    return model, params, flops, res
+        return reparameterize_model(model)
+    return model
+
+
+def bench_size(entry: BenchModel, model: nn.Module, res: int) -> tuple[int, int]:
+    """(params, FLOPs per image) of ``model`` as built: LeViT's in the paper's convention, the
+    others' multiply-adds by PyTorch's FLOP counter."""
+    from ..models.config import VARIANTS
+    from ..models.flops import count_flops, count_params
+
+    if entry.implementation == "levit":
+        return count_params(model), count_flops(model)
+    params = sum(p.numel() for p in model.parameters())
+    if entry.source in VARIANTS and res == 224:
+        return params, count_flops(entry.source)
+    return params, _flops_of(model, res)
+
+
+def _build(entry: BenchModel, img_size: int | None) -> tuple[nn.Module, int, int, int]:
+    """(inference module, params, FLOPs per image, resolution)."""
+    model, res = build_bench_model(entry, img_size)
+    params, flops = bench_size(entry, model, res)
+    return bench_inference_form(entry, model), params, flops, res
 
 
 # ---- timing ------------------------------------------------------------------------------------
@@ -393,12 +427,24 @@ def benchmark(
     return rows
 
 
+# the model sets `levit bench --suite` runs: the paper's Table 3, or LeViT against today's field
+# (levit.paper.field: each model in its best inference form, top-1 from a cited source)
+SUITES: tuple[str, ...] = ("paper", "modern")
+# the runtimes the modern suite may pick each model's fastest form from (fp32, checked against eager)
+MODERN_BACKENDS: tuple[str, ...] = ("auto", "eager", "openvino", "onnxruntime")
+
+
 @dataclass(frozen=True)
 class SpeedRun:
     """One ``levit bench`` run as asked for, ``None`` meaning "the default"; :meth:`resolved` fills in
-    the defaults of the paper's protocol for the device and refuses what cannot run."""
+    the defaults of the paper's protocol for the device and refuses what cannot run.
 
-    models: tuple[str, ...] | None = None  # None: all of Table 3, or QUICK_MODELS with ``quick``
+    ``suite="modern"`` times the models of :data:`levit.paper.accuracy.MODERN_MODELS` by
+    :func:`levit.paper.field.run_field`: there ``backend`` ``auto`` (the default) means the fastest
+    of eager, OpenVINO and ONNX Runtime that gives the eager form's logits, ``warmup_s`` is the trial
+    window of each form, and ``windows`` the number of interleaved rounds."""
+
+    models: tuple[str, ...] | None = None  # None: the suite's models (fewer with ``quick``)
     quick: bool = False  # fewer models, a shorter warm-up and shorter windows
     device: str = "cpu"
     backend: str | None = None  # None: eager on CPU (the paper's protocol); on GPU auto for levit, timm eager
@@ -408,7 +454,18 @@ class SpeedRun:
     img_size: int | None = None  # None: each model's native resolution
     warmup_s: float | None = None  # None: 5 s (quick: 1 s)
     windows: int | None = None  # None: 5 (quick: 3)
-    window_s: float | None = None  # None: 3 s (quick: 1 s)
+    window_s: float | None = None  # None: 3 s (quick: 1 s); modern: 1.5 s (quick: 0.5 s)
+    suite: str = "paper"
+
+    def _check_modern(self, backend: str | None, precision: str | None) -> None:
+        if self.device != "cpu":
+            raise LeViTError("--suite modern runs on the CPU for now: drop --device cuda")
+        if precision not in (None, "fp32"):
+            raise LeViTError("--suite modern compares fp32 forms only: drop --precision")
+        if backend not in (None, *MODERN_BACKENDS):
+            raise LeViTError(f"--suite modern: --backend must be one of {', '.join(MODERN_BACKENDS)}")
+        if self.batch_sizes and len(self.batch_sizes) > 1:
+            raise LeViTError("--suite modern: one batch size per run (each protocol is its own picture)")
 
     def resolved(self) -> SpeedRun:
         """Every default filled in; raises :class:`~levit.errors.LeViTError` naming the flag at fault
@@ -416,7 +473,13 @@ class SpeedRun:
         (int8 needs calibration images, which a speed table does not take)."""
         from ..runtime.deploy import check_backend
 
-        models = self.models if self.models is not None else (QUICK_MODELS if self.quick else DEFAULT_MODELS)
+        if self.suite not in SUITES:
+            raise LeViTError(f"--suite: unknown {self.suite!r}; choose from {', '.join(SUITES)}")
+        modern = self.suite == "modern"
+        if modern:
+            self._check_modern(self.backend, self.precision)
+        quick_models, all_models = (MODERN_QUICK_MODELS, MODERN_MODELS) if modern else (QUICK_MODELS, DEFAULT_MODELS)
+        models = self.models if self.models is not None else (quick_models if self.quick else all_models)
         if not models:
             raise LeViTError("--models: no model named; give comma-separated names (see `levit bench --list`)")
         unknown = [m for m in models if m not in BENCH_MODELS]
@@ -426,7 +489,7 @@ class SpeedRun:
         if gpu and not torch.cuda.is_available():
             raise LeViTError("--device cuda: no CUDA GPU is available here")
         precision = self.precision or ("fp16" if gpu else "fp32")
-        backend = self.backend or ("auto" if gpu else "eager")
+        backend = self.backend or ("auto" if gpu or modern else "eager")
         try:
             check_backend(backend, precision)
         except ValueError as e:
@@ -437,7 +500,10 @@ class SpeedRun:
             raise LeViTError("--backend cudagraph needs a GPU: add --device cuda")
         if gpu and backend in ("onnxruntime", "openvino", "executorch"):
             raise LeViTError(f"--backend {backend} runs on the CPU only: drop --device cuda")
-        warmup_s, windows, window_s = (1.0, 3, 1.0) if self.quick else (5.0, 5, 3.0)
+        if modern:
+            warmup_s, windows, window_s = (0.5, 3, 0.5) if self.quick else (1.0, 5, 1.5)
+        else:
+            warmup_s, windows, window_s = (1.0, 3, 1.0) if self.quick else (5.0, 5, 3.0)
         return replace(
             self,
             models=tuple(models),
@@ -467,6 +533,12 @@ class SpeedRun:
     def describe(self) -> str:
         """One line saying what a resolved run times and how, to print before the long part."""
         batch = ",".join(map(str, self.batch_sizes)) if self.batch_sizes else "max power of two"
+        if self.suite == "modern":
+            return (
+                f"suite modern: {len(self.models or ())} models, backend {self.backend} (fp32 forms checked "
+                f"against eager), batch {batch}, threads {self.threads}; trial {self.warmup_s:g}s per form, "
+                f"then {self.windows} interleaved rounds of {self.window_s:g}s"
+            )
         return (
             f"{len(self.models or ())} models, {self.device}, backend {self.backend}, {self.precision}, "
             f"batch {batch}, threads {self.threads or '-'}; "
@@ -480,6 +552,10 @@ def run_speed_table(
     """The rows of a ``levit bench`` run (resolved first): every model at every batch size, by the
     run's protocol; ``progress`` as in :func:`benchmark`."""
     run = run.resolved()
+    if run.suite == "modern":
+        from .field import run_field
+
+        return run_field(run, progress=progress)
     return benchmark(
         run.models, run.protocol(), batch_size=run.batch_sizes and list(run.batch_sizes), progress=progress
     )
@@ -523,9 +599,14 @@ _COLUMNS = [
 
 
 def format_table(rows: Sequence[dict]) -> str:
-    """A plain-text table of benchmark rows, with the device and versions as a header line."""
+    """A plain-text table of benchmark rows, with the device and versions as a header line (a modern
+    suite's rows: :func:`levit.paper.field.format_field_table`)."""
     if not rows:
         return "(no results)"
+    if "top1_source" in rows[0]:
+        from .field import format_field_table
+
+        return format_field_table(rows)
     cells = []
     for r in rows:
         line = []
@@ -564,12 +645,20 @@ def write_rows(rows: Sequence[dict], path: str | os.PathLike) -> Path:
                 keys = list(dict.fromkeys(k for r in rows for k in r))
                 w = csv.DictWriter(f, fieldnames=keys)
                 w.writeheader()
-                w.writerows(rows)
+                # nested values (the modern suite's per-runtime checks) as JSON in their cell
+                w.writerows(
+                    {k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in r.items()} for r in rows
+                )
     return path
 
 
 def plot_rows(rows: Sequence[dict], path: str | os.PathLike, title: str | None = None) -> Path:
-    """The paper's Figure 1 on this machine: measured img/s (log x) against the paper's top-1 (y)."""
+    """The paper's Figure 1 on this machine: measured img/s (log x) against the paper's top-1 (y); a
+    modern suite's rows get the Pareto picture (:func:`levit.paper.field.plot_field`)."""
+    if rows and "top1_source" in rows[0]:
+        from .field import plot_field
+
+        return plot_field(rows, path, title)
     try:
         import matplotlib
 

@@ -1,0 +1,414 @@
+"""LeViT against today's efficient models (``levit bench --suite modern``): a table and a Pareto picture.
+
+Every model runs in its best inference form, and every model gets the same treatment:
+
+1. built with random weights (speed does not depend on them), its BatchNorm statistics randomised
+   so that folding them is a real test, at the resolution its top-1 was measured at
+   (:mod:`levit.paper.accuracy`);
+2. put in its eager inference form: this library's fused LeViT, timm's ``reparameterize_model`` for
+   the others, kept only if its logits equal the model's as built (:data:`TOLERANCE`, relative);
+3. each runtime of the run (eager, OpenVINO and ONNX Runtime at fp32 by default) built from that
+   form, its logits checked against the eager form's on the timed input, and timed for a short trial
+   window; the fastest that passes the check is kept, the others are released;
+4. all kept forms timed together in interleaved rounds (:func:`levit.paper.timing.interleaved`), the
+   same threads and batch for all; a row reports the median img/s with min and max.
+
+:func:`pareto_front`, :func:`add_front_distance` and :func:`levit_ratios` read the result;
+:func:`format_field_table` and :func:`plot_field` show it.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import LeViTError
+from ..utils import num_threads, save_figure
+from .accuracy import FIELD_ACCURACY
+from .speed import (
+    BENCH_MODELS,
+    SpeedRun,
+    bench_inference_form,
+    bench_size,
+    build_bench_model,
+    device_name,
+)
+from .timing import interleaved, timed_window, warm_up
+
+__all__ = [
+    "FRONT_BAND",
+    "RUNTIMES",
+    "TOLERANCE",
+    "FastForm",
+    "add_front_distance",
+    "best_form",
+    "format_field_table",
+    "front_in_band",
+    "levit_ratios",
+    "pareto_front",
+    "plot_field",
+    "relative_error",
+    "run_field",
+]
+
+# a fast form must give its eager form's logits: max |difference| over max |logit|, fp32 rounding only
+TOLERANCE = 1e-4
+# the runtimes `auto` chooses each model's form from, all at fp32
+RUNTIMES: tuple[str, ...] = ("eager", "openvino", "onnxruntime")
+# the accuracy range the docs read the front in (the range LeViT's variants span, with room either side)
+FRONT_BAND: tuple[float, float] = (70.0, 84.0)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``max |out - ref| / max |ref|`` (a scale-free distance between two sets of logits)."""
+    out, ref = out.detach().float().cpu(), ref.detach().float().cpu()
+    if out.shape != ref.shape:
+        return float("inf")
+    return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+
+
+def _randomize_bn(model: nn.Module, seed: int) -> None:
+    """Running statistics and affine terms of every BatchNorm set near, but not at, their defaults."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            n = m.running_mean.numel()
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.05)
+            m.running_var.copy_(torch.rand(n, generator=g) * 0.4 + 0.8)
+            if m.affine:
+                with torch.no_grad():
+                    m.bias.add_(torch.randn(n, generator=g) * 0.02)
+
+
+@dataclass
+class FastForm:
+    """What :func:`best_form` chose for one model: its runner on the timed input and what it found."""
+
+    run: Callable[[], object]  # one call of the chosen form on the timed input
+    backend: str  # the chosen runtime
+    forms: dict[str, dict]  # per runtime: trial img/s, relative error against eager, or the error
+    reparam_rel_err: float  # eager inference form against the model as built
+    eager_form: str  # "fused" / "reparameterized" / "as built" (when the reparameterized one differed)
+    params: int
+    flops: int
+    img_size: int
+
+
+def _try_form(module: nn.Module, backend: str, x: torch.Tensor, y0: torch.Tensor, trial_s: float) -> tuple:
+    """(record, runner or None) of ``module`` on ``backend``: checked against ``y0``, then timed."""
+    from ..runtime.deploy import build_runner
+
+    try:
+        runner = build_runner(module, backend, "fp32", example=x, threads=torch.get_num_threads())
+        err = relative_error(runner(x), y0)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        return {"img_s": None, "rel_err": None, "error": f"{type(e).__name__}: {first}"}, None
+    if not err <= TOLERANCE:
+        return {"img_s": None, "rel_err": err, "error": f"logits differ from eager ({err:.1e} > {TOLERANCE:g})"}, None
+    call = lambda: runner(x)  # noqa: E731
+    warm_up(call, min_calls=1)
+    per_call = timed_window(call, trial_s)
+    return {"img_s": x.shape[0] / per_call, "rel_err": err, "error": None}, call
+
+
+def best_form(
+    name: str,
+    *,
+    batch: int,
+    runtimes: Sequence[str] = RUNTIMES,
+    trial_s: float = 1.0,
+    img_size: int | None = None,
+    seed: int = 0,
+) -> FastForm:
+    """The fastest form of model ``name`` among ``runtimes`` that gives its eager form's logits.
+
+    Steps 1-3 of this module's description, at ``img_size`` (``None``: the resolution of the model's
+    top-1); the eager form always passes (it is the reference), so a runtime that fails to convert
+    or differs only loses its place, with the reason kept in :attr:`FastForm.forms`.
+    """
+    entry = BENCH_MODELS[name]
+    torch.manual_seed(seed)
+    model, res = build_bench_model(entry, img_size)
+    _randomize_bn(model, seed)
+    params, flops = bench_size(entry, model, res)
+    x = torch.randn(batch, 3, res, res, generator=torch.Generator().manual_seed(seed))
+    with torch.inference_mode():
+        y_built = model(x)
+        eager = bench_inference_form(entry, model).eval()
+        y0 = eager(x)
+    reparam_err = relative_error(y0, y_built)
+    kind = {"levit": "fused", "timm+reparam": "reparameterized"}.get(entry.implementation, "as built")
+    if not reparam_err <= TOLERANCE:  # a fusion that changes the answer is not an inference form
+        eager, y0, kind = model, y_built, "as built"
+    forms: dict[str, dict] = {}
+    best: tuple[float, str, Callable[[], object]] | None = None
+    for backend in runtimes:
+        forms[backend], call = _try_form(eager, backend, x, y0, trial_s)
+        if call is not None and (best is None or forms[backend]["img_s"] > best[0]):
+            best = (forms[backend]["img_s"], backend, call)
+        del call
+        gc.collect()
+    if best is None:
+        raise LeViTError(f"{name}: no form passed the check against eager: {forms}")
+    return FastForm(best[2], best[1], forms, reparam_err, kind, params, flops, res)
+
+
+def _accuracy(name: str, res: int) -> dict:
+    """The top-1 of ``name`` and its source, only where the figure was measured at ``res``."""
+    entry, acc = BENCH_MODELS[name], FIELD_ACCURACY.get(name)
+    top1, source, timm_top1 = (acc.top1, acc.source, acc.timm_top1) if acc else (entry.top1, "", None)
+    if top1 is None or res != entry.img_size:
+        why = f"unknown at {res}px" + (f" (the figure is at {entry.img_size}px)" if top1 is not None else "")
+        return {"top1": None, "top1_source": why, "timm_top1": None}
+    return {"top1": top1, "top1_source": source or "LeViT paper, Table 3", "timm_top1": timm_top1}
+
+
+def _row(name: str, form: FastForm, run: SpeedRun, secs: list[float]) -> dict:
+    import timm
+
+    entry = BENCH_MODELS[name]
+    batch = (run.batch_sizes or (16,))[0]
+    rates = [batch / t for t in secs]
+    return {
+        "model": name,
+        "family": entry.family,
+        "implementation": entry.implementation,
+        "eager_form": form.eager_form,
+        "backend": form.backend,
+        "precision": "fp32",
+        "device": device_name("cpu"),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "batch": batch,
+        "threads": run.threads,
+        "img_size": form.img_size,
+        "img_s": statistics.median(rates),
+        "img_s_min": min(rates),
+        "img_s_max": max(rates),
+        "ms_batch": statistics.median(secs) * 1000,
+        "params": form.params,
+        "flops": form.flops,
+        **_accuracy(name, form.img_size),
+        "reparam_rel_err": form.reparam_rel_err,
+        "rel_err": form.forms[form.backend]["rel_err"],
+        "forms": form.forms,
+    }
+
+
+def run_field(run: SpeedRun, *, progress: Callable[[int, int, str, dict | None], None] | None = None) -> list[dict]:
+    """The rows of a ``--suite modern`` run: every model in its best form (:func:`best_form`), then
+    all timed in interleaved rounds; each row carries its top-1, that figure's source, and its
+    distance from the front (:func:`add_front_distance`).
+
+    ``progress(i, n, name, row)`` is called before (``row`` None) and after each model's choice of
+    form (``row``: the trial's img/s and the chosen backend), then twice after each timed round
+    (``name`` "interleaved round", ``row`` None then ``{}``).
+    """
+    run = run.resolved()
+    batch = (run.batch_sizes or (16,))[0]
+    runtimes = RUNTIMES if run.backend == "auto" else (run.backend,)
+    chosen: dict[str, FastForm] = {}
+    n = len(run.models)
+    with num_threads(run.threads):
+        for i, name in enumerate(run.models):
+            if progress:
+                progress(i, n, name, None)
+            form = best_form(name, batch=batch, runtimes=runtimes, trial_s=run.warmup_s, img_size=run.img_size, seed=i)
+            chosen[name] = form
+            if progress:
+                trial = form.forms[form.backend]["img_s"]
+                progress(i, n, name, {"img_s": trial, "backend": form.backend, "precision": "fp32", "batch": batch})
+
+        def on_round(r: int, rounds: int) -> None:
+            if progress:  # a round is reported once it is done: its start and its end together
+                progress(r - 1, rounds, "interleaved round", None)
+                progress(r - 1, rounds, "interleaved round", {})
+
+        secs = interleaved(
+            {k: f.run for k, f in chosen.items()}, rounds=run.windows, window=run.window_s, on_round=on_round
+        )
+    return add_front_distance([_row(name, chosen[name], run, secs[name]) for name in run.models])
+
+
+# ---- the front ---------------------------------------------------------------------------------
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the ``(speed, top1)`` points no other point dominates (at least as fast and at
+    least as accurate, and better in one), fastest first."""
+    order = sorted(range(len(points)), key=lambda i: (-points[i][0], -points[i][1]))
+    front, best_top1 = [], float("-inf")
+    for i in order:
+        if points[i][1] > best_top1:
+            front.append(i)
+            best_top1 = points[i][1]
+    return front
+
+
+def add_front_distance(rows: Sequence[dict]) -> list[dict]:
+    """``rows`` with ``on_front``, ``front_speed_ratio`` (img/s over the fastest model at least as
+    accurate: 1.0 on the front) and ``front_top1_gap`` (points of top-1 below the most accurate model
+    at least as fast: 0.0 on the front); rows without a top-1 get ``None``."""
+    pts = [(r["img_s"], r["top1"]) for r in rows if r.get("top1") is not None]
+    front = {pts[i] for i in pareto_front(pts)}
+    out = []
+    for r in rows:
+        r = dict(r)
+        if r.get("top1") is None:
+            r.update(on_front=None, front_speed_ratio=None, front_top1_gap=None)
+        else:
+            s, a = r["img_s"], r["top1"]
+            r["on_front"] = (s, a) in front
+            r["front_speed_ratio"] = s / max(ps for ps, pa in pts if pa >= a)
+            r["front_top1_gap"] = max(pa for ps, pa in pts if ps >= s) - a
+        out.append(r)
+    return out
+
+
+def front_in_band(rows: Sequence[dict], band: tuple[float, float] = FRONT_BAND) -> list[dict]:
+    """The rows on the front with a top-1 inside ``band`` (inclusive), most accurate last."""
+    return sorted(
+        (r for r in add_front_distance(rows) if r["on_front"] and band[0] <= r["top1"] <= band[1]),
+        key=lambda r: r["top1"],
+    )
+
+
+def _is_levit(row: dict) -> bool:
+    return "LeViT" in row["family"]
+
+
+def levit_ratios(rows: Sequence[dict]) -> list[tuple[dict, dict | None, float | None]]:
+    """For each of this library's LeViT rows: the nearest other model of equal or higher top-1
+    (the least accurate such model, the fastest among ties; LeViTs of any implementation excluded)
+    and LeViT's img/s over that model's (``None`` where no model is that accurate)."""
+    out = []
+    for r in rows:
+        if r.get("implementation") != "levit" or r.get("top1") is None:
+            continue
+        peers = [p for p in rows if not _is_levit(p) and p.get("top1") is not None and p["top1"] >= r["top1"]]
+        peer = min(peers, key=lambda p: (p["top1"], -p["img_s"])) if peers else None
+        out.append((r, peer, r["img_s"] / peer["img_s"] if peer else None))
+    return out
+
+
+# ---- output ------------------------------------------------------------------------------------
+_COLUMNS = [
+    ("model", "model", "{}"),
+    ("backend", "form", "{}"),
+    ("img_size", "res", "{}"),
+    ("img_s", "img/s", "{:.1f}"),
+    ("img_s_min", "min", "{:.1f}"),
+    ("img_s_max", "max", "{:.1f}"),
+    ("params", "params M", "{:.1f}"),
+    ("flops", "FLOPs M", "{:.0f}"),
+    ("top1", "top-1", "{:.1f}"),
+    ("front_speed_ratio", "speed/front", "{:.2f}"),
+    ("front_top1_gap", "top-1 gap", "{:.1f}"),
+    ("rel_err", "rel err", "{:.0e}"),
+]
+
+
+def _cells(r: dict) -> list[str]:
+    line = []
+    for key, _, fmt in _COLUMNS:
+        v = r.get(key)
+        if key in ("params", "flops") and v is not None:
+            v = v / 1e6
+        if key == "backend" and r.get("eager_form") == "as built":
+            v = f"{v} (unfused)"
+        line.append(("unknown" if key == "top1" else "-") if v is None else fmt.format(v))
+    line[0] += " *" if r.get("on_front") else ""
+    return line
+
+
+def format_field_table(rows: Sequence[dict]) -> str:
+    """The modern suite's table, fastest first, then the front between 70% and 84% top-1 and
+    LeViT's speed ratio to the nearest model of equal or higher accuracy."""
+    if not rows:
+        return "(no results)"
+    rows = sorted(add_front_distance(rows), key=lambda r: -r["img_s"])
+    cells = [_cells(r) for r in rows]
+    heads = [h for _, h, _ in _COLUMNS]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
+    line = lambda xs: "  ".join(x.ljust(w) if i < 2 else x.rjust(w) for i, (x, w) in enumerate(zip(xs, widths)))  # noqa: E731
+    r0 = rows[0]
+    out = [
+        f"{r0['device']}, {r0['threads']} thread(s), batch {r0['batch']}, fp32; torch {r0['torch']}, timm {r0['timm']}",
+        line(heads),
+        *(line(c) for c in cells),
+        "* on the front; speed/front: img/s over the fastest model at least as accurate; top-1 gap: points "
+        "below the most accurate model at least as fast; rel err: the timed form against eager",
+        f"front, {FRONT_BAND[0]:g}-{FRONT_BAND[1]:g}% top-1: "
+        + (", ".join(f"{r['model']} ({r['top1']:.1f})" for r in front_in_band(rows)) or "none"),
+    ]
+    for r, peer, ratio in levit_ratios(rows):
+        if peer is None:
+            out.append(f"{r['model']} ({r['top1']:.1f}): no other model here is as accurate")
+        else:
+            out.append(
+                f"{r['model']} ({r['top1']:.1f}): {ratio:.2f}x the img/s of {peer['model']} ({peer['top1']:.1f}), "
+                "the nearest model of equal or higher top-1"
+            )
+    return "\n".join(out)
+
+
+def plot_field(rows: Sequence[dict], path: str | os.PathLike, title: str | None = None) -> Path:
+    """The Pareto picture: top-1 against img/s (log x), a colour per family, the front drawn as a
+    staircase, LeViT's points labelled."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise LeViTError("--plot needs matplotlib: pip install 'levit[plot]'") from e
+    path = Path(path)
+    if path.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise LeViTError(f"--plot must end in .png, .svg or .pdf, got {path.name!r}")
+    pts = [r for r in add_front_distance(rows) if r.get("top1") is not None]
+    if not pts:
+        raise LeViTError("nothing to plot: none of the benchmarked models has a sourced top-1")
+    fig, ax = plt.subplots(figsize=(9, 6), dpi=110)
+    markers = "osD^v<>pPhX*"
+    for k, fam in enumerate(dict.fromkeys(r["family"] for r in pts)):
+        fr = [r for r in pts if r["family"] == fam]
+        levit = fam == "LeViT (levit)"
+        ax.scatter(
+            [r["img_s"] for r in fr],
+            [r["top1"] for r in fr],
+            marker=markers[k % len(markers)],
+            s=60 if levit else 30,
+            color="tab:red" if levit else None,
+            label=fam,
+            zorder=3,
+        )
+        for r in fr:
+            ax.annotate(
+                r["model"],
+                (r["img_s"], r["top1"]),
+                textcoords="offset points",
+                xytext=(5, -3),
+                fontsize=8 if levit else 6,
+                fontweight="bold" if levit else "normal",
+                color="tab:red" if levit else "0.35",
+            )
+    front = sorted((r for r in pts if r["on_front"]), key=lambda r: r["img_s"])
+    ax.step([r["img_s"] for r in front], [r["top1"] for r in front], where="post", color="k", lw=1, alpha=0.6)
+    ax.plot([], [], color="k", lw=1, alpha=0.6, label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_xlabel("images / second (measured on this machine, log scale)")
+    ax.set_ylabel("ImageNet-1k top-1 % (cited source per model)")
+    r0 = pts[0]
+    ax.set_title(
+        title or f"{r0['device']}, {r0['threads']} thread(s), batch {r0['batch']}, fp32, best form", fontsize=10
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left", ncol=2)
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -1,0 +1,170 @@
+"""levit bench --suite modern: the fast-form check, the accuracy data file, the Pareto front, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from levit.paper.accuracy import FIELD_ACCURACY, MODERN_MODELS, MODERN_QUICK_MODELS, load_field_accuracy
+from levit.paper.field import (
+    TOLERANCE,
+    add_front_distance,
+    best_form,
+    format_field_table,
+    front_in_band,
+    levit_ratios,
+    pareto_front,
+    plot_field,
+    relative_error,
+)
+from levit.paper.speed import BENCH_MODELS, SpeedRun
+
+
+# ---- every fast form is checked against its eager form before it is timed ---------------------------
+@pytest.mark.parametrize(("name", "eager_form"), [("levit_tiny", "fused"), ("fastvit_t8", "reparameterized")])
+def test_best_form_checks_every_runtime_against_eager(name, eager_form):
+    form = best_form(name, batch=1, runtimes=("eager", "onnxruntime"), trial_s=0.0, img_size=64)
+    assert form.eager_form == eager_form and form.reparam_rel_err <= TOLERANCE  # BN statistics randomised
+    assert set(form.forms) == {"eager", "onnxruntime"} and form.backend in form.forms
+    assert form.forms["eager"]["rel_err"] == 0.0
+    assert form.forms["onnxruntime"]["error"] is None and form.forms["onnxruntime"]["rel_err"] <= TOLERANCE
+    assert form.forms[form.backend]["img_s"] > 0 and form.img_size == 64
+    form.run()  # the chosen form runs on its timed input
+
+
+def test_a_form_with_other_logits_or_a_failed_conversion_is_not_timed(monkeypatch):
+    import levit.runtime.deploy as deploy
+
+    real = deploy.build_runner
+
+    def fake(module, backend, precision="fp32", **kw):
+        run = real(module, "eager", precision, **kw)
+        if backend == "openvino":
+            raise RuntimeError("cannot convert\nsecond line")
+        return lambda x: run(x) * 1.001 if backend == "onnxruntime" else run(x)
+
+    monkeypatch.setattr(deploy, "build_runner", fake)
+    form = best_form("levit_tiny", batch=1, trial_s=0.0, img_size=64)
+    assert form.backend == "eager"
+    assert form.forms["onnxruntime"]["img_s"] is None and "logits differ" in form.forms["onnxruntime"]["error"]
+    assert form.forms["openvino"]["error"] == "RuntimeError: cannot convert"
+
+
+def test_relative_error():
+    a = torch.tensor([[1.0, -4.0]])
+    assert relative_error(a, a) == 0.0
+    assert relative_error(a + 0.004, a) == pytest.approx(1e-3, rel=1e-4)
+    assert relative_error(a[:, :1], a) == float("inf")
+
+
+# ---- the accuracy data file ----------------------------------------------------------------------
+def test_every_candidate_has_a_sourced_top1_at_its_resolution():
+    import timm
+
+    assert set(MODERN_QUICK_MODELS) <= set(MODERN_MODELS) and len(MODERN_MODELS) >= 40
+    for name in MODERN_MODELS:
+        acc, entry = FIELD_ACCURACY[name], BENCH_MODELS[name]
+        assert acc.source and acc.source != "unknown", name
+        assert acc.top1 is not None and 60 < acc.top1 < 90, name
+        assert entry.img_size == acc.img_size and entry.top1 == pytest.approx(acc.top1), name
+        assert acc.timm_model is None or timm.list_models(acc.timm_model) == [acc.timm_model], name
+    for v in ("levit_128s", "levit_128", "levit_192", "levit_256", "levit_384"):  # the paper's, timm's beside
+        assert "Table 3" in FIELD_ACCURACY[v].source and FIELD_ACCURACY[v].timm_top1 is not None
+
+
+def test_a_row_without_a_source_reads_unknown():
+    text = "name,timm_model,family,img_size,top1,source,timm_top1,note\nx,x_arch,X,224,unknown,,,\n"
+    row = load_field_accuracy(text)["x"]
+    assert row.top1 is None and row.source == "unknown" and row.timm_model == "x_arch"
+
+
+# ---- the front, on synthetic points ----------------------------------------------------------------
+def _r(model, img_s, top1, family="Other", impl="timm+reparam"):
+    return {"model": model, "img_s": img_s, "top1": top1, "family": family, "implementation": impl}
+
+
+ROWS = [
+    _r("levit_a", 100.0, 76.0, "LeViT (levit)", "levit"),
+    _r("levit_b", 40.0, 81.0, "LeViT (levit)", "levit"),
+    _r("fast_weak", 300.0, 70.0),
+    _r("slow_strong", 10.0, 83.0),
+    _r("dominated", 50.0, 75.0),  # levit_a is faster and more accurate
+    _r("peer", 80.0, 77.0),  # nearest in accuracy above levit_a
+    _r("timm_levit", 200.0, 85.0, "LeViT (timm levit_conv)"),  # a LeViT: never levit's peer
+    _r("no_top1", 1000.0, None),
+]
+
+
+def test_pareto_front_and_the_distance_from_it():
+    pts = [(r["img_s"], r["top1"]) for r in ROWS if r["top1"] is not None]
+    assert [pts[i] for i in pareto_front(pts)] == [(300.0, 70.0), (200.0, 85.0)]
+    assert pareto_front([(1.0, 1.0), (1.0, 1.0)]) == [0]  # a tie: one point represents both
+    rows = {r["model"]: r for r in add_front_distance(ROWS)}
+    assert rows["fast_weak"]["on_front"] and rows["fast_weak"]["front_speed_ratio"] == 1.0
+    assert rows["dominated"]["on_front"] is False
+    assert rows["dominated"]["front_speed_ratio"] == pytest.approx(50 / 200)  # timm_levit: faster, more accurate
+    assert rows["dominated"]["front_top1_gap"] == pytest.approx(85 - 75)
+    assert rows["no_top1"]["on_front"] is None and rows["no_top1"]["front_speed_ratio"] is None
+    assert [r["model"] for r in front_in_band(ROWS, (70, 84))] == ["fast_weak"]
+    assert [r["model"] for r in front_in_band(ROWS, (60, 90))] == ["fast_weak", "timm_levit"]
+
+
+def test_levit_ratio_to_the_nearest_model_at_least_as_accurate():
+    got = {r["model"]: (peer and peer["model"], ratio) for r, peer, ratio in levit_ratios(ROWS)}
+    assert got["levit_a"] == ("peer", pytest.approx(100 / 80))
+    assert got["levit_b"] == ("slow_strong", pytest.approx(40 / 10))
+    alone = [_r("levit_a", 100.0, 76.0, "LeViT (levit)", "levit"), _r("weak", 1.0, 70.0)]
+    assert levit_ratios(alone)[0][1:] == (None, None)
+
+
+def test_table_and_plot_of_synthetic_rows(tmp_path):
+    extra = {"device": "cpu", "threads": 1, "batch": 16, "torch": "t", "timm": "m", "backend": "openvino"}
+    rows = [dict(r, **extra) for r in ROWS]
+    t = format_field_table(rows)
+    assert "front, 70-84% top-1: fast_weak (70.0)" in t
+    assert "levit_a (76.0): 1.25x the img/s of peer (77.0)" in t and "fast_weak *" in t
+    pytest.importorskip("matplotlib")
+    assert plot_field(rows, tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ---- the run and the command line --------------------------------------------------------------------
+def test_a_modern_run_resolves_its_own_defaults_and_refuses_what_it_cannot_compare():
+    from levit.errors import LeViTError
+
+    r = SpeedRun(suite="modern").resolved()
+    assert r.models == MODERN_MODELS and (r.backend, r.precision, r.batch_sizes, r.threads) == (
+        "auto",
+        "fp32",
+        (16,),
+        1,
+    )
+    assert SpeedRun(suite="modern", quick=True).resolved().models == MODERN_QUICK_MODELS
+    for bad, words in (
+        ({"precision": "bf16"}, "fp32 forms only"),
+        ({"backend": "inductor"}, "--backend must be one of"),
+        ({"batch_sizes": (1, 16)}, "one batch size per run"),
+        ({"device": "cuda"}, "on the CPU"),
+    ):
+        with pytest.raises(LeViTError, match=words):
+            SpeedRun(suite="modern", **bad).resolved()
+    with pytest.raises(LeViTError, match="--suite: unknown"):
+        SpeedRun(suite="nope").resolved()
+
+
+def test_bench_suite_modern_quick_in_process(capsys, tmp_path):
+    from levit.cli import main
+
+    argv = ["bench", "--suite", "modern", "--quick", "--models", "levit_tiny,levit_128s", "--img-size", "64"]
+    argv += ["-b", "1", "--backend", "eager", "--warmup", "0", "--windows", "2", "--window", "0"]
+    assert main([*argv, "--output", str(tmp_path / "r.json")]) == 0
+    cap = capsys.readouterr()
+    rows = json.loads((tmp_path / "r.json").read_text())
+    assert [r["model"] for r in rows] == ["levit_tiny", "levit_128s"]
+    assert all(r["backend"] == "eager" and r["img_size"] == 64 and r["eager_form"] == "fused" for r in rows)
+    assert rows[1]["top1"] is None and "figure is at 224px" in rows[1]["top1_source"]  # not at 64px
+    assert "[2/2] interleaved round ... done" in cap.err and "suite modern" in cap.err
+    assert "levit_128s" in cap.out and "front, 70-84% top-1" in cap.out
+    assert main([*argv[:3], "--precision", "bf16"]) == 2
+    assert "fp32 forms only" in capsys.readouterr().err
