@@ -75,6 +75,7 @@ COMMANDS: dict[str, Command] = {
         "  levit bench --plot speed.png --output speed.csv  # the whole Table 3 + Figure 1\n"
         "  levit bench --models levit_128s,timm_levit_128s --backend openvino --precision bf16\n"
         "  levit bench --device cuda                        # fp16, largest power-of-two batch\n"
+        "  levit bench --suite modern --quick --plot field.png  # LeViT against today's models, Pareto front\n"
         "  levit bench --device cuda -b 1,64,1024 --models levit_128s,timm_levit_128s  # latency + throughput\n"
         "  levit bench --list",
         args_bench,
