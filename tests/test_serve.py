@@ -125,7 +125,7 @@ def server(files, tmp_path_factory):
         *("--checkpoint", str(files["model"]), "--backend", "eager", "--threads", "1"),
         *("--max-batch-size", "8", "--max-wait-ms", str(MAX_WAIT_MS), "--topk", "3"),
         *("--max-body-mb", "1", "--max-megapixels", "2", "--read-timeout", "3"),
-        *("--max-header-kb", "8", "--header-timeout", "2"),
+        *("--max-header-kb", "8", "--header-timeout", "2", "--grpc-port", "0"),
     )
     yield s
     assert s.stop() == 0
@@ -388,7 +388,7 @@ def _service_with_fake_lanes(files, monkeypatch, config, seconds):
 
 def test_a_burst_goes_as_one_batch_per_free_lane_and_a_lone_request_does_not_wait(files, monkeypatch):
     """A free lane takes its batch once no request is being decoded to join it, or once the batch has
-    its share of those here and on their way (the batcher's batch_size_fn): 8 requests arriving at
+    its share of those here and on their way (levit.runtime.batcher.batch_delay): 8 requests arriving at
     once, decoded 2 at a time, go as one batch on one free lane and as two of 4 on two, not as the
     first one or two decoded then the rest; a lone request goes at once, not after --max-wait-ms."""
     from levit.runtime.serve import ServeConfig
@@ -778,6 +778,41 @@ def test_v2_infer_in_json_and_its_errors(server, files, expected):
     assert "version" in _error_line(httpx.get(server.url + "/v2/models/levit_tiny/versions/7"), 404)
 
 
+def test_v2_grpc_with_tritonclient_equals_predict(server, files, expected):
+    """KServe v2 over gRPC (--grpc-port), with tritonclient's gRPC client: health, metadata, and a batch
+    of images whose answers equal levit predict's; another model's name is NOT_FOUND, a bad image
+    INVALID_ARGUMENT with the HTTP route's message."""
+    grpc = pytest.importorskip("tritonclient.grpc", reason="the KServe v2 gRPC round trip needs tritonclient")
+    from tritonclient.utils import InferenceServerException
+
+    port = re.search(r"KServe v2 gRPC on 127\.0\.0\.1:(\d+)", server.log.read_text()).group(1)
+    client = grpc.InferenceServerClient(url=f"{HOST}:{port}")
+    try:
+        assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("levit_tiny")
+        meta = client.get_model_metadata("levit_tiny")
+        assert [o.name for o in meta.outputs] == ["class", "label", "prob"]
+        names = ["a.jpg", "b.png", "c.webp", "d16.png"]
+        tensor = grpc.InferInput("image", [len(names)], "BYTES")
+        tensor.set_data_from_numpy(np.array([files[n].read_bytes() for n in names], dtype=object))
+        result = client.infer("levit_tiny", [tensor], parameters={"topk": 3})
+        classes, labels, probs = (result.as_numpy(n) for n in ("class", "label", "prob"))
+        for i, name in enumerate(names):
+            top = [
+                {"class": int(c), "label": lab.decode(), "prob": float(p)}
+                for c, lab, p in zip(classes[i], labels[i], probs[i], strict=True)
+            ]
+            assert_same(top, expected[name])
+        with pytest.raises(InferenceServerException, match="unknown model"):
+            client.infer("resnet", [tensor])
+        junk = grpc.InferInput("image", [1], "BYTES")
+        junk.set_data_from_numpy(np.array([b"junk"], dtype=object))
+        with pytest.raises(InferenceServerException, match="not an image") as e:
+            client.infer("levit_tiny", [junk])
+        assert "INVALID_ARGUMENT" in str(e.value.status())
+    finally:
+        client.close()
+
+
 def test_unknown_routes_and_methods_answer_json_errors(server):
     assert "Not Found" in _error_line(httpx.get(server.url + "/nowhere"), 404)
     r = httpx.get(server.url + "/v2/models/levit_tiny/infer")
@@ -793,6 +828,8 @@ def test_cli_usage_errors_are_one_line(capsys, files):
     assert "--max-batch-size must be >= 1" in capsys.readouterr().err
     assert main(["serve", "--max-queue", "0"]) == 2
     assert "--max-queue must be >= 1" in capsys.readouterr().err
+    assert main(["serve", "--ray", "--grpc-port", "0"]) == 2
+    assert "--grpc-port serves from one process: not with --ray" in capsys.readouterr().err
     assert main(["serve", "--crop-pct", "1.5"]) == 2
     assert "--crop-pct" in capsys.readouterr().err
     assert main(["serve", "--precision", "int8"]) == 2

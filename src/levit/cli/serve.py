@@ -23,6 +23,13 @@ def args_serve(p: argparse.ArgumentParser) -> None:
     model_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed at start)")
+    p.add_argument(
+        "--grpc-port",
+        type=int,
+        default=None,
+        help="also serve the KServe v2 gRPC protocol on this port (0: any free port, printed at start; "
+        "one process only, not with --ray)",
+    )
     g = p.add_argument_group("batching")
     g.add_argument("--max-batch-size", type=int, default=32, help="most images per forward pass")
     g.add_argument(
@@ -102,6 +109,7 @@ def _config(args: argparse.Namespace):
         return ServeConfig(
             host=args.host,
             port=args.port,
+            grpc_port=args.grpc_port,
             max_batch_size=args.max_batch_size,
             max_wait_ms=args.max_wait_ms,
             max_body_mb=args.max_body_mb,

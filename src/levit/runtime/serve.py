@@ -9,6 +9,8 @@ The server, by concern:
 - :mod:`levit.runtime.serve_http`: the HTTP protocol (reading a request, the refusals, the access log);
 - :mod:`levit.runtime.serve_process`: one serving process (logging, the socket, uvicorn with draining
   on SIGTERM, the frozen heap);
+- :mod:`levit.runtime.serve_kserve`, :mod:`levit.runtime.serve_grpc`: the Open Inference Protocol
+  (KServe v2) over HTTP and over gRPC;
 - :mod:`levit.runtime.serve_ray`: the same application as a Ray Serve deployment of N replicas.
 
 One process runs the app on uvicorn, which starts in seconds and adds no hop per request; Ray Serve
@@ -83,6 +85,8 @@ def serve(
         raise OptionError("replicas", f"must be >= 1, got {replicas}")
     if ray is None and replicas != 1:
         raise OptionError("replicas", "needs {ray} (one process serves one copy of the model)")
+    if ray is not None and config is not None and config.grpc_port is not None:
+        raise OptionError("grpc_port", "serves from one process: not with {ray}")
     if not replica_cpus > 0:
         raise OptionError("replica_cpus", f"must be > 0, got {replica_cpus}")
     config = config or ServeConfig()

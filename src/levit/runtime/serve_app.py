@@ -96,6 +96,7 @@ class ServeConfig:
     read_timeout_s: float = 30.0  # a client that has not sent its whole body by then gets 408
     max_header_bytes: int = 16 * 1024  # a larger request head gets 431 (the single-process server)
     header_timeout_s: float = 10.0  # a request head not in by then: 408, connection closed
+    grpc_port: int | None = None  # KServe v2 over gRPC on this port too (0: a free one; the single process)
     drain_timeout_s: float = 30.0  # SIGTERM: longest wait for in-flight requests
     quiet: bool = False
     model_name: str | None = None  # reported in each answer (default: the model's variant)
@@ -120,8 +121,10 @@ class ServeConfig:
         for name in ("max_body_mb", "read_timeout_s", "drain_timeout_s", "header_timeout_s"):
             if not getattr(self, name) > 0:
                 raise OptionError(name, f"must be > 0, got {getattr(self, name)}")
-        if not 0 <= self.port <= 65535:
-            raise OptionError("port", f"must be in 0..65535, got {self.port}")
+        for name in ("port", "grpc_port"):
+            v = getattr(self, name)
+            if v is not None and not 0 <= v <= 65535:
+                raise OptionError(name, f"must be in 0..65535, got {v}")
         if self.crop_pct is not None:
             try:
                 check_crop_pct(self.crop_pct)
@@ -385,6 +388,21 @@ class LeViTService:
         body = {"top": top, "model": self.model_name, "latency_ms": round(ms, 2)}
         return JSONResponse(body, headers={"x-levit-replica": self.replica})
 
+    async def infer_images(self, images: list[bytes], topk: int, timeout_s: float | None = None) -> list[list[dict]]:
+        """The top-``topk`` of each encoded image, under the queue bound and the deadline ``timeout_s``,
+        for a caller with no HTTP request (gRPC); :class:`~levit.runtime.serve_http.ClientError` for a
+        refusal (503 loading or draining, 429, 400, 504)."""
+        if self.draining or not self.ready:
+            raise ClientError(503, "server is shutting down" if self.draining else "model is loading")
+        topk = parse_topk(str(topk), self.config.topk, self.num_classes)
+        async with self._admitted():
+            if len(images) > self.max_queue:
+                raise ClientError(400, f"{len(images)} images in one request: at most {self.max_queue}")
+            try:
+                return await asyncio.wait_for(self.classify_many(images, topk), timeout_s)
+            except TimeoutError:
+                raise ClientError(504, f"no answer within the request's deadline of {timeout_s * 1e3:g} ms") from None
+
     async def handle_v2_infer(self, request: Any) -> Any:
         """``POST /v2/models/{name}/infer`` (:mod:`levit.runtime.serve_kserve`): its images batched as
         classify requests are, under the same queue bound, deadline and limits."""
@@ -459,13 +477,31 @@ class LeViTService:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Any) -> AsyncIterator[None]:
+        grpc_server = await self._start_grpc()
         task = None
         if not self.ready and self.load_error is None:
             task = asyncio.get_running_loop().run_in_executor(None, self._load_logged)
         yield
+        if grpc_server is not None:  # in-flight calls were drained with the HTTP ones (in_flight)
+            await grpc_server.stop(grace=1.0)
         if task is not None:
             with contextlib.suppress(BaseException):
                 await task
+
+    async def _start_grpc(self) -> Any:
+        """The KServe v2 gRPC server on ``config.grpc_port`` (None: none); a port that cannot be bound
+        stops the server as a model that fails to load does."""
+        c = self.config
+        if c.grpc_port is None or not self.own_process:
+            return None
+        from .serve_grpc import start_grpc
+
+        try:
+            return (await start_grpc(self, c.host, c.grpc_port))[0]
+        except RuntimeError as e:
+            self.load_error = f"{first_line(e)} (--grpc-port)"
+            log.error(self.load_error)
+            return None
 
     def _load_logged(self) -> None:
         try:

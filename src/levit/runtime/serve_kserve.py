@@ -30,7 +30,17 @@ from .serve_http import ClientError
 if TYPE_CHECKING:
     from .serve_app import LeViTService
 
-__all__ = ["HEADER_LENGTH", "OUTPUTS", "V2Request", "add_v2_routes", "encode_response", "parse_request"]
+__all__ = [
+    "HEADER_LENGTH",
+    "MODEL_VERSION",
+    "OUTPUTS",
+    "V2Request",
+    "add_v2_routes",
+    "bytes_elements",
+    "encode_response",
+    "encode_tensor",
+    "parse_request",
+]
 
 # The binary tensor extension: the length of the JSON part of a body whose tensors follow it.
 HEADER_LENGTH = "inference-header-content-length"
@@ -62,7 +72,7 @@ def _json_part(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
     return head, body[n:]
 
 
-def _binary_elements(blob: bytes, count: int) -> list[bytes]:
+def bytes_elements(blob: bytes, count: int) -> list[bytes]:
     """BYTES elements of the binary extension: each a 4-byte little-endian length then the bytes."""
     out, at = [], 0
     for _ in range(count):
@@ -91,7 +101,7 @@ def _input_images(head: dict, blob: bytes) -> list[bytes]:
     if size is not None:
         if size != len(blob):
             raise ClientError(400, f"binary_data_size {size} but {len(blob)} bytes follow the JSON")
-        return _binary_elements(blob, count)
+        return bytes_elements(blob, count)
     data = tensor.get("data")
     if not isinstance(data, list) or len(data) != count or not all(isinstance(d, str) for d in data):
         raise ClientError(400, f"input data must be {count} base64 strings (or use the binary tensor extension)")
@@ -135,7 +145,10 @@ def parse_request(body: bytes, header_length: str | None) -> V2Request:
     )
 
 
-def _tensor(name: str, rows: list[list[dict]], binary: bool) -> tuple[dict, bytes]:
+def encode_tensor(name: str, rows: list[list[dict]], binary: bool) -> tuple[dict, bytes]:
+    """The output ``name`` (one of :data:`OUTPUTS`) of ``rows`` (per image, its top-k): its JSON
+    description, with its data inline, or with its ``binary_data_size`` and the raw bytes (row-major;
+    BYTES elements each a 4-byte little-endian length then the UTF-8 text)."""
     values = [t[name] for row in rows for t in row]
     out: dict[str, Any] = {"name": name, "datatype": OUTPUTS[name], "shape": [len(rows), len(rows[0])]}
     if not binary:
@@ -156,7 +169,7 @@ def encode_response(request: V2Request, rows: list[list[dict]], model_name: str)
     ``{"class", "label", "prob"}``): JSON, then the binary outputs (with their header) if any."""
     outputs, blobs = [], []
     for name, binary in request.outputs.items():
-        tensor, raw = _tensor(name, rows, binary)
+        tensor, raw = encode_tensor(name, rows, binary)
         outputs.append(tensor)
         blobs.append(raw)
     head: dict[str, Any] = {"model_name": model_name, "model_version": MODEL_VERSION, "outputs": outputs}

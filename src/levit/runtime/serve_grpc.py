@@ -1,0 +1,280 @@
+"""The Open Inference Protocol (KServe v2) over gRPC: the ``inference.GRPCInferenceService`` of KServe
+and Triton, on ``--grpc-port`` beside the HTTP port, in the same process and event loop.
+
+The service's messages are described here, in code (:func:`messages`), rather than compiled from
+KServe's ``grpc_predict_v2.proto`` with ``protoc``: the same names, field numbers and types (the wire
+format), in a descriptor pool of their own, so the server needs no generated code and no protocol
+compiler, and a Triton or KServe client in the same process keeps its own definitions.
+
+Served: ``ServerLive``, ``ServerReady``, ``ModelReady``, ``ServerMetadata``, ``ModelMetadata`` and
+``ModelInfer``, whose request and answer are those of the HTTP route
+(:mod:`levit.runtime.serve_kserve`): one ``BYTES`` input of encoded images, in ``raw_input_contents``
+(each element a 4-byte little-endian length then the bytes, as ``tritonclient.grpc`` sends them) or
+in ``contents.bytes_contents``; outputs ``class``, ``label``, ``prob`` in ``raw_output_contents``.
+Refusals are gRPC status codes (:data:`STATUS`) with the message the HTTP route would give.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import TYPE_CHECKING, Any
+
+from .serve_http import ClientError
+from .serve_kserve import MODEL_VERSION, OUTPUTS, V2Request, bytes_elements, encode_tensor
+
+if TYPE_CHECKING:
+    from .serve_app import LeViTService
+
+__all__ = ["SERVICE", "STATUS", "messages", "start_grpc"]
+
+log = logging.getLogger("levit.serve")
+
+SERVICE = "inference.GRPCInferenceService"
+# HTTP status of a refusal -> the gRPC status code's name
+STATUS = {
+    400: "INVALID_ARGUMENT",
+    404: "NOT_FOUND",
+    408: "DEADLINE_EXCEEDED",
+    413: "RESOURCE_EXHAUSTED",
+    429: "RESOURCE_EXHAUSTED",
+    499: "CANCELLED",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+
+# field: (name, number, type, repeated, message type); the types are FieldDescriptorProto's names
+_PARAMS = ("parameters", 4, "map:InferParameter")
+_TENSOR = [("name", 1, "string"), ("datatype", 2, "string"), ("shape", 3, "int64*")]
+_MESSAGES: dict[str, list[tuple]] = {
+    "ServerLiveRequest": [],
+    "ServerLiveResponse": [("live", 1, "bool")],
+    "ServerReadyRequest": [],
+    "ServerReadyResponse": [("ready", 1, "bool")],
+    "ModelReadyRequest": [("name", 1, "string"), ("version", 2, "string")],
+    "ModelReadyResponse": [("ready", 1, "bool")],
+    "ServerMetadataRequest": [],
+    "ServerMetadataResponse": [("name", 1, "string"), ("version", 2, "string"), ("extensions", 3, "string*")],
+    "ModelMetadataRequest": [("name", 1, "string"), ("version", 2, "string")],
+    "ModelMetadataResponse.TensorMetadata": _TENSOR,
+    "ModelMetadataResponse": [
+        ("name", 1, "string"),
+        ("versions", 2, "string*"),
+        ("platform", 3, "string"),
+        ("inputs", 4, "ModelMetadataResponse.TensorMetadata*"),
+        ("outputs", 5, "ModelMetadataResponse.TensorMetadata*"),
+    ],
+    "InferParameter": [
+        ("bool_param", 1, "bool?"),
+        ("int64_param", 2, "int64?"),
+        ("string_param", 3, "string?"),
+        ("double_param", 4, "double?"),
+        ("uint64_param", 5, "uint64?"),
+    ],
+    "InferTensorContents": [
+        ("bool_contents", 1, "bool*"),
+        ("int_contents", 2, "int32*"),
+        ("int64_contents", 3, "int64*"),
+        ("uint_contents", 4, "uint32*"),
+        ("uint64_contents", 5, "uint64*"),
+        ("fp32_contents", 6, "float*"),
+        ("fp64_contents", 7, "double*"),
+        ("bytes_contents", 8, "bytes*"),
+    ],
+    "ModelInferRequest.InferInputTensor": [*_TENSOR, _PARAMS, ("contents", 5, "InferTensorContents")],
+    "ModelInferRequest.InferRequestedOutputTensor": [("name", 1, "string"), ("parameters", 2, "map:InferParameter")],
+    "ModelInferRequest": [
+        ("model_name", 1, "string"),
+        ("model_version", 2, "string"),
+        ("id", 3, "string"),
+        _PARAMS,
+        ("inputs", 5, "ModelInferRequest.InferInputTensor*"),
+        ("outputs", 6, "ModelInferRequest.InferRequestedOutputTensor*"),
+        ("raw_input_contents", 7, "bytes*"),
+    ],
+    "ModelInferResponse.InferOutputTensor": [*_TENSOR, _PARAMS, ("contents", 5, "InferTensorContents")],
+    "ModelInferResponse": [
+        ("model_name", 1, "string"),
+        ("model_version", 2, "string"),
+        ("id", 3, "string"),
+        _PARAMS,
+        ("outputs", 5, "ModelInferResponse.InferOutputTensor*"),
+        ("raw_output_contents", 6, "bytes*"),
+    ],
+}
+_RPCS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer")
+
+
+def _add_field(msg: Any, path: str, name: str, number: int, kind: str) -> None:
+    """One field of ``msg`` (a DescriptorProto whose full name in the package is ``path``): ``kind`` is
+    a scalar type or a message name, ``*`` repeated, ``?`` in the message's one ``oneof``, ``map:V`` a
+    map from string to the message ``V``."""
+    from google.protobuf import descriptor_pb2
+
+    fd = descriptor_pb2.FieldDescriptorProto
+    f = msg.field.add(name=name, number=number, label=fd.LABEL_OPTIONAL)
+    if kind.endswith("*"):
+        f.label, kind = fd.LABEL_REPEATED, kind[:-1]
+    if kind.endswith("?"):
+        if not msg.oneof_decl:
+            msg.oneof_decl.add(name="parameter_choice")
+        f.oneof_index, kind = 0, kind[:-1]
+    if kind.startswith("map:"):  # a nested ParametersEntry {key = 1; value = 2}, as protoc writes a map
+        entry = msg.nested_type.add(name="ParametersEntry")
+        entry.options.map_entry = True
+        _add_field(entry, path + ".ParametersEntry", "key", 1, "string")
+        _add_field(entry, path + ".ParametersEntry", "value", 2, kind[4:])
+        f.label, kind = fd.LABEL_REPEATED, path + ".ParametersEntry"
+    scalar = getattr(fd, "TYPE_" + kind.upper(), None)
+    if scalar is not None and "." not in kind:
+        f.type = scalar
+    else:
+        f.type, f.type_name = fd.TYPE_MESSAGE, ".inference." + kind
+
+
+@functools.cache
+def messages() -> dict[str, type]:
+    """The service's message classes by name (``"ModelInferRequest"``, ``"ModelInferRequest.InferInputTensor"``,
+    ...), in a descriptor pool of their own."""
+    from google.protobuf import descriptor_pool, message_factory
+    from google.protobuf.descriptor_pb2 import FileDescriptorProto
+
+    proto = FileDescriptorProto(name="levit/kserve_v2.proto", package="inference", syntax="proto3")
+    made: dict[str, Any] = {}
+    for path in sorted(_MESSAGES, key=lambda p: p.count(".")):  # outer messages before nested ones
+        outer, _, inner = path.rpartition(".")
+        made[path] = made[outer].nested_type.add(name=inner) if outer else proto.message_type.add(name=inner)
+    for path, fields in _MESSAGES.items():
+        for name, number, kind in fields:
+            _add_field(made[path], path, name, number, kind)
+    service = proto.service.add(name=SERVICE.split(".")[1])
+    for rpc in _RPCS:
+        service.method.add(name=rpc, input_type=f".inference.{rpc}Request", output_type=f".inference.{rpc}Response")
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(proto)
+    return {
+        path: message_factory.GetMessageClass(pool.FindMessageTypeByName("inference." + path)) for path in _MESSAGES
+    }
+
+
+def _parse(service: LeViTService, request: Any) -> V2Request:
+    """The :class:`V2Request` in a ``ModelInferRequest``; :class:`ClientError` 404 or 400 otherwise."""
+    import math
+
+    if request.model_name != service.model_name:
+        raise ClientError(404, f"unknown model {request.model_name!r}: this server serves {service.model_name!r}")
+    if request.model_version not in ("", MODEL_VERSION):
+        raise ClientError(404, f"unknown version {request.model_version!r}: the version is {MODEL_VERSION}")
+    if len(request.inputs) != 1 or request.inputs[0].datatype != "BYTES":
+        raise ClientError(400, "expected one input: the encoded images, datatype BYTES, shape [N] or [N, 1]")
+    count = math.prod(request.inputs[0].shape)
+    if request.raw_input_contents:
+        images = bytes_elements(request.raw_input_contents[0], count)
+    else:
+        images = list(request.inputs[0].contents.bytes_contents)
+        if len(images) != count:
+            raise ClientError(400, f"{len(images)} BYTES elements for a shape of {count}")
+    if not images:
+        raise ClientError(400, "no image in the request (input shape [0])")
+    unknown = [o.name for o in request.outputs if o.name not in OUTPUTS]
+    if unknown:
+        raise ClientError(400, f"unknown output {unknown[0]!r}: the outputs are {', '.join(OUTPUTS)}")
+    params = request.parameters
+    return V2Request(
+        images=images,
+        topk=params["topk"].int64_param if "topk" in params else None,
+        id=request.id or None,
+        timeout_s=params["timeout"].int64_param / 1e6 if "timeout" in params else None,
+        outputs=dict.fromkeys([o.name for o in request.outputs] or OUTPUTS, True),
+    )
+
+
+class _Servicer:
+    """The RPCs, answered by ``service``."""
+
+    def __init__(self, service: LeViTService) -> None:
+        self.service = service
+        self.m = messages()
+
+    def _ready(self) -> bool:
+        return self.service.ready and not self.service.draining
+
+    async def ServerLive(self, request: Any, context: Any) -> Any:  # noqa: N802 (the RPC's name)
+        return self.m["ServerLiveResponse"](live=True)
+
+    async def ServerReady(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return self.m["ServerReadyResponse"](ready=self._ready())
+
+    async def ModelReady(self, request: Any, context: Any) -> Any:  # noqa: N802
+        ok = request.name == self.service.model_name and request.version in ("", MODEL_VERSION)
+        return self.m["ModelReadyResponse"](ready=ok and self._ready())
+
+    async def ServerMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
+        from .._version import __version__
+
+        return self.m["ServerMetadataResponse"](name="levit", version=__version__, extensions=[])
+
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
+        s = self.service
+        if request.name != s.model_name:
+            await _abort(
+                context, ClientError(404, f"unknown model {request.name!r}: this server serves {s.model_name!r}")
+            )
+        tensor = self.m["ModelMetadataResponse.TensorMetadata"]
+        return self.m["ModelMetadataResponse"](
+            name=s.model_name,
+            versions=[MODEL_VERSION],
+            platform="levit",
+            inputs=[tensor(name="image", datatype="BYTES", shape=[-1])],
+            outputs=[tensor(name=n, datatype=t, shape=[-1, -1]) for n, t in OUTPUTS.items()],
+        )
+
+    async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
+        s = self.service
+        try:
+            req = _parse(s, request)
+            topk = req.topk if req.topk is not None else s.config.topk
+            timeouts = [t for t in (req.timeout_s, context.time_remaining()) if t is not None]
+            rows = await s.infer_images(req.images, topk, min(timeouts) if timeouts else None)
+        except ClientError as e:
+            await _abort(context, e)
+        answer = self.m["ModelInferResponse"](model_name=s.model_name, model_version=MODEL_VERSION, id=req.id or "")
+        for name in req.outputs:
+            head, raw = encode_tensor(name, rows, True)
+            answer.outputs.add(name=name, datatype=head["datatype"], shape=head["shape"])
+            answer.raw_output_contents.append(raw)
+        return answer
+
+
+async def _abort(context: Any, error: ClientError) -> None:
+    import grpc
+
+    await context.abort(getattr(grpc.StatusCode, STATUS.get(error.status, "INTERNAL")), str(error))
+
+
+async def start_grpc(service: LeViTService, host: str, port: int) -> tuple[Any, int]:
+    """Serve the KServe v2 gRPC service for ``service`` on ``host:port`` (0: a free port) on the running
+    event loop; returns the started ``grpc.aio`` server and its port; ``RuntimeError`` when the
+    port cannot be bound."""
+    import grpc
+
+    m, servicer = messages(), _Servicer(service)
+    limit = int(service.config.max_body_mb * 2**20) + 2**16  # the images, and the request around them
+    handlers = {
+        rpc: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, rpc),
+            request_deserializer=m[rpc + "Request"].FromString,
+            response_serializer=m[rpc + "Response"].SerializeToString,
+        )
+        for rpc in _RPCS
+    }
+    server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    if not bound:
+        raise RuntimeError(f"cannot listen on {host}:{port}")
+    await server.start()
+    log.warning("KServe v2 gRPC on %s:%d", host, bound)
+    return server, bound
