@@ -813,6 +813,12 @@ def test_v2_grpc_with_tritonclient_equals_predict(server, files, expected):
         client.close()
 
 
+def _b64(path: Path) -> str:
+    import base64
+
+    return base64.b64encode(path.read_bytes()).decode()
+
+
 def test_unknown_routes_and_methods_answer_json_errors(server):
     assert "Not Found" in _error_line(httpx.get(server.url + "/nowhere"), 404)
     r = httpx.get(server.url + "/v2/models/levit_tiny/infer")
@@ -930,6 +936,9 @@ def test_ray_serve_two_replicas_answer_like_the_single_process_server(files, exp
                 break
         assert len(replicas) == 2, f"only {replicas} answered"
         assert post(url, b"junk").status_code == 400
+        v2 = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [_b64(files["b.png"])]}]}
+        out = httpx.post(f"{url}/v2/models/levit_tiny/infer", json=v2, timeout=30).json()["outputs"]
+        assert out[0]["name"] == "class" and out[0]["data"] == [t["class"] for t in expected["b.png"]]
     finally:
         ray.shutdown()  # ends the local cluster, the Serve application with it (serve.shutdown takes 3 s more)
 
