@@ -1,6 +1,7 @@
 """A training epoch's data loading on CPU: WebDataset shards against the ImageFolder they were written
-from, through the loaders `levit train` builds (`levit.data.datasets.build_loaders`: decode, the
-recipe's augmentation, collation), with no model, so only the reading differs.
+from, through the loaders `levit train` builds (`levit.data.datasets.build_loaders` and
+`levit.data.shards.build_shard_loaders`: decoding, the recipe's augmentation, collation), with no
+model, so only the reading differs.
 
     python benchmarks/shard_loader.py                     # the bundled digits, the digits recipe
     python benchmarks/shard_loader.py --workers 2 --rounds 5
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from levit.data.datasets import build_loaders
 from levit.data.digits import make_digits_folder
-from levit.data.shards import write_shards
+from levit.data.shards import build_shard_loaders, write_shards
 from levit.train.recipe import resolve_config
 
 
@@ -43,8 +44,11 @@ def main() -> None:
         folder = make_digits_folder(Path(tmp) / "digits")
         write_shards(folder, Path(tmp) / "shards", shard_size=args.shard_size)
         loaders = {
-            kind: build_loaders(resolve_config(config="digits", data=str(root), workers=args.workers), root)
-            for kind, root in (("imagefolder", folder), ("shards", Path(tmp) / "shards"))
+            kind: build(resolve_config(config="digits", data=str(root), workers=args.workers), root)
+            for kind, build, root in (
+                ("imagefolder", build_loaders, folder),
+                ("shards", build_shard_loaders, Path(tmp) / "shards"),
+            )
         }
         times: dict[str, list[float]] = {kind: [] for kind in loaders}
         for r in range(args.rounds):

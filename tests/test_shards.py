@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from train_utils import cli, make_dataset, tiny_config
+from train_utils import cli, make_dataset, step_losses, tiny_config
 
 from levit.data.datasets import collate_skip
 from levit.data.shards import INDEX_NAME, ShardStream, assign, batches_per_process, read_index, write_shards
@@ -102,3 +102,28 @@ def test_shard_cli_and_its_errors(tmp_path):
     (tmp_path / "empty" / "train").mkdir(parents=True)
     with pytest.raises(LeViTError, match=r"no \.tar shards"):
         read_index(tmp_path / "empty")
+
+
+class InterruptError(Exception):
+    pass
+
+
+def test_resume_inside_an_epoch_on_shards_continues_with_the_same_samples(shards, tmp_path):
+    """A run stopped after update 5 of 7 and resumed from its checkpoint at update 3 ends with the
+    uninterrupted run's per-step losses and weights, bit for bit: the skipped batches are the ones
+    already trained on, and every sample keeps its augmentation."""
+    _, out, _ = shards
+    extra = dict(checkpoint_every_steps=3, max_bad_fraction=0.2)
+    whole = train(resolve_config(**tiny_config(out, tmp_path / "whole", **extra)))
+
+    def stop(event: str, info: dict) -> None:
+        if event == "step" and info["global_step"] == 5:
+            raise InterruptError
+
+    cfg = resolve_config(**tiny_config(out, tmp_path / "cut", **extra))
+    with pytest.raises(InterruptError):
+        train(cfg, callbacks=[stop])
+    resumed = train(cfg, resume="auto")
+    assert step_losses(tmp_path / "cut") == step_losses(tmp_path / "whole")
+    want, got = whole.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(want[k], got[k]) for k in want)
