@@ -132,7 +132,8 @@ def _progress_printer() -> Callable[[int, int, str, dict | None], None]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from levit.paper.speed import format_bench_models, format_table, plot_rows, run_speed_table, write_rows
+    from levit.paper.bench import format_bench, plot_bench, run_bench
+    from levit.paper.speed import format_bench_models, write_rows
 
     if args.list:
         print(format_bench_models())
@@ -140,10 +141,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     run = _speed_run(args)
     print(f"levit bench: {run.describe()}", file=sys.stderr)
     with warnings_as_lines():  # e.g. "levit_128s (A3) cannot be fused: timed unfused"
-        rows = run_speed_table(run, progress=_progress_printer())
-    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+        rows = run_bench(run, progress=_progress_printer())
+    print(json.dumps(rows, indent=2) if args.json else format_bench(rows))
     if args.output:
         print(f"wrote {write_rows(rows, args.output)}", file=sys.stderr)
     if args.plot:
-        print(f"wrote {plot_rows(rows, args.plot)}", file=sys.stderr)
+        print(f"wrote {plot_bench(rows, args.plot)}", file=sys.stderr)
     return 0

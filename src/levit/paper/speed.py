@@ -440,7 +440,7 @@ class SpeedRun:
     the defaults of the paper's protocol for the device and refuses what cannot run.
 
     ``suite="modern"`` times the models of :data:`levit.paper.accuracy.MODERN_MODELS` by
-    :func:`levit.paper.field.run_field`: there ``backend`` ``auto`` (the default) means the fastest
+    :func:`levit.paper.field.run_field` (:func:`levit.paper.bench.run_bench` runs either suite): there ``backend`` ``auto`` (the default) means the fastest
     of eager, OpenVINO and ONNX Runtime that gives the eager form's logits, ``warmup_s`` is the trial
     window of each form, and ``windows`` the number of interleaved rounds."""
 
@@ -552,10 +552,8 @@ def run_speed_table(
     """The rows of a ``levit bench`` run (resolved first): every model at every batch size, by the
     run's protocol; ``progress`` as in :func:`benchmark`."""
     run = run.resolved()
-    if run.suite == "modern":
-        from .field import run_field
-
-        return run_field(run, progress=progress)
+    if run.suite != "paper":
+        raise LeViTError("run_speed_table runs the paper's suite; levit.paper.bench.run_bench runs any suite")
     return benchmark(
         run.models, run.protocol(), batch_size=run.batch_sizes and list(run.batch_sizes), progress=progress
     )
@@ -599,14 +597,9 @@ _COLUMNS = [
 
 
 def format_table(rows: Sequence[dict]) -> str:
-    """A plain-text table of benchmark rows, with the device and versions as a header line (a modern
-    suite's rows: :func:`levit.paper.field.format_field_table`)."""
+    """A plain-text table of benchmark rows, with the device and versions as a header line."""
     if not rows:
         return "(no results)"
-    if "top1_source" in rows[0]:
-        from .field import format_field_table
-
-        return format_field_table(rows)
     cells = []
     for r in rows:
         line = []
@@ -653,12 +646,7 @@ def write_rows(rows: Sequence[dict], path: str | os.PathLike) -> Path:
 
 
 def plot_rows(rows: Sequence[dict], path: str | os.PathLike, title: str | None = None) -> Path:
-    """The paper's Figure 1 on this machine: measured img/s (log x) against the paper's top-1 (y); a
-    modern suite's rows get the Pareto picture (:func:`levit.paper.field.plot_field`)."""
-    if rows and "top1_source" in rows[0]:
-        from .field import plot_field
-
-        return plot_field(rows, path, title)
+    """The paper's Figure 1 on this machine: measured img/s (log x) against the paper's top-1 (y)."""
     try:
         import matplotlib
 
