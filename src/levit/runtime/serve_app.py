@@ -1,5 +1,5 @@
-"""The serving application: :class:`LeViTService`, the model, its lanes, the batching rule, the metrics
-and the routes; the same object runs in one process (:func:`levit.runtime.serve_process.run_server`)
+"""The serving application: :class:`LeViTService`, the model, its lanes, the metrics and the routes
+(``/v1/classify``, health, and the KServe v2 protocol's); the same object runs in one process (:func:`levit.runtime.serve_process.run_server`)
 and as each Ray Serve replica (:mod:`levit.runtime.serve_ray`).
 
 Decoding and preprocessing are :meth:`levit.data.preprocess.Preprocess.from_model`, the code and the
