@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from train_utils import cli
+from train_utils import cli, run_cli
 
 import levit
 
@@ -259,3 +259,64 @@ def test_openvino_export_on_a_full_disk_names_the_file_not_a_stream_error(ckpt, 
     r = cli("export", "-c", ckpt, "--output", out / "m.xml")
     last = one_line_error(r, 1, str(out / "m.xml"), "no space left on device (ENOSPC)")
     assert "iostream" not in last and list(out.iterdir()) == []
+
+
+# ---- 4. silence and noise ----------------------------------------------------------------------
+def test_files_skipped_in_a_folder_are_counted_with_their_extensions(photos, ckpt):
+    (photos / "IMG_0001.HEIC").write_bytes((photos / "a.jpg").read_bytes())  # JPEG bytes, unknown name
+    (photos / "notes.txt").write_text("not an image")
+    r = cli("predict", photos, "-c", ckpt, "--json")
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stderr.splitlines() if "skipped" in line]
+    assert len(lines) == 1 and "skipped 2 file(s)" in lines[0] and ".heic .txt" in lines[0], r.stderr
+    # given by name, a file is tried whatever its extension
+    assert cli("predict", photos / "IMG_0001.HEIC", "-c", ckpt).returncode == 0
+
+
+def test_a_precision_warning_prints_once_per_run(photos, ckpt, monkeypatch):
+    import levit.runtime.cpu
+
+    monkeypatch.setattr(levit.runtime.cpu, "cpu_bf16_supported", lambda: False)
+    r = cli("predict", photos, "-c", ckpt, "--backend", "eager", "--precision", "bf16", "-b", "1", "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    assert sum(line.startswith("warning: this CPU has no native bf16") for line in r.stderr.splitlines()) == 1
+
+
+def test_onnxruntime_int8_prints_no_preprocessing_advice(photos, ckpt):
+    pytest.importorskip("onnxruntime")
+    r = run_cli("predict", str(photos), "-c", str(ckpt), "--backend", "onnxruntime", "--precision", "int8")
+    assert r.returncode == 0, r.stderr
+    assert "Please consider" not in r.stderr and "WARNING:root" not in r.stderr, r.stderr
+
+
+def test_openvino_int8_prints_no_cuda_notice(photos, ckpt):
+    pytest.importorskip("nncf")
+    r = run_cli("predict", str(photos), "-c", str(ckpt), "--backend", "openvino", "--precision", "int8")
+    assert r.returncode == 0, r.stderr
+    assert "CUDA" not in r.stderr, r.stderr
+
+
+def test_hf_folder_files_get_the_umask_permissions_as_levit_save(tmp_path):
+    from levit.weights.hf import save_hf_pretrained
+
+    model = levit.create_model("levit_tiny", img_size=64)
+    old = os.umask(0o022)
+    try:
+        folder = save_hf_pretrained(model, tmp_path / "hf")
+        own = levit.save(model, tmp_path / "own.safetensors")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+    assert modes == {"config.json": 0o644, "model.safetensors": 0o644}
+    assert own.stat().st_mode & 0o777 == 0o644
+
+
+def test_predict_on_a_local_ray_cluster_prints_only_its_own_lines(photos, ckpt):
+    pytest.importorskip("ray.data")
+    r = run_cli("predict", str(photos), "-c", str(ckpt), "--ray", timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().splitlines() == [line for line in r.stderr.strip().splitlines() if "levit" in line], (
+        r.stderr
+    )
+    for noise in ("core_worker.cc", "Token authentication", "RAY_BACKEND_LOG_LEVEL", "logging.cc"):
+        assert noise not in r.stderr, r.stderr

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -47,6 +48,32 @@ def quantization_options() -> dict[str, object]:
     }
 
 
+class _NoPreprocessingAdvice(logging.Filter):
+    """Drops ONNX Runtime's advice to run its pre-processing before ``quantize_static``: a root-logger
+    warning on every call, which nothing the user can do here would change (levit quantizes the
+    model it exported itself)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Please consider")
+
+
+@contextlib.contextmanager
+def _quiet_quantization_advice() -> Iterator[None]:
+    """:class:`_NoPreprocessingAdvice` on the root logger for the block; with a null handler there
+    when it has none, so that ONNX Runtime's ``logging.warning`` does not configure the root logger
+    for the rest of the process (``logging.basicConfig``)."""
+    root, advice, null = logging.getLogger(), _NoPreprocessingAdvice(), logging.NullHandler()
+    bare = not root.handlers
+    root.addFilter(advice)
+    if bare:
+        root.addHandler(null)
+    try:
+        yield
+    finally:
+        root.removeFilter(advice)
+        root.removeHandler(null)
+
+
 def quantize_int8(onnx_model: bytes, calib: Tensor) -> bytes:
     """The int8 QDQ model of ``onnx_model`` (bytes), calibrated on ``calib`` (N, 3, H, W), with
     :func:`quantization_options`."""
@@ -62,7 +89,8 @@ def quantize_int8(onnx_model: bytes, calib: Tensor) -> bytes:
     with tempfile.TemporaryDirectory() as d:
         src, dst = Path(d, "fp32.onnx"), Path(d, "int8.onnx")
         src.write_bytes(onnx_model)
-        with contextlib.redirect_stdout(io.StringIO()):  # progress output would corrupt --json output
+        # progress output would corrupt --json output
+        with contextlib.redirect_stdout(io.StringIO()), _quiet_quantization_advice():
             quantize_static(str(src), str(dst), Reader(), **quantization_options())
         return dst.read_bytes()
 

@@ -5,6 +5,7 @@ each actor running the same :class:`~levit.data.preprocess.Preprocess` and backe
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -57,6 +58,38 @@ def _backend_recipe(options: PredictOptions, calibration: Sequence[str] | None) 
     }
 
 
+def _init_quietly(ray, address: str | None) -> None:
+    """``ray.init`` without Ray's start-up notices on the user's terminal. The token-authentication
+    notice of a local cluster is a ``ray`` logger warning: that logger is raised to ERROR for the call.
+    The core worker's C++ error lines (Ray Data's actor pool gets one per actor about restartable
+    constructor arguments, though the restarts are what keeps a job going) follow
+    ``RAY_BACKEND_LOG_LEVEL``, Ray's documented switch, set to ``fatal`` unless the user set it;
+    setting it makes Ray print one line saying so, so the C++ writes of the call go through a file and
+    every other line of it is passed on to stderr. Failures still raise."""
+    import logging
+    import tempfile
+
+    ours = "RAY_BACKEND_LOG_LEVEL" not in os.environ
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    ray_logger = logging.getLogger("ray")
+    level = ray_logger.level
+    ray_logger.setLevel(logging.ERROR)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile("w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            ray_logger.setLevel(level)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+                if not (ours and "RAY_BACKEND_LOG_LEVEL" in line):
+                    sys.stderr.write(line)
+
+
 def iter_batches_ray(
     model: nn.Module,
     paths: Sequence[str | os.PathLike],
@@ -86,7 +119,7 @@ def iter_batches_ray(
     if not paths:
         return
     if not ray.is_initialized():
-        ray.init(address=opts.ray or None, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        _init_quietly(ray, opts.ray or None)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the rows in input order, as a local run writes them
     ctx.enable_progress_bars = False  # levit's own bar counts the rows

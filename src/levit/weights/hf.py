@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError
 from ..models.config import PATCH_SIZE, VARIANTS, LeViTConfig
+from ..utils import atomic_path
 
 __all__ = [
     "hf_config_dict",
@@ -187,14 +187,8 @@ def save_hf_pretrained(model: nn.Module, folder: str | os.PathLike) -> Path:
         ("model.safetensors", lambda p: save_file(sd, p, metadata={"format": "pt"})),
         ("config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n")),
     ):
-        fd, tmp = tempfile.mkstemp(prefix=name + ".", suffix=".tmp", dir=folder)
-        os.close(fd)
-        try:
+        with atomic_path(folder / name) as tmp:  # the user's umask permissions, as levit.save gives
             write(tmp)
-            os.replace(tmp, folder / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
     return folder
 
 
