@@ -226,6 +226,7 @@ def test_the_config_keeps_the_models_preprocessing_unless_crop_pct_is_given(file
     assert LeViTService(model, config).preprocess == Preprocess.from_model(model, max_pixels=config.max_pixels)
     pre = LeViTService(model, ServeConfig(crop_pct=0.5)).preprocess
     assert (pre.crop_pct, pre.mean, pre.std) == (0.5, PREPROCESS["mean"], PREPROCESS["std"])
+    assert LeViTService(model, ServeConfig(decoder="tensor")).preprocess.decoder == "tensor"  # as --decoder
 
 
 def test_metrics_count_statuses_latency_and_queue(server, files):

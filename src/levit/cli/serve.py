@@ -10,6 +10,7 @@ from .common import (
     UsageError,
     check_runtime,
     crop_pct_option,
+    decoder_option,
     img_size_option,
     load_model,
     model_options,
@@ -70,6 +71,7 @@ def args_serve(p: argparse.ArgumentParser) -> None:
     g.add_argument("--topk", type=int, default=5, help="classes per answer unless the request says ?topk=")
     img_size_option(g, "input resolution N or HxW, multiples of 16 (default: the model's)", rectangular=True)
     crop_pct_option(g)
+    decoder_option(g)
     runtime_options(g, backend="auto", precision="fp32", precision_help="numeric precision")
     g.add_argument("--calibration", type=Path, nargs="+", help="int8: calibration images (files or folders)")
     g.add_argument(
@@ -116,6 +118,7 @@ def _config(args: argparse.Namespace):
             max_pixels=int(args.max_megapixels * 1e6),
             topk=args.topk,
             crop_pct=args.crop_pct,
+            decoder=args.decoder,
             backend=args.backend,
             precision=args.precision,
             threads=args.threads,

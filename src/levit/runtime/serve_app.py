@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..data import DECODERS
 from ..data.preprocess import Preprocess
 from ..errors import ImageError
 from ..models.config import check_crop_pct
@@ -87,6 +88,7 @@ class ServeConfig:
     max_pixels: int = 50_000_000  # header check before decoding: a 30000x30000 PNG never gets decoded
     topk: int = 5
     crop_pct: float | None = None  # None: the model's pretrained_cfg
+    decoder: str = "pil"  # levit.data.preprocess.Preprocess's decoder, as levit predict's --decoder
     backend: str = "auto"
     precision: str = "fp32"
     threads: int | None = None  # CPU threads per model lane (None: cores // lanes; pipeline.lane_layout)
@@ -130,6 +132,8 @@ class ServeConfig:
                 check_crop_pct(self.crop_pct)
             except ValueError:
                 raise OptionError("crop_pct", f"must be in (0, 1], got {self.crop_pct}") from None
+        if self.decoder not in DECODERS:
+            raise OptionError("decoder", f"must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
         if self.backend not in BACKENDS:
             raise OptionError("backend", f"must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.precision not in PRECISIONS:
@@ -197,7 +201,9 @@ class LeViTService:
         self.model_name = config.model_name or model.config.name
         self.names = class_names_for(model)
         self.num_classes = len(self.names)
-        self.preprocess = Preprocess.from_model(model, crop_pct=config.crop_pct, max_pixels=config.max_pixels)
+        self.preprocess = Preprocess.from_model(
+            model, crop_pct=config.crop_pct, max_pixels=config.max_pixels, decoder=config.decoder
+        )
         self.metrics = _Metrics()
         self.lanes, self.lane_threads = lane_layout(config.lanes, config.threads, available_cpus())
         if next(model.parameters()).device.type != "cpu":  # a GPU runs one batch at a time
