@@ -320,3 +320,27 @@ def test_predict_on_a_local_ray_cluster_prints_only_its_own_lines(photos, ckpt):
     )
     for noise in ("core_worker.cc", "Token authentication", "RAY_BACKEND_LOG_LEVEL", "logging.cc"):
         assert noise not in r.stderr, r.stderr
+
+
+# ---- 5. requests that could never be met end, in one line -------------------------------------
+def closed_port() -> int:
+    """A local TCP port nothing listens on."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_predict_with_an_unreachable_ray_address_fails_in_bounded_time(photos, ckpt):
+    pytest.importorskip("ray.data")
+    address = f"127.0.0.1:{closed_port()}"
+    r = run_cli("predict", str(photos / "a.jpg"), "-c", str(ckpt), "--ray", address, timeout=90)
+    one_line_error(r, 1, f"no Ray cluster answers at {address}", "connection refused")
+
+
+def test_serve_ray_asking_for_more_cpus_than_the_cluster_has_fails_in_bounded_time(ckpt):
+    pytest.importorskip("ray.serve")
+    argv = ["serve", "--ray", "--replicas", "2", "--replica-cpus", "100000", "-c", str(ckpt), "--port", "0"]
+    r = run_cli(*argv, timeout=180)
+    one_line_error(r, 1, "--replicas 2 x --replica-cpus 100000 need 200000 CPUs; this Ray cluster has")

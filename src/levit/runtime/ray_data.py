@@ -58,6 +58,29 @@ def _backend_recipe(options: PredictOptions, calibration: Sequence[str] | None) 
     }
 
 
+RAY_CONNECT_TIMEOUT_S = 10.0  # how long a cluster's address may take to accept a connection
+
+
+def check_reachable(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
+    """Raise :class:`LeViTError` unless something accepts a TCP connection at a ``host:port`` Ray
+    address (``ray://`` too) within ``timeout`` seconds: ``ray.init`` itself retries an unreachable
+    address for minutes. Other addresses (``auto``, ``local``) are left to Ray."""
+    import socket
+
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout):
+            pass
+    except OSError as e:
+        reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__).lower()
+        raise LeViTError(
+            f"no Ray cluster answers at {address} ({reason}): start one there (`ray start --head`) or fix the address"
+        ) from None
+
+
 def _init_quietly(ray, address: str | None) -> None:
     """``ray.init`` without Ray's start-up notices on the user's terminal. The token-authentication
     notice of a local cluster is a ``ray`` logger warning: that logger is raised to ERROR for the call.
@@ -69,6 +92,8 @@ def _init_quietly(ray, address: str | None) -> None:
     import logging
     import tempfile
 
+    if address:
+        check_reachable(address)
     ours = "RAY_BACKEND_LOG_LEVEL" not in os.environ
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     ray_logger = logging.getLogger("ray")

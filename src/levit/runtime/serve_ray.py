@@ -21,7 +21,7 @@ from .pipeline import lane_layout
 from .serve_app import LeViTService, ServeConfig
 from .serve_process import setup_logging
 
-__all__ = ["APP_NAME", "deployment", "init_ray", "run_deployment", "run_ray", "start_ray"]
+__all__ = ["APP_NAME", "check_capacity", "deployment", "init_ray", "run_deployment", "run_ray", "start_ray"]
 
 APP_NAME = "levit"
 log = logging.getLogger("levit.serve")
@@ -64,6 +64,22 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
     return True
 
 
+def check_capacity(replicas: int, replica_cpus: float) -> None:
+    """Raise :class:`~levit.errors.LeViTError` when the Ray cluster has fewer CPUs than ``replicas``
+    replicas of ``replica_cpus`` each ask for: Ray Serve would wait for them for ever. Called for the
+    one-machine cluster this process started, which cannot grow (an autoscaling cluster can)."""
+    import ray
+
+    from ..errors import LeViTError
+
+    have = ray.cluster_resources().get("CPU", 0)
+    if replicas * replica_cpus > have:
+        raise LeViTError(
+            f"--replicas {replicas} x --replica-cpus {replica_cpus:g} need {replicas * replica_cpus:g} CPUs; "
+            f"this Ray cluster has {have:g}: ask for fewer replicas or CPUs per replica"
+        )
+
+
 def start_ray(
     model: nn.Module,
     config: ServeConfig,
@@ -76,6 +92,8 @@ def start_ray(
     """Start (or join) Ray and run the deployment on ``config.host:config.port``; returns whether this
     call started Ray. Blocks until every replica is ready."""
     started = init_ray(address, num_cpus=num_cpus, quiet=config.quiet)
+    if started and not address:
+        check_capacity(replicas, replica_cpus)
     run_deployment(model, config, replicas=replicas, replica_cpus=replica_cpus)
     return started
 
@@ -108,6 +126,8 @@ def run_ray(
     started = False
     try:
         started = init_ray(address, num_cpus=num_cpus, quiet=config.quiet)
+        if started and not address:
+            check_capacity(replicas, replica_cpus)
         # after ray.init, whose core worker installs a SIGTERM handler of its own that aborts the process
         previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
         run_deployment(model, config, replicas=replicas, replica_cpus=replica_cpus)
