@@ -14,6 +14,10 @@ The rules (the docs are written to them):
   first line is the comment ``# continued from the block above``: then it shares that block's.
   A top-level expression whose trailing comment is a Python literal, or starts with a
   ``torch.Size([...])``, must evaluate to it (``levit.count_params(model)  # 18893876``).
+- Skipped blocks are still read as a reader pastes them: a Python block must define every name it
+  uses (``test_python_blocks_define_every_name_they_use``), and going down a page, no ``levit predict``
+  or ``levit train`` writes an ``--output`` that an earlier line made unless it resumes, overwrites or
+  says it is refused (``test_no_block_writes_an_output_an_earlier_block_made``).
 - A shell block is a list of commands (``\\`` continues a line, ``#`` starts a comment); each must be
   ``levit ...``, optionally after ``VAR=value`` settings, and runs in-process as
   ``levit.cli.main(shlex.split(line)[1:])`` with those variables set. It must exit 0, or the code a
@@ -381,3 +385,75 @@ def test_links_resolve(page: Path):
         if anchor and dest.suffix == ".md":
             headings = {_anchor(h) for h in re.findall(r"^#+ (.+)$", dest.read_text(), flags=re.M)}
             assert anchor in headings, f"{page.name}: link to {target}: no such heading in {dest.name}"
+
+
+# ---- what a reader pastes, skipped blocks included -----------------------------------------------
+def _bound_names(tree: ast.AST) -> set[str]:
+    """Every name a block binds anywhere (assignments, imports, definitions, loop and with targets,
+    arguments, comprehension variables): scopes are not told apart, a generous reading."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            names.add(node.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.arg):
+            names.add(node.arg)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            names.add(node.name)
+    return names
+
+
+def _undefined_names(code: str, known: set[str]) -> list[str]:
+    import builtins
+
+    tree = ast.parse(code)
+    defined = _bound_names(tree) | known | set(dir(builtins))
+    used = [n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)]
+    return sorted({n for n in used if n not in defined})
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[p.relative_to(ROOT).as_posix() for p in PAGES])
+def test_python_blocks_define_every_name_they_use(page: Path):
+    """A Python block, skipped here or not, runs in a new interpreter: every name it reads is imported
+    or assigned in it (or in the blocks it continues, ``# continued from the block above``)."""
+    known: set[str] = set()
+    for b in parse_blocks(page):
+        if b.lang not in ("python", "py"):
+            continue
+        if not b.code.startswith(CONTINUED):
+            known = set()
+        missing = _undefined_names(b.code, known)
+        assert not missing, f"{b.id}: uses {', '.join(missing)} without defining it (a reader's NameError)"
+        known |= _bound_names(ast.parse(b.code))
+
+
+_OUTPUT_FLAG = re.compile(r"(?:--output|-o)[ =](\S+)")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[p.relative_to(ROOT).as_posix() for p in PAGES])
+def test_no_block_writes_an_output_an_earlier_block_made(page: Path):
+    """A reader going down a page, skipped blocks included, in one folder: a ``levit predict`` or
+    ``levit train`` whose ``--output`` an earlier block already wrote is refused (exit code 2) unless
+    it resumes or overwrites, or says that it is refused (``# exit code 2``)."""
+    made: dict[str, str] = {}
+    for b in parse_blocks(page):
+        if b.lang not in RUN_LANGS or b.lang in ("python", "py"):
+            continue
+        here: set[str] = set()
+        for line in _shell_lines(b.code, b.lang):
+            words = shlex.split(line, comments=True)
+            m = _OUTPUT_FLAG.search(" ".join(words))
+            if not m or len(words) < 2 or words[:2] not in (["levit", "predict"], ["levit", "train"]):
+                continue
+            out = os.path.normpath(m.group(1))
+            again = "--resume" in words or "--overwrite" in words or _EXIT.search(line)
+            assert (out not in here and out not in made) or again, (
+                f"{b.id}: `{line}` writes {out}, which {made.get(out, 'this block')} already made: the reader gets exit "
+                "code 2 (use another --output, or --resume / --overwrite)"
+            )
+            here.add(out)
+        for out in here:
+            made.setdefault(out, b.id)
