@@ -288,3 +288,32 @@ def test_a_pipe_named_like_a_photo_is_an_error_row_not_a_hang(tmp_path, photos):
     assert not worker.is_alive(), "reading a pipe blocked"
     pipe = "not a regular file (a pipe, socket or device), not an image file"
     assert rows == [("a.jpg", None), ("b.jpg", pipe)] * 2
+
+
+@pytest.mark.parametrize("workers", [0, 2], ids=["lanes", "decoding-processes"])
+def test_pixel_batches_normalised_where_the_model_runs_give_the_same_rows(photos, workers, monkeypatch):
+    """A GPU's layout (uint8 batches, normalised on the device), forced on the CPU: the same logits,
+    bit for bit, as batches normalised while decoding, with both decoders."""
+    from levit.runtime.pipeline import iter_batches
+
+    batches = []
+    normalize = Preprocess.normalize
+
+    def spy(self, x):
+        if x.ndim == 4:  # a whole batch, normalised where the model runs
+            batches.append(x.dtype)
+        return normalize(self, x)
+
+    monkeypatch.setattr(Preprocess, "normalize", spy)
+    m = _model(OWN)
+    for decoder in ("pil", "tensor"):
+        common = dict(topk=3, batch_size=3, workers=workers, threads=2, include_logits=True, decoder=decoder)
+        floats = [r for b in iter_batches(m, photos, pixel_batches=False, **common) for r in b]
+        assert batches == []
+        pixels = [r for b in iter_batches(m, photos, pixel_batches=True, **common) for r in b]
+        assert batches and set(batches) == {torch.uint8}
+        assert [r["logits"] for r in pixels] == [r["logits"] for r in floats]
+        batches.clear()
+    pre = Preprocess.from_model(m)
+    x = torch.stack([pre.pixels(f) for f in photos])
+    assert x.dtype == torch.uint8 and torch.equal(pre.normalize(x), torch.stack([pre(f) for f in photos]))

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["TENSOR_FORMATS", "decode_to_tensor", "normalize", "resize_and_crop", "tensor_decoder_name"]
+__all__ = ["TENSOR_FORMATS", "decode_to_tensor", "resize_and_crop", "tensor_decoder_name"]
 
 # what the tensor decoder takes itself, by its first bytes: JPEG and 8-bit PNG
 TENSOR_FORMATS = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG"}
@@ -86,12 +86,3 @@ def resize_and_crop(
     mode = InterpolationMode(interpolation)
     img = F.resize(img, [size] if isinstance(size, int) else list(size), interpolation=mode, antialias=antialias)
     return F.center_crop(img, list(out_hw))
-
-
-def normalize(img: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
-    """uint8 (3, H, W) -> float32 ``(x / 255 - mean) / std``, in the order ``ToTensor`` +
-    ``Normalize`` compute it, so equal pixels give equal floats."""
-    x = img.float().div_(255)
-    m = torch.tensor(mean, dtype=x.dtype).view(-1, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).view(-1, 1, 1)
-    return x.sub_(m).div_(s)

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from torch import Tensor
+from torchvision import transforms as T
 
 from ..errors import ImageError, LeViTError
 from ..models.config import DEFAULT_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, check_crop_pct
@@ -180,6 +181,8 @@ class Preprocess:
         self.fast_decode, self.max_pixels, self.decoder = bool(fast_decode), max_pixels, decoder
         self.resize = resize_size(img_size, crop_pct)
         self.transform = eval_transform(img_size, self.crop_pct, self.mean, self.std, self.interpolation, crop_mode)
+        self._geometry = T.Compose(self.transform.transforms[:2])  # its resize and crop, for pixels()
+        self._norm: dict[str, tuple[Tensor, Tensor]] = {}  # normalize()'s mean and std, per device
         _quiet_bomb_warning()
 
     @classmethod
@@ -236,12 +239,18 @@ class Preprocess:
     def __call__(self, src: str | os.PathLike | bytes) -> Tensor:
         """The (3, H, W) float32 input tensor of one image; raises :class:`~levit.errors.ImageError` if
         it cannot be read."""
-        data = read_image_bytes(src)
-        if self.decoder == "pil":
-            return self.transform(self.bounded(self._pil(data, src)))
+        return self.normalize(self.pixels(src))
+
+    def pixels(self, src: str | os.PathLike | bytes) -> Tensor:
+        """The model's input before normalisation: (3, H, W) uint8, resized and cropped. A batch of these
+        is a quarter of the float batch, so a GPU pipeline moves pixels and normalises them where the
+        model runs (:meth:`normalize`), with the same result."""
         from torchvision.transforms.v2.functional import pil_to_tensor
 
-        from .decoders import decode_to_tensor, normalize, resize_and_crop
+        data = read_image_bytes(src)
+        if self.decoder == "pil":
+            return pil_to_tensor(self._geometry(self.bounded(self._pil(data, src)))).contiguous()
+        from .decoders import decode_to_tensor, resize_and_crop
 
         img = None if self.fast_decode else decode_to_tensor(data, self.max_pixels)
         if img is None:  # what the tensor decoder leaves to Pillow, and the drafted JPEGs of fast_decode
@@ -250,7 +259,19 @@ class Preprocess:
         if box is not None:
             img = img[:, box[1] : box[3], box[0] : box[2]]
         size = self.resize if self.crop_mode == "center" else squash_size(self.img_size, self.crop_pct)
-        return normalize(resize_and_crop(img, size, self.out_hw, self.interpolation), self.mean, self.std)
+        return resize_and_crop(img, size, self.out_hw, self.interpolation).contiguous()
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """uint8 pixels, (3, H, W) or a (B, 3, H, W) batch, on any device -> float32
+        ``(x / 255 - mean) / std``, computed as torchvision's ``ToTensor`` + ``Normalize`` compute it,
+        so the pil decoder's tensors are the authors' bit for bit."""
+        key = str(x.device)
+        if key not in self._norm:  # made once per device: no host-to-device copy per batch
+            self._norm[key] = tuple(
+                torch.tensor(v, dtype=torch.float32).view(-1, 1, 1).to(x.device) for v in (self.mean, self.std)
+            )
+        mean, std = self._norm[key]
+        return x.float().div_(255).sub_(mean).div_(std)
 
     def _bound_box(self, w: int, h: int) -> tuple[int, int, int, int] | None:
         """The (left, top, right, bottom) of :meth:`bounded`'s crop of a ``w`` x ``h`` image, or ``None``."""
@@ -299,25 +320,27 @@ class _PathList:
         return os.fsdecode(self._buf[self._offsets[i] : self._offsets[i + 1]].tobytes())
 
 
-def load_item(preprocess: Preprocess, path: str) -> tuple[str, Tensor | None, str | None]:
-    """``(path, tensor, None)`` for a readable image, ``(path, None, reason)`` for an unreadable one."""
+def load_item(preprocess: Preprocess, path: str, pixels: bool = False) -> tuple[str, Tensor | None, str | None]:
+    """``(path, tensor, None)`` for a readable image (with ``pixels``, its uint8
+    :meth:`Preprocess.pixels`), ``(path, None, reason)`` for an unreadable one."""
     try:
-        return path, preprocess(path), None
+        return path, preprocess.pixels(path) if pixels else preprocess(path), None
     except ImageError as e:
         return path, None, e.reason
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Image files as ``(path, tensor or None, error or None)``: a bad file is an item with its reason."""
+    """Image files as ``(path, tensor or None, error or None)``: a bad file is an item with its reason.
+    With ``pixels`` the tensors are uint8 (:meth:`Preprocess.pixels`), to be normalised later."""
 
-    def __init__(self, paths: Sequence[str | os.PathLike], preprocess: Preprocess) -> None:
-        self.paths, self.preprocess = _PathList(paths), preprocess
+    def __init__(self, paths: Sequence[str | os.PathLike], preprocess: Preprocess, pixels: bool = False) -> None:
+        self.paths, self.preprocess, self.pixels = _PathList(paths), preprocess, pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[str, Tensor | None, str | None]:
-        return load_item(self.preprocess, self.paths[i])
+        return load_item(self.preprocess, self.paths[i], self.pixels)
 
 
 class Batch(NamedTuple):

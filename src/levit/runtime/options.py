@@ -93,7 +93,8 @@ class PredictOptions:
 
     The preprocessing: ``crop_pct`` (``None``: the model's ``pretrained_cfg``), ``fast_decode``,
     ``max_pixels`` (``None``: Pillow's limit) and ``decoder`` (``pil`` or ``tensor``), as
-    :meth:`levit.data.preprocess.Preprocess.from_model`.
+    :meth:`levit.data.preprocess.Preprocess.from_model`; ``pixel_batches``: batches travel as uint8
+    pixels and are normalised where the model runs, the same tensors (``None``: on a GPU, not on the CPU).
 
     The rows: ``topk`` classes each, ``include_logits``, ``class_names`` (default: the model's or
     ImageNet's); ``output`` (``.jsonl``, ``.csv`` or ``.parquet``) with ``resume`` or ``overwrite``.
@@ -113,6 +114,7 @@ class PredictOptions:
     fast_decode: bool = False
     max_pixels: int | None = None
     decoder: str = "pil"
+    pixel_batches: bool | None = None
     include_logits: bool = False
     class_names: tuple[str, ...] | None = None
     output: str | None = None

@@ -166,11 +166,18 @@ def make_rows(
 
 
 def classify(
-    run: Callable[[Tensor], Tensor], x: Tensor, device: torch.device, k: int, include_logits: bool
+    run: Callable[[Tensor], Tensor],
+    x: Tensor,
+    device: torch.device,
+    k: int,
+    include_logits: bool,
+    normalize: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(top-k probabilities, top-k classes, logits or None) of one batch, on the CPU."""
+    """(top-k probabilities, top-k classes, logits or None) of one batch, on the CPU. ``x`` is the
+    model's input, or with ``normalize`` uint8 pixels normalised on ``device`` after the copy."""
     with torch.inference_mode():
-        logits = run(x.to(device, non_blocking=True)).float()
+        x = x.to(device, non_blocking=True)
+        logits = run(x if normalize is None else normalize(x)).float()
         probs, classes = logits.softmax(-1).topk(k, dim=-1)
         return probs.cpu(), classes.cpu(), logits.cpu() if include_logits else None
 
@@ -178,18 +185,21 @@ def classify(
 @dataclasses.dataclass(frozen=True)
 class RowMaker:
     """Classifies a decoded :class:`~levit.data.preprocess.Batch` into rows (:func:`make_rows`): the
-    ``k`` best of ``names`` for each image, with its logits if ``include_logits``, on ``device``."""
+    ``k`` best of ``names`` for each image, with its logits if ``include_logits``, on ``device``. With
+    ``normalize`` (a :meth:`levit.data.preprocess.Preprocess.normalize`) the batches hold uint8 pixels,
+    normalised on ``device``."""
 
     device: torch.device
     k: int
     names: Sequence[str]
     include_logits: bool = False
+    normalize: Callable[[Tensor], Tensor] | None = None
 
     def __call__(self, run: Callable[[Tensor], Tensor] | None, batch: Batch) -> list[dict]:
         """The rows of ``batch``, its readable images classified by ``run``."""
         probs = classes = logits = None
         if batch.x is not None and run is not None:
-            probs, classes, logits = classify(run, batch.x, self.device, self.k, self.include_logits)
+            probs, classes, logits = classify(run, batch.x, self.device, self.k, self.include_logits, self.normalize)
         return make_rows(batch, probs, classes, logits, self.names, self.include_logits)
 
 
@@ -248,7 +258,10 @@ def iter_batches(
     if runners is not None and dev.type != "cpu":
         raise LeViTError(f"a list of runners (lanes) runs on the CPU, not on {dev}")
     batch_size = opts.batch_size or getattr(run, "batch_size", None) or opts.default_batch_size(dev.type == "cpu")
-    rows = RowMaker(dev, min(opts.topk, num_classes), names, opts.include_logits)
+    # a GPU gets uint8 pixels (a quarter of the bytes through the decoding processes' shared memory
+    # and the host-to-device copy) and normalises them itself; the CPU normalises as it decodes
+    pixels = opts.pixel_batches if opts.pixel_batches is not None else dev.type != "cpu"
+    rows = RowMaker(dev, min(opts.topk, num_classes), names, opts.include_logits, pre.normalize if pixels else None)
     eager_cpu = runner is None and dev.type == "cpu"
     lanes = len(runners) if runners else (opts.threads or available_cores()) if eager_cpu else 1
     if not paths:
@@ -262,7 +275,7 @@ def iter_batches(
         eager_cpu, run = True, _RoundRobin(runners)
     workers, batch_size = plan(paths, batch_size, workers)
     loader = torch.utils.data.DataLoader(
-        ImageFiles(paths, pre),
+        ImageFiles(paths, pre, pixels),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=collate,
@@ -350,7 +363,7 @@ def _lanes_decode_and_classify(
         for path in batch_paths:
             if stop.is_set():
                 raise _StoppedError
-            items.append(load_item(pre, path))
+            items.append(load_item(pre, path, rows.normalize is not None))
         return rows(run, collate(items))
 
     pending: collections.deque[Future] = collections.deque()
