@@ -138,8 +138,15 @@ def section_int8(args, out: Path, images: torch.Tensor) -> list[dict]:
         for act in pte.INT8_ACTIVATIONS:
             log(f"int8: {name} int8 ({act} activations) export on {images.shape[0]} images ...")
             t0 = time.perf_counter()
+            # a benchmark reports what it measures: the export's acceptance check (a broken quantization
+            # agrees on about 1/classes of the images) is reported beside the figure instead of aborting
+            # the run: agreements differ between CPUs, and randomised weights keep the top logits close
             q = edge.export_executorch(
-                model, out / f"{name}_int8.pte", precision="int8", calibration=images, int8=edge.Int8Options(act)
+                model,
+                out / f"{name}_int8.pte",
+                precision="int8",
+                calibration=images,
+                int8=edge.Int8Options(act, min_agreement=0.0),
             )
             row[f"executorch {act}"] = {
                 "top1_agreement": q.top1_agreement,
@@ -161,9 +168,11 @@ def section_int8(args, out: Path, images: torch.Tensor) -> list[dict]:
         print(f"{r['model']:<11} {'executorch fp32':<34} {'':>11} {'':>12} {r['fp32_mb']:6.1f}")
         for act in pte.INT8_ACTIVATIONS:
             e = r[f"executorch {act}"]
+            below = e["top1_agreement"] < edge.DEFAULT_MIN_AGREEMENT
             print(
                 f"{'':<11} {f'executorch int8 {act}':<34} {e['top1_agreement'] * 100:10.1f}% "
                 f"{e['max_rel_error']:12.2e} {e['mb']:6.1f} {e['size_ratio'] * 100:7.1f}%"
+                + (f"  BELOW the export's {edge.DEFAULT_MIN_AGREEMENT * 100:.0f}% check" if below else "")
             )
         for be in ("openvino", "onnxruntime"):
             f = r[be]

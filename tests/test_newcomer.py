@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from train_utils import cli, run_cli
 
@@ -344,3 +345,45 @@ def test_serve_ray_asking_for_more_cpus_than_the_cluster_has_fails_in_bounded_ti
     argv = ["serve", "--ray", "--replicas", "2", "--replica-cpus", "100000", "-c", str(ckpt), "--port", "0"]
     r = run_cli(*argv, timeout=180)
     one_line_error(r, 1, "--replicas 2 x --replica-cpus 100000 need 200000 CPUs; this Ray cluster has")
+
+
+# ---- 6. figures say where they come from ---------------------------------------------------------
+def test_readme_speed_figures_name_the_avx512_cpu_as_docs_speed_does():
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    flat = " ".join((root / "docs" / "speed.md").read_text().split())  # line breaks are not words
+    cpu = re.search(r"\*\*(AMD EPYC \(Zen 4, AVX-512[^)]*\))", flat).group(1)
+    readme = " ".join((root / "README.md").read_text().split())
+    table = readme.index("| clients | requests/s")
+    assert cpu in readme[max(0, table - 600) : table], "the README's serving figures do not name their AVX-512 CPU"
+
+
+def test_edge_benchmark_reports_an_int8_agreement_below_the_export_check(tmp_path, monkeypatch, capsys):
+    import importlib.util
+    from types import SimpleNamespace
+
+    from levit.runtime import edge
+
+    pytest.importorskip("executorch")
+    spec = importlib.util.spec_from_file_location(
+        "edge_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "edge.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    agreement = 0.481  # what ExecuTorch static int8 reached on an AVX2-only CPU
+
+    def export_executorch(model, path, *, precision="fp32", int8=None, **kwargs):
+        if precision == "int8" and agreement < int8.min_agreement:  # the export's own check
+            raise edge.ExportError(f"agrees on {agreement:.1%}")
+        return SimpleNamespace(size_bytes=100, top1_agreement=agreement, max_rel_error=0.5)
+
+    monkeypatch.setattr(bench.edge, "export_executorch", export_executorch)
+    monkeypatch.setattr(bench, "build_model", lambda name, checkpoint: None)
+    fidelity = SimpleNamespace(fidelity={"top1_agreement": 0.9, "max_rel_error": 0.1})
+    monkeypatch.setattr(bench, "deploy", lambda *a, **kw: fidelity)
+    monkeypatch.setattr(bench, "resolve", lambda *a: ("openvino", "int8"))
+    args = SimpleNamespace(models=["levit_128s"], checkpoint=None, quick=True)
+    rows = bench.section_int8(args, tmp_path, torch.zeros(2, 3, 224, 224))
+    assert rows[0]["executorch static"]["top1_agreement"] == agreement
+    assert "BELOW the export's 50% check" in capsys.readouterr().out
