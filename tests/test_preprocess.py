@@ -317,3 +317,31 @@ def test_pixel_batches_normalised_where_the_model_runs_give_the_same_rows(photos
     pre = Preprocess.from_model(m)
     x = torch.stack([pre.pixels(f) for f in photos])
     assert x.dtype == torch.uint8 and torch.equal(pre.normalize(x), torch.stack([pre(f) for f in photos]))
+
+
+def test_the_cuda_decoders_batches_on_the_cpu_give_the_tensor_decoders_rows(photos, tmp_path):
+    """The ``cuda`` decoder's layout (a batch of JPEGs decoded in one call on the model's device,
+    resized there), run on the CPU: the ``tensor`` decoder's logits bit for bit; other formats through
+    the CPU path; unreadable files are error rows with the pil path's reasons; ``auto`` on the CPU is pil."""
+    from PIL import Image
+
+    from levit.runtime.pipeline import iter_batches
+
+    Image.open(photos[0]).save(tmp_path / "a.png")
+    Image.open(photos[1]).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    whole = photos[2].read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "notes.jpg").write_text("a text file named like a photo\n")
+    files = [*photos[:4], tmp_path / "a.png", tmp_path / "cmyk.jpg", tmp_path / "truncated.jpg", tmp_path / "notes.jpg"]
+    m = _model(OWN)
+
+    def rows(decoder: str) -> list[dict]:
+        opts = dict(topk=2, batch_size=3, workers=0, threads=1, include_logits=True, decoder=decoder)
+        return [r for b in iter_batches(m, files, **opts) for r in b]
+
+    cuda, tensor = rows("cuda"), rows("tensor")
+    assert [(r["path"], r["error"], r["logits"]) for r in cuda] == [
+        (r["path"], r["error"], r["logits"]) for r in tensor
+    ]
+    assert [r["error"] is None for r in cuda] == [True] * 6 + [False] * 2
+    assert [r["logits"] for r in rows("auto")] == [r["logits"] for r in rows("pil")]

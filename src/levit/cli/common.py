@@ -128,7 +128,9 @@ def decoder_option(p: argparse.ArgumentParser) -> None:
         choices=DECODERS,
         default="pil",
         help="pil: the authors' evaluation, bit for bit; tensor: decoded into a tensor and resized there, "
-        "about twice as fast per core, equal but for 8-bit rounding (docs/predict.md)",
+        "about twice as fast per core, equal but for 8-bit rounding; cuda: each batch's JPEGs decoded in one "
+        "call on the model's device (nvJPEG on a GPU) and resized there; auto: cuda on a GPU, else pil "
+        "(docs/predict.md)",
     )
 
 

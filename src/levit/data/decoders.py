@@ -1,5 +1,5 @@
 """Decoding an image straight into a uint8 tensor, and the evaluation preprocessing on tensors: the
-``tensor`` decoder of :class:`levit.data.preprocess.Preprocess`.
+``tensor`` and ``cuda`` decoders of :class:`levit.data.preprocess.Preprocess`.
 
 The ``pil`` decoder (Pillow, then torchvision's PIL transforms) is the authors' evaluation, bit for bit.
 This path decodes with libjpeg-turbo / libpng into a (3, H, W) uint8 tensor (TorchCodec's
@@ -8,7 +8,11 @@ torchvision's antialiased uint8 kernels, the same filter as Pillow's, so its pix
 ``pil`` path's by rounding only; it skips Pillow's PIL -> tensor conversion, which costs as much as
 the resize (docs/predict.md measures both paths and their agreement).
 
-Whatever this path does not take as it is (formats other than JPEG and PNG, 16-bit images, images
+The ``cuda`` decoder (:func:`decode_jpegs_on`) decodes a whole batch of JPEGs in one call on the
+model's device (nvJPEG on a CUDA GPU; the same call runs on the CPU, which is how it is tested) and
+resizes there: only the files' bytes cross to the GPU.
+
+Whatever these paths do not take as they are (formats other than JPEG and PNG, 16-bit images, images
 over the pixel limit, files it cannot decode) goes to the ``pil`` path, which gives the same answer as
 always, or the one-line :class:`~levit.errors.ImageError` an unreadable file gets.
 """
@@ -22,7 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["TENSOR_FORMATS", "decode_to_tensor", "resize_and_crop", "tensor_decoder_name"]
+__all__ = ["TENSOR_FORMATS", "decode_jpegs_on", "decode_to_tensor", "resize_and_crop", "tensor_decoder_name"]
 
 # what the tensor decoder takes itself, by its first bytes: JPEG and 8-bit PNG
 TENSOR_FORMATS = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG"}
@@ -86,3 +90,52 @@ def resize_and_crop(
     mode = InterpolationMode(interpolation)
     img = F.resize(img, [size] if isinstance(size, int) else list(size), interpolation=mode, antialias=antialias)
     return F.center_crop(img, list(out_hw))
+
+
+def _decode_jpegs(sources: list[Tensor], device: torch.device) -> list[Tensor]:
+    """One batched JPEG decode on ``device`` (nvJPEG on a GPU: the whole list in one call)."""
+    try:
+        from torchcodec.decoders import decode_jpeg
+
+        return list(decode_jpeg(sources, mode="RGB", device=device))
+    except ImportError:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        with warnings.catch_warnings():  # its deprecation notice points at TorchCodec, above
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return list(decode_jpeg(sources, mode=ImageReadMode.RGB, device=device))
+
+
+def decode_jpegs_on(datas: list[bytes], device: torch.device, max_pixels: int | None) -> list[Tensor | None]:
+    """(3, H, W) uint8 RGB tensors on ``device`` for the JPEGs among ``datas``, decoded as one batch;
+    ``None`` for every other item, and for a JPEG the batch decoder refuses (CMYK, or progressive
+    where the device's decoder lacks it, or corrupt: those are decoded again one by one, and what still
+    fails is left to the caller's CPU path, which decodes it or says why it cannot)."""
+    from PIL import Image
+
+    todo = []
+    for i, data in enumerate(datas):
+        if not data.startswith(b"\xff\xd8\xff"):
+            continue
+        try:
+            with warnings.catch_warnings(), Image.open(io.BytesIO(data)) as im:  # the header only
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                w, h = im.size
+                if im.mode in ("RGB", "L") and not (max_pixels and w * h > max_pixels):
+                    todo.append(i)
+        except Exception:
+            continue  # not a readable JPEG header: the CPU path says why
+    out: list[Tensor | None] = [None] * len(datas)
+    sources = [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in todo]
+    try:
+        decoded: list[Tensor | None] = list(_decode_jpegs(sources, device)) if sources else []
+    except Exception:  # one bad file fails the batch call: find it by decoding one at a time
+        decoded = []
+        for source in sources:
+            try:
+                decoded.append(_decode_jpegs([source], device)[0])
+            except Exception:
+                decoded.append(None)
+    for i, img in zip(todo, decoded):
+        out[i] = img
+    return out

@@ -248,18 +248,51 @@ class Preprocess:
         from torchvision.transforms.v2.functional import pil_to_tensor
 
         data = read_image_bytes(src)
-        if self.decoder == "pil":
+        if self.decoder in ("pil", "auto"):  # auto: pil, but for a GPU's batches (pixels_batch)
             return pil_to_tensor(self._geometry(self.bounded(self._pil(data, src)))).contiguous()
-        from .decoders import decode_to_tensor, resize_and_crop
+        from .decoders import decode_to_tensor
 
         img = None if self.fast_decode else decode_to_tensor(data, self.max_pixels)
         if img is None:  # what the tensor decoder leaves to Pillow, and the drafted JPEGs of fast_decode
             img = pil_to_tensor(self._pil(data, src))
+        return self._tensor_geometry(img)
+
+    def _tensor_geometry(self, img: Tensor) -> Tensor:
+        """Bound, resize and crop a (3, H, W) uint8 tensor, on whatever device it is."""
+        from .decoders import resize_and_crop
+
         box = self._bound_box(img.shape[-1], img.shape[-2])
         if box is not None:
             img = img[:, box[1] : box[3], box[0] : box[2]]
         size = self.resize if self.crop_mode == "center" else squash_size(self.img_size, self.crop_pct)
         return resize_and_crop(img, size, self.out_hw, self.interpolation).contiguous()
+
+    def pixels_batch(self, paths: Sequence[str], device: torch.device) -> Batch:
+        """:meth:`pixels` of a batch of files, stacked on ``device``: the JPEGs decoded there in one call
+        (:func:`levit.data.decoders.decode_jpegs_on`; nvJPEG on a CUDA GPU) and resized there, every
+        other file (and a JPEG the device's decoder refuses) through :meth:`pixels` on the CPU; an
+        unreadable file is an error, as in :class:`ImageFiles`."""
+        from .decoders import decode_jpegs_on
+
+        datas: list[bytes] = []
+        errors: dict[int, str] = {}
+        for i, path in enumerate(paths):
+            try:
+                datas.append(read_image_bytes(path))
+            except ImageError as e:
+                datas.append(b"")
+                errors[i] = e.reason
+        on_device = [None] * len(paths) if self.fast_decode else decode_jpegs_on(datas, device, self.max_pixels)
+        images, ok = [], []
+        for i, img in enumerate(on_device):
+            if i in errors:
+                continue
+            try:
+                images.append(self.pixels(datas[i]).to(device) if img is None else self._tensor_geometry(img))
+                ok.append(i)
+            except ImageError as e:
+                errors[i] = e.reason
+        return Batch(list(paths), torch.stack(images) if images else None, ok, errors)
 
     def normalize(self, x: Tensor) -> Tensor:
         """uint8 pixels, (3, H, W) or a (B, 3, H, W) batch, on any device -> float32

@@ -239,33 +239,22 @@ def iter_batches(
     num_classes = model.config.num_classes
     if len(names) != num_classes:
         raise LeViTError(f"{len(names)} class names for a model with {num_classes} classes")
-    runners = list(runner) if isinstance(runner, (list, tuple)) else None
-    if runners is not None and not runners:
-        raise LeViTError("runner: an empty list of backends")
-    if runners is not None and len(runners) == 1:
-        runner, runners = runners[0], None
     pre = preprocess or preprocess_for(model, opts)
-    if runner is None:
-        model = inference_model(model)
-        if opts.device is not None:
-            model = model.to(opts.device)
-        dev = next(model.parameters()).device
-        run: Callable[[Tensor], Tensor] = model
-    else:
-        run = runners[0] if runners else runner  # type: ignore[assignment]
-        dev = torch.device(opts.device if opts.device is not None else getattr(run, "device", "cpu"))
-    dev = torch.device(dev)
-    if runners is not None and dev.type != "cpu":
-        raise LeViTError(f"a list of runners (lanes) runs on the CPU, not on {dev}")
+    run, runners, dev = _backend(model, runner, opts.device)
     batch_size = opts.batch_size or getattr(run, "batch_size", None) or opts.default_batch_size(dev.type == "cpu")
+    if not paths:
+        return
+    k = min(opts.topk, num_classes)
+    if pre.decoder == "cuda" or (pre.decoder == "auto" and dev.type == "cuda"):
+        rows = RowMaker(dev, k, names, opts.include_logits, pre.normalize)
+        yield from _device_decode(paths, pre, _RoundRobin(runners) if runners else run, rows, batch_size)
+        return
     # a GPU gets uint8 pixels (a quarter of the bytes through the decoding processes' shared memory
     # and the host-to-device copy) and normalises them itself; the CPU normalises as it decodes
     pixels = opts.pixel_batches if opts.pixel_batches is not None else dev.type != "cpu"
-    rows = RowMaker(dev, min(opts.topk, num_classes), names, opts.include_logits, pre.normalize if pixels else None)
+    rows = RowMaker(dev, k, names, opts.include_logits, pre.normalize if pixels else None)
     eager_cpu = runner is None and dev.type == "cpu"
     lanes = len(runners) if runners else (opts.threads or available_cores()) if eager_cpu else 1
-    if not paths:
-        return
     workers = opts.workers
     if (eager_cpu or runners) and (workers == 0 or (workers is None and lanes <= LANES_DECODE_UP_TO)):
         _, batch_size = plan(paths, batch_size, lanes)
@@ -283,6 +272,28 @@ def iter_batches(
         prefetch_factor=2 if workers else None,
     )
     yield from _workers_decode(loader, run, rows, lanes, one_thread=eager_cpu)
+
+
+def _backend(
+    model: nn.Module, runner: Runner | None, device: str | None
+) -> tuple[Callable[[Tensor], Tensor], list | None, torch.device]:
+    """``(run, lanes' runners or None, device)``: the model's inference form on ``device`` (default: its
+    own), or the given backend (one, or a list of CPU lanes)."""
+    runners = list(runner) if isinstance(runner, (list, tuple)) else None
+    if runners is not None and not runners:
+        raise LeViTError("runner: an empty list of backends")
+    if runners is not None and len(runners) == 1:
+        runner, runners = runners[0], None
+    if runner is None:
+        model = inference_model(model)
+        if device is not None:
+            model = model.to(device)
+        return model, None, torch.device(next(model.parameters()).device)
+    run = runners[0] if runners else runner
+    dev = torch.device(device if device is not None else getattr(run, "device", "cpu"))
+    if runners is not None and dev.type != "cpu":
+        raise LeViTError(f"a list of runners (lanes) runs on the CPU, not on {dev}")
+    return run, runners, dev  # type: ignore[return-value]
 
 
 def preprocess_for(model: nn.Module, options: PredictOptions) -> Preprocess:
@@ -377,5 +388,33 @@ def _lanes_decode_and_classify(
                 yield pending.popleft().result()
         finally:
             stop.set()
+            for fut in pending:
+                fut.cancel()
+
+
+def _device_decode(
+    paths: list[str], pre: Preprocess, run: Callable[[Tensor], Tensor], rows: RowMaker, batch_size: int
+) -> Iterator[list[dict]]:
+    """The ``cuda`` decoder's layout: one thread reads the next batches' files and decodes them on the
+    model's device (:meth:`levit.data.preprocess.Preprocess.pixels_batch`: JPEGs in one call there)
+    while this thread classifies the current one; rows in input order. Two batches are prepared
+    ahead, so the device always has the next batch's decode queued behind this batch's model."""
+    starts = iter(range(0, len(paths), batch_size))
+    pending: collections.deque[Future] = collections.deque()
+    with ThreadPoolExecutor(1, thread_name_prefix="levit-decode") as pool:
+
+        def ahead() -> None:
+            start = next(starts, None)
+            if start is not None:
+                pending.append(pool.submit(pre.pixels_batch, paths[start : start + batch_size], rows.device))
+
+        ahead()
+        ahead()
+        try:
+            while pending:
+                batch = pending.popleft().result()
+                ahead()
+                yield rows(run, batch)
+        finally:
             for fut in pending:
                 fut.cancel()
