@@ -7,11 +7,11 @@ The rules (the docs are written to them):
   ``test_commands_are_in_runnable_blocks``). Test ids are ``PAGE:L<line of the opening fence>``.
 - ``<!-- skip: reason -->`` on the line right before a fence marks a block that cannot run here (a GPU,
   a download, a real dataset, minutes of CPU): it is reported as skipped with that reason.
-- Each page runs in its own temporary working folder, its blocks in document order, so a block sees
-  the files the page's earlier blocks wrote (a `levit predict` on the run a `levit train` above made).
-  Running one block alone (``-k``) first runs the page's earlier blocks.
-- A Python block runs in a fresh namespace, as a reader pastes it into a new interpreter, unless its
-  first line is the comment ``# continued from the block above``: then it shares that block's.
+- Each block runs as a reader who pastes just that block would run it: in a new working folder
+  (holding the stand-ins it names) and, for Python, a fresh namespace, unless its first line is the
+  comment ``# continued from the block above`` (in a shell block too): then it runs in that block's
+  folder, after it, and a Python block shares its namespace (a `levit predict` on the run a
+  `levit train` above made). Running one block alone (``-k``) first runs the blocks it continues.
   A top-level expression whose trailing comment is a Python literal, or starts with a
   ``torch.Size([...])``, must evaluate to it (``levit.count_params(model)  # 18893876``).
 - Skipped blocks are still read as a reader pastes them: a Python block must define every name it
@@ -214,29 +214,44 @@ def docs_env(monkeypatch, standin_dir, tmp_path_factory):
 
 
 @dataclasses.dataclass
-class PageState:
+class FolderState:
+    """The working folder (and Python namespace) of a block and of the blocks that continue it."""
+
     folder: Path
-    done: int = 0  # blocks of the page run so far (index into its runnable blocks)
+    done: set[str] = dataclasses.field(default_factory=set)  # ids of the blocks run in it so far
     namespace: dict | None = None
 
 
-_PAGES: dict[Path, PageState] = {}
+_STATES: dict[str, FolderState] = {}  # the id of a chain's first block -> its folder
 
 
-def _page_state(page: Path, standin_dir: Path, tmp_path_factory) -> PageState:
-    if page not in _PAGES:
-        folder = tmp_path_factory.mktemp(page.stem)
-        text = page.read_text()
+def _chain(block: Block) -> list[Block]:
+    """``block`` and the blocks above it that it builds on, first first: each block whose first line
+    is ``# continued from the block above`` adds the runnable block before it."""
+    page_blocks = [b for b in RUNNABLE if b.page == block.page]
+    i = page_blocks.index(block)
+    chain = [block]
+    while chain[0].code.startswith(CONTINUED) and i > 0:
+        i -= 1
+        chain.insert(0, page_blocks[i])
+    return chain
+
+
+def _folder_state(chain: list[Block], standin_dir: Path, tmp_path_factory) -> FolderState:
+    head = chain[0]
+    if head.id not in _STATES:
+        folder = tmp_path_factory.mktemp(f"{head.page.stem}_L{head.line}")
+        text = "".join(b.code for b in chain)
         for name in STANDINS:
             if name in text:
                 _link(_standin(standin_dir, name), folder / name)
-        _PAGES[page] = PageState(folder)
-    return _PAGES[page]
+        _STATES[head.id] = FolderState(folder)
+    return _STATES[head.id]
 
 
-def _prepare_digits_run(page: Path, folder: Path) -> None:
-    """``runs/digits/best.pth`` for a page that reads it without training it (the README's command)."""
-    text = page.read_text()
+def _prepare_digits_run(chain: list[Block], folder: Path) -> None:
+    """``runs/digits/best.pth`` for blocks that read it without training it (the README's command)."""
+    text = "".join(b.code for b in chain)
     if "runs/digits/best.pth" in text and "--output runs/digits " not in text and not (folder / "runs/digits").exists():
         _shell(f"levit train --dataset digits --output {folder / 'runs/digits'}", "stand-in")
 
@@ -298,7 +313,7 @@ def _literal_comments(code: str) -> dict[int, str]:
     return out
 
 
-def _python(block: Block, state: PageState) -> None:
+def _python(block: Block, state: FolderState) -> None:
     ns = state.namespace if block.code.startswith(CONTINUED) and state.namespace is not None else {}
     ns.setdefault("__name__", "__docs__")
     tree = ast.parse(block.code, filename=block.id)
@@ -315,7 +330,7 @@ def _python(block: Block, state: PageState) -> None:
     state.namespace = ns
 
 
-def _run(block: Block, state: PageState) -> None:
+def _run(block: Block, state: FolderState) -> None:
     if block.lang in ("python", "py"):
         _python(block, state)
     else:
@@ -327,16 +342,16 @@ def _run(block: Block, state: PageState) -> None:
 def test_example_runs_as_printed(block: Block, docs_env, standin_dir, tmp_path_factory):
     if block.skip is not None:
         pytest.skip(block.skip)
-    state = _page_state(block.page, standin_dir, tmp_path_factory)
+    chain = _chain(block)
+    state = _folder_state(chain, standin_dir, tmp_path_factory)
     docs_env.chdir(state.folder)
-    _prepare_digits_run(block.page, state.folder)
-    page_blocks = [b for b in RUNNABLE if b.page == block.page]
-    index = page_blocks.index(block)
-    for earlier in page_blocks[state.done : index]:  # when run alone: the page's blocks above first
-        if earlier.skip is None:
+    _prepare_digits_run(chain, state.folder)
+    for earlier in chain[:-1]:  # the blocks it builds on, once per folder (also when run alone, ``-k``)
+        if earlier.skip is None and earlier.id not in state.done:
             _run(earlier, state)
-    state.done = index + 1
+            state.done.add(earlier.id)
     _run(block, state)
+    state.done.add(block.id)
 
 
 # ---- the docs' own shape -------------------------------------------------------------------------
