@@ -60,9 +60,28 @@ def init_distributed(device: str = "auto") -> DistContext:
     ctx = DistContext(rank, world_size, local_rank, process_device)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
-        dist.init_process_group(backend=backend, device_id=process_device if use_cuda else None)
+        device_id = process_device if use_cuda else None
+        store = _restart_store(rank, world_size)
+        if store is None:
+            dist.init_process_group(backend=backend, device_id=device_id)
+        else:
+            dist.init_process_group(backend=backend, device_id=device_id, store=store, rank=rank, world_size=world_size)
         ctx.owns_group = True
     return ctx
+
+
+def _restart_store(rank: int, world_size: int) -> dist.Store | None:
+    """Under a torchrun restart, the agent's store under a prefix of its own for this attempt; else
+    ``None`` (torch's ``env://``). The agent keeps its store across restarts, and without a prefix the
+    restarted workers read the addresses their killed predecessors published and never connect."""
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if restart in ("", "0") or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    from datetime import timedelta
+
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    agent = dist.TCPStore(host, port, world_size, is_master=False, timeout=timedelta(minutes=10))
+    return dist.PrefixStore(f"levit/restart_{restart}", agent)
 
 
 @contextlib.contextmanager

@@ -157,7 +157,9 @@ class _Run:
         found, error = None, None
         if ctx.is_main:
             try:
-                found = self.dir.resume_point(self.resume)  # a bad --resume fails before any work
+                found = (
+                    self._elastic_resume_point() if self.dir.elastic_restart() else self.dir.resume_point(self.resume)
+                )
                 verdict[1] = str(found[0]) if found else None
             except LeViTError as e:
                 error, verdict[0] = e, (type(e).__name__, str(e))
@@ -172,6 +174,16 @@ class _Run:
         from .rundir import load_state
 
         return Path(verdict[1]), load_state(verdict[1])
+
+    def _elastic_resume_point(self) -> tuple[Path, dict] | None:
+        """A torchrun restart of this folder's job: continue from the newest readable checkpoint, or
+        start over when the job died before its first one (the folder is its own: no guard to pass)."""
+        from .rundir import find_resume_checkpoint
+
+        found = find_resume_checkpoint(self.dir.path)
+        where = f"continuing from {found[0]}" if found else "no checkpoint yet: starting over"
+        log(self.ctx, f"torchrun restart {self.dir.elastic_restart()} of this run: {where}")
+        return found
 
     def _start(self, resume_point: tuple[Path, dict] | None) -> None:
         self._build_data()

@@ -45,6 +45,8 @@ __all__ = [
 ]
 
 TRACES = ("best.pth", "metrics.jsonl", "config.yaml", "checkpoints", "tensorboard")
+#: the torchrun job a run folder belongs to (``TORCHELASTIC_RUN_ID``), written when the run starts
+ELASTIC_MARKER = ".torchelastic-run-id"
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
@@ -190,6 +192,21 @@ class RunDir:
                 tmp.unlink(missing_ok=True)
         with atomic_path(self.path / "config.yaml") as tmp:
             tmp.write_text(yaml.safe_dump(dict(config), sort_keys=False))
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+        if run_id:  # this folder belongs to this torchrun job: its restarts continue it (elastic_restart)
+            with atomic_path(self.path / ELASTIC_MARKER) as tmp:
+                tmp.write_text(run_id)
+
+    def elastic_restart(self) -> int:
+        """The torchrun restart number (``TORCHELASTIC_RESTART_COUNT``) when this process is a restart
+        of the job that started the run in this folder (its ``TORCHELASTIC_RUN_ID`` is the folder's);
+        0 otherwise: a first attempt, or a folder another job wrote, which the overwrite guard judges."""
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+        marker = self.path / ELASTIC_MARKER
+        if restarts < 1 or not run_id or not marker.is_file():
+            return 0
+        return restarts if marker.read_text().strip() == run_id else 0
 
     def save_checkpoint(self, payload: Mapping[str, Any], step: int, keep_last: int) -> Path:
         """Write ``checkpoints/ckpt-<step>.pth`` and keep only the newest ``keep_last``."""
