@@ -165,3 +165,27 @@ def test_a_failing_batch_fails_its_requests_and_gives_the_lane_back():
         assert b.free == ["L0"]
 
     asyncio.run(go())
+
+
+def test_busy_until_its_last_request_is_answered_then_closed():
+    """A retired model version's batcher: busy while a request is admitted, queued or computing; once
+    idle, closing it stops its dispatcher and lets go of its lanes."""
+
+    async def go():
+        b, lanes, _ = make()
+        assert not b.busy
+        with b.admitted():
+            assert b.busy
+        task = asyncio.ensure_future(b.submit(1))
+        await settle()
+        assert b.busy  # computing
+        lanes.finish(0)
+        assert await task == 10
+        await settle()
+        assert not b.busy
+        dispatcher = b._state.task
+        b.close()
+        await settle()
+        assert dispatcher.cancelled() and b.free == []
+
+    asyncio.run(go())

@@ -446,7 +446,7 @@ def test_a_full_queue_answers_429_with_retry_after_and_holds_no_more(files, monk
     run = svc.batcher.run
 
     async def watched(lane, items):
-        peak.append(svc.batcher.admitted_now + svc.batcher.queued)
+        peak.append(svc.batcher.admitted_now)  # a queued request is an admitted one: counted once
         return await run(lane, items)
 
     svc.batcher.run = watched
@@ -902,6 +902,157 @@ def test_demo_model_is_trained_when_missing_and_keeps_its_validation_crop(files,
     recipe = resolve_config(config="digits", output=str(tmp_path / "run"))
     assert recipe.eval_crop_pct != levit.create_model("levit_tiny").pretrained_cfg["crop_pct"]  # the check can bite
     assert model.pretrained_cfg["crop_pct"] == recipe.eval_crop_pct
+
+
+# ---- versions: hot reload -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def versions(files) -> dict[int, Path]:
+    """Checkpoints of versions 2 and 3 of the test model: other weights, so an answer names its version."""
+    out = {1: files["model"]}
+    for v in (2, 3):
+        model = randomize_weights(levit.create_model("levit_tiny", img_size=32), seed=10 + v)
+        model.pretrained_cfg.update(PREPROCESS)
+        out[v] = files["model"].with_name(f"tiny-v{v}.safetensors")
+        levit.save(model, out[v])
+    return out
+
+
+def test_reload_under_load_answers_every_request_from_a_version_loaded_when_it_arrived(files, versions, monkeypatch):
+    """Versions 2 then 3 loaded through POST /v2/repository/models/{name}/load while requests keep
+    arriving on slow lanes: no request fails, each answer names the version that computed it, that
+    version was serving when the request arrived (or later: never earlier than the one the client saw),
+    and the answer is that version's own; requests taken before a swap finish on the old version,
+    whose batcher is then closed."""
+    import levit.runtime.deploy as deploy_mod
+    from levit.runtime.serve import LeViTService, ServeConfig
+
+    real, delay = deploy_mod.deploy, {"s": 0.0}
+
+    def slow_deploy(model, **kw):
+        run = real(model, **kw)
+        return lambda x: (time.sleep(delay["s"]), run(x))[1]
+
+    monkeypatch.setattr(deploy_mod, "deploy", slow_deploy)
+    model = levit.create_model("levit_tiny", checkpoint=files["model"])
+    config = ServeConfig(backend="eager", lanes=1, threads=1, max_batch_size=4, topk=3, quiet=True)
+    svc = LeViTService(model, config.replace(checkpoint=str(files["model"])), load_now=True)
+    first = svc.serving
+    delay["s"] = 0.1
+    want = {}
+    for v, path in versions.items():
+        m = levit.create_model("levit_tiny", checkpoint=path)
+        want[str(v)] = predict_paths(m, [files["a.jpg"]], topk=3, batch_size=1, progress=False)[0]["top"]
+    assert want["1"] != want["2"] != want["3"]
+    jpg = files["a.jpg"].read_bytes()
+    log = []  # (version serving when sent, response, version serving when answered)
+
+    async def go():
+        transport = httpx.ASGITransport(app=svc.build_app())
+        async with httpx.AsyncClient(transport=transport, base_url="http://levit", timeout=60) as c:
+
+            async def one(delay_s):
+                await asyncio.sleep(delay_s)
+                seen = svc.serving.version
+                r = await c.post("/v1/classify", content=jpg, headers={"content-type": "image/jpeg"})
+                log.append((seen, r, svc.serving.version))
+
+            async def loads():
+                out = []
+                for v in (2, 3):
+                    await asyncio.sleep(0.3)
+                    body = {"parameters": {"checkpoint": str(versions[v])}}
+                    out.append(await c.post("/v2/repository/models/levit_tiny/load", json=body))
+                return out
+
+            clients = [one(i * 0.04) for i in range(40)]
+            done = await asyncio.gather(loads(), *clients)
+            await asyncio.sleep(0.3)  # the retired versions' batchers close once idle
+            index = await c.post("/v2/repository/index")
+            return done[0], index
+
+    loaded, index = asyncio.run(go())
+    assert [r.status_code for r in loaded] == [200, 200], [r.text for r in loaded]
+    assert [r.json()["version"] for r in loaded] == ["2", "3"]
+    answered = set()
+    for seen, r, after in log:
+        assert r.status_code == 200, r.text
+        v = int(r.json()["version"])
+        assert seen <= v <= after, (seen, v, after)
+        assert_same(r.json()["top"], want[str(v)])
+        answered.add(v)
+    assert len(answered) >= 2, answered
+    assert any(int(r.json()["version"]) < after for _, r, after in log), "no request finished across a swap"
+    assert index.json() == [{"name": "levit_tiny", "version": "3", "state": "READY"}]
+    assert first.batcher is None  # version 1 retired: its lanes let go
+
+
+def test_a_checkpoint_that_fails_to_load_leaves_the_old_version_serving(files, tmp_path):
+    """A missing file and a file that is not a checkpoint: each load answers 400 saying why (and the log
+    says it too), version 1 keeps answering, the repository index shows the failed version and its
+    reason, and the metrics count the failures; with model control off, a load is 403."""
+    from levit.runtime.serve import LeViTService, ServeConfig
+
+    model = levit.create_model("levit_tiny", checkpoint=files["model"])
+    svc = LeViTService(model, ServeConfig(backend="eager", lanes=1, threads=1, topk=3, quiet=True), load_now=True)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a checkpoint")
+    jpg = files["a.jpg"].read_bytes()
+
+    async def go():
+        transport = httpx.ASGITransport(app=svc.build_app())
+        async with httpx.AsyncClient(transport=transport, base_url="http://levit", timeout=60) as c:
+            load = "/v2/repository/models/levit_tiny/load"
+            out = {"none": await c.post(load)}  # no checkpoint: this model was not read from a file
+            for name, path in (("missing", tmp_path / "nope.safetensors"), ("junk", junk)):
+                out[name] = await c.post(load, json={"parameters": {"checkpoint": str(path)}})
+            out["unknown"] = await c.post("/v2/repository/models/other/load")
+            out["classify"] = await c.post("/v1/classify", content=jpg, headers={"content-type": "image/jpeg"})
+            out["index"] = await c.post("/v2/repository/index")
+            out["metrics"] = await c.get("/metrics")
+            return out
+
+    out = asyncio.run(go())
+    assert "not read from a file" in _error_line(out["none"], 400)
+    assert "no such checkpoint file" in _error_line(out["missing"], 400)
+    err = _error_line(out["junk"], 400)
+    assert str(junk) in err and "version 1 keeps serving" in err
+    assert out["unknown"].status_code == 404
+    assert out["classify"].status_code == 200 and out["classify"].json()["version"] == "1"
+    rows = out["index"].json()
+    assert rows[0] == {"name": "levit_tiny", "version": "1", "state": "READY"}
+    assert rows[1]["version"] == "2" and rows[1]["state"] == "UNAVAILABLE" and str(junk) in rows[1]["reason"]
+    assert 'levit_model_loads_total{model="levit_tiny",result="failed"} 3.0' in out["metrics"].text
+    assert 'levit_images_total{model="levit_tiny",version="1"} 1.0' in out["metrics"].text
+    off = LeViTService(model, ServeConfig(backend="eager", lanes=1, quiet=True, model_control=False))
+    r = asyncio.run(_in_process_post(off, "/v2/repository/models/levit_tiny/load"))
+    assert "--no-model-control" in _error_line(r, 403)
+
+
+async def _in_process_post(svc, path: str, **kw) -> httpx.Response:
+    transport = httpx.ASGITransport(app=svc.build_app())
+    async with httpx.AsyncClient(transport=transport, base_url="http://levit", timeout=30) as c:
+        return await c.post(path, **kw)
+
+
+def test_sighup_loads_the_checkpoint_again_as_the_next_version(server, files, expected):
+    """SIGHUP re-reads --checkpoint: version 2 serves the same answers, named in /v1/classify, v2
+    inference, model metadata, the repository index and the metrics."""
+    v0 = httpx.post(server.url + "/v2/repository/index", timeout=10).json()[0]["version"]
+    server.proc.send_signal(signal.SIGHUP)
+    want = str(int(v0) + 1)
+    end = time.monotonic() + 30
+    while httpx.post(server.url + "/v2/repository/index", timeout=10).json()[0]["version"] != want:
+        assert time.monotonic() < end, server.log.read_text()
+        time.sleep(0.1)
+    r = post(server.url, files["a.jpg"].read_bytes())
+    assert r.json()["version"] == want
+    assert_same(r.json()["top"], expected["a.jpg"])
+    assert httpx.get(server.url + "/v2/models/levit_tiny", timeout=10).json()["versions"] == [want]
+    v2 = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [_b64(files["b.png"])]}]}
+    out = httpx.post(f"{server.url}/v2/models/levit_tiny/versions/{want}/infer", json=v2, timeout=30).json()
+    assert out["model_version"] == want
+    assert metric(server.url, "levit_model_version", {"model": "levit_tiny"}) == float(want)
+    assert f"version {want} serving" in server.log.read_text()
 
 
 # ---- Ray Serve ---------------------------------------------------------------------------------------

@@ -41,6 +41,47 @@ def args_serve(p: argparse.ArgumentParser) -> None:
         "no request is being decoded to join it (a lone request does not wait; while every lane is busy, "
         "requests wait for the first to finish and fill one batch)",
     )
+    _limit_args(p)
+    g = p.add_argument_group("model and runtime")
+    g.add_argument("--topk", type=int, default=5, help="classes per answer unless the request says ?topk=")
+    img_size_option(g, "input resolution N or HxW, multiples of 16 (default: the model's)", rectangular=True)
+    crop_pct_option(g)
+    decoder_option(g)
+    runtime_options(g, backend="auto", precision="fp32", precision_help="numeric precision")
+    g.add_argument("--calibration", type=Path, nargs="+", help="int8: calibration images (files or folders)")
+    g.add_argument(
+        "--lanes",
+        type=int,
+        default=None,
+        help="model lanes: batches computed at once, each by its own copy of the backend "
+        "(default on a CPU: the cores // --threads, or one per core up to 8; a GPU runs one)",
+    )
+    g.add_argument(
+        "--threads", type=int, default=None, help="CPU threads per model lane (default: the cores // --lanes, else 1)"
+    )
+    g.add_argument(
+        "--no-model-control",
+        dest="model_control",
+        action="store_false",
+        help="refuse POST /v2/repository/models/{name}/load (403): new versions only by SIGHUP, which "
+        "reads --checkpoint again",
+    )
+    g = p.add_argument_group("Ray Serve")
+    g.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run as a Ray Serve deployment: a local one-machine Ray, or join the cluster at ADDRESS",
+    )
+    g.add_argument("--replicas", type=int, default=1, help="with --ray: copies of the application")
+    g.add_argument("--replica-cpus", type=positive_float, default=1.0, help="with --ray: CPUs reserved per replica")
+    p.add_argument("--quiet", "-q", action="store_true", help="no access log (one line per request) or info lines")
+
+
+def _limit_args(p: argparse.ArgumentParser) -> None:
+    """The limits a request and the queue are held to."""
     g = p.add_argument_group("limits")
     g.add_argument("--max-body-mb", type=positive_float, default=20.0, help="larger request bodies get 413")
     g.add_argument(
@@ -67,35 +108,6 @@ def args_serve(p: argparse.ArgumentParser) -> None:
         help="classify requests taken at once, from upload to answer; beyond, 429 with Retry-After "
         "(default: four full batches per model lane)",
     )
-    g = p.add_argument_group("model and runtime")
-    g.add_argument("--topk", type=int, default=5, help="classes per answer unless the request says ?topk=")
-    img_size_option(g, "input resolution N or HxW, multiples of 16 (default: the model's)", rectangular=True)
-    crop_pct_option(g)
-    decoder_option(g)
-    runtime_options(g, backend="auto", precision="fp32", precision_help="numeric precision")
-    g.add_argument("--calibration", type=Path, nargs="+", help="int8: calibration images (files or folders)")
-    g.add_argument(
-        "--lanes",
-        type=int,
-        default=None,
-        help="model lanes: batches computed at once, each by its own copy of the backend "
-        "(default on a CPU: the cores // --threads, or one per core up to 8; a GPU runs one)",
-    )
-    g.add_argument(
-        "--threads", type=int, default=None, help="CPU threads per model lane (default: the cores // --lanes, else 1)"
-    )
-    g = p.add_argument_group("Ray Serve")
-    g.add_argument(
-        "--ray",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="ADDRESS",
-        help="run as a Ray Serve deployment: a local one-machine Ray, or join the cluster at ADDRESS",
-    )
-    g.add_argument("--replicas", type=int, default=1, help="with --ray: copies of the application")
-    g.add_argument("--replica-cpus", type=positive_float, default=1.0, help="with --ray: CPUs reserved per replica")
-    p.add_argument("--quiet", "-q", action="store_true", help="no access log (one line per request) or info lines")
 
 
 def _config(args: argparse.Namespace):
@@ -131,6 +143,8 @@ def _config(args: argparse.Namespace):
             drain_timeout_s=args.drain_timeout,
             quiet=args.quiet,
             model_name=DIGITS_MODEL_NAME if _demo(args) else None,
+            checkpoint=str(args.checkpoint) if args.checkpoint else None,
+            model_control=args.model_control,
             calibration=tuple(map(str, args.calibration)) if args.calibration else None,
         )
     except OptionError as e:

@@ -160,6 +160,18 @@ class Batcher(Generic[Lane]):
         return await future
 
     @property
+    def busy(self) -> bool:
+        """Whether any request is admitted, decoding, queued or computing."""
+        return bool(self.admitted_now or self.decoding or self.queued or self._running)
+
+    def close(self) -> None:
+        """Stop dispatching and let go of the lanes (a retired model version's, once it is not :attr:`busy`)."""
+        if self._state is not None and self._state.task is not None:
+            self._state.task.cancel()
+        self._state = None
+        self.free = []
+
+    @property
     def queued(self) -> int:
         """Requests decoded and waiting for a batch."""
         return len(self._state.queue) if self._state else 0

@@ -30,6 +30,7 @@ import io
 import logging
 import math
 import os
+import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -61,6 +62,7 @@ from .serve_http import (
     read_image,
 )
 from .serve_kserve import HEADER_LENGTH, add_v2_routes, encode_response, parse_request
+from .serve_models import LoadError, ModelEntry, ModelVersion, read_checkpoint
 from .serve_process import freeze_heap, setup_logging
 
 __all__ = ["LeViTService", "ServeConfig"]
@@ -102,6 +104,8 @@ class ServeConfig:
     drain_timeout_s: float = 30.0  # SIGTERM: longest wait for in-flight requests
     quiet: bool = False
     model_name: str | None = None  # reported in each answer (default: the model's variant)
+    checkpoint: str | None = None  # the file the model was read from: SIGHUP re-reads it
+    model_control: bool = True  # POST /v2/repository/models/{name}/load may load a new version
     calibration: tuple[str, ...] | None = None  # int8: calibration image files/folders
 
     def __post_init__(self) -> None:
@@ -167,6 +171,16 @@ class _Metrics:
         self.queue_depth = Gauge("levit_queue_depth", "decoded images waiting for a batch", registry=r)
         self.in_flight = Gauge("levit_in_flight", "POST /v1/classify requests being handled", registry=r)
         self.ready = Gauge("levit_ready", "1 once the model is loaded and warmed up", registry=r)
+        self.version = Gauge("levit_model_version", "the version of each model serving", ["model"], registry=r)
+        self.loads = Counter(
+            "levit_model_loads", "versions loaded, by result (ok, failed)", ["model", "result"], registry=r
+        )
+        self.answers = Counter(
+            "levit_images",
+            "images answered, by model and the version that computed them",
+            ["model", "version"],
+            registry=r,
+        )
 
     def exposition(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -197,19 +211,15 @@ class LeViTService:
 
     def __init__(self, model: nn.Module, config: ServeConfig = ServeConfig(), *, load_now: bool = False) -> None:
         self.config = config
-        self.model = model.eval()
         self.model_name = config.model_name or model.config.name
-        self.names = class_names_for(model)
-        self.num_classes = len(self.names)
-        self.preprocess = Preprocess.from_model(
-            model, crop_pct=config.crop_pct, max_pixels=config.max_pixels, decoder=config.decoder
-        )
+        self.entry = ModelEntry(self.model_name, self._version(1, model.eval(), config.checkpoint))
         self.metrics = _Metrics()
         self.lanes, self.lane_threads = lane_layout(config.lanes, config.threads, available_cpus())
         if next(model.parameters()).device.type != "cpu":  # a GPU runs one batch at a time
             self.lanes, self.lane_threads = 1, config.threads
-        self.batcher: Batcher | None = None  # made by load(), with the lanes
         self.metrics.queue_depth.set_function(lambda: self.batcher.queued if self.batcher else 0)
+        self._reloading: asyncio.Lock | None = None  # one load at a time (made on the serving loop)
+        self._background: set[asyncio.Task] = set()  # reloads and retirements (the loop keeps weak references)
         self.ready = False
         self.draining = False
         self.in_flight = 0
@@ -220,6 +230,46 @@ class LeViTService:
         if load_now:
             self.load()
 
+    # ---- the version serving (requests bind to it when they arrive) ------------------------------
+    @property
+    def serving(self) -> ModelVersion:
+        """The version that takes new requests."""
+        return self.entry.serving
+
+    @property
+    def model(self) -> nn.Module:
+        """The serving version's model."""
+        return self.serving.model
+
+    @property
+    def names(self) -> list[str]:
+        """The serving version's class names."""
+        return self.serving.names
+
+    @property
+    def num_classes(self) -> int:
+        """The serving version's number of classes."""
+        return self.serving.num_classes
+
+    @property
+    def preprocess(self) -> Callable[[bytes], Tensor]:
+        """The serving version's decoding and preprocessing (:class:`~levit.data.preprocess.Preprocess`)."""
+        return self.serving.preprocess
+
+    @preprocess.setter
+    def preprocess(self, value: Callable[[bytes], Tensor]) -> None:
+        self.serving.preprocess = value
+
+    @property
+    def batcher(self) -> Batcher | None:
+        """The serving version's batcher (None until :meth:`load`)."""
+        return self.serving.batcher
+
+    def _version(self, number: int, model: nn.Module, checkpoint: str | None) -> ModelVersion:
+        c = self.config
+        preprocess = Preprocess.from_model(model, crop_pct=c.crop_pct, max_pixels=c.max_pixels, decoder=c.decoder)
+        return ModelVersion(number, model, preprocess, class_names_for(model), checkpoint)
+
     @property
     def max_queue(self) -> int:
         """Classify requests admitted at once (``config.max_queue``, default four full batches per lane)."""
@@ -229,16 +279,37 @@ class LeViTService:
     def load(self) -> None:
         """Deploy the model on the configured backend, once per lane, and warm each lane up (batch 1
         and a full batch)."""
+        t0 = time.perf_counter()
+        self.serving.batcher = self._deploy(self.serving)
+        self.ready = True
+        self.metrics.ready.set(1)
+        self.metrics.version.labels(self.model_name).set(self.serving.version)
+        first = self.serving.batcher.free[0]
+        log.info(
+            "model %s version %s ready: %s %s, %d lane(s) of %s thread(s), batches of up to %d within %g ms, "
+            "warm-up %.1f s",
+            self.model_name,
+            self.serving.label,
+            getattr(first, "backend", "?"),
+            getattr(first, "precision", "?"),
+            self.lanes,
+            self.lane_threads or "the runtime's",
+            self.config.max_batch_size,
+            self.config.max_wait_ms,
+            time.perf_counter() - t0,
+        )
+
+    def _deploy(self, version: ModelVersion) -> Batcher:
+        """``version``'s lanes, warmed up (batch 1 and a full batch), behind a batcher of their own."""
         from .deploy import deploy_lanes
 
         c = self.config
-        t0 = time.perf_counter()
         if self.lanes > 1 and self.lane_threads:
             # every lane's predictor sets torch to the same count: set it once, so that no lane's
             # restore (levit.utils.num_threads) changes another lane's count mid-batch
             torch.set_num_threads(self.lane_threads)
         lanes = deploy_lanes(
-            self.model,
+            version.model,
             self.lanes,
             threads=self.lane_threads,
             backend=c.backend,
@@ -246,16 +317,15 @@ class LeViTService:
             batch_size=c.max_batch_size,
             calibration=list(c.calibration) if c.calibration else None,
         )
-        first = lanes[0]
         batcher = Batcher(
             lanes,
-            self._run_batch,
+            lambda lane, images: self._run_batch(batcher, lane, images),
             max_batch_size=c.max_batch_size,
             max_wait_s=c.max_wait_ms / 1e3,
             max_queue=self.max_queue,
             decode_threads=c.decode_workers or os.cpu_count() or 1,
         )
-        x, seconds = self._decode(_warmup_image())
+        x, seconds = self._decode(_warmup_image(), version)
         batcher.observe_decode(seconds)
         for p in lanes:
             for n in (1, c.max_batch_size, 1):
@@ -263,20 +333,82 @@ class LeViTService:
                 self._forward(p, x.expand(n, *x.shape).contiguous())
                 if n > 1:
                     batcher.observe_batch(time.perf_counter() - t, n)
-        self.batcher = batcher
-        self.ready = True
-        self.metrics.ready.set(1)
-        log.info(
-            "model %s ready: %s %s, %d lane(s) of %s thread(s), batches of up to %d within %g ms, warm-up %.1f s",
-            self.model_name,
-            getattr(first, "backend", "?"),
-            getattr(first, "precision", "?"),
-            self.lanes,
-            self.lane_threads or "the runtime's",
-            c.max_batch_size,
-            c.max_wait_ms,
-            time.perf_counter() - t0,
-        )
+        return batcher
+
+    async def load_version(self, checkpoint: str | None = None) -> ModelVersion:
+        """Load the next version of the model from ``checkpoint`` (default: the file the serving version
+        was read from) beside the one serving, warm it up, then make it the one serving; the requests
+        already taken finish on the version they arrived on. One load at a time.
+
+        Raises :class:`~levit.runtime.serve_models.LoadError` saying why when it cannot load: the
+        serving version goes on, and the repository index shows the failure until a load succeeds."""
+        import anyio
+
+        if self._reloading is None:
+            self._reloading = asyncio.Lock()
+        async with self._reloading:
+            entry, old = self.entry, self.serving
+            number, path = old.version + 1, checkpoint or old.checkpoint
+            entry.loading = number
+            try:
+                if not self.ready:
+                    raise LoadError("the server is still loading its first version")
+                if path is None:
+                    raise LoadError("this model was not read from a file: name a checkpoint (parameters.checkpoint)")
+                new = await anyio.to_thread.run_sync(self._next_version, number, path)
+            except LoadError as e:
+                why = f"version {number} of {self.model_name} not loaded: {e}; version {old.label} keeps serving"
+                entry.failure = (number, why)
+                self.metrics.loads.labels(self.model_name, "failed").inc()
+                log.error(why)
+                raise LoadError(why) from None
+            finally:
+                entry.loading = None
+            entry.serving, entry.failure = new, None  # the swap: requests arriving from now on bind to it
+            self.metrics.loads.labels(self.model_name, "ok").inc()
+            self.metrics.version.labels(self.model_name).set(number)
+            log.warning(
+                "model %s version %d serving, from %s (version %d retires)", self.model_name, number, path, old.version
+            )
+        self._retire(old)
+        return new
+
+    def _next_version(self, number: int, path: str) -> ModelVersion:
+        """Version ``number`` read from ``path``, deployed and warmed up (on a worker thread)."""
+        device = next(self.model.parameters()).device
+        model = read_checkpoint(path, self.model).to(device)
+        try:
+            version = self._version(number, model, path)
+            version.batcher = self._deploy(version)
+        except Exception as e:  # a checkpoint that reads but does not deploy or run: the same answer
+            raise LoadError(f"{path}: {first_line(e)}") from None
+        return version
+
+    def _retire(self, old: ModelVersion) -> None:
+        """Close ``old``'s batcher once the requests it took are answered (its lanes are then freed)."""
+        batcher = old.batcher
+
+        async def when_idle() -> None:
+            while batcher.busy:
+                await asyncio.sleep(0.05)
+            batcher.close()
+            old.batcher = None
+
+        task = asyncio.get_running_loop().create_task(when_idle())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _on_sighup(self) -> None:
+        """SIGHUP: load the model's checkpoint file again as the next version (failures are logged)."""
+        log.warning("SIGHUP: loading %s again", self.serving.checkpoint or "the model (no checkpoint file)")
+
+        async def reload() -> None:
+            with contextlib.suppress(LoadError):
+                await self.load_version()
+
+        task = asyncio.ensure_future(reload())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     @staticmethod
     @torch.inference_mode()
@@ -289,10 +421,10 @@ class LeViTService:
         megabytes to copy, and the event loop only does HTTP."""
         return list(cls._forward(predictor, torch.stack(images)).unbind(0))
 
-    def _decode(self, data: bytes) -> tuple[Tensor, float]:
-        """:attr:`preprocess` on a decoding thread, with its seconds (the batcher's wait for a burst)."""
+    def _decode(self, data: bytes, version: ModelVersion) -> tuple[Tensor, float]:
+        """``version``'s preprocessing on a decoding thread, with its seconds (the batcher's wait for a burst)."""
         t0 = time.perf_counter()
-        x = self.preprocess(data)
+        x = version.preprocess(data)
         return x, time.perf_counter() - t0
 
     def _limiter(self, which: int):
@@ -303,15 +435,17 @@ class LeViTService:
             self._limiters = (anyio.CapacityLimiter(workers), anyio.CapacityLimiter(self.lanes))
         return self._limiters[which]
 
-    async def _run_batch(self, predictor: Callable[[Tensor], Tensor], images: list[Tensor]) -> list[Tensor]:
-        """One forward pass on the lane the batcher gave (each image (3, H, W)) -> their probabilities."""
+    async def _run_batch(
+        self, batcher: Batcher, predictor: Callable[[Tensor], Tensor], images: list[Tensor]
+    ) -> list[Tensor]:
+        """One forward pass on the lane ``batcher`` gave (each image (3, H, W)) -> their probabilities."""
         import anyio
 
         self.metrics.batch_size.observe(len(images))
         t0 = time.perf_counter()
         probs = await anyio.to_thread.run_sync(self._forward_images, predictor, images, limiter=self._limiter(1))
         dt = time.perf_counter() - t0
-        self.batcher.observe_batch(dt, len(images))
+        batcher.observe_batch(dt, len(images))
         self.metrics.batch_latency.observe(dt)
         return probs
 
@@ -322,16 +456,20 @@ class LeViTService:
         it before its batch closes drops the image from the queue."""
         return (await self.classify_many([data], topk))[0]
 
-    async def classify_many(self, images: list[bytes], topk: int) -> list[list[dict]]:
-        """:meth:`classify` for several images at once, each batched as its own request."""
+    async def classify_many(
+        self, images: list[bytes], topk: int, version: ModelVersion | None = None
+    ) -> list[list[dict]]:
+        """:meth:`classify` for several images at once, each batched as its own request, by ``version``
+        (default: the one serving now; a request passes the one serving when it arrived)."""
         import anyio
 
-        batcher = self.batcher
+        version = version or self.serving
+        batcher = version.batcher
 
         async def one(data: bytes) -> Tensor:
             with batcher.decoding_one():
                 try:
-                    x, seconds = await anyio.to_thread.run_sync(self._decode, data, limiter=self._limiter(0))
+                    x, seconds = await anyio.to_thread.run_sync(self._decode, data, version, limiter=self._limiter(0))
                 except ImageError as e:
                     raise ClientError(400, str(e)) from None
             batcher.observe_decode(seconds)
@@ -343,13 +481,12 @@ class LeViTService:
         finally:  # one image refused, or the caller gone: the others leave the queue too
             for t in tasks:
                 t.cancel()
-        k = min(topk, self.num_classes)
+        k, names = min(topk, version.num_classes), version.names
         out = []
         for probs in rows:
             p, i = probs.topk(k)
-            out.append(
-                [{"class": c, "label": self.names[c], "prob": round(v, 6)} for v, c in zip(p.tolist(), i.tolist())]
-            )
+            out.append([{"class": c, "label": names[c], "prob": round(v, 6)} for v, c in zip(p.tolist(), i.tolist())])
+        self.metrics.answers.labels(self.model_name, version.label).inc(len(out))
         return out
 
     # ---- HTTP --------------------------------------------------------------------------------------
@@ -362,12 +499,12 @@ class LeViTService:
         return None
 
     @contextlib.asynccontextmanager
-    async def _admitted(self) -> AsyncIterator[None]:
-        """One request through the bounded queue: 429 with ``Retry-After`` beyond ``max_queue``."""
+    async def _admitted(self, version: ModelVersion) -> AsyncIterator[None]:
+        """One request through ``version``'s bounded queue: 429 with ``Retry-After`` beyond ``max_queue``."""
         self.in_flight += 1
         self.metrics.in_flight.inc()
         try:
-            with self.batcher.admitted():
+            with version.batcher.admitted():
                 yield
         except QueueFullError as e:
             raise ClientError(429, f"{e} (--max-queue {self.max_queue})", retry_after=e.retry_after_s) from None
@@ -381,31 +518,35 @@ class LeViTService:
         t0 = time.perf_counter()
         if (refused := self._refusal()) is not None:
             return refused
+        version = self.serving  # the request is answered by the version serving when it arrived
         try:
-            async with self._admitted():
-                topk = parse_topk(request.query_params.get("topk"), self.config.topk, self.num_classes)
+            async with self._admitted(version):
+                topk = parse_topk(request.query_params.get("topk"), self.config.topk, version.num_classes)
                 timeout_s = parse_timeout(request)
                 c = self.config
                 data = await read_image(request, max_body_mb=c.max_body_mb, read_timeout_s=c.read_timeout_s)
-                top = await answer_within(self.classify(data, topk), request, timeout_s, t0)
+                rows = await answer_within(self.classify_many([data], topk, version), request, timeout_s, t0)
         except ClientError as e:
             return client_error_response(e)
         ms = (time.perf_counter() - t0) * 1e3
-        body = {"top": top, "model": self.model_name, "latency_ms": round(ms, 2)}
+        body = {"top": rows[0], "model": self.model_name, "version": version.label, "latency_ms": round(ms, 2)}
         return JSONResponse(body, headers={"x-levit-replica": self.replica})
 
-    async def infer_images(self, images: list[bytes], topk: int, timeout_s: float | None = None) -> list[list[dict]]:
-        """The top-``topk`` of each encoded image, under the queue bound and the deadline ``timeout_s``,
-        for a caller with no HTTP request (gRPC); :class:`~levit.runtime.serve_http.ClientError` for a
-        refusal (503 loading or draining, 429, 400, 504)."""
+    async def infer_images(
+        self, images: list[bytes], topk: int, timeout_s: float | None = None
+    ) -> tuple[list[list[dict]], str]:
+        """The top-``topk`` of each encoded image and the version that computed them, under the queue
+        bound and the deadline ``timeout_s``, for a caller with no HTTP request (gRPC);
+        :class:`~levit.runtime.serve_http.ClientError` for a refusal (503 loading or draining, 429, 400, 504)."""
         if self.draining or not self.ready:
             raise ClientError(503, "server is shutting down" if self.draining else "model is loading")
-        topk = parse_topk(str(topk), self.config.topk, self.num_classes)
-        async with self._admitted():
+        version = self.serving
+        topk = parse_topk(str(topk), self.config.topk, version.num_classes)
+        async with self._admitted(version):
             if len(images) > self.max_queue:
                 raise ClientError(400, f"{len(images)} images in one request: at most {self.max_queue}")
             try:
-                return await asyncio.wait_for(self.classify_many(images, topk), timeout_s)
+                return await asyncio.wait_for(self.classify_many(images, topk, version), timeout_s), version.label
             except TimeoutError:
                 raise ClientError(504, f"no answer within the request's deadline of {timeout_s * 1e3:g} ms") from None
 
@@ -417,21 +558,21 @@ class LeViTService:
         t0 = time.perf_counter()
         if (refused := self._refusal()) is not None:
             return refused
-        c = self.config
+        c, version = self.config, self.serving
         try:
-            async with self._admitted():
+            async with self._admitted(version):
                 timeout_s = parse_timeout(request)
                 body = await read_body(request, max_body_mb=c.max_body_mb, read_timeout_s=c.read_timeout_s)
                 req = parse_request(body, request.headers.get(HEADER_LENGTH))
-                topk = parse_topk(None if req.topk is None else str(req.topk), c.topk, self.num_classes)
+                topk = parse_topk(None if req.topk is None else str(req.topk), c.topk, version.num_classes)
                 if len(req.images) > self.max_queue:
                     raise ClientError(400, f"{len(req.images)} images in one request: at most {self.max_queue}")
                 timeout_s = min(t for t in (timeout_s, req.timeout_s, math.inf) if t is not None)
-                work = self.classify_many(req.images, topk)
+                work = self.classify_many(req.images, topk, version)
                 rows = await answer_within(work, request, None if timeout_s == math.inf else timeout_s, t0)
         except ClientError as e:
             return client_error_response(e)
-        content, headers = encode_response(req, rows, self.model_name)
+        content, headers = encode_response(req, rows, self.model_name, version.label)
         return Response(content, headers={**headers, "x-levit-replica": self.replica})
 
     def build_app(self) -> Any:
@@ -485,9 +626,14 @@ class LeViTService:
     async def _lifespan(self, app: Any) -> AsyncIterator[None]:
         grpc_server = await self._start_grpc()
         task = None
+        loop = asyncio.get_running_loop()
         if not self.ready and self.load_error is None:
-            task = asyncio.get_running_loop().run_in_executor(None, self._load_logged)
+            task = loop.run_in_executor(None, self._load_logged)
+        if self.own_process and hasattr(signal, "SIGHUP"):
+            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         yield
+        if self.own_process and hasattr(signal, "SIGHUP"):
+            loop.remove_signal_handler(signal.SIGHUP)
         if grpc_server is not None:  # in-flight calls were drained with the HTTP ones (in_flight)
             await grpc_server.stop(grace=1.0)
         if task is not None:

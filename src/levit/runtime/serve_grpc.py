@@ -21,7 +21,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from .serve_http import ClientError
-from .serve_kserve import MODEL_VERSION, OUTPUTS, V2Request, bytes_elements, encode_tensor
+from .serve_kserve import OUTPUTS, V2Request, bytes_elements, encode_tensor
 
 if TYPE_CHECKING:
     from .serve_app import LeViTService
@@ -163,8 +163,9 @@ def _parse(service: LeViTService, request: Any) -> V2Request:
 
     if request.model_name != service.model_name:
         raise ClientError(404, f"unknown model {request.model_name!r}: this server serves {service.model_name!r}")
-    if request.model_version not in ("", MODEL_VERSION):
-        raise ClientError(404, f"unknown version {request.model_version!r}: the version is {MODEL_VERSION}")
+    if request.model_version not in ("", service.serving.label):
+        serving = service.serving.label
+        raise ClientError(404, f"unknown version {request.model_version!r}: the version serving is {serving}")
     if len(request.inputs) != 1 or request.inputs[0].datatype != "BYTES":
         raise ClientError(400, "expected one input: the encoded images, datatype BYTES, shape [N] or [N, 1]")
     count = math.prod(request.inputs[0].shape)
@@ -206,7 +207,7 @@ class _Servicer:
         return self.m["ServerReadyResponse"](ready=self._ready())
 
     async def ModelReady(self, request: Any, context: Any) -> Any:  # noqa: N802
-        ok = request.name == self.service.model_name and request.version in ("", MODEL_VERSION)
+        ok = request.name == self.service.model_name and request.version in ("", self.service.serving.label)
         return self.m["ModelReadyResponse"](ready=ok and self._ready())
 
     async def ServerMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
@@ -223,7 +224,7 @@ class _Servicer:
         tensor = self.m["ModelMetadataResponse.TensorMetadata"]
         return self.m["ModelMetadataResponse"](
             name=s.model_name,
-            versions=[MODEL_VERSION],
+            versions=[s.serving.label],
             platform="levit",
             inputs=[tensor(name="image", datatype="BYTES", shape=[-1])],
             outputs=[tensor(name=n, datatype=t, shape=[-1, -1]) for n, t in OUTPUTS.items()],
@@ -235,10 +236,10 @@ class _Servicer:
             req = _parse(s, request)
             topk = req.topk if req.topk is not None else s.config.topk
             timeouts = [t for t in (req.timeout_s, context.time_remaining()) if t is not None]
-            rows = await s.infer_images(req.images, topk, min(timeouts) if timeouts else None)
+            rows, version = await s.infer_images(req.images, topk, min(timeouts) if timeouts else None)
         except ClientError as e:
             await _abort(context, e)
-        answer = self.m["ModelInferResponse"](model_name=s.model_name, model_version=MODEL_VERSION, id=req.id or "")
+        answer = self.m["ModelInferResponse"](model_name=s.model_name, model_version=version, id=req.id or "")
         for name in req.outputs:
             head, raw = encode_tensor(name, rows, True)
             answer.outputs.add(name=name, datatype=head["datatype"], shape=head["shape"])

@@ -49,6 +49,7 @@ ROUTES = (
     "/v2/health/live",
     "/v2/health/ready",
     "/v2",
+    "/v2/repository/index",
 )
 INFER_ROUTE = "/v2/models/{name}/infer"  # the metrics' label for every model's inference route
 
@@ -60,6 +61,8 @@ def route_of(path: str) -> str:
         return path
     if path.startswith("/v2/models/"):
         return INFER_ROUTE if path.endswith("/infer") else "/v2/models/{name}"
+    if path.startswith("/v2/repository/models/"):
+        return "/v2/repository/models/{name}/load"
     return "other"
 
 

@@ -3,7 +3,10 @@ protocol, so that KServe's and Triton's clients (``tritonclient.http``) talk to 
 
 Routes (:func:`add_v2_routes`): ``GET /v2/health/live``, ``/v2/health/ready``, ``/v2`` (server
 metadata), ``/v2/models/{name}`` (model metadata), ``/v2/models/{name}/ready`` and
-``POST /v2/models/{name}/infer`` (each model route also under ``/versions/1``).
+``POST /v2/models/{name}/infer`` (each model route also under ``/versions/{v}``, the version
+serving), and Triton's model repository extension: ``POST /v2/repository/index`` (each model's
+versions and their state) and ``POST /v2/repository/models/{name}/load`` (load the next version, from
+the checkpoint named by the request's ``parameters.checkpoint`` or the one the model was read from).
 
 An inference request has one input of datatype ``BYTES`` (any name, shape ``[N]`` or ``[N, 1]``): N
 encoded images, each as :meth:`levit.runtime.serve_app.LeViTService.classify` takes them, sent with
@@ -22,6 +25,7 @@ import binascii
 import json
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +39,7 @@ __all__ = [
     "MODEL_VERSION",
     "OUTPUTS",
     "V2Request",
+    "add_repository_routes",
     "add_v2_routes",
     "bytes_elements",
     "encode_response",
@@ -164,15 +169,18 @@ def encode_tensor(name: str, rows: list[list[dict]], binary: bool) -> tuple[dict
     return out, raw
 
 
-def encode_response(request: V2Request, rows: list[list[dict]], model_name: str) -> tuple[bytes, dict[str, str]]:
+def encode_response(
+    request: V2Request, rows: list[list[dict]], model_name: str, version: str = MODEL_VERSION
+) -> tuple[bytes, dict[str, str]]:
     """The body and headers answering ``request`` with ``rows`` (per image, its top-k as
-    ``{"class", "label", "prob"}``): JSON, then the binary outputs (with their header) if any."""
+    ``{"class", "label", "prob"}``) computed by ``version`` of the model: JSON, then the binary outputs
+    (with their header) if any."""
     outputs, blobs = [], []
     for name, binary in request.outputs.items():
         tensor, raw = encode_tensor(name, rows, binary)
         outputs.append(tensor)
         blobs.append(raw)
-    head: dict[str, Any] = {"model_name": model_name, "model_version": MODEL_VERSION, "outputs": outputs}
+    head: dict[str, Any] = {"model_name": model_name, "model_version": version, "outputs": outputs}
     if request.id is not None:
         head["id"] = request.id
     text = json.dumps(head).encode()
@@ -181,10 +189,24 @@ def encode_response(request: V2Request, rows: list[list[dict]], model_name: str)
     return text + b"".join(blobs), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(text))}
 
 
+async def _json_body(request: Any) -> dict:
+    """A small JSON object body (the repository API's), ``{}`` when empty; :class:`ClientError` 400 otherwise."""
+    body = await request.body()
+    if len(body) > 2**16:
+        raise ClientError(413, "a repository request's body is at most 64 KB")
+    try:
+        data = json.loads(body) if body.strip() else {}
+    except ValueError:
+        data = None
+    if not isinstance(data, dict) or not isinstance(data.get("parameters", {}), dict):
+        raise ClientError(400, "the body must be a JSON object (with an optional parameters object)")
+    return data
+
+
 def _metadata(service: LeViTService) -> dict:
     return {
         "name": service.model_name,
-        "versions": [MODEL_VERSION],
+        "versions": [service.serving.label],
         "platform": "levit",
         "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]}],
         "outputs": [{"name": n, "datatype": t, "shape": [-1, -1]} for n, t in OUTPUTS.items()],
@@ -201,8 +223,9 @@ def add_v2_routes(app: Any, service: LeViTService) -> None:
     def known(name: str, version: str | None) -> Response | None:
         if name != service.model_name:
             return error_response(404, f"unknown model {name!r}: this server serves {service.model_name!r}")
-        if version not in (None, MODEL_VERSION):
-            return error_response(404, f"unknown version {version!r} of {name!r}: the version is {MODEL_VERSION}")
+        if version not in (None, service.serving.label):
+            serving = service.serving.label
+            return error_response(404, f"unknown version {version!r} of {name!r}: the version serving is {serving}")
         return None
 
     def ready_now() -> bool:
@@ -233,6 +256,7 @@ def add_v2_routes(app: Any, service: LeViTService) -> None:
     infer.__annotations__ = {"request": Request, "name": str, "version": str | None, "return": Response}
     for f in (ready, model, model_ready):
         f.__annotations__["return"] = Response
+
     app.get("/v2/health/live")(live)
     app.get("/v2/health/ready", response_model=None)(ready)
     app.get("/v2")(server)
@@ -240,3 +264,51 @@ def add_v2_routes(app: Any, service: LeViTService) -> None:
         app.get(prefix, response_model=None)(model)
         app.get(prefix + "/ready", response_model=None)(model_ready)
         app.post(prefix + "/infer", response_model=None)(infer)
+    add_repository_routes(app, service, known)
+
+
+def add_repository_routes(app: Any, service: LeViTService, known: Callable[[str, str | None], Any]) -> None:
+    """Triton's model repository extension on ``app``: ``POST /v2/repository/index`` (the versions and
+    their state) and ``POST /v2/repository/models/{name}/load`` (the next version, from the request's
+    ``parameters.checkpoint`` or the file the model was read from). ``known(name, version)``: the 404
+    answer for a model this server does not serve, else None."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse, Response
+
+    from .serve_http import client_error_response, error_response
+    from .serve_models import LoadError
+
+    def ready_now() -> bool:
+        return service.ready and not service.draining
+
+    async def index(request: Request) -> Response:
+        try:
+            params = await _json_body(request)
+        except ClientError as e:
+            return client_error_response(e)
+        rows = service.entry.index(ready_now())
+        if params.get("ready") is True:
+            rows = [r for r in rows if r["state"] == "READY"]
+        return JSONResponse(rows)
+
+    async def load(request: Request, name: str) -> Response:
+        if (unknown := known(name, None)) is not None:
+            return unknown
+        if not service.config.model_control:
+            return error_response(403, "loading models is off on this server (--no-model-control)")
+        try:
+            path = (await _json_body(request)).get("parameters", {}).get("checkpoint")
+        except ClientError as e:
+            return client_error_response(e)
+        if path is not None and not isinstance(path, str):
+            return error_response(400, f"parameters.checkpoint must be a path on the server, got {path!r}")
+        try:
+            version = await service.load_version(path)
+        except LoadError as e:
+            return error_response(400, str(e))
+        return JSONResponse({"name": name, "version": version.label, "state": "READY"})
+
+    index.__annotations__ = {"request": Request, "return": Response}
+    load.__annotations__ = {"request": Request, "name": str, "return": Response}
+    app.post("/v2/repository/index", response_model=None)(index)
+    app.post("/v2/repository/models/{name}/load", response_model=None)(load)
