@@ -43,11 +43,15 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_if_uninterrupted(
         # 24 images / (batch 2 x 2 processes): 6 updates an epoch; killed after update 3 of epoch 1,
         # whose checkpoint (every 2 updates) is at update 2
         cfg = tiny_config(data, tmp_path / name, batch_size=2, epochs=2, checkpoint_every_steps=2, keep_last=10)
+        # the fine-tuning path under DDP too: frozen trunk in epoch 1 (DDP built again when it is
+        # released), per-update schedule and layer-wise decay carried through the restart
+        cfg |= dict(freeze_epochs=1, sched_on_updates=True, layer_decay=0.8)
         done = torchrun(tmp_path / "runner.py", cfg, kill_at)
         assert done.returncode == 0, done.stderr[-3000:]
         runs[name] = done
     assert "torchrun restart 1 of this run: continuing from" in runs["killed"].stderr
     assert "ckpt-000000002.pth" in runs["killed"].stderr
+    assert "epoch 2: the trunk is released" in runs["killed"].stderr
     whole = torch.load(tmp_path / "whole" / "final.pt", weights_only=True)
     killed = torch.load(tmp_path / "killed" / "final.pt", weights_only=True)
     assert all(torch.equal(whole[k], killed[k]) for k in whole)  # CPU, fixed seeds: bit for bit
@@ -55,5 +59,13 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_if_uninterrupted(
     assert step_losses(tmp_path / "killed") == step_losses(tmp_path / "whole")
     steps = [json.loads(x) for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in steps if r["event"] == "step"] == list(range(1, 13))
+    ckpt = {
+        step: torch.load(tmp_path / "killed" / "checkpoints" / f"ckpt-{step:09d}.pth", weights_only=True)["model"]
+        for step in (2, 6, 12)
+    }
+    trunk = [k for k in ckpt[2] if not k.startswith(("head.", "head_dist."))]
+    assert all(torch.equal(ckpt[2][k], ckpt[6][k]) for k in trunk)  # frozen through epoch 1 on both ranks
+    assert not all(torch.equal(ckpt[6][k], ckpt[12][k]) for k in trunk)  # trained in epoch 2
+    assert not torch.equal(ckpt[2]["head.linear.weight"], ckpt[6]["head.linear.weight"])
     names = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "whole" / "checkpoints").iterdir())
