@@ -168,3 +168,19 @@ def test_bench_suite_modern_quick_in_process(capsys, tmp_path):
     assert "levit_128s" in cap.out and "front, 70-84% top-1" in cap.out
     assert main([*argv[:3], "--precision", "bf16"]) == 2
     assert "fp32 forms only" in capsys.readouterr().err
+
+
+def test_a_model_no_runtime_can_take_is_listed_with_its_error(monkeypatch):
+    """The phone-class protocol (``--backend executorch``) lists the models that fail to export."""
+    import levit.runtime.deploy as deploy
+    from levit.paper.field import run_field
+
+    def fail(module, backend, precision="fp32", **kw):
+        raise RuntimeError(f"{backend} cannot lower this")
+
+    monkeypatch.setattr(deploy, "build_runner", fail)
+    run = SpeedRun(suite="modern", models=("levit_tiny",), backend="executorch", batch_sizes=(1,), img_size=64)
+    rows = run_field(SpeedRun(**{**run.__dict__, "warmup_s": 0.0, "windows": 1, "window_s": 0.0}))
+    assert rows[0]["img_s"] is None and rows[0]["on_front"] is None
+    assert "executorch: RuntimeError: executorch cannot lower this" in rows[0]["error"]
+    assert "did not run: levit_tiny" in format_field_table(rows)

@@ -20,6 +20,7 @@ Every model runs in its best inference form, and every model gets the same treat
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import statistics
@@ -49,6 +50,7 @@ __all__ = [
     "RUNTIMES",
     "TOLERANCE",
     "FastForm",
+    "NoFormError",
     "add_front_distance",
     "best_form",
     "format_field_table",
@@ -92,6 +94,15 @@ def _randomize_bn(model: nn.Module, seed: int) -> None:
                     m.bias.add_(torch.randn(n, generator=g) * 0.02)
 
 
+class NoFormError(LeViTError):
+    """No runtime of the run gave model ``name`` a form that passed (``forms``: each one's reason)."""
+
+    def __init__(self, name: str, forms: dict[str, dict]) -> None:
+        self.name, self.forms = name, forms
+        reasons = "; ".join(f"{k}: {v['error']}" for k, v in forms.items())
+        super().__init__(f"{name}: no form passed the check against eager ({reasons})")
+
+
 @dataclass
 class FastForm:
     """What :func:`best_form` chose for one model: its runner on the timed input and what it found."""
@@ -104,6 +115,16 @@ class FastForm:
     params: int
     flops: int
     img_size: int
+
+
+def _release() -> None:
+    """Collect garbage and hand the freed heap back to the system, so that a run over every model
+    holds only the forms it keeps."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _try_form(
@@ -171,14 +192,14 @@ def best_form(
         if call is not None:
             calls[backend] = call
     if not calls:
-        raise LeViTError(f"{name}: no form passed the check against eager: {forms}")
+        raise NoFormError(name, forms)
     secs = interleaved(calls, rounds=2, window=trial_s, warmup_calls=1)
     for backend, t in secs.items():
         forms[backend]["img_s"] = batch / min(t)
     chosen = min(secs, key=lambda k: min(secs[k]))
     run = calls[chosen]
     del calls, call
-    gc.collect()  # the forms not chosen (compiled models, sessions) are freed before the next model
+    _release()  # the forms not chosen (compiled models, sessions) are freed before the next model
     return FastForm(run, chosen, forms, reparam_err, kind, params, flops, res)
 
 
@@ -237,12 +258,21 @@ def run_field(run: SpeedRun, *, progress: Callable[[int, int, str, dict | None],
     batch = (run.batch_sizes or (16,))[0]
     runtimes = RUNTIMES if run.backend == "auto" else (run.backend,)
     chosen: dict[str, FastForm] = {}
+    failed: dict[str, NoFormError] = {}  # a model no runtime could take is a row of the result
     n = len(run.models)
     with num_threads(run.threads):
         for i, name in enumerate(run.models):
             if progress:
                 progress(i, n, name, None)
-            form = best_form(name, batch=batch, runtimes=runtimes, trial_s=run.warmup_s, img_size=run.img_size, seed=i)
+            try:
+                form = best_form(
+                    name, batch=batch, runtimes=runtimes, trial_s=run.warmup_s, img_size=run.img_size, seed=i
+                )
+            except NoFormError as e:
+                failed[name] = e
+                if progress:
+                    progress(i, n, name, {})
+                continue
             chosen[name] = form
             if progress:
                 trial = form.forms[form.backend]["img_s"]
@@ -256,7 +286,30 @@ def run_field(run: SpeedRun, *, progress: Callable[[int, int, str, dict | None],
         secs = interleaved(
             {k: f.run for k, f in chosen.items()}, rounds=run.windows, window=run.window_s, on_round=on_round
         )
-    return add_front_distance([_row(name, chosen[name], run, secs[name]) for name in run.models])
+    rows = [
+        _row(name, chosen[name], run, secs[name]) if name in chosen else _failed_row(name, failed[name], run)
+        for name in run.models
+    ]
+    return add_front_distance(rows)
+
+
+def _failed_row(name: str, e: NoFormError, run: SpeedRun) -> dict:
+    """The row of a model no runtime could take: its accuracy, no speed, and each runtime's reason."""
+    entry = BENCH_MODELS[name]
+    return {
+        "model": name,
+        "family": entry.family,
+        "implementation": entry.implementation,
+        "backend": None,
+        "device": device_name("cpu"),
+        "batch": (run.batch_sizes or (16,))[0],
+        "threads": run.threads,
+        "img_size": run.img_size or entry.img_size,
+        "img_s": None,
+        **_accuracy(name, run.img_size or entry.img_size),
+        "forms": e.forms,
+        "error": str(e),
+    }
 
 
 # ---- the front ---------------------------------------------------------------------------------
@@ -276,12 +329,12 @@ def add_front_distance(rows: Sequence[dict]) -> list[dict]:
     """``rows`` with ``on_front``, ``front_speed_ratio`` (img/s over the fastest model at least as
     accurate: 1.0 on the front) and ``front_top1_gap`` (points of top-1 below the most accurate model
     at least as fast: 0.0 on the front); rows without a top-1 get ``None``."""
-    pts = [(r["img_s"], r["top1"]) for r in rows if r.get("top1") is not None]
+    pts = [(r["img_s"], r["top1"]) for r in rows if r.get("top1") is not None and r.get("img_s") is not None]
     front = {pts[i] for i in pareto_front(pts)}
     out = []
     for r in rows:
         r = dict(r)
-        if r.get("top1") is None:
+        if r.get("top1") is None or r.get("img_s") is None:
             r.update(on_front=None, front_speed_ratio=None, front_top1_gap=None)
         else:
             s, a = r["img_s"], r["top1"]
@@ -310,9 +363,10 @@ def levit_ratios(rows: Sequence[dict]) -> list[tuple[dict, dict | None, float | 
     and LeViT's img/s over that model's (``None`` where no model is that accurate)."""
     out = []
     for r in rows:
-        if r.get("implementation") != "levit" or r.get("top1") is None:
+        if r.get("implementation") != "levit" or r.get("top1") is None or r.get("img_s") is None:
             continue
-        peers = [p for p in rows if not _is_levit(p) and p.get("top1") is not None and p["top1"] >= r["top1"]]
+        timed = [p for p in rows if p.get("top1") is not None and p.get("img_s") is not None]
+        peers = [p for p in timed if not _is_levit(p) and p["top1"] >= r["top1"]]
         peer = min(peers, key=lambda p: (p["top1"], -p["img_s"])) if peers else None
         out.append((r, peer, r["img_s"] / peer["img_s"] if peer else None))
     return out
@@ -353,14 +407,15 @@ def format_field_table(rows: Sequence[dict]) -> str:
     LeViT's speed ratio to the nearest model of equal or higher accuracy."""
     if not rows:
         return "(no results)"
-    rows = sorted(add_front_distance(rows), key=lambda r: -r["img_s"])
+    rows = sorted(add_front_distance(rows), key=lambda r: -(r["img_s"] or 0.0))
     cells = [_cells(r) for r in rows]
     heads = [h for _, h, _ in _COLUMNS]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
     line = lambda xs: "  ".join(x.ljust(w) if i < 2 else x.rjust(w) for i, (x, w) in enumerate(zip(xs, widths)))  # noqa: E731
     r0 = rows[0]
     out = [
-        f"{r0['device']}, {r0['threads']} thread(s), batch {r0['batch']}, fp32; torch {r0['torch']}, timm {r0['timm']}",
+        f"{r0['device']}, {r0['threads']} thread(s), batch {r0['batch']}, fp32; "
+        f"torch {r0.get('torch', torch.__version__)}, timm {r0.get('timm', '-')}",
         line(heads),
         *(line(c) for c in cells),
         "* on the front; speed/front: img/s over the fastest model at least as accurate; top-1 gap: points "
@@ -368,6 +423,7 @@ def format_field_table(rows: Sequence[dict]) -> str:
         f"front, {FRONT_BAND[0]:g}-{FRONT_BAND[1]:g}% top-1: "
         + (", ".join(f"{r['model']} ({r['top1']:.1f})" for r in front_in_band(rows)) or "none"),
     ]
+    out += [f"did not run: {r['error']}" for r in rows if r.get("img_s") is None]
     for r, peer, ratio in levit_ratios(rows):
         if peer is None:
             out.append(f"{r['model']} ({r['top1']:.1f}): no other model here is as accurate")
@@ -393,7 +449,7 @@ def plot_field(rows: Sequence[dict], path: str | os.PathLike, title: str | None 
     path = Path(path)
     if path.suffix.lower() not in (".png", ".svg", ".pdf"):
         raise LeViTError(f"--plot must end in .png, .svg or .pdf, got {path.name!r}")
-    pts = [r for r in add_front_distance(rows) if r.get("top1") is not None]
+    pts = [r for r in add_front_distance(rows) if r.get("top1") is not None and r.get("img_s") is not None]
     if not pts:
         raise LeViTError("nothing to plot: none of the benchmarked models has a sourced top-1")
     fig, ax = plt.subplots(figsize=(9, 6), dpi=110)

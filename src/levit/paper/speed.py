@@ -430,8 +430,9 @@ def benchmark(
 # the model sets `levit bench --suite` runs: the paper's Table 3, or LeViT against today's field
 # (levit.paper.field: each model in its best inference form, top-1 from a cited source)
 SUITES: tuple[str, ...] = ("paper", "modern")
-# the runtimes the modern suite may pick each model's fastest form from (fp32, checked against eager)
-MODERN_BACKENDS: tuple[str, ...] = ("auto", "eager", "openvino", "onnxruntime")
+# the runtimes the modern suite may pick each model's fastest form from (fp32, checked against eager);
+# executorch only when asked for: the phone-class protocol (XNNPACK, fixed batch)
+MODERN_BACKENDS: tuple[str, ...] = ("auto", "eager", "openvino", "onnxruntime", "executorch")
 
 
 @dataclass(frozen=True)
