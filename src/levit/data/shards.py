@@ -261,7 +261,10 @@ def write_shards(
             random.Random(seed).shuffle(files)
         (dst / split).mkdir(parents=True, exist_ok=True)
         counts: dict[str, int] = {}
-        with wds.ShardWriter(str(dst / split / "shard-%06d.tar"), maxcount=shard_size, verbose=0) as sink:
+        # a whole-second mtime (fixed: the same images give the same shards): a fractional one makes
+        # tarfile add a second (pax) header to every member, which every read parses again
+        pattern = str(dst / split / "shard-%06d.tar")
+        with wds.ShardWriter(pattern, maxcount=shard_size, verbose=0, mtime=0) as sink:
             for i, (path, label) in enumerate(files):
                 ext = path.suffix.lower().lstrip(".")
                 sink.write({"__key__": f"{i:09d}", ext: path.read_bytes(), "cls": str(label).encode()})
