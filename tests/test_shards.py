@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tarfile
 
 import pytest
 import torch
@@ -35,6 +36,10 @@ def test_written_shards_hold_every_image_with_its_class(shards):
     index = read_index(out)
     assert index.classes == ["c0", "c1", "c2"]
     assert [n for _, n in index.splits["train"]] == [4] * 7 + [3] and len(index.splits["val"]) == 3
+    # one plain header per member: no pax headers for every reader to parse again
+    with tarfile.open(index.splits["train"][0][0]) as tar:
+        members = tar.getmembers()
+    assert len(members) == 8 and all(not m.pax_headers and m.mtime == 0 for m in members)
     # without the index the shards are listed: same counts, classes numbered
     saved = (out / INDEX_NAME).read_text()
     (out / INDEX_NAME).unlink()
