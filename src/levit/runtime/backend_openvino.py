@@ -58,9 +58,6 @@ def quantize_int8(ov_model, calib: Tensor):  # openvino.Model -> openvino.Model
     import nncf
 
     nncf.set_log_level(logging.ERROR)
-    # NNCF imports torch's C++ extension builder, which warns on CPU-only machines that it found no
-    # CUDA runtime: nothing here builds an extension
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     data = nncf.Dataset([c.numpy() for c in calib.float().split(8)])
     with contextlib.redirect_stdout(io.StringIO()):  # NNCF's progress bars would corrupt --json output
         return nncf.quantize(

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import logging
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -52,6 +53,17 @@ __all__ = [
     "deploy_lanes",
     "resolve",
 ]
+
+
+class _NoCudaRuntimeNotice(logging.Filter):
+    """Drops torch's "No CUDA runtime is found" notice: its C++ extension builder logs it on a machine
+    without CUDA when inductor or NNCF import it, and no backend here builds an extension."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+
+logging.getLogger("torch.utils.cpp_extension").addFilter(_NoCudaRuntimeNotice())
 
 # the package each backend (or backend + precision) needs, and the extra that installs it
 _NEEDS: dict[tuple[str, str | None], tuple[str, ...]] = {
