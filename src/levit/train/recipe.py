@@ -35,7 +35,7 @@ class TrainConfig:
 
     # what to train, on what
     model: str = "levit_256"
-    data: str | None = None  # DIR with train/ and val/ (ImageFolder layout)
+    data: str | None = None  # DIR with train/ and val/: ImageFolder layout, or WebDataset .tar shards
     dataset: str | None = (
         None  # "digits": the bundled scikit-learn digits, written to OUTPUT/digits (never into `data`)
     )
