@@ -1071,13 +1071,36 @@ def test_ray_serve_two_replicas_answer_like_the_single_process_server(files, exp
     model = levit.create_model("levit_tiny", checkpoint=files["model"])
     config = ServeConfig(host=HOST, port=port, backend="eager", threads=1, topk=3, max_wait_ms=MAX_WAIT_MS, quiet=True)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    url = f"http://{HOST}:{port}"
+    polls, started = [], threading.Event()
+
+    def poll_ready() -> None:  # while the replicas load: every /ready answered at once, 503 until 200
+        while not started.is_set():
+            t0 = time.monotonic()
+            try:
+                status = httpx.get(url + "/ready", timeout=5).status_code
+            except httpx.TransportError:
+                status = "refused"  # before Ray Serve's proxy listens
+            polls.append((status, time.monotonic() - t0))
+            time.sleep(0.2)
+
+    poller = threading.Thread(target=poll_ready)
+    poller.start()
     try:
-        start_ray(model, config, replicas=2)
-        url = f"http://{HOST}:{port}"
+        try:
+            start_ray(model, config, replicas=2)
+        finally:
+            started.set()
+            poller.join()
+        assert 503 in [p for p, _ in polls], polls
+        # refused before the proxy listens, 404 in the moment before it knows the application's route
+        answered = [p for p in polls if p[0] != "refused"]
+        assert all(p in (503, 404, 200) and dt < 4 for p, dt in answered), answered
         names = ["a.jpg", "b.png", "c.webp", "d16.png"] * 4
         single = {n: post(server.url, files[n].read_bytes()).json()["top"] for n in set(names)}
-        replicas = set()
+        replicas, rounds = set(), 0
         for _ in range(5):
+            rounds += 1
             responses = asyncio.run(_concurrent(url, [(files[n].read_bytes(), "image/png") for n in names]))
             for n, r in zip(names, responses, strict=True):
                 assert r.status_code == 200, r.text
@@ -1091,8 +1114,48 @@ def test_ray_serve_two_replicas_answer_like_the_single_process_server(files, exp
         v2 = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [_b64(files["b.png"])]}]}
         out = httpx.post(f"{url}/v2/models/levit_tiny/infer", json=v2, timeout=30).json()["outputs"]
         assert out[0]["name"] == "class" and out[0]["data"] == [t["class"] for t in expected["b.png"]]
+        # /metrics through the proxy: every replica's series in every scrape, none ever going down,
+        # adding up to what was sent once each replica has posted its values (each second)
+        sent, end = len(names) * rounds, time.monotonic() + 10
+        while sum(_classify_counts(url).values()) != sent:
+            assert time.monotonic() < end, (_classify_counts(url), sent)
+            time.sleep(0.3)
+        scrapes = [_classify_counts(url) for _ in range(4)]
+        assert all(s == scrapes[0] and set(s) == replicas for s in scrapes), (scrapes, replicas)
+        r = httpx.post(f"{url}/v2/repository/models/levit_tiny/load", timeout=30)
+        assert "SIGHUP" in _error_line(r, 501)  # one replica cannot load for all: levit serve rolls them over
     finally:
         ray.shutdown()  # ends the local cluster, the Serve application with it (serve.shutdown takes 3 s more)
+
+
+def _classify_counts(url: str) -> dict[str, float]:
+    """Per replica, its ``POST /v1/classify`` answers of 200, from one scrape of ``/metrics``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for fam in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
+        for s in fam.samples:
+            if s.name == "levit_requests_total" and s.labels["route"] == "/v1/classify" and s.labels["status"] == "200":
+                out[s.labels["replica"]] = s.value
+    return out
+
+
+def test_replica_expositions_merge_with_a_replica_label():
+    """Two replicas' /metrics in one exposition: each family once, each sample labelled with its replica."""
+    from prometheus_client import CollectorRegistry, Counter, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from levit.runtime.serve_ray_metrics import merge_expositions
+
+    texts = {}
+    for replica, n in (("h:1", 3), ("h:2", 5)):
+        r = CollectorRegistry()
+        Counter("levit_requests", "requests", ["route"], registry=r).labels("/v1/classify").inc(n)
+        texts[replica] = generate_latest(r).decode()
+    fams = list(text_string_to_metric_families(merge_expositions(texts).decode()))
+    assert [f.name for f in fams] == ["levit_requests"]
+    totals = {s.labels["replica"]: s.value for s in fams[0].samples if s.name == "levit_requests_total"}
+    assert totals == {"h:1": 3.0, "h:2": 5.0}
 
 
 # ---- SIGTERM (last: it stops the module's server) ---------------------------------------------------

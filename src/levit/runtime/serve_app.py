@@ -209,10 +209,12 @@ class LeViTService:
     through ``__serve_build_asgi_app__``.
     """
 
-    def __init__(self, model: nn.Module, config: ServeConfig = ServeConfig(), *, load_now: bool = False) -> None:
+    def __init__(
+        self, model: nn.Module, config: ServeConfig = ServeConfig(), *, load_now: bool = False, version: int = 1
+    ) -> None:
         self.config = config
         self.model_name = config.model_name or model.config.name
-        self.entry = ModelEntry(self.model_name, self._version(1, model.eval(), config.checkpoint))
+        self.entry = ModelEntry(self.model_name, self._version(version, model.eval(), config.checkpoint))
         self.metrics = _Metrics()
         self.lanes, self.lane_threads = lane_layout(config.lanes, config.threads, available_cpus())
         if next(model.parameters()).device.type != "cpu":  # a GPU runs one batch at a time
@@ -220,6 +222,7 @@ class LeViTService:
         self.metrics.queue_depth.set_function(lambda: self.batcher.queued if self.batcher else 0)
         self._reloading: asyncio.Lock | None = None  # one load at a time (made on the serving loop)
         self._background: set[asyncio.Task] = set()  # reloads and retirements (the loop keeps weak references)
+        self.ray_board: Any = None  # under Ray Serve: the board every replica posts its metrics to
         self.ready = False
         self.draining = False
         self.in_flight = 0
@@ -604,11 +607,15 @@ class LeViTService:
                 return error_response(503, "shutting down")
             if not self.ready:
                 return error_response(503, self.load_error or "model is loading")
-            return JSONResponse({"status": "ready", "model": self.model_name})
+            return JSONResponse({"status": "ready", "model": self.model_name, "version": self.serving.label})
 
         @app.get("/metrics", response_model=None)
         async def metrics() -> Response:
             body, ctype = self.metrics.exposition()
+            if self.ray_board is not None:  # every replica's series, each labelled with its replica
+                from .serve_ray_metrics import scrape
+
+                body = await scrape(self.replica, body, self.ray_board)
             return Response(body, media_type=ctype)
 
         add_v2_routes(app, self)
@@ -617,7 +624,10 @@ class LeViTService:
         return AccessLog(app, self.metrics, quiet=self.config.quiet)
 
     def __serve_build_asgi_app__(self) -> Any:  # Ray Serve: the app of each replica (its log goes to Ray's)
+        from .serve_ray_metrics import board
+
         setup_logging(self.config.quiet)
+        self.ray_board = board()
         if self.ready:  # loaded in the replica's constructor, in a process that only serves it
             freeze_heap()
         return self.build_app()
@@ -631,7 +641,14 @@ class LeViTService:
             task = loop.run_in_executor(None, self._load_logged)
         if self.own_process and hasattr(signal, "SIGHUP"):
             loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        poster = None
+        if self.ray_board is not None:
+            from .serve_ray_metrics import post_every
+
+            poster = loop.create_task(post_every(self.replica, lambda: self.metrics.exposition()[0], self.ray_board))
         yield
+        if poster is not None:
+            poster.cancel()
         if self.own_process and hasattr(signal, "SIGHUP"):
             loop.remove_signal_handler(signal.SIGHUP)
         if grpc_server is not None:  # in-flight calls were drained with the HTTP ones (in_flight)

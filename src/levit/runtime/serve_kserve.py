@@ -296,6 +296,12 @@ def add_repository_routes(app: Any, service: LeViTService, known: Callable[[str,
             return unknown
         if not service.config.model_control:
             return error_response(403, "loading models is off on this server (--no-model-control)")
+        if service.ray_board is not None:
+            return error_response(
+                501,
+                "under --ray each replica is a process of its own: send SIGHUP to levit serve, which rolls "
+                "every replica over to the checkpoint",
+            )
         try:
             path = (await _json_body(request)).get("parameters", {}).get("checkpoint")
         except ClientError as e:

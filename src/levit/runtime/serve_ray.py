@@ -6,6 +6,15 @@ deployment joins that cluster (the model's weights travel with the deployment, s
 shared file system). Its preprocessing travels with it too (``model.pretrained_cfg``, and
 ``ServeConfig.crop_pct`` when set): each replica builds the same
 :class:`~levit.data.preprocess.Preprocess` as the single-process server and ``levit predict``.
+
+Start-up: the application is first deployed as :class:`Starting`, a replica with no model and no CPU
+reserved that answers 503 (``/health`` 200) at once, so that clients polling ``/ready`` get an answer
+rather than waiting in the proxy for a replica; the model's replicas then replace it, Ray Serve's
+``max_surge_percent`` keeping it serving until they are ready. SIGHUP re-reads the checkpoint and
+deploys it the same way as the next version (old replicas serve until the new ones are ready when the
+cluster has the CPUs for both, else Ray Serve's rolling update replaces them a few at a time, each
+draining its requests). ``/metrics`` on any replica gives every replica's series
+(:mod:`levit.runtime.serve_ray_metrics`).
 """
 
 from __future__ import annotations
@@ -21,15 +30,48 @@ from .pipeline import lane_layout
 from .serve_app import LeViTService, ServeConfig
 from .serve_process import setup_logging
 
-__all__ = ["APP_NAME", "check_capacity", "deployment", "init_ray", "run_deployment", "run_ray", "start_ray"]
+__all__ = [
+    "APP_NAME",
+    "Starting",
+    "check_capacity",
+    "deployment",
+    "init_ray",
+    "run_deployment",
+    "run_ray",
+    "start_ray",
+]
 
 APP_NAME = "levit"
 log = logging.getLogger("levit.serve")
 
 
-def deployment(model: nn.Module, config: ServeConfig, *, replicas: int = 1, replica_cpus: float = 1.0) -> Any:
-    """The bound Ray Serve application: ``replicas`` copies of :class:`LeViTService`, each loading and
-    warming up its model in its constructor (a replica is routed to only once it is ready)."""
+class Starting:
+    """The application while its replicas load the model: ``/health`` and ``/v2/health/live`` answer
+    200, every other request 503 with ``Retry-After``, at once."""
+
+    async def __call__(self, request: Any) -> Any:
+        """The answer to any request (a Starlette request, from Ray Serve's proxy)."""
+        from starlette.responses import JSONResponse
+
+        if request.url.path in ("/health", "/v2/health/live"):
+            return JSONResponse({"status": "alive"})
+        message = "starting: the replicas are loading the model; retry when GET /ready answers 200"
+        return JSONResponse({"error": message}, status_code=503, headers={"retry-after": "1"})
+
+
+def deployment(
+    model: nn.Module,
+    config: ServeConfig,
+    *,
+    replicas: int = 1,
+    replica_cpus: float = 1.0,
+    version: int = 1,
+    surge: bool = True,
+) -> Any:
+    """The bound Ray Serve application: ``replicas`` copies of :class:`LeViTService` serving ``version``
+    of the model, each loading and warming up its model in its constructor (a replica is routed to only
+    once it is ready). ``surge``: replacing a running version, its replicas serve until all the new ones
+    are ready (the cluster needs the CPUs of both)."""
     import dataclasses
 
     from ray import serve
@@ -46,8 +88,9 @@ def deployment(model: nn.Module, config: ServeConfig, *, replicas: int = 1, repl
         max_ongoing_requests=(config.max_queue or 4 * lanes * config.max_batch_size) + lanes * config.max_batch_size,
         ray_actor_options={"num_cpus": replica_cpus},
         graceful_shutdown_timeout_s=config.drain_timeout_s,
+        max_surge_percent=100 if surge else 0,
     )
-    return cls.bind(model, config, load_now=True)
+    return cls.bind(model, config, load_now=True, version=version)
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = False) -> bool:
@@ -98,12 +141,41 @@ def start_ray(
     return started
 
 
-def run_deployment(model: nn.Module, config: ServeConfig, *, replicas: int = 1, replica_cpus: float = 1.0) -> None:
-    """Run the deployment on the Ray this process is connected to; blocks until every replica is ready."""
+def run_deployment(
+    model: nn.Module, config: ServeConfig, *, replicas: int = 1, replica_cpus: float = 1.0, version: int = 1
+) -> None:
+    """Run the deployment (``version`` of the model) on the Ray this process is connected to; blocks
+    until every replica is ready. Version 1 starts behind :class:`Starting`; a later one replaces the
+    running one (the module docstring says how)."""
+    import ray
     from ray import serve
 
     serve.start(http_options={"host": config.host, "port": config.port})
-    serve.run(deployment(model, config, replicas=replicas, replica_cpus=replica_cpus), name=APP_NAME, route_prefix="/")
+    if version == 1:
+        starting = serve.deployment(Starting, name="LeViTService", ray_actor_options={"num_cpus": 0})
+        serve.run(starting.bind(), name=APP_NAME, route_prefix="/")
+    surge = ray.available_resources().get("CPU", 0) >= replicas * replica_cpus
+    app = deployment(model, config, replicas=replicas, replica_cpus=replica_cpus, version=version, surge=surge)
+    serve.run(app, name=APP_NAME, route_prefix="/")
+
+
+def _roll_over(model: nn.Module, config: ServeConfig, version: int, **deploy: Any) -> tuple[nn.Module, int]:
+    """SIGHUP: the checkpoint read again and deployed as ``version + 1``; the model and version serving
+    afterwards (the old ones, logged, when the checkpoint does not load)."""
+    from .serve_models import LoadError, read_checkpoint
+
+    if config.checkpoint is None:
+        log.error("SIGHUP: the model was not read from a file (--checkpoint): nothing to load again")
+        return model, version
+    log.warning("SIGHUP: loading %s as version %d", config.checkpoint, version + 1)
+    try:
+        new = read_checkpoint(config.checkpoint, model)
+    except LoadError as e:
+        log.error("version %d not loaded: %s; version %d keeps serving", version + 1, e, version)
+        return model, version
+    run_deployment(new, config, version=version + 1, **deploy)
+    log.warning("version %d serving on every replica", version + 1)
+    return new, version + 1
 
 
 def run_ray(
@@ -120,8 +192,10 @@ def run_ray(
     import ray
     from ray import serve
 
+    from .serve_ray_metrics import remove_board
+
     setup_logging(config.quiet)
-    stop = threading.Event()
+    stop, hup = threading.Event(), threading.Event()
     previous: dict = {}
     started = False
     try:
@@ -130,6 +204,7 @@ def run_ray(
             check_capacity(replicas, replica_cpus)
         # after ray.init, whose core worker installs a SIGTERM handler of its own that aborts the process
         previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: hup.set())
         run_deployment(model, config, replicas=replicas, replica_cpus=replica_cpus)
         log.warning(
             "serving %s on http://%s:%d with %d Ray Serve replica(s)",
@@ -138,10 +213,14 @@ def run_ray(
             config.port,
             replicas,
         )
+        version = 1
         while not stop.wait(0.5):
-            pass
+            if hup.is_set():
+                hup.clear()
+                model, version = _roll_over(model, config, version, replicas=replicas, replica_cpus=replica_cpus)
         log.warning("stopping: draining the replicas")
         serve.delete(APP_NAME)
+        remove_board()
         serve.shutdown()
     finally:
         if started:
