@@ -82,6 +82,9 @@ def test_exported_files_given_as_checkpoints_say_what_they_are(tmp_path, photos)
         assert "Unpickl" not in last
         # without --model, reading the file's metadata says the same
         one_line_error(cli("predict", photos, "-c", path), 1, what)
+    scripted = tmp_path / "model.pt"  # a TorchScript archive is a zip as torch.save's files are
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), scripted)
+    one_line_error(cli("predict", photos, "-m", "levit_tiny", "-c", scripted), 1, "exported TorchScript model")
     (tmp_path / "m.onnx").write_bytes(b"garbage" * 10)
     one_line_error(cli("predict", photos, "-m", "levit_tiny", "-c", tmp_path / "m.onnx"), 1, "exported ONNX file")
 

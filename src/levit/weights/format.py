@@ -101,6 +101,8 @@ _EXPORTED = {
     "levit.runtime.edge.load or ExecuTorch's runtime on the device, or give the .safetensors / .pth it was exported from",
     "openvino": "this is an exported OpenVINO model, not a checkpoint: use it with OpenVINO "
     "(openvino.Core().read_model), or give the .safetensors / .pth it was exported from",
+    "torchscript": "this is an exported TorchScript model, not a checkpoint: use it with torch.jit.load, "
+    "or give the .safetensors / .pth it was exported from",
 }
 # ONNX files are a protobuf ModelProto: field 1 (ir_version, varint: tag 0x08, one byte value) and
 # then another ModelProto field tag (producer name, graph, opset import, ...)
@@ -108,8 +110,9 @@ _ONNX_SECOND_TAGS = frozenset({0x12, 0x1A, 0x22, 0x2A, 0x32, 0x3A, 0x42})
 
 
 def exported_kind(path: Path, start: bytes) -> str | None:
-    """Which exported format a file is ('onnx', 'pte', 'openvino'), from its first bytes or its suffix;
-    None for anything else. ExecuTorch programs carry the flatbuffer identifier ``ETnn`` at bytes 4-8."""
+    """Which exported format a file is ('onnx', 'pte', 'openvino', 'torchscript'), from its first bytes,
+    its zip listing or its suffix; None for anything else. ExecuTorch programs carry the flatbuffer
+    identifier ``ETnn`` at bytes 4-8."""
     suffix = path.suffix.lower()
     if suffix == ".pte" or (start[4:6] == b"ET" and start[6:8].isdigit()):
         return "pte"
@@ -117,6 +120,15 @@ def exported_kind(path: Path, start: bytes) -> str | None:
         return "onnx"
     if suffix == ".xml" and b"<net " in start:
         return "openvino"
+    if start[:2] == b"PK":  # a zip: torch.save's, or a TorchScript archive (its constants.pkl)
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(path) as z:
+                if any(n.endswith("/constants.pkl") for n in z.namelist()):
+                    return "torchscript"
+        except (OSError, zipfile.BadZipFile):
+            return None
     return None
 
 
