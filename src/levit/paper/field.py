@@ -452,7 +452,7 @@ def plot_field(rows: Sequence[dict], path: str | os.PathLike, title: str | None 
     pts = [r for r in add_front_distance(rows) if r.get("top1") is not None and r.get("img_s") is not None]
     if not pts:
         raise LeViTError("nothing to plot: none of the benchmarked models has a sourced top-1")
-    fig, ax = plt.subplots(figsize=(9, 6), dpi=110)
+    fig, ax = plt.subplots(figsize=(10.5, 6), dpi=110)
     markers = "osD^v<>pPhX*"
     for k, fam in enumerate(dict.fromkeys(r["family"] for r in pts)):
         fr = [r for r in pts if r["family"] == fam]
@@ -490,6 +490,6 @@ def plot_field(rows: Sequence[dict], path: str | os.PathLike, title: str | None 
         title or f"{r0['device']}, {r0['threads']} thread(s), batch {r0['batch']}, fp32, best form", fontsize=10
     )
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left", ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: no point hidden
     fig.tight_layout()
     return save_figure(fig, path)
