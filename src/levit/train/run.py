@@ -38,10 +38,12 @@ from .recipe import (
     resolve_config,
 )
 from .rundir import (
+    TRACES,
     MetricsRecorder,
     RunDir,
     atomic_save,
     check_resume_fits,
+    checkpoint_files,
     find_resume_checkpoint,
     rng_state,
     seed_all,
@@ -92,7 +94,12 @@ def train(
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     with distributed(cfg.device) as ctx:
-        return _Run(cfg, ctx, resume).run(list(callbacks))
+        run = _Run(cfg, ctx, resume)
+        try:
+            return run.run(list(callbacks))
+        except OSError:  # a full disk, a lost file system
+            run.discard_if_no_weights()
+            raise
 
 
 class _Run:
@@ -104,6 +111,14 @@ class _Run:
         self.made: list[Path] = []  # what a failed start removes
         self.resumed_from: Path | None = None
         self.state = LoopState()
+
+    def discard_if_no_weights(self) -> None:
+        """After a failed write before any weights were saved: nothing here can be resumed, and the
+        metrics of the lost steps would make the next run refuse the folder, so what this run made
+        goes, as after a failed start."""
+        d = self.dir
+        if self.resumed_from is None and not (d.path / "best.pth").exists() and not checkpoint_files(d.ckpt_dir):
+            d.discard([*self.made, *(d.path / t for t in TRACES)])
 
     def run(self, callbacks: list) -> TrainResult:
         try:
