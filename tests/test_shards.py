@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import tarfile
 
 import pytest
@@ -69,6 +70,7 @@ def test_processes_and_workers_read_disjoint_shards_that_cover_the_split(shards)
     for rank in range(world):
         stream = ShardStream(split, eval_transform(32, 1.0), rank=rank, world=world, shuffle=True, seed=3)
         stream.set_epoch(1)
+        stream.replace_bad = False  # no second reading to fill the corrupt sample's place
         loader = torch.utils.data.DataLoader(stream, batch_size=2, num_workers=workers, collate_fn=collate_skip)
         for images, _, bad_samples in loader:
             seen += [hashlib.sha1(img.numpy().tobytes()).hexdigest() for img in images]
@@ -132,3 +134,22 @@ def test_resume_inside_an_epoch_on_shards_continues_with_the_same_samples(shards
     assert step_losses(tmp_path / "cut") == step_losses(tmp_path / "whole")
     want, got = whole.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_a_truncated_shard_is_reported_and_training_keeps_its_batches(shards, tmp_path):
+    """The samples a truncated shard lost are reported (against the bad-sample budget) and their
+    places filled by reading the worker's shards again, so every process keeps its batch count;
+    evaluation reports them and counts the rest."""
+    _, out, _ = shards
+    shutil.copytree(out, tmp_path / "cut")
+    first = sorted((tmp_path / "cut" / "train").glob("*.tar"))[0]
+    first.write_bytes(first.read_bytes()[:2048])  # 4 samples promised, not one of them whole
+    split = read_index(tmp_path / "cut").splits["train"]
+    got = list(ShardStream(split, None, shuffle=True))
+    bad = [b for _, _, reported in got for b in reported]
+    assert len(got) == 31 and all(img is not None for img, _, _ in got)  # the index's count, all good
+    assert len(bad) == 4 and all(name.startswith(first.name) for name, _ in bad)  # each lost sample once
+    assert "truncated" in bad[-1][1]
+    evaluated = list(ShardStream(split, None))
+    reported = [b for _, _, r in evaluated for b in r]
+    assert sum(img is not None for img, _, _ in evaluated) + len(reported) == 31  # each sample counted or reported

@@ -149,54 +149,78 @@ class ShardStream(torch.utils.data.IterableDataset):
         """Select the epoch's shard order, shuffle and augmentation seeds."""
         self.epoch = epoch
 
-    def _mine(self) -> list[str]:
+    def _mine(self) -> list[tuple[str, int]]:
+        """This worker's shards (path, samples), in this epoch's order."""
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        urls = [str(p) for p, _ in assign(self.shards, self.rank, self.world, worker, workers)]
+        mine = [(str(p), n) for p, n in assign(self.shards, self.rank, self.world, worker, workers)]
         if self.shuffle:
-            random.Random(zlib.crc32(f"{self.seed}/{self.epoch}/{self.rank}/{worker}".encode())).shuffle(urls)
-        return urls
+            random.Random(zlib.crc32(f"{self.seed}/{self.epoch}/{self.rank}/{worker}".encode())).shuffle(mine)
+        return mine
 
-    def _samples(self, pending: list) -> Iterator[dict]:
+    def _samples(self, urls: list[str], errors: list[str], attempt: int) -> Iterator[dict]:
         import webdataset as wds
 
-        def handler(exn: Exception) -> bool:  # a broken tar: the rest of that shard is skipped, reported
-            pending.append((getattr(exn, "filename", None) or "shard", f"{type(exn).__name__}: {first_line(exn, 120)}"))
+        def handler(exn: Exception) -> bool:  # a broken tar: the rest of that shard is skipped
+            errors.append(f"{type(exn).__name__}: {first_line(exn, 60)}")  # its samples are reported as missing
             return True
 
-        stages = [wds.SimpleShardList(self._mine()), wds.tarfile_to_samples(handler=handler)]
+        stages = [wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=handler)]
         if self.shuffle:
-            rng = random.Random(zlib.crc32(f"{self.seed}/{self.epoch}/{self.rank}".encode()))
+            rng = random.Random(zlib.crc32(f"{self.seed}/{self.epoch}/{self.rank}/{attempt}".encode()))
             stages.append(wds.shuffle(self.buffer, initial=min(self.buffer, 100), rng=rng))
         return iter(wds.DataPipeline(*stages))
 
-    def _decode(self, sample: dict):
-
+    def _decode(self, sample: dict, attempt: int):
         ext = next((k for k in IMAGE_KEYS if k in sample), None)
         if ext is None or "cls" not in sample:
             raise LeViTError(f"sample has no {'image' if ext is None else '.cls'} ({', '.join(sorted(sample))})")
         target = int(sample["cls"].decode().strip())
         img = open_rgb(sample[ext])
         if self.transform is not None:
-            seed = zlib.crc32(f"{self.seed}/{self.epoch}/{sample['__key__']}".encode())
+            again = f"/{attempt}" if attempt else ""  # a sample read again to fill in is augmented anew
+            seed = zlib.crc32(f"{self.seed}/{self.epoch}{again}/{sample['__key__']}".encode())
             with seeded(seed):
                 img = self.transform(img)
         return img, target
 
     def __iter__(self) -> Iterator[tuple]:
-        pending: list[tuple[str, str]] = []
-        for sample in self._samples(pending):
-            where = f"{Path(str(sample.get('__url__', 'shard'))).name}:{sample.get('__key__', '?')}"
-            try:
-                img, target = self._decode(sample)
-            except Exception as e:  # a corrupt image or label, or an augmentation that fails on it
-                pending.append((where, f"{type(e).__name__}: {first_line(e, 120)}"))
-                if not self.replace_bad:
-                    yield None, -1, pending
-                    pending = []
-                continue
-            yield img, target, pending
-            pending = []
+        """The worker's samples. In training, as many good samples as the index promises it: the
+        places of bad or missing ones are filled by reading its shards again (as an ImageFolder
+        replaces a bad file by the next one), so every process keeps its number of batches."""
+        mine = self._mine()
+        quota, made, pending = sum(n for _, n in mine), 0, []
+        for attempt in range(50 if self.replace_bad else 1):
+            seen: dict[str, int] = {}
+            good = 0
+            errors: list[str] = []
+            for sample in self._samples([u for u, _ in mine], errors, attempt):
+                url = str(sample.get("__url__", "shard"))
+                seen[url] = seen.get(url, 0) + 1
+                try:
+                    img, target = self._decode(sample, attempt)
+                except Exception as e:  # a corrupt image or label, or an augmentation that fails on it
+                    if attempt == 0:  # reported once, not again when its shard is read again
+                        pending.append(
+                            (
+                                f"{Path(url).name}:{sample.get('__key__', '?')}",
+                                f"{type(e).__name__}: {first_line(e, 120)}",
+                            )
+                        )
+                    if not self.replace_bad:
+                        yield None, -1, pending
+                        pending = []
+                    continue
+                yield img, target, pending
+                pending, made, good = [], made + 1, good + 1
+                if self.replace_bad and made >= quota:
+                    return
+            if attempt == 0:  # what the index promises and the shard did not hold: truncated or unreadable
+                for url, n in mine:
+                    why = f"missing from its shard, a truncated or unreadable tar ({errors[0] if errors else 'ended early'})"
+                    pending += [(f"{Path(url).name}:missing-{k}", why) for k in range(n - seen.get(url, 0))]
+            if not self.replace_bad or good == 0:
+                break
         if pending and not self.replace_bad:
             yield None, -1, pending
 
