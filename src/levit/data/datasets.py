@@ -179,11 +179,9 @@ def build_loaders(
     """Loaders for ``root/train`` (the recipe's augmentation, :class:`RepeatAugSampler`, bad samples
     replaced) and ``root/val`` (evaluation preprocessing, sharded without padding, unreadable images
     left out), after checking the layout. Loaders never touch the global RNG. (WebDataset shards:
-    :func:`levit.data.shards.build_shard_loaders`.)"""
-    from ..utils import default_workers
-
+    :func:`levit.data.shards.build_shard_loaders`; Hugging Face datasets:
+    :func:`levit.data.hfds.build_hf_loaders`.)"""
     root = Path(root)
-    workers = cfg.workers if cfg.workers is not None else default_workers()  # null: the cores available
     check_train_val_layout(root)
     train_set = SafeImageFolder(root / "train", transform=train_transform(cfg))
     val_set = SafeImageFolder(
@@ -192,6 +190,27 @@ def build_loaders(
         class_to_idx=train_set.class_to_idx,
         replace_bad=False,
     )
+    return indexed_loaders(
+        cfg, train_set, val_set, list(train_set.classes), world=world, rank=rank, pin_memory=pin_memory
+    )
+
+
+def indexed_loaders(
+    cfg,
+    train_set: torch.utils.data.Dataset,
+    val_set: torch.utils.data.Dataset,
+    class_names: list[str],
+    *,
+    world: int = 1,
+    rank: int = 0,
+    pin_memory: bool = False,
+) -> TrainValData:
+    """The loaders of a run over two indexable datasets that take ``(index, seed)`` and give
+    ``(image, target, bad)`` (as :class:`SafeImageFolder`): :class:`RepeatAugSampler` for training,
+    :class:`ShardSampler` for validation."""
+    from ..utils import default_workers
+
+    workers = cfg.workers if cfg.workers is not None else default_workers()  # null: the cores available
     sampler = RepeatAugSampler(len(train_set), num_replicas=world, rank=rank, repeats=cfg.repeated_aug, seed=cfg.seed)
     micro_per_epoch = sampler.per_rank // cfg.batch_size
     if micro_per_epoch < 1:
@@ -214,6 +233,4 @@ def build_loaders(
         generator=torch.Generator().manual_seed(cfg.seed),
         **common,
     )
-    return TrainValData(
-        train_loader, val_loader, sampler, list(train_set.classes), micro_per_epoch, (len(train_set), len(val_set))
-    )
+    return TrainValData(train_loader, val_loader, sampler, class_names, micro_per_epoch, (len(train_set), len(val_set)))

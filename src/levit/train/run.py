@@ -214,6 +214,7 @@ class _Run:
     def _build_data(self) -> None:
         from ..data.datasets import build_loaders
         from ..data.digits import make_digits_folder
+        from ..data.hfds import build_hf_loaders, is_hf_folder
         from ..data.shards import build_shard_loaders, is_shard_folder
 
         cfg, ctx = self.cfg, self.ctx
@@ -226,7 +227,11 @@ class _Run:
             barrier(ctx)
         else:
             self.root = Path(cfg.data)
-        build = build_shard_loaders if is_shard_folder(self.root) else build_loaders  # WebDataset or ImageFolder
+        build = build_loaders  # an ImageFolder, WebDataset shards or Hugging Face datasets
+        if is_shard_folder(self.root):
+            build = build_shard_loaders
+        elif is_hf_folder(self.root):
+            build = build_hf_loaders
         self.data = build(cfg, self.root, world=ctx.world_size, rank=ctx.rank, pin_memory=ctx.device.type == "cuda")
         self.class_names = self.data.class_names
         self.accumulation_steps = accumulation_steps(cfg, ctx.world_size)
