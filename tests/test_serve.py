@@ -841,6 +841,12 @@ def test_cli_usage_errors_are_one_line(capsys, files):
     assert "--crop-pct" in capsys.readouterr().err
     assert main(["serve", "--precision", "int8"]) == 2
     assert "--precision int8 needs --calibration" in capsys.readouterr().err
+    assert main(["serve", "--model", "levit_128s", "--model", "levit_192"]) == 2
+    assert "one model name at most" in capsys.readouterr().err
+    assert main(["serve", "--model", f"a={files['model']}", "--model", f"a={files['model']}"]) == 2
+    assert "each NAME once" in capsys.readouterr().err
+    assert main(["serve", "--model", "=x"]) == 2
+    assert "expected NAME=CHECKPOINT" in capsys.readouterr().err
     with socket.socket() as taken:
         taken.bind((HOST, 0))
         taken.listen(1)
@@ -1055,6 +1061,91 @@ def test_sighup_loads_the_checkpoint_again_as_the_next_version(server, files, ex
     assert f"version {want} serving" in server.log.read_text()
 
 
+def test_several_models_each_with_its_own_lanes_versions_and_routes(files, versions):
+    """Two models behind one service: the first is the default, ?model= and the v2 paths address each,
+    each answers with its own weights, an unknown name is 404 naming the served ones, a new version of
+    one leaves the other as it was, and the index and metrics list both."""
+    from levit.runtime.serve import LeViTService, ServeConfig
+    from levit.runtime.serve_models import read_named
+
+    models = {"digits": read_named("digits", str(versions[1])), "other": read_named("other", str(versions[2]))}
+    config = ServeConfig(backend="eager", lanes=1, threads=1, topk=3, quiet=True)
+    svc = LeViTService(models, config.replace(checkpoints=(("other", str(versions[2])),)), load_now=True)
+    want = {}
+    for name, v in (("digits", 1), ("other", 2), ("other3", 3)):
+        m = levit.create_model("levit_tiny", checkpoint=versions[v])
+        want[name] = predict_paths(m, [files["a.jpg"]], topk=3, batch_size=1, progress=False)[0]["top"]
+    jpg = files["a.jpg"].read_bytes()
+    v2 = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [_b64(files["a.jpg"])]}]}
+
+    async def go():
+        transport = httpx.ASGITransport(app=svc.build_app())
+        async with httpx.AsyncClient(transport=transport, base_url="http://levit", timeout=60) as c:
+            img = {"content": jpg, "headers": {"content-type": "image/jpeg"}}
+            out = {
+                "default": await c.post("/v1/classify", **img),
+                "other": await c.post("/v1/classify?model=other", **img),
+            }
+            out["unknown"] = await c.post("/v1/classify?model=nope", **img)
+            out["v2"] = await c.post("/v2/models/other/infer", json=v2)
+            out["v2 unknown"] = await c.get("/v2/models/nope")
+            out["load"] = await c.post(
+                "/v2/repository/models/other/load", json={"parameters": {"checkpoint": str(versions[3])}}
+            )
+            out["after"] = await c.post("/v1/classify?model=other", **img)
+            out["default after"] = await c.post("/v1/classify", **img)
+            out["index"] = await c.post("/v2/repository/index")
+            out["metrics"] = await c.get("/metrics")
+            return out
+
+    out = asyncio.run(go())
+    assert out["default"].json()["model"] == "digits"
+    assert_same(out["default"].json()["top"], want["digits"])
+    assert out["other"].json()["model"] == "other"
+    assert_same(out["other"].json()["top"], want["other"])
+    assert "'digits', 'other'" in _error_line(out["unknown"], 404)
+    body = out["v2"].json()
+    assert body["model_name"] == "other" and body["outputs"][0]["data"] == [t["class"] for t in want["other"]]
+    assert out["v2 unknown"].status_code == 404
+    assert out["load"].json()["version"] == "2"
+    assert out["after"].json()["version"] == "2"
+    assert_same(out["after"].json()["top"], want["other3"])
+    assert out["default after"].json()["version"] == "1"
+    assert_same(out["default after"].json()["top"], want["digits"])
+    assert [(r["name"], r["version"]) for r in out["index"].json()] == [("digits", "1"), ("other", "2")]
+    assert 'levit_model_version{model="other"} 2.0' in out["metrics"].text
+    assert 'levit_model_version{model="digits"} 1.0' in out["metrics"].text
+
+
+def test_cli_serves_several_models_named_on_the_command_line(files, versions, tmp_path, expected):
+    """levit serve --model NAME=CHECKPOINT (twice): both served, the first the default; SIGHUP reads
+    each file again as its next version."""
+    s = Server(
+        tmp_path,
+        *("--model", f"first={versions[1]}", "--model", f"second={versions[2]}"),
+        *("--backend", "eager", "--threads", "1", "--lanes", "1", "--topk", "3"),
+    )
+    try:
+        assert httpx.get(s.url + "/ready").json()["models"] == {"first": "1", "second": "1"}
+        jpg = files["a.jpg"].read_bytes()
+        first, second = (
+            post(s.url, jpg).json(),
+            httpx.post(
+                s.url + "/v1/classify?model=second", content=jpg, headers={"content-type": "image/jpeg"}, timeout=30
+            ).json(),
+        )
+        assert first["model"] == "first" and second["model"] == "second"
+        assert_same(first["top"], expected["a.jpg"])
+        assert [t["class"] for t in first["top"]] != [t["class"] for t in second["top"]]
+        s.proc.send_signal(signal.SIGHUP)
+        end = time.monotonic() + 30
+        while httpx.get(s.url + "/ready").json()["models"] != {"first": "2", "second": "2"}:
+            assert time.monotonic() < end, s.log.read_text()
+            time.sleep(0.1)
+    finally:
+        assert s.stop() == 0
+
+
 # ---- Ray Serve ---------------------------------------------------------------------------------------
 def test_ray_serve_two_replicas_answer_like_the_single_process_server(files, expected, server):
     """The same application as a Ray Serve deployment with 2 replicas on a local 2-CPU Ray: both
@@ -1153,8 +1244,8 @@ def test_replica_expositions_merge_with_a_replica_label():
         Counter("levit_requests", "requests", ["route"], registry=r).labels("/v1/classify").inc(n)
         texts[replica] = generate_latest(r).decode()
     fams = list(text_string_to_metric_families(merge_expositions(texts).decode()))
-    assert [f.name for f in fams] == ["levit_requests"]
-    totals = {s.labels["replica"]: s.value for s in fams[0].samples if s.name == "levit_requests_total"}
+    assert [f.name for f in fams if not f.name.endswith("_created")] == ["levit_requests"]
+    totals = {s.labels["replica"]: s.value for f in fams for s in f.samples if s.name == "levit_requests_total"}
     assert totals == {"h:1": 3.0, "h:2": 5.0}
 
 

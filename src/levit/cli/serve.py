@@ -13,15 +13,37 @@ from .common import (
     decoder_option,
     img_size_option,
     load_model,
-    model_options,
+    model_name,
     positive_float,
     runtime_options,
     warnings_as_lines,
 )
 
 
+def _model_arg(text: str) -> str | tuple[str, Path]:
+    """``--model``: a model name or alias, or ``NAME=CHECKPOINT`` (a model served as NAME)."""
+    if "=" in text:
+        name, _, path = text.partition("=")
+        if not name.strip() or not path or "/" in name:
+            raise argparse.ArgumentTypeError(f"expected NAME=CHECKPOINT (NAME without '/'), got {text!r}")
+        return name.strip(), Path(path)
+    return model_name(text)
+
+
 def args_serve(p: argparse.ArgumentParser) -> None:
-    model_options(p)
+    p.add_argument(
+        "--model",
+        "-m",
+        type=_model_arg,
+        action="append",
+        metavar="NAME|NAME=CHECKPOINT",
+        help="model name or alias (see `levit models`), read from --checkpoint or --pretrained; or "
+        "NAME=CHECKPOINT, repeatable: several models, each with its own lanes and batches, addressed as "
+        "NAME (/v1/classify?model=NAME, /v2/models/NAME); the first is the default",
+    )
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--checkpoint", "-c", type=Path, help="official, timm or levit checkpoint file")
+    g.add_argument("--pretrained", action="store_true", help="download the authors' released weights")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed at start)")
     p.add_argument(
@@ -117,6 +139,7 @@ def _config(args: argparse.Namespace):
     from levit.runtime.serve import ServeConfig
     from levit.train.demo import DIGITS_MODEL_NAME
 
+    _split_models(args)
     if args.img_size and _demo(args):
         raise UsageError("--img-size needs --model or --checkpoint (the demo digits model is 32x32)")
     try:
@@ -144,6 +167,7 @@ def _config(args: argparse.Namespace):
             quiet=args.quiet,
             model_name=DIGITS_MODEL_NAME if _demo(args) else None,
             checkpoint=str(args.checkpoint) if args.checkpoint else None,
+            checkpoints=tuple((name, str(path)) for name, path in args.named),
             model_control=args.model_control,
             calibration=tuple(map(str, args.calibration)) if args.calibration else None,
         )
@@ -151,18 +175,49 @@ def _config(args: argparse.Namespace):
         raise UsageError(e.as_flags()) from None
 
 
+def _split_models(args: argparse.Namespace) -> None:
+    """``args.model`` (repeated) into ``args.model``, the one model name or None, and ``args.named``,
+    the ``NAME=CHECKPOINT`` pairs; a usage error for two plain names or a name given twice."""
+    given = args.model or []
+    plain = [m for m in given if isinstance(m, str)]
+    args.named = [m for m in given if isinstance(m, tuple)]
+    if len(plain) > 1:
+        raise UsageError(f"--model: one model name at most ({', '.join(plain)}); serve more as --model NAME=CHECKPOINT")
+    names = [n for n, _ in args.named]
+    if len(set(names)) < len(names):
+        raise UsageError(f"--model: each NAME once, got {', '.join(names)}")
+    args.model = plain[0] if plain else None
+
+
+def _single(args: argparse.Namespace) -> bool:
+    """A model named the usual way (--model VARIANT, --checkpoint or --pretrained)."""
+    return args.model is not None or args.checkpoint is not None or args.pretrained
+
+
 def _demo(args: argparse.Namespace) -> bool:
     """No model named: the demo digits model (:func:`levit.train.demo.digits_model`)."""
-    return args.model is None and args.checkpoint is None and not args.pretrained
+    return not _single(args) and not args.named
 
 
 def _model(args: argparse.Namespace):
-    """The model to serve, loaded (or the demo one trained) once the port is bound."""
+    """The model to serve (or the models by name), loaded (or the demo one trained) once the port is bound."""
     if _demo(args):
         from levit.train.demo import digits_model
 
         return digits_model(on_note=lambda line: print(f"no --model/--checkpoint: {line}", file=sys.stderr))
-    return load_model(args, **({"img_size": args.img_size} if args.img_size else {}))
+    models = {}
+    if _single(args):
+        model = load_model(args, **({"img_size": args.img_size} if args.img_size else {}))
+        if not args.named:
+            return model
+        models[model.config.name] = model
+    from levit.runtime.serve_models import read_named
+
+    for name, path in args.named:
+        if name in models:
+            raise UsageError(f"--model {name}=...: {name} is already the name of the --model/--checkpoint model")
+        models[name] = read_named(name, str(path))
+    return models
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -20,7 +20,8 @@ two engines on one machine).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from torch import nn
 
@@ -63,7 +64,7 @@ def check_installed(ray: bool = False) -> None:
 
 
 def serve(
-    model: nn.Module | Callable[[], nn.Module],
+    model: nn.Module | Mapping[str, nn.Module] | Callable[[], nn.Module | Mapping[str, nn.Module]],
     config: ServeConfig | None = None,
     *,
     ray: str | None = None,
@@ -73,8 +74,9 @@ def serve(
     """Serve ``model`` per ``config`` (default: :class:`ServeConfig`'s defaults) until SIGTERM or
     Ctrl+C; returns 0 once drained.
 
-    ``model``: the model, or a function that returns it, called once the port is bound, so that a
-    taken port fails before a model loads (or the demo model trains). ``ray``: ``None`` serves from
+    ``model``: the model, or several by name (the first is the default: requests that name no model),
+    or a function that returns either, called once the port is bound, so that a taken port fails
+    before a model loads (or the demo model trains). ``ray``: ``None`` serves from
     this process (:func:`levit.runtime.serve_process.run_server`); ``""`` as a Ray Serve deployment on
     a new local Ray, an address joins that cluster (:func:`levit.runtime.serve_ray.run_ray`), with
     ``replicas`` copies reserving ``replica_cpus`` CPUs each. Raises
@@ -104,5 +106,5 @@ def serve(
     return run_server(service, sock)
 
 
-def _built(model: nn.Module | Callable[[], nn.Module]) -> nn.Module:
-    return model if isinstance(model, nn.Module) else model()
+def _built(model: Any) -> nn.Module | Mapping[str, nn.Module]:
+    return model if isinstance(model, nn.Module | Mapping) else model()

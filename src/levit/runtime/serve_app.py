@@ -33,7 +33,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,6 +105,7 @@ class ServeConfig:
     quiet: bool = False
     model_name: str | None = None  # reported in each answer (default: the model's variant)
     checkpoint: str | None = None  # the file the model was read from: SIGHUP re-reads it
+    checkpoints: tuple[tuple[str, str], ...] = ()  # several models: (name, the file each was read from)
     model_control: bool = True  # POST /v2/repository/models/{name}/load may load a new version
     calibration: tuple[str, ...] | None = None  # int8: calibration image files/folders
 
@@ -210,17 +211,32 @@ class LeViTService:
     """
 
     def __init__(
-        self, model: nn.Module, config: ServeConfig = ServeConfig(), *, load_now: bool = False, version: int = 1
+        self,
+        model: nn.Module | Mapping[str, nn.Module],
+        config: ServeConfig = ServeConfig(),
+        *,
+        load_now: bool = False,
+        version: int = 1,
     ) -> None:
         self.config = config
-        self.model_name = config.model_name or model.config.name
-        self.entry = ModelEntry(self.model_name, self._version(version, model.eval(), config.checkpoint))
+        models = dict(model) if isinstance(model, Mapping) else {config.model_name or model.config.name: model}
+        if not models:
+            raise OptionError("model", "no model to serve")
+        files = dict(config.checkpoints)
+        self.model_name = next(iter(models))  # the default model: requests that name none
+        self.entries = {
+            name: ModelEntry(name, self._version(name, version, m.eval(), files.get(name, config.checkpoint)))
+            for name, m in models.items()
+        }
+        self.entry = self.entries[self.model_name]
         self.metrics = _Metrics()
         self.lanes, self.lane_threads = lane_layout(config.lanes, config.threads, available_cpus())
-        if next(model.parameters()).device.type != "cpu":  # a GPU runs one batch at a time
+        if next(self.model.parameters()).device.type != "cpu":  # a GPU runs one batch at a time
             self.lanes, self.lane_threads = 1, config.threads
-        self.metrics.queue_depth.set_function(lambda: self.batcher.queued if self.batcher else 0)
-        self._reloading: asyncio.Lock | None = None  # one load at a time (made on the serving loop)
+        self.metrics.queue_depth.set_function(
+            lambda: sum(e.serving.batcher.queued for e in self.entries.values() if e.serving.batcher)
+        )
+        self._reloading: dict[str, asyncio.Lock] = {}  # one load at a time per model (made on the serving loop)
         self._background: set[asyncio.Task] = set()  # reloads and retirements (the loop keeps weak references)
         self.ray_board: Any = None  # under Ray Serve: the board every replica posts its metrics to
         self.ready = False
@@ -268,10 +284,21 @@ class LeViTService:
         """The serving version's batcher (None until :meth:`load`)."""
         return self.serving.batcher
 
-    def _version(self, number: int, model: nn.Module, checkpoint: str | None) -> ModelVersion:
+    def _version(self, name: str, number: int, model: nn.Module, checkpoint: str | None) -> ModelVersion:
         c = self.config
         preprocess = Preprocess.from_model(model, crop_pct=c.crop_pct, max_pixels=c.max_pixels, decoder=c.decoder)
-        return ModelVersion(number, model, preprocess, class_names_for(model), checkpoint)
+        return ModelVersion(number, model, preprocess, class_names_for(model), checkpoint, name=name)
+
+    def entry_for(self, name: str | None) -> ModelEntry:
+        """The model named ``name`` (None: the default one, the first);
+        :class:`~levit.runtime.serve_http.ClientError` 404 naming the served ones otherwise."""
+        if name is None:
+            return self.entry
+        entry = self.entries.get(name)
+        if entry is None:
+            served = ", ".join(repr(n) for n in self.entries)
+            raise ClientError(404, f"unknown model {name!r}: this server serves {served}")
+        return entry
 
     @property
     def max_queue(self) -> int:
@@ -280,27 +307,29 @@ class LeViTService:
 
     # ---- the model ------------------------------------------------------------------------------
     def load(self) -> None:
-        """Deploy the model on the configured backend, once per lane, and warm each lane up (batch 1
+        """Deploy each model on the configured backend, once per lane, and warm each lane up (batch 1
         and a full batch)."""
-        t0 = time.perf_counter()
-        self.serving.batcher = self._deploy(self.serving)
+        for entry in self.entries.values():
+            t0 = time.perf_counter()
+            v = entry.serving
+            v.batcher = self._deploy(v)
+            self.metrics.version.labels(entry.name).set(v.version)
+            first = v.batcher.free[0]
+            log.info(
+                "model %s version %s ready: %s %s, %d lane(s) of %s thread(s), batches of up to %d within %g ms, "
+                "warm-up %.1f s",
+                entry.name,
+                v.label,
+                getattr(first, "backend", "?"),
+                getattr(first, "precision", "?"),
+                self.lanes,
+                self.lane_threads or "the runtime's",
+                self.config.max_batch_size,
+                self.config.max_wait_ms,
+                time.perf_counter() - t0,
+            )
         self.ready = True
         self.metrics.ready.set(1)
-        self.metrics.version.labels(self.model_name).set(self.serving.version)
-        first = self.serving.batcher.free[0]
-        log.info(
-            "model %s version %s ready: %s %s, %d lane(s) of %s thread(s), batches of up to %d within %g ms, "
-            "warm-up %.1f s",
-            self.model_name,
-            self.serving.label,
-            getattr(first, "backend", "?"),
-            getattr(first, "precision", "?"),
-            self.lanes,
-            self.lane_threads or "the runtime's",
-            self.config.max_batch_size,
-            self.config.max_wait_ms,
-            time.perf_counter() - t0,
-        )
 
     def _deploy(self, version: ModelVersion) -> Batcher:
         """``version``'s lanes, warmed up (batch 1 and a full batch), behind a batcher of their own."""
@@ -338,19 +367,19 @@ class LeViTService:
                     batcher.observe_batch(time.perf_counter() - t, n)
         return batcher
 
-    async def load_version(self, checkpoint: str | None = None) -> ModelVersion:
-        """Load the next version of the model from ``checkpoint`` (default: the file the serving version
-        was read from) beside the one serving, warm it up, then make it the one serving; the requests
-        already taken finish on the version they arrived on. One load at a time.
+    async def load_version(self, checkpoint: str | None = None, *, model: str | None = None) -> ModelVersion:
+        """Load the next version of the model named ``model`` (default: the default one) from
+        ``checkpoint`` (default: the file its serving version was read from) beside the one serving,
+        warm it up, then make it the one serving; the requests already taken finish on the version they
+        arrived on. One load at a time per model.
 
         Raises :class:`~levit.runtime.serve_models.LoadError` saying why when it cannot load: the
         serving version goes on, and the repository index shows the failure until a load succeeds."""
         import anyio
 
-        if self._reloading is None:
-            self._reloading = asyncio.Lock()
-        async with self._reloading:
-            entry, old = self.entry, self.serving
+        entry = self.entries[model or self.model_name]
+        async with self._reloading.setdefault(entry.name, asyncio.Lock()):
+            old = entry.serving
             number, path = old.version + 1, checkpoint or old.checkpoint
             entry.loading = number
             try:
@@ -358,30 +387,30 @@ class LeViTService:
                     raise LoadError("the server is still loading its first version")
                 if path is None:
                     raise LoadError("this model was not read from a file: name a checkpoint (parameters.checkpoint)")
-                new = await anyio.to_thread.run_sync(self._next_version, number, path)
+                new = await anyio.to_thread.run_sync(self._next_version, old, number, path)
             except LoadError as e:
-                why = f"version {number} of {self.model_name} not loaded: {e}; version {old.label} keeps serving"
+                why = f"version {number} of {entry.name} not loaded: {e}; version {old.label} keeps serving"
                 entry.failure = (number, why)
-                self.metrics.loads.labels(self.model_name, "failed").inc()
+                self.metrics.loads.labels(entry.name, "failed").inc()
                 log.error(why)
                 raise LoadError(why) from None
             finally:
                 entry.loading = None
             entry.serving, entry.failure = new, None  # the swap: requests arriving from now on bind to it
-            self.metrics.loads.labels(self.model_name, "ok").inc()
-            self.metrics.version.labels(self.model_name).set(number)
+            self.metrics.loads.labels(entry.name, "ok").inc()
+            self.metrics.version.labels(entry.name).set(number)
             log.warning(
-                "model %s version %d serving, from %s (version %d retires)", self.model_name, number, path, old.version
+                "model %s version %d serving, from %s (version %d retires)", entry.name, number, path, old.version
             )
         self._retire(old)
         return new
 
-    def _next_version(self, number: int, path: str) -> ModelVersion:
-        """Version ``number`` read from ``path``, deployed and warmed up (on a worker thread)."""
-        device = next(self.model.parameters()).device
-        model = read_checkpoint(path, self.model).to(device)
+    def _next_version(self, old: ModelVersion, number: int, path: str) -> ModelVersion:
+        """Version ``number`` after ``old``, read from ``path``, deployed and warmed up (on a worker thread)."""
+        device = next(old.model.parameters()).device
+        model = read_checkpoint(path, old.model).to(device)
         try:
-            version = self._version(number, model, path)
+            version = self._version(old.name, number, model, path)
             version.batcher = self._deploy(version)
         except Exception as e:  # a checkpoint that reads but does not deploy or run: the same answer
             raise LoadError(f"{path}: {first_line(e)}") from None
@@ -402,12 +431,15 @@ class LeViTService:
         task.add_done_callback(self._background.discard)
 
     def _on_sighup(self) -> None:
-        """SIGHUP: load the model's checkpoint file again as the next version (failures are logged)."""
-        log.warning("SIGHUP: loading %s again", self.serving.checkpoint or "the model (no checkpoint file)")
+        """SIGHUP: load each model's checkpoint file again as its next version (failures are logged)."""
+        log.warning(
+            "SIGHUP: loading %s again", ", ".join(e.serving.checkpoint or e.name for e in self.entries.values())
+        )
 
         async def reload() -> None:
-            with contextlib.suppress(LoadError):
-                await self.load_version()
+            for name in self.entries:
+                with contextlib.suppress(LoadError):
+                    await self.load_version(model=name)
 
         task = asyncio.ensure_future(reload())
         self._background.add(task)
@@ -489,7 +521,7 @@ class LeViTService:
         for probs in rows:
             p, i = probs.topk(k)
             out.append([{"class": c, "label": names[c], "prob": round(v, 6)} for v, c in zip(p.tolist(), i.tolist())])
-        self.metrics.answers.labels(self.model_name, version.label).inc(len(out))
+        self.metrics.answers.labels(version.name, version.label).inc(len(out))
         return out
 
     # ---- HTTP --------------------------------------------------------------------------------------
@@ -521,8 +553,9 @@ class LeViTService:
         t0 = time.perf_counter()
         if (refused := self._refusal()) is not None:
             return refused
-        version = self.serving  # the request is answered by the version serving when it arrived
         try:
+            # the request is answered by the version of its model serving when it arrived
+            version = self.entry_for(request.query_params.get("model")).serving
             async with self._admitted(version):
                 topk = parse_topk(request.query_params.get("topk"), self.config.topk, version.num_classes)
                 timeout_s = parse_timeout(request)
@@ -532,18 +565,19 @@ class LeViTService:
         except ClientError as e:
             return client_error_response(e)
         ms = (time.perf_counter() - t0) * 1e3
-        body = {"top": rows[0], "model": self.model_name, "version": version.label, "latency_ms": round(ms, 2)}
+        body = {"top": rows[0], "model": version.name, "version": version.label, "latency_ms": round(ms, 2)}
         return JSONResponse(body, headers={"x-levit-replica": self.replica})
 
     async def infer_images(
-        self, images: list[bytes], topk: int, timeout_s: float | None = None
+        self, images: list[bytes], topk: int, timeout_s: float | None = None, *, model: str | None = None
     ) -> tuple[list[list[dict]], str]:
-        """The top-``topk`` of each encoded image and the version that computed them, under the queue
-        bound and the deadline ``timeout_s``, for a caller with no HTTP request (gRPC);
-        :class:`~levit.runtime.serve_http.ClientError` for a refusal (503 loading or draining, 429, 400, 504)."""
+        """The top-``topk`` of each encoded image by the model named ``model`` (None: the default one)
+        and the version that computed them, under the queue bound and the deadline ``timeout_s``, for a
+        caller with no HTTP request (gRPC); :class:`~levit.runtime.serve_http.ClientError` for a refusal
+        (503 loading or draining, 429, 400, 404, 504)."""
         if self.draining or not self.ready:
             raise ClientError(503, "server is shutting down" if self.draining else "model is loading")
-        version = self.serving
+        version = self.entry_for(model).serving
         topk = parse_topk(str(topk), self.config.topk, version.num_classes)
         async with self._admitted(version):
             if len(images) > self.max_queue:
@@ -553,16 +587,18 @@ class LeViTService:
             except TimeoutError:
                 raise ClientError(504, f"no answer within the request's deadline of {timeout_s * 1e3:g} ms") from None
 
-    async def handle_v2_infer(self, request: Any) -> Any:
+    async def handle_v2_infer(self, request: Any, name: str | None = None) -> Any:
         """``POST /v2/models/{name}/infer`` (:mod:`levit.runtime.serve_kserve`): its images batched as
-        classify requests are, under the same queue bound, deadline and limits."""
+        classify requests are, under the same queue bound, deadline and limits, by the version of the
+        model ``name`` (None: the default one) serving when it arrived."""
         from fastapi.responses import Response
 
         t0 = time.perf_counter()
         if (refused := self._refusal()) is not None:
             return refused
-        c, version = self.config, self.serving
+        c = self.config
         try:
+            version = self.entry_for(name).serving
             async with self._admitted(version):
                 timeout_s = parse_timeout(request)
                 body = await read_body(request, max_body_mb=c.max_body_mb, read_timeout_s=c.read_timeout_s)
@@ -575,7 +611,7 @@ class LeViTService:
                 rows = await answer_within(work, request, None if timeout_s == math.inf else timeout_s, t0)
         except ClientError as e:
             return client_error_response(e)
-        content, headers = encode_response(req, rows, self.model_name, version.label)
+        content, headers = encode_response(req, rows, version.name, version.label)
         return Response(content, headers={**headers, "x-levit-replica": self.replica})
 
     def build_app(self) -> Any:
@@ -607,7 +643,10 @@ class LeViTService:
                 return error_response(503, "shutting down")
             if not self.ready:
                 return error_response(503, self.load_error or "model is loading")
-            return JSONResponse({"status": "ready", "model": self.model_name, "version": self.serving.label})
+            models = {name: e.serving.label for name, e in self.entries.items()}
+            return JSONResponse(
+                {"status": "ready", "model": self.model_name, "version": self.serving.label, "models": models}
+            )
 
         @app.get("/metrics", response_model=None)
         async def metrics() -> Response:

@@ -161,10 +161,8 @@ def _parse(service: LeViTService, request: Any) -> V2Request:
     """The :class:`V2Request` in a ``ModelInferRequest``; :class:`ClientError` 404 or 400 otherwise."""
     import math
 
-    if request.model_name != service.model_name:
-        raise ClientError(404, f"unknown model {request.model_name!r}: this server serves {service.model_name!r}")
-    if request.model_version not in ("", service.serving.label):
-        serving = service.serving.label
+    serving = service.entry_for(request.model_name).serving.label
+    if request.model_version not in ("", serving):
         raise ClientError(404, f"unknown version {request.model_version!r}: the version serving is {serving}")
     if len(request.inputs) != 1 or request.inputs[0].datatype != "BYTES":
         raise ClientError(400, "expected one input: the encoded images, datatype BYTES, shape [N] or [N, 1]")
@@ -207,7 +205,8 @@ class _Servicer:
         return self.m["ServerReadyResponse"](ready=self._ready())
 
     async def ModelReady(self, request: Any, context: Any) -> Any:  # noqa: N802
-        ok = request.name == self.service.model_name and request.version in ("", self.service.serving.label)
+        entry = self.service.entries.get(request.name)
+        ok = entry is not None and request.version in ("", entry.serving.label)
         return self.m["ModelReadyResponse"](ready=ok and self._ready())
 
     async def ServerMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
@@ -216,15 +215,14 @@ class _Servicer:
         return self.m["ServerMetadataResponse"](name="levit", version=__version__, extensions=[])
 
     async def ModelMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
-        s = self.service
-        if request.name != s.model_name:
-            await _abort(
-                context, ClientError(404, f"unknown model {request.name!r}: this server serves {s.model_name!r}")
-            )
+        try:
+            entry = self.service.entry_for(request.name)
+        except ClientError as e:
+            await _abort(context, e)
         tensor = self.m["ModelMetadataResponse.TensorMetadata"]
         return self.m["ModelMetadataResponse"](
-            name=s.model_name,
-            versions=[s.serving.label],
+            name=entry.name,
+            versions=[entry.serving.label],
             platform="levit",
             inputs=[tensor(name="image", datatype="BYTES", shape=[-1])],
             outputs=[tensor(name=n, datatype=t, shape=[-1, -1]) for n, t in OUTPUTS.items()],
@@ -236,10 +234,11 @@ class _Servicer:
             req = _parse(s, request)
             topk = req.topk if req.topk is not None else s.config.topk
             timeouts = [t for t in (req.timeout_s, context.time_remaining()) if t is not None]
-            rows, version = await s.infer_images(req.images, topk, min(timeouts) if timeouts else None)
+            deadline = min(timeouts) if timeouts else None
+            rows, version = await s.infer_images(req.images, topk, deadline, model=request.model_name)
         except ClientError as e:
             await _abort(context, e)
-        answer = self.m["ModelInferResponse"](model_name=s.model_name, model_version=version, id=req.id or "")
+        answer = self.m["ModelInferResponse"](model_name=request.model_name, model_version=version, id=req.id or "")
         for name in req.outputs:
             head, raw = encode_tensor(name, rows, True)
             answer.outputs.add(name=name, datatype=head["datatype"], shape=head["shape"])

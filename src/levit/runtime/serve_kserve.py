@@ -203,10 +203,10 @@ async def _json_body(request: Any) -> dict:
     return data
 
 
-def _metadata(service: LeViTService) -> dict:
+def _metadata(service: LeViTService, name: str) -> dict:
     return {
-        "name": service.model_name,
-        "versions": [service.serving.label],
+        "name": name,
+        "versions": [service.entries[name].serving.label],
         "platform": "levit",
         "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]}],
         "outputs": [{"name": n, "datatype": t, "shape": [-1, -1]} for n, t in OUTPUTS.items()],
@@ -221,10 +221,11 @@ def add_v2_routes(app: Any, service: LeViTService) -> None:
     from .serve_http import error_response
 
     def known(name: str, version: str | None) -> Response | None:
-        if name != service.model_name:
-            return error_response(404, f"unknown model {name!r}: this server serves {service.model_name!r}")
-        if version not in (None, service.serving.label):
-            serving = service.serving.label
+        try:
+            serving = service.entry_for(name).serving.label
+        except ClientError as e:
+            return error_response(e.status, str(e))
+        if version not in (None, serving):
             return error_response(404, f"unknown version {version!r} of {name!r}: the version serving is {serving}")
         return None
 
@@ -243,7 +244,7 @@ def add_v2_routes(app: Any, service: LeViTService) -> None:
         return {"name": "levit", "version": __version__, "extensions": ["binary_tensor_data"]}
 
     async def model(name: str, version: str | None = None) -> Response:
-        return known(name, version) or JSONResponse(_metadata(service))
+        return known(name, version) or JSONResponse(_metadata(service, name))
 
     async def model_ready(name: str, version: str | None = None) -> Response:
         return known(name, version) or JSONResponse(
@@ -251,7 +252,7 @@ def add_v2_routes(app: Any, service: LeViTService) -> None:
         )
 
     async def infer(request: Request, name: str, version: str | None = None) -> Response:
-        return known(name, version) or await service.handle_v2_infer(request)
+        return known(name, version) or await service.handle_v2_infer(request, name)
 
     infer.__annotations__ = {"request": Request, "name": str, "version": str | None, "return": Response}
     for f in (ready, model, model_ready):
@@ -286,7 +287,7 @@ def add_repository_routes(app: Any, service: LeViTService, known: Callable[[str,
             params = await _json_body(request)
         except ClientError as e:
             return client_error_response(e)
-        rows = service.entry.index(ready_now())
+        rows = [row for entry in service.entries.values() for row in entry.index(ready_now())]
         if params.get("ready") is True:
             rows = [r for r in rows if r["state"] == "READY"]
         return JSONResponse(rows)
@@ -309,7 +310,7 @@ def add_repository_routes(app: Any, service: LeViTService, known: Callable[[str,
         if path is not None and not isinstance(path, str):
             return error_response(400, f"parameters.checkpoint must be a path on the server, got {path!r}")
         try:
-            version = await service.load_version(path)
+            version = await service.load_version(path, model=name)
         except LoadError as e:
             return error_response(400, str(e))
         return JSONResponse({"name": name, "version": version.label, "state": "READY"})

@@ -17,21 +17,24 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from ..errors import LeViTError
+
 if TYPE_CHECKING:
     from ..data.preprocess import Preprocess
     from .batcher import Batcher
 
-__all__ = ["LoadError", "ModelEntry", "ModelVersion", "read_checkpoint"]
+__all__ = ["LoadError", "ModelEntry", "ModelVersion", "read_checkpoint", "read_named"]
 
 
-class LoadError(Exception):
+class LoadError(LeViTError):
     """A version that could not be loaded; the message says which checkpoint and why."""
 
 
 @dataclass(eq=False)
 class ModelVersion:
     """One loaded version of a served model: its number, weights, preprocessing, class names, and
-    (once deployed) the batcher over its lanes. ``checkpoint``: the file it was read from, if any."""
+    (once deployed) the batcher over its lanes. ``checkpoint``: the file it was read from, if any;
+    ``name``: the model's name on the server."""
 
     version: int
     model: nn.Module
@@ -40,6 +43,7 @@ class ModelVersion:
     checkpoint: str | None = None
     batcher: Batcher | None = None
     loaded_at: float = field(default_factory=time.time)
+    name: str = ""  # the model's name on this server
 
     @property
     def num_classes(self) -> int:
@@ -92,3 +96,31 @@ def read_checkpoint(path: str, like: nn.Module) -> nn.Module:
     except Exception as e:  # any reason a file does not load is the answer's reason
         raise LoadError(f"{path}: {first_line(e)}") from None
     return model.eval()
+
+
+def read_named(name: str, path: str) -> nn.Module:
+    """The model served as ``name`` from the checkpoint at ``path`` (``--model NAME=CHECKPOINT``): a
+    levit-format file names its variant; another format is read as the variant ``name`` (which must then
+    be one). Raises :class:`LoadError` with the reason in one line."""
+    import os
+
+    from ..factory.create import create_model
+    from ..models.config import list_models
+    from ..utils import first_line
+    from ..weights.format import read_metadata
+
+    if not os.path.isfile(path):
+        raise LoadError(f"no such checkpoint file: {path}")
+    try:
+        meta = read_metadata(path)
+    except Exception as e:
+        raise LoadError(f"{path}: {first_line(e)}") from None
+    variant = meta["variant"] if meta else name.lower().replace("-", "_")
+    if variant not in list_models():
+        raise LoadError(
+            f"{path} is not a levit-format file: name the model after its variant ({list_models()[0]}=FILE)"
+        )
+    try:
+        return create_model(variant, checkpoint=path).eval()
+    except Exception as e:
+        raise LoadError(f"{path}: {first_line(e)}") from None

@@ -164,12 +164,15 @@ def _roll_over(model: nn.Module, config: ServeConfig, version: int, **deploy: An
     afterwards (the old ones, logged, when the checkpoint does not load)."""
     from .serve_models import LoadError, read_checkpoint
 
-    if config.checkpoint is None:
-        log.error("SIGHUP: the model was not read from a file (--checkpoint): nothing to load again")
+    models = model if isinstance(model, dict) else {None: model}
+    files = {**dict(config.checkpoints), None: config.checkpoint}
+    if not any(files.get(name) for name in models):
+        log.error("SIGHUP: no model was read from a file (--checkpoint): nothing to load again")
         return model, version
-    log.warning("SIGHUP: loading %s as version %d", config.checkpoint, version + 1)
+    log.warning("SIGHUP: loading the checkpoints again as version %d", version + 1)
     try:
-        new = read_checkpoint(config.checkpoint, model)
+        new = {name: read_checkpoint(files[name], m) if files.get(name) else m for name, m in models.items()}
+        new = new if isinstance(model, dict) else new[None]
     except LoadError as e:
         log.error("version %d not loaded: %s; version %d keeps serving", version + 1, e, version)
         return model, version
@@ -208,7 +211,7 @@ def run_ray(
         run_deployment(model, config, replicas=replicas, replica_cpus=replica_cpus)
         log.warning(
             "serving %s on http://%s:%d with %d Ray Serve replica(s)",
-            config.model_name or model.config.name,
+            ", ".join(model) if isinstance(model, dict) else config.model_name or model.config.name,
             config.host,
             config.port,
             replicas,
