@@ -1249,6 +1249,27 @@ def test_replica_expositions_merge_with_a_replica_label():
     assert totals == {"h:1": 3.0, "h:2": 5.0}
 
 
+def test_sighup_under_ray_deploys_the_checkpoint_again_as_the_next_version(files, versions, monkeypatch, tmp_path):
+    """levit serve --ray on SIGHUP: the checkpoint read again and deployed as the next version (Ray
+    Serve replaces the replicas); a file that no longer loads keeps the version serving (no Ray here:
+    the deployment call is recorded)."""
+    import levit.runtime.serve_ray as serve_ray
+    from levit.runtime.serve import ServeConfig
+
+    deployed = []
+    monkeypatch.setattr(serve_ray, "run_deployment", lambda model, config, **kw: deployed.append((model, kw)))
+    model = levit.create_model("levit_tiny", checkpoint=files["model"])
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(versions[2].read_bytes())
+    config = ServeConfig(checkpoint=str(path))
+    new, version = serve_ray._roll_over(model, config, 1, replicas=2, replica_cpus=1.0)
+    assert version == 2 and deployed[0][1] == {"version": 2, "replicas": 2, "replica_cpus": 1.0}
+    want = levit.create_model("levit_tiny", checkpoint=versions[2]).state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in new.state_dict().items())
+    path.write_bytes(b"broken")
+    assert serve_ray._roll_over(new, config, 2, replicas=2, replica_cpus=1.0) == (new, 2) and len(deployed) == 1
+
+
 # ---- SIGTERM (last: it stops the module's server) ---------------------------------------------------
 def test_sigterm_drains_in_flight_requests_then_exits_0(server, files, expected):
     """A request uploading when SIGTERM arrives gets its answer; one arriving after gets 503 (or finds
