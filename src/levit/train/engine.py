@@ -235,7 +235,10 @@ def train_one_epoch(
     meter = _EpochMeter(device)
     micro_batch = first_step * steps
     parts.optimizer.zero_grad(set_to_none=True)
+    seek = getattr(parts.teacher, "seek", None)  # a cached teacher answers for a place in the run
     for images, targets, bad_samples in loader:
+        if seek is not None:
+            seek(state.epoch, micro_batch)
         meter.bad.extend(bad_samples)
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)

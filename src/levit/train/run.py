@@ -212,10 +212,8 @@ class _Run:
         self._wrap()
 
     def _build_data(self) -> None:
-        from ..data.datasets import build_loaders
         from ..data.digits import make_digits_folder
-        from ..data.hfds import build_hf_loaders, is_hf_folder
-        from ..data.shards import build_shard_loaders, is_shard_folder
+        from ..data.loaders import build_run_loaders
 
         cfg, ctx = self.cfg, self.ctx
         if cfg.dataset == "digits":  # bundled data goes into the run folder, never into --data
@@ -227,12 +225,9 @@ class _Run:
             barrier(ctx)
         else:
             self.root = Path(cfg.data)
-        build = build_loaders  # an ImageFolder, WebDataset shards or Hugging Face datasets
-        if is_shard_folder(self.root):
-            build = build_shard_loaders
-        elif is_hf_folder(self.root):
-            build = build_hf_loaders
-        self.data = build(cfg, self.root, world=ctx.world_size, rank=ctx.rank, pin_memory=ctx.device.type == "cuda")
+        self.data = build_run_loaders(
+            cfg, self.root, world=ctx.world_size, rank=ctx.rank, pin_memory=ctx.device.type == "cuda"
+        )
         self.class_names = self.data.class_names
         self.accumulation_steps = accumulation_steps(cfg, ctx.world_size)
 
@@ -282,7 +277,11 @@ class _Run:
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         self.model, self.teacher = model, None
-        if distill:
+        if distill and cfg.teacher_cache:  # the teacher's answers read from a file, not computed
+            from .teacher_cache import CachedTeacher
+
+            self.teacher = CachedTeacher(cfg.teacher_cache, cfg, self.data, ctx.world_size).to(ctx.device)
+        elif distill:
             self.teacher = build_teacher(cfg.teacher, cfg.teacher_checkpoint, len(self.class_names)).to(ctx.device)
             if self.channels_last:
                 self.teacher.to(memory_format=torch.channels_last)
