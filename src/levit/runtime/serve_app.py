@@ -62,7 +62,7 @@ from .serve_http import (
     read_image,
 )
 from .serve_kserve import HEADER_LENGTH, add_v2_routes, encode_response, parse_request
-from .serve_models import LoadError, ModelEntry, ModelVersion, read_checkpoint
+from .serve_models import LoadError, ModelEntry, ModelVersion, naming, read_checkpoint
 from .serve_process import freeze_heap, setup_logging
 
 __all__ = ["LeViTService", "ServeConfig"]
@@ -413,7 +413,7 @@ class LeViTService:
             version = self._version(old.name, number, model, path)
             version.batcher = self._deploy(version)
         except Exception as e:  # a checkpoint that reads but does not deploy or run: the same answer
-            raise LoadError(f"{path}: {first_line(e)}") from None
+            raise LoadError(naming(path, e)) from None
         return version
 
     def _retire(self, old: ModelVersion) -> None:

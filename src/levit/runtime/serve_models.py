@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from ..data.preprocess import Preprocess
     from .batcher import Batcher
 
-__all__ = ["LoadError", "ModelEntry", "ModelVersion", "read_checkpoint", "read_named"]
+__all__ = ["LoadError", "ModelEntry", "ModelVersion", "naming", "read_checkpoint", "read_named"]
 
 
 class LoadError(LeViTError):
@@ -77,6 +77,14 @@ class ModelEntry:
         return rows
 
 
+def naming(path: str, error: BaseException) -> str:
+    """``error``'s first line, with ``path`` in front unless it names it already."""
+    from ..utils import first_line
+
+    line = first_line(error)
+    return line if path in line else f"{path}: {line}"
+
+
 def read_checkpoint(path: str, like: nn.Module) -> nn.Module:
     """The model in the checkpoint at ``path``, a new version of ``like``: a levit-format file names its
     own variant, any other format (official, timm, Hugging Face) is read as ``like``'s variant; the
@@ -84,7 +92,6 @@ def read_checkpoint(path: str, like: nn.Module) -> nn.Module:
     import os
 
     from ..factory.create import create_model
-    from ..utils import first_line
     from ..weights.format import read_metadata
 
     if not os.path.isfile(path):
@@ -94,7 +101,7 @@ def read_checkpoint(path: str, like: nn.Module) -> nn.Module:
         name = meta["variant"] if meta else like.config.name
         model = create_model(name, checkpoint=path, img_size=like.config.img_size)
     except Exception as e:  # any reason a file does not load is the answer's reason
-        raise LoadError(f"{path}: {first_line(e)}") from None
+        raise LoadError(naming(path, e)) from None
     return model.eval()
 
 
@@ -106,7 +113,6 @@ def read_named(name: str, path: str) -> nn.Module:
 
     from ..factory.create import create_model
     from ..models.config import list_models
-    from ..utils import first_line
     from ..weights.format import read_metadata
 
     if not os.path.isfile(path):
@@ -114,7 +120,7 @@ def read_named(name: str, path: str) -> nn.Module:
     try:
         meta = read_metadata(path)
     except Exception as e:
-        raise LoadError(f"{path}: {first_line(e)}") from None
+        raise LoadError(naming(path, e)) from None
     variant = meta["variant"] if meta else name.lower().replace("-", "_")
     if variant not in list_models():
         raise LoadError(
@@ -123,4 +129,4 @@ def read_named(name: str, path: str) -> nn.Module:
     try:
         return create_model(variant, checkpoint=path).eval()
     except Exception as e:
-        raise LoadError(f"{path}: {first_line(e)}") from None
+        raise LoadError(naming(path, e)) from None
