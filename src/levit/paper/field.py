@@ -11,8 +11,9 @@ Every model runs in its best inference form, and every model gets the same treat
    form, its logits checked against the eager form's on :data:`CHECK_BATCH` random images at the
    timed resolution; the forms that pass are timed on the timed input against each other in two
    short interleaved rounds, the fastest is kept and the others are released;
-4. all kept forms timed together in interleaved rounds (:func:`levit.paper.timing.interleaved`), the
-   same threads and batch for all; a row reports the median img/s with min and max.
+4. the kept forms timed together in interleaved rounds (:func:`levit.paper.timing.interleaved`), in
+   groups of the models nearest in top-1 (:data:`GROUP_SIZE`), the same threads and batch for all;
+   a row reports the median img/s with min and max.
 
 :func:`pareto_front`, :func:`add_front_distance` and :func:`levit_ratios` read the result;
 :func:`format_field_table` and :func:`plot_field` show it.
@@ -47,6 +48,7 @@ from .timing import interleaved
 __all__ = [
     "CHECK_BATCH",
     "FRONT_BAND",
+    "GROUP_SIZE",
     "RUNTIMES",
     "TOLERANCE",
     "FastForm",
@@ -69,6 +71,9 @@ TOLERANCE = 1e-4
 CHECK_BATCH = 2
 # the runtimes `auto` chooses each model's form from, all at fp32
 RUNTIMES: tuple[str, ...] = ("eager", "openvino", "onnxruntime")
+# the models timed in the same interleaved rounds (nearest in top-1): every kept form holds its
+# compiled runtime, so a run over the whole suite would otherwise hold them all at once
+GROUP_SIZE = 8
 # the accuracy range the docs read the front in (the range LeViT's variants span, with room either side)
 FRONT_BAND: tuple[float, float] = (70.0, 84.0)
 
@@ -245,52 +250,58 @@ def _row(name: str, form: FastForm, run: SpeedRun, secs: list[float]) -> dict:
     }
 
 
+def _groups(names: Sequence[str], size: int) -> list[list[str]]:
+    """``names`` ordered by top-1 (unknown last), cut into groups of at most ``size``: the models
+    that compete for the same stretch of the front are timed in the same rounds."""
+    acc = {n: FIELD_ACCURACY[n].top1 if n in FIELD_ACCURACY else BENCH_MODELS[n].top1 for n in names}
+    order = sorted(names, key=lambda n: (acc[n] is None, acc[n] or 0.0))
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
 def run_field(run: SpeedRun, *, progress: Callable[[int, int, str, dict | None], None] | None = None) -> list[dict]:
-    """The rows of a ``--suite modern`` run: every model in its best form (:func:`best_form`), then
-    all timed in interleaved rounds; each row carries its top-1, that figure's source, and its
-    distance from the front (:func:`add_front_distance`).
+    """The rows of a ``--suite modern`` run, in the run's order: every model in its best form
+    (:func:`best_form`), timed in interleaved rounds with the models nearest it in top-1 (groups of
+    :data:`GROUP_SIZE`); each row carries its top-1, that figure's source, and its distance from the
+    front (:func:`add_front_distance`).
 
     ``progress(i, n, name, row)`` is called before (``row`` None) and after each model's choice of
-    form (``row``: the trial's img/s and the chosen backend), then twice after each timed round
-    (``name`` "interleaved round", ``row`` None then ``{}``).
+    form (``row``: the trial's img/s and the chosen backend; ``{}`` where no runtime took it), then
+    twice after each timed round (``name`` "interleaved round", ``row`` None then ``{}``).
     """
     run = run.resolved()
     batch = (run.batch_sizes or (16,))[0]
     runtimes = RUNTIMES if run.backend == "auto" else (run.backend,)
-    chosen: dict[str, FastForm] = {}
-    failed: dict[str, NoFormError] = {}  # a model no runtime could take is a row of the result
-    n = len(run.models)
+    rows: dict[str, dict] = {}
+    n, i = len(run.models), 0
     with num_threads(run.threads):
-        for i, name in enumerate(run.models):
-            if progress:
-                progress(i, n, name, None)
-            try:
-                form = best_form(
-                    name, batch=batch, runtimes=runtimes, trial_s=run.warmup_s, img_size=run.img_size, seed=i
-                )
-            except NoFormError as e:
-                failed[name] = e
+        for group in _groups(run.models, GROUP_SIZE):
+            chosen: dict[str, FastForm] = {}
+            for name in group:
                 if progress:
-                    progress(i, n, name, {})
-                continue
-            chosen[name] = form
-            if progress:
-                trial = form.forms[form.backend]["img_s"]
-                progress(i, n, name, {"img_s": trial, "backend": form.backend, "precision": "fp32", "batch": batch})
+                    progress(i, n, name, None)
+                try:
+                    chosen[name] = form = best_form(
+                        name, batch=batch, runtimes=runtimes, trial_s=run.warmup_s, img_size=run.img_size, seed=i
+                    )
+                    done = {"img_s": form.forms[form.backend]["img_s"], "backend": form.backend, "precision": "fp32"}
+                except NoFormError as e:  # a model no runtime could take is a row of the result
+                    rows[name], done = _failed_row(name, e, run), {}
+                if progress:
+                    progress(i, n, name, {**done, "batch": batch} if done else {})
+                i += 1
 
-        def on_round(r: int, rounds: int) -> None:
-            if progress:  # a round is reported once it is done: its start and its end together
-                progress(r - 1, rounds, "interleaved round", None)
-                progress(r - 1, rounds, "interleaved round", {})
+            def on_round(r: int, rounds: int) -> None:
+                if progress:  # a round is reported once it is done: its start and its end together
+                    progress(r - 1, rounds, "interleaved round", None)
+                    progress(r - 1, rounds, "interleaved round", {})
 
-        secs = interleaved(
-            {k: f.run for k, f in chosen.items()}, rounds=run.windows, window=run.window_s, on_round=on_round
-        )
-    rows = [
-        _row(name, chosen[name], run, secs[name]) if name in chosen else _failed_row(name, failed[name], run)
-        for name in run.models
-    ]
-    return add_front_distance(rows)
+            secs = interleaved(
+                {k: f.run for k, f in chosen.items()}, rounds=run.windows, window=run.window_s, on_round=on_round
+            )
+            rows.update({k: _row(k, f, run, secs[k]) for k, f in chosen.items()})
+            del chosen
+            _release()  # the group's forms, before the next group's are built
+    return add_front_distance([rows[name] for name in run.models])
 
 
 def _failed_row(name: str, e: NoFormError, run: SpeedRun) -> dict:
