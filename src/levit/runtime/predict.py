@@ -22,7 +22,6 @@ from typing import Any
 from torch import nn
 
 from ..data.images import IMAGE_EXTENSIONS, find_images
-from ..data.preprocess import Preprocess
 from ..errors import LeViTError
 from .options import CALIBRATION_IMAGES, PredictOptions
 from .pipeline import Runner, class_names_for, iter_batches, lane_layout, preprocess_for
@@ -137,9 +136,9 @@ def build_runner(
     from .deploy import deploy_lanes
 
     calibration = None
-    if options.precision == "int8":  # decoded with the model's own preprocessing
+    if options.precision == "int8":  # decoded exactly as the job's images will be
         sources = list(options.calibration or files[:CALIBRATION_IMAGES])
-        calibration = load_calibration(sources, Preprocess.from_model(model), CALIBRATION_IMAGES)
+        calibration = load_calibration(sources, preprocess_for(model, options), CALIBRATION_IMAGES)
     on_cpu = options.device in (None, "cpu")
     lanes, per_lane = lane_layout(options.threads, 1 if options.threads else None, available_cpus())
     if not on_cpu or calibration is not None:
