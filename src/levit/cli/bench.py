@@ -42,7 +42,8 @@ def args_bench(p: argparse.ArgumentParser) -> None:
         p,
         backend=None,
         backend_help="default: eager on CPU (the paper's protocol); on GPU auto: levit's fastest path per batch, "
-        "timm's models eager",
+        "timm's models eager; --suite modern: auto (the fastest checked fp32 form), eager, openvino, onnxruntime, "
+        "or executorch (the phone-class protocol, with -b 1)",
         precision=None,
         precision_help="default: fp32 on CPU, fp16 on GPU",
     )
@@ -56,9 +57,25 @@ def args_bench(p: argparse.ArgumentParser) -> None:
         "default: 16 on CPU, the largest fitting power of two on GPU",
     )
     img_size_option(p, "resolution (default: each model's native one)")
-    p.add_argument("--warmup", type=float, default=None, help="warm-up seconds per model (default 5, quick 1)")
-    p.add_argument("--windows", type=int, default=None, help="timed windows per model (default 5, quick 3)")
-    p.add_argument("--window", type=float, default=None, help="seconds per timed window (default 3, quick 1)")
+    p.add_argument(
+        "--warmup",
+        type=float,
+        default=None,
+        help="warm-up seconds per model (default 5, quick 1); --suite modern: the trial window of each form "
+        "(default 1, quick 0.5)",
+    )
+    p.add_argument(
+        "--windows",
+        type=int,
+        default=None,
+        help="timed windows per model (default 5, quick 3); --suite modern: interleaved rounds (default 5, quick 3)",
+    )
+    p.add_argument(
+        "--window",
+        type=float,
+        default=None,
+        help="seconds per timed window (default 3, quick 1; --suite modern: 1.5, quick 0.5)",
+    )
     p.add_argument("--output", "-o", type=Path, help="write the rows to FILE.csv or FILE.json")
     p.add_argument("--plot", type=Path, help="write the speed/accuracy plot (Figure 1) to FILE.png")
     p.add_argument("--json", action="store_true", help="print JSON rows instead of the table")
