@@ -141,6 +141,7 @@ def test_a_modern_run_resolves_its_own_defaults_and_refuses_what_it_cannot_compa
         1,
     )
     assert SpeedRun(suite="modern", quick=True).resolved().models == MODERN_QUICK_MODELS
+    assert SpeedRun(suite="modern", backend="executorch").resolved().batch_sizes == (1,)  # the phone protocol
     for bad, words in (
         ({"precision": "bf16"}, "fp32 forms only"),
         ({"backend": "inductor"}, "--backend must be one of"),

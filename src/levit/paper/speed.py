@@ -510,7 +510,8 @@ class SpeedRun:
             models=tuple(models),
             backend=backend,
             precision=precision,
-            batch_sizes=self.batch_sizes or (None if gpu else (16,)),
+            # the phone-class protocol is batch 1, as a phone runs one picture at a time
+            batch_sizes=self.batch_sizes or (None if gpu else ((1,) if backend == "executorch" else (16,))),
             threads=None if gpu else self.threads,
             warmup_s=warmup_s if self.warmup_s is None else self.warmup_s,
             windows=self.windows or windows,
