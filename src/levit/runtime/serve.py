@@ -11,7 +11,10 @@ The server, by concern:
   on SIGTERM, the frozen heap);
 - :mod:`levit.runtime.serve_kserve`, :mod:`levit.runtime.serve_grpc`: the Open Inference Protocol
   (KServe v2) over HTTP and over gRPC;
-- :mod:`levit.runtime.serve_ray`: the same application as a Ray Serve deployment of N replicas.
+- :mod:`levit.runtime.serve_models`: the models' versions (hot reload) and reading a checkpoint;
+- :mod:`levit.runtime.serve_ray`: the same application as a Ray Serve deployment of N replicas,
+  behind :mod:`levit.runtime.serve_ray_front` (retries on a lost replica), with
+  :mod:`levit.runtime.serve_ray_metrics` (every replica's metrics in every scrape).
 
 One process runs the app on uvicorn, which starts in seconds and adds no hop per request; Ray Serve
 runs the same class when there are replicas to spread the load over (docs/serving.md compares the

@@ -239,6 +239,7 @@ class LeViTService:
         self._reloading: dict[str, asyncio.Lock] = {}  # one load at a time per model (made on the serving loop)
         self._background: set[asyncio.Task] = set()  # reloads and retirements (the loop keeps weak references)
         self.ray_board: Any = None  # under Ray Serve: the board every replica posts its metrics to
+        self._app: Any = None  # the app forward() runs requests through (made on first use)
         self.ready = False
         self.draining = False
         self.in_flight = 0
@@ -661,6 +662,54 @@ class LeViTService:
         json_errors(app)
 
         return AccessLog(app, self.metrics, quiet=self.config.quiet)
+
+    async def forward(
+        self, method: str, path: str, query: str, headers: list[tuple[str, str]], body: bytes
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        """One HTTP request, whole, through this service's own app in this process: its status, headers
+        and body. What a Ray Serve replica answers for :class:`levit.runtime.serve_ray_front.Front`,
+        which reads the request and retries it on another replica when this one is lost."""
+        if self._app is None:
+            from .serve_ray_metrics import board, post_every
+
+            setup_logging(self.config.quiet)
+            self.ray_board = board()
+            self._app = self.build_app()
+            exposition = lambda: self.metrics.exposition()[0]  # noqa: E731
+            poster = asyncio.get_running_loop().create_task(post_every(self.replica, exposition, self.ray_board))
+            self._background.add(poster)
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": method,
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": query.encode(),
+            "root_path": "",
+            "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers],
+            "client": ("ray", 0),
+            "server": ("levit", 80),
+        }
+        sent = [{"type": "http.request", "body": body, "more_body": False}]
+        answer: dict[str, Any] = {"status": 500, "headers": [], "body": []}
+
+        async def receive() -> dict:
+            if sent:
+                return sent.pop()
+            await asyncio.Event().wait()  # the whole body was given: the client never leaves
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                answer["status"] = message["status"]
+                answer["headers"] = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message["headers"]]
+            elif message["type"] == "http.response.body":
+                answer["body"].append(message.get("body", b""))
+
+        await self._app(scope, receive, send)
+        return answer["status"], answer["headers"], b"".join(answer["body"])
 
     def __serve_build_asgi_app__(self) -> Any:  # Ray Serve: the app of each replica (its log goes to Ray's)
         from .serve_ray_metrics import board

@@ -1,7 +1,7 @@
 """``levit serve --ray``: the same :class:`~levit.runtime.serve_app.LeViTService` as a Ray Serve deployment.
 
 N replicas, each the whole application (its own model, batcher and metrics), behind Ray Serve's HTTP
-proxy and router. Locally ``ray.init()`` starts a one-machine cluster; with an address the
+proxy, a front deployment and Ray Serve's router. Locally ``ray.init()`` starts a one-machine cluster; with an address the
 deployment joins that cluster (the model's weights travel with the deployment, so the nodes need no
 shared file system). Its preprocessing travels with it too (``model.pretrained_cfg``, and
 ``ServeConfig.crop_pct`` when set): each replica builds the same
@@ -14,7 +14,8 @@ rather than waiting in the proxy for a replica; the model's replicas then replac
 deploys it the same way as the next version (old replicas serve until the new ones are ready when the
 cluster has the CPUs for both, else Ray Serve's rolling update replaces them a few at a time, each
 draining its requests). ``/metrics`` on any replica gives every replica's series
-(:mod:`levit.runtime.serve_ray_metrics`).
+(:mod:`levit.runtime.serve_ray_metrics`). Requests reach the replicas through a front deployment
+(:mod:`levit.runtime.serve_ray_front`) that retries them on another replica when theirs is lost.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ __all__ = [
 ]
 
 APP_NAME = "levit"
+FRONT = "Front"  # the ingress deployment's name (Starting, then the front)
 log = logging.getLogger("levit.serve")
 
 
@@ -68,10 +70,11 @@ def deployment(
     version: int = 1,
     surge: bool = True,
 ) -> Any:
-    """The bound Ray Serve application: ``replicas`` copies of :class:`LeViTService` serving ``version``
-    of the model, each loading and warming up its model in its constructor (a replica is routed to only
-    once it is ready). ``surge``: replacing a running version, its replicas serve until all the new ones
-    are ready (the cluster needs the CPUs of both)."""
+    """The bound Ray Serve application: :class:`~levit.runtime.serve_ray_front.Front`, which takes every
+    HTTP request and retries it when its replica is lost, before ``replicas`` copies of
+    :class:`LeViTService` serving ``version`` of the model, each loading and warming up its model in its
+    constructor (a replica is routed to only once it is ready). ``surge``: replacing a running version,
+    its replicas serve until all the new ones are ready (the cluster needs the CPUs of both)."""
     import dataclasses
 
     from ray import serve
@@ -79,8 +82,10 @@ def deployment(
     if config.lanes is None and config.threads is None:  # a one-thread lane per CPU the replica reserves
         config = dataclasses.replace(config, lanes=max(1, int(replica_cpus)), threads=1)
     lanes = lane_layout(config.lanes, config.threads, max(1, int(replica_cpus)))[0]
+    from .serve_ray_front import Front
+
     cls = serve.deployment(
-        serve.ingress()(LeViTService),
+        LeViTService,
         name="LeViTService",
         num_replicas=replicas,
         # the router lets in more than the replica's queue admits, so that past it a client gets the
@@ -90,7 +95,15 @@ def deployment(
         graceful_shutdown_timeout_s=config.drain_timeout_s,
         max_surge_percent=100 if surge else 0,
     )
-    return cls.bind(model, config, load_now=True, version=version)
+    front = serve.deployment(
+        Front,
+        name=FRONT,
+        ray_actor_options={"num_cpus": 0},  # it only reads and forwards requests
+        max_ongoing_requests=replicas
+        * ((config.max_queue or 4 * lanes * config.max_batch_size) + lanes * config.max_batch_size),
+        max_surge_percent=100,
+    )
+    return front.bind(cls.bind(model, config, load_now=True, version=version), config)
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = False) -> bool:
@@ -152,7 +165,7 @@ def run_deployment(
 
     serve.start(http_options={"host": config.host, "port": config.port})
     if version == 1:
-        starting = serve.deployment(Starting, name="LeViTService", ray_actor_options={"num_cpus": 0})
+        starting = serve.deployment(Starting, name=FRONT, ray_actor_options={"num_cpus": 0})
         serve.run(starting.bind(), name=APP_NAME, route_prefix="/")
     surge = ray.available_resources().get("CPU", 0) >= replicas * replica_cpus
     app = deployment(model, config, replicas=replicas, replica_cpus=replica_cpus, version=version, surge=surge)
