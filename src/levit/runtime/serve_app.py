@@ -678,6 +678,8 @@ class LeViTService:
             exposition = lambda: self.metrics.exposition()[0]  # noqa: E731
             poster = asyncio.get_running_loop().create_task(post_every(self.replica, exposition, self.ray_board))
             self._background.add(poster)
+            if self.ready:  # loaded in the replica's constructor, in a process that only serves it
+                freeze_heap()
         scope = {
             "type": "http",
             "asgi": {"version": "3.0"},
