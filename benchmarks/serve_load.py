@@ -22,6 +22,7 @@ below on Ray Serve.
     python benchmarks/serve_load.py --compare-engines --short  # uvicorn vs Ray Serve for one process
     python benchmarks/serve_load.py --backend openvino --threads 2 --max-batch-size 32 --max-wait-ms 10
     python benchmarks/serve_load.py --gc-cost            # what a full garbage collection costs a loaded server
+    python benchmarks/serve_load.py --reload-every 10 --clients 64   # a new model version every 10 s under load
 
 The load generator shares the machine with the server; each run prints the CPU milliseconds per
 request of both (the server's with its child processes), so the cost of serving is visible apart
@@ -525,6 +526,77 @@ def compare_engines(ckpt: Path, jpegs: list[bytes], args: argparse.Namespace, lo
     )
 
 
+async def _reload_load(url: str, jpegs: list[bytes], clients: int, duration: float, every: float) -> dict:
+    """``clients`` clients for ``duration`` s while the model's checkpoint is loaded again every ``every``
+    s (``POST /v2/repository/models/{name}/load``, each load a new version): each answer's version is
+    checked against the versions serving while its request was in flight."""
+    import aiohttp
+
+    out = {"ok": 0, "failed": 0, "outside": 0, "versions": collections.Counter(), "loads": [], "latencies": []}
+    serving = [(0.0, 1)]  # (time the version took over, version), in order
+    end = time.perf_counter() + duration
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as c:
+        name = (await (await c.get(url + "/ready")).json())["model"]
+
+        async def reloads() -> None:
+            while time.perf_counter() + every < end:
+                await asyncio.sleep(every)
+                t0 = time.perf_counter()
+                async with c.post(f"{url}/v2/repository/models/{name}/load") as r:
+                    body = await r.json()
+                if r.status == 200:
+                    serving.append((time.perf_counter(), int(body["version"])))
+                out["loads"].append((r.status, time.perf_counter() - t0))
+
+        async def client(i: int) -> None:
+            while time.perf_counter() < end:
+                sent = time.perf_counter()
+                before = serving[-1][1]  # the version known to serve when the request was sent
+                try:
+                    async with c.post(url + "/v1/classify", data=jpegs[i % len(jpegs)]) as r:
+                        body = await r.json() if r.status == 200 else None
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                    body = None
+                if body is None:
+                    out["failed"] += 1
+                    continue
+                out["ok"] += 1
+                out["latencies"].append(time.perf_counter() - sent)
+                v = int(body["version"])
+                out["versions"][v] += 1
+                # loaded when it arrived: not older than the one known before sending, not newer than the last
+                out["outside"] += not before <= v <= serving[-1][1] + 1
+                i += clients
+
+        await asyncio.gather(reloads(), *(client(i) for i in range(clients)))
+    return out
+
+
+def reload_under_load(ckpt: Path, jpegs: list[bytes], args: argparse.Namespace, logdir: Path) -> None:
+    """The hot-reload target: a new version every ``--reload-every`` s under the largest ``--clients``."""
+    srv = start_server("plain", ckpt, args, logdir)
+    c = max(args.clients)
+    try:
+        res = asyncio.run(_reload_load(srv.url, jpegs, c, args.duration, args.reload_every))
+    finally:
+        code = srv.stop()
+    lat = sorted(res["latencies"]) or [0.0]
+    loads = res["loads"]
+    print(f"\n$ python benchmarks/serve_load.py {' '.join(sys.argv[1:])}")
+    print(
+        f"reload every {args.reload_every:g} s, {c} clients, {args.duration:g} s ({_machine()}; model {args.model}, "
+        f"backend {args.backend}): {res['ok']} answered, {res['failed']} failed, "
+        f"{res['outside']} from a version not serving while in flight; versions answered "
+        f"{dict(sorted(res['versions'].items()))}; loads {[s for s, _ in loads]} in "
+        f"{', '.join(f'{t:.1f}' for _, t in loads)} s; p50 {lat[len(lat) // 2] * 1e3:.0f} ms, "
+        f"p99 {lat[int(len(lat) * 0.99)] * 1e3:.0f} ms; exit {code}"
+    )
+    ok = res["failed"] == 0 and res["outside"] == 0 and all(s == 200 for s, _ in loads)
+    print(
+        f"target: 0 failed requests and every answer from a version serving when it arrived: {'met' if ok else 'MISSED'}"
+    )
+
+
 def _machine() -> str:
     import torch
 
@@ -652,6 +724,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="only the garbage collector's cost in a loaded server: objects tracked, one full collection's time",
     )
+    p.add_argument(
+        "--reload-every",
+        type=float,
+        default=None,
+        metavar="S",
+        help="only hot reload under load: the checkpoint loaded again every S s during --duration s of the "
+        "largest --clients; failed requests and answers from a version not serving while in flight",
+    )
     args = p.parse_args(argv)
     if args.short:
         args.requests, args.duration, args.images, args.health_requests = 200, 20.0, 32, 100
@@ -679,6 +759,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.gc_cost:
             gc_cost(ckpt, args)
+            return 0
+        if args.reload_every:
+            reload_under_load(ckpt, jpegs, args, Path(d))
             return 0
         ceiling = Ceiling(ckpt, jpegs, args.backend, args.threads, args.max_batch_size, args.lanes)
         results = [bench_engine(e, ckpt, jpegs, args, Path(d), ceiling) for e in args.engine.split(",")]
