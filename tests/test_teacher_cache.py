@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_utils import make_dataset, step_losses, tiny_config
+from train_utils import cli, make_dataset, step_losses, tiny_config
 
 import levit
 from levit.errors import LeViTError
@@ -37,3 +37,17 @@ def test_cached_teacher_gives_the_live_teachers_losses(setup):
         train(resolve_config(**tiny_config(data, tmp / "other", teacher_cache=str(cache), seed=1, **values)))
     with pytest.raises(LeViTError, match="needs 3 of"):
         train(resolve_config(**tiny_config(data, tmp / "longer", teacher_cache=str(cache), epochs=3, **values)))
+
+
+def test_teacher_cache_command_builds_the_same_cache(setup):
+    tmp, data, values = setup
+    recipe = ["img_size=32", "batch_size=4", "epochs=2", "total_batch=null"]  # right after the file name
+    options = ["--data", data, "--teacher-checkpoint", values["teacher_checkpoint"], "--model", "levit_tiny"]
+    done = cli("data", "teacher-cache", tmp / "cli.cache", *recipe, *options)
+    assert done.returncode == 0, done.stderr
+    assert "teacher_cache=" in done.stderr
+    library = tmp / "library.cache"
+    build_teacher_cache(resolve_config(**tiny_config(data, tmp / "unused", **values)), library)
+    a, b = (torch.load(p, weights_only=True) for p in (tmp / "cli.cache", library))
+    assert torch.equal(a["classes"], b["classes"]) and a["fingerprint"] == b["fingerprint"]
+    assert cli("data", "teacher-cache", tmp / "bad.cache", *recipe, "mixup=oops", *options).returncode == 2

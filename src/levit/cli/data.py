@@ -1,4 +1,5 @@
-"""``levit data shard``: an ImageFolder (``train/`` and ``val/``) written as WebDataset tar shards."""
+"""``levit data shard``: an ImageFolder (``train/`` and ``val/``) written as WebDataset tar shards;
+``levit data teacher-cache``: a recipe's teacher run once over every view of its run, for ``teacher_cache=PATH``."""
 
 from __future__ import annotations
 
@@ -16,9 +17,21 @@ def args_data(p: argparse.ArgumentParser) -> None:
     shard.add_argument("dst", type=Path, help="new folder for the shards (train/*.tar, val/*.tar, levit-shards.json)")
     shard.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: 1000)")
     shard.add_argument("--seed", type=int, default=0, help="the training samples' shuffled order (default: 0)")
+    cache = sub.add_parser("teacher-cache", help="run the teacher once over every view a hard-distilled run meets")
+    cache.add_argument("output", type=Path, help="the cache file to write (then: levit train ... teacher_cache=OUTPUT)")
+    cache.add_argument("--data", type=Path, required=True, help="the run's --data folder")
+    cache.add_argument("--config", help="the run's recipe (YAML file or shipped name)")
+    cache.add_argument("--model", "-m", help="the run's model (default: the recipe's)")
+    cache.add_argument("--teacher", help="teacher: a timm model name or a levit variant (default: the recipe's)")
+    cache.add_argument("--teacher-checkpoint", type=Path, required=True, help="teacher weights file")
+    cache.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="the run's recipe values (epochs=..., seed=...)"
+    )
 
 
 def cmd_data(args: argparse.Namespace) -> int:
+    if args.data_command == "teacher-cache":
+        return _teacher_cache(args)
     from levit.data.shards import write_shards
 
     if args.shard_size < 1:
@@ -27,4 +40,21 @@ def cmd_data(args: argparse.Namespace) -> int:
     shards = {split: len(list((args.dst / split).glob("*.tar"))) for split in written}
     summary = ", ".join(f"{split}: {n} samples in {shards[split]} shard(s)" for split, n in written.items())
     print(f"wrote {args.dst} ({summary})", file=sys.stderr)
+    return 0
+
+
+def _teacher_cache(args: argparse.Namespace) -> int:
+    from levit.errors import LeViTError
+    from levit.train.recipe import parse_overrides, resolve_config
+    from levit.train.teacher_cache import build_teacher_cache
+
+    try:  # bad recipe values are usage errors (exit 2), as in levit train
+        values = {"data": str(args.data), "teacher_checkpoint": str(args.teacher_checkpoint), "distillation": "hard"}
+        if args.teacher:
+            values["teacher"] = args.teacher
+        cfg = resolve_config(config=args.config, model=args.model, **(values | parse_overrides(args.overrides)))
+    except (LeViTError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    path = build_teacher_cache(cfg, args.output)
+    print(f"wrote {path} ({cfg.epochs} epoch(s) of views); train with teacher_cache={path}", file=sys.stderr)
     return 0

@@ -43,7 +43,7 @@ def _file_digest(path: str | os.PathLike) -> str:
 
 def cache_fingerprint(cfg: Any, data: Any) -> dict[str, Any]:
     """What a cache is valid for: the training set (its samples' names and sizes, or its classes and
-    size), the recipe's view keys (:data:`VIEW_KEYS`) and the teacher (name and weights' SHA-256)."""
+    size), the recipe's view keys (:data:`VIEW_KEYS`) and the teacher (its weights' SHA-256)."""
     dataset = getattr(data.train_loader, "dataset", None)
     samples = getattr(dataset, "samples", None)
     if samples is not None:
@@ -53,7 +53,7 @@ def cache_fingerprint(cfg: Any, data: Any) -> dict[str, Any]:
     return {
         "data": hashlib.sha256(listing.encode()).hexdigest(),
         "recipe": {key: getattr(cfg, key) for key in VIEW_KEYS},
-        "teacher": {"name": cfg.teacher, "weights": _file_digest(cfg.teacher_checkpoint)},
+        "teacher": {"weights": _file_digest(cfg.teacher_checkpoint)},  # the weights name the teacher
     }
 
 
