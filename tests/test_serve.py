@@ -1117,6 +1117,48 @@ def test_several_models_each_with_its_own_lanes_versions_and_routes(files, versi
     assert 'levit_model_version{model="digits"} 1.0' in out["metrics"].text
 
 
+def test_a_busy_model_does_not_keep_another_from_the_cores(files, monkeypatch):
+    """Two models on one lane's worth of cores: 12 requests queued for one, then one for the other,
+    which is answered after at most the batch computing and its own, not after the 12; the two models'
+    batches take turns for the cores, never computing at once."""
+    import levit.runtime.deploy as deploy_mod
+    from levit.runtime.serve import LeViTService, ServeConfig
+
+    slow, lock, state = {"s": 0.0}, threading.Lock(), {"active": 0, "peak": 0}
+
+    def fake_deploy(model, **kw):
+        def run(x):
+            with lock:
+                state["active"] += 1
+                state["peak"] = max(state["peak"], state["active"])
+            time.sleep(slow["s"])
+            with lock:
+                state["active"] -= 1
+            return torch.zeros(x.shape[0], 10)
+
+        return run
+
+    monkeypatch.setattr(deploy_mod, "deploy", fake_deploy)
+    model = levit.create_model("levit_tiny", checkpoint=files["model"])
+    config = ServeConfig(lanes=1, threads=1, max_batch_size=1, max_wait_ms=1, quiet=True)
+    svc = LeViTService({"busy": model, "other": model}, config, load_now=True)
+    slow["s"] = 0.1
+    jpg = files["a.jpg"].read_bytes()
+
+    async def go():
+        busy = [asyncio.ensure_future(svc.classify_many([jpg], 1, svc.entries["busy"].serving)) for _ in range(12)]
+        await asyncio.sleep(0.15)  # the busy model's batches are computing, one after the other
+        t0 = time.perf_counter()
+        await svc.classify_many([jpg], 1, svc.entries["other"].serving)
+        waited = time.perf_counter() - t0
+        await asyncio.gather(*busy)
+        return waited
+
+    state["peak"] = 0
+    assert asyncio.run(go()) < 0.6  # at most two batches of 0.1 s (with room on a busy machine), not 12
+    assert state["peak"] == 1  # one lane's worth of cores: the two models never computed at once
+
+
 def test_cli_serves_several_models_named_on_the_command_line(files, versions, tmp_path, expected):
     """levit serve --model NAME=CHECKPOINT (twice): both served, the first the default; SIGHUP reads
     each file again as its next version."""
