@@ -23,7 +23,18 @@ def tiny() -> nn.Module:
 
 # the files with the longest tests (Ray clusters, ExecuTorch lowering, servers, training runs) start
 # first, so that the short tests fill both processes up to the end instead of waiting behind them
-_LONG_FIRST = ("test_serve", "test_edge", "test_pipeline", "test_train", "test_elastic", "test_docs", "test_deploy")
+_LONG_FIRST = (
+    "test_serve",
+    "test_pipeline",
+    "test_edge",
+    "test_elastic",
+    "test_deploy",
+    "test_train",
+    "test_cli_speed",
+    "test_docs",
+    "test_newcomer",
+    "test_field",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -337,11 +337,26 @@ def test_predict_with_an_unreachable_ray_address_fails_in_bounded_time(photos, c
     one_line_error(r, 1, f"no Ray cluster answers at {address}", "connection refused")
 
 
-def test_serve_ray_asking_for_more_cpus_than_the_cluster_has_fails_in_bounded_time(ckpt):
+def test_serve_ray_asking_for_more_cpus_than_the_cluster_has_fails_before_deploying(monkeypatch):
+    """A local cluster cannot grow: more replica CPUs than it has is one line, before Ray Serve is
+    asked for replicas it would wait for for ever (the started cluster's resources stand in)."""
     pytest.importorskip("ray.serve")
-    argv = ["serve", "--ray", "--replicas", "2", "--replica-cpus", "100000", "-c", str(ckpt), "--port", "0"]
-    r = run_cli(*argv, timeout=180)
-    one_line_error(r, 1, "--replicas 2 x --replica-cpus 100000 need 200000 CPUs; this Ray cluster has")
+    import ray
+
+    import levit.runtime.serve_ray as serve_ray
+    from levit.errors import LeViTError
+    from levit.runtime.serve import ServeConfig
+
+    deployed = []
+    monkeypatch.setattr(serve_ray, "init_ray", lambda *a, **k: True)  # "this call started Ray"
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(serve_ray, "run_deployment", lambda *a, **k: deployed.append(k))
+    model = levit.create_model("levit_tiny", img_size=32)
+    with pytest.raises(LeViTError, match=r"--replicas 2 x --replica-cpus 2 need 4 CPUs; this Ray cluster has 2"):
+        serve_ray.start_ray(model, ServeConfig(), replicas=2, replica_cpus=2)
+    assert deployed == []
+    serve_ray.start_ray(model, ServeConfig(), replicas=2, replica_cpus=1)  # fits: deployed
+    assert deployed == [{"replicas": 2, "replica_cpus": 1}]
 
 
 # ---- 6. figures say where they come from ---------------------------------------------------------

@@ -1189,6 +1189,27 @@ def test_cli_serves_several_models_named_on_the_command_line(files, versions, tm
 
 
 # ---- Ray Serve ---------------------------------------------------------------------------------------
+def _free_port_below_the_ephemeral_range() -> int:
+    """A free local port for a server that binds it later (Ray Serve's proxy): picked below the range
+    the kernel hands out to other sockets meanwhile (Ray's own workers, the other test process), so
+    that nothing takes it between this check and the bind."""
+    import random
+
+    low = (
+        int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+        if Path("/proc/sys/net/ipv4/ip_local_port_range").exists()
+        else 32768
+    )
+    for port in random.sample(range(max(1024, low - 12000), low), 200):
+        with socket.socket() as probe:
+            try:
+                probe.bind((HOST, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
+
+
 def test_ray_serve_two_replicas_answer_like_the_single_process_server(files, expected, server):
     """The same application as a Ray Serve deployment with 2 replicas on a local 2-CPU Ray: both
     replicas answer, with the single-process server's answers."""
@@ -1198,9 +1219,7 @@ def test_ray_serve_two_replicas_answer_like_the_single_process_server(files, exp
     from levit.runtime.serve import ServeConfig
     from levit.runtime.serve_ray import start_ray
 
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        port = probe.getsockname()[1]
+    port = _free_port_below_the_ephemeral_range()
     model = levit.create_model("levit_tiny", checkpoint=files["model"])
     config = ServeConfig(host=HOST, port=port, backend="eager", threads=1, topk=3, max_wait_ms=MAX_WAIT_MS, quiet=True)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
