@@ -42,6 +42,7 @@ from .speed import (
     bench_size,
     build_bench_model,
     device_name,
+    plot_target,
 )
 from .timing import interleaved
 
@@ -449,17 +450,9 @@ def format_field_table(rows: Sequence[dict]) -> str:
 def plot_field(rows: Sequence[dict], path: str | os.PathLike, title: str | None = None) -> Path:
     """The Pareto picture: top-1 against img/s (log x), a colour per family, the front drawn as a
     staircase, LeViT's points labelled."""
-    try:
-        import matplotlib
+    plt, path = plot_target(path)
+    import matplotlib.ticker
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
-    except ImportError as e:
-        raise LeViTError("--plot needs matplotlib: pip install 'levit[plot]'") from e
-    path = Path(path)
-    if path.suffix.lower() not in (".png", ".svg", ".pdf"):
-        raise LeViTError(f"--plot must end in .png, .svg or .pdf, got {path.name!r}")
     pts = [r for r in add_front_distance(rows) if r.get("top1") is not None and r.get("img_s") is not None]
     if not pts:
         raise LeViTError("nothing to plot: none of the benchmarked models has a sourced top-1")

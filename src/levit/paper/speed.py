@@ -56,6 +56,7 @@ __all__ = [
     "list_bench_models",
     "parse_batch_sizes",
     "plot_rows",
+    "plot_target",
     "run_speed_table",
     "speedup_summary",
     "write_rows",
@@ -647,8 +648,9 @@ def write_rows(rows: Sequence[dict], path: str | os.PathLike) -> Path:
     return path
 
 
-def plot_rows(rows: Sequence[dict], path: str | os.PathLike, title: str | None = None) -> Path:
-    """The paper's Figure 1 on this machine: measured img/s (log x) against the paper's top-1 (y)."""
+def plot_target(path: str | os.PathLike):  # -> (matplotlib.pyplot, Path)
+    """``matplotlib.pyplot`` on its file-only backend and ``path`` as a ``Path``, for a ``--plot``
+    picture; a missing matplotlib or a suffix it cannot write is a one-line :class:`LeViTError`."""
     try:
         import matplotlib
 
@@ -659,6 +661,12 @@ def plot_rows(rows: Sequence[dict], path: str | os.PathLike, title: str | None =
     path = Path(path)
     if path.suffix.lower() not in (".png", ".svg", ".pdf"):
         raise LeViTError(f"--plot must end in .png, .svg or .pdf, got {path.name!r}")
+    return plt, path
+
+
+def plot_rows(rows: Sequence[dict], path: str | os.PathLike, title: str | None = None) -> Path:
+    """The paper's Figure 1 on this machine: measured img/s (log x) against the paper's top-1 (y)."""
+    plt, path = plot_target(path)
     pts = [r for r in rows if r.get("top1_paper") is not None]
     if not pts:
         raise LeViTError("nothing to plot: none of the benchmarked models has a published top-1")

@@ -25,6 +25,7 @@ __all__ = [
     "SUPPORTED_PRECISIONS",
     "OptionError",
     "PredictOptions",
+    "check_model_options",
 ]
 
 BACKENDS = ("auto", "eager", "inductor", "onnxruntime", "openvino", "cudagraph", "executorch")
@@ -70,6 +71,20 @@ class _Names(dict):
 
     def __missing__(self, key: str) -> str:
         return self.spell(key)
+
+
+def check_model_options(options: Any) -> None:
+    """The checks every job's options share (:class:`PredictOptions`, the server's ``ServeConfig``):
+    ``crop_pct`` in (0, 1] or ``None``, a known ``decoder``, ``backend`` and ``precision``; an
+    :class:`OptionError` naming the field otherwise."""
+    if options.crop_pct is not None:
+        try:
+            check_crop_pct(options.crop_pct)
+        except ValueError:
+            raise OptionError("crop_pct", f"must be in (0, 1], got {options.crop_pct}") from None
+    for name, choices in (("decoder", DECODERS), ("backend", BACKENDS), ("precision", PRECISIONS)):
+        if getattr(options, name) not in choices:
+            raise OptionError(name, f"must be one of {', '.join(choices)}, got {getattr(options, name)!r}")
 
 
 # the most images per forward pass when the backend does not say: the CPU's lanes each run one
@@ -129,17 +144,7 @@ class PredictOptions:
             v = getattr(self, name)
             if v is not None and v < low:
                 raise OptionError(name, f"must be >= {low}, got {v}")
-        if self.crop_pct is not None:
-            try:
-                check_crop_pct(self.crop_pct)
-            except ValueError:
-                raise OptionError("crop_pct", f"must be in (0, 1], got {self.crop_pct}") from None
-        if self.decoder not in DECODERS:
-            raise OptionError("decoder", f"must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
-        if self.backend not in BACKENDS or self.precision not in PRECISIONS:
-            field = "backend" if self.backend not in BACKENDS else "precision"
-            choices = BACKENDS if field == "backend" else PRECISIONS
-            raise OptionError(field, f"must be one of {', '.join(choices)}, got {getattr(self, field)!r}")
+        check_model_options(self)
         if self.calibration is not None and self.precision != "int8":
             raise OptionError("calibration", "calibrates an int8 model: add {precision} int8")
         if self.ray is not None and self.device not in (None, "cpu"):

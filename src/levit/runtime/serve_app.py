@@ -40,13 +40,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..data import DECODERS
 from ..data.preprocess import Preprocess
 from ..errors import ImageError
-from ..models.config import check_crop_pct
 from ..utils import available_cpus, first_line
 from .batcher import Batcher, QueueFullError
-from .options import BACKENDS, PRECISIONS, OptionError
+from .options import OptionError, check_model_options
 from .pipeline import class_names_for, lane_layout
 from .serve_http import (
     CLASSIFY_OPENAPI,
@@ -132,17 +130,7 @@ class ServeConfig:
             v = getattr(self, name)
             if v is not None and not 0 <= v <= 65535:
                 raise OptionError(name, f"must be in 0..65535, got {v}")
-        if self.crop_pct is not None:
-            try:
-                check_crop_pct(self.crop_pct)
-            except ValueError:
-                raise OptionError("crop_pct", f"must be in (0, 1], got {self.crop_pct}") from None
-        if self.decoder not in DECODERS:
-            raise OptionError("decoder", f"must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
-        if self.backend not in BACKENDS:
-            raise OptionError("backend", f"must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        if self.precision not in PRECISIONS:
-            raise OptionError("precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check_model_options(self)
         if self.precision == "int8" and not self.calibration:
             raise OptionError("precision", "int8 needs {calibration} IMAGES (files or folders)")
 
