@@ -107,7 +107,7 @@ def crop_pct_type(text: str) -> float:
 
 
 def crop_pct_option(p: argparse.ArgumentParser) -> None:
-    """``--crop-pct``, the one preprocessing value a command may override (default: the model's own)."""
+    """``--crop-pct``: the crop of the model's own preprocessing, overridden the same way by every command."""
     from levit.models.config import DEFAULT_CROP_PCT
 
     p.add_argument(
