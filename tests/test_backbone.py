@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import tiny_model
-from torchvision.models.detection import FasterRCNN, RetinaNet
 
 import levit
 
@@ -44,6 +43,8 @@ def test_backbone_loads_classification_weights(tmp_path):
 
 def test_faster_rcnn_trains_and_predicts_on_images_of_different_sizes():
     torch.manual_seed(0)
+    from torchvision.models.detection import FasterRCNN  # imported here: a second of every worker's collection
+
     detector = FasterRCNN(levit.create_backbone("levit_tiny"), num_classes=3, min_size=128, max_size=192)
     targets = [
         {"boxes": torch.tensor([[10.0, 20.0, 100.0, 120.0]]), "labels": torch.tensor([1])},
@@ -65,6 +66,8 @@ def test_faster_rcnn_trains_and_predicts_on_images_of_different_sizes():
 
 def test_retinanet_with_default_anchors_and_heads():
     # default anchor generator, heads and transform class; a smaller resize than 800 px keeps it fast
+    from torchvision.models.detection import RetinaNet
+
     detector = RetinaNet(levit.create_backbone("levit_tiny"), num_classes=3, min_size=320, max_size=480).eval()
     with torch.no_grad():
         out = detector([torch.rand(3, 120, 90)])

@@ -13,7 +13,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import sklearn.datasets
 from train_utils import cli, make_dataset
 
 import levit.train.run
@@ -22,6 +21,8 @@ import levit.train.run
 @pytest.fixture
 def small_digits(monkeypatch):
     """The bundled digits cut to 200 images (writing 1797 PNGs is not what these tests check)."""
+    import sklearn.datasets  # imported here: a second of every worker's collection
+
     real = sklearn.datasets.load_digits
 
     def load(*args, **kwargs):

@@ -5,14 +5,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from train_utils import cli, env, make_dataset, run_py, step_losses, tiny_config, tree
+from train_utils import cli, make_dataset, run_py, step_losses, tiny_config, tree
 
 import levit
 from levit.errors import CheckpointError, LeViTError
@@ -509,81 +507,7 @@ def test_kill9_then_resume_auto_reproduces_losses(resume_setup, mode, at, resume
         assert torch.equal(a["ema"][k], b["ema"][k]), k
 
 
-# ---- distributed ---------------------------------------------------------------------------------
-DDP_RUNNER = r"""
-import faulthandler, json, os, sys
-faulthandler.dump_traceback_later(150, exit=True)  # a hung collective ends the worker, with its stack
-import torch
-from levit.train.evaluate import evaluate_folder
-from levit.train.run import resolve_config, train
-cfg = resolve_config(**json.loads(sys.argv[1]))
-# one group for training and levit eval's library path: a group the caller started is used and left
-# alone (one process starting a second group after destroying the first races on the store's port)
-torch.distributed.init_process_group("gloo")
-res = train(cfg)
-assert torch.distributed.is_initialized()
-ev = evaluate_folder(res.model, cfg.data + "/val", batch_size=2, workers=0, device="cpu")
-assert torch.distributed.is_initialized()
-torch.distributed.destroy_process_group()
-rank = int(os.environ["RANK"])
-torch.save({"sd": res.model.state_dict(), "n": res.last["n"], "top1": res.last["top1"], "eval": ev},
-           f"{sys.argv[2]}/rank{rank}.pt")
-"""
-
-
-def _launch(script: Path, *args: str, nproc: int = 2, timeout: int = 180) -> list[subprocess.CompletedProcess]:
-    """Start ``nproc`` ranks with the environment torchrun gives them (RANK, WORLD_SIZE, LOCAL_RANK,
-    MASTER_ADDR/PORT), without torchrun's launcher process (one interpreter start less)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in range(nproc):
-        e = env() | {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc)}
-        e |= {"LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        cmd = [sys.executable, str(script), *args]
-        procs.append(subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    out = []
-    for p in procs:
-        try:
-            o, err = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail(f"rank timed out after {timeout}s")
-        out.append(subprocess.CompletedProcess(p.args, p.returncode, o, err))
-    return out
-
-
-def test_ddp_two_process_gloo_identical_weights(tmp_path):
-    data = make_dataset(tmp_path / "data", classes=3, train=6, val=3)
-    (data / "val" / "c0" / "c0_000.png").unlink()  # 8 val images left
-    (data / "val" / "c2" / "c2_000.png").write_bytes(BROKEN)  # 7 readable: shards of 4 and 3 minus the broken one
-    cfg = tiny_config(data, tmp_path / "out", epochs=1, mixup=0.8, cutmix=1.0, drop_path=0.1, max_bad_fraction=0.5)
-    (tmp_path / "r.py").write_text(DDP_RUNNER)
-    ranks = _launch(tmp_path / "r.py", json.dumps(cfg), str(tmp_path))
-    for r in ranks:
-        assert r.returncode == 0, r.stderr[-3000:]
-    a, b = (torch.load(tmp_path / f"rank{i}.pt", weights_only=False) for i in (0, 1))
-    assert a["sd"].keys() == b["sd"].keys()
-    for k in a["sd"]:
-        assert torch.equal(a["sd"][k], b["sd"][k]), k  # parameters AND BatchNorm statistics
-    assert a["n"] == b["n"] == 7  # every readable val image counted exactly once across ranks
-    assert a["top1"] == b["top1"]
-    # levit eval's library path under DDP: the same counts, the broken image reported on every rank
-    for ev in (a["eval"], b["eval"]):
-        assert ev["n"] == 7 and [Path(p).name for p, _ in ev["skipped"]] == ["c2_000.png"]
-        assert ev["top1"] == a["top1"]
-    # logging and checkpoints from rank 0 only: one record per step; 18 images / (4 x 2) = 2 steps per epoch
-    lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines if x["event"] == "step"] == [1, 2]
-    assert ranks[0].stderr.count("training levit_tiny") == 1 and "training" not in ranks[1].stderr
-    assert ranks[0].stderr.count("unreadable validation image") == 1
-    state = torch.load(tmp_path / "out" / "checkpoints" / "ckpt-000000002.pth", weights_only=True)
-    assert state["world_size"] == 2 and len(state["rng"]) == 2
-    assert torch.equal(state["model"]["head.linear.weight"], a["sd"]["head.linear.weight"])
+# ---- distributed: tests/test_elastic.py (one DDP run and its torchrun-restarted twin) -------------
 
 
 def test_hard_distillation_run_with_a_levit_teacher(tiny_run, tmp_path):
