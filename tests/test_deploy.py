@@ -422,3 +422,46 @@ def test_auto_on_a_gpu_picks_graphs_for_small_batches_inductor_for_large(monkeyp
     assert resolve("auto", "fp16", "cuda", 1) == ("inductor", "fp16")
     with pytest.raises(DeployError, match="CPU only"):
         resolve("openvino", "fp32", "cuda")
+
+
+export_mod = importlib.import_module("levit.runtime.export")  # the package's one ONNX export and OpenVINO conversion
+
+
+def _needs(package: str) -> pytest.MarkDecorator:
+    return pytest.mark.skipif(importlib.util.find_spec(package) is None, reason=f"{package} not installed")
+
+
+# (backend, precision, the levit function doing the one-time work). int8 is checked on ONNX Runtime,
+# whose calibration takes 0.5 s here; OpenVINO's (NNCF) takes 3 s, and both go through prepare_runner
+LANE_CASES = [
+    pytest.param("openvino", "fp32", (export_mod, "to_openvino"), marks=_needs("openvino")),
+    pytest.param("onnxruntime", "fp32", (export_mod, "write_onnx"), marks=_needs("onnxruntime")),
+    pytest.param("onnxruntime", "int8", (ort_backend, "quantize_int8"), marks=_needs("onnxruntime")),
+]
+
+
+@pytest.mark.parametrize(("backend", "precision", "spied"), LANE_CASES)
+def test_lanes_convert_once_and_match_one_deploy(monkeypatch, model, images, backend, precision, spied):
+    """levit serve rebuilds every lane on a reload: one conversion (and calibration) for all lanes, each
+    lane a compiled model of its own giving what one deploy() gives, bit for bit."""
+    owner, name = spied
+    real, calls = getattr(owner, name), []
+    monkeypatch.setattr(owner, name, lambda *a, **k: calls.append(name) or real(*a, **k))
+    kw = {
+        "backend": backend,
+        "precision": precision,
+        "batch_size": 4,
+        "calibration": images[:8] if precision == "int8" else None,
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeployWarning)  # int8 on a CPU without VNNI: tested above
+        lanes = deploy_mod.deploy_lanes(model, 3, threads=1, **kw)
+        assert len(calls) == 1 and len(lanes) == 3
+        single = levit.deploy(model, threads=1, **kw)
+    assert len(calls) == 2  # the sharing ends with the deploy_lanes call
+    assert len({id(lane._run) for lane in lanes}) == 3  # a runner each: lanes run at the same time
+    expected = single(images)
+    for lane in lanes:
+        assert (lane.backend, lane.precision, lane.threads) == (backend, precision, 1)
+        assert torch.equal(lane(images), expected)
+        assert lane.fidelity == single.fidelity

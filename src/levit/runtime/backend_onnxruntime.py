@@ -15,7 +15,14 @@ from torch import Tensor, nn
 
 from . import cpu
 
-__all__ = ["onnx_bytes", "onnxruntime_runner", "quantization_options", "quantize_int8"]
+__all__ = [
+    "onnx_bytes",
+    "onnxruntime_model",
+    "onnxruntime_runner",
+    "onnxruntime_session",
+    "quantization_options",
+    "quantize_int8",
+]
 
 
 def onnx_bytes(module: nn.Module, example: Tensor) -> bytes:
@@ -95,16 +102,20 @@ def quantize_int8(onnx_model: bytes, calib: Tensor) -> bytes:
         return dst.read_bytes()
 
 
-def onnxruntime_runner(
-    module: nn.Module, precision: str, threads: int | None, example: Tensor, calib: Tensor | None
-) -> Callable[[Tensor], Tensor]:
-    """An ONNX Runtime CPU session of ``module`` at ``precision`` (``fp32``, or ``int8`` calibrated on
-    ``calib``), on ``threads`` intra-op threads (``None``: ONNX Runtime's default)."""
-    import onnxruntime as ort
-
+def onnxruntime_model(module: nn.Module, precision: str, example: Tensor, calib: Tensor | None) -> bytes:
+    """``module`` exported once (:func:`onnx_bytes`) and, for ``int8``, quantized on ``calib``: the
+    ONNX bytes every session (:func:`onnxruntime_session`) is built from."""
     onnx_model = onnx_bytes(module, example)
     if precision == "int8":
         onnx_model = quantize_int8(onnx_model, calib)
+    return onnx_model
+
+
+def onnxruntime_session(onnx_model: bytes, threads: int | None) -> Callable[[Tensor], Tensor]:
+    """An ONNX Runtime CPU session of ``onnx_model`` (from :func:`onnxruntime_model`), all graph
+    optimisations on, on ``threads`` intra-op threads (``None``: ONNX Runtime's default)."""
+    import onnxruntime as ort
+
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -118,3 +129,11 @@ def onnxruntime_runner(
         return torch.from_numpy(out)
 
     return run
+
+
+def onnxruntime_runner(
+    module: nn.Module, precision: str, threads: int | None, example: Tensor, calib: Tensor | None
+) -> Callable[[Tensor], Tensor]:
+    """An ONNX Runtime CPU session of ``module`` at ``precision`` (``fp32``, or ``int8`` calibrated on
+    ``calib``), on ``threads`` intra-op threads: :func:`onnxruntime_model` then :func:`onnxruntime_session`."""
+    return onnxruntime_session(onnxruntime_model(module, precision, example, calib), threads)

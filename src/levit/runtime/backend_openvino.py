@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -14,7 +15,17 @@ from torch import Tensor, nn
 from ..utils import available_cpus
 from . import cpu
 
-__all__ = ["openvino_config", "openvino_runner", "overflow_fix", "quantize_int8"]
+if TYPE_CHECKING:
+    import openvino as ov
+
+__all__ = [
+    "openvino_compiled",
+    "openvino_config",
+    "openvino_model",
+    "openvino_runner",
+    "overflow_fix",
+    "quantize_int8",
+]
 
 
 def overflow_fix():  # -> nncf's OverflowFix | None
@@ -72,18 +83,23 @@ def quantize_int8(ov_model, calib: Tensor):  # openvino.Model -> openvino.Model
         )
 
 
-def openvino_runner(
-    module: nn.Module, precision: str, threads: int | None, example: Tensor, calib: Tensor | None
-) -> Callable[[Tensor], Tensor]:
-    """A compiled OpenVINO CPU model of ``module`` at ``precision`` (``fp32``, ``bf16``, or ``int8``
-    calibrated on ``calib``) on ``threads`` threads."""
-    import openvino as ov
-
+def openvino_model(module: nn.Module, precision: str, example: Tensor, calib: Tensor | None) -> ov.Model:
+    """``module`` converted once (:func:`levit.runtime.export.to_openvino`) and, for ``int8``,
+    quantized on ``calib``: what every compiled copy (:func:`openvino_compiled`) is built from."""
     from .export import to_openvino
 
     ov_model = to_openvino(module.float().eval(), example.float())
     if precision == "int8":
         ov_model = quantize_int8(ov_model, calib)
+    return ov_model
+
+
+def openvino_compiled(ov_model: ov.Model, precision: str, threads: int | None) -> Callable[[Tensor], Tensor]:
+    """``ov_model`` (from :func:`openvino_model`) compiled for the CPU at ``precision`` on ``threads``
+    threads, with an infer request of its own. Compiling leaves ``ov_model`` unchanged, so one model
+    gives any number of copies."""
+    import openvino as ov
+
     compiled = ov.Core().compile_model(ov_model, "CPU", openvino_config(precision, threads))
     req = compiled.create_infer_request()
 
@@ -92,3 +108,11 @@ def openvino_runner(
         return torch.from_numpy(req.get_output_tensor(0).data.copy())
 
     return run
+
+
+def openvino_runner(
+    module: nn.Module, precision: str, threads: int | None, example: Tensor, calib: Tensor | None
+) -> Callable[[Tensor], Tensor]:
+    """A compiled OpenVINO CPU model of ``module`` at ``precision`` (``fp32``, ``bf16``, or ``int8``
+    calibrated on ``calib``) on ``threads`` threads: :func:`openvino_model` then :func:`openvino_compiled`."""
+    return openvino_compiled(openvino_model(module, precision, example, calib), precision, threads)

@@ -30,6 +30,8 @@ import importlib.util
 import logging
 import warnings
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +53,7 @@ __all__ = [
     "check_backend",
     "deploy",
     "deploy_lanes",
+    "prepare_runner",
     "resolve",
 ]
 
@@ -172,6 +175,53 @@ def resolve(
     raise DeployError(f"no installed backend runs {precision}: pip install 'levit[export]'")
 
 
+#: a function building one runner on the given threads (``None``: the runtime's default)
+RunnerFactory = Callable[[int | None], Callable[[Tensor], Tensor]]
+
+
+def prepare_runner(
+    module: nn.Module,
+    backend: str,
+    precision: str = "fp32",
+    *,
+    example: Tensor,
+    threads: int | None = None,
+    calibration: Tensor | None = None,
+) -> RunnerFactory:
+    """The one-time work of :func:`build_runner` (export, conversion, int8 calibration, lowering),
+    done now; returns a function that builds a runner of it on a given thread count.
+
+    Each runner is a compiled model / session / program of its own, so runners run at the same time
+    (the lanes of :func:`deploy_lanes`) at the cost of one conversion. ``threads`` is the count the
+    one-time work runs on. The PyTorch backends have no one-time work: each runner is a copy.
+    """
+    backend, precision = resolve(backend, precision, example.device, example.shape[0])
+    if precision == "int8" and calibration is None:
+        raise DeployError("precision int8 needs calibration images (calibration=... / --calibration)")
+    if backend == "cudagraph" and not backend_torch.graphs_available(example.device):
+        raise DeployError(f"backend cudagraph needs a CUDA GPU with CUDA available; the model is on {example.device}")
+    if backend in ("eager", "inductor"):
+        return lambda t: backend_torch.torch_runner(module, precision, backend == "inductor")
+    if backend == "cudagraph":
+        return lambda t: backend_torch.graph_runner(module, precision)
+    with num_threads(threads):
+        module = copy.deepcopy(module).float().eval()
+        if backend == "executorch":
+            from .pte import Program, lower
+
+            program = lower(module, example, precision=precision, calibration=calibration)
+            return lambda t: Program(program, threads=t)
+        if backend == "onnxruntime":
+            from .backend_onnxruntime import onnxruntime_model, onnxruntime_session
+
+            onnx_model = onnxruntime_model(module, precision, example, calibration)
+            return lambda t: onnxruntime_session(onnx_model, t)
+        from .backend_openvino import openvino_compiled, openvino_model
+
+        ov_model = openvino_model(module, precision, example, calibration)
+        return lambda t: openvino_compiled(ov_model, precision, t)
+
+
 def build_runner(
     module: nn.Module,
     backend: str,
@@ -187,28 +237,9 @@ def build_runner(
     Used by :func:`deploy` for LeViT and by the benchmark for the timm competitors. The backend and
     precision are resolved first (:func:`resolve`): pass resolved ones to know what runs.
     """
-    backend, precision = resolve(backend, precision, example.device, example.shape[0])
-    if precision == "int8" and calibration is None:
-        raise DeployError("precision int8 needs calibration images (calibration=... / --calibration)")
-    if backend == "cudagraph" and not backend_torch.graphs_available(example.device):
-        raise DeployError(f"backend cudagraph needs a CUDA GPU with CUDA available; the model is on {example.device}")
+    make = prepare_runner(module, backend, precision, example=example, threads=threads, calibration=calibration)
     with num_threads(threads):
-        if backend in ("eager", "inductor"):
-            return backend_torch.torch_runner(module, precision, backend == "inductor")
-        if backend == "cudagraph":
-            return backend_torch.graph_runner(module, precision)
-        module = copy.deepcopy(module).float().eval()
-        if backend == "executorch":
-            from .pte import Program, lower
-
-            return Program(lower(module, example, precision=precision, calibration=calibration), threads=threads)
-        if backend == "onnxruntime":
-            from .backend_onnxruntime import onnxruntime_runner
-
-            return onnxruntime_runner(module, precision, threads, example, calibration)
-        from .backend_openvino import openvino_runner
-
-        return openvino_runner(module, precision, threads, example, calibration)
+        return make(threads)
 
 
 # ---- the public API ----------------------------------------------------------------------------
@@ -270,6 +301,56 @@ class Predictor:
         return fidelity(self(images), ref)
 
 
+@dataclass
+class _Prepared:
+    """What every copy :func:`deploy` makes of one model shares: the resolved backend and precision,
+    the warm-up input, the fp32 reference (read only), the calibration images, the runner factory
+    (:func:`prepare_runner`) and the fidelity once measured."""
+
+    backend: str
+    precision: str
+    img_size: int | tuple[int, int]
+    example: Tensor
+    reference: nn.Module
+    calib: Tensor | None
+    make: RunnerFactory
+    fidelity: dict[str, float] | None = None
+
+
+def _prepare(
+    model: nn.Module,
+    backend: str,
+    precision: str,
+    batch_size: int,
+    threads: int | None,
+    calibration: CalibrationImages | None,
+) -> _Prepared:
+    """:func:`deploy`'s one-time work: fuse, resolve, load the calibration images, convert / export /
+    calibrate (:func:`prepare_runner`)."""
+    from ..data.preprocess import Preprocess
+    from ..models.fuse import inference_form
+
+    model = inference_form(model)  # a new module: the input is untouched
+    device = next(model.parameters()).device
+    cfg = model.config
+    backend, precision = resolve(backend, precision, device, batch_size)
+    calib = load_calibration(calibration, Preprocess.from_model(model)) if calibration is not None else None
+    if calib is not None and tuple(calib.shape[-2:]) != cfg.img_hw:
+        h, w = cfg.img_hw
+        raise DeployError(f"calibration images are {calib.shape[-2]}x{calib.shape[-1]}, the model takes {h}x{w}")
+    example = torch.zeros(batch_size, cfg.in_chans, *cfg.img_hw, device=device)
+    reference = copy.deepcopy(model).float().eval()
+    make = prepare_runner(model, backend, precision, example=example, threads=threads, calibration=calib)
+    return _Prepared(backend, precision, cfg.img_size, example, reference, calib, make)
+
+
+# Inside one deploy_lanes call, every deploy() with the same arguments reuses the first one's
+# preparation (keyed on the model's and calibration's identities, both alive for the call, and the
+# other arguments): the lanes are copies, and converting and calibrating per lane made every reload
+# of levit serve convert once per core. A context variable: a reload on another thread keeps its own.
+_LANE_SHARE: ContextVar[dict[tuple, _Prepared] | None] = ContextVar("levit_lane_share", default=None)
+
+
 def deploy(
     model: nn.Module,
     *,
@@ -300,38 +381,34 @@ def deploy(
         >>> pred = levit.deploy(model, backend="openvino", precision="int8", calibration="photos/")
         >>> pred.fidelity, pred(images).argmax(-1)
     """
-    from ..data.preprocess import Preprocess
-    from ..models.fuse import inference_form
-
     if batch_size < 1:
         raise DeployError(f"batch_size must be >= 1, got {batch_size}")
     if threads is not None and threads < 1:
         raise DeployError(f"threads must be >= 1, got {threads}")
-    model = inference_form(model)  # a new module: the input is untouched
-    p = next(model.parameters())
-    device = p.device
-    cfg = model.config
-    backend, precision = resolve(backend, precision, device, batch_size)
-    calib = load_calibration(calibration, Preprocess.from_model(model)) if calibration is not None else None
-    if calib is not None and tuple(calib.shape[-2:]) != cfg.img_hw:
-        h, w = cfg.img_hw
-        raise DeployError(f"calibration images are {calib.shape[-2]}x{calib.shape[-1]}, the model takes {h}x{w}")
-    example = torch.zeros(batch_size, cfg.in_chans, *cfg.img_hw, device=device)
-    reference = copy.deepcopy(model).float().eval()
-    run = build_runner(model, backend, precision, example=example, threads=threads, calibration=calib)
+    shared = _LANE_SHARE.get()
+    key = (id(model), backend, precision, batch_size, threads, id(calibration))
+    prep = shared.get(key) if shared is not None else None
+    if prep is None:
+        prep = _prepare(model, backend, precision, batch_size, threads, calibration)
+        if shared is not None:
+            shared[key] = prep
+    with num_threads(threads):
+        run = prep.make(threads)
     pred = Predictor(
         run,
-        backend=backend,
-        precision=precision,
+        backend=prep.backend,
+        precision=prep.precision,
         batch_size=batch_size,
         threads=threads,
-        device=device,
-        img_size=cfg.img_size,
-        reference=reference,
+        device=prep.example.device,
+        img_size=prep.img_size,
+        reference=prep.reference,
     )
-    pred(example)  # compile / warm up now, not on the user's first call
-    if calib is not None and precision != "fp32":
-        pred.fidelity = pred.fidelity_on(calib)
+    pred(prep.example)  # compile / warm up now, not on the user's first call
+    if prep.calib is not None and prep.precision != "fp32":
+        if prep.fidelity is None:  # every copy runs the same model: measured once
+            prep.fidelity = pred.fidelity_on(prep.calib)
+        pred.fidelity = dict(prep.fidelity)
     return pred
 
 
@@ -339,11 +416,18 @@ def deploy_lanes(model: nn.Module, lanes: int, *, threads: int | None = 1, **kwa
     """``lanes`` copies of :func:`deploy` (``kwargs``: its other arguments), each on ``threads``
     threads: the model lanes of ``levit predict`` and ``levit serve``, which compute one batch each
     at the same time (a batch of one or two images split over every core leaves most threads waiting;
-    levit.runtime.pipeline). A warning (e.g. no bf16 here) is given once, by the first copy."""
+    levit.runtime.pipeline). The model is fused, exported, converted and calibrated once for all
+    copies (:func:`prepare_runner`); each gets a compiled model, session or program of its own, and
+    all report the fidelity measured on the first. A warning (e.g. no bf16 here) is given once, by
+    the first copy."""
     if lanes < 1:
         raise ValueError(f"lanes must be >= 1, got {lanes}")
-    copies = [deploy(model, threads=threads, **kwargs)]  # type: ignore[arg-type]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeployWarning)
-        copies += [deploy(model, threads=threads, **kwargs) for _ in range(lanes - 1)]  # type: ignore[arg-type]
+    token = _LANE_SHARE.set({})
+    try:
+        copies = [deploy(model, threads=threads, **kwargs)]  # type: ignore[arg-type]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeployWarning)
+            copies += [deploy(model, threads=threads, **kwargs) for _ in range(lanes - 1)]  # type: ignore[arg-type]
+    finally:
+        _LANE_SHARE.reset(token)
     return copies
