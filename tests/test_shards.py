@@ -12,7 +12,15 @@ import torch
 from train_utils import cli, make_dataset, step_losses, tiny_config
 
 from levit.data.datasets import collate_skip
-from levit.data.shards import INDEX_NAME, ShardStream, assign, batches_per_process, read_index, write_shards
+from levit.data.shards import (
+    INDEX_NAME,
+    ShardStream,
+    assign,
+    batches_per_process,
+    expand_pattern,
+    read_index,
+    write_shards,
+)
 from levit.data.transforms import eval_transform
 from levit.errors import LeViTError
 from levit.train.recipe import resolve_config
@@ -153,3 +161,43 @@ def test_a_truncated_shard_is_reported_and_training_keeps_its_batches(shards, tm
     evaluated = list(ShardStream(split, None))
     reported = [b for _, _, r in evaluated for b in r]
     assert sum(img is not None for img, _, _ in evaluated) + len(reported) == 31  # each sample counted or reported
+
+
+def test_brace_patterns_train_as_the_shard_folder(shards, tmp_path):
+    """``train_shards``/``val_shards`` brace patterns (no --data) name the same shards as the folder:
+    the same per-step losses and weights; a file the pattern names but that does not exist, one line."""
+    _, out, _ = shards
+    assert [p.name for p in expand_pattern(out / "train" / "shard-{000000..000007}.tar")] == [
+        f"shard-{i:06d}.tar" for i in range(8)
+    ]
+    extra = dict(epochs=1, max_bad_fraction=0.2)
+    folder = train(resolve_config(**tiny_config(out, tmp_path / "folder", **extra)))
+    patterns = dict(
+        train_shards=f"{out}/train/shard-{{000000..000007}}.tar", val_shards=f"{out}/val/shard-{{0..2}}.tar"
+    )
+    with pytest.raises(LeViTError, match=r"shard-0\.tar does not exist"):  # {0..2} is not zero-padded
+        train(resolve_config(**tiny_config(None, tmp_path / "typo", **extra) | patterns | {"data": None}))
+    patterns["val_shards"] = f"{out}/val/shard-{{000000,000001,000002}}.tar"
+    got = train(resolve_config(**tiny_config(None, tmp_path / "pattern", **extra) | patterns | {"data": None}))
+    assert step_losses(tmp_path / "pattern") == step_losses(tmp_path / "folder") and got.last["n"] == 9
+    a, b = folder.model.state_dict(), got.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a) and got.model.class_names == ["c0", "c1", "c2"]
+    with pytest.raises(LeViTError, match="go together"):
+        resolve_config(**tiny_config(None, tmp_path / "x") | {"data": None, "train_shards": patterns["train_shards"]})
+
+
+def test_eval_on_shards_gives_the_numbers_of_their_image_folder(shards, tmp_path):
+    """``levit eval --data`` on the shards written from an ImageFolder (their folder, its val/, or a
+    brace pattern) gives that folder's top-1, top-5, loss and count exactly."""
+    import levit
+
+    folder, out, _ = shards
+    ckpt = levit.save(levit.create_model("levit_tiny", num_classes=3, img_size=32), tmp_path / "m.safetensors")
+    results = []
+    for data in (folder / "val", out, out / "val", f"{out}/val/shard-{{000000..000002}}.tar"):
+        done = cli("eval", "--data", data, "-c", ckpt, "--workers", "0", "--output", tmp_path / "e.json")
+        assert done.returncode == 0, done.stderr
+        results.append({k: v for k, v in json.loads((tmp_path / "e.json").read_text()).items() if k != "data"})
+    assert results[0]["n"] == 9 and all(r == results[0] for r in results[1:])
+    missing = cli("eval", "--data", f"{out}/val/shard-{{000000..000003}}.tar", "-c", ckpt)
+    assert missing.returncode == 1 and "shard-000003.tar does not exist" in missing.stderr

@@ -1,4 +1,4 @@
-"""``levit eval``: a checkpoint's top-1 / top-5 / loss on an image folder."""
+"""``levit eval``: a checkpoint's top-1 / top-5 / loss on an image folder, WebDataset shards or a Hugging Face dataset."""
 
 from __future__ import annotations
 
@@ -21,7 +21,14 @@ from .common import (
 
 def args_eval(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter  # defaults spelled out in the help texts
-    p.add_argument("--data", type=Path, required=True, help="folder with one sub-folder per class")
+    p.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="folder with one sub-folder per class; or WebDataset shards (a folder of .tar files, a shard "
+        "folder whose val/ holds them, or a quoted brace pattern such as 'val-{000000..000009}.tar'); or a "
+        "Hugging Face dataset (a save_to_disk or Parquet folder, or a dataset folder whose val/ is one)",
+    )
     model_options(p)
     img_size_option(p, "input resolution N or HxW (default: the checkpoint's)", rectangular=True)
     crop_pct_option(p)
@@ -36,7 +43,7 @@ def args_eval(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from levit.data.datasets import check_image_folder
+    from levit.data.loaders import eval_source
     from levit.train.evaluate import evaluate_folder
 
     require("--batch-size", args.batch_size, 1)
@@ -49,7 +56,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             raise UsageError("--device cuda: no CUDA GPU is available")
-    check_image_folder(args.data)  # a bad folder fails before the model is loaded
+    eval_source(args.data)  # a bad folder or pattern fails before the model is loaded
     model = load_model(args, batch=args.batch_size, **({"img_size": args.img_size} if args.img_size else {}))
     metrics = evaluate_folder(
         model,

@@ -34,7 +34,8 @@ from .images import IMAGE_EXTENSIONS, is_image, open_rgb
 from .transforms import eval_transform, train_transform
 
 __all__ = ["IMAGE_KEYS", "INDEX_NAME", "EpochLoader", "ShardIndex", "ShardStream", "assign", "batches_per_process"]
-__all__ += ["build_shard_loaders", "is_shard_folder", "read_index", "write_shards"]
+__all__ += ["build_shard_loaders", "expand_pattern", "index_shards", "is_pattern", "is_shard_folder", "pattern_index"]
+__all__ += ["read_index", "write_shards"]
 
 #: the file beside ``train/`` and ``val/`` naming the classes and the samples of every shard
 INDEX_NAME = "levit-shards.json"
@@ -69,6 +70,73 @@ def _count_samples(shard: Path) -> tuple[int, set[int]]:
     return n, classes
 
 
+def is_pattern(text: str | os.PathLike) -> bool:
+    """``text`` is a brace pattern of shards (``train-{000000..000146}.tar``, ``{a,b}.tar``)."""
+    return "{" in str(text) and "}" in str(text)
+
+
+def expand_pattern(pattern: str | os.PathLike, what: str = "--data") -> list[Path]:
+    """The shard paths a brace pattern names, in the pattern's order (``{000..146}`` keeps the zero
+    padding, ``{a,b}`` lists, both nest), as webdataset expands its URLs (``braceexpand``). A named
+    file that does not exist is a one-line :class:`LeViTError` naming the first one missing (a typo
+    in a range must not train on part of the data unnoticed)."""
+    from braceexpand import braceexpand
+
+    try:
+        paths = [Path(p).expanduser() for p in braceexpand(str(pattern))]
+    except Exception as e:  # an unbalanced brace
+        raise LeViTError(f"{what}: {pattern} is not a brace pattern ({first_line(e, 80)})") from None
+    if not paths:
+        raise LeViTError(f"{what}: {pattern} names no shard")
+    missing = next((p for p in paths if not p.is_file()), None)
+    if missing is not None:
+        raise LeViTError(f"{what}: {missing} does not exist (named by {pattern}, {len(paths)} file(s) in all)")
+    return paths
+
+
+def _saved_index(path: Path, cache: dict[Path, dict | None]) -> dict | None:
+    """The parsed ``levit-shards.json`` at ``path`` (``None``: there is none), read once."""
+    if path not in cache:
+        cache[path] = None
+        if path.is_file():
+            try:
+                saved = json.loads(path.read_text())
+                saved["classes"] = [str(c) for c in saved["classes"]]
+                cache[path] = saved
+            except (ValueError, KeyError, TypeError) as e:
+                raise LeViTError(f"--data: {path} is not a shard index ({first_line(e, 80)}): remove it") from None
+    return cache[path]
+
+
+def index_shards(splits: dict[str, list[Path]]) -> ShardIndex:
+    """The :class:`ShardIndex` of the shards of each split. A shard's sample count comes from the
+    ``levit-shards.json`` two folders up (``DST/train/shard-000000.tar`` -> ``DST/levit-shards.json``,
+    as ``levit data shard`` writes it), else from listing the tar (headers and ``.cls`` only); the
+    classes are the index's, else numbered ``0 .. max`` over every listed shard."""
+    cache: dict[Path, dict | None] = {}
+    sized: dict[str, list[tuple[Path, int]]] = {}
+    names, seen, listed = None, set(), False
+    for split, shards in splits.items():
+        sized[split] = []
+        for p in shards:
+            saved = _saved_index(p.parent.parent / INDEX_NAME, cache)
+            try:
+                n = int(saved[p.parent.name][p.name]) if saved else None
+            except (KeyError, TypeError, ValueError):
+                n = None  # a shard the index does not list: counted from the tar
+            if n is None:
+                try:
+                    n, found = _count_samples(p)
+                except (OSError, tarfile.TarError, ValueError) as e:
+                    raise LeViTError(f"--data: {p} is not a readable tar shard ({first_line(e, 80)})") from None
+                seen, listed = seen | found, True
+            names = names or (saved["classes"] if saved else None)
+            sized[split].append((p, n))
+    if names is None or (listed and max(seen, default=-1) >= len(names)):
+        names = [str(i) for i in range(max(seen, default=-1) + 1)]
+    return ShardIndex(names, sized)
+
+
 def read_index(root: str | os.PathLike) -> ShardIndex:
     """The :class:`ShardIndex` of shard folder ``root``: from ``levit-shards.json``, or by listing the
     shards (their class indices numbered ``0 .. max``). One-line :class:`LeViTError` on a bad layout."""
@@ -82,27 +150,13 @@ def read_index(root: str | os.PathLike) -> ShardIndex:
                 f"--data: {folder} holds no .tar shards (expected {root}/train/*.tar and {root}/val/*.tar)"
             )
         splits[split] = shards
-    index_file = root / INDEX_NAME
-    if index_file.is_file():
-        try:
-            saved = json.loads(index_file.read_text())
-            counts = {split: {name: int(n) for name, n in saved[split].items()} for split in splits}
-            classes = [str(c) for c in saved["classes"]]
-            sized = {s: [(p, counts[s][p.name]) for p in shards] for s, shards in splits.items()}
-            return ShardIndex(classes, sized)
-        except (ValueError, KeyError, TypeError) as e:
-            raise LeViTError(f"--data: {index_file} is not a shard index ({first_line(e, 80)}): remove it") from None
-    sized, seen = {}, set()
-    for split, shards in splits.items():
-        sized[split] = []
-        for p in shards:
-            try:
-                n, found = _count_samples(p)
-            except (OSError, tarfile.TarError, ValueError) as e:
-                raise LeViTError(f"--data: {p} is not a readable tar shard ({first_line(e, 80)})") from None
-            sized[split].append((p, n))
-            seen |= found
-    return ShardIndex([str(i) for i in range(max(seen, default=-1) + 1)], sized)
+    return index_shards(splits)
+
+
+def pattern_index(train: str, val: str) -> ShardIndex:
+    """The :class:`ShardIndex` of the shards two brace patterns name (recipe keys ``train_shards``
+    and ``val_shards``)."""
+    return index_shards({"train": expand_pattern(train, "train_shards"), "val": expand_pattern(val, "val_shards")})
 
 
 def assign(shards: list[tuple[Path, int]], rank: int, world: int, worker: int, workers: int) -> list[tuple[Path, int]]:
@@ -128,7 +182,8 @@ class ShardStream(torch.utils.data.IterableDataset):
     and samples pass a shuffle buffer of ``buffer`` samples; each sample's augmentation is seeded by
     (seed, epoch, key), so it depends neither on the worker count nor on where a run resumed. Bad
     samples ride along with the next good one (``replace_bad``, training) or come back as an image of
-    ``None`` (evaluation)."""
+    ``None`` (evaluation). ``loader`` turns a sample's image bytes into what ``transform`` takes
+    (``bytes``: the bytes themselves, for a transform that decodes, as ``levit eval``'s)."""
 
     def __init__(
         self,
@@ -140,8 +195,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         shuffle: bool = False,
         seed: int = 0,
         buffer: int = 1000,
+        loader: Callable = open_rgb,
     ) -> None:
         self.shards, self.transform, self.rank, self.world = shards, transform, rank, world
+        self.loader = loader
         self.shuffle, self.seed, self.buffer, self.epoch = shuffle, seed, buffer, 0
         self.replace_bad = shuffle
 
@@ -176,7 +233,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         if ext is None or "cls" not in sample:
             raise LeViTError(f"sample has no {'image' if ext is None else '.cls'} ({', '.join(sorted(sample))})")
         target = int(sample["cls"].decode().strip())
-        img = open_rgb(sample[ext])
+        img = self.loader(sample[ext])
         if self.transform is not None:
             again = f"/{attempt}" if attempt else ""  # a sample read again to fill in is augmented anew
             seed = zlib.crc32(f"{self.seed}/{self.epoch}{again}/{sample['__key__']}".encode())
@@ -300,16 +357,17 @@ def write_shards(
 
 
 def build_shard_loaders(
-    cfg, root: str | os.PathLike, *, world: int = 1, rank: int = 0, pin_memory: bool = False
+    cfg, root: str | os.PathLike | None, *, world: int = 1, rank: int = 0, pin_memory: bool = False
 ) -> TrainValData:
-    """Loaders over the WebDataset shards in ``root/train`` and ``root/val``
-    (:class:`ShardStream`): the same transforms as an ImageFolder, each process and
-    loader worker reading its own shards, the same number of training batches on every process.
-    Repeated augmentation is not applied to a stream (a note says so)."""
+    """Loaders over the WebDataset shards in ``root/train`` and ``root/val``, or (``root`` ``None``)
+    those the recipe's ``train_shards`` and ``val_shards`` brace patterns name (:class:`ShardStream`):
+    the same transforms as an ImageFolder, each process and loader worker reading its own shards, the
+    same number of training batches on every process. Repeated augmentation is not applied to a
+    stream (a note says so)."""
     from ..utils import default_workers
 
     workers = cfg.workers if cfg.workers is not None else default_workers()  # null: the cores available
-    index = read_index(root)
+    index = read_index(root) if root is not None else pattern_index(cfg.train_shards, cfg.val_shards)
     train_shards, val_shards = index.splits["train"], index.splits["val"]
     # a worker with no shard of its own would only idle: never more workers than a process has shards
     train_workers = min(workers, max(1, len(train_shards[rank::world])))

@@ -35,7 +35,10 @@ class TrainConfig:
 
     # what to train, on what
     model: str = "levit_256"
-    data: str | None = None  # DIR with train/ and val/: ImageFolder layout, or WebDataset .tar shards
+    data: str | None = None  # DIR with train/ and val/: ImageFolder, WebDataset .tar shards or HF datasets
+    train_shards: str | None = None  # instead of data: a brace pattern of .tar shards (train-{000000..000146}.tar)
+    val_shards: str | None = None  # with train_shards: the validation shards' brace pattern
+    hf_streaming: bool = False  # Parquet under data: streamed (datasets' IterableDataset), never all in memory
     dataset: str | None = (
         None  # "digits": the bundled scikit-learn digits, written to OUTPUT/digits (never into `data`)
     )
@@ -233,8 +236,15 @@ def check_config(cfg: TrainConfig) -> None:
         raise LeViTError(f"max_bad_fraction must be in [0, 1], got {cfg.max_bad_fraction}")
     if cfg.data is not None and cfg.dataset is not None:
         raise LeViTError(f"--data {cfg.data} and --dataset {cfg.dataset} exclude each other: give one")
-    if cfg.data is None and cfg.dataset is None:
-        raise LeViTError("--data DIR is required (DIR/train/CLASS/*.jpg and DIR/val/CLASS/*.jpg), or --dataset digits")
+    if (cfg.train_shards is None) != (cfg.val_shards is None):
+        raise LeViTError("train_shards and val_shards go together: give both brace patterns (or --data DIR)")
+    if cfg.train_shards is not None and (cfg.data is not None or cfg.dataset is not None):
+        raise LeViTError("train_shards/val_shards replace --data and --dataset: give one of them")
+    if cfg.data is None and cfg.dataset is None and cfg.train_shards is None:
+        raise LeViTError(
+            "--data DIR is required (DIR/train/CLASS/*.jpg and DIR/val/CLASS/*.jpg), or --dataset digits, "
+            "or train_shards=PATTERN val_shards=PATTERN"
+        )
     if cfg.data is not None and Path(cfg.output).resolve().is_relative_to(Path(cfg.data).resolve()):
         raise LeViTError(
             f"--output {cfg.output} is inside --data {cfg.data}: the run's files would become part of the "
@@ -338,7 +348,7 @@ def resolve_config(*, config: str | os.PathLike | None = None, model: str | None
     given = _validate(values, "override")
     if model is not None:
         given["model"] = model
-    if given.get("data") is not None and "dataset" not in given:
+    if (given.get("data") is not None or given.get("train_shards") is not None) and "dataset" not in given:
         # a recipe written for a bundled dataset (``digits``) used on the user's own folder: the
         # folder is what the user asked to train on, the recipe only brings its hyper-parameters
         recipe.pop("dataset", None)

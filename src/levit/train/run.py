@@ -131,7 +131,7 @@ class _Run:
             return self._nothing_left()
         if self.resumed_from is not None:
             log(ctx, f"resumed from {self.resumed_from} (epoch {state.epoch + 1}, step {state.global_step})")
-        self.dir.prepare(cfg.to_dict() | {"data": str(self.root)})
+        self.dir.prepare(cfg.to_dict() | ({"data": str(self.root)} if self.root is not None else {}))
         self.recorder.truncate(state.global_step, state.epoch)  # back to the checkpoint
         barrier(ctx)
         self.parts.recorder = self.recorder
@@ -223,8 +223,8 @@ class _Run:
                     self.made.append(self.root)
                 make_digits_folder(self.root, seed=0)
             barrier(ctx)
-        else:
-            self.root = Path(cfg.data)
+        else:  # None: the recipe's train_shards/val_shards patterns name the data
+            self.root = Path(cfg.data) if cfg.data is not None else None
         self.data = build_run_loaders(
             cfg, self.root, world=ctx.world_size, rank=ctx.rank, pin_memory=ctx.device.type == "cuda"
         )
