@@ -1210,24 +1210,24 @@ def _free_port_below_the_ephemeral_range() -> int:
     raise RuntimeError("no free port below the ephemeral range")
 
 
-def test_ray_serve_two_replicas_answer_like_the_single_process_server(files, expected, server):
-    """The same application as a Ray Serve deployment with 2 replicas on a local 2-CPU Ray: both
-    replicas answer, with the single-process server's answers."""
-    ray = pytest.importorskip("ray", reason="levit serve --ray needs Ray Serve: pip install 'levit[serve]'")
+def test_ray_serve_two_replicas_answer_like_the_single_process_server(files, expected, server, tmp_path):
+    """``levit serve --ray --replicas 2`` as a user starts it (a local 2-replica Ray Serve, in a process
+    group of its own): ``/ready`` answered at once while the replicas load; both replicas answer with
+    the single-process server's answers; KServe v2 and ``/metrics`` through Ray Serve's proxy; a replica
+    killed under load costs no client an error. Then the whole process group gets SIGTERM (systemd's
+    stop, ``timeout``): levit ends within seconds, though Ray's own processes got the signal too, and
+    its stderr held levit's lines and the replicas', none of Ray's start-up or deployment notices."""
     pytest.importorskip("ray.serve", reason="levit serve --ray needs Ray Serve: pip install 'levit[serve]'")
-
-    from levit.runtime.serve import ServeConfig
-    from levit.runtime.serve_ray import start_ray
-
     port = _free_port_below_the_ephemeral_range()
-    model = levit.create_model("levit_tiny", checkpoint=files["model"])
-    config = ServeConfig(host=HOST, port=port, backend="eager", threads=1, topk=3, max_wait_ms=MAX_WAIT_MS, quiet=True)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    argv = ["serve", "-c", str(files["model"]), "--host", HOST, "--port", str(port), "--backend", "eager"]
+    argv += ["--threads", "1", "--topk", "3", "--max-wait-ms", str(MAX_WAIT_MS), "--ray", "--replicas", "2"]
+    log = (tmp_path / "serve-ray.log").open("w")  # a file, not a pipe: the replicas' access log is long
+    proc = subprocess.Popen([sys.executable, "-m", "levit", *argv], stderr=log, start_new_session=True)
     url = f"http://{HOST}:{port}"
-    polls, started = [], threading.Event()
-
-    def poll_ready() -> None:  # while the replicas load: every /ready answered at once, 503 until 200
-        while not started.is_set():
+    try:
+        polls, end = [], time.monotonic() + 120  # while the replicas load: /ready answered at once
+        while not polls or polls[-1][0] != 200:
+            assert time.monotonic() < end and proc.poll() is None, polls
             t0 = time.monotonic()
             try:
                 status = httpx.get(url + "/ready", timeout=5).status_code
@@ -1235,76 +1235,85 @@ def test_ray_serve_two_replicas_answer_like_the_single_process_server(files, exp
                 status = "refused"  # before Ray Serve's proxy listens
             polls.append((status, time.monotonic() - t0))
             time.sleep(0.2)
-
-    poller = threading.Thread(target=poll_ready)
-    poller.start()
-    try:
-        try:
-            start_ray(model, config, replicas=2)
-        finally:
-            started.set()
-            poller.join()
         assert 503 in [p for p, _ in polls], polls
         # refused before the proxy listens, 404 in the moment before it knows the application's route
         answered = [p for p in polls if p[0] != "refused"]
         # answered, not held until a replica is ready (seconds on a busy machine, not the loading time)
         assert all(p in (503, 404, 200) and dt < 10 for p, dt in answered), answered
-        names = ["a.jpg", "b.png", "c.webp", "d16.png"] * 4
-        single = {n: post(server.url, files[n].read_bytes()).json()["top"] for n in set(names)}
-        replicas, rounds = set(), 0
-        for _ in range(5):
-            rounds += 1
-            responses = asyncio.run(_concurrent(url, [(files[n].read_bytes(), "image/png") for n in names]))
-            for n, r in zip(names, responses, strict=True):
-                assert r.status_code == 200, r.text
-                assert_same(r.json()["top"], single[n])
-                assert_same(r.json()["top"], expected[n])
-                replicas.add(r.headers["x-levit-replica"])
-            if len(replicas) == 2:
-                break
-        assert len(replicas) == 2, f"only {replicas} answered"
-        assert post(url, b"junk").status_code == 400
-        v2 = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [_b64(files["b.png"])]}]}
-        out = httpx.post(f"{url}/v2/models/levit_tiny/infer", json=v2, timeout=30).json()["outputs"]
-        assert out[0]["name"] == "class" and out[0]["data"] == [t["class"] for t in expected["b.png"]]
-        # /metrics through the proxy: every replica's series in every scrape, none ever going down,
-        # adding up to what was sent once each replica has posted its values (each second)
-        sent, end = len(names) * rounds, time.monotonic() + 10
-        while sum(_classify_counts(url).values()) != sent:
-            assert time.monotonic() < end, (_classify_counts(url), sent)
-            time.sleep(0.3)
-        scrapes = [_classify_counts(url) for _ in range(4)]
-        assert all(s == scrapes[0] and set(s) == replicas for s in scrapes), (scrapes, replicas)
-        r = httpx.post(f"{url}/v2/repository/models/levit_tiny/load", timeout=30)
-        assert "SIGHUP" in _error_line(r, 501)  # one replica cannot load for all: levit serve rolls them over
-        # a replica killed under load: the front retries its requests on the other, no client sees an error
-        victim = int(sorted(replicas)[0].rsplit(":", 1)[1])
-        jpg = files["a.jpg"].read_bytes()
-
-        async def load_with_a_kill() -> list[httpx.Response]:
-            async with httpx.AsyncClient(timeout=60) as c:
-
-                async def client() -> list[httpx.Response]:
-                    out, end = [], time.monotonic() + 3
-                    while time.monotonic() < end:
-                        out.append(
-                            await c.post(url + "/v1/classify", content=jpg, headers={"content-type": "image/jpeg"})
-                        )
-                    return out
-
-                async def kill() -> None:
-                    await asyncio.sleep(1.0)
-                    os.kill(victim, signal.SIGKILL)
-
-                rounds = await asyncio.gather(*(client() for _ in range(8)), kill())
-                return [r for batch in rounds[:-1] for r in batch]
-
-        answers = asyncio.run(load_with_a_kill())
-        assert [r.status_code for r in answers if r.status_code != 200] == [], {r.text for r in answers}
-        assert any(r.headers["x-levit-replica"] != sorted(replicas)[0] for r in answers)
-        assert_same(answers[-1].json()["top"], expected["a.jpg"])
+        _two_replicas_answer(url, files, expected, server)
     finally:
-        ray.shutdown()  # ends the local cluster, the Serve application with it (serve.shutdown takes 3 s more)
+        os.killpg(proc.pid, signal.SIGTERM)  # levit and the local cluster's processes alike
+        try:
+            proc.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail("levit serve --ray still running 40 s after SIGTERM to its process group")
+        finally:
+            log.close()
+    err = (tmp_path / "serve-ray.log").read_text()
+    assert proc.returncode == 0, err
+    assert "stopping:" in err, err
+    for noise in ("Token authentication", "Started a local Ray instance", "fork_posix", "Deploying new version"):
+        assert noise not in err, err
+    for noise in ("Connecting to existing Serve app", "Set ray log level", "Failed to connect to GCS"):
+        assert noise not in err, err
+
+
+def _two_replicas_answer(url: str, files: dict, expected: dict, server) -> None:
+    """Both replicas answer as the single-process ``server`` does, by /v1 and KServe v2; /metrics sums
+    them; a replica SIGKILLed under 8 clients costs none of them an error."""
+    names = ["a.jpg", "b.png", "c.webp", "d16.png"] * 4
+    single = {n: post(server.url, files[n].read_bytes()).json()["top"] for n in set(names)}
+    replicas, rounds = set(), 0
+    for _ in range(5):
+        rounds += 1
+        responses = asyncio.run(_concurrent(url, [(files[n].read_bytes(), "image/png") for n in names]))
+        for n, r in zip(names, responses, strict=True):
+            assert r.status_code == 200, r.text
+            assert_same(r.json()["top"], single[n])
+            assert_same(r.json()["top"], expected[n])
+            replicas.add(r.headers["x-levit-replica"])
+        if len(replicas) == 2:
+            break
+    assert len(replicas) == 2, f"only {replicas} answered"
+    assert post(url, b"junk").status_code == 400
+    v2 = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [_b64(files["b.png"])]}]}
+    out = httpx.post(f"{url}/v2/models/levit_tiny/infer", json=v2, timeout=30).json()["outputs"]
+    assert out[0]["name"] == "class" and out[0]["data"] == [t["class"] for t in expected["b.png"]]
+    # /metrics through the proxy: every replica's series in every scrape, none ever going down,
+    # adding up to what was sent once each replica has posted its values (each second)
+    sent, end = len(names) * rounds, time.monotonic() + 10
+    while sum(_classify_counts(url).values()) != sent:
+        assert time.monotonic() < end, (_classify_counts(url), sent)
+        time.sleep(0.3)
+    scrapes = [_classify_counts(url) for _ in range(4)]
+    assert all(s == scrapes[0] and set(s) == replicas for s in scrapes), (scrapes, replicas)
+    r = httpx.post(f"{url}/v2/repository/models/levit_tiny/load", timeout=30)
+    assert "SIGHUP" in _error_line(r, 501)  # one replica cannot load for all: levit serve rolls them over
+    # a replica killed under load: the front retries its requests on the other, no client sees an error
+    victim = int(sorted(replicas)[0].rsplit(":", 1)[1])
+    jpg = files["a.jpg"].read_bytes()
+
+    async def load_with_a_kill() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60) as c:
+
+            async def client() -> list[httpx.Response]:
+                out, end = [], time.monotonic() + 3
+                while time.monotonic() < end:
+                    out.append(await c.post(url + "/v1/classify", content=jpg, headers={"content-type": "image/jpeg"}))
+                return out
+
+            async def kill() -> None:
+                await asyncio.sleep(1.0)
+                os.kill(victim, signal.SIGKILL)
+
+            rounds = await asyncio.gather(*(client() for _ in range(8)), kill())
+            return [r for batch in rounds[:-1] for r in batch]
+
+    answers = asyncio.run(load_with_a_kill())
+    assert [r.status_code for r in answers if r.status_code != 200] == [], {r.text for r in answers}
+    assert any(r.headers["x-levit-replica"] != sorted(replicas)[0] for r in answers)
+    assert_same(answers[-1].json()["top"], expected["a.jpg"])
 
 
 def _classify_counts(url: str) -> dict[str, float]:

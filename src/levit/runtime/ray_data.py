@@ -5,7 +5,6 @@ each actor running the same :class:`~levit.data.preprocess.Preprocess` and backe
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -16,6 +15,7 @@ from ..data.preprocess import Preprocess, collate, load_item
 from ..errors import LeViTError
 from .options import PredictOptions
 from .pipeline import RowMaker, class_names_for, inference_model, preprocess_for
+from .ray_setup import init_quietly
 
 __all__ = ["RayClassifier", "iter_batches_ray"]
 
@@ -58,63 +58,6 @@ def _backend_recipe(options: PredictOptions, calibration: Sequence[str] | None) 
     }
 
 
-RAY_CONNECT_TIMEOUT_S = 10.0  # how long a cluster's address may take to accept a connection
-
-
-def check_reachable(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
-    """Raise :class:`LeViTError` unless something accepts a TCP connection at a ``host:port`` Ray
-    address (``ray://`` too) within ``timeout`` seconds: ``ray.init`` itself retries an unreachable
-    address for minutes. Other addresses (``auto``, ``local``) are left to Ray."""
-    import socket
-
-    hostport = address.removeprefix("ray://")
-    host, sep, port = hostport.rpartition(":")
-    if not sep or not port.isdigit():
-        return
-    try:
-        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout):
-            pass
-    except OSError as e:
-        reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__).lower()
-        raise LeViTError(
-            f"no Ray cluster answers at {address} ({reason}): start one there (`ray start --head`) or fix the address"
-        ) from None
-
-
-def _init_quietly(ray, address: str | None) -> None:
-    """``ray.init`` without Ray's start-up notices on the user's terminal. The token-authentication
-    notice of a local cluster is a ``ray`` logger warning: that logger is raised to ERROR for the call.
-    The core worker's C++ error lines (Ray Data's actor pool gets one per actor about restartable
-    constructor arguments, though the restarts are what keeps a job going) follow
-    ``RAY_BACKEND_LOG_LEVEL``, Ray's documented switch, set to ``fatal`` unless the user set it;
-    setting it makes Ray print one line saying so, so the C++ writes of the call go through a file and
-    every other line of it is passed on to stderr. Failures still raise."""
-    import logging
-    import tempfile
-
-    if address:
-        check_reachable(address)
-    ours = "RAY_BACKEND_LOG_LEVEL" not in os.environ
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
-    ray_logger = logging.getLogger("ray")
-    level = ray_logger.level
-    ray_logger.setLevel(logging.ERROR)
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile("w+b") as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            ray_logger.setLevel(level)
-            captured.seek(0)
-            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
-                if not (ours and "RAY_BACKEND_LOG_LEVEL" in line):
-                    sys.stderr.write(line)
-
-
 def iter_batches_ray(
     model: nn.Module,
     paths: Sequence[str | os.PathLike],
@@ -144,7 +87,7 @@ def iter_batches_ray(
     if not paths:
         return
     if not ray.is_initialized():
-        _init_quietly(ray, opts.ray or None)
+        init_quietly(opts.ray or None)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the rows in input order, as a local run writes them
     ctx.enable_progress_bars = False  # levit's own bar counts the rows

@@ -28,6 +28,7 @@ from typing import Any
 from torch import nn
 
 from .pipeline import lane_layout
+from .ray_setup import check_reachable, init_quietly
 from .serve_app import LeViTService, ServeConfig
 from .serve_process import setup_logging
 
@@ -35,6 +36,7 @@ __all__ = [
     "APP_NAME",
     "Starting",
     "check_capacity",
+    "cluster_gone",
     "deployment",
     "init_ray",
     "run_deployment",
@@ -44,6 +46,10 @@ __all__ = [
 
 APP_NAME = "levit"
 FRONT = "Front"  # the ingress deployment's name (Starting, then the front)
+# Ray Serve's controller, proxy and replicas log each deployment step, endpoint update and request at
+# INFO: levit's own lines say what a user needs (serving on, stopping, its access log); warnings and
+# errors still reach the terminal
+SERVE_LOGGING = {"log_level": "WARNING", "enable_access_log": False}
 log = logging.getLogger("levit.serve")
 
 
@@ -94,6 +100,7 @@ def deployment(
         ray_actor_options={"num_cpus": replica_cpus},
         graceful_shutdown_timeout_s=config.drain_timeout_s,
         max_surge_percent=100 if surge else 0,
+        logging_config=SERVE_LOGGING,
     )
     front = serve.deployment(
         Front,
@@ -102,22 +109,61 @@ def deployment(
         max_ongoing_requests=replicas
         * ((config.max_queue or 4 * lanes * config.max_batch_size) + lanes * config.max_batch_size),
         max_surge_percent=100,
+        logging_config=SERVE_LOGGING,
     )
     return front.bind(cls.bind(model, config, load_now=True, version=version), config)
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = False) -> bool:
-    """Join the Ray cluster at ``address``, or start a one-machine one; returns whether this call
-    started Ray (and so should shut it down)."""
+    """Join the Ray cluster at ``address``, or start a one-machine one, without Ray's start-up notices
+    (:func:`~levit.runtime.ray_setup.init_quietly`; ``quiet``: the replicas' own output not passed
+    on); returns whether this call started Ray (and so should shut it down)."""
     import ray
 
     if ray.is_initialized():
         return False
-    if address:
-        ray.init(address=address, log_to_driver=not quiet)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=not quiet)
+    init_quietly(address, num_cpus=num_cpus, log_to_driver=not quiet)
     return True
+
+
+def cluster_gone() -> bool:
+    """Whether the Ray cluster this process is connected to no longer accepts connections at its GCS
+    address (checked within a second)."""
+    import ray
+
+    from ..errors import LeViTError
+
+    try:
+        check_reachable(ray.get_runtime_context().gcs_address, timeout=1.0)
+    except LeViTError:
+        return True
+    return False
+
+
+def drain() -> None:
+    """Delete the application (Ray Serve drains each replica), then stop Ray Serve; returns early when
+    the cluster stops meanwhile: a signal to the whole process group (systemd's stop, ``timeout``,
+    ``kill -- -PGID``) stops a local cluster's processes with this one, and Ray Serve's calls would
+    wait a minute for them."""
+    from ray import serve
+
+    from .serve_ray_metrics import remove_board
+
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            serve.delete(APP_NAME)
+            remove_board()
+            serve.shutdown()
+        finally:
+            done.set()
+
+    threading.Thread(target=run, daemon=True, name="levit-drain").start()
+    while not done.wait(0.5):
+        if cluster_gone():
+            log.warning("Ray's cluster has stopped too (its processes got the signal): nothing left to drain")
+            return
 
 
 def check_capacity(replicas: int, replica_cpus: float) -> None:
@@ -163,9 +209,11 @@ def run_deployment(
     import ray
     from ray import serve
 
-    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.start(http_options={"host": config.host, "port": config.port}, logging_config=SERVE_LOGGING)
     if version == 1:
-        starting = serve.deployment(Starting, name=FRONT, ray_actor_options={"num_cpus": 0})
+        starting = serve.deployment(
+            Starting, name=FRONT, ray_actor_options={"num_cpus": 0}, logging_config=SERVE_LOGGING
+        )
         serve.run(starting.bind(), name=APP_NAME, route_prefix="/")
     surge = ray.available_resources().get("CPU", 0) >= replicas * replica_cpus
     app = deployment(model, config, replicas=replicas, replica_cpus=replica_cpus, version=version, surge=surge)
@@ -206,11 +254,12 @@ def run_ray(
     """``levit serve --ray``: serve until SIGTERM or Ctrl+C, then shut the application down gracefully
     (Ray Serve drains each replica for up to ``drain_timeout_s``) and return 0."""
     import ray
-    from ray import serve
-
-    from .serve_ray_metrics import remove_board
+    import ray.serve  # sets its logger's level when imported: levit's goes after
 
     setup_logging(config.quiet)
+    # the driver's Ray Serve lines ("Started Serve", "Application ... is ready") say what levit's own
+    # "serving ... on" line says
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     stop, hup = threading.Event(), threading.Event()
     previous: dict = {}
     started = False
@@ -235,9 +284,7 @@ def run_ray(
                 hup.clear()
                 model, version = _roll_over(model, config, version, replicas=replicas, replica_cpus=replica_cpus)
         log.warning("stopping: draining the replicas")
-        serve.delete(APP_NAME)
-        remove_board()
-        serve.shutdown()
+        drain()
     finally:
         if started:
             ray.shutdown()
