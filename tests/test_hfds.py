@@ -146,3 +146,32 @@ def test_streaming_trains_with_equal_batches_on_every_process(layouts, tmp_path)
     assert len(got.skipped_images) == 1 and "row" in got.skipped_images[0]
     with pytest.raises(LeViTError, match=r"no \.parquet files to stream"):
         train(resolve_config(**tiny_config(layouts / "saved", tmp_path / "saved", **extra)))
+
+
+class InterruptError(Exception):
+    pass
+
+
+def test_streamed_run_stopped_mid_epoch_resumes_with_the_same_losses(layouts, tmp_path):
+    """hf_streaming=true, stopped after update 3 of an epoch's 4 and resumed (``resume="auto"``) from its
+    checkpoint at update 2: the uninterrupted run's per-step losses and weights, bit for bit (the rows
+    already trained on are read again and dropped, every row keeps its place and augmentation)."""
+    import torch
+
+    extra = dict(epochs=1, max_bad_fraction=0.2, hf_streaming=True, checkpoint_every_steps=2)
+    whole = train(resolve_config(**tiny_config(layouts / "parquet", tmp_path / "whole", **extra)))
+
+    def stop(event: str, info: dict) -> None:
+        if event == "step" and info["global_step"] == 3:
+            raise InterruptError
+
+    cfg = resolve_config(**tiny_config(layouts / "parquet", tmp_path / "cut", **extra))
+    with pytest.raises(InterruptError):
+        train(cfg, callbacks=[stop])
+    steps: list[int] = []
+    resumed = train(cfg, resume="auto", callbacks=[lambda event, info: steps.append(info.get("global_step"))])
+    assert steps[:2] == [3, 4]  # from the checkpoint at update 2, not from the start
+    losses = step_losses(tmp_path / "whole")
+    assert step_losses(tmp_path / "cut") == losses and len(losses) == 4
+    want, got = whole.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(want[k], got[k]) for k in want)

@@ -201,3 +201,29 @@ def test_eval_on_shards_gives_the_numbers_of_their_image_folder(shards, tmp_path
     assert results[0]["n"] == 9 and all(r == results[0] for r in results[1:])
     missing = cli("eval", "--data", f"{out}/val/shard-{{000000..000003}}.tar", "-c", ckpt)
     assert missing.returncode == 1 and "shard-000003.tar does not exist" in missing.stderr
+
+
+def test_teacher_cache_built_from_brace_patterns_replays_the_soft_teacher_on_the_shard_folder(shards, tmp_path):
+    """``levit data teacher-cache`` on ``train_shards``/``val_shards`` patterns keeps every logit (``--topk``
+    = the classes); a run on the same shards by their folder reads it with the live teacher's losses and
+    weights, bit for bit; a cache read with another loader worker count (other views per batch) is refused."""
+    import levit
+
+    _, out, _ = shards
+    torch.manual_seed(5)
+    teacher = levit.save(levit.create_model("levit_tiny", num_classes=3, img_size=32), tmp_path / "t.safetensors")
+    soft = dict(epochs=1, max_bad_fraction=0.2, distillation="soft", teacher_checkpoint=str(teacher), threads=1)
+    live = train(resolve_config(**tiny_config(out, tmp_path / "live", **soft)))
+    recipe = ["img_size=32", "batch_size=4", "epochs=1", "total_batch=null", "workers=0", "threads=1"]
+    recipe += ["distillation=soft", "max_bad_fraction=0.2", f"train_shards={out}/train/shard-{{000000..000007}}.tar"]
+    recipe += [f"val_shards={out}/val/shard-{{000000..000002}}.tar", "-m", "levit_tiny", "--topk", "3"]
+    done = cli("data", "teacher-cache", tmp_path / "t.cache", *recipe, "--teacher-checkpoint", teacher)
+    assert done.returncode == 0, done.stderr
+    cache = str(tmp_path / "t.cache")
+    cached = train(resolve_config(**tiny_config(out, tmp_path / "cached", teacher_cache=cache, **soft)))
+    losses = step_losses(tmp_path / "live")
+    assert step_losses(tmp_path / "cached") == losses and len(losses) == 7
+    a, b = live.model.state_dict(), cached.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(LeViTError, match=r"made for another run \(data:"):
+        train(resolve_config(**tiny_config(out, tmp_path / "workers", teacher_cache=cache, workers=2, **soft)))

@@ -1,16 +1,21 @@
-"""The teacher cache: built once, read by hard distillation with the live teacher's losses, bit for bit."""
+"""The teacher cache: built once, read by hard distillation (and soft, with every logit kept) with the live
+teacher's losses, bit for bit; soft from the top k logits close, by TinyViT's rule."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 from train_utils import cli, make_dataset, step_losses, tiny_config
 
 import levit
 from levit.errors import LeViTError
+from levit.train.distill import distillation_loss
 from levit.train.recipe import resolve_config
 from levit.train.run import train
-from levit.train.teacher_cache import build_teacher_cache
+from levit.train.teacher_cache import ARRAYS, _soft_arrays, _store_logits, build_teacher_cache, rebuild_logits
 
 
 @pytest.fixture(scope="module")
@@ -51,3 +56,78 @@ def test_teacher_cache_command_builds_the_same_cache(setup):
     a, b = (torch.load(p, weights_only=True) for p in (tmp / "cli.cache", library))
     assert torch.equal(a["classes"], b["classes"]) and a["fingerprint"] == b["fingerprint"]
     assert cli("data", "teacher-cache", tmp / "bad.cache", *recipe, "mixup=oops", *options).returncode == 2
+
+
+def test_soft_cache_with_every_logit_gives_the_live_teachers_losses_and_top_k_comes_close(setup):
+    tmp, data, values = setup
+    soft = values | dict(distillation="soft", distillation_tau=2.0)
+    live = train(resolve_config(**tiny_config(data, tmp / "soft_live", **soft)))
+    caches = {}
+    for k in (3, 1):  # 3: every class (float32, exact); 1: the top logit and the rest's mass
+        cfg = resolve_config(**tiny_config(data, tmp / "unused", **soft))
+        caches[k] = build_teacher_cache(cfg, tmp / f"soft{k}.cache", topk=k)
+    full = train(resolve_config(**tiny_config(data, tmp / "soft_full", teacher_cache=str(caches[3]), **soft)))
+    assert step_losses(tmp / "soft_full") == step_losses(tmp / "soft_live")
+    a, b = live.model.state_dict(), full.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    train(resolve_config(**tiny_config(data, tmp / "soft_top1", teacher_cache=str(caches[1]), **soft)))
+    live_losses, top1 = step_losses(tmp / "soft_live"), step_losses(tmp / "soft_top1")
+    # top-1 of 3 classes: the 2 others get their total mass evenly. This random teacher's tail is nearly
+    # even already, so the losses differ by float16 and tail rounding only (measured: < 1e-6; the rule's
+    # worst case is bounded in test_rebuilt_distribution_keeps_the_top_k_and_the_tails_mass)
+    assert live_losses != top1 and max(abs(live_losses[s] - top1[s]) for s in live_losses) < 1e-5
+    # bytes per view: classes int32 + k float16 values + k int16 indices + the rest's float32
+    arrays = {k: torch.load(caches[k], weights_only=True) for k in caches}
+    views = arrays[1]["classes"].numel()
+    per_view = {k: sum(arrays[k][n].nbytes for n in ARRAYS if n in arrays[k]) / views for k in caches}
+    assert per_view == {3: 4 + 3 * 4 + 3 * 2, 1: 4 + 2 + 2 + 4}
+    # a hard cache cannot answer for soft distillation; a soft cache for another temperature neither
+    build_teacher_cache(resolve_config(**tiny_config(data, tmp / "unused", **values)), tmp / "hard.cache")
+    with pytest.raises(LeViTError, match=r"hard.cache holds the teacher's top classes only.*distillation=soft"):
+        train(resolve_config(**tiny_config(data, tmp / "refused", teacher_cache=str(tmp / "hard.cache"), **soft)))
+    with pytest.raises(LeViTError, match=r"made for distillation_tau=2\.0"):
+        cooler = soft | dict(distillation_tau=1.0)
+        train(resolve_config(**tiny_config(data, tmp / "tau", teacher_cache=str(caches[1]), **cooler)))
+
+
+def test_rebuilt_distribution_keeps_the_top_k_and_the_tails_mass(tmp_path):
+    """TinyViT's rule on an ImageNet-sized teacher (1000 classes, top 10, tau 2): the top-k probabilities
+    are the teacher's (float16 logits: relative error <= 2^-11 |z| / tau), the tail keeps its mass, evenly;
+    the soft loss moves by at most alpha tau^2 / C * mean(m (log(C - k) + range(student tail) / tau)) plus
+    the float16 part, m the tail's mass: the tail's KL to even is <= m log(C - k), and the tail's cross term
+    is (p - q) . log s with sum(p - q) = 0 over the tail, so <= m range(log s); the file is as small as
+    its bytes per view say (48 against 6004 + 4)."""
+    torch.manual_seed(0)
+    classes, k, tau, alpha = 1000, 10, 2.0, 0.5
+    teacher = torch.randn(64, classes) * 3
+    teacher[torch.arange(64), torch.randint(classes, (64,))] += 12  # a confident teacher, as trained ones are
+    arrays = _soft_arrays((1, 1, 64), classes, k)
+    _store_logits(arrays, (0, 0), teacher, tau)
+    rebuilt = rebuild_logits(arrays["values"][0, 0], arrays["indices"][0, 0], arrays["rest"][0, 0], classes)
+    p, q = (F.softmax(x / tau, dim=1) for x in (teacher, rebuilt))
+    top = teacher.topk(k, dim=1).indices
+    # float16 logits: each kept log-probability moves by <= 2 max|z| 2^-11 / tau (its logit and the normaliser)
+    rounding = float(2 * teacher.abs().max() * 2**-11 / tau)
+    assert torch.allclose(q.gather(1, top), p.gather(1, top), rtol=rounding, atol=0)
+    mass = 1 - p.gather(1, top).sum(1)
+    assert torch.allclose(1 - q.gather(1, top).sum(1), mass, rtol=rounding)
+    tail = q.scatter(1, top, float("nan"))
+    assert torch.allclose(tail.nanmean(1), tail.nan_to_num(1e9).amin(1)) and mass.min() > 0.01
+    student = torch.randn(64, classes)
+
+    def loss(teacher_logits):
+        return distillation_loss(student, torch.zeros(64).long(), teacher_logits, mode="soft", alpha=alpha, tau=tau)
+
+    spread = (student / tau).scatter(1, top, float("nan"))
+    spread = spread.nan_to_num(-1e9).amax(1) - spread.nan_to_num(1e9).amin(1)
+    bound = alpha * tau**2 / classes * (mass * (math.log(classes - k) + spread)).mean()
+    difference = (loss(teacher) - loss(rebuilt)).abs()
+    float16 = alpha * tau**2 / classes * 2 * rounding  # the KL of the kept classes moves by <= 2 rounding
+    assert 0 < difference <= bound + float16, (difference, bound, float16)  # measured 0.0011 <= 0.013
+    # file size: compact arrays against every logit (float32) of the same 6400 views
+    sizes = {}
+    for kept in (k, classes):
+        arrays = _soft_arrays((1, 100, 64), classes, kept)
+        torch.save(arrays | {"classes": torch.zeros(1, 100, 64, dtype=torch.int32)}, tmp_path / f"{kept}.pt")
+        sizes[kept] = (tmp_path / f"{kept}.pt").stat().st_size
+    assert abs(sizes[k] / sizes[classes] - 48 / 6008) < 1e-3, sizes

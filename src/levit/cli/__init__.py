@@ -99,6 +99,12 @@ COMMANDS: dict[str, Command] = {
         "  levit train --data mydata --output runs/ft --model levit_256 --distillation none \\\n"
         "      epochs=30 pretrained=true total_batch=null warmup_epochs=1  # fine-tune, KEY=VALUE overrides\n"
         "  levit train --data mydata --output runs/ft --model levit_256 --resume auto   # continue after a crash\n"
+        "  levit train --data ~/flowers-shards -o runs/fl --config finetune pretrained=true  # shard folder\n"
+        "  levit train -o runs/fl --config finetune pretrained=true 'train_shards=/data/train-{000000..000146}.tar' \\\n"
+        "      'val_shards=/data/val-{000000..000006}.tar'               # brace patterns of shards, no --data\n"
+        "  levit train --data ~/food101_hf -o runs/food --config finetune pretrained=true  # Hugging Face dataset\n"
+        "  levit train --data ~/food101_parquet -o runs/food --config finetune pretrained=true \\\n"
+        "      hf_streaming=true                                         # its Parquet files streamed\n"
         "  torchrun --nproc_per_node=8 -m levit train --data ~/imagenet --output runs/256 --model levit_256 \\\n"
         "      --teacher-checkpoint regnety_160.pth                     # DDP on 8 GPUs\n"
         "  torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --rdzv-id=run1 \\\n"
@@ -107,9 +113,12 @@ COMMANDS: dict[str, Command] = {
         cmd_train,
     ),
     "eval": Command(
-        "top-1 / top-5 / loss of a checkpoint on an ImageFolder (fused model by default)",
+        "top-1 / top-5 / loss of a checkpoint on an ImageFolder, WebDataset shards or a Hugging Face dataset",
         "  levit eval --data ~/imagenet/val --model levit_128s --pretrained\n"
         "  levit eval --data runs/digits/digits/val --checkpoint runs/digits/best.pth --output eval.json\n"
+        "  levit eval --data ~/flowers-shards -c runs/fl/best.pth          # a shard folder (its val/ shards)\n"
+        "  levit eval --data '/data/val-{000000..000006}.tar' -c runs/fl/best.pth   # a val_shards= brace pattern\n"
+        "  levit eval --data ~/food101_parquet -c runs/food/best.pth   # Hugging Face dataset (its val/), hf_streaming=true or not\n"
         "  torchrun --nproc_per_node=4 -m levit eval --data ~/imagenet/val --model levit_256 -c LeViT-256.pth",
         args_eval,
         cmd_eval,
@@ -125,9 +134,11 @@ COMMANDS: dict[str, Command] = {
         cmd_ablate,
     ),
     "data": Command(
-        "prepare training data: write an ImageFolder as WebDataset tar shards (levit train --data reads both)",
+        "prepare training data: an ImageFolder as WebDataset tar shards; a teacher's answers for every view of a run",
         "  levit data shard ~/flowers ~/flowers-shards --shard-size 1000\n"
-        "  levit train --data ~/flowers-shards --output runs/flowers --config finetune pretrained=true",
+        "  levit train --data ~/flowers-shards --output runs/flowers --config finetune pretrained=true\n"
+        "  levit data teacher-cache t.cache epochs=300 distillation=soft --topk 10 --data ~/flowers-shards \\\n"
+        "      --model levit_256 --teacher-checkpoint regnety_160.pth   # then: levit train ... teacher_cache=t.cache",
         args_data,
         cmd_data,
     ),

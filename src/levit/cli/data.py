@@ -1,5 +1,6 @@
 """``levit data shard``: an ImageFolder (``train/`` and ``val/``) written as WebDataset tar shards;
-``levit data teacher-cache``: a recipe's teacher run once over every view of its run, for ``teacher_cache=PATH``."""
+``levit data teacher-cache``: a recipe's teacher run once over every view of its run (its top class; for soft
+distillation also its top-k logits), for ``teacher_cache=PATH``."""
 
 from __future__ import annotations
 
@@ -17,9 +18,33 @@ def args_data(p: argparse.ArgumentParser) -> None:
     shard.add_argument("dst", type=Path, help="new folder for the shards (train/*.tar, val/*.tar, levit-shards.json)")
     shard.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: 1000)")
     shard.add_argument("--seed", type=int, default=0, help="the training samples' shuffled order (default: 0)")
-    cache = sub.add_parser("teacher-cache", help="run the teacher once over every view a hard-distilled run meets")
+    cache = sub.add_parser(
+        "teacher-cache",
+        help="run the teacher once over every view a distilled run meets (hard: its top class; soft: its top-k logits)",
+        description="Run the teacher once over every augmented view a one-process distilled run meets and store\n"
+        "its answers for teacher_cache=OUTPUT. The run's data: --data DIR (ImageFolder, shard folder or\n"
+        "Hugging Face dataset folder) or train_shards=PATTERN val_shards=PATTERN.",
+        epilog="examples:\n"
+        "  levit data teacher-cache t.cache epochs=5 --config digits --data digits --teacher-checkpoint t.safetensors\n"
+        "  levit data teacher-cache t.cache epochs=5 distillation=soft --topk 10 --data shards/ --teacher-checkpoint T\n"
+        "  levit data teacher-cache t.cache 'train_shards=train-{000000..000009}.tar' \\\n"
+        "      'val_shards=val-{000000..000001}.tar' --model levit_128s --teacher-checkpoint T",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     cache.add_argument("output", type=Path, help="the cache file to write (then: levit train ... teacher_cache=OUTPUT)")
-    cache.add_argument("--data", type=Path, required=True, help="the run's --data folder")
+    cache.add_argument(
+        "--data",
+        type=Path,
+        help="the run's --data folder (ImageFolder, WebDataset shard folder or Hugging Face dataset folder); "
+        "or give train_shards=PATTERN val_shards=PATTERN",
+    )
+    cache.add_argument(
+        "--topk",
+        type=int,
+        metavar="K",
+        help="store the teacher's K largest logits per view, for distillation=soft (default with "
+        "distillation=soft: 10; K >= the number of classes keeps them all, exactly)",
+    )
     cache.add_argument("--config", help="the run's recipe (YAML file or shipped name)")
     cache.add_argument("--model", "-m", help="the run's model (default: the recipe's)")
     cache.add_argument("--teacher", help="teacher: a timm model name or a levit variant (default: the recipe's)")
@@ -48,13 +73,20 @@ def _teacher_cache(args: argparse.Namespace) -> int:
     from levit.train.recipe import parse_overrides, resolve_config
     from levit.train.teacher_cache import build_teacher_cache
 
+    if args.topk is not None and args.topk < 1:
+        raise UsageError(f"--topk must be >= 1 (logits kept per view), got {args.topk}")
     try:  # bad recipe values are usage errors (exit 2), as in levit train
-        values = {"data": str(args.data), "teacher_checkpoint": str(args.teacher_checkpoint), "distillation": "hard"}
+        values = {"teacher_checkpoint": str(args.teacher_checkpoint), "distillation": "hard"}
+        if args.data is not None:
+            values["data"] = str(args.data)
         if args.teacher:
             values["teacher"] = args.teacher
         cfg = resolve_config(config=args.config, model=args.model, **(values | parse_overrides(args.overrides)))
     except (LeViTError, ValueError) as e:
         raise UsageError(str(e)) from None
-    path = build_teacher_cache(cfg, args.output)
-    print(f"wrote {path} ({cfg.epochs} epoch(s) of views); train with teacher_cache={path}", file=sys.stderr)
+    if cfg.data is None and cfg.train_shards is None:
+        raise UsageError("--data DIR or train_shards=PATTERN val_shards=PATTERN is required (the run's data)")
+    path = build_teacher_cache(cfg, args.output, topk=args.topk)
+    kept = " and top-k logits" if args.topk is not None or cfg.distillation == "soft" else ""
+    print(f"wrote {path} ({cfg.epochs} epoch(s) of views{kept}); train with teacher_cache={path}", file=sys.stderr)
     return 0

@@ -13,7 +13,9 @@ def args_train(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data",
         type=Path,
-        help="folder with train/ and val/ sub-folders (ImageFolder layout, or WebDataset .tar shards)",
+        help="folder with train/ and val/ sub-folders: ImageFolder layout, WebDataset .tar shards (levit data "
+        "shard) or Hugging Face datasets (save_to_disk or Parquet; hf_streaming=true streams the Parquet); "
+        "instead of --data: train_shards=PATTERN val_shards=PATTERN, quoted brace patterns of shards",
     )
     p.add_argument("--dataset", choices=["digits"], help="a bundled dataset instead of --data (no download)")
     p.add_argument(
