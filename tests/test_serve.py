@@ -1251,7 +1251,7 @@ def test_ray_serve_two_replicas_answer_like_the_single_process_server(files, exp
         finally:
             log.close()
     err = (tmp_path / "serve-ray.log").read_text()
-    assert proc.returncode == 0, err
+    assert proc.returncode == 0, (proc.returncode, err[-3000:])
     assert "stopping:" in err, err
     for noise in ("Token authentication", "Started a local Ray instance", "fork_posix", "Deploying new version"):
         assert noise not in err, err

@@ -218,9 +218,9 @@ def _write_openvino(model: nn.Module, example: Tensor, tmp: Path) -> None:
 
 
 def _run_openvino(path: Path, x: Tensor) -> Tensor:
-    import openvino as ov
+    from .backend_openvino import openvino_core
 
-    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    compiled = openvino_core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     return torch.from_numpy(compiled([x.numpy()])[compiled.outputs[0]].copy())
 
 
