@@ -21,7 +21,9 @@ draining its requests). ``/metrics`` on any replica gives every replica's series
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import threading
 from typing import Any
 
@@ -140,11 +142,11 @@ def cluster_gone() -> bool:
     return False
 
 
-def drain() -> None:
-    """Delete the application (Ray Serve drains each replica), then stop Ray Serve; returns early when
-    the cluster stops meanwhile: a signal to the whole process group (systemd's stop, ``timeout``,
-    ``kill -- -PGID``) stops a local cluster's processes with this one, and Ray Serve's calls would
-    wait a minute for them."""
+def drain() -> bool:
+    """Delete the application (Ray Serve drains each replica), then stop Ray Serve; returns whether it
+    did, or False as soon as the cluster stops meanwhile: a signal to the whole process group
+    (systemd's stop, ``timeout``, ``kill -- -PGID``) stops a local cluster's processes with this one,
+    and Ray Serve's calls would wait a minute for them."""
     from ray import serve
 
     from .serve_ray_metrics import remove_board
@@ -163,7 +165,8 @@ def drain() -> None:
     while not done.wait(0.5):
         if cluster_gone():
             log.warning("Ray's cluster has stopped too (its processes got the signal): nothing left to drain")
-            return
+            return False
+    return True
 
 
 def check_capacity(replicas: int, replica_cpus: float) -> None:
@@ -252,7 +255,9 @@ def run_ray(
     num_cpus: int | None = None,
 ) -> int:
     """``levit serve --ray``: serve until SIGTERM or Ctrl+C, then shut the application down gracefully
-    (Ray Serve drains each replica for up to ``drain_timeout_s``) and return 0."""
+    (Ray Serve drains each replica for up to ``drain_timeout_s``) and return 0. When the cluster has
+    stopped with this process (the signal went to the whole process group), the process exits 0 at
+    once: there is nothing left to drain."""
     import ray
     import ray.serve  # sets its logger's level when imported: levit's goes after
 
@@ -284,7 +289,13 @@ def run_ray(
                 hup.clear()
                 model, version = _roll_over(model, config, version, replicas=replicas, replica_cpus=replica_cpus)
         log.warning("stopping: draining the replicas")
-        drain()
+        if not drain():
+            # nothing left to shut down, and tearing Ray's client down under the thread still waiting
+            # on the gone cluster can crash in Ray's C++ core: the process ends here, its output flushed
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
     finally:
         if started:
             ray.shutdown()
