@@ -5,7 +5,6 @@ user's images), with CPU compile options keyed on what this CPU can do."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -22,24 +21,11 @@ if TYPE_CHECKING:
 __all__ = [
     "openvino_compiled",
     "openvino_config",
-    "openvino_core",
     "openvino_model",
     "openvino_runner",
     "overflow_fix",
     "quantize_int8",
 ]
-
-
-@functools.cache
-def openvino_core() -> ov.Core:
-    """The process's one ``openvino.Core``, kept for the life of the process. OpenVINO's CPU plugin
-    points the calling thread's alternate signal stack at memory of its own; a Core per compile let
-    the plugin be unloaded with the last one, leaving that stack pointing at unmapped (later reused)
-    memory, so the next Python signal handler (SIGCHLD after a DataLoader's workers, for one) crashed
-    the process. One Core is also what OpenVINO recommends: it caches the plugin and its settings."""
-    import openvino as ov
-
-    return ov.Core()
 
 
 def overflow_fix():  # -> nncf's OverflowFix | None
@@ -112,6 +98,8 @@ def openvino_compiled(ov_model: ov.Model, precision: str, threads: int | None) -
     """``ov_model`` (from :func:`openvino_model`) compiled for the CPU at ``precision`` on ``threads``
     threads, with an infer request of its own. Compiling leaves ``ov_model`` unchanged, so one model
     gives any number of copies."""
+    from .export import openvino_core
+
     compiled = openvino_core().compile_model(ov_model, "CPU", openvino_config(precision, threads))
     req = compiled.create_infer_request()
 

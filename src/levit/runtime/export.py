@@ -12,19 +12,21 @@ error is orders of magnitude above fp32 rounding, never does. The file only appe
 once that check has passed (written under a temporary name, then renamed).
 
 :func:`write_onnx` and :func:`to_openvino` are the package's one ONNX export and one OpenVINO
-conversion (the backends of :func:`levit.runtime.deploy.deploy` run on them too).
+conversion, :func:`openvino_core` its one OpenVINO runtime (the backends of :func:`levit.runtime.deploy.deploy` run on them too).
 """
 
 from __future__ import annotations
 
 import copy
 import errno
+import functools
 import io
 import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +47,7 @@ __all__ = [
     "check_packages",
     "export",
     "max_opset",
+    "openvino_core",
     "proof_images",
     "prove",
     "rel_error",
@@ -217,9 +220,20 @@ def _write_openvino(model: nn.Module, example: Tensor, tmp: Path) -> None:
     ov.save_model(to_openvino(model, example), str(tmp), compress_to_fp16=False)  # fp32 weights
 
 
-def _run_openvino(path: Path, x: Tensor) -> Tensor:
-    from .backend_openvino import openvino_core
+@functools.cache
+def openvino_core() -> Any:  # openvino.Core
+    """The process's one ``openvino.Core``, kept for the life of the process. OpenVINO's CPU plugin
+    points the calling thread's alternate signal stack at memory of its own and puts back the one it
+    found when it goes: with a Core per compile, several alive at once (model lanes) and dropped in
+    another order than made left the stack on freed, later reused memory, and the next Python signal
+    handler (SIGCHLD after a DataLoader's workers, for one) crashed the process. One Core is also what
+    OpenVINO recommends: it caches the plugin and its settings."""
+    import openvino as ov
 
+    return ov.Core()
+
+
+def _run_openvino(path: Path, x: Tensor) -> Tensor:
     compiled = openvino_core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     return torch.from_numpy(compiled([x.numpy()])[compiled.outputs[0]].copy())
 
