@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib
 import warnings
 from pathlib import Path
@@ -441,6 +442,28 @@ LANE_CASES = [
 ]
 
 
+def _alternate_signal_stack_is_sound() -> bool:
+    """Whether this thread's alternate signal stack (where Python's signal handlers run) is either
+    off or inside memory that is mapped writable (``/proc/self/maps``; True where there is none)."""
+    if not Path("/proc/self/maps").exists():
+        return True
+    import ctypes
+
+    class StackT(ctypes.Structure):
+        _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+    ss = StackT()
+    assert ctypes.CDLL(None).sigaltstack(None, ctypes.byref(ss)) == 0
+    if ss.ss_flags & 2 or not ss.ss_sp:  # SS_DISABLE
+        return True
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        span, perms = line.split()[:2]
+        lo, hi = (int(x, 16) for x in span.split("-"))
+        if lo <= ss.ss_sp and ss.ss_sp + ss.ss_size <= hi:
+            return perms.startswith("rw")
+    return False
+
+
 @pytest.mark.parametrize(("backend", "precision", "spied"), LANE_CASES)
 def test_lanes_convert_once_and_match_one_deploy(monkeypatch, model, images, backend, precision, spied):
     """levit serve rebuilds every lane on a reload: one conversion (and calibration) for all lanes, each
@@ -466,42 +489,14 @@ def test_lanes_convert_once_and_match_one_deploy(monkeypatch, model, images, bac
         assert (lane.backend, lane.precision, lane.threads) == (backend, precision, 1)
         assert torch.equal(lane(images), expected)
         assert lane.fidelity == single.fidelity
-
-
-def _alternate_signal_stack_is_sound() -> bool:
-    """Whether this thread's alternate signal stack (where Python's signal handlers run) is either
-    off or inside memory that is mapped writable (``/proc/self/maps``)."""
-    import ctypes
-
-    class StackT(ctypes.Structure):
-        _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
-
-    ss = StackT()
-    assert ctypes.CDLL(None).sigaltstack(None, ctypes.byref(ss)) == 0
-    if ss.ss_flags & 2 or not ss.ss_sp:  # SS_DISABLE
-        return True
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        span, perms = line.split()[:2]
-        lo, hi = (int(x, 16) for x in span.split("-"))
-        if lo <= ss.ss_sp and ss.ss_sp + ss.ss_size <= hi:
-            return perms.startswith("rw")
-    return False
-
-
-@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
-@_needs("openvino")
-def test_openvino_lanes_leave_a_sound_signal_stack(model, images):
-    """OpenVINO's CPU plugin points the thread's alternate signal stack at memory of its own and puts
-    back the one it found when it goes: with a Core per lane, lanes dropped in another order than made
-    left the stack pointing at freed memory, and the next Python signal handler (SIGCHLD, once a
-    DataLoader with workers has run) crashed the process. One Core for the process keeps it sound."""
-    import gc
-
-    lanes = deploy_mod.deploy_lanes(model, 2, threads=1, backend="openvino", batch_size=2)
+    # OpenVINO's CPU plugin points the thread's alternate signal stack at memory of its own and puts
+    # back the one it found when it goes: with a Core per lane, lanes dropped in another order than
+    # made left it on freed memory, and the next Python signal handler (SIGCHLD, once a DataLoader
+    # with workers has run) crashed the process. One Core for the process keeps it sound.
     assert _alternate_signal_stack_is_sound()
     del lanes[0]  # the first made goes first
     gc.collect()
     assert _alternate_signal_stack_is_sound()
-    del lanes
+    del lanes, lane, single
     gc.collect()
     assert _alternate_signal_stack_is_sound()
