@@ -479,11 +479,11 @@ def test_lanes_convert_once_and_match_one_deploy(monkeypatch, model, images, bac
     }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeployWarning)  # int8 on a CPU without VNNI: tested above
-        lanes = deploy_mod.deploy_lanes(model, 3, threads=1, **kw)
-        assert len(calls) == 1 and len(lanes) == 3
+        lanes = deploy_mod.deploy_lanes(model, 2, threads=1, **kw)
+        assert len(calls) == 1 and len(lanes) == 2
         single = levit.deploy(model, threads=1, **kw)
     assert len(calls) == 2  # the sharing ends with the deploy_lanes call
-    assert len({id(lane._run) for lane in lanes}) == 3  # a runner each: lanes run at the same time
+    assert len({id(lane._run) for lane in lanes}) == 2  # a runner each: lanes run at the same time
     expected = single(images)
     for lane in lanes:
         assert (lane.backend, lane.precision, lane.threads) == (backend, precision, 1)
