@@ -91,7 +91,8 @@ class TrainConfig:
     distillation_kl_norm: str = "numel"  # soft: KL sum / (B x classes) as DeiT's code, or "batch": / B
     teacher: str | None = "regnety_160"  # a timm model name or a levit variant
     teacher_checkpoint: str | None = None  # weights file (never downloaded)
-    teacher_cache: str | None = None  # hard distillation: the teacher's answers read from this file (teacher_cache.py)
+    # distillation from this file: the teacher's top class (hard) or top-k logits (soft) per view
+    teacher_cache: str | None = None  # (levit.train.teacher_cache)
     # weights average and evaluation
     model_ema: bool = True
     model_ema_decay: float = 0.99996
