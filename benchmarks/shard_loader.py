@@ -5,6 +5,7 @@ model, so only the reading differs.
 
     python benchmarks/shard_loader.py                     # the bundled digits, the digits recipe
     python benchmarks/shard_loader.py --workers 2 --rounds 5
+    python benchmarks/shard_loader.py --photos 3000 --rounds 3   # photo-like 500x375 JPEGs, the paper's recipe
 
 The digits are written as an ImageFolder and as shards (`levit.data.shards.write_shards`, 200 samples
 a shard) in a temporary folder; each round times one epoch of each loader in turn (alternating, so a
@@ -34,17 +35,39 @@ def epoch_seconds(data, epoch: int) -> tuple[float, int]:
     return time.perf_counter() - start, n
 
 
+def write_photos(root: Path, n: int, classes: int = 10) -> Path:
+    """An ImageFolder (``train/`` and ``val/``, one val image per ten) of ``n`` photo-like 500x375
+    JPEGs (quality 90, about the size of an ImageNet photo), written 100 at a time."""
+    from PIL import Image
+
+    from levit.data.synthetic import photo_like_images
+
+    for start in range(0, n, 100):
+        batch = photo_like_images(min(100, n - start), (375, 500), seed=start, mean=(0, 0, 0), std=(1, 1, 1))
+        pixels = (batch.permute(0, 2, 3, 1) * 255).round().byte().numpy()
+        for i, px in enumerate(pixels, start):
+            split = "val" if i % 10 == 9 else "train"
+            folder = root / split / f"c{(i // 10) % classes}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(px).save(folder / f"{i:06d}.jpg", quality=90)
+    return root
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=0, help="loader processes (the digits recipe: 0)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--shard-size", type=int, default=200)
+    parser.add_argument("--photos", type=int, default=0, help="N photo-like JPEGs and the paper's recipe instead")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        folder = make_digits_folder(Path(tmp) / "digits")
+        if args.photos:
+            folder, recipe = write_photos(Path(tmp) / "photos", args.photos), {}
+        else:
+            folder, recipe = make_digits_folder(Path(tmp) / "digits"), {"config": "digits"}
         write_shards(folder, Path(tmp) / "shards", shard_size=args.shard_size)
         loaders = {
-            kind: build(resolve_config(config="digits", data=str(root), workers=args.workers), root)
+            kind: build(resolve_config(**recipe, data=str(root), workers=args.workers), root)
             for kind, build, root in (
                 ("imagefolder", build_loaders, folder),
                 ("shards", build_shard_loaders, Path(tmp) / "shards"),

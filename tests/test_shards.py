@@ -17,6 +17,7 @@ from levit.data.shards import (
     ShardStream,
     assign,
     batches_per_process,
+    batches_taken,
     expand_pattern,
     read_index,
     write_shards,
@@ -89,6 +90,23 @@ def test_processes_and_workers_read_disjoint_shards_that_cover_the_split(shards)
     assert batches_per_process(split, world, workers, 2) == min(
         sum(sum(n for _, n in assign(split, r, world, w, workers)) // 2 for w in range(workers)) for r in range(world)
     )
+
+
+def test_a_training_stream_makes_only_the_samples_of_the_batches_the_epoch_uses(shards):
+    """Each loader worker stops after its share of the epoch's batches (taken from the workers in
+    turn) instead of decoding and augmenting samples its loader drops."""
+    assert batches_taken([2, 2], 3) == [2, 1] and batches_taken([3, 1], 4) == [3, 1]
+    assert batches_taken([1, 3], 4) == [1, 3] and batches_taken([5, 5], 0) == [0, 0]
+    _, out, _ = shards
+    split = read_index(out).splits["train"]  # shards of 4: rank 0's workers make 2 and 2 batches, rank 1's 2 and 1
+    assert batches_per_process(split, 2, 2, 4) == 3
+    stream = ShardStream(split, eval_transform(32, 1.0), rank=0, world=2, shuffle=True, seed=3)
+    loader = torch.utils.data.DataLoader(stream, batch_size=4, num_workers=2, drop_last=True, collate_fn=collate_skip)
+    assert len(list(loader)) == 4  # unlimited: every full batch of rank 0's 16 samples
+    stream.limit_to(3, 4, 2)
+    assert stream.take == [8, 4]
+    batches = list(loader)
+    assert len(batches) == 3 and all(len(images) == 4 for images, _, _ in batches)  # ends by itself
 
 
 def test_training_on_shards_skips_and_reports_the_corrupt_sample(shards, tmp_path):
