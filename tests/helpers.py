@@ -239,3 +239,17 @@ def rel_l2_error(a: torch.Tensor, b: torch.Tensor) -> float:
 def photos(n: int = 2, size: int | tuple[int, int] = 224, seed: int = 0) -> torch.Tensor:
     """Photo-like test inputs (:func:`sample_images`), distinct from the calibration ones."""
     return sample_images(n, size, seed=1000 + seed)
+
+
+def fake_lanes(monkeypatch, per_lane) -> None:
+    """``levit.runtime.deploy.deploy_lanes`` replaced: each lane is ``per_lane(model, threads=..., **kw)``
+    (a runner, as :func:`levit.deploy` returns one, given deploy's keywords), so that a test runs the
+    lanes' scheduling on fakes or counts what each lane was asked for."""
+    import importlib
+
+    deploy_mod = importlib.import_module("levit.runtime.deploy")
+
+    def lanes(model, lanes, *, threads=1, **kw):
+        return [per_lane(model, threads=threads, **kw) for _ in range(lanes)]
+
+    monkeypatch.setattr(deploy_mod, "deploy_lanes", lanes)

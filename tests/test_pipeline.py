@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import randomize_weights, write_sample_jpegs
+from helpers import fake_lanes, randomize_weights, write_sample_jpegs
 from PIL import Image
 
 import levit
@@ -267,7 +267,7 @@ def test_predict_builds_one_backend_per_lane(ckpt, folder, monkeypatch, capsys):
         made.append((kw["backend"], kw["threads"]))
         return real(model, **{**kw, "backend": "eager", "precision": "fp32", "calibration": None})
 
-    monkeypatch.setattr(deploy_mod, "deploy", counting)
+    fake_lanes(monkeypatch, counting)
     argv = ["predict", str(folder / "sub"), "-c", str(ckpt), "--json", "--backend", "onnxruntime", "--threads", "2"]
     assert main(argv) == 0
     assert made == [("onnxruntime", 1), ("onnxruntime", 1)]

@@ -27,7 +27,7 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="levit serve needs the serve extra: pip install 'levit[serve]'")
 httpx = pytest.importorskip("httpx", reason="the tests' HTTP client")
 
-from helpers import randomize_weights, sample_images  # noqa: E402
+from helpers import fake_lanes, randomize_weights, sample_images  # noqa: E402
 
 import levit  # noqa: E402
 from levit.cli import main  # noqa: E402
@@ -288,7 +288,6 @@ def test_lane_layout_fills_the_cores():
 def test_lanes_compute_batches_at_once_each_on_its_own_backend(files, monkeypatch):
     """Two lanes: two copies of the backend (one thread each), two batches in flight at once, and
     every request answered by the batch it was in."""
-    import levit.runtime.deploy as deploy_mod
     from levit.runtime.serve import LeViTService, ServeConfig
 
     made, lock = [], threading.Lock()
@@ -311,7 +310,7 @@ def test_lanes_compute_batches_at_once_each_on_its_own_backend(files, monkeypatc
 
         return run
 
-    monkeypatch.setattr(deploy_mod, "deploy", fake_deploy)
+    fake_lanes(monkeypatch, fake_deploy)
     model = levit.create_model("levit_tiny", checkpoint=files["model"])
     threads = torch.get_num_threads()
     try:
@@ -335,7 +334,6 @@ def test_requests_arriving_while_every_lane_is_busy_fill_one_batch(files, monkey
     """A batch closes only for a free lane: 6 requests arriving 15 ms apart during a 0.4 s batch wait
     for the lane together and go as one batch (closing on the wait alone would queue them as 6
     batches of one)."""
-    import levit.runtime.deploy as deploy_mod
     from levit.runtime.serve import LeViTService, ServeConfig
 
     slow = {"on": False}  # the warm-up runs fast
@@ -347,7 +345,7 @@ def test_requests_arriving_while_every_lane_is_busy_fill_one_batch(files, monkey
 
         return run
 
-    monkeypatch.setattr(deploy_mod, "deploy", fake_deploy)
+    fake_lanes(monkeypatch, fake_deploy)
     model = levit.create_model("levit_tiny", checkpoint=files["model"])
     svc = LeViTService(model, ServeConfig(lanes=1, max_batch_size=8, max_wait_ms=1, quiet=True), load_now=True)
     slow["on"] = True
@@ -370,7 +368,6 @@ def test_requests_arriving_while_every_lane_is_busy_fill_one_batch(files, monkey
 
 def _service_with_fake_lanes(files, monkeypatch, config, seconds):
     """A service whose lanes sleep ``seconds`` a batch, its batch sizes recorded in ``svc.sizes``."""
-    import levit.runtime.deploy as deploy_mod
     from levit.runtime.serve import LeViTService
 
     def fake_deploy(model, **kw):
@@ -380,7 +377,7 @@ def _service_with_fake_lanes(files, monkeypatch, config, seconds):
 
         return run
 
-    monkeypatch.setattr(deploy_mod, "deploy", fake_deploy)
+    fake_lanes(monkeypatch, fake_deploy)
     svc = LeViTService(levit.create_model("levit_tiny", checkpoint=files["model"]), config)
     svc.sizes = []
     monkeypatch.setattr(svc.metrics, "batch_size", type("Sizes", (), {"observe": lambda _, n: svc.sizes.append(n)})())
@@ -938,7 +935,7 @@ def test_reload_under_load_answers_every_request_from_a_version_loaded_when_it_a
         run = real(model, **kw)
         return lambda x: (time.sleep(delay["s"]), run(x))[1]
 
-    monkeypatch.setattr(deploy_mod, "deploy", slow_deploy)
+    fake_lanes(monkeypatch, slow_deploy)
     model = levit.create_model("levit_tiny", checkpoint=files["model"])
     config = ServeConfig(backend="eager", lanes=1, threads=1, max_batch_size=4, topk=3, quiet=True)
     svc = LeViTService(model, config.replace(checkpoint=str(files["model"])), load_now=True)
@@ -1121,7 +1118,6 @@ def test_a_busy_model_does_not_keep_another_from_the_cores(files, monkeypatch):
     """Two models on one lane's worth of cores: 12 requests queued for one, then one for the other,
     which is answered after at most the batch computing and its own, not after the 12; the two models'
     batches take turns for the cores, never computing at once."""
-    import levit.runtime.deploy as deploy_mod
     from levit.runtime.serve import LeViTService, ServeConfig
 
     slow, lock, state = {"s": 0.0}, threading.Lock(), {"active": 0, "peak": 0}
@@ -1138,7 +1134,7 @@ def test_a_busy_model_does_not_keep_another_from_the_cores(files, monkeypatch):
 
         return run
 
-    monkeypatch.setattr(deploy_mod, "deploy", fake_deploy)
+    fake_lanes(monkeypatch, fake_deploy)
     model = levit.create_model("levit_tiny", checkpoint=files["model"])
     config = ServeConfig(lanes=1, threads=1, max_batch_size=1, max_wait_ms=1, quiet=True)
     svc = LeViTService({"busy": model, "other": model}, config, load_now=True)

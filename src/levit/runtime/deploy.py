@@ -30,7 +30,6 @@ import importlib.util
 import logging
 import warnings
 from collections.abc import Callable, Iterator
-from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -317,6 +316,13 @@ class _Prepared:
     fidelity: dict[str, float] | None = None
 
 
+def _check_sizes(batch_size: int, threads: int | None) -> None:
+    if batch_size < 1:
+        raise DeployError(f"batch_size must be >= 1, got {batch_size}")
+    if threads is not None and threads < 1:
+        raise DeployError(f"threads must be >= 1, got {threads}")
+
+
 def _prepare(
     model: nn.Module,
     backend: str,
@@ -342,13 +348,6 @@ def _prepare(
     reference = copy.deepcopy(model).float().eval()
     make = prepare_runner(model, backend, precision, example=example, threads=threads, calibration=calib)
     return _Prepared(backend, precision, cfg.img_size, example, reference, calib, make)
-
-
-# Inside one deploy_lanes call, every deploy() with the same arguments reuses the first one's
-# preparation (keyed on the model's and calibration's identities, both alive for the call, and the
-# other arguments): the lanes are copies, and converting and calibrating per lane made every reload
-# of levit serve convert once per core. A context variable: a reload on another thread keeps its own.
-_LANE_SHARE: ContextVar[dict[tuple, _Prepared] | None] = ContextVar("levit_lane_share", default=None)
 
 
 def deploy(
@@ -381,17 +380,14 @@ def deploy(
         >>> pred = levit.deploy(model, backend="openvino", precision="int8", calibration="photos/")
         >>> pred.fidelity, pred(images).argmax(-1)
     """
-    if batch_size < 1:
-        raise DeployError(f"batch_size must be >= 1, got {batch_size}")
-    if threads is not None and threads < 1:
-        raise DeployError(f"threads must be >= 1, got {threads}")
-    shared = _LANE_SHARE.get()
-    key = (id(model), backend, precision, batch_size, threads, id(calibration))
-    prep = shared.get(key) if shared is not None else None
-    if prep is None:
-        prep = _prepare(model, backend, precision, batch_size, threads, calibration)
-        if shared is not None:
-            shared[key] = prep
+    _check_sizes(batch_size, threads)
+    return _copy(_prepare(model, backend, precision, batch_size, threads, calibration), batch_size, threads)
+
+
+def _copy(prep: _Prepared, batch_size: int, threads: int | None) -> Predictor:
+    """A predictor of its own (a compiled model, session or program on ``threads`` threads) on
+    ``prep``, warmed up; for reduced precisions with calibration images, the fidelity measured on the
+    first copy (every copy runs the same model)."""
     with num_threads(threads):
         run = prep.make(threads)
     pred = Predictor(
@@ -406,28 +402,35 @@ def deploy(
     )
     pred(prep.example)  # compile / warm up now, not on the user's first call
     if prep.calib is not None and prep.precision != "fp32":
-        if prep.fidelity is None:  # every copy runs the same model: measured once
+        if prep.fidelity is None:
             prep.fidelity = pred.fidelity_on(prep.calib)
         pred.fidelity = dict(prep.fidelity)
     return pred
 
 
-def deploy_lanes(model: nn.Module, lanes: int, *, threads: int | None = 1, **kwargs: object) -> list[Predictor]:
-    """``lanes`` copies of :func:`deploy` (``kwargs``: its other arguments), each on ``threads``
-    threads: the model lanes of ``levit predict`` and ``levit serve``, which compute one batch each
-    at the same time (a batch of one or two images split over every core leaves most threads waiting;
+def deploy_lanes(
+    model: nn.Module,
+    lanes: int,
+    *,
+    threads: int | None = 1,
+    backend: str = "auto",
+    precision: str = "fp32",
+    batch_size: int = 16,
+    calibration: CalibrationImages | None = None,
+) -> list[Predictor]:
+    """``lanes`` copies of :func:`deploy` (the same arguments), each on ``threads`` threads: the model
+    lanes of ``levit predict`` and ``levit serve``, which compute one batch each at the same time (a
+    batch of one or two images split over every core leaves most threads waiting;
     levit.runtime.pipeline). The model is fused, exported, converted and calibrated once for all
-    copies (:func:`prepare_runner`); each gets a compiled model, session or program of its own, and
-    all report the fidelity measured on the first. A warning (e.g. no bf16 here) is given once, by
-    the first copy."""
+    copies (:func:`prepare_runner`: converting per lane made every reload of ``levit serve`` convert
+    once per core); each gets a compiled model, session or program of its own, and all report the
+    fidelity measured on the first. A warning (e.g. no bf16 here) is given once."""
     if lanes < 1:
         raise ValueError(f"lanes must be >= 1, got {lanes}")
-    token = _LANE_SHARE.set({})
-    try:
-        copies = [deploy(model, threads=threads, **kwargs)]  # type: ignore[arg-type]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeployWarning)
-            copies += [deploy(model, threads=threads, **kwargs) for _ in range(lanes - 1)]  # type: ignore[arg-type]
-    finally:
-        _LANE_SHARE.reset(token)
+    _check_sizes(batch_size, threads)
+    prep = _prepare(model, backend, precision, batch_size, threads, calibration)
+    copies = [_copy(prep, batch_size, threads)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeployWarning)
+        copies += [_copy(prep, batch_size, threads) for _ in range(lanes - 1)]
     return copies
