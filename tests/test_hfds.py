@@ -148,6 +148,21 @@ def test_streaming_trains_with_equal_batches_on_every_process(layouts, tmp_path)
         train(resolve_config(**tiny_config(layouts / "saved", tmp_path / "saved", **extra)))
 
 
+def test_a_training_stream_augments_only_the_rows_of_the_batches_the_epoch_uses(layouts):
+    """19 rows (one corrupt) in batches of 4: the epoch uses 16, and only those are augmented (the
+    two good rows past the last batch would be dropped by the loader)."""
+    from levit.data.hfds import build_hf_stream_loaders
+
+    cfg = resolve_config(**tiny_config(layouts / "parquet", layouts / "unused", hf_streaming=True))
+    data = build_hf_stream_loaders(cfg, layouts / "parquet")
+    stream = data.train_loader.loader.dataset
+    assert stream.take == [16]
+    calls, transform = [], stream.transform
+    stream.transform = lambda img: calls.append(1) or transform(img)
+    assert [len(images) for images, _, _ in data.train_loader.loader] == [4, 4, 4, 4]
+    assert len(calls) == 16
+
+
 class InterruptError(Exception):
     pass
 

@@ -204,6 +204,7 @@ class HFStream(torch.utils.data.IterableDataset):
         self.files, self.rows, self.transform, self.rank, self.world = files, rows, transform, rank, world
         self.shuffle, self.seed, self.loader, self.epoch, self.buffer = shuffle, seed, loader, 0, 1000
         self.replace_bad, self.image = shuffle, None
+        self.take: list[int] | None = None  # good samples each loader worker makes (set for training)
         self.image, self.label = find_columns(self._stream(), Path(files[0]).parent)[:2]
 
     def set_epoch(self, epoch: int) -> None:
@@ -233,6 +234,8 @@ class HFStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         quota = stream_counts(self.rows, self.rank, self.world, worker, workers)
+        if self.take is not None:  # only the samples of the batches the epoch uses (build_hf_stream_loaders)
+            quota = min(quota, self.take[worker])
         ds = self._stream()
         made, pending = 0, []
         for attempt in range(50 if self.replace_bad else 1):
@@ -290,7 +293,7 @@ def build_hf_stream_loaders(
     ``hf_streaming=true``): the recipe's transforms, the same number of full training batches on every
     process (the fewest any can make). Repeated augmentation is not applied to a stream (a note says so)."""
     from ..utils import default_workers
-    from .shards import EpochLoader
+    from .shards import EpochLoader, batches_taken
 
     workers = cfg.workers if cfg.workers is not None else default_workers()  # null: the cores available
     root = Path(root)
@@ -309,6 +312,10 @@ def build_hf_stream_loaders(
     ]
     batches = min(per_rank)
     check_batch(cfg, batches)
+    # each worker stops after its share of the batches the epoch uses, not after every row it has
+    # (those past its last batch would be decoded and augmented only to be dropped)
+    full = [stream_counts(train_rows, rank, world, w, streams) // cfg.batch_size for w in range(streams)]
+    train_set.take = [t * cfg.batch_size for t in batches_taken(full, batches)]
     common = dict(batch_size=cfg.batch_size, collate_fn=collate_skip, pin_memory=pin_memory)
     train_loader = torch.utils.data.DataLoader(train_set, num_workers=train_workers, drop_last=True, **common)
     val_loader = torch.utils.data.DataLoader(val_set, num_workers=min(workers, len(val_files)), **common)
