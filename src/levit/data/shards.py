@@ -226,8 +226,8 @@ class ShardStream(torch.utils.data.IterableDataset):
     def limit_to(self, batches: int, batch_size: int, workers: int) -> None:
         """Make only the samples of the first ``batches`` batches of ``batch_size`` that a DataLoader
         with ``workers`` workers (and ``drop_last``) takes from this process: the samples after a
-        worker's last batch used would be read, decoded and augmented only to be dropped (5% of an
-        epoch of 2,700 images in batches of 256)."""
+        worker's last batch used would be read, decoded and augmented only to be dropped
+        (docs/training.md measures the epoch before and after)."""
         full = [
             sum(n for _, n in assign(self.shards, self.rank, self.world, w, workers)) // batch_size
             for w in range(workers)

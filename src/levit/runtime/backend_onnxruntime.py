@@ -18,7 +18,6 @@ from . import cpu
 __all__ = [
     "onnx_bytes",
     "onnxruntime_model",
-    "onnxruntime_runner",
     "onnxruntime_session",
     "quantization_options",
     "quantize_int8",
@@ -129,11 +128,3 @@ def onnxruntime_session(onnx_model: bytes, threads: int | None) -> Callable[[Ten
         return torch.from_numpy(out)
 
     return run
-
-
-def onnxruntime_runner(
-    module: nn.Module, precision: str, threads: int | None, example: Tensor, calib: Tensor | None
-) -> Callable[[Tensor], Tensor]:
-    """An ONNX Runtime CPU session of ``module`` at ``precision`` (``fp32``, or ``int8`` calibrated on
-    ``calib``), on ``threads`` intra-op threads: :func:`onnxruntime_model` then :func:`onnxruntime_session`."""
-    return onnxruntime_session(onnxruntime_model(module, precision, example, calib), threads)

@@ -22,7 +22,6 @@ __all__ = [
     "openvino_compiled",
     "openvino_config",
     "openvino_model",
-    "openvino_runner",
     "overflow_fix",
     "quantize_int8",
 ]
@@ -108,11 +107,3 @@ def openvino_compiled(ov_model: ov.Model, precision: str, threads: int | None) -
         return torch.from_numpy(req.get_output_tensor(0).data.copy())
 
     return run
-
-
-def openvino_runner(
-    module: nn.Module, precision: str, threads: int | None, example: Tensor, calib: Tensor | None
-) -> Callable[[Tensor], Tensor]:
-    """A compiled OpenVINO CPU model of ``module`` at ``precision`` (``fp32``, ``bf16``, or ``int8``
-    calibrated on ``calib``) on ``threads`` threads: :func:`openvino_model` then :func:`openvino_compiled`."""
-    return openvino_compiled(openvino_model(module, precision, example, calib), precision, threads)

@@ -204,7 +204,7 @@ def _run_onnx(path: Path, x: Tensor) -> Tensor:
 def to_openvino(model: nn.Module, example: Tensor):
     """``model`` (an fp32 inference module) converted to an ``openvino.Model`` with a dynamic batch
     axis: the package's one OpenVINO conversion (``levit export`` and
-    :func:`levit.runtime.backend_openvino.openvino_runner`)."""
+    :func:`levit.runtime.backend_openvino.openvino_model`)."""
     import openvino as ov
 
     with warnings.catch_warnings():
