@@ -227,7 +227,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         """Make only the samples of the first ``batches`` batches of ``batch_size`` that a DataLoader
         with ``workers`` workers (and ``drop_last``) takes from this process: the samples after a
         worker's last batch used would be read, decoded and augmented only to be dropped
-        (docs/training.md measures the epoch before and after)."""
+        (docs/training.md times the shard epoch against the folder's)."""
         full = [
             sum(n for _, n in assign(self.shards, self.rank, self.world, w, workers)) // batch_size
             for w in range(workers)
