@@ -18,11 +18,13 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 pytest.importorskip("fastapi", reason="levit serve needs the serve extra: pip install 'levit[serve]'")
 httpx = pytest.importorskip("httpx", reason="the tests' HTTP client")
@@ -1361,6 +1363,50 @@ def test_sighup_under_ray_deploys_the_checkpoint_again_as_the_next_version(files
     assert all(torch.equal(v, want[k]) for k, v in new.state_dict().items())
     path.write_bytes(b"broken")
     assert serve_ray._roll_over(new, config, 2, replicas=2, replica_cpus=1.0) == (new, 2) and len(deployed) == 1
+
+
+def test_a_stop_signal_while_deploying_under_ray_ends_at_once_when_the_cluster_stopped_too(monkeypatch):
+    """SIGTERM to the whole process group while ``levit serve --ray`` is still deploying (its replicas
+    loading): the local cluster's processes stopped with it, and Ray's deployment call would wait a
+    minute for them, then abort with exit status 1. levit ends at once, exit status 0, as it does
+    when the signal comes while serving (no Ray here: the cluster is a listening socket that closes)."""
+    import ray
+
+    import levit.runtime.serve_ray as serve_ray
+    from levit.runtime.serve import ServeConfig
+
+    gcs = socket.create_server(("127.0.0.1", 0))
+    exited, closed_at = [], []
+
+    class ExitedError(Exception):
+        pass
+
+    released = threading.Event()
+
+    def fake_exit(code: int) -> None:
+        exited.append((code, time.monotonic() - closed_at[0]))
+        released.wait(10)  # as if the process ended here; then the watch sees run_ray finished
+
+    def deploying(model, config, **kw) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)  # the group's signal reaches levit ...
+        gcs.close()  # ... and the cluster's processes
+        closed_at.append(time.monotonic())
+        end = time.monotonic() + 10  # Ray's call would wait 60 s
+        while not exited and time.monotonic() < end:
+            time.sleep(0.05)
+        raise ExitedError
+
+    monkeypatch.setattr(serve_ray, "init_ray", lambda *a, **kw: False)
+    monkeypatch.setattr(
+        ray, "get_runtime_context", lambda: SimpleNamespace(gcs_address=f"127.0.0.1:{gcs.getsockname()[1]}")
+    )
+    monkeypatch.setattr(serve_ray, "run_deployment", deploying)
+    monkeypatch.setattr(serve_ray.os, "_exit", fake_exit)
+    monkeypatch.setattr(serve_ray.logging, "shutdown", lambda: None)
+    with pytest.raises(ExitedError):
+        serve_ray.run_ray(nn.Identity(), ServeConfig(quiet=True), replicas=2)
+    released.set()
+    assert len(exited) == 1 and exited[0][0] == 0 and exited[0][1] < 3, exited
 
 
 # ---- SIGTERM (last: it stops the module's server) ---------------------------------------------------

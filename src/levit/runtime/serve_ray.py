@@ -40,6 +40,8 @@ __all__ = [
     "check_capacity",
     "cluster_gone",
     "deployment",
+    "drain",
+    "exit_when_the_cluster_stops",
     "init_ray",
     "run_deployment",
     "run_ray",
@@ -128,45 +130,45 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
     return True
 
 
-def cluster_gone() -> bool:
-    """Whether the Ray cluster this process is connected to no longer accepts connections at its GCS
-    address (checked within a second)."""
-    import ray
-
+def cluster_gone(gcs_address: str) -> bool:
+    """Whether the Ray cluster at ``gcs_address`` no longer accepts connections (checked within a
+    second)."""
     from ..errors import LeViTError
 
     try:
-        check_reachable(ray.get_runtime_context().gcs_address, timeout=1.0)
+        check_reachable(gcs_address, timeout=1.0)
     except LeViTError:
         return True
     return False
 
 
-def drain() -> bool:
-    """Delete the application (Ray Serve drains each replica), then stop Ray Serve; returns whether it
-    did, or False as soon as the cluster stops meanwhile: a signal to the whole process group
+def exit_when_the_cluster_stops(gcs_address: str, stop: threading.Event, finished: threading.Event) -> None:
+    """Once ``stop`` is set (SIGTERM or Ctrl+C) and until ``finished``: end the process with exit status 0
+    as soon as the Ray cluster at ``gcs_address`` has stopped. A signal to the whole process group
     (systemd's stop, ``timeout``, ``kill -- -PGID``) stops a local cluster's processes with this one,
-    and Ray Serve's calls would wait a minute for them."""
+    whatever this one was doing (deploying, serving, draining), and every Ray call would then wait a
+    minute for the cluster and abort. Tearing Ray's client down under a call still waiting on the gone
+    cluster can crash in Ray's C++ core, so the process ends here, its output flushed. Runs in a
+    daemon thread."""
+    stop.wait()
+    while not finished.wait(0.5):
+        if cluster_gone(gcs_address):
+            log.warning("Ray's cluster has stopped too (its processes got the signal): nothing left to drain")
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+
+
+def drain() -> None:
+    """Delete the application (Ray Serve drains each replica), then stop Ray Serve."""
     from ray import serve
 
     from .serve_ray_metrics import remove_board
 
-    done = threading.Event()
-
-    def run() -> None:
-        try:
-            serve.delete(APP_NAME)
-            remove_board()
-            serve.shutdown()
-        finally:
-            done.set()
-
-    threading.Thread(target=run, daemon=True, name="levit-drain").start()
-    while not done.wait(0.5):
-        if cluster_gone():
-            log.warning("Ray's cluster has stopped too (its processes got the signal): nothing left to drain")
-            return False
-    return True
+    serve.delete(APP_NAME)
+    remove_board()
+    serve.shutdown()
 
 
 def check_capacity(replicas: int, replica_cpus: float) -> None:
@@ -265,7 +267,7 @@ def run_ray(
     # the driver's Ray Serve lines ("Started Serve", "Application ... is ready") say what levit's own
     # "serving ... on" line says
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    stop, hup = threading.Event(), threading.Event()
+    stop, hup, finished = threading.Event(), threading.Event(), threading.Event()
     previous: dict = {}
     started = False
     try:
@@ -275,6 +277,11 @@ def run_ray(
         # after ray.init, whose core worker installs a SIGTERM handler of its own that aborts the process
         previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
         previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: hup.set())
+        gcs = ray.get_runtime_context().gcs_address
+        watch = threading.Thread(
+            target=exit_when_the_cluster_stops, args=(gcs, stop, finished), daemon=True, name="levit-cluster-watch"
+        )
+        watch.start()
         run_deployment(model, config, replicas=replicas, replica_cpus=replica_cpus)
         log.warning(
             "serving %s on http://%s:%d with %d Ray Serve replica(s)",
@@ -289,14 +296,9 @@ def run_ray(
                 hup.clear()
                 model, version = _roll_over(model, config, version, replicas=replicas, replica_cpus=replica_cpus)
         log.warning("stopping: draining the replicas")
-        if not drain():
-            # nothing left to shut down, and tearing Ray's client down under the thread still waiting
-            # on the gone cluster can crash in Ray's C++ core: the process ends here, its output flushed
-            logging.shutdown()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)
+        drain()
     finally:
+        finished.set()
         if started:
             ray.shutdown()
         for s, h in previous.items():
