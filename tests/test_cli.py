@@ -207,7 +207,8 @@ def test_models_pattern_that_matches_nothing_is_a_usage_error(capsys):
 
 def test_help_of_every_command_imports_no_torch():
     """``levit --help`` and every ``levit COMMAND --help`` start without torch (well under a second),
-    since their choices come from plain-data modules (``levit.runtime.options``, ``levit.models.config``)."""
+    since their choices come from plain-data modules (``levit.runtime.options``, ``levit.models.config``);
+    so do the deployments of ``levit serve --ray`` that hold no model (their replicas start sooner)."""
     import subprocess
     import sys
 
@@ -221,6 +222,10 @@ def test_help_of_every_command_imports_no_torch():
         "        assert main([*cmd, '--help']) == 0\n"
         "    if 'torch' in sys.modules:\n"
         "        sys.exit('torch imported by: levit ' + ' '.join(cmd) + ' --help')\n"
+        # levit serve --ray's front and start-up placeholder: their replicas hold no model
+        "import levit.runtime.serve_ray_front\n"
+        "if 'torch' in sys.modules:\n"
+        "    sys.exit('torch imported by: levit.runtime.serve_ray_front')\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr[-500:]

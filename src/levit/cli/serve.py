@@ -133,7 +133,7 @@ def _limit_args(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace):
-    """The server's :class:`~levit.runtime.serve_app.ServeConfig` from the flags; a bad value is a usage
+    """The server's :class:`~levit.runtime.serve_config.ServeConfig` from the flags; a bad value is a usage
     error naming the flag (exit 2, before any model)."""
     from levit.runtime.options import OptionError
     from levit.runtime.serve import ServeConfig

@@ -33,6 +33,7 @@ from .pipeline import lane_layout
 from .ray_setup import check_reachable, init_quietly
 from .serve_app import LeViTService, ServeConfig
 from .serve_process import setup_logging
+from .serve_ray_front import Front, Starting
 
 __all__ = [
     "APP_NAME",
@@ -57,20 +58,6 @@ SERVE_LOGGING = {"log_level": "WARNING", "enable_access_log": False}
 log = logging.getLogger("levit.serve")
 
 
-class Starting:
-    """The application while its replicas load the model: ``/health`` and ``/v2/health/live`` answer
-    200, every other request 503 with ``Retry-After``, at once."""
-
-    async def __call__(self, request: Any) -> Any:
-        """The answer to any request (a Starlette request, from Ray Serve's proxy)."""
-        from starlette.responses import JSONResponse
-
-        if request.url.path in ("/health", "/v2/health/live"):
-            return JSONResponse({"status": "alive"})
-        message = "starting: the replicas are loading the model; retry when GET /ready answers 200"
-        return JSONResponse({"error": message}, status_code=503, headers={"retry-after": "1"})
-
-
 def deployment(
     model: nn.Module,
     config: ServeConfig,
@@ -92,8 +79,6 @@ def deployment(
     if config.lanes is None and config.threads is None:  # a one-thread lane per CPU the replica reserves
         config = dataclasses.replace(config, lanes=max(1, int(replica_cpus)), threads=1)
     lanes = lane_layout(config.lanes, config.threads, max(1, int(replica_cpus)))[0]
-    from .serve_ray_front import Front
-
     cls = serve.deployment(
         LeViTService,
         name="LeViTService",

@@ -1,6 +1,7 @@
 """The front of ``levit serve --ray``: the deployment Ray Serve's proxy sends every HTTP request to,
 which hands it, whole, to a replica of the model deployment and retries it on another when the replica
-is lost.
+is lost; and :class:`Starting`, the placeholder deployed in its place while the replicas load. Both
+hold no model: this module imports no torch, so that their replicas start in a second.
 
 Ray Serve's proxy does not retry a request once a replica has it: a replica killed mid-request fails
 its requests with a plain 500 until Ray Serve replaces it. Classification is idempotent, so the
@@ -17,10 +18,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .serve_app import ServeConfig
+from .serve_config import ServeConfig
 from .serve_http import ClientError, client_error_response, error_response, read_body
 
-__all__ = ["RETRIES", "Front", "idempotent"]
+__all__ = ["RETRIES", "Front", "Starting", "idempotent"]
 
 log = logging.getLogger("levit.serve")
 RETRIES = 3  # tries after the first, each on a replica the router still has
@@ -29,6 +30,20 @@ RETRIES = 3  # tries after the first, each on a replica the router still has
 def idempotent(method: str, path: str) -> bool:
     """Whether a request may be sent again after its replica was lost: reading, or classifying."""
     return method in ("GET", "HEAD") or (method == "POST" and not path.startswith("/v2/repository/"))
+
+
+class Starting:
+    """The application while its replicas load the model: ``/health`` and ``/v2/health/live`` answer
+    200, every other request 503 with ``Retry-After``, at once."""
+
+    async def __call__(self, request: Any) -> Any:
+        """The answer to any request (a Starlette request, from Ray Serve's proxy)."""
+        from starlette.responses import JSONResponse
+
+        if request.url.path in ("/health", "/v2/health/live"):
+            return JSONResponse({"status": "alive"})
+        message = "starting: the replicas are loading the model; retry when GET /ready answers 200"
+        return JSONResponse({"error": message}, status_code=503, headers={"retry-after": "1"})
 
 
 class Front:
