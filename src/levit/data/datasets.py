@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,6 +150,50 @@ def collate_skip(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[tuple[st
     imgs = torch.stack([b[0] for b in good]) if good else torch.empty(0)
     targets = torch.tensor([b[1] for b in good], dtype=torch.long)
     return imgs, targets, [p for b in batch for p in b[2]]
+
+
+STREAM_PASSES = 50  # reads of a stream's data at most, filling the places of bad samples (training)
+
+
+def read_to_quota(
+    read: Callable[[int], Iterable[tuple[str, Callable[[], tuple]]]],
+    quota: int,
+    replace_bad: bool,
+    missing: Callable[[], list[tuple[str, str]]] | None = None,
+) -> Iterator[tuple]:
+    """The ``(image, target, bad)`` samples of a streamed dataset (shards, streamed Parquet), one
+    loader worker's share. ``read(attempt)`` gives, for one pass over the worker's data, each
+    sample's name and a function that loads it (raising on a corrupt image or label).
+
+    Training (``replace_bad``): exactly ``quota`` good samples, the places of bad ones filled by
+    reading the data again (passes 1, 2, ...: new augmentations), as an ImageFolder replaces a bad
+    file by the next one, so that every process keeps its number of batches; a pass with no good
+    sample ends it early. Evaluation: one pass, a bad sample yielded as ``(None, -1, bad)``. Each bad
+    sample is reported once (in the first pass), with the ``missing()`` ones of that pass (what an
+    index promised and the data did not hold)."""
+    made, pending = 0, []
+    for attempt in range(STREAM_PASSES if replace_bad else 1):
+        good = 0
+        for name, load in read(attempt):
+            try:
+                img, target = load()
+            except Exception as e:  # a corrupt image or label, or an augmentation that fails on it
+                if attempt == 0:  # reported once, not again when the data is read again
+                    pending.append((name, f"{type(e).__name__}: {first_line(e, 120)}"))
+                if not replace_bad:
+                    yield None, -1, pending
+                    pending = []
+                continue
+            yield img, target, pending
+            pending, made, good = [], made + 1, good + 1
+            if replace_bad and made >= quota:
+                return
+        if attempt == 0 and missing is not None:
+            pending += missing()
+        if not replace_bad or good == 0:
+            break
+    if pending and not replace_bad:
+        yield None, -1, pending
 
 
 @dataclass

@@ -27,7 +27,7 @@ import torch
 
 from ..errors import LeViTError
 from ..utils import first_line
-from .datasets import TrainValData, check_batch, collate_skip, indexed_loaders, seeded
+from .datasets import TrainValData, check_batch, collate_skip, indexed_loaders, read_to_quota, seeded
 from .images import open_rgb
 from .transforms import eval_transform, train_transform
 
@@ -237,28 +237,13 @@ class HFStream(torch.utils.data.IterableDataset):
         if self.take is not None:  # only the samples of the batches the epoch uses (build_hf_stream_loaders)
             quota = min(quota, self.take[worker])
         ds = self._stream()
-        made, pending = 0, []
-        for attempt in range(50 if self.replace_bad else 1):
-            good = 0
+
+        def read(attempt: int) -> Iterator[tuple[str, Callable[[], tuple]]]:
             for i, row in enumerate(ds):
                 seed = zlib.crc32(f"{self.seed}/{self.epoch}/{self.rank}/{worker}/{attempt}/{i}".encode())
-                try:
-                    img, target = _load_row(self, row, seed)
-                except Exception as e:  # a corrupt image or label, or an augmentation that fails on it
-                    if attempt == 0:  # reported once, not again when the rows are read again
-                        pending.append(
-                            (f"rank {self.rank} worker {worker} row {i}", f"{type(e).__name__}: {first_line(e, 120)}")
-                        )
-                    if not self.replace_bad:
-                        yield None, -1, pending
-                        pending = []
-                    continue
-                yield img, target, pending
-                pending, made, good = [], made + 1, good + 1
-                if self.replace_bad and made >= quota:
-                    return
-            if not self.replace_bad or good == 0:
-                break
+                yield f"rank {self.rank} worker {worker} row {i}", lambda row=row, seed=seed: _load_row(self, row, seed)
+
+        yield from read_to_quota(read, quota, self.replace_bad)
 
 
 def _parquet_rows(folder: Path) -> tuple[list[str], list[int]]:

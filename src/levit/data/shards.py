@@ -29,7 +29,7 @@ import torch
 
 from ..errors import LeViTError
 from ..utils import first_line
-from .datasets import TrainValData, check_batch, check_train_val_layout, collate_skip, seeded
+from .datasets import TrainValData, check_batch, check_train_val_layout, collate_skip, read_to_quota, seeded
 from .images import IMAGE_EXTENSIONS, is_image, open_rgb
 from .transforms import eval_transform, train_transform
 
@@ -278,43 +278,27 @@ class ShardStream(torch.utils.data.IterableDataset):
         places of bad or missing ones are filled by reading its shards again (as an ImageFolder
         replaces a bad file by the next one), so every process keeps its number of batches."""
         mine = self._mine()
-        quota, made, pending = sum(n for _, n in mine), 0, []
+        quota = sum(n for _, n in mine)
         if self.take is not None:
             info = torch.utils.data.get_worker_info()
             quota = min(quota, self.take[info.id if info is not None else 0])
-        for attempt in range(50 if self.replace_bad else 1):
-            seen: dict[str, int] = {}
-            good = 0
-            errors: list[str] = []
+        seen: dict[str, int] = {}  # samples read from each shard in the pass
+        errors: list[str] = []  # the pass's read errors
+
+        def read(attempt: int) -> Iterator[tuple[str, Callable[[], tuple]]]:
+            seen.clear()
+            errors.clear()
             for sample in self._samples([u for u, _ in mine], errors, attempt):
                 url = str(sample.get("__url__", "shard"))
                 seen[url] = seen.get(url, 0) + 1
-                try:
-                    img, target = self._decode(sample, attempt)
-                except Exception as e:  # a corrupt image or label, or an augmentation that fails on it
-                    if attempt == 0:  # reported once, not again when its shard is read again
-                        pending.append(
-                            (
-                                f"{Path(url).name}:{sample.get('__key__', '?')}",
-                                f"{type(e).__name__}: {first_line(e, 120)}",
-                            )
-                        )
-                    if not self.replace_bad:
-                        yield None, -1, pending
-                        pending = []
-                    continue
-                yield img, target, pending
-                pending, made, good = [], made + 1, good + 1
-                if self.replace_bad and made >= quota:
-                    return
-            if attempt == 0:  # what the index promises and the shard did not hold: truncated or unreadable
-                for url, n in mine:
-                    why = f"missing from its shard, a truncated or unreadable tar ({errors[0] if errors else 'ended early'})"
-                    pending += [(f"{Path(url).name}:missing-{k}", why) for k in range(n - seen.get(url, 0))]
-            if not self.replace_bad or good == 0:
-                break
-        if pending and not self.replace_bad:
-            yield None, -1, pending
+                yield f"{Path(url).name}:{sample.get('__key__', '?')}", lambda s=sample: self._decode(s, attempt)
+
+        def missing() -> list[tuple[str, str]]:
+            """What the index promises and the shards did not hold: a truncated or unreadable tar."""
+            why = f"missing from its shard, a truncated or unreadable tar ({errors[0] if errors else 'ended early'})"
+            return [(f"{Path(url).name}:missing-{k}", why) for url, n in mine for k in range(n - seen.get(url, 0))]
+
+        yield from read_to_quota(read, quota, self.replace_bad, missing)
 
 
 class EpochLoader:
