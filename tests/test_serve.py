@@ -1296,13 +1296,13 @@ def _two_replicas_answer(url: str, files: dict, expected: dict, server) -> None:
         async with httpx.AsyncClient(timeout=60) as c:
 
             async def client() -> list[httpx.Response]:
-                out, end = [], time.monotonic() + 3
+                out, end = [], time.monotonic() + 2  # the kill at 0.7 s: requests before, during, after
                 while time.monotonic() < end:
                     out.append(await c.post(url + "/v1/classify", content=jpg, headers={"content-type": "image/jpeg"}))
                 return out
 
             async def kill() -> None:
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(0.7)
                 os.kill(victim, signal.SIGKILL)
 
             rounds = await asyncio.gather(*(client() for _ in range(8)), kill())
