@@ -35,21 +35,55 @@ def test_best_form_checks_every_runtime_against_eager(name, eager_form):
 
 
 def test_a_form_with_other_logits_or_a_failed_conversion_is_not_timed(monkeypatch):
+    import levit.runtime.backend_onnxruntime as ort_backend
+    import levit.runtime.backend_openvino as ov_backend
     import levit.runtime.deploy as deploy
 
-    real = deploy.build_runner
+    real, real_session = deploy.build_runner, ort_backend.onnxruntime_session
 
-    def fake(module, backend, precision="fp32", **kw):
-        run = real(module, "eager", precision, **kw)
-        if backend == "openvino":
-            raise RuntimeError("cannot convert\nsecond line")
-        return lambda x: run(x) * 1.001 if backend == "onnxruntime" else run(x)
+    def cannot_convert(*a, **kw):
+        raise RuntimeError("cannot convert\nsecond line")
 
-    monkeypatch.setattr(deploy, "build_runner", fake)
+    # OpenVINO fails from the ONNX export and from the module; ONNX Runtime gives other logits
+    monkeypatch.setattr(ov_backend, "openvino_model_from_onnx", cannot_convert)
+    monkeypatch.setattr(
+        deploy, "build_runner", lambda m, b, *a, **kw: cannot_convert() if b == "openvino" else real(m, b, *a, **kw)
+    )
+
+    def other_logits(*a):
+        run = real_session(*a)
+        return lambda x: run(x) * 1.001
+
+    monkeypatch.setattr(ort_backend, "onnxruntime_session", other_logits)
     form = best_form("levit_tiny", batch=1, trial_s=0.0, img_size=64)
     assert form.backend == "eager"
     assert form.forms["onnxruntime"]["img_s"] is None and "logits differ" in form.forms["onnxruntime"]["error"]
     assert form.forms["openvino"]["error"] == "RuntimeError: cannot convert"
+
+
+def test_one_onnx_export_feeds_onnx_runtime_and_openvino(monkeypatch):
+    """Both runtimes are built from one ONNX export and give the eager form's logits; a model that does
+    not export to ONNX still gets OpenVINO, converted from the module."""
+    import levit.runtime.backend_onnxruntime as ort_backend
+    import levit.runtime.deploy as deploy
+
+    real_export, real_build, exports, module_conversions = ort_backend.onnx_bytes, deploy.build_runner, [], []
+    monkeypatch.setattr(ort_backend, "onnx_bytes", lambda *a: exports.append(1) or real_export(*a))
+    monkeypatch.setattr(
+        deploy, "build_runner", lambda m, b, *a, **kw: module_conversions.append(b) or real_build(m, b, *a, **kw)
+    )
+    form = best_form("levit_tiny", batch=1, trial_s=0.0, img_size=64)
+    assert len(exports) == 1 and module_conversions == ["eager"]
+    for backend in ("openvino", "onnxruntime"):
+        assert form.forms[backend]["error"] is None and form.forms[backend]["rel_err"] <= TOLERANCE, form.forms
+
+    def no_export(*a):
+        raise RuntimeError("no ONNX export")
+
+    monkeypatch.setattr(ort_backend, "onnx_bytes", no_export)
+    form = best_form("levit_tiny", batch=1, trial_s=0.0, img_size=64)
+    assert form.forms["onnxruntime"]["error"] == "RuntimeError: no ONNX export"
+    assert form.forms["openvino"]["error"] is None and module_conversions[-1] == "openvino"
 
 
 def test_relative_error():

@@ -22,6 +22,7 @@ Every model runs in its best inference form, and every model gets the same treat
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import os
 import statistics
@@ -56,6 +57,7 @@ __all__ = [
     "NoFormError",
     "add_front_distance",
     "best_form",
+    "eager_form",
     "format_field_table",
     "front_in_band",
     "levit_ratios",
@@ -133,15 +135,57 @@ def _release() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _try_form(
-    module: nn.Module, backend: str, check: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor
-) -> tuple[dict, Callable[[], object] | None]:
-    """(record, one call on ``x`` or None) of ``module`` on ``backend``: its logits on ``check[0]``
-    checked against ``check[1]`` (the eager form's); None where it fails to build or to match."""
+Runner = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _form_builder(eager: nn.Module, x: torch.Tensor) -> Callable[[str], Runner]:
+    """A function building the runner of ``eager`` on a runtime, for inputs shaped like ``x``, on this
+    process's thread count. ONNX Runtime and OpenVINO start from one ONNX export, made once: OpenVINO's
+    ONNX frontend converts it in a third to a half of the time its PyTorch frontend takes over the
+    module, and the compiled model runs at the same speed (``benchmarks/openvino_source.py``, the
+    figures in docs/field.md); where the export fails, OpenVINO converts the module itself."""
+    from ..runtime.backend_onnxruntime import onnx_bytes, onnxruntime_session
+    from ..runtime.backend_openvino import openvino_compiled, openvino_model_from_onnx
     from ..runtime.deploy import build_runner
 
+    threads = torch.get_num_threads()
+    exported: list = []  # the ONNX bytes, or the export's error
+
+    def onnx() -> bytes:
+        if not exported:
+            try:
+                exported.append(onnx_bytes(copy.deepcopy(eager).float().eval(), x))
+            except Exception as e:  # kept: each runtime that needs the export reports it
+                exported.append(e)
+        if isinstance(exported[0], Exception):
+            raise exported[0]
+        return exported[0]
+
+    def openvino() -> Runner:
+        try:
+            model = openvino_model_from_onnx(onnx())
+        except Exception:  # no ONNX export of this model: OpenVINO's own conversion of the module
+            return build_runner(eager, "openvino", "fp32", example=x, threads=threads)
+        return openvino_compiled(model, "fp32", threads)
+
+    def build(backend: str) -> Runner:
+        if backend == "openvino":
+            return openvino()
+        if backend == "onnxruntime":
+            return onnxruntime_session(onnx(), threads)
+        return build_runner(eager, backend, "fp32", example=x, threads=threads)
+
+    return build
+
+
+def _try_form(
+    build: Callable[[str], Runner], backend: str, check: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor
+) -> tuple[dict, Callable[[], object] | None]:
+    """(record, one call on ``x`` or None) of the runner ``build(backend)`` makes: its logits on
+    ``check[0]`` checked against ``check[1]`` (the eager form's); None where it fails to build or to
+    match."""
     try:
-        runner = build_runner(module, backend, "fp32", example=x, threads=torch.get_num_threads())
+        runner = build(backend)
         err = relative_error(runner(check[0]), check[1])
     except Exception as e:  # a runtime that cannot take a model is a result of the run, not a crash
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
@@ -151,7 +195,7 @@ def _try_form(
     return {"img_s": None, "rel_err": err, "error": None}, lambda: runner(x)
 
 
-def _eager_form(name: str, img_size: int | None, batch: int, seed: int) -> tuple:
+def eager_form(name: str, img_size: int | None, batch: int, seed: int) -> tuple:
     """(eager form, its kind, (check images, its logits), timed input, reparam error, params, FLOPs, res)."""
     entry = BENCH_MODELS[name]
     if entry.implementation == "timm":  # the paper's peers get what every timm model gets here
@@ -190,11 +234,12 @@ def best_form(
     ``trial_s``; the eager form always passes (it is the reference), so a runtime that fails to
     convert or differs only loses its place, with the reason kept in :attr:`FastForm.forms`.
     """
-    eager, kind, check, x, reparam_err, params, flops, res = _eager_form(name, img_size, batch, seed)
+    eager, kind, check, x, reparam_err, params, flops, res = eager_form(name, img_size, batch, seed)
     forms: dict[str, dict] = {}
     calls: dict[str, Callable[[], object]] = {}
+    build = _form_builder(eager, x)
     for backend in runtimes:
-        forms[backend], call = _try_form(eager, backend, check, x)
+        forms[backend], call = _try_form(build, backend, check, x)
         if call is not None:
             calls[backend] = call
     if not calls:

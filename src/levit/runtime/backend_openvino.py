@@ -22,6 +22,7 @@ __all__ = [
     "openvino_compiled",
     "openvino_config",
     "openvino_model",
+    "openvino_model_from_onnx",
     "overflow_fix",
     "quantize_int8",
 ]
@@ -91,6 +92,17 @@ def openvino_model(module: nn.Module, precision: str, example: Tensor, calib: Te
     if precision == "int8":
         ov_model = quantize_int8(ov_model, calib)
     return ov_model
+
+
+def openvino_model_from_onnx(onnx_model: bytes) -> ov.Model:
+    """An fp32 ONNX export (:func:`levit.runtime.backend_onnxruntime.onnx_bytes`, batch axis dynamic)
+    read by OpenVINO's ONNX frontend: the graph ONNX Runtime runs, converted in a third to a half of
+    the time OpenVINO's PyTorch frontend takes over the module (it traces it first), at the same
+    speed (``benchmarks/openvino_source.py``; docs/field.md). Used where one export feeds both runtimes
+    (``levit bench --suite modern``)."""
+    import openvino as ov
+
+    return ov.convert_model(io.BytesIO(onnx_model))
 
 
 def openvino_compiled(ov_model: ov.Model, precision: str, threads: int | None) -> Callable[[Tensor], Tensor]:
