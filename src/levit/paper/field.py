@@ -141,8 +141,8 @@ Runner = Callable[[torch.Tensor], torch.Tensor]
 def _form_builder(eager: nn.Module, x: torch.Tensor) -> Callable[[str], Runner]:
     """A function building the runner of ``eager`` on a runtime, for inputs shaped like ``x``, on this
     process's thread count. ONNX Runtime and OpenVINO start from one ONNX export, made once: OpenVINO's
-    ONNX frontend converts it in a third to a half of the time its PyTorch frontend takes over the
-    module, and the compiled model runs at the same speed (``benchmarks/openvino_source.py``, the
+    ONNX frontend converts it in less than half the time its PyTorch frontend takes over the module
+    (which it traces first), and the compiled model runs at the same speed (``benchmarks/openvino_source.py``, the
     figures in docs/field.md); where the export fails, OpenVINO converts the module itself."""
     from ..runtime.backend_onnxruntime import onnx_bytes, onnxruntime_session
     from ..runtime.backend_openvino import openvino_compiled, openvino_model_from_onnx

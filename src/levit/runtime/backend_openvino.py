@@ -96,9 +96,8 @@ def openvino_model(module: nn.Module, precision: str, example: Tensor, calib: Te
 
 def openvino_model_from_onnx(onnx_model: bytes) -> ov.Model:
     """An fp32 ONNX export (:func:`levit.runtime.backend_onnxruntime.onnx_bytes`, batch axis dynamic)
-    read by OpenVINO's ONNX frontend: the graph ONNX Runtime runs, converted in a third to a half of
-    the time OpenVINO's PyTorch frontend takes over the module (it traces it first), at the same
-    speed (``benchmarks/openvino_source.py``; docs/field.md). Used where one export feeds both runtimes
+    read by OpenVINO's ONNX frontend: the graph ONNX Runtime runs, converted in less than half the
+    time OpenVINO's PyTorch frontend takes over the module (it traces it first), at the same speed (``benchmarks/openvino_source.py``; docs/field.md). Used where one export feeds both runtimes
     (``levit bench --suite modern``)."""
     import openvino as ov
 
