@@ -1,8 +1,8 @@
-"""Where `levit bench --suite modern` builds each model's OpenVINO form from: the ONNX export it makes
-for ONNX Runtime anyway (read by OpenVINO's ONNX frontend), or the module (OpenVINO's PyTorch
-frontend, which traces it: what `levit.deploy` does). Per model: the CPU seconds of each conversion
-and compile, the two forms' logits against the eager form's, and their speed timed in interleaved
-rounds (one thread, batch 16, the suite's protocol).
+"""Where levit's OpenVINO conversion (`levit.runtime.export.to_openvino`: `levit.deploy`, `levit export`,
+`levit bench --suite modern`) starts from: the module's ONNX export, read by OpenVINO's ONNX frontend
+(what it does), or the module itself, converted by OpenVINO's PyTorch frontend (which traces it
+first). Per model: the CPU seconds of each conversion and compile, the two forms' logits against the
+eager form's, and their speed timed in interleaved rounds (one thread, batch 16, the suite's protocol).
 
     python benchmarks/openvino_source.py                    # the --quick set's 11 models
     python benchmarks/openvino_source.py levit_128s fastvit_sa12 --rounds 9
@@ -17,13 +17,14 @@ import copy
 import resource
 import statistics
 
+import openvino as ov
 import torch
 
 from levit.paper.field import eager_form, relative_error
 from levit.paper.speed import MODERN_QUICK_MODELS
 from levit.paper.timing import interleaved
 from levit.runtime.backend_onnxruntime import onnx_bytes
-from levit.runtime.backend_openvino import openvino_compiled, openvino_model, openvino_model_from_onnx
+from levit.runtime.backend_openvino import openvino_compiled, openvino_model_from_onnx
 
 
 def cpu_s() -> float:
@@ -49,7 +50,9 @@ def main() -> None:
         eager, _, (xc, ref), x, *_ = eager_form(name, None, 16, 0)
         module = copy.deepcopy(eager).float().eval()
         t = cpu_s()
-        from_module = openvino_compiled(openvino_model(module, "fp32", x, None), "fp32", 1)
+        by_pytorch = ov.convert_model(module, example_input=x)  # OpenVINO's PyTorch frontend
+        by_pytorch.reshape({by_pytorch.inputs[0]: ov.PartialShape([-1, *x.shape[1:]])})
+        from_module = openvino_compiled(by_pytorch, "fp32", 1)
         t_module = cpu_s() - t
         t = cpu_s()
         exported = onnx_bytes(module, x)

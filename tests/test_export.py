@@ -26,9 +26,9 @@ def _run(fmt, path, x):
 
         return torch.from_numpy(ort.InferenceSession(str(path)).run(None, {"images": x.numpy()})[0])
     if fmt == "openvino":
-        import openvino as ov
+        from levit.runtime.export import openvino_core  # one Core per process (its docstring says why)
 
-        c = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        c = openvino_core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         return torch.from_numpy(c([x.numpy()])[c.outputs[0]])
     return torch.jit.load(str(path))(x)
 
@@ -143,3 +143,31 @@ def test_proof_images_follow_the_models_normalisation(model):
     pixels = x * 0.25 + 0.5
     assert pixels.min() >= 0 and pixels.max() <= 1 and x.shape == (3, 3, 64, 64)
     torch.testing.assert_close(pixels, ref * std.view(3, 1, 1) + mean.view(3, 1, 1))
+
+
+def test_openvino_conversion_goes_by_way_of_the_onnx_export(model, monkeypatch):
+    """OpenVINO reads the package's ONNX export (input ``images``: the graph ONNX Runtime runs); a module
+    that does not export to ONNX is converted by OpenVINO's PyTorch frontend instead. Both give the
+    fused model's logits, for another batch size than the one converted with."""
+    import levit.runtime.export as export_mod
+
+    fused = levit.fuse(model).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        want = fused(torch.cat([x, x.flip(0), x[:1]]))
+
+    def logits(ov_model) -> torch.Tensor:
+        compiled = export_mod.openvino_core().compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        return torch.from_numpy(compiled([torch.cat([x, x.flip(0), x[:1]]).numpy()])[compiled.outputs[0]].copy())
+
+    by_onnx = export_mod.to_openvino(copy.deepcopy(fused), x)
+    assert by_onnx.inputs[0].get_names() == {"images"}
+    assert ((logits(by_onnx) - want).abs().max() / want.abs().max()).item() < 1e-5
+
+    def no_export(*a, **kw):
+        raise RuntimeError("cannot export")
+
+    monkeypatch.setattr(export_mod, "write_onnx", no_export)
+    by_pytorch = export_mod.to_openvino(copy.deepcopy(fused), x)
+    assert "images" not in by_pytorch.inputs[0].get_names()
+    assert ((logits(by_pytorch) - want).abs().max() / want.abs().max()).item() < 1e-5

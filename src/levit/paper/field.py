@@ -140,10 +140,9 @@ Runner = Callable[[torch.Tensor], torch.Tensor]
 
 def _form_builder(eager: nn.Module, x: torch.Tensor) -> Callable[[str], Runner]:
     """A function building the runner of ``eager`` on a runtime, for inputs shaped like ``x``, on this
-    process's thread count. ONNX Runtime and OpenVINO start from one ONNX export, made once: OpenVINO's
-    ONNX frontend converts it in less than half the time its PyTorch frontend takes over the module
-    (which it traces first), and the compiled model runs at the same speed (``benchmarks/openvino_source.py``, the
-    figures in docs/field.md); where the export fails, OpenVINO converts the module itself."""
+    process's thread count. ONNX Runtime and OpenVINO start from one ONNX export, made once (OpenVINO's
+    conversion goes by way of the ONNX export anyway: :func:`levit.runtime.export.to_openvino`);
+    where the export fails, OpenVINO's PyTorch frontend converts the module."""
     from ..runtime.backend_onnxruntime import onnx_bytes, onnxruntime_session
     from ..runtime.backend_openvino import openvino_compiled, openvino_model_from_onnx
     from ..runtime.deploy import build_runner

@@ -96,9 +96,8 @@ def openvino_model(module: nn.Module, precision: str, example: Tensor, calib: Te
 
 def openvino_model_from_onnx(onnx_model: bytes) -> ov.Model:
     """An fp32 ONNX export (:func:`levit.runtime.backend_onnxruntime.onnx_bytes`, batch axis dynamic)
-    read by OpenVINO's ONNX frontend: the graph ONNX Runtime runs, converted in less than half the
-    time OpenVINO's PyTorch frontend takes over the module (it traces it first), at the same speed (``benchmarks/openvino_source.py``; docs/field.md). Used where one export feeds both runtimes
-    (``levit bench --suite modern``)."""
+    read by OpenVINO's ONNX frontend, as :func:`levit.runtime.export.to_openvino` does: for a caller
+    that already holds the export (``levit bench --suite modern`` builds ONNX Runtime's form from it too)."""
     import openvino as ov
 
     return ov.convert_model(io.BytesIO(onnx_model))

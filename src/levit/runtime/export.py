@@ -204,12 +204,24 @@ def _run_onnx(path: Path, x: Tensor) -> Tensor:
 def to_openvino(model: nn.Module, example: Tensor):
     """``model`` (an fp32 inference module) converted to an ``openvino.Model`` with a dynamic batch
     axis: the package's one OpenVINO conversion (``levit export`` and
-    :func:`levit.runtime.backend_openvino.openvino_model`)."""
+    :func:`levit.runtime.backend_openvino.openvino_model`). It goes by way of the package's one ONNX
+    export (:func:`write_onnx`), read by OpenVINO's ONNX frontend: the graph ONNX Runtime runs (input
+    ``images``, output ``logits``), with the same logits and speed as a conversion by OpenVINO's
+    PyTorch frontend, in less CPU time, as that frontend traces the module first (LeViT-128S: 1.3 s
+    against 2.2 s; ``benchmarks/openvino_source.py``, docs/inference.md). A module that does not
+    export to ONNX is converted by the PyTorch frontend."""
     import openvino as ov
 
+    buf = io.BytesIO()
+    try:
+        write_onnx(model, example, buf)
+    except Exception:  # no ONNX export of this module: OpenVINO's PyTorch frontend traces it
+        source, kwargs = model, {"example_input": example}
+    else:
+        source, kwargs = io.BytesIO(buf.getvalue()), {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ov_model = ov.convert_model(model, example_input=example)
+        ov_model = ov.convert_model(source, **kwargs)
     ov_model.reshape({ov_model.inputs[0]: ov.PartialShape([-1, *example.shape[1:]])})
     return ov_model
 
