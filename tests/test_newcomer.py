@@ -109,6 +109,93 @@ def test_folders_that_cannot_be_listed_or_devices_given_as_images_say_why(photos
     one_line_error(cli("predict", photos, "-c", ckpt), 1, str(photos), "permission denied")
 
 
+def test_an_unknown_option_before_the_command_is_refused_not_dropped():
+    one_line_error(cli("--verbose", "models"), 2, "unrecognized arguments: --verbose")
+
+
+def test_recipe_values_split_by_a_flag_reach_a_nested_command(tmp_path, monkeypatch):
+    """`levit data teacher-cache` is a command inside a command: argparse cannot re-parse its parent
+    intermixed (a TypeError), so its own parser takes the words."""
+    from train_utils import make_dataset
+
+    import levit.train.teacher_cache
+
+    seen = []
+    monkeypatch.setattr(
+        levit.train.teacher_cache, "build_teacher_cache", lambda cfg, path, **kw: seen.append(cfg) or path
+    )
+    data = make_dataset(tmp_path / "data", classes=2, train=2, val=1)
+    teacher = tmp_path / "t.safetensors"
+    levit.save(levit.create_model("levit_tiny", img_size=32, num_classes=2), teacher)
+    base = ["data", "teacher-cache", tmp_path / "t.cache", "epochs=1", "--data", data, "-m", "levit_tiny"]
+    r = cli(*base, "--teacher-checkpoint", teacher, "seed=3")
+    assert r.returncode == 0, r.stderr
+    assert seen[0].epochs == 1 and seen[0].seed == 3
+    one_line_error(cli(*base, "--teacher-checkpoint", teacher, "epochz=1"), 2, "unknown key(s) ['epochz']")
+
+
+def test_an_output_that_is_the_checkpoint_is_refused_and_the_checkpoint_kept(tmp_path, monkeypatch):
+    from train_utils import make_folder
+
+    monkeypatch.chdir(tmp_path)
+    ck = tmp_path / "ck.pt"  # a state dict named as TorchScript files are: export would replace it
+    torch.save(levit.create_model("levit_tiny", img_size=32, num_classes=2).state_dict(), ck)
+    before = ck.read_bytes()
+    one_line_error(cli("export", "-m", "levit_tiny", "-c", "ck.pt", "-o", ck), 2, "--output", "--checkpoint file")
+    data = make_folder(tmp_path / "val", {"a": 1, "b": 1})
+    r = cli("eval", "--data", data, "-m", "levit_tiny", "-c", ck, "--output", "./ck.pt", "--workers", "0")
+    one_line_error(r, 2, "--output ck.pt is the --checkpoint file")
+    r = cli("data", "teacher-cache", ck, "--data", data, "--teacher-checkpoint", ck)
+    one_line_error(r, 2, "is the --teacher-checkpoint file")
+    assert ck.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt", "val"]
+
+
+def test_serve_refuses_calibration_images_for_a_float_model(ckpt, photos, monkeypatch):
+    import levit.runtime.serve
+
+    started = []
+    monkeypatch.setattr(levit.runtime.serve, "serve", lambda *a, **k: started.append(a) or 0)
+    r = cli("serve", "-c", ckpt, "--calibration", photos)
+    one_line_error(r, 2, "--calibration", "--precision int8")
+    assert started == []  # refused before the server starts (it would serve fp32, the images unused)
+
+
+def test_an_output_with_a_wrong_suffix_is_named_as_given(photos, ckpt):
+    one_line_error(cli("predict", photos, "-c", ckpt, "-o", "/dev/null"), 2, "--output", "'/dev/null'")
+
+
+def test_a_file_named_like_an_option_is_named_with_the_way_out(photos, ckpt, monkeypatch):
+    monkeypatch.chdir(photos)
+    (photos / "a.jpg").rename(photos / "-a.jpg")
+    one_line_error(cli("predict", "-a.jpg", "-c", ckpt), 2, "-a.jpg is read as an option", "./-a.jpg")
+    assert cli("predict", "./-a.jpg", "-c", ckpt).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("teacher", "says"),
+    [
+        ("no_such_net", "'no_such_net' is neither a levit model nor a timm model name"),
+        ("levit_128s", "holds a levit_tiny"),
+    ],
+)
+def test_a_teacher_name_a_levit_teacher_file_contradicts_is_refused(tmp_path, teacher, says):
+    """A levit file names its own variant; a --teacher beside it that is no model, or another variant,
+    was ignored and written into the run's config.yaml as if it had taught."""
+    from train_utils import make_dataset
+
+    data = make_dataset(tmp_path / "data", classes=2, train=2, val=1)
+    weights = tmp_path / "teacher.safetensors"
+    levit.save(levit.create_model("levit_tiny", img_size=32, num_classes=2), weights)
+    out = tmp_path / "run"
+    r = cli(
+        "train", "--data", data, "--output", out, "-m", "levit_tiny", "--img-size", "32", "--epochs", "1", "-b", "2",
+        "--distillation", "hard", "--teacher", teacher, "--teacher-checkpoint", weights, "--device", "cpu",
+        "workers=0", "progress=false", "total_batch=null",
+    )  # fmt: skip
+    one_line_error(r, 1, "--teacher", says)
+    assert not out.exists()
+
+
 # ---- 2. a refused resume leaves nothing behind ------------------------------------------------
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
 def test_refused_resume_leaves_no_partial_file(photos, ckpt, tmp_path, suffix):
@@ -265,6 +352,20 @@ def test_openvino_export_on_a_full_disk_names_the_file_not_a_stream_error(ckpt, 
     r = cli("export", "-c", ckpt, "--output", out / "m.xml")
     last = one_line_error(r, 1, str(out / "m.xml"), "no space left on device (ENOSPC)")
     assert "iostream" not in last and list(out.iterdir()) == []
+
+
+def test_shards_on_a_full_disk_name_the_destination_and_leave_no_half_written_folder(tmp_path, monkeypatch):
+    import levit.data.shards
+
+    def full(src, dst, **kwargs):  # the first shard half-written, then a flush that names no file
+        (Path(dst) / "train").mkdir(parents=True)
+        (Path(dst) / "train" / "shard-000000.tar").write_bytes(bytes(100))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(levit.data.shards, "write_shards", full)
+    dst = tmp_path / "shards"
+    one_line_error(cli("data", "shard", tmp_path, dst), 1, f"DST {dst}", "no space left on device (ENOSPC)")
+    assert not dst.exists()
 
 
 # ---- 4. silence and noise ----------------------------------------------------------------------

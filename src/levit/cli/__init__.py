@@ -199,16 +199,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_PIPE
 
 
+def _subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction | None:
+    return next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+
+
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = build_parser(only=_command_in(argv))
+    for word in argv:
+        # a file named like an option (`levit predict -photo.jpg`) is read as one, and argparse then
+        # reports a missing or unknown argument that never names the file: name it and the way out
+        if word.startswith("-") and not word.startswith("--") and len(word) > 2 and os.path.isfile(word):
+            parser.error(f"{word} is read as an option; give a file whose name starts with '-' as ./{word}")
     args, extra = parser.parse_known_args(argv)
     if extra:
+        # an unknown option before the command (`levit --verbose models`) belongs to no sub-command:
+        # left over, it would be dropped silently, so it is refused here
+        stray = [w for w in argv[: argv.index(args.command)] if w in extra]
+        if stray:
+            parser.error(f"unrecognized arguments: {' '.join(stray)}")
         # positionals split by a flag (`epochs=1 --distillation none lr=1e-3`) are what argparse's
-        # plain parse leaves over: the command's own words are parsed again, intermixed; anything
-        # still unknown is reported by the sub-command, whose --help lists the valid flags
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        words = argv[argv.index(args.command) + 1 :]
-        vars(args).update(vars(sub.choices[args.command].parse_intermixed_args(words)))
+        # plain parse leaves over: the command's own words are parsed again, intermixed, by the
+        # innermost sub-command (`levit data teacher-cache`: argparse cannot intermix a parser that
+        # has sub-commands); anything still unknown is reported by it, whose --help lists the flags
+        command, words = parser, argv
+        while (sub := _subcommands(command)) is not None:
+            name = next((w for w in words if w in sub.choices), None)
+            if name is None:
+                break
+            command, words = sub.choices[name], words[words.index(name) + 1 :]
+        vars(args).update(vars(command.parse_intermixed_args(words)))
     return args
 
 
@@ -236,18 +255,22 @@ def _main(argv: list[str]) -> int:
     except OSError as e:  # a full disk, a read-only file system: the system's reason, naming the file
         if args.debug:
             raise
-        print(f"levit {args.command}: error: {_os_error(e, getattr(args, 'output', None))}", file=sys.stderr)
+        print(f"levit {args.command}: error: {_os_error(e, args)}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
-def _os_error(e: OSError, output: object) -> str:
-    """One line for a failed file operation: the file it names, else the command's ``--output``
-    (a write or a flush that fails on a full disk names no file, and the output is what was written)."""
+def _os_error(e: OSError, args: argparse.Namespace) -> str:
+    """One line for a failed file operation: the file it names, else what the command writes, its
+    ``--output`` or ``levit data shard``'s DST (a write or a flush that fails on a full disk names no
+    file, and the output is what was written)."""
     from levit.utils import os_error_line
 
-    if e.filename is None and output is not None:
-        return f"--output {output}: {os_error_line(e)}"
+    flag, path = "--output", getattr(args, "output", None)
+    if path is None:
+        flag, path = "DST", getattr(args, "dst", None)
+    if e.filename is None and path is not None:
+        return f"{flag} {path}: {os_error_line(e)}"
     return os_error_line(e)

@@ -134,11 +134,18 @@ def decoder_option(p: argparse.ArgumentParser) -> None:
     )
 
 
-def check_output(path: Path | None, flag: str = "--output") -> None:
-    """An output file that cannot be written is refused before the job runs, naming the flag."""
+def check_output(path: Path | None, flag: str = "--output", *, inputs: dict[str, Path | None] | None = None) -> None:
+    """An output file that cannot be written is refused before the job runs, naming the flag; so is one
+    that is a file the job reads (``inputs``: flag -> path): writing it would replace the user's input,
+    a checkpoint typed twice, with the job's result."""
     from levit.utils import unwritable_reason
 
-    if path is not None and (reason := unwritable_reason(path)):
+    if path is None:
+        return
+    for in_flag, source in (inputs or {}).items():
+        if source is not None and path.exists() and Path(source).exists() and path.samefile(source):
+            raise UsageError(f"{flag} {path} is the {in_flag} file: writing it would replace it; choose another name")
+    if reason := unwritable_reason(path):
         raise UsageError(f"{flag} {path}: {reason}")
 
 

@@ -5,10 +5,11 @@ distillation also its top-k logits), for ``teacher_cache=PATH``."""
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
-from .common import UsageError
+from .common import UsageError, check_output
 
 
 def args_data(p: argparse.ArgumentParser) -> None:
@@ -61,7 +62,15 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     if args.shard_size < 1:
         raise UsageError(f"--shard-size must be >= 1, got {args.shard_size}")
-    written = write_shards(args.src, args.dst, shard_size=args.shard_size, seed=args.seed)
+    made = not args.dst.exists()
+    try:
+        written = write_shards(args.src, args.dst, shard_size=args.shard_size, seed=args.seed)
+    except BaseException:
+        # a full disk or a stop midway leaves a folder of half-written shards that a later run would
+        # read as data: the folder this call made goes (one it was given stays as it is)
+        if made:
+            shutil.rmtree(args.dst, ignore_errors=True)
+        raise
     shards = {split: len(list((args.dst / split).glob("*.tar"))) for split in written}
     summary = ", ".join(f"{split}: {n} samples in {shards[split]} shard(s)" for split, n in written.items())
     print(f"wrote {args.dst} ({summary})", file=sys.stderr)
@@ -75,6 +84,7 @@ def _teacher_cache(args: argparse.Namespace) -> int:
 
     if args.topk is not None and args.topk < 1:
         raise UsageError(f"--topk must be >= 1 (logits kept per view), got {args.topk}")
+    check_output(args.output, "output", inputs={"--teacher-checkpoint": args.teacher_checkpoint})
     try:  # bad recipe values are usage errors (exit 2), as in levit train
         values = {"teacher_checkpoint": str(args.teacher_checkpoint), "distillation": "hard"}
         if args.data is not None:

@@ -48,7 +48,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     require("--batch-size", args.batch_size, 1)
     require("--workers", args.workers, 0)
-    check_output(args.output)
+    check_output(args.output, inputs={"--checkpoint": args.checkpoint})
     if args.checkpoint is None and not args.pretrained:
         raise UsageError("--checkpoint PATH (or --pretrained) is required: evaluating random weights is meaningless")
     if args.device == "cuda":

@@ -102,7 +102,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     except ExportError as e:
         flag = "--opset" if "opset" in str(e) else "--output/--format"
         raise UsageError(f"{flag}: {e}") from e
-    check_output(args.output)
+    check_output(args.output, inputs={"--checkpoint": args.checkpoint})
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     check_packages(fmt)  # a missing runtime fails before the model is built
@@ -121,7 +121,7 @@ def cmd_export_executorch(args: argparse.Namespace) -> int:
 
     if args.output.suffix.lower() != EDGE_FORMAT[1]:
         raise UsageError(f"--output: an ExecuTorch program is a {EDGE_FORMAT[1]} file, got {args.output.name!r}")
-    check_output(args.output)
+    check_output(args.output, inputs={"--checkpoint": args.checkpoint})
     if args.precision == "int8" and not args.calibration:
         raise UsageError("--precision int8 needs --calibration images (files or folders)")
     if args.precision == "fp32" and (args.calibration or args.min_agreement is not None or args.int8_activations):

@@ -156,7 +156,9 @@ class PredictOptions:
             return
         if os.path.splitext(self.output)[1].lower() not in OUTPUT_SUFFIXES:
             raise OptionError(
-                "output", f"must end in {', '.join(OUTPUT_SUFFIXES)}, got {os.path.basename(self.output)!r}"
+                # the path as given: a bare name would hide which file (`/dev/null` read as 'null')
+                "output",
+                f"must end in {', '.join(OUTPUT_SUFFIXES)}, got {os.fspath(self.output)!r}",
             )
         if self.resume and self.overwrite:
             raise OptionError("resume", "and {overwrite} contradict each other: choose one")

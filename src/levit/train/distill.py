@@ -165,6 +165,27 @@ class Teacher(nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
 
+def _check_teacher_name(name: str | None, variant: str, path: Path) -> None:
+    """A levit file names its own variant, so ``name`` does not build the teacher; a name that is no
+    model at all, or another levit variant, is still the user's mistake (a typo recorded in the run's
+    config.yaml as if it had been the teacher), so it is refused rather than ignored. A timm name (the
+    recipes' default, regnety_160) beside a levit file is the recipe's default teacher left in place."""
+    from ..models.config import canonical_name
+
+    if name is None:
+        return
+    try:
+        given = canonical_name(name)
+    except ValueError:
+        import timm
+
+        if not timm.is_model(name):
+            raise LeViTError(f"--teacher: {name!r} is neither a levit model nor a timm model name") from None
+        return
+    if given != variant:
+        raise LeViTError(f"--teacher {name}: --teacher-checkpoint {path} holds a {variant}, not a {given}")
+
+
 def build_teacher(
     name: str | None,
     checkpoint: str | os.PathLike | None,
@@ -197,6 +218,7 @@ def build_teacher(
     levit_name = None
     if meta is not None:
         levit_name = meta["variant"]
+        _check_teacher_name(name, levit_name, path)
     elif name is not None:
         try:
             levit_name = canonical_name(name)
