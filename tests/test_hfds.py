@@ -5,23 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from train_utils import make_dataset, step_losses, tiny_config
+from train_utils import hf_dataset, make_dataset, step_losses, tiny_config
 
-from levit.data.datasets import SafeImageFolder
 from levit.errors import LeViTError
 from levit.train.recipe import resolve_config
 from levit.train.run import train
 
 datasets = pytest.importorskip("datasets")
 BROKEN = b"\x89PNG\r\n\x1a\n" + b"garbage" * 10
-
-
-def as_dataset(folder: Path, classes: list[str]):
-    """The ImageFolder ``folder`` as a datasets.Dataset, rows in the ImageFolder's order, image bytes inline."""
-    samples = SafeImageFolder(folder).samples
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes)})
-    rows = {"image": [{"bytes": Path(p).read_bytes(), "path": None} for p, _ in samples]}
-    return datasets.Dataset.from_dict(rows | {"label": [t for _, t in samples]}, features=features)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +23,7 @@ def layouts(tmp_path_factory):
     (folder / "train" / "c1" / "broken.png").write_bytes(BROKEN)
     classes = ["c0", "c1", "c2"]
     for split in ("train", "val"):
-        ds = as_dataset(folder / split, classes)
+        ds = hf_dataset(folder / split, classes)
         ds.save_to_disk(str(tmp / "saved" / split))
         (tmp / "parquet" / split).mkdir(parents=True)
         ds.to_parquet(str(tmp / "parquet" / split / "part-0.parquet"))

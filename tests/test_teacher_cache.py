@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from train_utils import cli, make_dataset, step_losses, tiny_config
+from train_utils import cli, hf_dataset, make_dataset, step_losses, tiny_config
 
 import levit
 from levit.errors import LeViTError
@@ -42,6 +42,43 @@ def test_cached_teacher_gives_the_live_teachers_losses(setup):
         train(resolve_config(**tiny_config(data, tmp / "other", teacher_cache=str(cache), seed=1, **values)))
     with pytest.raises(LeViTError, match="needs 3 of"):
         train(resolve_config(**tiny_config(data, tmp / "longer", teacher_cache=str(cache), epochs=3, **values)))
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_cache_of_a_hugging_face_split_replays_the_live_teacher_and_sees_a_changed_file(setup, streaming):
+    """A Parquet split read by index, or streamed (``hf_streaming=true``, files per loader worker): the
+    cached run's losses and weights are the live teacher's; the same rows with one image changed (the
+    classes and row counts unchanged) are another training set, and the cache is refused."""
+    datasets = pytest.importorskip("datasets")
+    tmp, data, values = setup
+    root, out = tmp / f"parquet-{streaming}", tmp / f"runs-{streaming}"
+    for split in ("train", "val"):
+        (root / split).mkdir(parents=True)
+        hf_dataset(data / split, ["c0", "c1", "c2"]).to_parquet(str(root / split / "part-0.parquet"))
+    values = {**values, "hf_streaming": streaming}
+    live = train(resolve_config(**tiny_config(root, out / "live", **values)))
+    cache = build_teacher_cache(resolve_config(**tiny_config(root, out / "unused", **values)), out / "t.cache")
+    cached = train(resolve_config(**tiny_config(root, out / "cached", teacher_cache=str(cache), **values)))
+    assert step_losses(out / "cached") == step_losses(out / "live") and step_losses(out / "live")
+    a, b = live.model.state_dict(), cached.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ds = hf_dataset(data / "train", ["c0", "c1", "c2"])
+    changed = ds.cast_column("image", datasets.Image(decode=False)).to_dict()  # the images' bytes as rows
+    changed["image"][0] = {"bytes": _bigger_png(), "path": None}
+    datasets.Dataset.from_dict(changed, features=ds.features).to_parquet(str(root / "train" / "part-0.parquet"))
+    with pytest.raises(LeViTError, match=r"made for another run \(data"):
+        train(resolve_config(**tiny_config(root, out / "again", teacher_cache=str(cache), **values)))
+
+
+def _bigger_png() -> bytes:
+    """A 40x40 PNG: a training image other than the split's, of another size."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), (200, 30, 60)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def test_teacher_cache_command_builds_the_same_cache(setup):

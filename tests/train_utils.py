@@ -113,3 +113,16 @@ def step_losses(output: Path) -> dict[int, float]:
         if rec["event"] == "step":
             out[rec["step"]] = rec["loss"]
     return out
+
+
+def hf_dataset(folder: Path, classes: list[str]):
+    """The ImageFolder ``folder`` as a ``datasets.Dataset``, rows in the ImageFolder's order, image
+    bytes inline."""
+    import datasets
+
+    from levit.data.datasets import SafeImageFolder
+
+    samples = SafeImageFolder(folder).samples
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes)})
+    rows = {"image": [{"bytes": Path(p).read_bytes(), "path": None} for p, _ in samples]}
+    return datasets.Dataset.from_dict(rows | {"label": [t for _, t in samples]}, features=features)

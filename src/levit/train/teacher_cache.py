@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.hfds import is_hf_folder
 from ..errors import LeViTError
 from .rundir import seed_all
 
@@ -52,19 +53,29 @@ def _file_digest(path: str | os.PathLike) -> str:
 
 
 def cache_fingerprint(cfg: Any, data: Any) -> dict[str, Any]:
-    """What a cache is valid for: the training set (its samples' names and sizes, or its classes and
-    size), the recipe's view keys (:data:`VIEW_KEYS`) and the teacher (its weights' SHA-256)."""
+    """What a cache is valid for: the training set (the names and sizes of its files: images, shards,
+    Parquet or ``save_to_disk`` files; else its classes and size), the recipe's view keys
+    (:data:`VIEW_KEYS`) and the teacher (its weights' SHA-256)."""
     dataset = getattr(data.train_loader, "dataset", None)
     samples = getattr(dataset, "samples", None)
     stream = getattr(getattr(data.train_loader, "loader", None), "dataset", None)  # shards: an EpochLoader's
     shards = getattr(stream, "shards", None)
+    files = getattr(stream, "files", None)  # a streamed Parquet split (hf_streaming=true)
     if samples is not None:
         listing = "\n".join(f"{Path(p).name} {t} {os.path.getsize(p)}" for p, t in samples)
-    elif shards is not None:
-        # a stream's batches are its shards read in turn by the loader's workers: the shards (names, sizes,
+    elif shards is not None or files is not None:
+        # a stream's batches are its files read in turn by the loader's workers: the files (names, sizes,
         # order) and the worker count decide which view lands where, so both are part of the fingerprint
-        listing = "\n".join(f"{Path(p).name} {n} {os.path.getsize(p)}" for p, n in shards)
+        if shards is not None:
+            listing = "\n".join(f"{Path(p).name} {n} {os.path.getsize(p)}" for p, n in shards)
+        else:
+            listing = "\n".join(f"{Path(p).name} {os.path.getsize(p)}" for p in files)
         listing += f"\nclasses {data.class_names} workers {data.train_loader.loader.num_workers}"
+    elif cfg.data is not None and is_hf_folder(cfg.data):
+        # a save_to_disk or Parquet split: its rows are read by index, as an ImageFolder's files, so
+        # its files (names, sizes) stand for them; a changed image changes its file's size
+        split = sorted(p for p in (Path(cfg.data) / "train").iterdir() if p.is_file())
+        listing = "\n".join(f"{p.name} {p.stat().st_size}" for p in split) + f"\nclasses {data.class_names}"
     else:
         listing = f"{data.class_names} {data.sizes}"
     return {
