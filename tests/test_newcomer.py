@@ -196,6 +196,34 @@ def test_a_teacher_name_a_levit_teacher_file_contradicts_is_refused(tmp_path, te
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command", ["train", "ablate"])
+def test_a_run_folder_that_is_a_file_or_cannot_be_made_is_refused_naming_the_flag(tmp_path, command):
+    """It was an OS error naming a sub-folder (`[Errno 20] Not a directory: 'afile/checkpoints'`)
+    after the data was read."""
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    args = ["--dataset", "digits", "--distillation", "none"] if command == "train" else ["--epochs", "1"]
+    one_line_error(cli(command, *args, "--output", afile), 2, f"--output {afile} is a file; expected a folder")
+    one_line_error(cli(command, *args, "--output", afile / "run"), 2, f"{afile} is a file, not a folder")
+    one_line_error(cli(command, *args, "--output", "/proc/run"), 2, "--output /proc/run: cannot write in /proc")
+    assert afile.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_eval_of_a_dataset_root_evaluates_its_val_folder(tmp_path):
+    """Read as an image folder, a root with train/ and val/ was a two-class set named train and val."""
+    from train_utils import make_dataset
+
+    data = make_dataset(tmp_path / "data", classes=2, train=3, val=2)
+    ckpt = levit.save(levit.create_model("levit_tiny", img_size=32, num_classes=2), tmp_path / "m.safetensors")
+    outs = {}
+    for name, folder in (("root", data), ("val", data / "val")):
+        outs[name] = tmp_path / f"{name}.json"
+        r = cli("eval", "--data", folder, "-c", ckpt, "--workers", "0", "--output", outs[name])
+        assert r.returncode == 0, r.stderr
+    root, val = (json.loads(outs[k].read_text()) for k in ("root", "val"))
+    assert root["n"] == val["n"] == 4 and root["top1"] == val["top1"]
+
+
 # ---- 2. a refused resume leaves nothing behind ------------------------------------------------
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
 def test_refused_resume_leaves_no_partial_file(photos, ckpt, tmp_path, suffix):

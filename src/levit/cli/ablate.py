@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import UsageError, img_size_type, require
+from .common import UsageError, check_output_folder, img_size_type, require
 
 
 def args_ablate(p: argparse.ArgumentParser) -> None:
@@ -48,6 +48,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     require("--bench-seconds", args.bench_seconds, 0, strict=True)
     if args.data is not None and not args.data.is_dir():
         raise UsageError(f"--data: folder not found: {args.data}")
+    check_output_folder(args.output)
     try:
         overrides = parse_overrides(args.overrides)
     except LeViTError as e:

@@ -149,6 +149,21 @@ def check_output(path: Path | None, flag: str = "--output", *, inputs: dict[str,
         raise UsageError(f"{flag} {path}: {reason}")
 
 
+def check_output_folder(path: Path | None, flag: str = "--output") -> None:
+    """A folder the job makes or fills (a training run, a sweep): a file in its place, or a place where
+    no folder can be made, is refused before the job runs, naming the flag (not an OS error naming a
+    sub-folder, after the data was read)."""
+    from levit.utils import unwritable_reason
+
+    if path is None:
+        return
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path} is a file; expected a folder (made if missing)")
+    nearest = next(p for p in (path, *path.parents) if p.exists())  # the folder that gets the new one
+    if reason := unwritable_reason(nearest / ".levit"):
+        raise UsageError(f"{flag} {path}: {reason}")
+
+
 def check_input_file(path: Path | None, flag: str) -> None:
     """A file the command will read: a folder, a device or a pipe, a missing or an unreadable file is
     refused before the job runs, in one line naming the flag and what is wrong with the path."""

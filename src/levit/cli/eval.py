@@ -42,6 +42,18 @@ def args_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", type=Path, help="also write the results as JSON to this file")
 
 
+def _validation_folder(data: Path) -> Path:
+    """A training dataset's root (``train/`` and ``val/``, each of class folders) given as ``--data``
+    means its ``val/``, as a shard or Hugging Face dataset root does; read as an image folder it would
+    be a two-class set, ``train`` and ``val``, and its top-1 a meaningless number."""
+    root = Path(data)
+    val = root / "val"
+    if (root / "train").is_dir() and val.is_dir() and any(p.is_dir() for p in val.iterdir()):
+        print(f"levit eval: {root} holds train/ and val/ class folders: evaluating {val}", file=sys.stderr)
+        return val
+    return data
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from levit.data.loaders import eval_source
     from levit.train.evaluate import evaluate_folder
@@ -56,6 +68,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             raise UsageError("--device cuda: no CUDA GPU is available")
+    args.data = _validation_folder(args.data)
     eval_source(args.data)  # a bad folder or pattern fails before the model is loaded
     model = load_model(args, batch=args.batch_size, **({"img_size": args.img_size} if args.img_size else {}))
     metrics = evaluate_folder(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import UsageError, img_size_option, model_name
+from .common import UsageError, check_output_folder, img_size_option, model_name
 
 
 def args_train(p: argparse.ArgumentParser) -> None:
@@ -72,6 +72,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = resolve_config(config=args.config, model=model, **values)
     except (LeViTError, ValueError) as e:
         raise UsageError(str(e)) from None
+    check_output_folder(Path(cfg.output))
     if cfg.distillation != "none" and not cfg.teacher_checkpoint:
         raise UsageError(
             f"--distillation {cfg.distillation} needs --teacher-checkpoint PATH (teacher weights are never "
