@@ -382,7 +382,7 @@ def test_openvino_export_on_a_full_disk_names_the_file_not_a_stream_error(ckpt, 
     assert "iostream" not in last and list(out.iterdir()) == []
 
 
-def test_shards_on_a_full_disk_name_the_destination_and_leave_no_half_written_folder(tmp_path, monkeypatch):
+def test_shards_on_a_full_disk_or_a_file_name_dst_and_leave_no_half_written_folder(tmp_path, monkeypatch):
     import levit.data.shards
 
     def full(src, dst, **kwargs):  # the first shard half-written, then a flush that names no file
@@ -394,6 +394,12 @@ def test_shards_on_a_full_disk_name_the_destination_and_leave_no_half_written_fo
     dst = tmp_path / "shards"
     one_line_error(cli("data", "shard", tmp_path, dst), 1, f"DST {dst}", "no space left on device (ENOSPC)")
     assert not dst.exists()
+    # a DST that is a file, or where no folder can be made: named before anything is read
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    one_line_error(cli("data", "shard", tmp_path, afile), 2, f"DST {afile} is a file; expected a folder")
+    one_line_error(cli("data", "shard", tmp_path, "/proc/shards"), 2, "DST /proc/shards: cannot write in /proc")
+    assert afile.read_text() == "keep me"
 
 
 # ---- 4. silence and noise ----------------------------------------------------------------------

@@ -9,7 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .common import UsageError, check_output
+from .common import UsageError, check_output, check_output_folder
 
 
 def args_data(p: argparse.ArgumentParser) -> None:
@@ -62,6 +62,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     if args.shard_size < 1:
         raise UsageError(f"--shard-size must be >= 1, got {args.shard_size}")
+    check_output_folder(args.dst, "DST")
     made = not args.dst.exists()
     try:
         written = write_shards(args.src, args.dst, shard_size=args.shard_size, seed=args.seed)
