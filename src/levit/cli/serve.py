@@ -142,8 +142,6 @@ def _config(args: argparse.Namespace):
     _split_models(args)
     if args.img_size and _demo(args):
         raise UsageError("--img-size needs --model or --checkpoint (the demo digits model is 32x32)")
-    if args.calibration and args.precision != "int8":  # as levit predict: ignored images are a mistaken flag
-        raise UsageError("--calibration calibrates an int8 model: add --precision int8")
     try:
         return ServeConfig(
             host=args.host,

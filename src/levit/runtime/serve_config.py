@@ -75,6 +75,8 @@ class ServeConfig:
         check_model_options(self)
         if self.precision == "int8" and not self.calibration:
             raise OptionError("precision", "int8 needs {calibration} IMAGES (files or folders)")
+        if self.calibration and self.precision != "int8":  # as PredictOptions: unused images are a mistake
+            raise OptionError("calibration", "calibrates an int8 model: add {precision} int8")
 
     def replace(self, **changes: Any) -> ServeConfig:
         """A copy with ``changes`` (validated again)."""
