@@ -429,17 +429,25 @@ INT8 = ("onnxruntime", "openvino")
 def test_int8_runs_print_no_preprocessing_advice_and_no_cuda_notice(photos, ckpt):
     """ONNX Runtime's quantizer ("Please consider to run pre-processing", through the root logger) and
     NNCF's import (torch's "No CUDA runtime is found") stay off stderr: both int8 backends in one fresh
-    interpreter (a warning shows only in the first process that meets it)."""
+    interpreter (a warning shows only in the first process that meets it). Each run reports its
+    agreement with fp32 on stderr and keeps stdout to its JSON rows (the quantizers' progress output
+    stays off it)."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("nncf")
-    runs = [["predict", str(photos), "-c", str(ckpt), "--backend", b, "--precision", "int8"] for b in INT8]
-    r = run_py(
-        "import json, sys; from levit.cli import main\nfor argv in json.loads(sys.argv[1]): assert main(argv) == 0",
-        json.dumps(runs),
+    runs = [["predict", str(photos), "-c", str(ckpt), "--json", "--backend", b, "--precision", "int8"] for b in INT8]
+    code = (
+        "import contextlib, io, json, sys\nfrom levit.cli import main\n"
+        "for argv in json.loads(sys.argv[1]):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        "        assert main(argv) == 0\n"
+        "    assert sorted(r['path'].rsplit('/', 1)[1] for r in json.loads(out.getvalue())) == ['a.jpg', 'b.jpg']\n"
     )
+    r = run_py(code, json.dumps(runs))
     assert r.returncode == 0, r.stderr
     for noise in ("Please consider", "WARNING:root", "CUDA"):
         assert noise not in r.stderr, r.stderr
+    for backend in INT8:
+        assert f"{backend} int8: top-1 agreement" in r.stderr, r.stderr
 
 
 def test_hf_folder_files_get_the_umask_permissions_as_levit_save(tmp_path):
