@@ -66,24 +66,27 @@ def test_one_onnx_export_feeds_onnx_runtime_and_openvino(monkeypatch):
     suite's export fails, OpenVINO still gets its form, by its own conversion."""
     import levit.runtime.backend_onnxruntime as ort_backend
     import levit.runtime.deploy as deploy
+    from levit.paper.field import _form_builder, eager_form, relative_error
 
-    real_export, real_build, exports, module_conversions = ort_backend.onnx_bytes, deploy.build_runner, [], []
+    real_export, real_build, exports, conversions = ort_backend.onnx_bytes, deploy.build_runner, [], []
     monkeypatch.setattr(ort_backend, "onnx_bytes", lambda *a: exports.append(1) or real_export(*a))
     monkeypatch.setattr(
-        deploy, "build_runner", lambda m, b, *a, **kw: module_conversions.append(b) or real_build(m, b, *a, **kw)
+        deploy, "build_runner", lambda m, b, *a, **kw: conversions.append(b) or real_build(m, b, *a, **kw)
     )
-    form = best_form("levit_tiny", batch=1, trial_s=0.0, img_size=64)
-    assert len(exports) == 1 and module_conversions == ["eager"]
-    for backend in ("openvino", "onnxruntime"):
-        assert form.forms[backend]["error"] is None and form.forms[backend]["rel_err"] <= TOLERANCE, form.forms
+    eager, _, (xc, want), x, *_ = eager_form("levit_tiny", 64, 1, 0)
+    build = _form_builder(eager, x)
+    for backend in ("onnxruntime", "openvino"):
+        assert relative_error(build(backend)(xc), want) <= TOLERANCE
+    assert len(exports) == 1 and conversions == []
 
     def no_export(*a):
         raise RuntimeError("no ONNX export")
 
     monkeypatch.setattr(ort_backend, "onnx_bytes", no_export)
-    form = best_form("levit_tiny", batch=1, trial_s=0.0, img_size=64)
-    assert form.forms["onnxruntime"]["error"] == "RuntimeError: no ONNX export"
-    assert form.forms["openvino"]["error"] is None and module_conversions[-1] == "openvino"
+    build = _form_builder(eager, x)
+    with pytest.raises(RuntimeError, match="no ONNX export"):
+        build("onnxruntime")
+    assert relative_error(build("openvino")(xc), want) <= TOLERANCE and conversions == ["openvino"]
 
 
 def test_relative_error():
