@@ -62,7 +62,7 @@ def args_bench(p: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="warm-up seconds per model (default 5, quick 1); --suite modern: the trial window of each form "
-        "(default 1, quick 0.5)",
+        "(default 0.5)",
     )
     p.add_argument(
         "--windows",

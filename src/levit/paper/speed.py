@@ -454,7 +454,7 @@ class SpeedRun:
     batch_sizes: tuple[int, ...] | None = None  # None: 16 on CPU, the largest fitting power of two on GPU
     threads: int | None = 1  # CPU threads
     img_size: int | None = None  # None: each model's native resolution
-    warmup_s: float | None = None  # None: 5 s (quick: 1 s)
+    warmup_s: float | None = None  # None: 5 s (quick: 1 s); modern: the trial window, 0.5 s
     windows: int | None = None  # None: 5 (quick: 3)
     window_s: float | None = None  # None: 3 s (quick: 1 s); modern: 1.5 s (quick: 0.5 s)
     suite: str = "paper"
@@ -503,7 +503,10 @@ class SpeedRun:
         if gpu and backend in ("onnxruntime", "openvino", "executorch"):
             raise LeViTError(f"--backend {backend} runs on the CPU only: drop --device cuda")
         if modern:
-            warmup_s, windows, window_s = (0.5, 3, 0.5) if self.quick else (1.0, 5, 1.5)
+            # the trial only picks each model's runtime (the rounds after it time the pick): two rounds
+            # of 0.5 s rank forms that differ by more than the noise, and keep the whole suite within
+            # 15 minutes on 2 cores (docs/field.md gives the run times)
+            warmup_s, windows, window_s = (0.5, 3, 0.5) if self.quick else (0.5, 5, 1.5)
         else:
             warmup_s, windows, window_s = (1.0, 3, 1.0) if self.quick else (5.0, 5, 3.0)
         return replace(
