@@ -262,11 +262,15 @@ def run_ray(
         # after ray.init, whose core worker installs a SIGTERM handler of its own that aborts the process
         previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
         previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: hup.set())
-        gcs = ray.get_runtime_context().gcs_address
-        watch = threading.Thread(
-            target=exit_when_the_cluster_stops, args=(gcs, stop, finished), daemon=True, name="levit-cluster-watch"
-        )
-        watch.start()
+        try:
+            gcs = ray.get_runtime_context().gcs_address
+        except Exception:  # a connection that does not expose it (Ray Client): nothing to watch
+            gcs = None
+        if gcs:
+            watch = threading.Thread(
+                target=exit_when_the_cluster_stops, args=(gcs, stop, finished), daemon=True, name="levit-cluster-watch"
+            )
+            watch.start()
         run_deployment(model, config, replicas=replicas, replica_cpus=replica_cpus)
         log.warning(
             "serving %s on http://%s:%d with %d Ray Serve replica(s)",
