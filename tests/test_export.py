@@ -146,16 +146,28 @@ def test_proof_images_follow_the_models_normalisation(model):
     torch.testing.assert_close(pixels, ref * std.view(3, 1, 1) + mean.view(3, 1, 1))
 
 
-def test_openvino_converts_a_module_with_no_onnx_export_by_its_pytorch_frontend(model, monkeypatch):
+@pytest.mark.parametrize("fails", ["export", "onnx frontend"])
+def test_openvino_converts_a_module_with_no_onnx_export_by_its_pytorch_frontend(model, monkeypatch, fails):
     """``to_openvino`` goes by way of the ONNX export (the parity test above checks that IR); a module
-    that does not export to ONNX is converted by OpenVINO's PyTorch frontend instead, to the fused
-    model's logits, for another batch size than the one converted with."""
+    that does not export to ONNX, or whose export OpenVINO's ONNX frontend cannot read, is converted by
+    OpenVINO's PyTorch frontend instead, to the fused model's logits, for another batch size than the
+    one converted with."""
+    import io
+
+    import openvino as ov
+
     import levit.runtime.export as export_mod
 
-    def no_export(*a, **kw):
-        raise RuntimeError("cannot export")
+    def cannot(*a, **kw):
+        raise RuntimeError(f"cannot: {fails}")
 
-    monkeypatch.setattr(export_mod, "write_onnx", no_export)
+    if fails == "export":
+        monkeypatch.setattr(export_mod, "write_onnx", cannot)
+    else:
+        real = ov.convert_model
+        monkeypatch.setattr(
+            ov, "convert_model", lambda src, **kw: cannot() if isinstance(src, io.BytesIO) else real(src, **kw)
+        )
     fused = levit.fuse(model).eval()
     x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(5))
     ov_model = export_mod.to_openvino(copy.deepcopy(fused), x[:2])

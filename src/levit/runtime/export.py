@@ -209,19 +209,17 @@ def to_openvino(model: nn.Module, example: Tensor):
     ``images``, output ``logits``), with the same logits and speed as a conversion by OpenVINO's
     PyTorch frontend, in less CPU time, as that frontend traces the module first (LeViT-128S: 1.3 s
     against 2.2 s; ``benchmarks/openvino_source.py``, docs/inference.md). A module that does not
-    export to ONNX is converted by the PyTorch frontend."""
+    export to ONNX, or whose export the ONNX frontend cannot read, is converted by the PyTorch frontend."""
     import openvino as ov
 
-    buf = io.BytesIO()
-    try:
-        write_onnx(model, example, buf)
-    except Exception:  # no ONNX export of this module: OpenVINO's PyTorch frontend traces it
-        source, kwargs = model, {"example_input": example}
-    else:
-        source, kwargs = io.BytesIO(buf.getvalue()), {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ov_model = ov.convert_model(source, **kwargs)
+        try:
+            buf = io.BytesIO()
+            write_onnx(model, example, buf)
+            ov_model = ov.convert_model(io.BytesIO(buf.getvalue()))
+        except Exception:  # no ONNX export, or one the ONNX frontend cannot read: the PyTorch frontend traces it
+            ov_model = ov.convert_model(model, example_input=example)
     ov_model.reshape({ov_model.inputs[0]: ov.PartialShape([-1, *example.shape[1:]])})
     return ov_model
 
