@@ -207,8 +207,8 @@ def to_openvino(model: nn.Module, example: Tensor):
     :func:`levit.runtime.backend_openvino.openvino_model`). It goes by way of the package's one ONNX
     export (:func:`write_onnx`), read by OpenVINO's ONNX frontend: the graph ONNX Runtime runs (input
     ``images``, output ``logits``), with the same logits and speed as a conversion by OpenVINO's
-    PyTorch frontend, in less CPU time, as that frontend traces the module first (LeViT-128S: 1.3 s
-    against 2.2 s; ``benchmarks/openvino_source.py``, docs/inference.md). A module that does not
+    PyTorch frontend, in less CPU time, as that frontend traces the module first (LeViT-128S: 1.4 s
+    against 2.4 s of CPU; ``benchmarks/openvino_source.py``, docs/inference.md). A module that does not
     export to ONNX, or whose export the ONNX frontend cannot read, is converted by the PyTorch frontend."""
     import openvino as ov
 
