@@ -24,7 +24,8 @@ from levit.paper.field import eager_form, relative_error
 from levit.paper.speed import MODERN_QUICK_MODELS
 from levit.paper.timing import interleaved
 from levit.runtime.backend_onnxruntime import onnx_bytes
-from levit.runtime.backend_openvino import openvino_compiled, openvino_model_from_onnx
+from levit.runtime.backend_openvino import openvino_compiled
+from levit.runtime.export import openvino_model_from_onnx
 
 
 def cpu_s() -> float:

@@ -36,8 +36,8 @@ def test_best_form_checks_every_runtime_against_eager(name, eager_form):
 
 def test_a_form_with_other_logits_or_a_failed_conversion_is_not_timed(monkeypatch):
     import levit.runtime.backend_onnxruntime as ort_backend
-    import levit.runtime.backend_openvino as ov_backend
     import levit.runtime.deploy as deploy
+    import levit.runtime.export as export_mod
 
     real, real_session = deploy.build_runner, ort_backend.onnxruntime_session
 
@@ -45,7 +45,7 @@ def test_a_form_with_other_logits_or_a_failed_conversion_is_not_timed(monkeypatc
         raise RuntimeError("cannot convert\nsecond line")
 
     # OpenVINO fails from the ONNX export and from the module; ONNX Runtime gives other logits
-    monkeypatch.setattr(ov_backend, "openvino_model_from_onnx", cannot_convert)
+    monkeypatch.setattr(export_mod, "openvino_model_from_onnx", cannot_convert)
     monkeypatch.setattr(
         deploy, "build_runner", lambda m, b, *a, **kw: cannot_convert() if b == "openvino" else real(m, b, *a, **kw)
     )

@@ -144,8 +144,9 @@ def _form_builder(eager: nn.Module, x: torch.Tensor) -> Callable[[str], Runner]:
     conversion goes by way of the ONNX export anyway: :func:`levit.runtime.export.to_openvino`);
     where the export fails, OpenVINO's PyTorch frontend converts the module."""
     from ..runtime.backend_onnxruntime import onnx_bytes, onnxruntime_session
-    from ..runtime.backend_openvino import openvino_compiled, openvino_model_from_onnx
+    from ..runtime.backend_openvino import openvino_compiled
     from ..runtime.deploy import build_runner
+    from ..runtime.export import openvino_model_from_onnx
 
     threads = torch.get_num_threads()
     exported: list = []  # the ONNX bytes, or the export's error

@@ -22,7 +22,6 @@ __all__ = [
     "openvino_compiled",
     "openvino_config",
     "openvino_model",
-    "openvino_model_from_onnx",
     "overflow_fix",
     "quantize_int8",
 ]
@@ -92,15 +91,6 @@ def openvino_model(module: nn.Module, precision: str, example: Tensor, calib: Te
     if precision == "int8":
         ov_model = quantize_int8(ov_model, calib)
     return ov_model
-
-
-def openvino_model_from_onnx(onnx_model: bytes) -> ov.Model:
-    """An fp32 ONNX export (:func:`levit.runtime.backend_onnxruntime.onnx_bytes`, batch axis dynamic)
-    read by OpenVINO's ONNX frontend, as :func:`levit.runtime.export.to_openvino` does: for a caller
-    that already holds the export (``levit bench --suite modern`` builds ONNX Runtime's form from it too)."""
-    import openvino as ov
-
-    return ov.convert_model(io.BytesIO(onnx_model))
 
 
 def openvino_compiled(ov_model: ov.Model, precision: str, threads: int | None) -> Callable[[Tensor], Tensor]:

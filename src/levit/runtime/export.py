@@ -48,6 +48,7 @@ __all__ = [
     "export",
     "max_opset",
     "openvino_core",
+    "openvino_model_from_onnx",
     "proof_images",
     "prove",
     "rel_error",
@@ -207,8 +208,8 @@ def to_openvino(model: nn.Module, example: Tensor):
     :func:`levit.runtime.backend_openvino.openvino_model`). It goes by way of the package's one ONNX
     export (:func:`write_onnx`), read by OpenVINO's ONNX frontend: the graph ONNX Runtime runs (input
     ``images``, output ``logits``), with the same logits and speed as a conversion by OpenVINO's
-    PyTorch frontend, in less CPU time, as that frontend traces the module first (LeViT-128S: 1.4 s
-    against 2.4 s of CPU; ``benchmarks/openvino_source.py``, docs/inference.md). A module that does not
+    PyTorch frontend, in less CPU time, as that frontend traces the module first (docs/inference.md gives
+    the figures and their command). A module that does not
     export to ONNX, or whose export the ONNX frontend cannot read, is converted by the PyTorch frontend."""
     import openvino as ov
 
@@ -217,11 +218,20 @@ def to_openvino(model: nn.Module, example: Tensor):
         try:
             buf = io.BytesIO()
             write_onnx(model, example, buf)
-            ov_model = ov.convert_model(io.BytesIO(buf.getvalue()))
+            ov_model = openvino_model_from_onnx(buf.getvalue())
         except Exception:  # no ONNX export, or one the ONNX frontend cannot read: the PyTorch frontend traces it
             ov_model = ov.convert_model(model, example_input=example)
     ov_model.reshape({ov_model.inputs[0]: ov.PartialShape([-1, *example.shape[1:]])})
     return ov_model
+
+
+def openvino_model_from_onnx(onnx_model: bytes):  # -> openvino.Model
+    """An fp32 ONNX export (:func:`write_onnx`, batch axis dynamic) read by OpenVINO's ONNX frontend: the
+    step :func:`to_openvino` takes, for a caller that already holds the export (``levit bench --suite
+    modern`` builds ONNX Runtime's form from it too)."""
+    import openvino as ov
+
+    return ov.convert_model(io.BytesIO(onnx_model))
 
 
 def _write_openvino(model: nn.Module, example: Tensor, tmp: Path) -> None:
