@@ -73,7 +73,7 @@ def cache_fingerprint(cfg: Any, data: Any) -> dict[str, Any]:
         listing += f"\nclasses {data.class_names} workers {data.train_loader.loader.num_workers}"
     elif cfg.data is not None and is_hf_folder(cfg.data):
         # a save_to_disk or Parquet split: its rows are read by index, as an ImageFolder's files, so
-        # its files (names, sizes) stand for them; a changed image changes its file's size
+        # its files' names and sizes stand for them, as the image files' do for a folder
         split = sorted(p for p in (Path(cfg.data) / "train").iterdir() if p.is_file())
         listing = "\n".join(f"{p.name} {p.stat().st_size}" for p in split) + f"\nclasses {data.class_names}"
     else:
