@@ -539,8 +539,12 @@ async def _reload_load(url: str, jpegs: list[bytes], clients: int, duration: flo
         name = (await (await c.get(url + "/ready")).json())["model"]
 
         async def reloads() -> None:
-            while time.perf_counter() + every < end:
-                await asyncio.sleep(every)
+            # a load starts every ``every`` s (start to start, as a deploy schedule would send them), so
+            # the load's own time is not added to the period
+            tick = time.perf_counter()
+            while tick + 2 * every < end:
+                tick += every
+                await asyncio.sleep(max(0.0, tick - time.perf_counter()))
                 t0 = time.perf_counter()
                 async with c.post(f"{url}/v2/repository/models/{name}/load") as r:
                     body = await r.json()
