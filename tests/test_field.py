@@ -222,3 +222,85 @@ def test_a_model_no_runtime_can_take_is_listed_with_its_error(monkeypatch):
     assert rows[0]["img_s"] is None and rows[0]["on_front"] is None
     assert "executorch: RuntimeError: executorch cannot lower this" in rows[0]["error"]
     assert "did not run: levit_tiny" in format_field_table(rows)
+
+
+def test_bench_protocol_all_in_process(capsys, tmp_path, monkeypatch):
+    """`--protocol all`: each protocol's rows (threads, batch, backend), one table and one picture per
+    protocol, one output file with a protocol column, each model built once for all protocols."""
+    import levit.paper.field as field
+    import levit.runtime.deploy as deploy
+    from levit.cli import main
+
+    # tiny settings: two runtimes race, and ExecuTorch's lowering (seconds a model, tested with the
+    # runtime) is replaced by the eager runner: what is tested here is the run of every protocol
+    real_build, built = deploy.build_runner, []
+    monkeypatch.setattr(field, "RUNTIMES", ("eager", "onnxruntime"))
+    monkeypatch.setattr(
+        deploy, "build_runner", lambda m, b, *a, **kw: real_build(m, "eager" if b == "executorch" else b, *a, **kw)
+    )
+    real_prepare = field._prepare
+    monkeypatch.setattr(field, "_prepare", lambda name, *a: built.append(name) or real_prepare(name, *a))
+    models = ["levit_128s", "efficientvit_m0"]
+    argv = ["bench", "--suite", "modern", "--protocol", "all", "--models", ",".join(models)]
+    argv += ["--warmup", "0", "--windows", "1", "--window", "0"]
+    assert main([*argv, "--output", str(tmp_path / "r.csv"), "--plot", str(tmp_path / "f.png")]) == 0
+    cap = capsys.readouterr()
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "r.csv").open()))
+    got = [(r["protocol"], r["model"], r["threads"], r["batch"]) for r in rows]
+    cores = str(field.all_cores())
+    assert got == [
+        ("paper", "levit_128s", "1", "16"),
+        ("paper", "efficientvit_m0", "1", "16"),
+        ("latency", "levit_128s", cores, "1"),
+        ("latency", "efficientvit_m0", cores, "1"),
+        ("executorch", "levit_128s", "1", "1"),
+        ("executorch", "efficientvit_m0", "1", "1"),
+    ]
+    assert all(r["backend"] in ("eager", "onnxruntime") for r in rows[:4])
+    assert {r["backend"] for r in rows[4:]} == {"executorch"} and all(r["img_s"] for r in rows)
+    assert sorted(built) == sorted(models)  # built, BN randomised and checked once for the three protocols
+    for p in ("paper", "latency", "executorch"):
+        assert f"== protocol {p} ==" in cap.out and f"levit bench: protocol {p}:" in cap.err
+        assert (tmp_path / f"f_{p}.png").read_bytes()[:4] == b"\x89PNG"
+    assert cap.out.count("levit_128s (76.6): ") == 3  # LeViT's ratio line under each table
+    assert "left]" in cap.err  # the estimate of the time left
+    assert not (tmp_path / "f.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (["--protocol", "fast"], "argument --protocol: unknown protocol 'fast'; choose from paper, latency"),
+        (
+            ["--protocol", "all", "--threads", "2"],
+            "--protocol sets the threads, the batch and the backend: drop --threads",
+        ),
+        (["--protocol", "all", "-b", "1"], "drop --batch-size"),
+        (["--protocol", "all", "--backend", "eager"], "drop --backend"),
+    ],
+)
+def test_bench_protocol_refusals_name_the_flag(capsys, extra, words):
+    from levit.cli import main
+
+    assert main(["bench", "--suite", "modern", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and len(err.splitlines()) == 1
+    assert main(["bench", "--protocol", "all"]) == 2
+    assert "--protocol needs --suite modern" in capsys.readouterr().err
+
+
+def test_protocol_runs_cover_the_documented_models():
+    from levit.paper.field import ALL_QUICK_MODELS, ALL_SUBSET_MODELS, protocol_runs
+
+    full = dict(protocol_runs(SpeedRun(suite="modern"), "all"))
+    assert list(full) == ["paper", "latency", "executorch"]
+    assert full["paper"].models == MODERN_MODELS and full["paper"].batch_sizes == (16,)
+    assert full["latency"].models == ALL_SUBSET_MODELS and full["latency"].batch_sizes == (1,)
+    assert full["executorch"].models == ALL_SUBSET_MODELS and len(ALL_SUBSET_MODELS) >= 10
+    assert (full["executorch"].backend, full["executorch"].threads) == ("executorch", 1)
+    quick = dict(protocol_runs(SpeedRun(suite="modern", quick=True), "all"))
+    assert all(r.models == ALL_QUICK_MODELS for r in quick.values())
+    ((name, one),) = protocol_runs(SpeedRun(suite="modern"), "latency")  # alone: the whole suite
+    assert name == "latency" and one.models == MODERN_MODELS

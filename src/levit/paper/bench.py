@@ -4,6 +4,10 @@ the rows.
 
 >>> rows = run_bench(SpeedRun(suite="modern", quick=True))
 >>> print(format_bench(rows))
+
+Every CPU protocol of the modern suite in one run (``levit bench --suite modern --protocol all``):
+
+>>> rows = run_protocols(protocol_runs(SpeedRun(suite="modern"), "all"))
 """
 
 from __future__ import annotations
@@ -12,10 +16,10 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .field import format_field_table, plot_field, run_field
+from .field import format_protocols, plot_protocols, protocol_runs, run_field, run_protocols
 from .speed import SpeedRun, format_table, plot_rows, run_speed_table
 
-__all__ = ["SpeedRun", "format_bench", "plot_bench", "run_bench"]
+__all__ = ["SpeedRun", "format_bench", "plot_bench", "protocol_runs", "run_bench", "run_protocols"]
 
 
 def _is_field(rows: Sequence[dict]) -> bool:
@@ -32,10 +36,12 @@ def run_bench(run: SpeedRun, *, progress: Callable[[int, int, str, dict | None],
 
 
 def format_bench(rows: Sequence[dict]) -> str:
-    """The plain-text table of either suite's rows."""
-    return format_field_table(rows) if _is_field(rows) else format_table(rows)
+    """The plain-text table of either suite's rows (the modern suite's: one per protocol)."""
+    return format_protocols(rows) if _is_field(rows) else format_table(rows)
 
 
-def plot_bench(rows: Sequence[dict], path: str | os.PathLike, title: str | None = None) -> Path:
-    """Figure 1 for the paper's suite, the Pareto picture for the modern one."""
-    return plot_field(rows, path, title) if _is_field(rows) else plot_rows(rows, path, title)
+def plot_bench(rows: Sequence[dict], path: str | os.PathLike, title: str | None = None) -> list[Path]:
+    """The pictures written: Figure 1 for the paper's suite; for the modern one the Pareto picture,
+    one per protocol where the rows hold several (``FILE_<protocol>.png``,
+    :func:`levit.paper.field.protocol_plot_path`)."""
+    return plot_protocols(rows, path) if _is_field(rows) else [plot_rows(rows, path, title)]

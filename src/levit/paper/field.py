@@ -26,8 +26,9 @@ import copy
 import gc
 import os
 import statistics
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -35,7 +36,7 @@ from torch import nn
 
 from ..errors import LeViTError
 from ..utils import num_threads, save_figure
-from .accuracy import FIELD_ACCURACY
+from .accuracy import FIELD_ACCURACY, MODERN_QUICK_MODELS
 from .speed import (
     BENCH_MODELS,
     SpeedRun,
@@ -48,23 +49,33 @@ from .speed import (
 from .timing import interleaved
 
 __all__ = [
+    "ALL_QUICK_MODELS",
+    "ALL_SUBSET_MODELS",
     "CHECK_BATCH",
     "FRONT_BAND",
     "GROUP_SIZE",
+    "PROTOCOLS",
     "RUNTIMES",
     "TOLERANCE",
+    "TRIAL_DROP",
     "FastForm",
     "NoFormError",
     "add_front_distance",
+    "all_cores",
     "best_form",
     "eager_form",
     "format_field_table",
+    "format_protocols",
     "front_in_band",
     "levit_ratios",
     "pareto_front",
     "plot_field",
+    "plot_protocols",
+    "protocol_plot_path",
+    "protocol_runs",
     "relative_error",
     "run_field",
+    "run_protocols",
 ]
 
 # a fast form must give its eager form's logits: max |difference| over max |logit|, fp32 rounding only
@@ -74,6 +85,10 @@ TOLERANCE = 1e-4
 CHECK_BATCH = 2
 # the runtimes `auto` chooses each model's form from, all at fp32
 RUNTIMES: tuple[str, ...] = ("eager", "openvino", "onnxruntime")
+# the trial's second round races only the forms within this factor of the fastest in its first: a
+# slower one cannot win (eager ran 1.1-3.5x slower than the fastest runtime on every model measured),
+# and its calls are the trial's longest (one of them is seconds for the largest models at batch 16)
+TRIAL_DROP = 1.5
 # the models timed in the same interleaved rounds (nearest in top-1): every kept form holds its
 # compiled runtime, so a run over the whole suite would otherwise hold them all at once
 GROUP_SIZE = 8
@@ -135,35 +150,62 @@ def _release() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+@contextlib.contextmanager
+def _heap_frozen() -> Iterator[None]:
+    """Within the block, :func:`_release`'s garbage collection skips what was alive when it began (the
+    imported libraries: about 400,000 objects with timm and the runtimes, 0.3-0.7 s a collection on
+    this machine, and a run collects after every model); what the run makes is collected as before."""
+    import timm  # noqa: F401  (imported here so that the freeze covers it; the runtimes likewise)
+
+    for module in ("onnxruntime", "openvino"):
+        with contextlib.suppress(ImportError):
+            __import__(module)
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _form_builder(eager: nn.Module, x: torch.Tensor) -> Callable[[str], Runner]:
+def _form_builder(eager: nn.Module, x: torch.Tensor, cache: dict | None = None) -> Callable[[str], Runner]:
     """A function building the runner of ``eager`` on a runtime, for inputs shaped like ``x``, on this
     process's thread count. ONNX Runtime and OpenVINO start from one ONNX export, made once (OpenVINO's
     conversion goes by way of the ONNX export anyway: :func:`levit.runtime.export.to_openvino`);
-    where the export fails, OpenVINO's PyTorch frontend converts the module."""
+    where the export fails, OpenVINO's PyTorch frontend converts the module.
+
+    ``cache`` (a dict the caller keeps) holds the export and OpenVINO's model read from it, so that the
+    protocols of one run (:func:`run_protocols`) make them once per model: the export keeps the batch
+    axis dynamic, so one export serves batch 16 and batch 1. What is compiled is not shared: an ONNX
+    Runtime session's intra-op threads and OpenVINO's ``INFERENCE_NUM_THREADS`` are fixed when the
+    session or the compiled model is made, so each thread count compiles its own."""
     from ..runtime.backend_onnxruntime import onnx_bytes, onnxruntime_session
     from ..runtime.backend_openvino import openvino_compiled
     from ..runtime.deploy import build_runner
     from ..runtime.export import openvino_model_from_onnx
 
     threads = torch.get_num_threads()
-    exported: list = []  # the ONNX bytes, or the export's error
+    cache = {} if cache is None else cache  # "onnx": the bytes or the export's error; "openvino": likewise
+
+    def made(key: str, make: Callable[[], object]) -> object:
+        if key not in cache:
+            try:
+                cache[key] = make()
+            except Exception as e:  # kept: each runtime that needs it reports it
+                cache[key] = e
+        if isinstance(cache[key], Exception):
+            raise cache[key]
+        return cache[key]
 
     def onnx() -> bytes:
-        if not exported:
-            try:
-                exported.append(onnx_bytes(copy.deepcopy(eager).float().eval(), x))
-            except Exception as e:  # kept: each runtime that needs the export reports it
-                exported.append(e)
-        if isinstance(exported[0], Exception):
-            raise exported[0]
-        return exported[0]
+        return made("onnx", lambda: onnx_bytes(copy.deepcopy(eager).float().eval(), x))
 
     def openvino() -> Runner:
         try:
-            model = openvino_model_from_onnx(onnx())
+            model = made("openvino", lambda: openvino_model_from_onnx(onnx()))
         except Exception:  # no ONNX export of this model: OpenVINO's own conversion of the module
             return build_runner(eager, "openvino", "fp32", example=x, threads=threads)
         return openvino_compiled(model, "fp32", threads)
@@ -195,8 +237,28 @@ def _try_form(
     return {"img_s": None, "rel_err": err, "error": None}, lambda: runner(x)
 
 
-def eager_form(name: str, img_size: int | None, batch: int, seed: int) -> tuple:
-    """(eager form, its kind, (check images, its logits), timed input, reparam error, params, FLOPs, res)."""
+@dataclass
+class _Prepared:
+    """One model's eager form (steps 1-2 of this module's description) and what the protocols of one
+    run share of it (:func:`run_protocols`): built, its BatchNorm randomised and its fusion checked once."""
+
+    eager: nn.Module
+    kind: str  # "fused" / "reparameterized" / "as built"
+    check: tuple[torch.Tensor, torch.Tensor]  # the check images and the eager form's logits on them
+    reparam_err: float
+    params: int
+    flops: int
+    res: int
+    seed: int
+    cache: dict = field(default_factory=dict)  # the ONNX export and OpenVINO's model (:func:`_form_builder`)
+
+    def timed_input(self, batch: int) -> torch.Tensor:
+        """The timed input at ``batch`` (random images, the same for every form of the model)."""
+        g = torch.Generator().manual_seed(self.seed + 1)
+        return torch.randn(batch, 3, self.res, self.res, generator=g)
+
+
+def _prepare(name: str, img_size: int | None, seed: int) -> _Prepared:
     entry = BENCH_MODELS[name]
     if entry.implementation == "timm":  # the paper's peers get what every timm model gets here
         entry = replace(entry, implementation="timm+reparam")
@@ -204,9 +266,7 @@ def eager_form(name: str, img_size: int | None, batch: int, seed: int) -> tuple:
     model, res = build_bench_model(entry, img_size)
     _randomize_bn(model, seed)
     params, flops = bench_size(entry, model, res)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 3, res, res, generator=g)
-    xc = torch.randn(CHECK_BATCH, 3, res, res, generator=g)
+    xc = torch.randn(CHECK_BATCH, 3, res, res, generator=torch.Generator().manual_seed(seed))
     with torch.inference_mode():
         y_built = model(xc)
         eager = bench_inference_form(entry, model).eval()
@@ -215,7 +275,31 @@ def eager_form(name: str, img_size: int | None, batch: int, seed: int) -> tuple:
     kind = "fused" if entry.implementation == "levit" else "reparameterized"
     if not reparam_err <= TOLERANCE:  # a fusion that changes the answer is not an inference form
         eager, y0, kind = model, y_built, "as built"
-    return eager, kind, (xc, y0), x, reparam_err, params, flops, res
+    return _Prepared(eager, kind, (xc, y0), reparam_err, params, flops, res, seed)
+
+
+def eager_form(name: str, img_size: int | None, batch: int, seed: int) -> tuple:
+    """(eager form, its kind, (check images, its logits), timed input, reparam error, params, FLOPs, res)."""
+    p = _prepare(name, img_size, seed)
+    return p.eager, p.kind, p.check, p.timed_input(batch), p.reparam_err, p.params, p.flops, p.res
+
+
+def _race(calls: dict[str, Callable[[], object]], trial_s: float, batch: int, forms: dict[str, dict]) -> str:
+    """The fastest of ``calls`` (each form's trial img/s written into ``forms``): two interleaved
+    rounds of ``trial_s``, the second without the forms :data:`TRIAL_DROP` times slower than the
+    fastest in the first (they cannot win it); a single form has nothing to race (its img/s stays
+    ``None``: the timed rounds give it)."""
+    if len(calls) == 1:
+        return next(iter(calls))
+    secs = interleaved(calls, rounds=1, window=trial_s, warmup_calls=1)
+    best = min(t[0] for t in secs.values())
+    second = [k for k in reversed(list(calls)) if secs[k][0] <= TRIAL_DROP * best]  # reversed, as round 2 is
+    if len(second) > 1:
+        for k, t in interleaved({k: calls[k] for k in second}, rounds=1, window=trial_s, warmup_calls=0).items():
+            secs[k] += t
+    for backend, t in secs.items():
+        forms[backend]["img_s"] = batch / min(t)
+    return min(secs, key=lambda k: min(secs[k]))
 
 
 def best_form(
@@ -226,32 +310,32 @@ def best_form(
     trial_s: float = 1.0,
     img_size: int | None = None,
     seed: int = 0,
+    prepared: _Prepared | None = None,
 ) -> FastForm:
     """The fastest form of model ``name`` among ``runtimes`` that gives its eager form's logits.
 
     Steps 1-3 of this module's description, at ``img_size`` (``None``: the resolution of the model's
-    top-1). The forms that pass are timed against each other in two interleaved rounds of
-    ``trial_s``; the eager form always passes (it is the reference), so a runtime that fails to
-    convert or differs only loses its place, with the reason kept in :attr:`FastForm.forms`.
+    top-1); ``prepared`` (steps 1-2 done by :func:`_prepare`) is reused instead of building the model
+    again. The forms that pass race in two interleaved rounds of ``trial_s`` (:func:`_race`); the
+    eager form always passes (it is the reference), so a runtime that fails to convert or differs
+    only loses its place, with the reason kept in :attr:`FastForm.forms`.
     """
-    eager, kind, check, x, reparam_err, params, flops, res = eager_form(name, img_size, batch, seed)
+    p = prepared or _prepare(name, img_size, seed)
+    x = p.timed_input(batch)
     forms: dict[str, dict] = {}
     calls: dict[str, Callable[[], object]] = {}
-    build = _form_builder(eager, x)
+    build = _form_builder(p.eager, x, p.cache)
     for backend in runtimes:
-        forms[backend], call = _try_form(build, backend, check, x)
+        forms[backend], call = _try_form(build, backend, p.check, x)
         if call is not None:
             calls[backend] = call
     if not calls:
         raise NoFormError(name, forms)
-    secs = interleaved(calls, rounds=2, window=trial_s, warmup_calls=1)
-    for backend, t in secs.items():
-        forms[backend]["img_s"] = batch / min(t)
-    chosen = min(secs, key=lambda k: min(secs[k]))
+    chosen = _race(calls, trial_s, batch, forms)
     run = calls[chosen]
     del calls, call
     _release()  # the forms not chosen (compiled models, sessions) are freed before the next model
-    return FastForm(run, chosen, forms, reparam_err, kind, params, flops, res)
+    return FastForm(run, chosen, forms, p.reparam_err, p.kind, p.params, p.flops, p.res)
 
 
 def _accuracy(name: str, res: int) -> dict:
@@ -304,17 +388,49 @@ def _groups(names: Sequence[str], size: int) -> list[list[str]]:
     return [order[i : i + size] for i in range(0, len(order), size)]
 
 
-def run_field(run: SpeedRun, *, progress: Callable[[int, int, str, dict | None], None] | None = None) -> list[dict]:
-    """The rows of a ``--suite modern`` run, in the run's order: every model in its best form
-    (:func:`best_form`), timed in interleaved rounds with the models nearest it in top-1 (groups of
-    :data:`GROUP_SIZE`); each row carries its top-1, that figure's source, and its distance from the
-    front (:func:`add_front_distance`).
+# rough seconds of one-time work per model, for the estimate of the time left only (the progress
+# rescales it by how long the finished steps took): the eager form and its ONNX export once per model,
+# then each protocol's compilation (executorch: the lowering, the slowest step of the run)
+_PREP_S = 1.5
+_BUILD_S = {"auto": 3.0, "executorch": 12.0}
 
-    ``progress(i, n, name, row)`` is called before (``row`` None) and after each model's choice of
-    form (``row``: the trial's img/s and the chosen backend; ``{}`` where no runtime took it), then
-    twice after each timed round (``name`` "interleaved round", ``row`` None then ``{}``).
-    """
-    run = run.resolved()
+
+class _Clock:
+    """Seconds left of a run: the planned cost of every step, rescaled by how long the done ones took."""
+
+    def __init__(self, plan: float) -> None:
+        self.plan, self.done, self.t0 = plan, 0.0, time.perf_counter()
+
+    def step(self, cost: float) -> float:
+        self.done += cost
+        return (time.perf_counter() - self.t0) * max(self.plan - self.done, 0.0) / max(self.done, 1e-9)
+
+
+def _model_cost(run: SpeedRun, prepared: bool) -> float:
+    """The planned seconds of one model's choice of form in ``run`` (resolved)."""
+    n = len(RUNTIMES) if run.backend == "auto" else 1
+    trial = 2 * n * (run.warmup_s or 0.0) if n > 1 else 0.0
+    return (0.0 if prepared else _PREP_S) + _BUILD_S.get(run.backend or "", 0.5) + trial
+
+
+def _plan(runs: Sequence[SpeedRun]) -> float:
+    seen: set[str] = set()
+    total = 0.0
+    for run in runs:
+        for name in run.models or ():
+            total += _model_cost(run, name in seen) + run.windows * run.window_s
+            seen.add(name)
+    return total
+
+
+def _run(
+    run: SpeedRun,
+    progress: Callable[[int, int, str, dict | None], None] | None,
+    prepare: Callable[[str, int], tuple[_Prepared, bool]],
+    clock: _Clock,
+) -> list[dict]:
+    """:func:`run_field`'s work on a resolved run; ``prepare(name, i)``: the model's eager form and
+    whether an earlier protocol built it."""
     batch = (run.batch_sizes or (16,))[0]
     runtimes = RUNTIMES if run.backend == "auto" else (run.backend,)
     rows: dict[str, dict] = {}
@@ -325,21 +441,25 @@ def run_field(run: SpeedRun, *, progress: Callable[[int, int, str, dict | None],
             for name in group:
                 if progress:
                     progress(i, n, name, None)
+                prepared, shared = prepare(name, i)
                 try:
                     chosen[name] = form = best_form(
-                        name, batch=batch, runtimes=runtimes, trial_s=run.warmup_s, img_size=run.img_size, seed=i
+                        name, batch=batch, runtimes=runtimes, trial_s=run.warmup_s, prepared=prepared
                     )
                     done = {"img_s": form.forms[form.backend]["img_s"], "backend": form.backend, "precision": "fp32"}
                 except NoFormError as e:  # a model no runtime could take is a row of the result
                     rows[name], done = _failed_row(name, e, run), {}
+                del prepared
+                eta = clock.step(_model_cost(run, shared))
                 if progress:
-                    progress(i, n, name, {**done, "batch": batch} if done else {})
+                    progress(i, n, name, {**done, "batch": batch, "eta_s": eta} if done else {"eta_s": eta})
                 i += 1
 
-            def on_round(r: int, rounds: int) -> None:
+            def on_round(r: int, rounds: int, size: int = len(chosen)) -> None:
+                eta = clock.step(run.window_s * size)
                 if progress:  # a round is reported once it is done: its start and its end together
                     progress(r - 1, rounds, "interleaved round", None)
-                    progress(r - 1, rounds, "interleaved round", {})
+                    progress(r - 1, rounds, "interleaved round", {"eta_s": eta})
 
             secs = interleaved(
                 {k: f.run for k, f in chosen.items()}, rounds=run.windows, window=run.window_s, on_round=on_round
@@ -348,6 +468,122 @@ def run_field(run: SpeedRun, *, progress: Callable[[int, int, str, dict | None],
             del chosen
             _release()  # the group's forms, before the next group's are built
     return add_front_distance([rows[name] for name in run.models])
+
+
+def run_field(run: SpeedRun, *, progress: Callable[[int, int, str, dict | None], None] | None = None) -> list[dict]:
+    """The rows of a ``--suite modern`` run, in the run's order: every model in its best form
+    (:func:`best_form`), timed in interleaved rounds with the models nearest it in top-1 (groups of
+    :data:`GROUP_SIZE`); each row carries its top-1, that figure's source, and its distance from the
+    front (:func:`add_front_distance`).
+
+    ``progress(i, n, name, row)`` is called before (``row`` None) and after each model's choice of
+    form (``row``: the trial's img/s and the chosen backend; ``{}`` where no runtime took it), then
+    twice after each timed round (``name`` "interleaved round", ``row`` None then ``{}``); every
+    ``row`` after a step has ``eta_s``, the estimated seconds left.
+    """
+    run = run.resolved()
+    with _heap_frozen():
+        return _run(run, progress, lambda name, i: (_prepare(name, run.img_size, i), False), _Clock(_plan([run])))
+
+
+# ---- several protocols in one run ----------------------------------------------------------------
+# the CPU protocols of `levit bench --suite modern --protocol`: the paper's (one thread, batch 16),
+# latency (every core of the machine, batch 1) and the phone-class runtime (ExecuTorch XNNPACK, one
+# thread, batch 1, as a phone runs one picture at a time)
+PROTOCOLS: tuple[str, ...] = ("paper", "latency", "executorch")
+# `--protocol all` without --models: the paper's protocol times the whole suite, latency and
+# ExecuTorch the quick set (LeViT-128S and -256 and the 9 fast peers nearest them in top-1): the
+# ExecuTorch lowering costs about 10 s a model, and the three fit 15 minutes on 2 cores only so
+ALL_SUBSET_MODELS: tuple[str, ...] = MODERN_QUICK_MODELS
+# `--protocol all --quick`: LeViT at both ends, the fastest peer below them and the two nearest
+# above LeViT-128S, in every protocol; EfficientNet-B0 rather than EfficientViT-M5 (the same 77.1%),
+# whose ExecuTorch lowering takes several times as long (docs/field.md gives the run's time)
+ALL_QUICK_MODELS: tuple[str, ...] = (
+    "mobilenetv4_conv_small",
+    "levit_128s",
+    "efficientnet_b0",
+    "repvit_m0_9",
+    "levit_256",
+)
+
+
+def all_cores() -> int:
+    """The CPU cores this process may run on (the latency protocol's threads)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def protocol_runs(run: SpeedRun, protocol: str) -> list[tuple[str, SpeedRun]]:
+    """``(name, resolved run)`` of each protocol ``protocol`` names (one of :data:`PROTOCOLS`, or
+    ``"all"``): ``run`` with that protocol's threads, batch and backend (``run``'s own are replaced).
+
+    Its models: ``run.models`` where given; else with ``"all"`` the whole suite for the paper's
+    protocol and :data:`ALL_SUBSET_MODELS` for the others, or :data:`ALL_QUICK_MODELS` for every
+    protocol with ``quick``; else the suite (its quick set with ``quick``)."""
+    if protocol not in (*PROTOCOLS, "all"):
+        raise LeViTError(f"--protocol: unknown {protocol!r}; choose from {', '.join(PROTOCOLS)}, all")
+    settings = {
+        "paper": {"threads": 1, "batch_sizes": (16,), "backend": "auto"},
+        "latency": {"threads": all_cores(), "batch_sizes": (1,), "backend": "auto"},
+        "executorch": {"threads": 1, "batch_sizes": (1,), "backend": "executorch"},
+    }
+    out = []
+    for name in PROTOCOLS if protocol == "all" else (protocol,):
+        models = run.models
+        if models is None and protocol == "all":
+            models = ALL_QUICK_MODELS if run.quick else (None if name == "paper" else ALL_SUBSET_MODELS)
+        out.append((name, replace(run, suite="modern", models=models, **settings[name]).resolved()))
+    return out
+
+
+def run_protocols(
+    runs: Sequence[tuple[str, SpeedRun]],
+    *,
+    progress: Callable[[int, int, str, dict | None], None] | None = None,
+    on_protocol: Callable[[str, SpeedRun], None] | None = None,
+) -> list[dict]:
+    """The rows of every protocol of ``runs`` (from :func:`protocol_runs`), each with its
+    ``protocol``, one after the other (``on_protocol(name, run)`` before each; ``progress`` as in
+    :func:`run_field`, its ``eta_s`` over the whole of ``runs``).
+
+    Each model is built, its BatchNorm randomised and its eager form checked once for every protocol
+    that times it, and exported to ONNX once (:func:`_form_builder`: the export and OpenVINO's model
+    read from it are shared; each protocol compiles its own for its threads and races its own trial,
+    as the fastest runtime at one thread and batch 16 need not be the fastest at batch 1)."""
+    runs = [(name, run.resolved()) for name, run in runs]
+    with _heap_frozen():
+        return _run_protocols(runs, progress, on_protocol)
+
+
+def _run_protocols(
+    runs: list[tuple[str, SpeedRun]],
+    progress: Callable[[int, int, str, dict | None], None] | None,
+    on_protocol: Callable[[str, SpeedRun], None] | None,
+) -> list[dict]:
+    """:func:`run_protocols`' work on resolved runs, the heap frozen."""
+    clock = _Clock(_plan([run for _, run in runs]))
+    kept: dict[str, _Prepared] = {}  # the models a later protocol times too
+    rows: list[dict] = []
+    for k, (protocol, run) in enumerate(runs):
+        later = {m for _, r in runs[k + 1 :] for m in r.models or ()}
+
+        def prepare(name: str, i: int, run: SpeedRun = run, later: set[str] = later) -> tuple[_Prepared, bool]:
+            if name in kept:
+                return kept[name], True
+            p = _prepare(name, run.img_size, i)
+            if name in later:
+                kept[name] = p
+            return p, False
+
+        if on_protocol:
+            on_protocol(protocol, run)
+        rows += [{"protocol": protocol, **r} for r in _run(run, progress, prepare, clock)]
+        for name in set(kept) - later:
+            del kept[name]
+        _release()
+    return rows
 
 
 def _failed_row(name: str, e: NoFormError, run: SpeedRun) -> dict:
@@ -535,10 +771,42 @@ def plot_field(rows: Sequence[dict], path: str | os.PathLike, title: str | None 
     ax.set_xlabel("images / second (measured on this machine, log scale)")
     ax.set_ylabel("ImageNet-1k top-1 % (cited source per model)")
     r0 = pts[0]
+    proto = f", {r0['protocol']} protocol" if r0.get("protocol") else ""
     ax.set_title(
-        title or f"{r0['device']}, {r0['threads']} thread(s), batch {r0['batch']}, fp32, best form", fontsize=10
+        title or f"{r0['device']}, {r0['threads']} thread(s), batch {r0['batch']}, fp32, best form{proto}",
+        fontsize=10,
     )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: no point hidden
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def _by_protocol(rows: Sequence[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        out.setdefault(r.get("protocol") or "", []).append(r)
+    return out
+
+
+def format_protocols(rows: Sequence[dict]) -> str:
+    """:func:`format_field_table` of each protocol's rows (a ``protocol`` column), under its name."""
+    parts = _by_protocol(rows)
+    if len(parts) == 1:
+        return format_field_table(rows)
+    return "\n\n".join(f"== protocol {name} ==\n{format_field_table(rs)}" for name, rs in parts.items())
+
+
+def protocol_plot_path(path: str | os.PathLike, protocol: str) -> Path:
+    """``FILE.png`` -> ``FILE_<protocol>.png``: the picture of one protocol of a run of several."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}_{protocol}{path.suffix}")
+
+
+def plot_protocols(rows: Sequence[dict], path: str | os.PathLike) -> list[Path]:
+    """One Pareto picture per protocol: ``path`` itself where the rows hold one, else
+    :func:`protocol_plot_path` of each (``field.png`` -> ``field_paper.png``, ``field_latency.png``...)."""
+    parts = _by_protocol(rows)
+    if len(parts) == 1:
+        return [plot_field(rows, path)]
+    return [plot_field(rs, protocol_plot_path(path, name)) for name, rs in parts.items()]
