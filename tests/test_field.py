@@ -82,11 +82,14 @@ def test_one_onnx_export_feeds_onnx_runtime_and_openvino(monkeypatch):
     def no_export(*a):
         raise RuntimeError("no ONNX export")
 
+    # without the export, OpenVINO's form comes from levit.deploy's own conversion of the module (its
+    # logits are tests/test_deploy.py's): here only that route is checked, with eager's runner
     monkeypatch.setattr(ort_backend, "onnx_bytes", no_export)
+    monkeypatch.setattr(deploy, "build_runner", lambda m, b, *a, **kw: conversions.append(b) or eager)
     build = _form_builder(eager, x)
     with pytest.raises(RuntimeError, match="no ONNX export"):
         build("onnxruntime")
-    assert relative_error(build("openvino")(xc), want) <= TOLERANCE and conversions == ["openvino"]
+    assert build("openvino") is eager and conversions == ["openvino"]
 
 
 def test_relative_error():
@@ -231,8 +234,9 @@ def test_bench_protocol_all_in_process(capsys, tmp_path, monkeypatch):
     import levit.runtime.deploy as deploy
     from levit.cli import main
 
-    # tiny settings: two runtimes race, and ExecuTorch's lowering (seconds a model, tested with the
-    # runtime) is replaced by the eager runner: what is tested here is the run of every protocol
+    # tiny settings: 64 px models with stand-in top-1 figures (the cited ones hold at 224 px only),
+    # two runtimes race, and ExecuTorch's lowering (seconds a model, tested with the runtime) is
+    # replaced by the eager runner: what is tested here is the run of every protocol
     real_build, built = deploy.build_runner, []
     monkeypatch.setattr(field, "RUNTIMES", ("eager", "onnxruntime"))
     monkeypatch.setattr(
@@ -240,8 +244,12 @@ def test_bench_protocol_all_in_process(capsys, tmp_path, monkeypatch):
     )
     real_prepare = field._prepare
     monkeypatch.setattr(field, "_prepare", lambda name, *a: built.append(name) or real_prepare(name, *a))
-    models = ["levit_128s", "efficientvit_m0"]
-    argv = ["bench", "--suite", "modern", "--protocol", "all", "--models", ",".join(models)]
+    top1 = {"levit_tiny": 71.0, "levit_128s": 76.6}
+    monkeypatch.setattr(
+        field, "_accuracy", lambda name, res: {"top1": top1[name], "top1_source": "stand-in", "timm_top1": None}
+    )
+    models = ["levit_tiny", "levit_128s"]
+    argv = ["bench", "--suite", "modern", "--protocol", "all", "--models", ",".join(models), "--img-size", "64"]
     argv += ["--warmup", "0", "--windows", "1", "--window", "0"]
     assert main([*argv, "--output", str(tmp_path / "r.csv"), "--plot", str(tmp_path / "f.png")]) == 0
     cap = capsys.readouterr()
@@ -251,12 +259,12 @@ def test_bench_protocol_all_in_process(capsys, tmp_path, monkeypatch):
     got = [(r["protocol"], r["model"], r["threads"], r["batch"]) for r in rows]
     cores = str(field.all_cores())
     assert got == [
+        ("paper", "levit_tiny", "1", "16"),
         ("paper", "levit_128s", "1", "16"),
-        ("paper", "efficientvit_m0", "1", "16"),
+        ("latency", "levit_tiny", cores, "1"),
         ("latency", "levit_128s", cores, "1"),
-        ("latency", "efficientvit_m0", cores, "1"),
+        ("executorch", "levit_tiny", "1", "1"),
         ("executorch", "levit_128s", "1", "1"),
-        ("executorch", "efficientvit_m0", "1", "1"),
     ]
     assert all(r["backend"] in ("eager", "onnxruntime") for r in rows[:4])
     assert {r["backend"] for r in rows[4:]} == {"executorch"} and all(r["img_s"] for r in rows)
