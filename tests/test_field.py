@@ -308,6 +308,10 @@ def test_protocol_runs_cover_the_documented_models():
     assert full["latency"].models == ALL_SUBSET_MODELS and full["latency"].batch_sizes == (1,)
     assert full["executorch"].models == ALL_SUBSET_MODELS and len(ALL_SUBSET_MODELS) >= 10
     assert (full["executorch"].backend, full["executorch"].threads) == ("executorch", 1)
+    # shorter rounds where the three run together, unless the flags give them
+    assert [(r.windows, r.window_s) for r in full.values()] == [(4, 1.0), (3, 1.0), (3, 1.0)]
+    given = dict(protocol_runs(SpeedRun(suite="modern", windows=2, window_s=0.0), "all"))
+    assert all((r.windows, r.window_s) == (2, 0.0) for r in given.values())
     quick = dict(protocol_runs(SpeedRun(suite="modern", quick=True), "all"))
     assert all(r.models == ALL_QUICK_MODELS for r in quick.values())
     ((name, one),) = protocol_runs(SpeedRun(suite="modern"), "latency")  # alone: the whole suite

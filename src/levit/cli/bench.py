@@ -82,13 +82,14 @@ def args_bench(p: argparse.ArgumentParser) -> None:
         "--windows",
         type=int,
         default=None,
-        help="timed windows per model (default 5, quick 3); --suite modern: interleaved rounds (default 5, quick 3)",
+        help="timed windows per model (default 5, quick 3); --suite modern: interleaved rounds (default 5, quick 3; "
+        "--protocol all: 4 in the paper's protocol, 3 in the others)",
     )
     p.add_argument(
         "--window",
         type=float,
         default=None,
-        help="seconds per timed window (default 3, quick 1; --suite modern: 1.5, quick 0.5)",
+        help="seconds per timed window (default 3, quick 1; --suite modern: 1.5, quick 0.5; --protocol all: 1)",
     )
     p.add_argument("--output", "-o", type=Path, help="write the rows to FILE.csv or FILE.json")
     p.add_argument(

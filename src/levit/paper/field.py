@@ -507,6 +507,10 @@ ALL_QUICK_MODELS: tuple[str, ...] = (
 )
 
 
+# `--protocol all`: interleaved rounds of 1 s per protocol (where --windows/--window are not given)
+ALL_WINDOWS: dict[str, int] = {"paper": 4, "latency": 3, "executorch": 3}
+
+
 def all_cores() -> int:
     """The CPU cores this process may run on (the latency protocol's threads)."""
     try:
@@ -531,10 +535,17 @@ def protocol_runs(run: SpeedRun, protocol: str) -> list[tuple[str, SpeedRun]]:
     }
     out = []
     for name in PROTOCOLS if protocol == "all" else (protocol,):
-        models = run.models
+        models, timing = run.models, {}
         if models is None and protocol == "all":
             models = ALL_QUICK_MODELS if run.quick else (None if name == "paper" else ALL_SUBSET_MODELS)
-        out.append((name, replace(run, suite="modern", models=models, **settings[name]).resolved()))
+        if protocol == "all" and not run.quick:
+            # shorter rounds than one protocol's (5 of 1.5 s) so that the three fit 15 minutes; a
+            # window of 1 s still holds 40 and more calls of the slowest model at batch 16
+            timing = {
+                "windows": ALL_WINDOWS[name] if run.windows is None else run.windows,
+                "window_s": 1.0 if run.window_s is None else run.window_s,
+            }
+        out.append((name, replace(run, suite="modern", models=models, **settings[name], **timing).resolved()))
     return out
 
 
