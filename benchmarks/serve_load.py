@@ -23,6 +23,14 @@ below on Ray Serve.
     python benchmarks/serve_load.py --backend openvino --threads 2 --max-batch-size 32 --max-wait-ms 10
     python benchmarks/serve_load.py --gc-cost            # what a full garbage collection costs a loaded server
     python benchmarks/serve_load.py --reload-every 10 --clients 64   # a new model version every 10 s under load
+    python benchmarks/serve_load.py --overload 1000 --duration 60   # 1000 clients: 429s, p99, memory, recovery
+    python benchmarks/serve_load.py --slowloris 200      # 200 trickled request heads; a 1 MB head
+    python benchmarks/serve_load.py --huge-images 20     # 20 49-megapixel PNGs at once among 8 clients
+
+The three fault modes (``--overload``, ``--slowloris``, ``--huge-images``) each start their own server
+(random weights, the default backend) and print one result line and one ``target: ... met|MISSED``
+line; with ``--short`` they take seconds (fewer clients, shorter phases, a 2 s header timeout), which
+checks the script, not the server.
 
 The load generator shares the machine with the server; each run prints the CPU milliseconds per
 request of both (the server's with its child processes), so the cost of serving is visible apart
@@ -49,6 +57,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -214,7 +223,10 @@ class Server:
             return self.proc.wait()
 
 
-def start_server(engine: str, ckpt: Path, args: argparse.Namespace, logdir: Path) -> Server:
+def start_server(
+    engine: str, ckpt: Path, args: argparse.Namespace, logdir: Path, extra: tuple[str, ...] = ()
+) -> Server:
+    """``levit serve`` with the benchmark's flags and ``extra`` ones, once ``/ready`` answers 200."""
     import httpx
 
     port = free_port()
@@ -227,6 +239,9 @@ def start_server(engine: str, ckpt: Path, args: argparse.Namespace, logdir: Path
         cmd += ["--lanes", str(args.lanes)]
     if engine == "ray":
         cmd += ["--ray", "--replicas", "1", "--replica-cpus", str(os.cpu_count() or 1)]
+    if args.max_queue:
+        cmd += ["--max-queue", str(args.max_queue)]
+    cmd += extra
     log = logdir / f"server-{engine}.log"
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("w"))
@@ -601,13 +616,454 @@ def reload_under_load(ckpt: Path, jpegs: list[bytes], args: argparse.Namespace, 
     )
 
 
-def _machine() -> str:
+# ---- the fault targets at full size: overload, slow request heads, huge images ------------------------
+class RssPeak:
+    """The peak resident memory of a process and its children (VmRSS summed), sampled every 0.2 s on a
+    thread, so that a phase's peak is its own (the kernel's VmHWM only ever grows, and counts one process)."""
+
+    def __init__(self, pid: int, every_s: float = 0.2) -> None:
+        import threading
+
+        self.pid, self.every_s = pid, every_s
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def now_mb(self) -> float:
+        import psutil
+
+        total = 0
+        with contextlib.suppress(psutil.Error):
+            p = psutil.Process(self.pid)
+            for q in [p, *p.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    total += q.memory_info().rss
+        return total / 2**20
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.peak_mb = max(self.peak_mb, self.now_mb())
+
+    def take(self) -> float:
+        """The peak since the last call (or the start), MB; starts a new one."""
+        peak, self.peak_mb = max(self.peak_mb, self.now_mb()), 0.0
+        return peak
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def vm_hwm_mb(pid: int) -> float:
+    """The kernel's high-water mark of a process's resident memory (``VmHWM``), MB; nan if unreadable."""
+    with contextlib.suppress(OSError, AttributeError):
+        return int(re.search(r"VmHWM:\s*(\d+) kB", Path(f"/proc/{pid}/status").read_text()).group(1)) / 1024
+    return float("nan")
+
+
+def raise_open_files() -> None:
+    """Raise this process's soft limit of open files to the hard one: a thousand clients are a thousand
+    sockets here, and the server started from here inherits the limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+@dataclass
+class Tally:
+    """What the classify requests of one phase got."""
+
+    latencies: list[float] = field(default_factory=list)  # answered 200: seconds from sending to the answer
+    shed: int = 0  # answered 429 (each retried after its Retry-After)
+    timeouts: int = 0  # no answer within the client's timeout
+    conn_errors: int = 0  # the connection refused, reset or closed without an answer
+    other: collections.Counter = field(default_factory=collections.Counter)  # any other status: count
+    seconds: float = 0.0
+    client_cpu_s: float = 0.0  # this load generator's CPU seconds in the phase
+
+    def pct_ms(self, p: float) -> float:
+        lat = sorted(self.latencies)
+        return lat[min(len(lat) - 1, int(p / 100 * len(lat)))] * 1e3 if lat else float("nan")
+
+    @property
+    def errors(self) -> int:
+        """Requests that got neither 200 nor 429."""
+        return self.timeouts + self.conn_errors + sum(self.other.values())
+
+    @property
+    def rps(self) -> float:
+        return len(self.latencies) / self.seconds if self.seconds else 0.0
+
+    @property
+    def requests(self) -> int:
+        return len(self.latencies) + self.shed + self.errors
+
+
+async def _classify_client(
+    c: Any, url: str, jpegs: list[bytes], i: int, step: int, stop: asyncio.Event, tally: Tally
+) -> None:
+    """One client sending its next JPEG as soon as the last is answered, until ``stop``; a 429 is shed
+    load: the client waits the ``Retry-After`` it was given (0.1 s without one) and goes on."""
+    import aiohttp
+
+    while not stop.is_set():
+        body = jpegs[i % len(jpegs)]
+        i += step
+        t = time.perf_counter()
+        try:
+            async with c.post(url + "/v1/classify", data=body, headers={"content-type": "image/jpeg"}) as r:
+                await r.read()
+                status, retry = r.status, r.headers.get("retry-after")
+        except TimeoutError:  # before OSError: a TimeoutError is one
+            tally.timeouts += 1
+            continue
+        except (aiohttp.ClientError, OSError):
+            tally.conn_errors += 1
+            continue
+        if status == 200:
+            tally.latencies.append(time.perf_counter() - t)
+        elif status == 429:
+            tally.shed += 1
+            wait = float(retry) if retry else 0.1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), wait)
+        else:
+            tally.other[status] += 1
+
+
+def _session(timeout_s: float = 60.0) -> Any:
+    """An aiohttp session without a connection limit (``limit=0``): every client its own connection."""
+    import aiohttp
+
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=timeout_s)
+    )
+
+
+async def _classify_phase(url: str, jpegs: list[bytes], clients: int, seconds: float, timeout_s: float = 60.0) -> Tally:
+    """``clients`` clients (:func:`_classify_client`) for ``seconds``; each finishes the request it has
+    in flight, which counts."""
+    import psutil
+
+    me, tally = psutil.Process(), Tally()
+    c0, t0 = sum(me.cpu_times()[:2]), time.perf_counter()
+    stop = asyncio.Event()
+    async with _session(timeout_s) as c:
+        tasks = [
+            asyncio.ensure_future(_classify_client(c, url, jpegs, i, clients, stop, tally)) for i in range(clients)
+        ]
+        await asyncio.sleep(seconds)
+        stop.set()
+        await asyncio.gather(*tasks)
+    tally.seconds = time.perf_counter() - t0
+    tally.client_cpu_s = sum(me.cpu_times()[:2]) - c0
+    return tally
+
+
+def overload(ckpt: Path, jpegs: list[bytes], args: argparse.Namespace, logdir: Path) -> None:
+    """The overload target: ``--overload N`` clients (each sending its next request as soon as it has
+    an answer) for ``--duration`` s, between a normal load before (64 clients, 20 s: the baseline p99
+    and peak RSS) and after (64 clients, 10 s). The server must shed what it cannot take with 429s
+    (not timeouts or dropped connections), keep the p99 of what it accepts within 2x the baseline's
+    and its peak memory within +10% of the baseline's, and answer normally once the load drops."""
+    n, normal = args.overload, 64
+    base_s, over_s, after_s = (20.0, args.duration, 10.0) if not args.short else (3.0, 5.0, 2.0)
+    if args.short:
+        n, normal = min(n, 400), 16  # past the default queue (256 on 2 cores), so 429s are seen
+    machine = _machine(" before the run")
+    srv = start_server("plain", ckpt, args, logdir)
+    rss = RssPeak(srv.proc.pid)
+    try:
+        asyncio.run(_classify_phase(srv.url, jpegs, 8, 1.0))  # warm-up, not kept
+        rss.take()
+        s0 = srv.cpu_s()
+        base = asyncio.run(_classify_phase(srv.url, jpegs, normal, base_s))
+        base_rss, s1 = rss.take(), srv.cpu_s()
+        over = asyncio.run(_classify_phase(srv.url, jpegs, n, over_s))
+        over_rss, s2 = rss.take(), srv.cpu_s()
+        after = asyncio.run(_classify_phase(srv.url, jpegs, normal, after_s))
+        hwm = vm_hwm_mb(srv.proc.pid)
+    finally:
+        rss.close()
+        code = srv.stop()
+    ratio = over.pct_ms(99) / base.pct_ms(99)
+    rss_pct = (over_rss / base_rss - 1) * 100
+    print(f"\n$ python benchmarks/serve_load.py {' '.join(sys.argv[1:])}")
+    print(
+        f"overload {n} clients, {over.seconds:.0f} s ({machine}; model {args.model}, backend {args.backend}, "
+        f"--max-queue {args.max_queue or 'default'}): {over.rps:.1f} req/s accepted ({len(over.latencies)}), "
+        f"{over.shed} 429s, {over.timeouts} timeouts, {over.conn_errors} connection errors, "
+        f"{sum(over.other.values())} other errors {dict(over.other)}; accepted p50 {over.pct_ms(50):.0f} ms, "
+        f"p99 {over.pct_ms(99):.0f} ms vs the baseline's ({normal} clients, {base.seconds:.0f} s, "
+        f"{base.rps:.1f} req/s) {base.pct_ms(99):.0f} ms = {ratio:.2f}x; peak RSS {over_rss:.0f} MB vs the "
+        f"baseline's {base_rss:.0f} MB ({rss_pct:+.1f}%; VmHWM {hwm:.0f} MB); after the load drops ({normal} clients, "
+        f"{after.seconds:.0f} s): {len(after.latencies)} answered, {after.shed} 429s, {after.errors} errors, "
+        f"p99 {after.pct_ms(99):.0f} ms; CPU s: server {s1 - s0:.1f} baseline, {s2 - s1:.1f} overload; load "
+        f"generator {base.client_cpu_s:.1f} baseline, {over.client_cpu_s:.1f} overload "
+        f"({over.client_cpu_s / max(1, over.requests) * 1e3:.2f} ms per request, 429s included); exit {code}"
+    )
+    missed = [
+        what
+        for what, ok in (
+            (f"{over.timeouts + over.conn_errors} timeouts/connection errors", over.timeouts + over.conn_errors == 0),
+            (f"{sum(over.other.values())} other errors", not over.other),
+            (f"p99 {ratio:.2f}x", ratio <= 2.0),
+            (f"peak RSS {rss_pct:+.1f}%", rss_pct <= 10.0),
+            (f"{after.errors + after.shed} errors after", after.errors + after.shed == 0),
+        )
+        if not ok
+    ]
+    print(
+        "target: 429s, not timeouts (0 timeouts, connection or other errors), accepted p99 <= 2x the baseline's, "
+        f"peak RSS <= baseline +10%, 0 errors once the load drops: {'met' if not missed else 'MISSED'}"
+        + (f" ({', '.join(missed)})" if missed else "")
+    )
+
+
+async def _slow_head(url: str, stop: asyncio.Event, cap_s: float, out: list[tuple[float | None, str]]) -> None:
+    """Connections that send a request head one header line a second and never finish it, one after
+    the other until ``stop`` (the one open then is followed to its end): for each, (seconds from
+    opening to the server closing it, or None if it was still open after ``cap_s``; what it got)."""
+    host, port = url.removeprefix("http://").split(":")
+    while not stop.is_set():
+        t0 = time.perf_counter()
+        try:
+            reader, writer = await asyncio.open_connection(host, int(port))
+        except OSError as e:
+            out.append((None, f"connect: {type(e).__name__}"))
+            await asyncio.sleep(1.0)
+            continue
+        writer.write(f"POST /v1/classify HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/jpeg\r\n".encode())
+        got, closed, answer, k = "nothing", None, b"", 0
+        while time.perf_counter() - t0 < cap_s:
+            try:
+                data = await asyncio.wait_for(reader.read(4096), 1.0)
+            except TimeoutError:  # a second without an answer: the next header line
+                k += 1
+                writer.write(f"X-Slow-{k}: {k}\r\n".encode())
+                try:
+                    await writer.drain()
+                except OSError as e:
+                    closed, got = time.perf_counter() - t0, type(e).__name__
+                    break
+                continue
+            except OSError as e:
+                closed, got = time.perf_counter() - t0, type(e).__name__
+                break
+            if not data:  # the server closed it
+                closed = time.perf_counter() - t0
+                got = answer.split(b" ", 2)[1].decode() if answer.startswith(b"HTTP/") else "closed, no answer"
+                break
+            answer += data
+        out.append((closed, got))
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def _large_head(url: str, size: int = 2**20) -> str:
+    """The status line's code a request head of ``size`` bytes of headers gets (the head is sent while
+    the answer is read, since the server may answer and close before it has all of it)."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    line = b"X-Padding-%06d: " + b"a" * 1000 + b"\r\n"
+    head = [f"GET /health HTTP/1.1\r\nHost: {host}\r\n".encode()]
+    for i in range(size // len(line % 0) + 1):
+        head.append(line % i)
+    head.append(b"\r\n")
+
+    async def send() -> None:
+        with contextlib.suppress(OSError):
+            writer.write(b"".join(head))
+            await writer.drain()
+
+    sending = asyncio.ensure_future(send())
+    answer = b""
+    try:
+        while data := await asyncio.wait_for(reader.read(65536), 30):
+            answer += data
+    except (OSError, TimeoutError) as e:
+        if not answer:
+            return type(e).__name__
+    finally:
+        sending.cancel()
+        writer.close()
+    return answer.split(b" ", 2)[1].decode() if answer.startswith(b"HTTP/") else "closed, no answer"
+
+
+def slowloris(ckpt: Path, jpegs: list[bytes], args: argparse.Namespace, logdir: Path) -> None:
+    """The slow-client target: ``--slowloris N`` connections that trickle a request head (one header
+    line a second, never finished; each reconnects once closed) for ``--duration`` s while 8 good
+    clients run. Every such connection must be closed within ``--header-timeout`` + 1 s of opening;
+    the good clients' p99 is compared with a baseline of 8 clients alone; and one request with 1 MB of
+    headers must get 431."""
+    n, good = args.slowloris, 8
+    timeout = args.header_timeout or 10.0  # levit serve's default
+    base_s, attack_s = (15.0, args.duration) if not args.short else (3.0, 3.0)
+    if args.short:
+        n = min(n, 20)
+    machine = _machine(" before the run")
+    srv = start_server("plain", ckpt, args, logdir, extra=("--header-timeout", f"{timeout:g}"))
+
+    async def attack() -> Tally:
+        import psutil
+
+        me, tally, stop, done = psutil.Process(), Tally(), asyncio.Event(), asyncio.Event()
+        c0, t0 = sum(me.cpu_times()[:2]), time.perf_counter()
+        slow = [asyncio.ensure_future(_slow_head(srv.url, stop, timeout + 5.0, closes)) for _ in range(n)]
+        async with _session() as c:
+            # the good clients run until every slow connection has ended, so each of their requests met the attack
+            tasks = [
+                asyncio.ensure_future(_classify_client(c, srv.url, jpegs, i, good, done, tally)) for i in range(good)
+            ]
+            await asyncio.sleep(attack_s)
+            stop.set()
+            await asyncio.gather(*slow)
+            done.set()
+            await asyncio.gather(*tasks)
+        tally.seconds = time.perf_counter() - t0
+        tally.client_cpu_s = sum(me.cpu_times()[:2]) - c0
+        return tally
+
+    closes: list[tuple[float | None, str]] = []
+    try:
+        asyncio.run(_classify_phase(srv.url, jpegs, good, 1.0))  # warm-up, not kept
+        base = asyncio.run(_classify_phase(srv.url, jpegs, good, base_s))
+        under = asyncio.run(attack())
+        large = asyncio.run(_large_head(srv.url))
+        alive = asyncio.run(_classify_phase(srv.url, jpegs, 1, 0.5))  # the server still answers
+    finally:
+        code = srv.stop()
+    closed = [t for t, _ in closes if t is not None]
+    in_time = sum(t <= timeout + 1.0 for t in closed)
+    got = collections.Counter(g for _, g in closes)
+    ratio = under.pct_ms(99) / base.pct_ms(99)
+    print(f"\n$ python benchmarks/serve_load.py {' '.join(sys.argv[1:])}")
+    print(
+        f"slowloris {n} connections trickling a request head for {attack_s:.0f} s, --header-timeout {timeout:g} "
+        f"({machine}; model {args.model}, backend {args.backend}): {len(closes)} opened, {len(closed)} closed by "
+        f"the server, {in_time} within {timeout + 1:g} s, after {min(closed, default=float('nan')):.1f}-"
+        f"{max(closed, default=float('nan')):.1f} s (max); they got {dict(got)}; {good} good clients: p99 "
+        f"{under.pct_ms(99):.0f} ms ({under.rps:.1f} req/s, {under.errors} errors, {under.shed} 429s) vs "
+        f"{base.pct_ms(99):.0f} ms without the attack ({base.rps:.1f} req/s) = {ratio:.2f}x; a 1 MB request head: "
+        f"{large}; answering after: {len(alive.latencies)} ok, {alive.errors} errors; load generator CPU "
+        f"{under.client_cpu_s:.1f} s; exit {code}"
+    )
+    missed = [
+        w
+        for w, ok in (
+            (f"{len(closes) - in_time} of {len(closes)} not closed in time", in_time == len(closes)),
+            (f"1 MB head got {large}", large == "431"),
+        )
+        if not ok
+    ]
+    print(
+        f"target: every trickling connection closed within --header-timeout + 1 s = {timeout + 1:g} s, a 1 MB "
+        f"request head answered 431: {'met' if not missed else 'MISSED'}"
+        + (f" ({', '.join(missed)})" if missed else "")
+    )
+
+
+def huge_png(side: int = 7000) -> bytes:
+    """A ``side`` x ``side`` RGB PNG that compresses about 1000:1 (every row the same colour gradient,
+    Pillow's default compression): 49 megapixels, 147 MB decoded, ~160 KB sent."""
+    from PIL import Image
+
+    row = np.linspace(0, 255, side).astype(np.uint8)
+    pixels = np.broadcast_to(np.stack([row, row[::-1], row], -1)[None], (side, side, 3))
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def huge_images(ckpt: Path, jpegs: list[bytes], args: argparse.Namespace, logdir: Path) -> None:
+    """The huge-image target: ``--huge-images N`` 49-megapixel PNGs (7000 x 7000, ~160 KB each) sent at
+    once while 8 good clients run: the good clients' p99 while they are served, against a baseline of
+    the 8 alone (target: within 3x), and what the huge requests got (statuses, latencies)."""
+    import aiohttp
+
+    n, good = args.huge_images, 8
+    base_s = 15.0 if not args.short else 3.0
+    if args.short:
+        n = min(n, 2)
+    png = huge_png()
+    machine = _machine(" before the run")
+    srv = start_server("plain", ckpt, args, logdir)
+    rss = RssPeak(srv.proc.pid)
+
+    async def huge(c: Any, got: list[tuple[int | str, float]]) -> None:
+        t = time.perf_counter()
+        try:
+            async with c.post(srv.url + "/v1/classify", data=png, headers={"content-type": "image/png"}) as r:
+                await r.read()
+                status: int | str = r.status
+        except (aiohttp.ClientError, OSError) as e:  # a TimeoutError is an OSError
+            status = type(e).__name__
+        got.append((status, time.perf_counter() - t))
+
+    async def with_huge(got: list[tuple[int | str, float]]) -> Tally:
+        import psutil
+
+        me, tally, done = psutil.Process(), Tally(), asyncio.Event()
+        c0, t0 = sum(me.cpu_times()[:2]), time.perf_counter()
+        async with _session(300.0) as c:
+            # the good clients run from the moment the huge images are sent until the last is answered
+            tasks = [
+                asyncio.ensure_future(_classify_client(c, srv.url, jpegs, i, good, done, tally)) for i in range(good)
+            ]
+            await asyncio.gather(*(huge(c, got) for _ in range(n)))
+            done.set()
+            await asyncio.gather(*tasks)
+        tally.seconds = time.perf_counter() - t0
+        tally.client_cpu_s = sum(me.cpu_times()[:2]) - c0
+        return tally
+
+    got: list[tuple[int | str, float]] = []
+    try:
+        asyncio.run(_classify_phase(srv.url, jpegs, good, 1.0))  # warm-up, not kept
+        rss.take()
+        base = asyncio.run(_classify_phase(srv.url, jpegs, good, base_s))
+        base_rss = rss.take()
+        under = asyncio.run(with_huge(got))
+        huge_rss = rss.take()
+    finally:
+        rss.close()
+        code = srv.stop()
+    ratio = under.pct_ms(99) / base.pct_ms(99)
+    statuses = collections.Counter(s for s, _ in got)
+    secs = sorted(t for _, t in got)
+    print(f"\n$ python benchmarks/serve_load.py {' '.join(sys.argv[1:])}")
+    print(
+        f"huge images: {n} PNGs of 7000x7000 ({len(png) / 1e3:.0f} KB each) at once with {good} good clients "
+        f"({machine}; model {args.model}, backend {args.backend}): the huge got {dict(statuses)} in "
+        f"{secs[0]:.1f}/{secs[len(secs) // 2]:.1f}/{secs[-1]:.1f} s (min/median/max); good clients p99 "
+        f"{under.pct_ms(99):.0f} ms, p50 {under.pct_ms(50):.0f} ms ({len(under.latencies)} answered in "
+        f"{under.seconds:.1f} s, {under.errors} errors) vs {base.pct_ms(99):.0f} ms, p50 {base.pct_ms(50):.0f} ms "
+        f"without them ({base.rps:.1f} req/s) = {ratio:.2f}x; peak RSS {huge_rss:.0f} MB vs {base_rss:.0f} MB; "
+        f"load generator CPU {under.client_cpu_s:.1f} s; exit {code}"
+    )
+    missed = [
+        w for w, ok in ((f"p99 {ratio:.2f}x", ratio <= 3.0), (f"{under.errors} errors", not under.errors)) if not ok
+    ]
+    print(
+        f"target: the good clients' p99 within 3x of theirs without the huge images (and no errors): "
+        f"{'met' if not missed else 'MISSED'}" + (f" ({', '.join(missed)})" if missed else "")
+    )
+
+
+def _machine(when: str = "") -> str:
+    """The CPU, its count, the 1-minute load average (``when``: a note after it) and torch's version."""
     import torch
 
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError, AttributeError):
         cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text()).group(1)
-    return f"machine: {cpu}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}"
+    return (
+        f"machine: {cpu}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}{when}; torch {torch.__version__}"
+    )
 
 
 def print_report(results: list[dict], ceiling: dict, args: argparse.Namespace) -> None:
@@ -722,7 +1178,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", default="480x360")
     p.add_argument("--health-requests", type=int, default=300)
     p.add_argument("--no-mixed", action="store_true", help="skip the bad-request and disconnect runs")
-    p.add_argument("--short", action="store_true", help="200 requests / 20 s per run, 32 JPEGs")
+    p.add_argument(
+        "--short",
+        action="store_true",
+        help="200 requests / 20 s per run, 32 JPEGs; the fault modes: a few seconds each, fewer clients",
+    )
     p.add_argument(
         "--gc-cost",
         action="store_true",
@@ -736,7 +1196,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="only hot reload under load: the checkpoint loaded again every S s during --duration s of the "
         "largest --clients; failed requests and answers from a version not serving while in flight",
     )
+    p.add_argument(
+        "--overload",
+        type=int,
+        nargs="?",
+        const=1000,
+        default=None,
+        metavar="N",
+        help="only the overload target: N clients (default 1000) for --duration s between 64 "
+        "clients before (20 s, the baseline) and after (10 s): accepted req/s, 429s, timeouts and connection "
+        "errors, accepted p99 vs the baseline's, peak RSS vs the baseline's, errors once the load drops",
+    )
+    p.add_argument(
+        "--slowloris",
+        type=int,
+        nargs="?",
+        const=200,
+        default=None,
+        metavar="N",
+        help="only the slow-client target: N connections (default 200) trickling a request head (a header line a second) "
+        "for --duration s while 8 clients classify: when the server closes them vs --header-timeout, the 8 "
+        "clients' p99 vs without the attack; and a 1 MB request head (431)",
+    )
+    p.add_argument(
+        "--huge-images",
+        type=int,
+        nargs="?",
+        const=20,
+        default=None,
+        metavar="N",
+        help="only the huge-image target: N (default 20) 7000x7000 PNGs at once while 8 clients classify: the 8 clients' "
+        "p99 vs without them, what the huge requests got",
+    )
+    p.add_argument("--max-queue", type=int, default=None, help="levit serve --max-queue (default: the server's)")
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=None,
+        help="--slowloris: levit serve --header-timeout (default: the server's, 10 s; --short: 2 s)",
+    )
     args = p.parse_args(argv)
+    if args.short and args.header_timeout is None:
+        args.header_timeout = 2.0
     if args.short:
         args.requests, args.duration, args.images, args.health_requests = 200, 20.0, 32, 100
         args.rounds, args.startup_rounds = 3, 1
@@ -766,6 +1267,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.reload_every:
             reload_under_load(ckpt, jpegs, args, Path(d))
+            return 0
+        faults = {"overload": overload, "slowloris": slowloris, "huge_images": huge_images}
+        if any(getattr(args, k) for k in faults):
+            raise_open_files()
+            for k, mode in faults.items():
+                if getattr(args, k):
+                    mode(ckpt, jpegs, args, Path(d))
             return 0
         ceiling = Ceiling(ckpt, jpegs, args.backend, args.threads, args.max_batch_size, args.lanes)
         results = [bench_engine(e, ckpt, jpegs, args, Path(d), ceiling) for e in args.engine.split(",")]
