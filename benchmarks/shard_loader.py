@@ -9,12 +9,16 @@ model, so only the reading differs.
 
 The digits are written as an ImageFolder and as shards (`levit.data.shards.write_shards`, 200 samples
 a shard) in a temporary folder; each round times one epoch of each loader in turn (alternating, so a
-busy machine weighs on both alike); reported: the median seconds of each and their ratio.
+busy machine weighs on both alike, and each loader first every other round); reported: the median
+seconds of each, their ratio, the cost of reading one tar member (the training shards read through
+with `levit.data.shards.tar_members`, and with `tarfile` as webdataset reads them) and the machine's
+load average (1 minute) before and after the rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -22,7 +26,7 @@ from pathlib import Path
 
 from levit.data.datasets import build_loaders
 from levit.data.digits import make_digits_folder
-from levit.data.shards import build_shard_loaders, write_shards
+from levit.data.shards import assign, build_shard_loaders, read_index, tar_members, write_shards
 from levit.train.recipe import resolve_config
 
 
@@ -33,6 +37,28 @@ def epoch_seconds(data, epoch: int) -> tuple[float, int]:
     for images, _, _ in data.train_loader:
         n += images.shape[0]
     return time.perf_counter() - start, n
+
+
+def member_microseconds(shards: list[Path], reader: str) -> float:
+    """Microseconds to read one member of ``shards`` (median of 5 passes over all of them), with
+    ``tar_members`` or with ``tarfile`` as webdataset streams a tar."""
+    import tarfile
+
+    def members(path: Path):
+        if reader == "tar_members":
+            yield from tar_members(path)
+            return
+        with tarfile.open(path, "r|*") as tar:
+            for m in tar:
+                if m.isreg():
+                    yield m.name, tar.extractfile(m).read()
+
+    passes = []
+    for _ in range(5):
+        start = time.perf_counter()
+        n = sum(1 for path in shards for _ in members(path))
+        passes.append((time.perf_counter() - start) / n * 1e6)
+    return statistics.median(passes)
 
 
 def write_photos(root: Path, n: int, classes: int = 10) -> Path:
@@ -74,14 +100,29 @@ def main() -> None:
             )
         }
         times: dict[str, list[float]] = {kind: [] for kind in loaders}
+        images: dict[str, int] = {}
+        load = os.getloadavg()[0]
         for r in range(args.rounds):
-            for kind, data in loaders.items():
-                seconds, n = epoch_seconds(data, r)
+            # alternating, and each loader first every other round: neither is always the one timed
+            # after the other's worker processes exit
+            for kind, data in list(loaders.items())[:: 1 if r % 2 == 0 else -1]:
+                seconds, images[kind] = epoch_seconds(data, r)
                 times[kind].append(seconds)
+        loads = f"{load:.2f} before, {os.getloadavg()[0]:.2f} after ({os.cpu_count()} cores)"
         for kind, ts in times.items():
-            print(f"{kind:12s} {statistics.median(ts):.3f} s/epoch ({n} images/epoch, median of {args.rounds})")
+            print(
+                f"{kind:12s} {statistics.median(ts):.3f} s/epoch ({images[kind]} images/epoch, median of {args.rounds})"
+            )
         ratio = statistics.median(times["shards"]) / statistics.median(times["imagefolder"])
         print(f"shards / imagefolder: {ratio:.2f}")
+        if args.workers > 1:  # a worker reads whole shards: the one with the most samples ends the epoch
+            split = read_index(Path(tmp) / "shards").splits["train"]
+            per = [sum(n for _, n in assign(split, 0, 1, w, args.workers)) for w in range(args.workers)]
+            print(f"training samples per loader worker: {', '.join(map(str, per))}")
+        shards = sorted((Path(tmp) / "shards" / "train").glob("*.tar"))
+        costs = {reader: member_microseconds(shards, reader) for reader in ("tarfile", "tar_members")}
+        print("one tar member: " + ", ".join(f"{reader} {us:.1f} us" for reader, us in costs.items()))
+        print(f"load average (1 min) of the rounds: {loads}")
 
 
 if __name__ == "__main__":

@@ -7,23 +7,29 @@ shards are listed once (tar headers only) and the classes are numbered.
 
 :func:`write_shards` writes such a folder from an ImageFolder (``levit data shard``).
 :class:`ShardStream` reads one split for one process: the process's shards (``r, r + W, ...`` of the
-sorted list), split again among its loader workers, so no sample is read twice in an epoch; reading is
-webdataset's (``tarfile_to_samples``, ``shuffle``), decoding and augmentation the same as for an
-ImageFolder (:func:`levit.data.images.open_rgb`, the recipe's transform, seeded per sample). A sample
+sorted list), split again among its loader workers, so no sample is read twice in an epoch; the tars
+are read by :func:`tar_members`, their members grouped into samples and shuffled by webdataset
+(``group_by_keys``, ``shuffle``); decoding and augmentation are the same as for an ImageFolder
+(:func:`levit.data.images.open_rgb`, the recipe's transform, seeded per sample). A sample
 that cannot be read, decoded or augmented is skipped and reported as ``(shard:key, reason)``, like a
 corrupt file in :class:`levit.data.datasets.SafeImageFolder`.
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import json
+import lzma
 import os
 import random
+import re
 import tarfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -44,7 +50,7 @@ __all__ = [
     "batches_taken",
 ]
 __all__ += ["build_shard_loaders", "expand_pattern", "index_shards", "is_pattern", "is_shard_folder", "pattern_index"]
-__all__ += ["read_index", "write_shards"]
+__all__ += ["ShardFormatError", "read_index", "tar_members", "write_shards"]
 
 #: the file beside ``train/`` and ``val/`` naming the classes and the samples of every shard
 INDEX_NAME = "levit-shards.json"
@@ -77,6 +83,184 @@ def _count_samples(shard: Path) -> tuple[int, set[int]]:
                 data = tar.extractfile(member)
                 classes.add(int(data.read().decode().strip()) if data else 0)
     return n, classes
+
+
+class ShardFormatError(ValueError):
+    """A shard that is not a readable tar from some byte on: a header whose checksum is wrong, a
+    member cut short, a number or extended header that does not parse, a sparse member."""
+
+
+#: a tar block: every header is one, and every member's data is padded to a whole number of them
+_BLOCK = 512
+_ZERO_BLOCK = bytes(_BLOCK)
+#: member types whose data is the file itself (``tarfile``'s ``REGULAR_TYPES`` less GNU sparse files)
+_REGULAR = (b"0", b"\0", b"7")
+#: member types with no data after their header whatever their size field says (links, devices,
+#: directories, fifos); the data of any other type is skipped, as ``tarfile`` does
+_NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")
+#: headers that describe the member after them: pax extended (``x``, Solaris ``X``) and global
+#: (``g``) records, GNU long name (``L``) and long link name (``K``)
+_EXTENSIONS = (b"x", b"X", b"g", b"L", b"K")
+#: names webdataset leaves out of samples (``__key__``-like metadata members)
+_META = re.compile(r"__[^/]*__($|/)")
+
+
+def _text(field: bytes) -> str:
+    """A header's text field: up to its first NUL, decoded as ``tarfile`` decodes names (UTF-8)."""
+    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _number(field: bytes, at: int) -> int:
+    """A header's number field: octal text, or GNU's base-256 (first byte 0x80, or 0xff when negative)
+    for values too large for it."""
+    if field[0] in (0x80, 0xFF):
+        n = int.from_bytes(field[1:], "big")
+        return n - 256 ** (len(field) - 1) if field[0] == 0xFF else n
+    try:
+        return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        raise ShardFormatError(f"header at byte {at}: {field!r} is not a number") from None
+
+
+#: one pax record's length and keyword (``tarfile``'s pattern)
+_PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")
+
+
+def _pax_records(data: bytes, at: int) -> dict[str, str]:
+    """The ``keyword=value`` records of a pax extended header, ``b"%d %s=%s\\n"`` each, the length
+    counting the whole record (``tarfile``'s parse: it stops at the first text that is not one)."""
+    records, pos = {}, 0
+    while match := _PAX_RECORD.match(data, pos):
+        length = int(match[1])
+        if length == 0:
+            raise ShardFormatError(f"pax header at byte {at}: a record of length 0")
+        value = data[match.end(2) + 1 : match.start(1) + length - 1]
+        records[match[2].decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return records
+
+
+def _decompressing(raw: BinaryIO) -> BinaryIO:
+    """``raw`` decompressed on the fly when it starts as a gzip, bzip2 or xz stream (the test of
+    ``tarfile``'s ``"r|*"``, which webdataset opens shards with), else ``raw`` itself."""
+    head = raw.peek(10)[:10]
+    if head.startswith(b"\x1f\x8b\x08"):
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if head[:3] == b"BZh" and head[4:10] == b"1AY&SY":
+        return bz2.BZ2File(raw)
+    if head.startswith((b"\x5d\x00\x00\x80", b"\xfd7zXZ")):
+        return lzma.LZMAFile(raw)
+    return raw
+
+
+def _apply_pax(records: dict[str, str], name: str, size: int) -> tuple[str, int]:
+    """A member's name and size after pax records (``path``, trailing slashes dropped; ``size``, 0
+    when it does not parse), as ``tarfile`` applies them."""
+    if "size" in records:
+        try:
+            size = int(records["size"])
+        except ValueError:
+            size = 0
+    return (records["path"].rstrip("/") if "path" in records else name), size
+
+
+def tar_members(path: str | os.PathLike) -> Iterator[tuple[str, bytes]]:
+    """The regular files of tar ``path`` in order, ``(name, data)``, named as ``tarfile`` names them
+    (a ustar name with its prefix, pax ``path`` and ``size`` records, extended and global, GNU long
+    names); links, directories, devices and metadata headers are passed over. One sequential pass
+    through a 1 MiB buffer (a header read is a copy out of memory, and memory stays bounded however
+    large the shard), without ``tarfile``: the Python objects it builds for every member (two a
+    sample) cost more than an ImageFolder's file open when the images are small, which made shards
+    slower than the folder they were written from; a header parsed here costs a small part of that
+    (docs/training.md, "Sharded data", has the measured costs).
+
+    Every header's checksum is verified (the unsigned or the signed sum, as ``tarfile`` accepts); a
+    wrong one, a member cut short, a number that does not parse or a sparse member raises
+    :class:`ShardFormatError` after the members before it: where the next header starts cannot be
+    known, so the rest of the shard is unreadable. The archive ends at a zero block or at the end of
+    the file where a header would start (``tarfile`` accepts both)."""
+    with open(path, "rb", buffering=1 << 20) as raw, _decompressing(raw) as f:
+        global_records: dict[str, str] = {}  # pax ``g`` records: for every member after them
+        chain: list[str | dict[str, str]] = []  # the extension headers before a member: L names, x records
+        at = 0  # the offset of the header read (uncompressed), for the messages
+        while True:
+            header = f.read(_BLOCK)
+            if not header or header == _ZERO_BLOCK:
+                if chain:
+                    raise ShardFormatError(f"the archive ends at byte {at}, after an extension header")
+                return
+            if len(header) < _BLOCK:
+                raise ShardFormatError(f"truncated header at byte {at}")
+            # the sum of the header's bytes, its checksum field counted as 8 spaces (256); the zero
+            # bytes (most of a header) are dropped first, which makes the sum several times faster
+            unsigned = sum(header.translate(None, b"\0")) - sum(header[148:156]) + 256
+            stored = _number(header[148:156], at)
+            if stored != unsigned:  # some old tars sum signed bytes: each byte >= 128 counts 256 less
+                high = sum(b >= 128 for b in header[:148] + header[156:])
+                if stored != unsigned - 256 * high:
+                    raise ShardFormatError(f"header at byte {at}: bad checksum")
+            kind, size, name = header[156:157], _number(header[124:136], at), _text(header[:100])
+            if kind == b"S":
+                raise ShardFormatError(f"header at byte {at}: {name} is a sparse file (not supported)")
+            # an old tar's directory: a plain file whose name ends in /; it has no data
+            directory = kind == b"\0" and name.endswith("/")
+            if kind not in (b"L", b"K") and header[345] != 0:  # a ustar name split in prefix and name
+                name = _text(header[345:500]) + "/" + name
+            data_at = at + _BLOCK
+            if kind in _EXTENSIONS:
+                data = f.read(size)
+                if len(data) < size:
+                    raise ShardFormatError(f"extension header at byte {at} cut short")
+                f.read(-size % _BLOCK)
+                records = _pax_records(data, at) if kind in (b"x", b"X", b"g") else {}
+                if any(k.startswith("GNU.sparse.") for k in records):
+                    raise ShardFormatError(f"pax header at byte {at}: a sparse file (not supported)")
+                if kind == b"g":
+                    global_records.update(records)
+                elif kind != b"K":  # K: a long link name, nothing of a regular file's
+                    chain.append(_text(data) if kind == b"L" else records)
+                at = data_at + size + -size % _BLOCK
+                continue
+            # tarfile applies the global records, then the chain from the header nearest the member
+            # out (so the first header of a chain has the last word), an x header with the globals
+            if global_records:
+                name, size = _apply_pax(global_records, name, size)
+            for ext in reversed(chain):
+                name, size = (ext, size) if isinstance(ext, str) else _apply_pax(global_records | ext, name, size)
+            chain = []
+            if kind in _NO_DATA or directory:
+                at = data_at
+                continue  # a link, device, fifo or directory: no data follows its header
+            data = f.read(size)
+            if len(data) < size:
+                raise ShardFormatError(f"{name} (header at byte {at}) cut short: {len(data)} of {size} bytes")
+            f.read(-size % _BLOCK)
+            at = data_at + size + -size % _BLOCK
+            if kind in _REGULAR:
+                yield name, data
+
+
+def _tar_samples(sources: Iterable[dict], handler: Callable[[Exception], bool]) -> Iterator[dict]:
+    """webdataset's ``tarfile_to_samples`` with :func:`tar_members` reading the tars: each shard's
+    regular files but metadata (``__*__``) as ``{"fname", "data", "__url__"}``, then ``{}`` at the
+    shard's end, grouped by webdataset's own ``group_by_keys`` (``KEY.jpg`` + ``KEY.cls``, the
+    extension lower-cased). An error ends its shard (``handler`` is told; no ``{}`` follows, as in
+    webdataset), so the samples and their order are webdataset's."""
+    from webdataset.tariterators import group_by_keys
+
+    def files() -> Iterator[dict]:
+        for source in sources:
+            url = source["url"]
+            try:
+                for name, data in tar_members(url):
+                    if not (name.startswith("__") and _META.match(name)):
+                        yield {"fname": name, "data": data, "__url__": url}
+                yield {}
+            except (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError) as exn:
+                if not handler(exn):
+                    break
+
+    return group_by_keys(files(), handler=handler)
 
 
 def is_pattern(text: str | os.PathLike) -> bool:
@@ -254,7 +438,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             errors.append(f"{type(exn).__name__}: {first_line(exn, 60)}")  # its samples are reported as missing
             return True
 
-        stages = [wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=handler)]
+        stages = [wds.SimpleShardList(urls), lambda sources: _tar_samples(sources, handler)]
         if self.shuffle:
             rng = random.Random(zlib.crc32(f"{self.seed}/{self.epoch}/{self.rank}/{attempt}".encode()))
             stages.append(wds.shuffle(self.buffer, initial=min(self.buffer, 100), rng=rng))
@@ -283,6 +467,9 @@ class ShardStream(torch.utils.data.IterableDataset):
             info = torch.utils.data.get_worker_info()
             quota = min(quota, self.take[info.id if info is not None else 0])
         seen: dict[str, int] = {}  # samples read from each shard in the pass
+        # each shard's file name, for the samples' names: once a shard, as a Path per sample costs
+        # as much as reading the sample from its tar
+        names = {u: Path(u).name for u, _ in mine}
         errors: list[str] = []  # the pass's read errors
 
         def read(attempt: int) -> Iterator[tuple[str, Callable[[], tuple]]]:
@@ -291,7 +478,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             for sample in self._samples([u for u, _ in mine], errors, attempt):
                 url = str(sample.get("__url__", "shard"))
                 seen[url] = seen.get(url, 0) + 1
-                yield f"{Path(url).name}:{sample.get('__key__', '?')}", lambda s=sample: self._decode(s, attempt)
+                name = names.get(url) or Path(url).name
+                yield f"{name}:{sample.get('__key__', '?')}", lambda s=sample: self._decode(s, attempt)
 
         def missing() -> list[tuple[str, str]]:
             """What the index promises and the shards did not hold: a truncated or unreadable tar."""
