@@ -299,6 +299,18 @@ def test_bench_protocol_refusals_name_the_flag(capsys, extra, words):
     assert "--protocol needs --suite modern" in capsys.readouterr().err
 
 
+def test_protocol_all_from_the_command_line_takes_its_rounds_unless_given():
+    from levit.cli import build_parser
+    from levit.cli.bench import _speed_runs
+
+    def rounds(*flags: str) -> list[tuple[int, float]]:
+        args = build_parser().parse_args(["bench", "--suite", "modern", "--protocol", "all", *flags])
+        return [(r.windows, r.window_s) for _, r in _speed_runs(args)]
+
+    assert rounds() == [(4, 1.0), (3, 1.0), (3, 1.0)]
+    assert rounds("--windows", "2", "--window", "0.5") == [(2, 0.5)] * 3
+
+
 def test_protocol_runs_cover_the_documented_models():
     from levit.paper.field import ALL_QUICK_MODELS, ALL_SUBSET_MODELS, protocol_runs
 
