@@ -116,7 +116,7 @@ def _speed_runs(args: argparse.Namespace) -> list[tuple[str | None, SpeedRun]]:
             raise UsageError(f"--protocol sets the threads, the batch and the backend: drop {flag}")
     try:
         # the rounds as the flags give them (None: each protocol's own), not the one run's defaults
-        given = replace(run, models=_models(args), windows=args.windows, window_s=args.window)
+        given = replace(run, models=_models(args), windows=args.windows, window_s=args.window, warmup_s=args.warmup)
         return list(protocol_runs(given, args.protocol))
     except LeViTError as e:
         raise UsageError(str(e)) from None

@@ -49,6 +49,7 @@ from .speed import (
 from .timing import interleaved
 
 __all__ = [
+    "ALL_EXECUTORCH_MODELS",
     "ALL_QUICK_MODELS",
     "ALL_SUBSET_MODELS",
     "CHECK_BATCH",
@@ -185,7 +186,7 @@ def _form_builder(eager: nn.Module, x: torch.Tensor, cache: dict | None = None) 
     from ..runtime.backend_onnxruntime import onnx_bytes, onnxruntime_session
     from ..runtime.backend_openvino import openvino_compiled
     from ..runtime.deploy import build_runner
-    from ..runtime.export import openvino_model_from_onnx
+    from ..runtime.export import openvino_core
 
     threads = torch.get_num_threads()
     cache = {} if cache is None else cache  # "onnx": the bytes or the export's error; "openvino": likewise
@@ -205,7 +206,12 @@ def _form_builder(eager: nn.Module, x: torch.Tensor, cache: dict | None = None) 
 
     def openvino() -> Runner:
         try:
-            model = made("openvino", lambda: openvino_model_from_onnx(onnx()))
+            # the export read by OpenVINO's ONNX frontend as it is (``Core.read_model``), without the
+            # graph passes of its model converter (:func:`~levit.runtime.export.openvino_model_from_onnx`):
+            # the CPU plugin's compilation applies its own, and the compiled models give the same logits
+            # bit for bit at the same speed, for a sixth to a tenth of the conversion's CPU time
+            # (docs/field.md, "How long a run takes")
+            model = made("openvino", lambda: openvino_core().read_model(onnx(), b""))
         except Exception:  # no ONNX export of this model: OpenVINO's own conversion of the module
             return build_runner(eager, "openvino", "fp32", example=x, threads=threads)
         return openvino_compiled(model, "fp32", threads)
@@ -495,6 +501,12 @@ PROTOCOLS: tuple[str, ...] = ("paper", "latency", "executorch")
 # ExecuTorch the quick set (LeViT-128S and -256 and the 9 fast peers nearest them in top-1): the
 # ExecuTorch lowering costs about 10 s a model, and the three fit 15 minutes on 2 cores only so
 ALL_SUBSET_MODELS: tuple[str, ...] = MODERN_QUICK_MODELS
+# ... less EfficientViT-M5 in ExecuTorch's (10 models): its lowering takes 40 s, three times the
+# others' (docs/field.md), and EfficientNet-B0 has its top-1 (77.1%)
+ALL_EXECUTORCH_MODELS: tuple[str, ...] = tuple(m for m in ALL_SUBSET_MODELS if m != "efficientvit_m5")
+# `--protocol all`: the trial window of each form (0.25 s, where --warmup is not given; it only
+# picks the runtime that the interleaved rounds then time)
+ALL_TRIAL_S = 0.25
 # `--protocol all --quick`: LeViT at both ends, the fastest peer below them and the two nearest
 # above LeViT-128S, in every protocol; EfficientNet-B0 rather than EfficientViT-M5 (the same 77.1%),
 # whose ExecuTorch lowering takes several times as long (docs/field.md gives the run's time)
@@ -524,8 +536,10 @@ def protocol_runs(run: SpeedRun, protocol: str) -> list[tuple[str, SpeedRun]]:
     ``"all"``): ``run`` with that protocol's threads, batch and backend (``run``'s own are replaced).
 
     Its models: ``run.models`` where given; else with ``"all"`` the whole suite for the paper's
-    protocol and :data:`ALL_SUBSET_MODELS` for the others, or :data:`ALL_QUICK_MODELS` for every
-    protocol with ``quick``; else the suite (its quick set with ``quick``)."""
+    protocol, :data:`ALL_SUBSET_MODELS` for latency and :data:`ALL_EXECUTORCH_MODELS` for ExecuTorch,
+    or :data:`ALL_QUICK_MODELS` for every protocol with ``quick``; else the suite (its quick set with
+    ``quick``). With ``"all"`` (not ``quick``) the rounds, windows and trials not given in ``run`` are
+    :data:`ALL_WINDOWS`, 1 s and :data:`ALL_TRIAL_S`."""
     if protocol not in (*PROTOCOLS, "all"):
         raise LeViTError(f"--protocol: unknown {protocol!r}; choose from {', '.join(PROTOCOLS)}, all")
     settings = {
@@ -537,13 +551,16 @@ def protocol_runs(run: SpeedRun, protocol: str) -> list[tuple[str, SpeedRun]]:
     for name in PROTOCOLS if protocol == "all" else (protocol,):
         models, timing = run.models, {}
         if models is None and protocol == "all":
-            models = ALL_QUICK_MODELS if run.quick else (None if name == "paper" else ALL_SUBSET_MODELS)
+            subset = {"paper": None, "latency": ALL_SUBSET_MODELS, "executorch": ALL_EXECUTORCH_MODELS}[name]
+            models = ALL_QUICK_MODELS if run.quick else subset
         if protocol == "all" and not run.quick:
-            # shorter rounds than one protocol's (5 of 1.5 s) so that the three fit 15 minutes; a
-            # window of 1 s still holds 40 and more calls of the slowest model at batch 16
+            # shorter rounds and trials than one protocol's (5 rounds of 1.5 s, trials of 0.5 s) so
+            # that the three fit 15 minutes; a window of 1 s still holds 40 and more calls of the
+            # slowest model at batch 16
             timing = {
                 "windows": ALL_WINDOWS[name] if run.windows is None else run.windows,
                 "window_s": 1.0 if run.window_s is None else run.window_s,
+                "warmup_s": ALL_TRIAL_S if run.warmup_s is None else run.warmup_s,
             }
         out.append((name, replace(run, suite="modern", models=models, **settings[name], **timing).resolved()))
     return out

@@ -226,9 +226,9 @@ def to_openvino(model: nn.Module, example: Tensor):
 
 
 def openvino_model_from_onnx(onnx_model: bytes):  # -> openvino.Model
-    """An fp32 ONNX export (:func:`write_onnx`, batch axis dynamic) read by OpenVINO's ONNX frontend: the
-    step :func:`to_openvino` takes, for a caller that already holds the export (``levit bench --suite
-    modern`` builds ONNX Runtime's form from it too)."""
+    """An fp32 ONNX export (:func:`write_onnx`, batch axis dynamic) converted by OpenVINO's model
+    converter (its ONNX frontend, then its graph passes): the step :func:`to_openvino` takes, for a
+    caller that already holds the export."""
     import openvino as ov
 
     return ov.convert_model(io.BytesIO(onnx_model))
