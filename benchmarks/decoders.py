@@ -10,13 +10,16 @@ classified by LeViT-128S with randomised, trained-like weights (tests/helpers.py
 largest and mean difference of the input tensors (normalised units), the largest relative logit
 error, top-1 agreement. Speed: decode + preprocess CPU ms per image on one thread, each path, on
 photo-like 500x375 and 4032x3024 JPEGs (as benchmarks/predict_e2e.py writes them), and the
-images/s of one and two decoding processes (`levit.runtime.pipeline` decodes in this layout with
-`--workers N`).
+images/s of one and two decoding processes in `levit predict`'s layout (`levit.runtime.pipeline`
+with `--workers N`: its batch size and its split of the files), over 2,560 and 64 files so that
+filling and draining the processes at the ends of a pass costs a few per cent of it, the two counts
+taking turns pass by pass.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -28,6 +31,8 @@ import torch
 import levit
 from levit.data.decoders import tensor_decoder_name
 from levit.data.preprocess import ImageFiles, Preprocess, collate
+from levit.runtime.options import CPU_BATCH_SIZE
+from levit.runtime.pipeline import plan
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' helpers (test support)
 from helpers import randomize_weights, write_sample_jpegs
@@ -86,21 +91,32 @@ def cpu_ms(files: list[Path], pre: Preprocess, rounds: int = 3) -> float:
     return best * 1e3
 
 
-def rate(files: list[Path], pre: Preprocess, workers: int) -> float:
-    """Images/s decoded + preprocessed by ``workers`` DataLoader processes, once they are running
-    (the second pass over ``files``: starting the processes is not decoding)."""
-    loader = torch.utils.data.DataLoader(
-        ImageFiles(files, pre),
-        batch_size=4,
-        num_workers=workers,
-        collate_fn=collate,
-        prefetch_factor=4,
-        persistent_workers=True,
-    )
-    sum(len(b.paths) for b in loader)
-    t = time.perf_counter()
-    n = sum(len(b.paths) for b in loader)
-    return n / (time.perf_counter() - t)
+def rates(files: list[Path], pre: Preprocess, workers: tuple[int, ...] = (1, 2), rounds: int = 5) -> list[float]:
+    """Images/s decoded + preprocessed by each count of DataLoader processes in ``workers``, in
+    `levit predict`'s layout (its batch size, its split of the files among the processes, prefetch
+    2): the median of ``rounds`` passes over ``files``, the counts taking turns pass by pass (a
+    disturbance of the machine falls on both alike), once their processes run (a first pass starts
+    them: starting them is not decoding)."""
+    loaders = []
+    for n in workers:
+        w, batch = plan(files, CPU_BATCH_SIZE, n)
+        loader = torch.utils.data.DataLoader(
+            ImageFiles(files, pre),
+            batch_size=batch,
+            num_workers=w,
+            collate_fn=collate,
+            prefetch_factor=2,
+            persistent_workers=True,
+        )
+        sum(len(b.paths) for b in loader)
+        loaders.append(loader)
+    passes: list[list[float]] = [[] for _ in workers]
+    for _ in range(rounds):
+        for loader, out in zip(loaders, passes):
+            t = time.perf_counter()
+            n = sum(len(b.paths) for b in loader)
+            out.append(n / (time.perf_counter() - t))
+    return [statistics.median(p) for p in passes]
 
 
 def main() -> None:
@@ -120,14 +136,13 @@ def main() -> None:
         )
         print("|---|---|---|---|---|---|---|")
         for name, hw, n in (
-            ("500x375", (375, 500), 40 if args.quick else 200),
-            ("4032x3024", (3024, 4032), 4 if args.quick else 16),
+            ("500x375", (375, 500), 40 if args.quick else 2560),
+            ("4032x3024", (3024, 4032), 4 if args.quick else 64),
         ):
             files = write_sample_jpegs(root / name, n, hw, seed=0)
             p = cpu_ms(files, Preprocess(224))
             t = cpu_ms(files, Preprocess(224, decoder="tensor"))
-            r1 = rate(files, Preprocess(224, decoder="tensor"), 1)
-            r2 = rate(files, Preprocess(224, decoder="tensor"), 2)
+            r1, r2 = rates(files, Preprocess(224, decoder="tensor"))
             print(f"| {n} x {name} | {p:.2f} | {t:.2f} | {p / t:.2f}x | {r1:.1f} | {r2:.1f} | {r2 / r1:.2f}x |")
     print(
         f"\ntorch {torch.__version__}, one torch thread per process; command: python benchmarks/decoders.py"
