@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     back = "never" if res["back_s"] is None else f"{res['back_s']:.1f} s"
     print(f"\n$ python benchmarks/serve_ray_kill.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     print(
-        f"levit serve --ray --replicas 2 ({_machine()}; model {args.model}, start-up {startup:.1f} s): "
+        f"a replica killed under load, --ray --replicas 2 ({_machine()}; model {args.model}, start-up {startup:.1f} s): "
         f"{args.clients} clients for {args.duration:g} s, replica {res['victim']} SIGKILLed at {args.kill_at:g} s; "
         f"{total} requests, {res['ok']} answered, {res['failed']} failed ({share:.2%}) {res['errors'] or ''}; "
         f"a new replica answered {back} after the kill; exit {code}"
