@@ -45,8 +45,8 @@ def args_bench(p: argparse.ArgumentParser) -> None:
         metavar="paper|latency|executorch|all",
         help="--suite modern only: paper: one thread, batch 16 (the default); latency: every core, batch 1; "
         "executorch: the phone-class runtime (ExecuTorch XNNPACK), one thread, batch 1; all: the three one after "
-        "the other (without --models: the whole suite in the paper's protocol, the quick set's 11 models in the "
-        "other two; with --quick 5 models in each), one table per protocol, --output rows with a protocol "
+        "the other (without --models: the whole suite in the paper's protocol, the quick set's 11 models in "
+        "latency, 10 of them in executorch; with --quick 5 models in each), one table per protocol, --output rows with a protocol "
         "column, --plot FILE.png writing FILE_paper.png, FILE_latency.png and FILE_executorch.png. "
         "Sets the threads, the batch and the backend: not with --threads, -b or --backend",
     )
