@@ -9,6 +9,7 @@ server (and each Ray replica) preprocesses as the model says, not as ImageNet's 
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import re
 import signal
@@ -423,6 +424,42 @@ def test_a_burst_goes_as_one_batch_per_free_lane_and_a_lone_request_does_not_wai
     t0 = time.perf_counter()
     asyncio.run(lone.classify(jpg, 1))
     assert time.perf_counter() - t0 < 1.0  # the batch did not wait its 2 s
+
+
+def test_large_images_decode_apart_and_do_not_hold_up_the_others(files, monkeypatch):
+    """Images over LARGE_IMAGE_PIXELS (by their header) decode on half the decoding threads and are
+    not counted among the decodes a batch waits for: four of them at 0.6 s each leave the other
+    requests both threads, and those are answered in a fraction of one large decode."""
+    from levit.runtime.serve import ServeConfig
+    from levit.runtime.serve_app import LARGE_IMAGE_PIXELS, header_pixels
+
+    buf = io.BytesIO()
+    Image.new("RGB", (2100, 2000), (90, 120, 150)).save(buf, "PNG")  # 4.2 megapixels in a few KB
+    large, jpg = buf.getvalue(), files["a.jpg"].read_bytes()
+    assert header_pixels(large) > LARGE_IMAGE_PIXELS > header_pixels(jpg) and header_pixels(b"junk") == 0
+    svc = _service_with_fake_lanes(
+        files, monkeypatch, ServeConfig(lanes=1, max_wait_ms=1, decode_workers=2, quiet=True), 0.01
+    )
+    svc.load()
+    decode = svc.preprocess
+
+    def slow_decode(data, decode=decode):  # a large image costs 0.6 s; it is decoded as the small one
+        time.sleep(0.6 if data is large else 0.02)
+        return decode(jpg)
+
+    svc.preprocess = slow_decode
+
+    async def go() -> float:
+        big = [asyncio.ensure_future(svc.classify(large, 1)) for _ in range(4)]
+        await asyncio.sleep(0.05)  # the large ones hold their thread by now
+        t0 = time.perf_counter()
+        await asyncio.gather(*(svc.classify(jpg, 1) for _ in range(4)))
+        waited = time.perf_counter() - t0
+        await asyncio.gather(*big)
+        return waited
+
+    waited = asyncio.run(go())
+    assert waited < 0.4, waited  # behind the large ones on shared threads: 0.55 s and more
 
 
 # ---- back-pressure and deadlines ------------------------------------------------------------------

@@ -67,7 +67,26 @@ __all__ = ["LeViTService", "ServeConfig"]
 log = logging.getLogger("levit.serve")
 
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# an image of more pixels than this (its header says) decodes on threads of its own, at most half the
+# decoding threads, and stays out of the batcher's count and timing of the decodes a batch waits for:
+# otherwise twenty 49-megapixel PNGs (0.45 s each) held every decoding thread for seconds and
+# stretched the batcher's wait, and the other clients' p99 rose a hundredfold (docs/serving.md,
+# "Faults at full size", has both measurements and the command)
+LARGE_IMAGE_PIXELS = 4_000_000
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def header_pixels(data: bytes) -> int:
+    """The pixel count an encoded image's header gives, without decoding it (0 when the header cannot
+    be read: the decode then says why)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+    except Exception:  # not an image Pillow knows: decoded (and refused) as any other
+        return 0
+    return w * h
 
 
 class _Metrics:
@@ -385,9 +404,10 @@ class LeViTService:
     def _limiter(self, which: int):
         import anyio
 
-        if self._limiters is None:  # made on the event loop that uses them
+        if self._limiters is None:  # made on the event loop that uses them: decoding, lanes, large images
             workers = self.config.decode_workers or os.cpu_count() or 1
-            self._limiters = (anyio.CapacityLimiter(workers), anyio.CapacityLimiter(self.lanes))
+            limits = (workers, self.lanes, max(1, workers // 2))
+            self._limiters = tuple(anyio.CapacityLimiter(n) for n in limits)
         return self._limiters[which]
 
     async def _run_batch(
@@ -422,12 +442,15 @@ class LeViTService:
         batcher = version.batcher
 
         async def one(data: bytes) -> Tensor:
-            with batcher.decoding_one():
+            large = header_pixels(data) > LARGE_IMAGE_PIXELS  # its own threads, not a batch's wait
+            with contextlib.nullcontext() if large else batcher.decoding_one():
                 try:
-                    x, seconds = await anyio.to_thread.run_sync(self._decode, data, version, limiter=self._limiter(0))
+                    limiter = self._limiter(2 if large else 0)
+                    x, seconds = await anyio.to_thread.run_sync(self._decode, data, version, limiter=limiter)
                 except ImageError as e:
                     raise ClientError(400, str(e)) from None
-            batcher.observe_decode(seconds)
+            if not large:
+                batcher.observe_decode(seconds)
             return await batcher.submit(x)
 
         tasks = [asyncio.ensure_future(one(d)) for d in images]
