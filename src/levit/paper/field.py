@@ -87,8 +87,7 @@ CHECK_BATCH = 2
 # the runtimes `auto` chooses each model's form from, all at fp32
 RUNTIMES: tuple[str, ...] = ("eager", "openvino", "onnxruntime")
 # the trial's second round races only the forms within this factor of the fastest in its first: a
-# slower one cannot win (eager ran 1.1-3.5x slower than the fastest runtime on every model measured),
-# and its calls are the trial's longest (one of them is seconds for the largest models at batch 16)
+# slower one cannot win, and its calls are the trial's longest (docs/field.md, "How long a run takes")
 TRIAL_DROP = 1.5
 # the models timed in the same interleaved rounds (nearest in top-1): every kept form holds its
 # compiled runtime, so a run over the whole suite would otherwise hold them all at once
@@ -154,8 +153,8 @@ def _release() -> None:
 @contextlib.contextmanager
 def _heap_frozen() -> Iterator[None]:
     """Within the block, :func:`_release`'s garbage collection skips what was alive when it began (the
-    imported libraries: about 400,000 objects with timm and the runtimes, 0.3-0.7 s a collection on
-    this machine, and a run collects after every model); what the run makes is collected as before."""
+    imported libraries, whose objects a collection after every model would otherwise walk each time);
+    what the run makes is collected as before."""
     import timm  # noqa: F401  (imported here so that the freeze covers it; the runtimes likewise)
 
     for module in ("onnxruntime", "openvino"):
@@ -208,9 +207,8 @@ def _form_builder(eager: nn.Module, x: torch.Tensor, cache: dict | None = None) 
         try:
             # the export read by OpenVINO's ONNX frontend as it is (``Core.read_model``), without the
             # graph passes of its model converter (:func:`~levit.runtime.export.openvino_model_from_onnx`):
-            # the CPU plugin's compilation applies its own, and the compiled models give the same logits
-            # bit for bit at the same speed, for a sixth to a tenth of the conversion's CPU time
-            # (docs/field.md, "How long a run takes")
+            # the CPU plugin's compilation applies its own, so the compiled model is the same, for less
+            # CPU (docs/field.md, "How long a run takes", has the comparison)
             model = made("openvino", lambda: openvino_core().read_model(onnx(), b""))
         except Exception:  # no ONNX export of this model: OpenVINO's own conversion of the module
             return build_runner(eager, "openvino", "fp32", example=x, threads=threads)
@@ -499,13 +497,13 @@ def run_field(run: SpeedRun, *, progress: Callable[[int, int, str, dict | None],
 PROTOCOLS: tuple[str, ...] = ("paper", "latency", "executorch")
 # `--protocol all` without --models: the paper's protocol times the whole suite, latency and
 # ExecuTorch the quick set (LeViT-128S and -256 and the 9 fast peers nearest them in top-1): the
-# ExecuTorch lowering costs about 10 s a model, and the three fit 15 minutes on 2 cores only so
+# ExecuTorch lowering is the run's slowest step, and the three fit 15 minutes on 2 cores only so
 ALL_SUBSET_MODELS: tuple[str, ...] = MODERN_QUICK_MODELS
-# ... less EfficientViT-M5 in ExecuTorch's (10 models): its lowering takes 40 s, three times the
-# others' (docs/field.md), and EfficientNet-B0 has its top-1 (77.1%)
+# ... less EfficientViT-M5 in ExecuTorch's (10 models): its lowering is several times the others'
+# (docs/field.md), and EfficientNet-B0 has its top-1
 ALL_EXECUTORCH_MODELS: tuple[str, ...] = tuple(m for m in ALL_SUBSET_MODELS if m != "efficientvit_m5")
-# `--protocol all`: the trial window of each form (0.25 s, where --warmup is not given; it only
-# picks the runtime that the interleaved rounds then time)
+# `--protocol all`: the trial window of each form where --warmup is not given, shorter than one
+# protocol's: the trial only picks the runtime that the interleaved rounds then time
 ALL_TRIAL_S = 0.25
 # `--protocol all --quick`: LeViT at both ends, the fastest peer below them and the two nearest
 # above LeViT-128S, in every protocol; EfficientNet-B0 rather than EfficientViT-M5 (the same 77.1%),
@@ -554,9 +552,8 @@ def protocol_runs(run: SpeedRun, protocol: str) -> list[tuple[str, SpeedRun]]:
             subset = {"paper": None, "latency": ALL_SUBSET_MODELS, "executorch": ALL_EXECUTORCH_MODELS}[name]
             models = ALL_QUICK_MODELS if run.quick else subset
         if protocol == "all" and not run.quick:
-            # shorter rounds and trials than one protocol's (5 rounds of 1.5 s, trials of 0.5 s) so
-            # that the three fit 15 minutes; a window of 1 s still holds 40 and more calls of the
-            # slowest model at batch 16
+            # shorter rounds and trials than one protocol's, so that the three fit 15 minutes on 2
+            # cores; a window of 1 s still holds dozens of calls of the slowest model at batch 16
             timing = {
                 "windows": ALL_WINDOWS[name] if run.windows is None else run.windows,
                 "window_s": 1.0 if run.window_s is None else run.window_s,

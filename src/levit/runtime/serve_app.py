@@ -69,9 +69,8 @@ log = logging.getLogger("levit.serve")
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # an image of more pixels than this (its header says) decodes on threads of its own, at most half the
 # decoding threads, and stays out of the batcher's count and timing of the decodes a batch waits for:
-# otherwise twenty 49-megapixel PNGs (0.45 s each) held every decoding thread for seconds and
-# stretched the batcher's wait, and the other clients' p99 rose a hundredfold (docs/serving.md,
-# "Faults at full size", has both measurements and the command)
+# a burst of huge images would otherwise hold every decoding thread and stretch every batch's wait,
+# so that the other clients wait for them (docs/serving.md, "Faults at full size", has the figures)
 LARGE_IMAGE_PIXELS = 4_000_000
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
