@@ -762,6 +762,51 @@ def test_v2_health_server_and_model_metadata(server):
     }
 
 
+def test_v2_model_config_is_what_perf_analyzer_reads(server, files, expected):
+    """Triton's model configuration extension, read by tritonclient over HTTP and gRPC as Triton's
+    perf_analyzer reads it (benchmarks/perf_analyzer.py drives the server with it): a batching model
+    whose one input is an encoded image per batch item, sent as shape [N, 1]; ``max_batch_size`` is the
+    most images the server takes in one request."""
+    http = pytest.importorskip("tritonclient.http", reason="the KServe v2 round trip needs tritonclient[http]")
+    grpc = pytest.importorskip("tritonclient.grpc", reason="the KServe v2 gRPC round trip needs tritonclient")
+    port = re.search(r"KServe v2 gRPC on 127\.0\.0\.1:(\d+)", server.log.read_text()).group(1)
+    hc = http.InferenceServerClient(url=server.url.removeprefix("http://"))
+    gc_ = grpc.InferenceServerClient(url=f"{HOST}:{port}")
+    try:
+        config = hc.get_model_config("levit_tiny")
+        assert gc_.get_model_config("levit_tiny", as_json=True)["config"] == {
+            "name": "levit_tiny",
+            "platform": "levit",
+            "backend": "levit",
+            "max_batch_size": config["max_batch_size"],
+            "input": [{"name": "image", "data_type": "TYPE_STRING", "dims": ["1"]}],
+            "output": [{"name": n, "data_type": t, "dims": ["-1"]} for n, t in CONFIG_OUTPUTS],
+            "dynamic_batching": {"preferred_batch_size": [8], "max_queue_delay_microseconds": str(MAX_WAIT_MS * 1000)},
+        }
+        assert config["input"] == [{"name": "image", "data_type": "TYPE_STRING", "dims": [1]}]
+        assert hc.get_model_metadata("levit_tiny")["inputs"][0]["shape"] == [-1, 1]
+        # a batch of [N, 1], as perf_analyzer sends it, answered as levit predict answers
+        tensor = http.InferInput("image", [2, 1], "BYTES")
+        tensor.set_data_from_numpy(
+            np.array([[files["a.jpg"].read_bytes()], [files["b.png"].read_bytes()]], dtype=object)
+        )
+        got = hc.infer("levit_tiny", [tensor], parameters={"topk": 3}).as_numpy("class")
+        assert got.tolist() == [[t["class"] for t in expected[n]] for n in ("a.jpg", "b.png")]
+        # max_batch_size images in one request are taken, one more is refused before any is decoded
+        n = config["max_batch_size"]
+        v2 = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [n + 1], "data": ["eA=="] * (n + 1)}]}
+        r = httpx.post(server.url + "/v2/models/levit_tiny/infer", json=v2, timeout=30)
+        assert f"{n + 1} images in one request: at most {n}" in _error_line(r, 400)
+        with pytest.raises(Exception, match="unknown model"):
+            gc_.get_model_config("resnet")
+    finally:
+        hc.close()
+        gc_.close()
+
+
+CONFIG_OUTPUTS = [("class", "TYPE_INT64"), ("label", "TYPE_STRING"), ("prob", "TYPE_FP32")]
+
+
 def test_v2_infer_with_tritonclient_equals_predict(server, files, expected):
     """tritonclient's HTTP client (the binary tensor extension both ways, and JSON outputs): a batch of
     images in one request, each answer equal to levit predict's on the same checkpoint."""

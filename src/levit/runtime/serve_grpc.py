@@ -6,8 +6,9 @@ KServe's ``grpc_predict_v2.proto`` with ``protoc``: the same names, field number
 format), in a descriptor pool of their own, so the server needs no generated code and no protocol
 compiler, and a Triton or KServe client in the same process keeps its own definitions.
 
-Served: ``ServerLive``, ``ServerReady``, ``ModelReady``, ``ServerMetadata``, ``ModelMetadata`` and
-``ModelInfer``, whose request and answer are those of the HTTP route
+Served: ``ServerLive``, ``ServerReady``, ``ModelReady``, ``ServerMetadata``, ``ModelMetadata``,
+``ModelConfig`` (Triton's, the fields of :func:`levit.runtime.serve_kserve.model_config`; what
+``perf_analyzer`` reads first) and ``ModelInfer``, whose request and answer are those of the HTTP route
 (:mod:`levit.runtime.serve_kserve`): one ``BYTES`` input of encoded images, in ``raw_input_contents``
 (each element a 4-byte little-endian length then the bytes, as ``tritonclient.grpc`` sends them) or
 in ``contents.bytes_contents``; outputs ``class``, ``label``, ``prob`` in ``raw_output_contents``.
@@ -18,10 +19,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from typing import TYPE_CHECKING, Any
 
 from .serve_http import ClientError
-from .serve_kserve import OUTPUTS, V2Request, bytes_elements, encode_tensor
+from .serve_kserve import OUTPUTS, V2Request, bytes_elements, encode_tensor, model_config
 
 if TYPE_CHECKING:
     from .serve_app import LeViTService
@@ -64,6 +66,22 @@ _MESSAGES: dict[str, list[tuple]] = {
         ("inputs", 4, "ModelMetadataResponse.TensorMetadata*"),
         ("outputs", 5, "ModelMetadataResponse.TensorMetadata*"),
     ],
+    # Triton's model configuration (its model_config.proto), the fields levit fills in; an enum is an
+    # int32 on the wire, so DataType is declared as one (TYPE_STRING = 13, ... : _DATA_TYPES)
+    "ModelConfigRequest": [("name", 1, "string"), ("version", 2, "string")],
+    "ModelConfigResponse": [("config", 1, "ModelConfig")],
+    "ModelInput": [("name", 1, "string"), ("data_type", 2, "int32"), ("dims", 4, "int64*")],
+    "ModelOutput": [("name", 1, "string"), ("data_type", 2, "int32"), ("dims", 3, "int64*")],
+    "ModelDynamicBatching": [("preferred_batch_size", 1, "int32*"), ("max_queue_delay_microseconds", 2, "uint64")],
+    "ModelConfig": [
+        ("name", 1, "string"),
+        ("platform", 2, "string"),
+        ("max_batch_size", 4, "int32"),
+        ("input", 5, "ModelInput*"),
+        ("output", 6, "ModelOutput*"),
+        ("dynamic_batching", 11, "ModelDynamicBatching"),
+        ("backend", 17, "string"),
+    ],
     "InferParameter": [
         ("bool_param", 1, "bool?"),
         ("int64_param", 2, "int64?"),
@@ -102,7 +120,8 @@ _MESSAGES: dict[str, list[tuple]] = {
         ("raw_output_contents", 6, "bytes*"),
     ],
 }
-_RPCS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer")
+_RPCS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelConfig", "ModelInfer")
+_DATA_TYPES = {"TYPE_INT64": 9, "TYPE_FP32": 11, "TYPE_STRING": 13}  # Triton's DataType enum
 
 
 def _add_field(msg: Any, path: str, name: str, number: int, kind: str) -> None:
@@ -224,9 +243,19 @@ class _Servicer:
             name=entry.name,
             versions=[entry.serving.label],
             platform="levit",
-            inputs=[tensor(name="image", datatype="BYTES", shape=[-1])],
+            inputs=[tensor(name="image", datatype="BYTES", shape=[-1, 1])],
             outputs=[tensor(name=n, datatype=t, shape=[-1, -1]) for n, t in OUTPUTS.items()],
         )
+
+    async def ModelConfig(self, request: Any, context: Any) -> Any:  # noqa: N802
+        try:
+            entry = self.service.entry_for(request.name)
+        except ClientError as e:
+            await _abort(context, e)
+        config = model_config(self.service, entry.name)
+        for tensor in (*config["input"], *config["output"]):
+            tensor["data_type"] = _DATA_TYPES[tensor["data_type"]]
+        return self.m["ModelConfigResponse"](config=config)
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
         s = self.service
@@ -256,6 +285,9 @@ async def start_grpc(service: LeViTService, host: str, port: int) -> tuple[Any, 
     """Serve the KServe v2 gRPC service for ``service`` on ``host:port`` (0: a free port) on the running
     event loop; returns the started ``grpc.aio`` server and its port; ``RuntimeError`` when the
     port cannot be bound."""
+    # gRPC's C core logs a line at INFO whenever a thread forks while it runs (each decoding process
+    # the server starts): its verbosity is ERROR unless the user set it. Read when grpc is imported.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     import grpc
 
     m, servicer = messages(), _Servicer(service)

@@ -2,9 +2,11 @@
 protocol, so that KServe's and Triton's clients (``tritonclient.http``) talk to ``levit serve``.
 
 Routes (:func:`add_v2_routes`): ``GET /v2/health/live``, ``/v2/health/ready``, ``/v2`` (server
-metadata), ``/v2/models/{name}`` (model metadata), ``/v2/models/{name}/ready`` and
+metadata), ``/v2/models/{name}`` (model metadata), ``/v2/models/{name}/ready``,
 ``POST /v2/models/{name}/infer`` (each model route also under ``/versions/{v}``, the version
-serving), and Triton's model repository extension: ``POST /v2/repository/index`` (each model's
+serving), Triton's model configuration extension (``GET /v2/models/{name}/config``: what Triton's
+``perf_analyzer`` reads before it sends a request, :func:`model_config`) and its model repository
+extension: ``POST /v2/repository/index`` (each model's
 versions and their state) and ``POST /v2/repository/models/{name}/load`` (load the next version, from
 the checkpoint named by the request's ``parameters.checkpoint`` or the one the model was read from).
 
@@ -44,6 +46,7 @@ __all__ = [
     "bytes_elements",
     "encode_response",
     "encode_tensor",
+    "model_config",
     "parse_request",
 ]
 
@@ -208,8 +211,30 @@ def _metadata(service: LeViTService, name: str) -> dict:
         "name": name,
         "versions": [service.entries[name].serving.label],
         "platform": "levit",
-        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]}],
+        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1, 1]}],
         "outputs": [{"name": n, "datatype": t, "shape": [-1, -1]} for n, t in OUTPUTS.items()],
+    }
+
+
+def model_config(service: LeViTService, name: str) -> dict:
+    """Triton's model configuration of ``name``, in its JSON form: a batching model (``max_batch_size``:
+    the images one request may carry, :attr:`LeViTService.max_queue`) whose input ``image`` is one
+    encoded image per batch item (``TYPE_STRING``, dims ``[1]``: shape ``[N, 1]``; ``[N]`` is taken
+    too) and whose outputs have ``topk`` values per image; ``dynamic_batching``
+    gives the server's batch and wait (``--max-batch-size``, ``--max-wait-ms``)."""
+    c = service.config
+    out_types = {"INT64": "TYPE_INT64", "BYTES": "TYPE_STRING", "FP32": "TYPE_FP32"}
+    return {
+        "name": name,
+        "platform": "levit",
+        "backend": "levit",
+        "max_batch_size": service.max_queue,
+        "input": [{"name": "image", "data_type": "TYPE_STRING", "dims": [1]}],
+        "output": [{"name": n, "data_type": out_types[t], "dims": [-1]} for n, t in OUTPUTS.items()],
+        "dynamic_batching": {
+            "preferred_batch_size": [c.max_batch_size],
+            "max_queue_delay_microseconds": round(c.max_wait_ms * 1e3),
+        },
     }
 
 
@@ -246,6 +271,9 @@ def add_v2_routes(app: Any, service: LeViTService) -> None:
     async def model(name: str, version: str | None = None) -> Response:
         return known(name, version) or JSONResponse(_metadata(service, name))
 
+    async def config(name: str, version: str | None = None) -> Response:
+        return known(name, version) or JSONResponse(model_config(service, name))
+
     async def model_ready(name: str, version: str | None = None) -> Response:
         return known(name, version) or JSONResponse(
             {"name": name, "ready": ready_now()}, status_code=200 if ready_now() else 503
@@ -255,7 +283,7 @@ def add_v2_routes(app: Any, service: LeViTService) -> None:
         return known(name, version) or await service.handle_v2_infer(request, name)
 
     infer.__annotations__ = {"request": Request, "name": str, "version": str | None, "return": Response}
-    for f in (ready, model, model_ready):
+    for f in (ready, model, config, model_ready):
         f.__annotations__["return"] = Response
 
     app.get("/v2/health/live")(live)
@@ -264,6 +292,7 @@ def add_v2_routes(app: Any, service: LeViTService) -> None:
     for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
         app.get(prefix, response_model=None)(model)
         app.get(prefix + "/ready", response_model=None)(model_ready)
+        app.get(prefix + "/config", response_model=None)(config)
         app.post(prefix + "/infer", response_model=None)(infer)
     add_repository_routes(app, service, known)
 

@@ -1,0 +1,180 @@
+"""Drive ``levit serve`` with Triton's ``perf_analyzer`` (a client nobody here wrote) over KServe v2
+HTTP and gRPC, against ``levit predict``'s own pipeline offline on the same JPEGs.
+
+The server is started as a user starts it (``python -m levit serve`` with its defaults, the gRPC port
+open); perf_analyzer reads the model's metadata and Triton configuration
+(``GET /v2/models/{name}/config``, the ``ModelConfig`` RPC), then keeps ``--concurrency`` requests in
+flight, each one JPEG (a ``BYTES`` tensor of shape ``[1, 1]``, sent with the binary tensor extension)
+cycling through ``--images`` photo-like JPEGs (``benchmarks/serve_load.py``'s). Rounds alternate the
+offline pipeline (the server idle), HTTP and gRPC; medians are reported, with the targets:
+HTTP >= 0.85x offline, gRPC >= HTTP.
+
+    python benchmarks/perf_analyzer.py --fetch ~/.cache/levit-perf-analyzer   # once: get perf_analyzer
+    python benchmarks/perf_analyzer.py --perf-analyzer ~/.cache/levit-perf-analyzer/perf_analyzer
+    python benchmarks/perf_analyzer.py --perf-analyzer PATH --short            # a minute: checks the script
+
+Getting perf_analyzer without a Triton container: the current ``perf-analyzer`` wheel needs glibc 2.38;
+the binary inside ``tritonclient[all]==2.39.0`` runs on glibc 2.36 (Debian 12) once ``libb64`` (Debian's
+``libb64-0d``, installed with apt) and ``libcudart.so.12`` (the ``nvidia-cuda-runtime-cu12`` wheel; no
+GPU is used) are found. ``--fetch DIR`` downloads both wheels with pip and unpacks the binary and the
+library into DIR; the script puts DIR on ``LD_LIBRARY_PATH`` when it runs the binary from there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import re
+import resource
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import serve_load
+from serve_load import HOST, Ceiling, free_port, photo_jpegs, start_server
+
+TRITONCLIENT = "tritonclient[all]==2.39.0"  # the last wheel whose perf_analyzer runs on glibc 2.36
+
+
+def fetch(dest: Path) -> Path:
+    """Download the two wheels with pip and unpack ``perf_analyzer`` and ``libcudart.so.12`` into ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as d:
+        for req in (TRITONCLIENT, "nvidia-cuda-runtime-cu12"):
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", req, "-d", d]
+            subprocess.run(cmd, check=True)
+        for wheel in Path(d).glob("*.whl"):
+            with zipfile.ZipFile(wheel) as z:
+                for name in z.namelist():
+                    base = name.rsplit("/", 1)[-1]
+                    if name.endswith("/bin/perf_analyzer") or base == "libcudart.so.12":
+                        (dest / base).write_bytes(z.read(name))
+    binary = dest / "perf_analyzer"
+    binary.chmod(0o755)
+    if not Path("/usr/lib/x86_64-linux-gnu/libb64.so.0d").exists():
+        print("perf_analyzer also needs libb64: apt-get install libb64-0d", file=sys.stderr)
+    print(f"perf_analyzer: {binary}")
+    return binary
+
+
+def input_data(jpegs: list[bytes], path: Path) -> Path:
+    """perf_analyzer's ``--input-data`` file: one entry per JPEG. perf_analyzer sends a ``b64`` value,
+    decoded, as the tensor's raw bytes, and a ``BYTES`` tensor's raw form is each element's 4-byte
+    little-endian length then its bytes, so that is what is encoded."""
+    rows = [{"image": {"b64": base64.b64encode(struct.pack("<I", len(j)) + j).decode(), "shape": [1]}} for j in jpegs]
+    path.write_text(json.dumps({"data": rows}))
+    return path
+
+
+def run_perf_analyzer(binary: Path, model: str, url: str, protocol: str, data: Path, args: argparse.Namespace) -> dict:
+    """One perf_analyzer run at ``--concurrency``: its throughput and latency percentiles (ms)."""
+    env = dict(os.environ)
+    if (binary.parent / "libcudart.so.12").exists():
+        env["LD_LIBRARY_PATH"] = f"{binary.parent}:{env.get('LD_LIBRARY_PATH', '')}"
+    cmd = [str(binary), "-m", model, "-u", url, "-i", protocol, "--input-data", str(data)]
+    cmd += ["--concurrency-range", str(args.concurrency), "--measurement-interval", str(args.window_ms)]
+    cmd += ["--stability-percentage", "25", "--max-trials", "8"]
+    c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    text = out.stdout + out.stderr
+    found = {
+        k: re.search(rf"{pat}: ([\d.]+)", text)
+        for k, pat in (("req_s", "Throughput"), ("p50", "p50 latency"), ("p99", "p99 latency"))
+    }
+    if out.returncode != 0 or not all(found.values()):
+        raise SystemExit(f"perf_analyzer ({protocol}) exited {out.returncode}:\n{text[-3000:]}")
+    return {
+        "req_s": float(found["req_s"].group(1)),
+        "p50": float(found["p50"].group(1)) / 1e3,
+        "p99": float(found["p99"].group(1)) / 1e3,
+        # the client's CPU over the whole run, its stabilising trials included
+        "client_cpu_s": c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime,
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--perf-analyzer", type=Path, help="the perf_analyzer binary (default: on PATH)")
+    p.add_argument("--fetch", type=Path, metavar="DIR", help="download perf_analyzer into DIR and stop")
+    p.add_argument(
+        "--model", default="levit_128s", help="variant (random weights, the same file for server and offline)"
+    )
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--images", type=int, default=64, help="distinct JPEGs, 480x360")
+    p.add_argument("--rounds", type=int, default=3, help="offline, HTTP and gRPC in turn, this many times")
+    p.add_argument("--window-ms", type=int, default=10000, help="perf_analyzer's measurement window")
+    p.add_argument("--short", action="store_true", help="1 round, 3 s windows, 16 JPEGs: checks the script")
+    args = p.parse_args(argv)
+    if args.short:
+        args.rounds, args.window_ms, args.images = 1, 3000, 16
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.fetch:
+        fetch(args.fetch)
+        return 0
+    binary = args.perf_analyzer or (Path(p) if (p := shutil.which("perf_analyzer")) else None)
+    if binary is None or not binary.exists():
+        raise SystemExit("no perf_analyzer: give --perf-analyzer PATH, or get one with --fetch DIR")
+    import levit
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' helpers (test support)
+    from helpers import randomize_weights
+
+    sargs = serve_load.parse_args([])  # levit serve's defaults, as serve_load.py starts the server
+    jpegs = photo_jpegs(args.images)
+    with tempfile.TemporaryDirectory(prefix="levit-perf-analyzer-") as d:
+        ckpt = Path(d) / f"{args.model}.safetensors"
+        levit.save(randomize_weights(levit.create_model(args.model), seed=0), ckpt)
+        data = input_data(jpegs, Path(d) / "input.json")
+        offline = Ceiling(ckpt, jpegs, sargs.backend, sargs.threads, sargs.max_batch_size, sargs.lanes)
+        grpc_port = free_port()
+        srv = start_server("plain", ckpt, sargs, Path(d), extra=("--grpc-port", str(grpc_port)))
+        runs: dict[str, list[dict]] = {"http": [], "grpc": []}
+        try:
+            for _ in range(args.rounds):
+                offline.measure()
+                for proto, url in (("http", srv.url.removeprefix("http://")), ("grpc", f"{HOST}:{grpc_port}")):
+                    s0 = srv.cpu_s()
+                    runs[proto].append(run_perf_analyzer(binary, args.model, url, proto, data, args))
+                    runs[proto][-1]["server_cpu_s"] = srv.cpu_s() - s0
+        finally:
+            code = srv.stop()
+        base = offline.result()
+    print(
+        f"perf_analyzer, {args.concurrency} concurrent requests, {args.model} (random weights), "
+        f"{args.images} JPEGs 480x360, {args.rounds} round(s), {serve_load._machine()}; levit serve exit {code}"
+    )
+    print(f"  offline (levit predict's pipeline, backend {base['backend']}): {base['img_s']:.1f} img/s")
+    med = {}
+    for proto, rs in runs.items():
+        med[proto] = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+        m = med[proto]
+        each = ", ".join(f"{r['req_s']:.1f}" for r in rs)
+        print(
+            f"  {proto:4s}: {m['req_s']:.1f} req/s = {m['req_s'] / base['img_s']:.2f}x offline, "
+            f"p50 {m['p50']:.0f} ms, p99 {m['p99']:.0f} ms; CPU s server {m['server_cpu_s']:.1f}, "
+            f"perf_analyzer {m['client_cpu_s']:.1f} (rounds: {each})"
+        )
+    http_ok = med["http"]["req_s"] >= 0.85 * base["img_s"]
+    grpc_ok = med["grpc"]["req_s"] >= med["http"]["req_s"]
+    print(
+        f"target: HTTP >= 0.85x offline: {'met' if http_ok else 'MISSED'}; gRPC >= HTTP: {'met' if grpc_ok else 'MISSED'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
