@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from levit.runtime.batcher import Batcher, QueueFullError, batch_delay
+from levit.runtime.batcher import MAX_RETRY_AFTER_S, Batcher, QueueFullError, batch_delay
 
 
 def delay(**kw) -> float | None:
@@ -141,13 +141,23 @@ def test_a_cancelled_request_is_never_computed():
 
 
 def test_the_queue_is_bounded_and_says_when_to_retry():
-    b, _, _ = make(lanes=("L0", "L1"), max_queue=2)
-    b.observe_batch(1.6, 4)  # 0.4 s an image on a lane
+    b, _, clock = make(lanes=("L0", "L1"), max_queue=2)
+    b.observe_batch(1.6, 4)  # 0.4 s an image on a lane: a turn every 0.2 s on two lanes
     with b.admitted(), b.admitted():
         with pytest.raises(QueueFullError) as e, b.admitted():
             pass
-        assert e.value.retry_after_s == 1  # 2 admitted x 0.4 s / 2 lanes, rounded up
+        assert e.value.retry_after_s == 1  # 2 admitted x 0.2 s, then its own turn: 0.6 s, rounded up
         assert b.admitted_now == 2
+        # the refused line up: 20 more refusals end 0.6 + 20 x 0.2 = 4.6 s away, the last told 5 s
+        waits = [b.retry_after_s() for _ in range(20)]
+        assert waits == sorted(waits) and waits[0] == 1 and waits[-1] == 5
+        clock.now += 3.0  # turns pass: the line is 1.6 s long now
+        assert b.retry_after_s() == 2
+        clock.now += 10.0  # all passed: back to the admitted ones' time
+        assert b.retry_after_s() == 1
+        for _ in range(1000):  # a client retrying at once, again and again: capped
+            wait = b.retry_after_s()
+        assert wait == MAX_RETRY_AFTER_S
     assert b.admitted_now == 0
     with b.admitted():  # room again
         pass

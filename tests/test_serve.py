@@ -129,6 +129,9 @@ def server(files, tmp_path_factory):
         *("--max-batch-size", "8", "--max-wait-ms", str(MAX_WAIT_MS), "--topk", "3"),
         *("--max-body-mb", "1", "--max-megapixels", "2", "--read-timeout", "3"),
         *("--max-header-kb", "8", "--header-timeout", "2", "--grpc-port", "0"),
+        # the tests send up to 20 requests at once; the default bound (one batch of 8 a lane) is tested
+        # on services of their own
+        *("--max-queue", "64"),
     )
     yield s
     assert s.stop() == 0
@@ -251,6 +254,16 @@ async def _concurrent(url: str, bodies: list[tuple[bytes, str]]) -> list[httpx.R
         return await asyncio.gather(
             *(c.post(url + "/v1/classify", content=b, headers={"content-type": t}) for b, t in bodies)
         )
+
+
+def test_the_default_queue_bound_is_one_full_batch_per_lane():
+    """Unless --max-queue is given, a request is taken while fewer than the lanes' full batches are: an
+    overload's accepted requests find at most those ahead of them (docs/serving.md, Faults at full size)."""
+    from levit.runtime.serve import LeViTService, ServeConfig
+
+    model = levit.create_model("levit_tiny", img_size=64)
+    assert LeViTService(model, ServeConfig(lanes=2, max_batch_size=3, quiet=True)).max_queue == 6
+    assert LeViTService(model, ServeConfig(lanes=2, max_batch_size=3, max_queue=5, quiet=True)).max_queue == 5
 
 
 def test_concurrent_requests_are_batched_and_bad_ones_harm_none(server, files, expected):
@@ -1021,7 +1034,7 @@ def test_reload_under_load_answers_every_request_from_a_version_loaded_when_it_a
 
     fake_lanes(monkeypatch, slow_deploy)
     model = levit.create_model("levit_tiny", checkpoint=files["model"])
-    config = ServeConfig(backend="eager", lanes=1, threads=1, max_batch_size=4, topk=3, quiet=True)
+    config = ServeConfig(backend="eager", lanes=1, threads=1, max_batch_size=4, max_queue=64, topk=3, quiet=True)
     svc = LeViTService(model, config.replace(checkpoint=str(files["model"])), load_now=True)
     first = svc.serving
     delay["s"] = 0.1

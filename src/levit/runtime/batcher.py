@@ -18,8 +18,11 @@ a lane freed, a wait ran out):
   images would take the free lane alone while the rest waited a whole batch for the next lane.
 
 Back-pressure: at most ``max_queue`` requests are admitted at once (:meth:`Batcher.admitted`, from
-reading the body to the answer); beyond, :class:`QueueFullError` says when to retry. A request whose
-waiter is cancelled (its client left, its deadline passed) is dropped from the queue, never computed.
+reading the body to the answer); beyond, :class:`QueueFullError` says when to retry
+(:meth:`Batcher.retry_after_s`: the refused requests are given turns one image's compute apart, so
+that under sustained overload their retries come back spread at the rate the lanes serve, not all a
+second later). A request whose waiter is cancelled (its client left, its deadline passed) is dropped
+from the queue, never computed.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-__all__ = ["Batcher", "QueueFullError", "batch_delay"]
+__all__ = ["MAX_RETRY_AFTER_S", "Batcher", "QueueFullError", "batch_delay"]
+
+MAX_RETRY_AFTER_S = 30  # the longest Retry-After: past it a client is better told to go elsewhere
 
 Lane = TypeVar("Lane")
 
@@ -116,6 +121,7 @@ class Batcher(Generic[Lane]):
         self.admitted_now = 0  # requests admitted and not yet answered
         self.per_decode_s = 0.0  # one decode's seconds (moving average)
         self.per_image_s = 0.0  # a lane's seconds per image (moving average)
+        self._turns_end = 0.0  # when the last refused request's turn comes (clock seconds)
         self._state: _LoopState | None = None
         self._running: set[asyncio.Task] = set()  # the batches computing (the loop keeps weak references)
 
@@ -181,8 +187,15 @@ class Batcher(Generic[Lane]):
         return self.max_batch_size * self.per_decode_s / min(self.decode_threads, self.max_batch_size)
 
     def retry_after_s(self) -> int:
-        """Whole seconds for the lanes to compute what is admitted (at least 1): ``Retry-After``."""
-        return max(1, math.ceil(self.admitted_now * self.per_image_s / self.lanes))
+        """``Retry-After`` for a request refused now: whole seconds (1 to :data:`MAX_RETRY_AFTER_S`)
+        until its turn. The refused requests line up behind what is admitted, each one image's compute
+        on the lanes after the one before; a turn that has passed frees its place. Without the line
+        every refused client of a sustained overload would come back after the same second, and most
+        would be refused again: the shedding, and the clients' retries, would take the cores the
+        lanes need."""
+        now, per_turn = self.clock(), self.per_image_s / self.lanes
+        self._turns_end = max(self._turns_end, now + self.admitted_now * per_turn) + per_turn
+        return min(MAX_RETRY_AFTER_S, max(1, math.ceil(self._turns_end - now)))
 
     # ---- dispatching -------------------------------------------------------------------------------
     def _loop_state(self) -> _LoopState:

@@ -240,8 +240,8 @@ class LeViTService:
 
     @property
     def max_queue(self) -> int:
-        """Classify requests admitted at once (``config.max_queue``, default four full batches per lane)."""
-        return self.config.max_queue or 4 * self.config.max_batch_size * self.lanes
+        """Classify requests admitted at once (:meth:`ServeConfig.queue_bound`)."""
+        return self.config.queue_bound(self.lanes)
 
     # ---- the model ------------------------------------------------------------------------------
     def load(self) -> None:

@@ -36,7 +36,7 @@ class ServeConfig:
     threads: int | None = None  # CPU threads per model lane (None: cores // lanes; pipeline.lane_layout)
     lanes: int | None = None  # batches computed at once (None: cores // threads, or a lane per core up to 8)
     decode_workers: int | None = None  # threads decoding at once (None: the CPU count); bounds memory too
-    max_queue: int | None = None  # classify requests admitted at once, beyond: 429 (None: 4 full batches a lane)
+    max_queue: int | None = None  # classify requests admitted at once, beyond: 429 (None: queue_bound)
     read_timeout_s: float = 30.0  # a client that has not sent its whole body by then gets 408
     max_header_bytes: int = 16 * 1024  # a larger request head gets 431 (the single-process server)
     header_timeout_s: float = 10.0  # a request head not in by then: 408, connection closed
@@ -77,6 +77,15 @@ class ServeConfig:
             raise OptionError("precision", "int8 needs {calibration} IMAGES (files or folders)")
         if self.calibration and self.precision != "int8":  # as PredictOptions: unused images are a mistake
             raise OptionError("calibration", "calibrates an int8 model: add {precision} int8")
+
+    def queue_bound(self, lanes: int) -> int:
+        """Classify requests admitted at once on ``lanes`` model lanes: ``max_queue``, by default one
+        full batch per lane. An admitted request then finds at most the lanes' batches ahead of it,
+        so that under overload the requests taken keep their latency (one batch time to wait, one
+        to compute) and the memory they hold stays that of ``lanes x max_batch_size`` uploads; the
+        others get 429 with a ``Retry-After`` that spreads their retries
+        (:meth:`levit.runtime.batcher.Batcher.retry_after_s`)."""
+        return self.max_queue or lanes * self.max_batch_size
 
     def replace(self, **changes: Any) -> ServeConfig:
         """A copy with ``changes`` (validated again)."""

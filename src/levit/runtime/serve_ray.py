@@ -85,7 +85,7 @@ def deployment(
         num_replicas=replicas,
         # the router lets in more than the replica's queue admits, so that past it a client gets the
         # replica's 429 with Retry-After rather than waiting in the proxy
-        max_ongoing_requests=(config.max_queue or 4 * lanes * config.max_batch_size) + lanes * config.max_batch_size,
+        max_ongoing_requests=config.queue_bound(lanes) + lanes * config.max_batch_size,
         ray_actor_options={"num_cpus": replica_cpus},
         graceful_shutdown_timeout_s=config.drain_timeout_s,
         max_surge_percent=100 if surge else 0,
@@ -95,8 +95,7 @@ def deployment(
         Front,
         name=FRONT,
         ray_actor_options={"num_cpus": 0},  # it only reads and forwards requests
-        max_ongoing_requests=replicas
-        * ((config.max_queue or 4 * lanes * config.max_batch_size) + lanes * config.max_batch_size),
+        max_ongoing_requests=replicas * (config.queue_bound(lanes) + lanes * config.max_batch_size),
         max_surge_percent=100,
         logging_config=SERVE_LOGGING,
     )
