@@ -218,7 +218,7 @@ def _metadata(service: LeViTService, name: str) -> dict:
 
 def model_config(service: LeViTService, name: str) -> dict:
     """Triton's model configuration of ``name``, in its JSON form: a batching model (``max_batch_size``:
-    the images one request may carry, :attr:`LeViTService.max_queue`) whose input ``image`` is one
+    the images one request may carry, the :attr:`levit.runtime.serve_app.LeViTService.max_queue`) whose input ``image`` is one
     encoded image per batch item (``TYPE_STRING``, dims ``[1]``: shape ``[N, 1]``; ``[N]`` is taken
     too) and whose outputs have ``topk`` values per image; ``dynamic_batching``
     gives the server's batch and wait (``--max-batch-size``, ``--max-wait-ms``)."""
