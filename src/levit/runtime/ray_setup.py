@@ -11,6 +11,7 @@ import sys
 import tempfile
 
 from ..errors import LeViTError
+from . import ray_reaper
 
 __all__ = ["RAY_CONNECT_TIMEOUT_S", "check_reachable", "init_quietly"]
 
@@ -48,7 +49,8 @@ def init_quietly(address: str | None = None, *, num_cpus: int | None = None, log
     lines follow :data:`QUIET_ENV`, set unless the user set them (the first only when the workers'
     output stays with them: each would print Ray's line about it), which the processes of a local
     cluster inherit; setting ``RAY_BACKEND_LOG_LEVEL`` makes Ray print one line saying so, so the C++
-    writes of the call go through a file and every other line of it is passed on to stderr.
+    writes of the call go through a file and every other line of it is passed on to stderr. A local
+    cluster gets a reaper (:func:`levit.runtime.ray_reaper.watch`).
     ``log_to_driver``: the workers' own stdout and stderr on this process's. Failures still raise."""
     import ray
 
@@ -62,6 +64,7 @@ def init_quietly(address: str | None = None, *, num_cpus: int | None = None, log
     level = ray_logger.level
     ray_logger.setLevel(logging.ERROR)
     sys.stderr.flush()
+    before = ray_reaper.children(os.getpid()) if not address else set()
     saved = os.dup(2)
     with tempfile.TemporaryFile("w+b") as captured:
         os.dup2(captured.fileno(), 2)
@@ -81,3 +84,7 @@ def init_quietly(address: str | None = None, *, num_cpus: int | None = None, log
             for line in captured.read().decode(errors="replace").splitlines(keepends=True):
                 if not any(k in line for k in ours):
                     sys.stderr.write(line)
+    if not address:
+        # a local cluster: the processes ray.init started here end when this process does, even by
+        # kill -9 (Ray's agents would outlive it by a minute or more: levit.runtime.ray_reaper)
+        ray_reaper.watch(ray_reaper.children(os.getpid()) - before)
