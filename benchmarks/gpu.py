@@ -7,7 +7,9 @@ group is timed in interleaved rounds, medians; same weights on both sides):
    fits) for all five variants, levit's fused model eager and from a CUDA graph, against 10x the
    paper's V100 images/s (12,880 / 9,266 / 8,601 / 6,582 / 4,165).
 2. ``train``: one training step (bf16 autocast, AdamW, batch 256, both heads' average, cross-entropy)
-   of levit's LeViT against timm's, for LeViT-128S and LeViT-384.
+   of levit's LeViT against timm's, for LeViT-128S and LeViT-384; levit twice, with its attention-bias
+   gather (``levit.models.layers.gather_bias``: advanced indexing) and with ``index_select`` in its
+   place (``levit-index-select``), whose values and gradients are first checked equal on the device.
 3. ``infer``: LeViT-128S and LeViT-384 at batch 1, 64 and 1024, fp16 and bf16: levit fused eager,
    levit + CUDA graphs (``backend="cudagraph"``), levit inductor (``backend="inductor"``), against
    timm eager, timm + CUDA graph and timm ``torch.compile`` (inductor, weights frozen, like ours).
@@ -45,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 import levit
+from levit.models import layers
 from levit.models.config import PAPER_RESULTS
 from levit.paper.speed import device_name, find_max_batch
 from levit.paper.timing import cuda_sync
@@ -170,6 +173,29 @@ def paper_section(args: argparse.Namespace, device: torch.device, res: dict, sav
         save()
 
 
+advanced_gather = layers.gather_bias
+
+
+def index_select_gather(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The attention-bias gather by ``index_select`` (backward: ``index_add``, atomics on a GPU)."""
+    return table.index_select(1, index.reshape(-1)).view(table.shape[0], *index.shape)
+
+
+def check_index_select(model: torch.nn.Module, device: torch.device) -> None:
+    """The two gathers give the same bias and the same table gradients (to 1e-6 relative on a GPU,
+    where atomics change the order of the sums) at every attention grid of ``model``."""
+    g = torch.Generator(device=device).manual_seed(0)
+    for m in model.modules():
+        if getattr(m, "attention_biases", None) is None:
+            continue
+        table = torch.randn(m.attention_biases.shape, device=device, generator=g).requires_grad_()
+        up = torch.randn(table.shape[0], *m.attention_bias_idxs.shape, device=device, generator=g)
+        a, b = advanced_gather(table, m.attention_bias_idxs), index_select_gather(table, m.attention_bias_idxs)
+        assert torch.equal(a, b)
+        ga, gb = (torch.autograd.grad(t, table, up)[0] for t in (a, b))
+        torch.testing.assert_close(gb, ga, rtol=1e-6, atol=1e-5)
+
+
 def train_section(args: argparse.Namespace, device: torch.device, res: dict, save: Callable[[], None]) -> None:
     import timm
 
@@ -198,7 +224,17 @@ def train_section(args: argparse.Namespace, device: torch.device, res: dict, sav
 
             return step
 
-        steps = {"levit": make(ours, x, y), "timm": make(theirs, x, y)}
+        check_index_select(ours, device)
+        plain, selecting = make(ours, x, y), make(ours, x, y)
+
+        def with_index_select(step: Callable[[], None] = selecting) -> None:
+            layers.gather_bias = index_select_gather  # levit's own function, put back at once
+            try:
+                step()
+            finally:
+                layers.gather_bias = advanced_gather
+
+        steps = {"levit": plain, "levit-index-select": with_index_select, "timm": make(theirs, x, y)}
         times = interleaved(steps, device, args.rounds, args.window)
         speeds = {k: args.train_batch / statistics.median(v) for k, v in times.items()}
         res["train"][variant] = {
@@ -206,6 +242,7 @@ def train_section(args: argparse.Namespace, device: torch.device, res: dict, sav
             "amp": "bf16",
             "img_s": speeds,
             "levit_over_timm": speeds["levit"] / speeds["timm"],
+            "levit_index_select_over_timm": speeds["levit-index-select"] / speeds["timm"],
         }
         log(f"train {variant}: {speeds}, levit/timm {speeds['levit'] / speeds['timm']:.2f}x")
         del steps, ours, theirs
@@ -328,12 +365,15 @@ def markdown(res: dict) -> str:
         lines += ["", "(x: against timm eager in the same row; '-': not run, see the JSON's not_run)", ""]
     if res["train"]:
         lines += [
-            "| training step (bf16 autocast, AdamW) | batch | levit img/s | timm img/s | levit/timm |",
-            "|---|---|---|---|---|",
+            "| training step (bf16 autocast, AdamW) | batch | levit img/s | levit, index_select gather | timm img/s "
+            "| levit/timm | index_select/timm |",
+            "|---|---|---|---|---|---|---|",
         ]
         for m, t in res["train"].items():
+            s = t["img_s"]
             lines.append(
-                f"| {m} | {t['batch']} | {t['img_s']['levit']:,.0f} | {t['img_s']['timm']:,.0f} | {t['levit_over_timm']:.2f}x |"
+                f"| {m} | {t['batch']} | {s['levit']:,.0f} | {s['levit-index-select']:,.0f} | {s['timm']:,.0f} "
+                f"| {t['levit_over_timm']:.2f}x | {t['levit_index_select_over_timm']:.2f}x |"
             )
         lines.append("")
     if res["paper"]:

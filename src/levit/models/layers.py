@@ -40,6 +40,7 @@ __all__ = [
     "ShrinkAttention",
     "Stem",
     "attention_bias_index",
+    "gather_bias",
     "grid_bias",
     "merge_heads",
     "resample_bias_table",
@@ -213,6 +214,17 @@ def attention_bias_index(
     return dy * w + dx
 
 
+def gather_bias(table: Tensor, index: Tensor) -> Tensor:
+    """``table[:, index]``: the (heads, N_q, N_k) bias of every (query, key) pair from a (heads, h*w)
+    table; the one place the trained form gathers it (every call: nothing cached, nothing stale).
+    Advanced indexing, whose backward (an ``index_put`` with accumulation) is deterministic on a GPU
+    too. ``index_select`` gives the same values and, on a CPU, the same gradients bit for bit in 3-7x
+    less time at LeViT's grids, but its backward accumulates with atomics on a GPU; which one a
+    GPU training step prefers is what ``benchmarks/gpu.py``'s ``train`` section measures (both, and
+    timm's LeViT, in the same rounds)."""
+    return table[:, index]
+
+
 def resample_bias_table(table: Tensor, src: int | tuple[int, int], dst: int | tuple[int, int]) -> Tensor:
     """Resample a (heads, h*w) relative-offset bias table from grid ``src`` to grid ``dst``.
 
@@ -248,8 +260,8 @@ def grid_bias(
     if (h, w) == tuple(build):
         if bias.ndim == 3:
             return bias
-        return table[:, attention_bias_index(build, stride, bias.device) if index is None else index]
-    return resample_bias_table(table, build, (h, w))[:, attention_bias_index((h, w), stride, bias.device)]
+        return gather_bias(table, attention_bias_index(build, stride, bias.device) if index is None else index)
+    return gather_bias(resample_bias_table(table, build, (h, w)), attention_bias_index((h, w), stride, bias.device))
 
 
 def _add_bias_table(m: nn.Module, heads: int, resolution: tuple[int, int], stride: int, use_bias: bool) -> None:
@@ -353,7 +365,7 @@ class _TrainedAttention(_AttentionGrid):
         """``out`` on this layer's device and dtype, with the bias table gathered into its matrix."""
         out = _like(out, self.proj.linear.weight)
         if self.attention_biases is not None:
-            out.attn_bias.copy_(self.attention_biases[:, self.attention_bias_idxs])
+            out.attn_bias.copy_(gather_bias(self.attention_biases, self.attention_bias_idxs))
         return out
 
 
