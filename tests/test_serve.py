@@ -266,6 +266,17 @@ def test_the_default_queue_bound_is_one_full_batch_per_lane():
     assert LeViTService(model, ServeConfig(lanes=2, max_batch_size=3, max_queue=5, quiet=True)).max_queue == 5
 
 
+def test_a_ray_replica_takes_two_full_batches_per_lane_by_default():
+    """Under --ray each replica's bound is twice the single process's, room for a lost replica's share
+    (levit.runtime.serve_ray.replica_config); --max-queue is kept as given."""
+    from levit.runtime.serve import ServeConfig
+    from levit.runtime.serve_ray import replica_config
+
+    assert replica_config(ServeConfig(max_batch_size=8), 3).queue_bound(3) == 48
+    assert replica_config(ServeConfig(max_batch_size=8, max_queue=5), 3).queue_bound(3) == 5
+    assert ServeConfig(max_batch_size=8).queue_bound(3) == 24  # the single process
+
+
 def test_concurrent_requests_are_batched_and_bad_ones_harm_none(server, files, expected):
     """16 good and 4 bad requests at once: the batch-size histogram shows batches of more than one,
     every good answer equals the one-at-a-time answer, every bad one gets its 4xx."""
