@@ -13,7 +13,9 @@ photo-like 500x375 and 4032x3024 JPEGs (as benchmarks/predict_e2e.py writes them
 images/s of one and two decoding processes in `levit predict`'s layout (`levit.runtime.pipeline`
 with `--workers N`: its batch size and its split of the files), over 2,560 and 64 files so that
 filling and draining the processes at the ends of a pass costs a few per cent of it, the two counts
-taking turns pass by pass.
+taking turns pass by pass; once with the batches normalised in the processes (the CPU's layout) and
+once as uint8 pixels normalised where the model runs (a GPU's layout: a quarter of the bytes through
+shared memory).
 """
 
 from __future__ import annotations
@@ -92,17 +94,20 @@ def cpu_ms(files: list[Path], pre: Preprocess, rounds: int = 3) -> float:
     return best * 1e3
 
 
-def rates(files: list[Path], pre: Preprocess, workers: tuple[int, ...] = (1, 2), rounds: int = 5) -> list[float]:
+def rates(
+    files: list[Path], pre: Preprocess, workers: tuple[int, ...] = (1, 2), rounds: int = 5, pixels: bool = False
+) -> list[float]:
     """Images/s decoded + preprocessed by each count of DataLoader processes in ``workers``, in
     `levit predict`'s layout (its batch size, its split of the files among the processes, prefetch
     2): the median of ``rounds`` passes over ``files``, the counts taking turns pass by pass (a
     disturbance of the machine falls on both alike), once their processes run (a first pass starts
-    them: starting them is not decoding)."""
+    them: starting them is not decoding). ``pixels``: the batches travel as uint8 pixels, normalised
+    where the model runs (a GPU's layout), instead of normalised float (the CPU's ``--workers``)."""
     loaders = []
     for n in workers:
         w, batch = plan(files, CPU_BATCH_SIZE, n)
         loader = torch.utils.data.DataLoader(
-            ImageFiles(files, pre),
+            ImageFiles(files, pre, pixels),
             batch_size=batch,
             num_workers=w,
             collate_fn=collate,
@@ -158,9 +163,9 @@ def main() -> None:
         print("| " + " | ".join(f"{v:.4g}" if k != "top-1 agreement" else f"{v:.1%}" for k, v in res.items()) + " |")
         print(
             "\n| images | pil CPU ms/img | tensor CPU ms/img | tensor / pil speed | 1 worker img/s (tensor) | 2 workers "
-            "| 2 / 1 | 2 / 1, independent processes |"
+            "| 2 / 1 | 2 / 1, uint8 batches (a GPU's layout) | 2 / 1, independent processes |"
         )
-        print("|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|")
         for name, hw, n in (
             ("500x375", (375, 500), 40 if args.quick else 2560),
             ("4032x3024", (3024, 4032), 4 if args.quick else 64),
@@ -169,10 +174,11 @@ def main() -> None:
             p = cpu_ms(files, Preprocess(224))
             t = cpu_ms(files, Preprocess(224, decoder="tensor"))
             r1, r2 = rates(files, Preprocess(224, decoder="tensor"))
+            u1, u2 = rates(files, Preprocess(224, decoder="tensor"), pixels=True)
             i1, i2 = (independent(files, Preprocess(224, decoder="tensor"), k) for k in (1, 2))
             print(
                 f"| {n} x {name} | {p:.2f} | {t:.2f} | {p / t:.2f}x | {r1:.1f} | {r2:.1f} | {r2 / r1:.2f}x "
-                f"| {i2 / i1:.2f}x |"
+                f"| {u2 / u1:.2f}x ({u1:.1f}, {u2:.1f}) | {i2 / i1:.2f}x |"
             )
     print(
         f"\ntorch {torch.__version__}, one torch thread per process; command: python benchmarks/decoders.py"
