@@ -772,7 +772,7 @@ def overload(ckpt: Path, jpegs: list[bytes], args: argparse.Namespace, logdir: P
     n, normal = args.overload, 64
     base_s, over_s, after_s = (20.0, args.duration, 10.0) if not args.short else (3.0, 5.0, 2.0)
     if args.short:
-        n, normal = min(n, 400), 16  # past the default queue (64 on 2 cores), so 429s are seen
+        n, normal = min(n, 400), 16  # past the default queue (72 on 2 cores), so 429s are seen
     machine = _machine(" before the run")
     srv = start_server("plain", ckpt, args, logdir)
     rss = RssPeak(srv.proc.pid)

@@ -257,12 +257,14 @@ async def _concurrent(url: str, bodies: list[tuple[bytes, str]]) -> list[httpx.R
 
 
 def test_the_default_queue_bound_is_one_full_batch_per_lane():
-    """Unless --max-queue is given, a request is taken while fewer than the lanes' full batches are: an
-    overload's accepted requests find at most those ahead of them (docs/serving.md, Faults at full size)."""
+    """Unless --max-queue is given, a request is taken while fewer than the lanes' full batches and a
+    quarter batch are: an overload's accepted requests find about those ahead of them (docs/serving.md,
+    Faults at full size)."""
     from levit.runtime.serve import LeViTService, ServeConfig
 
     model = levit.create_model("levit_tiny", img_size=64)
-    assert LeViTService(model, ServeConfig(lanes=2, max_batch_size=3, quiet=True)).max_queue == 6
+    assert LeViTService(model, ServeConfig(lanes=2, max_batch_size=3, quiet=True)).max_queue == 6 + 1
+    assert LeViTService(model, ServeConfig(lanes=2, max_batch_size=32, quiet=True)).max_queue == 64 + 8
     assert LeViTService(model, ServeConfig(lanes=2, max_batch_size=3, max_queue=5, quiet=True)).max_queue == 5
 
 
@@ -274,7 +276,7 @@ def test_a_ray_replica_takes_two_full_batches_per_lane_by_default():
 
     assert replica_config(ServeConfig(max_batch_size=8), 3).queue_bound(3) == 48
     assert replica_config(ServeConfig(max_batch_size=8, max_queue=5), 3).queue_bound(3) == 5
-    assert ServeConfig(max_batch_size=8).queue_bound(3) == 24  # the single process
+    assert ServeConfig(max_batch_size=8).queue_bound(3) == 24 + 2  # the single process
 
 
 def test_concurrent_requests_are_batched_and_bad_ones_harm_none(server, files, expected):

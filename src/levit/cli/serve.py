@@ -128,7 +128,7 @@ def _limit_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="classify requests taken at once, from upload to answer; beyond, 429 with Retry-After "
-        "(default: one full batch per model lane, --max-batch-size x lanes)",
+        "(default: one full batch per model lane and a quarter batch more)",
     )
 
 

@@ -80,12 +80,16 @@ class ServeConfig:
 
     def queue_bound(self, lanes: int) -> int:
         """Classify requests admitted at once on ``lanes`` model lanes: ``max_queue``, by default one
-        full batch per lane. An admitted request then finds at most the lanes' batches ahead of it,
-        so that under overload the requests taken keep their latency (one batch time to wait, one
-        to compute) and the memory they hold stays that of ``lanes x max_batch_size`` uploads; the
-        others get 429 with a ``Retry-After`` that spreads their retries
-        (:meth:`levit.runtime.batcher.Batcher.retry_after_s`)."""
-        return self.max_queue or lanes * self.max_batch_size
+        full batch per lane and a quarter batch more. An admitted request then finds about the lanes'
+        batches ahead of it, so that under overload the requests taken keep their latency (one batch
+        time to wait, one to compute) and the memory they hold stays that of about ``lanes x
+        max_batch_size`` uploads; the others get 429 with a ``Retry-After`` that spreads their retries
+        (:meth:`levit.runtime.batcher.Batcher.retry_after_s`). The quarter batch is for requests
+        whose client has just gone: each holds its place until the server reads the connection's
+        end, and a client that reconnects at once must not find its own old request in the last
+        place (at exactly one batch per lane, 6 of 64 clients' requests got 429 in
+        ``benchmarks/serve_load.py``'s run with dropped uploads)."""
+        return self.max_queue or lanes * self.max_batch_size + max(1, self.max_batch_size // 4)
 
     def replace(self, **changes: Any) -> ServeConfig:
         """A copy with ``changes`` (validated again)."""

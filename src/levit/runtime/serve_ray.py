@@ -61,7 +61,7 @@ log = logging.getLogger("levit.serve")
 
 def replica_config(config: ServeConfig, lanes: int) -> ServeConfig:
     """``config`` for a replica of ``lanes`` model lanes: unless ``--max-queue`` is given, a replica
-    takes two full batches per lane, twice the single process's bound
+    takes two full batches per lane, about twice the single process's bound
     (:meth:`ServeConfig.queue_bound`). When one of R >= 2 replicas is lost, each of the others gets
     R / (R - 1) <= 2 times its share until Ray Serve replaces it, and that is no overload to shed:
     with one batch per lane, 44.5% of 64 clients' requests got 429 once a replica of two was killed
