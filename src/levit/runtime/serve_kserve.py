@@ -6,9 +6,9 @@ metadata), ``/v2/models/{name}`` (model metadata), ``/v2/models/{name}/ready``,
 ``POST /v2/models/{name}/infer`` (each model route also under ``/versions/{v}``, the version
 serving), Triton's model configuration extension (``GET /v2/models/{name}/config``: what Triton's
 ``perf_analyzer`` reads before it sends a request, :func:`model_config`) and its model repository
-extension: ``POST /v2/repository/index`` (each model's
-versions and their state) and ``POST /v2/repository/models/{name}/load`` (load the next version, from
-the checkpoint named by the request's ``parameters.checkpoint`` or the one the model was read from).
+extension: ``POST /v2/repository/index`` (each model's versions and their state) and
+``POST /v2/repository/models/{name}/load`` (load the next version, from the checkpoint named by the
+request's ``parameters.checkpoint`` or the one the model was read from).
 
 An inference request has one input of datatype ``BYTES`` (any name, shape ``[N]`` or ``[N, 1]``): N
 encoded images, each as :meth:`levit.runtime.serve_app.LeViTService.classify` takes them, sent with
@@ -217,11 +217,12 @@ def _metadata(service: LeViTService, name: str) -> dict:
 
 
 def model_config(service: LeViTService, name: str) -> dict:
-    """Triton's model configuration of ``name``, in its JSON form: a batching model (``max_batch_size``:
-    the images one request may carry, the :attr:`levit.runtime.serve_app.LeViTService.max_queue`) whose input ``image`` is one
-    encoded image per batch item (``TYPE_STRING``, dims ``[1]``: shape ``[N, 1]``; ``[N]`` is taken
-    too) and whose outputs have ``topk`` values per image; ``dynamic_batching``
-    gives the server's batch and wait (``--max-batch-size``, ``--max-wait-ms``)."""
+    """Triton's model configuration of ``name``, in its JSON form: a batching model whose
+    ``max_batch_size`` is the most images one request may carry (the server's queue bound,
+    :attr:`levit.runtime.serve_app.LeViTService.max_queue`), whose input ``image`` is one encoded
+    image per batch item (``TYPE_STRING``, dims ``[1]``: shape ``[N, 1]``; ``[N]`` is taken too) and
+    whose outputs have ``topk`` values per image; ``dynamic_batching`` gives the server's batch and
+    wait (``--max-batch-size``, ``--max-wait-ms``)."""
     c = service.config
     out_types = {"INT64": "TYPE_INT64", "BYTES": "TYPE_STRING", "FP32": "TYPE_FP32"}
     return {
