@@ -118,7 +118,11 @@ def watch(roots: set[tuple[int, int]]) -> bool:
         start_new_session=True,
         close_fds=True,
     )
-    return starter.wait(timeout=60) == 0
+    try:
+        return starter.wait(timeout=60) == 0
+    except subprocess.TimeoutExpired:  # the starter forks and exits at once; never hold up Ray for it
+        starter.kill()
+        return False
 
 
 if __name__ == "__main__":
