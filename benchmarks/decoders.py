@@ -33,9 +33,9 @@ import torch
 
 import levit
 from levit.data.decoders import tensor_decoder_name
-from levit.data.preprocess import ImageFiles, Preprocess, collate
+from levit.data.preprocess import Preprocess
 from levit.runtime.options import CPU_BATCH_SIZE
-from levit.runtime.pipeline import plan
+from levit.runtime.pipeline import decoding_loader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' helpers (test support)
 from helpers import randomize_weights, write_sample_jpegs
@@ -105,15 +105,7 @@ def rates(
     where the model runs (a GPU's layout), instead of normalised float (the CPU's ``--workers``)."""
     loaders = []
     for n in workers:
-        w, batch = plan(files, CPU_BATCH_SIZE, n)
-        loader = torch.utils.data.DataLoader(
-            ImageFiles(files, pre, pixels),
-            batch_size=batch,
-            num_workers=w,
-            collate_fn=collate,
-            prefetch_factor=2,
-            persistent_workers=True,
-        )
+        loader = decoding_loader(files, pre, CPU_BATCH_SIZE, n, pixels=pixels, persistent=True)
         sum(len(b.paths) for b in loader)
         loaders.append(loader)
     passes: list[list[float]] = [[] for _ in workers]

@@ -49,6 +49,7 @@ __all__ = [
     "available_cores",
     "class_names_for",
     "classify",
+    "decoding_loader",
     "inference_model",
     "iter_batches",
     "lane_layout",
@@ -262,16 +263,34 @@ def iter_batches(
         return
     if runners:  # decoding processes, and the lanes' backends as the model lanes
         eager_cpu, run = True, _RoundRobin(runners)
+    loader = decoding_loader(paths, pre, batch_size, workers, pixels=pixels, pin_memory=dev.type == "cuda")
+    yield from _workers_decode(loader, run, rows, lanes, one_thread=eager_cpu)
+
+
+def decoding_loader(
+    paths: Sequence[str | os.PathLike],
+    pre: Preprocess,
+    batch_size: int,
+    workers: int | None,
+    *,
+    pixels: bool = False,
+    pin_memory: bool = False,
+    persistent: bool = False,
+) -> torch.utils.data.DataLoader:
+    """The DataLoader of ``levit predict``'s decoding processes: ``workers`` of them (:func:`plan`
+    fits them and the batch to the files), each batch normalised float, or with ``pixels`` uint8
+    pixels that the model's device normalises; ``persistent``: the processes stay between passes
+    (benchmarks/decoders.py times passes of the same loader)."""
     workers, batch_size = plan(paths, batch_size, workers)
-    loader = torch.utils.data.DataLoader(
+    return torch.utils.data.DataLoader(
         ImageFiles(paths, pre, pixels),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=collate,
-        pin_memory=dev.type == "cuda",
+        pin_memory=pin_memory,
         prefetch_factor=2 if workers else None,
+        persistent_workers=persistent and workers > 0,
     )
-    yield from _workers_decode(loader, run, rows, lanes, one_thread=eager_cpu)
 
 
 def _backend(
