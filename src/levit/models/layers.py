@@ -218,10 +218,9 @@ def gather_bias(table: Tensor, index: Tensor) -> Tensor:
     """``table[:, index]``: the (heads, N_q, N_k) bias of every (query, key) pair from a (heads, h*w)
     table; the one place the trained form gathers it (every call: nothing cached, nothing stale).
     Advanced indexing, whose backward (an ``index_put`` with accumulation) is deterministic on a GPU
-    too. ``index_select`` gives the same values and, on a CPU, the same gradients bit for bit in 3-7x
-    less time at LeViT's grids, but its backward accumulates with atomics on a GPU; which one a
-    GPU training step prefers is what ``benchmarks/gpu.py``'s ``train`` section measures (both, and
-    timm's LeViT, in the same rounds)."""
+    too. ``index_select`` gives the same values, but its backward accumulates with atomics on a GPU;
+    which one a GPU training step prefers is what ``benchmarks/gpu.py``'s ``train`` section measures
+    (both, and timm's LeViT, in the same rounds)."""
     return table[:, index]
 
 

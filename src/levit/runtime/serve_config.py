@@ -87,8 +87,7 @@ class ServeConfig:
         (:meth:`levit.runtime.batcher.Batcher.retry_after_s`). The quarter batch is for requests
         whose client has just gone: each holds its place until the server reads the connection's
         end, and a client that reconnects at once must not find its own old request in the last
-        place (at exactly one batch per lane, 6 of 64 clients' requests got 429 in
-        ``benchmarks/serve_load.py``'s run with dropped uploads)."""
+        place (docs/serving.md, "Back-pressure and deadlines")."""
         return self.max_queue or lanes * self.max_batch_size + max(1, self.max_batch_size // 4)
 
     def replace(self, **changes: Any) -> ServeConfig:

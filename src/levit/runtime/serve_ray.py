@@ -63,9 +63,8 @@ def replica_config(config: ServeConfig, lanes: int) -> ServeConfig:
     """``config`` for a replica of ``lanes`` model lanes: unless ``--max-queue`` is given, a replica
     takes two full batches per lane, about twice the single process's bound
     (:meth:`ServeConfig.queue_bound`). When one of R >= 2 replicas is lost, each of the others gets
-    R / (R - 1) <= 2 times its share until Ray Serve replaces it, and that is no overload to shed:
-    with one batch per lane, 44.5% of 64 clients' requests got 429 once a replica of two was killed
-    (``benchmarks/serve_ray_kill.py``), with two none did."""
+    R / (R - 1) <= 2 times its share until Ray Serve replaces it, and that is no overload to shed
+    (docs/serving.md, "Back-pressure and deadlines", has ``benchmarks/serve_ray_kill.py``'s figures)."""
     if config.max_queue is not None:
         return config
     return config.replace(max_queue=2 * lanes * config.max_batch_size)
