@@ -396,18 +396,29 @@ def test_requests_arriving_while_every_lane_is_busy_fill_one_batch(files, monkey
 
 
 def _service_with_fake_lanes(files, monkeypatch, config, seconds):
-    """A service whose lanes sleep ``seconds`` a batch, its batch sizes recorded in ``svc.sizes``."""
+    """A service whose lanes sleep ``seconds`` a batch once it is loaded (its three warm-up batches a
+    lane go at once), its batch sizes recorded in ``svc.sizes``."""
     from levit.runtime.serve import LeViTService
+
+    pace = [0.0]
 
     def fake_deploy(model, **kw):
         def run(x):
-            time.sleep(seconds)
+            time.sleep(pace[0])
             return torch.zeros(x.shape[0], 10)
 
         return run
 
     fake_lanes(monkeypatch, fake_deploy)
     svc = LeViTService(levit.create_model("levit_tiny", checkpoint=files["model"]), config)
+    load = svc.load
+
+    def load_then_pace(*args, **kwargs):
+        out = load(*args, **kwargs)
+        pace[0] = seconds
+        return out
+
+    svc.load = load_then_pace
     svc.sizes = []
     monkeypatch.setattr(svc.metrics, "batch_size", type("Sizes", (), {"observe": lambda _, n: svc.sizes.append(n)})())
     return svc
@@ -454,8 +465,9 @@ def test_a_burst_goes_as_one_batch_per_free_lane_and_a_lone_request_does_not_wai
 
 def test_large_images_decode_apart_and_do_not_hold_up_the_others(files, monkeypatch):
     """Images over LARGE_IMAGE_PIXELS (by their header) decode on half the decoding threads and are
-    not counted among the decodes a batch waits for: four of them at 0.6 s each leave the other
-    requests both threads, and those are answered in a fraction of one large decode."""
+    not counted among the decodes a batch waits for: two of them at 0.6 s each (enough to hold both
+    threads were they shared) leave the other requests a thread of their own, and those are answered
+    in a fraction of one large decode."""
     from levit.runtime.serve import ServeConfig
     from levit.runtime.serve_app import LARGE_IMAGE_PIXELS, header_pixels
 
@@ -476,7 +488,7 @@ def test_large_images_decode_apart_and_do_not_hold_up_the_others(files, monkeypa
     svc.preprocess = slow_decode
 
     async def go() -> float:
-        big = [asyncio.ensure_future(svc.classify(large, 1)) for _ in range(4)]
+        big = [asyncio.ensure_future(svc.classify(large, 1)) for _ in range(2)]
         await asyncio.sleep(0.05)  # the large ones hold their thread by now
         t0 = time.perf_counter()
         await asyncio.gather(*(svc.classify(jpg, 1) for _ in range(4)))
