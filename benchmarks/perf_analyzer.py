@@ -7,11 +7,14 @@ open); perf_analyzer reads the model's metadata and Triton configuration
 flight, each one JPEG (a ``BYTES`` tensor of shape ``[1, 1]``, sent with the binary tensor extension)
 cycling through ``--images`` photo-like JPEGs (``benchmarks/serve_load.py``'s). Rounds alternate the
 offline pipeline (the server idle), HTTP and gRPC; medians are reported, with the targets:
-HTTP >= 0.85x offline, gRPC >= HTTP.
+HTTP >= 0.85x offline, gRPC >= HTTP. Beside each protocol's rate: the model's mean batch and time per
+image (the server's ``/metrics``) and the server's context switches per request (``/proc``), which
+show whether a protocol costs in its own work or in what it takes from the model's lanes.
 
     python benchmarks/perf_analyzer.py --fetch ~/.cache/levit-perf-analyzer   # once: get perf_analyzer
     python benchmarks/perf_analyzer.py --perf-analyzer ~/.cache/levit-perf-analyzer/perf_analyzer
     python benchmarks/perf_analyzer.py --perf-analyzer PATH --short            # a minute: checks the script
+    python benchmarks/perf_analyzer.py --perf-analyzer PATH --server-env GRPC_POLL_STRATEGY=poll
 
 Getting perf_analyzer without a Triton container: the current ``perf-analyzer`` wheel needs glibc 2.38;
 the binary inside ``tritonclient[all]==2.39.0`` runs on glibc 2.36 (Debian 12) once ``libb64`` (Debian's
@@ -100,6 +103,21 @@ def run_perf_analyzer(binary: Path, model: str, url: str, protocol: str, data: P
     }
 
 
+def model_counters(url: str) -> tuple[float, float, float]:
+    """(images, batches, seconds) the server's model has computed so far, summed over its
+    ``levit_batch_size`` and ``levit_batch_latency_seconds`` series in ``/metrics``."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    want = dict.fromkeys(("levit_batch_size_sum", "levit_batch_size_count", "levit_batch_latency_seconds_sum"), 0.0)
+    for fam in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
+        for sample in fam.samples:
+            if sample.name in want:
+                want[sample.name] += sample.value
+    images, batches, seconds = want.values()
+    return images, batches, seconds
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -114,7 +132,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="offline, HTTP and gRPC in turn, this many times")
     p.add_argument("--window-ms", type=int, default=10000, help="perf_analyzer's measurement window")
     p.add_argument("--short", action="store_true", help="1 round, 3 s windows, 16 JPEGs: checks the script")
+    p.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an environment variable for the server alone, e.g. GRPC_POLL_STRATEGY=poll (repeatable)",
+    )
     args = p.parse_args(argv)
+    bad = [kv for kv in args.server_env if "=" not in kv or kv.startswith("=")]
+    if bad:
+        p.error(f"--server-env takes KEY=VALUE, got {bad[0]!r}")
+    args.server_env = dict(kv.split("=", 1) for kv in args.server_env)
     if args.short:
         args.rounds, args.window_ms, args.images = 1, 3000, 16
     return args
@@ -141,21 +170,28 @@ def main(argv: list[str] | None = None) -> int:
         data = input_data(jpegs, Path(d) / "input.json")
         offline = Ceiling(ckpt, jpegs, sargs.backend, sargs.threads, sargs.max_batch_size, sargs.lanes)
         grpc_port = free_port()
-        srv = start_server("plain", ckpt, sargs, Path(d), extra=("--grpc-port", str(grpc_port)))
+        extra = ("--grpc-port", str(grpc_port))
+        srv = start_server("plain", ckpt, sargs, Path(d), extra=extra, env=args.server_env)
         runs: dict[str, list[dict]] = {"http": [], "grpc": []}
         try:
             for _ in range(args.rounds):
                 offline.measure()
                 for proto, url in (("http", srv.url.removeprefix("http://")), ("grpc", f"{HOST}:{grpc_port}")):
-                    s0 = srv.cpu_s()
-                    runs[proto].append(run_perf_analyzer(binary, args.model, url, proto, data, args))
-                    runs[proto][-1]["server_cpu_s"] = srv.cpu_s() - s0
+                    s0, x0, m0 = srv.cpu_s(), srv.ctx_switches(), model_counters(srv.url)
+                    r = run_perf_analyzer(binary, args.model, url, proto, data, args)
+                    # over the whole perf_analyzer run (its stabilising trials too); one image a request
+                    images, batches, seconds = (b - a for a, b in zip(m0, model_counters(srv.url), strict=True))
+                    r["server_cpu_s"] = srv.cpu_s() - s0
+                    r["mean_batch"], r["model_ms"] = images / batches, 1e3 * seconds / images
+                    r["switches"] = (srv.ctx_switches() - x0) / images
+                    runs[proto].append(r)
         finally:
             code = srv.stop()
         base = offline.result()
     print(
         f"perf_analyzer, {args.concurrency} concurrent requests, {args.model} (random weights), "
         f"{args.images} JPEGs 480x360, {args.rounds} round(s), {serve_load._machine()}; levit serve exit {code}"
+        + "".join(f"; server {k}={v}" for k, v in args.server_env.items())
     )
     print(f"  offline (levit predict's pipeline, backend {base['backend']}): {base['img_s']:.1f} img/s")
     med = {}
@@ -167,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
             f"  {proto:4s}: {m['req_s']:.1f} req/s = {m['req_s'] / base['img_s']:.2f}x offline, "
             f"p50 {m['p50']:.0f} ms, p99 {m['p99']:.0f} ms; CPU s server {m['server_cpu_s']:.1f}, "
             f"perf_analyzer {m['client_cpu_s']:.1f} (rounds: {each})"
+        )
+        print(
+            f"        model: batches of {m['mean_batch']:.1f} on average, {m['model_ms']:.2f} ms per image; "
+            f"{m['switches']:.0f} context switches per request (server)"
         )
     http_ok = med["http"]["req_s"] >= 0.85 * base["img_s"]
     grpc_ok = med["grpc"]["req_s"] >= med["http"]["req_s"]

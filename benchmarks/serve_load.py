@@ -214,6 +214,22 @@ class Server:
                 total += t.user + t.system
         return total
 
+    def ctx_switches(self) -> int:
+        """Context switches (voluntary and not) of the threads of the server and of its child processes
+        so far, read per thread from ``/proc`` (Linux; psutil's count is the main thread's alone);
+        threads that have ended are not counted, the server's own threads all live as long as it."""
+        import psutil
+
+        p = psutil.Process(self.proc.pid)
+        total = 0
+        for q in [p, *p.children(recursive=True)]:
+            for status in Path(f"/proc/{q.pid}/task").glob("*/status"):
+                with contextlib.suppress(OSError):
+                    for line in status.read_text().splitlines():
+                        if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")):
+                            total += int(line.split()[1])
+        return total
+
     def stop(self, timeout: float = 120) -> int:
         self.proc.send_signal(signal.SIGTERM)
         try:
@@ -224,9 +240,15 @@ class Server:
 
 
 def start_server(
-    engine: str, ckpt: Path, args: argparse.Namespace, logdir: Path, extra: tuple[str, ...] = ()
+    engine: str,
+    ckpt: Path,
+    args: argparse.Namespace,
+    logdir: Path,
+    extra: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
 ) -> Server:
-    """``levit serve`` with the benchmark's flags and ``extra`` ones, once ``/ready`` answers 200."""
+    """``levit serve`` with the benchmark's flags and ``extra`` ones, once ``/ready`` answers 200;
+    ``env``: variables set for the server alone."""
     import httpx
 
     port = free_port()
@@ -244,7 +266,7 @@ def start_server(
     cmd += extra
     log = logdir / f"server-{engine}.log"
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("w"))
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("w"), env={**os.environ, **(env or {})})
     url = f"http://{HOST}:{port}"
     deadline = t0 + 300
     while time.perf_counter() < deadline:
