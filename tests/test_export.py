@@ -41,11 +41,33 @@ def test_export_parity_and_dynamic_batch(model, tmp_path, fmt, name):
         assert (tmp_path / "m.bin").exists()
         assert b'name="images"' in res.path.read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp files left
-    x = torch.randn(5, 3, 64, 64)  # neither the traced (2) nor the checked (3) batch
+    x = torch.randn(5, 3, 64, 64)  # neither the traced (ONNX 1, TorchScript 2) nor the checked (3) batch
     with torch.no_grad():
         ref = model(x)
         got = _run(fmt, res.path, x)
     assert got.shape == ref.shape
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-4
+
+
+def test_the_onnx_export_traces_one_image_of_its_example(model, monkeypatch):
+    """write_onnx traces the example's first image alone (the tracer holds every activation of the
+    traced call: a batch costs its size times one image's); the export takes any batch."""
+    import io
+
+    import onnxruntime as ort
+
+    from levit.runtime.export import write_onnx
+
+    traced, real = [], torch.onnx.export
+    monkeypatch.setattr(
+        torch.onnx, "export", lambda m, args, *a, **k: traced.append(args[0].shape) or real(m, args, *a, **k)
+    )
+    buf, x = io.BytesIO(), torch.randn(4, 3, 64, 64)
+    write_onnx(model, x, buf)
+    assert traced == [torch.Size([1, 3, 64, 64])]
+    got = torch.from_numpy(ort.InferenceSession(buf.getvalue()).run(None, {"images": x.numpy()})[0])
+    with torch.no_grad():
+        ref = model(x)
     assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-4
 
 

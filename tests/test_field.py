@@ -228,6 +228,27 @@ def test_a_model_no_runtime_can_take_is_listed_with_its_error(monkeypatch):
     assert "did not run: levit_tiny" in format_field_table(rows)
 
 
+@pytest.mark.parametrize(("over_budget", "timed_together"), [(False, [["a", "b", "c"]]), (True, [["a"], ["b"], ["c"]])])
+def test_a_group_whose_forms_hold_too_much_memory_is_timed_as_it_stands(monkeypatch, over_budget, timed_together):
+    """Past field.MEMORY_SHARE of the machine's memory, the forms built so far are timed and released
+    before the next model's form joins them; under it, the group is timed in the same rounds."""
+    import levit.paper.field as field
+
+    names = {"levit_128s": "a", "levit_128": "b", "levit_192": "c"}  # nearest in top-1: one group of 8
+    budget = field.memory_budget()
+    assert budget is not None and 0 < field.memory_budget(0.1) < budget  # Linux: /proc and sysconf
+    monkeypatch.setattr(field, "memory_budget", lambda: 2**30)
+    monkeypatch.setattr(field, "_rss_bytes", lambda: 2**30 + (1 if over_budget else -1))
+    groups, interleaved = [], field.interleaved
+    monkeypatch.setattr(
+        field, "interleaved", lambda cands, **kw: groups.append(list(cands)) or interleaved(cands, **kw)
+    )
+    run = SpeedRun(suite="modern", models=tuple(names), backend="eager", batch_sizes=(1,), img_size=32)
+    rows = field.run_field(SpeedRun(**{**run.__dict__, "warmup_s": 0.0, "windows": 1, "window_s": 0.0}))
+    assert [[names[k] for k in g] for g in groups] == timed_together
+    assert [r["model"] for r in rows] == list(names) and all(r["img_s"] > 0 for r in rows)
+
+
 def test_bench_protocol_all_in_process(capsys, tmp_path, monkeypatch):
     """`--protocol all`: each protocol's rows (threads, batch, backend), one table and one picture per
     protocol, one output file with a protocol column, each model built once for all protocols."""

@@ -12,7 +12,8 @@ Every model runs in its best inference form, and every model gets the same treat
    timed resolution; the forms that pass are timed on the timed input against each other in two
    short interleaved rounds, the fastest is kept and the others are released;
 4. the kept forms timed together in interleaved rounds (:func:`levit.paper.timing.interleaved`), in
-   groups of the models nearest in top-1 (:data:`GROUP_SIZE`), the same threads and batch for all;
+   groups of the models nearest in top-1 (:data:`GROUP_SIZE`, a group cut short where its forms hold
+   more than :data:`MEMORY_SHARE` of the machine's memory), the same threads and batch for all;
    a row reports the median img/s with min and max.
 
 :func:`pareto_front`, :func:`add_front_distance` and :func:`levit_ratios` read the result;
@@ -92,6 +93,11 @@ TRIAL_DROP = 1.5
 # the models timed in the same interleaved rounds (nearest in top-1): every kept form holds its
 # compiled runtime, so a run over the whole suite would otherwise hold them all at once
 GROUP_SIZE = 8
+# the kept forms of a group may hold at most this share of the machine's memory: past it the group is
+# timed as it stands and the model just added starts the next one, so that the next model's build
+# (its eager, ONNX Runtime and OpenVINO forms at once) still has room. The largest group's kept forms
+# reach about 3 GB, a build up to 2 GB more (docs/field.md, "Memory"): a machine of 8 GB cuts groups
+MEMORY_SHARE = 0.4
 # the accuracy range the docs read the front in (the range LeViT's variants span, with room either side)
 FRONT_BAND: tuple[float, float] = (70.0, 84.0)
 
@@ -138,6 +144,25 @@ class FastForm:
     params: int
     flops: int
     img_size: int
+
+
+def _rss_bytes() -> int | None:
+    """This process's resident memory (Linux's ``/proc/self/statm``); ``None`` where it cannot be read."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def memory_budget(share: float = MEMORY_SHARE) -> int | None:
+    """``share`` of the memory this process may use: the machine's, or its cgroup's limit when lower
+    (a container); ``None`` where neither can be read."""
+    sizes = []
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        sizes.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    with contextlib.suppress(OSError, ValueError):
+        sizes.append(int(Path("/sys/fs/cgroup/memory.max").read_text()))  # "max" (no limit) is not a number
+    return int(share * min(sizes)) if sizes else None
 
 
 def _release() -> None:
@@ -439,6 +464,22 @@ def _run(
     runtimes = RUNTIMES if run.backend == "auto" else (run.backend,)
     rows: dict[str, dict] = {}
     n, i = len(run.models), 0
+    budget = memory_budget()
+
+    def time_together(chosen: dict[str, FastForm]) -> None:
+        """``chosen``'s forms timed in the same interleaved rounds, their rows written."""
+
+        def on_round(r: int, rounds: int) -> None:
+            eta = clock.step(run.window_s * len(chosen))
+            if progress:  # a round is reported once it is done: its start and its end together
+                progress(r - 1, rounds, "interleaved round", None)
+                progress(r - 1, rounds, "interleaved round", {"eta_s": eta})
+
+        secs = interleaved(
+            {k: f.run for k, f in chosen.items()}, rounds=run.windows, window=run.window_s, on_round=on_round
+        )
+        rows.update({k: _row(k, f, run, secs[k]) for k, f in chosen.items()})
+
     with num_threads(run.threads):
         for group in _groups(run.models, GROUP_SIZE):
             chosen: dict[str, FastForm] = {}
@@ -458,17 +499,14 @@ def _run(
                 if progress:
                     progress(i, n, name, {**done, "batch": batch, "eta_s": eta} if done else {"eta_s": eta})
                 i += 1
-
-            def on_round(r: int, rounds: int, size: int = len(chosen)) -> None:
-                eta = clock.step(run.window_s * size)
-                if progress:  # a round is reported once it is done: its start and its end together
-                    progress(r - 1, rounds, "interleaved round", None)
-                    progress(r - 1, rounds, "interleaved round", {"eta_s": eta})
-
-            secs = interleaved(
-                {k: f.run for k, f in chosen.items()}, rounds=run.windows, window=run.window_s, on_round=on_round
-            )
-            rows.update({k: _row(k, f, run, secs[k]) for k, f in chosen.items()})
+                if done and len(chosen) > 1 and budget and (rss := _rss_bytes()) and rss > budget:
+                    newest = chosen.pop(name)  # the forms alive hold too much: the group so far is timed
+                    time_together(chosen)
+                    chosen = {name: newest}
+                    del newest
+                    _release()
+            if chosen:
+                time_together(chosen)
             del chosen
             _release()  # the group's forms, before the next group's are built
     return add_front_distance([rows[name] for name in run.models])

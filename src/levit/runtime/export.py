@@ -176,13 +176,18 @@ def check_opset(opset: int) -> None:
 
 def write_onnx(model: nn.Module, example: Tensor, dest: str | os.PathLike | io.BytesIO, opset: int = 17) -> None:
     """Write ``model`` (an fp32 inference module) as ONNX with a dynamic batch axis: the package's
-    one ONNX export (``levit export`` and :func:`levit.runtime.backend_onnxruntime.onnx_bytes`)."""
+    one ONNX export (``levit export`` and :func:`levit.runtime.backend_onnxruntime.onnx_bytes`).
+
+    The export traces the first image of ``example`` alone: the batch axis is dynamic, and the tracer
+    holds every activation of the traced call until it ends, so a whole batch costs its size times
+    that (EfficientNet-B4's batch of 16 at 380 px peaked at 11 GB, one image under 2 GB;
+    docs/field.md, "How long a run takes")."""
     check_opset(opset)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model,
-            (example,),
+            (example[:1],),
             dest if isinstance(dest, io.BytesIO) else str(dest),
             dynamo=False,
             input_names=["images"],
