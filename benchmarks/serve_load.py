@@ -216,8 +216,9 @@ class Server:
 
     def ctx_switches(self) -> int:
         """Context switches (voluntary and not) of the threads of the server and of its child processes
-        so far, read per thread from ``/proc`` (Linux; psutil's count is the main thread's alone);
-        threads that have ended are not counted, the server's own threads all live as long as it."""
+        so far, read per thread from ``/proc`` (Linux; psutil's count is the main thread's alone).
+        Threads that have ended are not counted: read it around a stretch of steady load, during which
+        the server's worker threads (which end after seconds without work) all stay."""
         import psutil
 
         p = psutil.Process(self.proc.pid)
