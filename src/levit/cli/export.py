@@ -40,7 +40,8 @@ def args_export(p: argparse.ArgumentParser) -> None:
         "-b",
         type=int,
         default=None,
-        help="onnx/openvino/torchscript: batch traced with, the batch axis stays dynamic (default 2); "
+        help="onnx/openvino/torchscript: the example batch (default 2; torchscript traces it, the ONNX "
+        "export its first image), the batch axis stays dynamic; "
         "executorch: the program's fixed batch (default 1), or its largest with --dynamic-batch "
         f"(default {DEFAULT_DYNAMIC_MAX_BATCH})",
     )

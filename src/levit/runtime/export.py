@@ -341,7 +341,8 @@ def export(
         model: a LeViT, fused or not (it is fused first; the input is untouched).
         path: output file (``.onnx``, OpenVINO ``.xml`` (+ ``.bin`` beside it), TorchScript ``.pt``).
         format: ``onnx``, ``openvino`` or ``torchscript``; ``None`` infers it from the suffix.
-        batch_size: the batch traced with; the check runs another batch size (dynamic batch).
+        batch_size: the example batch (TorchScript traces it, the ONNX export its first image:
+            :func:`write_onnx`); the check runs another batch size (dynamic batch).
         opset: ONNX opset (14 or newer).
         tolerance: the accepted relative error against float64 (:func:`rel_error`); fp32 rounding
             is allowed on top (:data:`FP32_MARGIN` times fp32 PyTorch's own error). Above it
