@@ -95,9 +95,8 @@ TRIAL_DROP = 1.5
 GROUP_SIZE = 8
 # the kept forms of a group may hold at most this share of the machine's memory: past it the group is
 # timed as it stands and the model just added starts the next one, so that the next model's build
-# (its eager, ONNX Runtime and OpenVINO forms at once) still has room. The largest group's kept forms
-# reach about 3 GB, a build up to 2 GB more (docs/field.md, "Memory"): at 40% a machine of 8 GB keeps
-# that room
+# (its eager, ONNX Runtime and OpenVINO forms alive at once) still has room beside them
+# (docs/field.md, "Memory", has the sizes)
 MEMORY_SHARE = 0.4
 # the accuracy range the docs read the front in (the range LeViT's variants span, with room either side)
 FRONT_BAND: tuple[float, float] = (70.0, 84.0)

@@ -179,9 +179,8 @@ def write_onnx(model: nn.Module, example: Tensor, dest: str | os.PathLike | io.B
     one ONNX export (``levit export`` and :func:`levit.runtime.backend_onnxruntime.onnx_bytes`).
 
     The export traces the first image of ``example`` alone: the batch axis is dynamic, and the tracer
-    holds every activation of the traced call until it ends, so a whole batch costs its size times
-    that (EfficientNet-B4's batch of 16 at 380 px peaked at 11 GB, one image under 2 GB;
-    docs/field.md, "Memory")."""
+    holds every activation of the traced call until it ends, so a whole batch would cost its size
+    times one image's memory (docs/field.md, "Memory", has the figures)."""
     check_opset(opset)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
