@@ -210,7 +210,7 @@ def section_speed(args, images: torch.Tensor) -> dict:
                     precision=prec.split()[0],
                     calibration=images if prec != "fp32" else None,
                     int8_activations=act,
-                )
+                ).data
     speeds: dict[tuple, list[float]] = {}
     for th in threads:
         cands: dict[tuple, object] = {}  # (model, backend, batch, threads) -> runner

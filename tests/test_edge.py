@@ -51,6 +51,8 @@ def test_fp32_program_matches_float64_in_the_runtime(model, exported):
     assert res.max_rel_error <= 1e-5 and res.max_rel_error <= res.limit, res
     assert res.size_bytes == res.path.stat().st_size and "vs a float64 run" in str(res)
     assert res.images == 4 and "batch 1..3" in str(res)  # checked at batch 1 and 3
+    # the whole network, dynamic batch included, in one XNNPACK subgraph: no portable kernel between parts
+    assert res.xnnpack_subgraphs == 1 and res.metadata["xnnpack"] == {"subgraphs": 1, "ops_outside": 0}
     # the written file on its own, through ExecuTorch's public runtime API, on images the check did not
     # use, at batches 2 and 1 (the batch is dynamic)
     from executorch.runtime import Runtime
@@ -86,7 +88,7 @@ def test_sidecar_carries_the_models_own_preprocessing(model, exported, tmp_path,
     """A model whose weights expect another preprocessing (its ``pretrained_cfg``) gets a sidecar with
     that preprocessing, not the ImageNet defaults (the program itself is the one already lowered)."""
     res, _ = exported
-    monkeypatch.setattr(edge, "lower", lambda *a, **k: res.path.read_bytes())
+    monkeypatch.setattr(edge, "lower", lambda *a, **k: pte.Lowered(res.path.read_bytes(), 1, 0))
     own = copy.deepcopy(model)
     own.pretrained_cfg.update(crop_pct=1.0, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), interpolation="bilinear")
     out = edge.export_executorch(own, tmp_path / "own.pte", batch_size=3, dynamic_batch=True)
@@ -151,6 +153,26 @@ def test_xnnpack_rewrites_keep_the_numbers(model):
         assert rel_max_error(gm.double()(x.double()), copy.deepcopy(fused).double()(x.double())) < 1e-12
 
 
+def test_xnnpack_rewrites_of_a_dynamic_batch_leave_no_slice(model):
+    """XNNPACK slices no tensor of dynamic shape: with a dynamic batch the q/k/v slices become linear
+    layers of the matching weight rows and the shrink attention's subsampling 1x1 convolutions of
+    stride 2, the same numbers at every batch (the lowered program is one XNNPACK subgraph: below)."""
+    aten = torch.ops.aten
+    fused = levit.fuse(model)
+    x = photos(3, HW, seed=9)
+    batch = torch.export.Dim("batch", min=1, max=3)
+    gm = pte.xnnpack_friendly(torch.export.export(fused, (x[:2],), dynamic_shapes=({0: batch},)).module())
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    assert not any(n.target == aten.slice.Tensor for n in nodes)
+    # the model's 14 linear layers, where each of the two qkv layers is now 3 and the shrink attention's kv 2
+    assert sum(n.target == aten.linear.default for n in nodes) == 14 + 2 * 2 + 1
+    assert sum(n.target == aten.conv2d.default for n in nodes) == 4 + 2  # the stem's, the 3x5 grid's two sides
+    exact = copy.deepcopy(fused).double()
+    with torch.inference_mode():
+        for b in (1, 3):
+            assert rel_max_error(gm.double()(x[:b].double()), exact(x[:b].double())) < 1e-12
+
+
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_a_program_that_fails_its_check_writes_nothing(model, exported, tmp_path, monkeypatch, precision):
     """A planted wrong weight between lowering and the check (the program holds the model's weights,
@@ -159,7 +181,7 @@ def test_a_program_that_fails_its_check_writes_nothing(model, exported, tmp_path
     planted = copy.deepcopy(model)
     with torch.no_grad():
         planted.stem[0].conv.weight.neg_()  # the first convolution's filters, sign flipped
-    monkeypatch.setattr(edge, "lower", lambda *a, **k: res.path.read_bytes())
+    monkeypatch.setattr(edge, "lower", lambda *a, **k: pte.Lowered(res.path.read_bytes(), 1, 0))
     out = tmp_path / "m.pte"
     out.write_bytes(b"old")
     edge.sidecar_path(out).write_text("old")
@@ -214,7 +236,7 @@ def test_int8_through_the_cli(model, exported, tmp_path, capsys):
     assert "top-1 agreement with fp32" in printed
     meta = edge.read_sidecar(out)
     assert meta["precision"] == "int8" and meta["int8_activations"] == "dynamic" and meta["batch"] == 1
-    assert meta["check"]["images"] == 8
+    assert meta["check"]["images"] == 8 and meta["xnnpack"]["subgraphs"] == 1
     # levit.deploy's int8 on these 8 images: OpenVINO 7/8 and 0.13, onnxruntime 4/8 and 0.16 (randomised
     # weights have close top logits: tests/test_deploy.py); a wrong scale or weight agrees on ~1/1000
     assert meta["check"]["top1_agreement"] >= 4 / 8 and meta["check"]["max_rel_error"] < 0.4, meta["check"]
@@ -274,7 +296,7 @@ def test_deploy_backend_runs_the_program(model, exported, monkeypatch):
     """levit.deploy(backend="executorch") runs an ExecuTorch program (here the fp32 one already lowered:
     the wiring, not the lowering, is under test) and resizes ExecuTorch's threadpool as asked."""
     res, _ = exported
-    monkeypatch.setattr(pte, "lower", lambda *a, **k: res.path.read_bytes())
+    monkeypatch.setattr(pte, "lower", lambda *a, **k: pte.Lowered(res.path.read_bytes(), 1, 0))
     before = pte.get_threads()
     try:
         pred = levit.deploy(model, backend="executorch", batch_size=1, threads=1)

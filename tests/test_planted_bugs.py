@@ -15,6 +15,7 @@ import torch
 from helpers import FUSE_TOL, PARITY_TOL, photos, randomized_model, rel_l2_error
 
 import levit
+from levit.weights import convert
 
 timm = pytest.importorskip("timm")
 
@@ -27,7 +28,7 @@ def model():
 @pytest.fixture(scope="module")
 def theirs(model):
     ref = timm.create_model("levit_128s", pretrained=False).eval()
-    ref.load_state_dict(levit.weights.convert.to_timm_state_dict(model), strict=True)
+    ref.load_state_dict(convert.to_timm_state_dict(model), strict=True)
     return ref
 
 

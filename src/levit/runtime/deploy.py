@@ -208,7 +208,7 @@ def prepare_runner(
         if backend == "executorch":
             from .pte import Program, lower
 
-            program = lower(module, example, precision=precision, calibration=calibration)
+            program = lower(module, example, precision=precision, calibration=calibration).data
             return lambda t: Program(program, threads=t)
         if backend == "onnxruntime":
             from .backend_onnxruntime import onnxruntime_model, onnxruntime_session

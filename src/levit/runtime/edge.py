@@ -101,6 +101,7 @@ class EdgeExportResult:
     top1_agreement: float | None = None  # int8: same arg-max as fp32 PyTorch (fraction of images)
     int8_activations: str | None = None  # int8: "dynamic" or "static"
     min_agreement: float | None = None  # int8: the accepted agreement
+    xnnpack_subgraphs: int = 1  # 1: XNNPACK runs the whole network, no portable kernel between parts
     metadata: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __str__(self) -> str:
@@ -292,7 +293,7 @@ def export_executorch(
     t0 = time.perf_counter()
     max_batch = batch_size if dynamic_batch else None
     try:  # the example only fixes the input's shape (and, dynamic, its largest batch)
-        data = lower(
+        lowered = lower(
             fused,
             proof_images(fused, batch_size, seed=0),
             precision=precision,
@@ -303,6 +304,7 @@ def export_executorch(
     except ExecuTorchError as e:
         raise ExportError(str(e)) from e
     activations = int8.activations if precision == "int8" else None
+    data = lowered.data
     with atomic_path(path, companions=(".json",)) as tmp:
         tmp.write_bytes(data)
         try:
@@ -314,6 +316,7 @@ def export_executorch(
         except ExecuTorchError as e:
             raise ExportError(f"{e}; nothing was written to {path}") from e
         meta = _metadata(fused, path, precision, batch_size, dynamic_batch, check, activations)
+        meta["xnnpack"] = {"subgraphs": lowered.xnnpack_subgraphs, "ops_outside": lowered.ops_outside}
         sidecar_path(tmp).write_text(json.dumps(meta, indent=1) + "\n")
     return EdgeExportResult(
         path=path,
@@ -324,6 +327,7 @@ def export_executorch(
         dynamic_batch=dynamic_batch,
         size_bytes=len(data),
         seconds=time.perf_counter() - t0,
+        xnnpack_subgraphs=lowered.xnnpack_subgraphs,
         metadata=meta,
         **check,
     )

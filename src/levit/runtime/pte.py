@@ -14,7 +14,10 @@ XNNPACK subgraph instead of dozens separated by ExecuTorch's portable kernels: t
 dynamic batch to the example's), the 4-D attention ``matmul`` a ``bmm`` on 3-D views, the shrink
 attention's stride-2 subsampling (the paper's Section 4.2, "shrink attention") a reshape and a
 stride-1 slice, the token average before the classifier a 4-D mean, and the stem's channels-last
-copy (an eager oneDNN layout hint) is dropped. Every rewrite moves the same numbers.
+copy (an eager oneDNN layout hint) is dropped. With a dynamic batch, which XNNPACK neither slices
+nor views by its symbol, the q/k/v slices become linear layers of their weight rows, the
+subsampling a 1x1 convolution of stride 2, and every view names the batch as -1, so that the fp32
+program is one subgraph too. Every rewrite moves the same numbers.
 
 Only this module and the ``executorch`` package talk to each other: :mod:`levit.runtime.deploy` runs
 programs through it (backend ``executorch``), :mod:`levit.runtime.edge` writes and proves ``.pte`` files.
@@ -25,16 +28,19 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import math
 import operator
 import os
 import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.fx.passes.infra.pass_base import PassResult
 
 from ..errors import LeViTError
 from ..utils import first_line
@@ -43,6 +49,7 @@ __all__ = [
     "INT8_ACTIVATIONS",
     "PRECISIONS",
     "ExecuTorchError",
+    "Lowered",
     "Program",
     "available",
     "check_available",
@@ -210,17 +217,35 @@ def _matmul_to_bmm(g: torch.fx.Graph, n: torch.fx.Node) -> torch.fx.Node | None:
         return g.call_function(_aten.reshape.default, (c, _static(_shape(n))))
 
 
-def _stride2_slice(g: torch.fx.Graph, n: torch.fx.Node) -> torch.fx.Node | None:
+def _dynamic(node: torch.fx.Node) -> bool:
+    """Whether ``node``'s value has a symbolic size (a dynamic batch)."""
+    return not all(isinstance(s, int) for s in _shape(node))
+
+
+def _stride2_slice(g: torch.fx.Graph, n: torch.fx.Node, convolve: bool) -> torch.fx.Node | None:
     """``x[..., ::2, ...]`` on a static dim of even size s: view the dim as (s/2, 2) and keep index 0
     of each pair (a stride-1 slice). An odd s (a 7x7 grid at 224 px) takes the even part that way
-    and concatenates the last row: the same elements."""
+    and concatenates the last row: the same elements.
+
+    XNNPACK slices only tensors of static shape, so with ``convolve`` a tensor with a dynamic batch
+    is subsampled by a 1x1 convolution of stride 2 whose one weight is 1 instead: the same elements
+    in fp32 (x * 1.0), and one XNNPACK op."""
     x, d = n.args[0], n.args[1]
     sx = _shape(x)
     d %= len(sx)
     size = sx[d]
     start, end = n.args[2], n.args[3]
-    if not isinstance(size, int) or size < 2 or start != 0 or end < size:
+    if not isinstance(size, int) or size < 2 or start != 0 or end < size or d == 0:
         return None
+    if convolve and _dynamic(x):
+        after = math.prod(sx[d + 1 :])
+        if not all(isinstance(s, int) for s in sx[d + 1 :]):
+            return None
+        one = _constant(g, torch.ones(1, 1, 1, 1), "subsample_one")
+        with g.inserting_before(n):  # (B*before, 1, s, after) -> (B*before, 1, ceil(s/2), after)
+            v = g.call_function(_aten.reshape.default, (x, [-1, 1, size, after]))
+            c = g.call_function(_aten.conv2d.default, (v, one, None, [2, 1]))
+            return g.call_function(_aten.reshape.default, (c, _static(_shape(n))))
     even = size - size % 2
     with g.inserting_before(n):
         head = x if even == size else g.call_function(_aten.slice.Tensor, (x, d, 0, even))
@@ -246,13 +271,83 @@ def _token_mean(g: torch.fx.Graph, n: torch.fx.Node) -> torch.fx.Node | None:
         return g.call_function(_aten.reshape.default, (m, [B, C]))
 
 
-def xnnpack_friendly(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+def _constant(g: torch.fx.Graph, value: Tensor, stem: str) -> torch.fx.Node:
+    """A new parameter of ``g``'s module holding ``value``, read by a ``get_attr`` at the graph's start."""
+    gm = g.owning_module
+    stem = stem.replace(".", "_")
+    name, i = stem, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{stem}_{i}"
+    gm.register_parameter(name, nn.Parameter(value.detach().clone(), requires_grad=False))
+    with g.inserting_before(next(iter(g.nodes))):
+        node = g.get_attr(name)
+    node.meta["val"] = value
+    return node
+
+
+def _heads_slice(g: torch.fx.Graph, n: torch.fx.Node) -> torch.fx.Node | None:
+    """A slice of each head's channels out of a linear layer's output viewed as (B, N, heads, per),
+    the q/k/v split of attention: the linear layer of just those rows of the weight, viewed as
+    (B, N, heads, width). The same numbers (the same dot products), and no slice of a tensor with a
+    dynamic batch, which XNNPACK does not take."""
+    view, d, start, end = n.args[:4]
+    if (len(n.args) > 4 and n.args[4] != 1) or view.target != _aten.view.default:
+        return None
+    lin = view.args[0]
+    shape = _shape(view)
+    if lin.target != _aten.linear.default or len(shape) != 4 or d % 4 != 3 or len(lin.users) != 1:
+        return None
+    if not all(isinstance(s, int) for s in [*shape[1:], start, end]):
+        return None
+    if not all(a.op == "get_attr" for a in lin.args[1:] if a is not None):
+        return None
+    heads, per = shape[2], shape[3]
+    end = min(end, per)
+    rows = [h * per + j for h in range(heads) for j in range(start, end)]
+    w = operator.attrgetter(lin.args[1].target)(g.owning_module)
+    b = operator.attrgetter(lin.args[2].target)(g.owning_module) if len(lin.args) > 2 and lin.args[2] else None
+    if w.shape[0] != heads * per:
+        return None
+    weight = _constant(g, w[rows], f"{lin.args[1].target}_{start}_{end}")
+    bias = None if b is None else _constant(g, b[rows], f"{lin.args[2].target}_{start}_{end}")
+    with g.inserting_before(n):
+        out = g.call_function(_aten.linear.default, (lin.args[0], weight, bias))
+        return g.call_function(_aten.view.default, (out, _static([*shape[:3], end - start])))
+
+
+def _batch_as_inferred(gm: torch.fx.GraphModule) -> PassResult:
+    """ExecuTorch edge pass: every ``view_copy`` whose shape names the dynamic batch's symbol (torch's
+    decompositions write the inferred size out) gets its sizes written out, the batch as the one
+    inferred size, -1. XNNPACK takes a view with one inferred size, not one with a symbolic size; -1
+    infers the same size."""
+    changed = False
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or "view_copy" not in str(n.target):
+            continue
+        out = list(n.meta["val"].shape)  # the sizes the view makes, -1 resolved
+        if any(not isinstance(s, int) for s in n.args[1]) and sum(not isinstance(s, int) for s in out) == 1:
+            n.args = (n.args[0], _static(out), *n.args[2:])
+            changed = True
+    gm.graph.eliminate_dead_code()  # the symbolic arithmetic those sizes were
+    gm.recompile()
+    return PassResult(gm, changed)
+
+
+def xnnpack_friendly(gm: torch.fx.GraphModule, *, convolve: bool = True) -> torch.fx.GraphModule:
     """Rewrite, in place, the ops of an exported ATen graph (``torch.export.export(...).module()``)
     that XNNPACK does not take into equivalent ones it does; returns ``gm``.
 
     ``split_with_sizes`` -> slices; 4-D ``matmul`` -> ``bmm``; stride-2 slices -> reshape + slice;
     ``mean`` over the tokens of (B, N, C) -> a 4-D mean; a channels-last ``contiguous`` -> nothing.
     Anything else is left as it is (it then runs in ExecuTorch's portable kernels).
+
+    A graph exported with a dynamic batch gets three more, because XNNPACK neither slices a tensor
+    of dynamic shape nor views one to a shape that names the batch's symbol: views name the batch as
+    -1; the q/k/v slices become linear layers of the matching weight rows; with ``convolve``, the
+    stride-2 subsampling becomes a 1x1 convolution of stride 2 with weight 1. ``convolve=False``
+    keeps that convolution out of a graph that is quantized next (the quantizer would round the
+    copy it makes).
     """
     g = gm.graph
     for n in list(g.nodes):
@@ -269,11 +364,21 @@ def xnnpack_friendly(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         if n.target == _aten.matmul.default:
             out = _matmul_to_bmm(g, n)
         elif n.target == _aten.slice.Tensor and len(n.args) == 5 and n.args[4] == 2:
-            out = _stride2_slice(g, n)
+            out = _stride2_slice(g, n, convolve)
         elif n.target == _aten.mean.dim:
             out = _token_mean(g, n)
         if out is not None:
             out.meta = dict(n.meta)  # the same value: later rewrites read its shape
+            n.replace_all_uses_with(out)
+            g.erase_node(n)
+    for n in list(g.nodes):  # a dynamic batch: the q/k/v slices made above
+        out = None
+        if n.op != "call_function" or not isinstance(n.meta.get("val"), Tensor) or not _dynamic(n):
+            continue
+        if n.target == _aten.slice.Tensor:
+            out = _heads_slice(g, n)
+        if out is not None:
+            out.meta = dict(n.meta)
             n.replace_all_uses_with(out)
             g.erase_node(n)
     g.eliminate_dead_code()
@@ -291,6 +396,29 @@ def _chunks(images: Tensor, batch: int, fixed: bool) -> Iterator[Tensor]:
         yield c
 
 
+@dataclass(frozen=True)
+class Lowered:
+    """A lowered program: its ``.pte`` bytes, and how much of it XNNPACK runs."""
+
+    data: bytes
+    xnnpack_subgraphs: int  # XNNPACK delegates; 1: the whole network in one
+    ops_outside: int  # tensor ops left to ExecuTorch's portable kernels, between the subgraphs
+
+
+def _parts(graph: torch.fx.Graph) -> tuple[int, int]:
+    """(XNNPACK subgraphs, tensor ops outside them) of a lowered edge graph."""
+    calls = [n for n in graph.nodes if n.op == "call_function"]
+    delegates = sum("executorch_call_delegate" in str(n.target) for n in calls)
+    outside = [
+        n
+        for n in calls
+        if n.target is not operator.getitem
+        and isinstance(n.meta.get("val"), Tensor)
+        and "executorch_call_delegate" not in str(n.target)
+    ]
+    return delegates, len(outside)
+
+
 def lower(
     module: nn.Module,
     example: Tensor,
@@ -299,8 +427,9 @@ def lower(
     calibration: Tensor | None = None,
     max_batch: int | None = None,
     int8_activations: str = "dynamic",
-) -> bytes:
-    """The ExecuTorch program (``.pte`` bytes) of an fp32 inference ``module``, lowered to XNNPACK.
+) -> Lowered:
+    """The ExecuTorch program (``.pte`` bytes, in :class:`Lowered`) of an fp32 inference ``module``,
+    lowered to XNNPACK.
 
     Args:
         module: takes one (B, C, H, W) float tensor (a fused LeViT, or any image classifier).
@@ -337,12 +466,15 @@ def lower(
             from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
             from executorch.exir import to_edge_transform_and_lower
 
-            gm = xnnpack_friendly(torch.export.export(module, (example,), dynamic_shapes=dynamic).module())
+            gm = torch.export.export(module, (example,), dynamic_shapes=dynamic).module()
+            gm = xnnpack_friendly(gm, convolve=precision == "fp32")
             if precision == "int8":
                 gm = _quantize(gm, calibration, example.shape[0], max_batch is None, int8_activations)
             program = torch.export.export(gm, (example,), dynamic_shapes=dynamic)
-            edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
-            return bytes(edge.to_executorch().buffer)
+            passes = [_batch_as_inferred] if dynamic else None
+            edge = to_edge_transform_and_lower(program, transform_passes=passes, partitioner=[XnnpackPartitioner()])
+            subgraphs, outside = _parts(edge.exported_program().graph)
+            return Lowered(bytes(edge.to_executorch().buffer), subgraphs, outside)
     except ExecuTorchError:
         raise
     except Exception as e:
