@@ -9,6 +9,12 @@ import torch
 from helpers import tiny_model
 from torch import nn
 
+# OpenVINO's and NNCF's usage telemetry is on unless the user opted out; each event is sent from a
+# forked copy of the sending process (a copy of every page table of a process holding torch and the
+# models). Their documented switches for CI runs turn it off here and in the processes tests start.
+os.environ.setdefault("CI", "true")
+os.environ.setdefault("NNCF_CI", "1")
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # the suite runs in several processes (README: pytest-xdist's ``-n``): one torch thread each, so
     # that they do not fight over the cores

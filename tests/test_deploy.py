@@ -14,6 +14,7 @@ from helpers import photos, tiny_model
 import levit
 from levit.runtime.calibration import fidelity
 from levit.runtime.deploy import DeployError, DeployWarning, Predictor, check_backend, resolve
+from levit.runtime.export import openvino_core, to_openvino
 
 
 @pytest.fixture(scope="module")
@@ -220,30 +221,26 @@ def test_openvino_bf16_reports_what_runs():
 def test_openvino_does_not_pin_a_model_on_fewer_threads_than_cores(monkeypatch):
     """OpenVINO pins a compiled model's threads from the first core on: two one-thread models (levit
     serve's lanes, Ray actors) would share one core. Fewer threads than cores: no pinning."""
-    import openvino as ov
-
     monkeypatch.setattr(ov_backend, "available_cpus", lambda: 4)
     assert ov_backend.openvino_config("fp32", 1)["ENABLE_CPU_PINNING"] is False
     assert "ENABLE_CPU_PINNING" not in ov_backend.openvino_config("fp32", 4)  # all the cores: OpenVINO's default
     assert "ENABLE_CPU_PINNING" not in ov_backend.openvino_config("fp32", None)
-    net = ov.convert_model(torch.nn.Linear(8, 4).eval(), example_input=torch.randn(2, 8))
-    compiled = ov.Core().compile_model(net, "CPU", ov_backend.openvino_config("fp32", 1))
+    net = to_openvino(torch.nn.Linear(8, 4).eval(), torch.randn(2, 8))
+    compiled = openvino_core().compile_model(net, "CPU", ov_backend.openvino_config("fp32", 1))
     assert compiled.get_property("ENABLE_CPU_PINNING") is False
 
 
 @pytest.mark.skipif(not HAS_OPENVINO, reason="openvino not installed")
 @pytest.mark.parametrize("bf16_ok", [False, True])
 def test_openvino_int8_unquantized_layers_follow_the_bf16_probe(bf16_ok):
-    import openvino as ov
-
     with kernels.forced(cpu_bf16=bf16_ok):
         config = ov_backend.openvino_config("int8", 1)
     assert config["INFERENCE_PRECISION_HINT"] == ("bf16" if bf16_ok else "f32")
     assert config["INFERENCE_NUM_THREADS"] == 1
     assert ov_backend.openvino_config("fp32", None)["INFERENCE_PRECISION_HINT"] == "f32"  # asked-for precisions win
     if not bf16_ok:  # OpenVINO takes the option and runs f32 on any CPU
-        net = ov.convert_model(torch.nn.Linear(8, 4).eval(), example_input=torch.randn(2, 8))
-        compiled = ov.Core().compile_model(net, "CPU", config)
+        net = to_openvino(torch.nn.Linear(8, 4).eval(), torch.randn(2, 8))
+        compiled = openvino_core().compile_model(net, "CPU", config)
         assert str(compiled.get_property("INFERENCE_PRECISION_HINT")) == "<Type: 'float32'>"
 
 

@@ -1,6 +1,7 @@
 """The ``openvino`` backend of :func:`levit.deploy`: the fused model converted by
-``openvino.convert_model``, fp32, bf16 or int8 (NNCF post-training quantization calibrated on the
-user's images), with CPU compile options keyed on what this CPU can do."""
+:func:`levit.runtime.export.to_openvino` (its ONNX export, read by OpenVINO), fp32, bf16 or int8
+(NNCF post-training quantization calibrated on the user's images), with CPU compile options keyed on
+what this CPU can do."""
 
 from __future__ import annotations
 

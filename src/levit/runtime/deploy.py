@@ -6,7 +6,7 @@ own module:
 - ``eager``, ``inductor`` (``torch.compile`` with frozen weights), ``cudagraph`` (the fused eager
   module replayed from CUDA graphs): :mod:`levit.runtime.backend_torch`;
 - ``onnxruntime``: the fused model exported to ONNX: :mod:`levit.runtime.backend_onnxruntime`;
-- ``openvino``: the fused model converted with ``openvino.convert_model``: :mod:`levit.runtime.backend_openvino`;
+- ``openvino``: the fused model's ONNX export read by OpenVINO: :mod:`levit.runtime.backend_openvino`;
 - ``executorch``: the fused model lowered to an ExecuTorch program for XNNPACK (:mod:`levit.runtime.pte`),
   run in ExecuTorch's runtime at a fixed batch of ``batch_size``: what a phone runs;
 - ``auto``: the fastest one on this machine for the precision asked for.

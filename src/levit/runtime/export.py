@@ -230,12 +230,13 @@ def to_openvino(model: nn.Module, example: Tensor):
 
 
 def openvino_model_from_onnx(onnx_model: bytes):  # -> openvino.Model
-    """An fp32 ONNX export (:func:`write_onnx`, batch axis dynamic) converted by OpenVINO's model
-    converter (its ONNX frontend, then its graph passes): the step :func:`to_openvino` takes, for a
-    caller that already holds the export."""
-    import openvino as ov
-
-    return ov.convert_model(io.BytesIO(onnx_model))
+    """An fp32 ONNX export (:func:`write_onnx`, batch axis dynamic) read by OpenVINO's ONNX frontend
+    (``Core.read_model``): the step :func:`to_openvino` takes, for a caller that already holds the
+    export. Not ``openvino.convert_model``: its Python converter sends a telemetry event per op type
+    of the graph, each from a forked copy of the calling process (a copy of every page table of a
+    process holding torch and the models), unless the user opted out; read_model gives the same
+    graph (the same logits, bit for bit: tests/test_export.py) from OpenVINO's C++ core alone."""
+    return openvino_core().read_model(onnx_model, b"")
 
 
 def _write_openvino(model: nn.Module, example: Tensor, tmp: Path) -> None:
