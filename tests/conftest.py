@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
@@ -47,3 +48,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Long files first (a stable sort: the order inside a file is kept)."""
     rank = {name: i for i, name in enumerate(_LONG_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The objects alive once the test files are imported (torch and the other libraries) are frozen
+    out of the cyclic garbage collector: the full collections some tests and the field suite's memory
+    release run then scan only what the tests made, not every object of every imported library."""
+    gc.collect()
+    gc.freeze()

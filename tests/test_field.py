@@ -355,3 +355,23 @@ def test_protocol_runs_cover_the_documented_models():
     assert all(r.models == ALL_QUICK_MODELS for r in quick.values())
     ((name, one),) = protocol_runs(SpeedRun(suite="modern"), "latency")  # alone: the whole suite
     assert name == "latency" and one.models == MODERN_MODELS
+
+
+def test_the_heap_freeze_of_a_run_leaves_a_callers_freeze_in_place():
+    """A run freezes the heap it starts with and thaws it after; a heap frozen before the run (a
+    server's, this test session's: tests/conftest.py) stays frozen, as gc.unfreeze would thaw it too."""
+    import gc
+
+    from levit.paper.field import _heap_frozen
+
+    gc.freeze()
+    with _heap_frozen():
+        assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() > 0
+    gc.unfreeze()
+    try:
+        with _heap_frozen():
+            assert gc.get_freeze_count() > 0
+        assert gc.get_freeze_count() == 0
+    finally:
+        gc.freeze()

@@ -108,7 +108,7 @@ class Server:
                 url = m.group(0)
             if url is not None:
                 try:
-                    if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                    if HTTP.get(url + "/ready", timeout=2).status_code == 200:
                         return url
                 except httpx.TransportError:
                     pass
@@ -137,9 +137,15 @@ def server(files, tmp_path_factory):
     assert s.stop() == 0
 
 
+# one client for the plain-HTTP calls of this file: each httpx.get/post builds a client of its own,
+# whose TLS context loads the CA bundle (about 20 ms of CPU, some 140 times here); no keep-alive, so
+# that no connection outlives the server it was opened to
+HTTP = httpx.Client(timeout=5, limits=httpx.Limits(max_keepalive_connections=0))
+
+
 def post(url: str, data: bytes, ctype: str | None = "image/jpeg", **kw) -> httpx.Response:
     headers = {"content-type": ctype} if ctype else {}
-    return httpx.post(url + "/v1/classify", content=data, headers=headers, timeout=30, **kw)
+    return HTTP.post(url + "/v1/classify", content=data, headers=headers, timeout=30, **kw)
 
 
 def assert_same(top: list[dict], want: list[dict]) -> None:
@@ -151,7 +157,7 @@ def assert_same(top: list[dict], want: list[dict]) -> None:
 def metric(url: str, name: str, labels: dict | None = None) -> float:
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(url + "/metrics", timeout=10).text
+    text = HTTP.get(url + "/metrics", timeout=10).text
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
             if s.name == name and (labels is None or all(s.labels.get(k) == v for k, v in labels.items())):
@@ -161,11 +167,11 @@ def metric(url: str, name: str, labels: dict | None = None) -> float:
 
 # ---- endpoints -------------------------------------------------------------------------------------
 def test_health_ready_docs(server):
-    assert httpx.get(server.url + "/health").json() == {"status": "alive"}
-    r = httpx.get(server.url + "/ready")
+    assert HTTP.get(server.url + "/health").json() == {"status": "alive"}
+    r = HTTP.get(server.url + "/ready")
     assert r.status_code == 200 and r.json()["status"] == "ready"
-    assert "swagger" in httpx.get(server.url + "/docs").text.lower()
-    spec = httpx.get(server.url + "/openapi.json").json()
+    assert "swagger" in HTTP.get(server.url + "/docs").text.lower()
+    spec = HTTP.get(server.url + "/openapi.json").json()
     assert "multipart/form-data" in spec["paths"]["/v1/classify"]["post"]["requestBody"]["content"]
 
 
@@ -180,7 +186,7 @@ def test_classify_raw_bytes_matches_predict(server, files, expected, name):
 
 
 def test_classify_multipart_and_topk(server, files, expected):
-    r = httpx.post(
+    r = HTTP.post(
         server.url + "/v1/classify?topk=2", files={"file": ("a.jpg", files["a.jpg"].read_bytes(), "image/jpeg")}
     )
     assert r.status_code == 200, r.text
@@ -649,7 +655,7 @@ def test_not_an_image_truncated_and_empty_are_400(server, files):
     assert "truncated" in _error_line(post(server.url, jpg[: len(jpg) // 3]), 400)
     assert "empty" in _error_line(post(server.url, b""), 400)
     assert "topk" in _error_line(post(server.url + "", jpg, params={"topk": "zero"}), 400)
-    r = httpx.post(server.url + "/v1/classify", files={"text": (None, "no file here")})
+    r = HTTP.post(server.url + "/v1/classify", files={"text": (None, "no file here")})
     assert "without a file" in _error_line(r, 400)
 
 
@@ -724,7 +730,7 @@ def test_a_request_head_over_the_limit_gets_431_and_its_connection_closes(server
         reply = _raw_reply(s)
     assert reply.startswith(b"HTTP/1.1 431"), reply[:200]
     assert b"--max-header-kb" in reply and b'{"error"' in reply
-    r = httpx.post(
+    r = HTTP.post(
         server.url + "/v1/classify",
         content=files["a.jpg"].read_bytes(),
         headers={"content-type": "image/jpeg", "x-fill": "b" * 7000},
@@ -751,7 +757,7 @@ def test_slow_request_heads_and_silent_connections_are_closed(server):
     for reply in replies:
         assert reply.startswith(b"HTTP/1.1 408") and b"--header-timeout" in reply, reply[:200]
     assert took < 6
-    assert httpx.get(server.url + "/health").status_code == 200
+    assert HTTP.get(server.url + "/health").status_code == 200
 
 
 def test_access_log_has_one_line_per_request_and_no_traceback(server, files):
@@ -788,13 +794,13 @@ def test_access_log_off_with_quiet_in_process(files, caplog):
 
 # ---- the Open Inference Protocol (KServe v2) ----------------------------------------------------------
 def test_v2_health_server_and_model_metadata(server):
-    assert httpx.get(server.url + "/v2/health/live").json() == {"live": True}
-    assert httpx.get(server.url + "/v2/health/ready").json() == {"ready": True}
-    assert httpx.get(server.url + "/v2").json()["name"] == "levit"
-    meta = httpx.get(server.url + "/v2/models/levit_tiny").json()
+    assert HTTP.get(server.url + "/v2/health/live").json() == {"live": True}
+    assert HTTP.get(server.url + "/v2/health/ready").json() == {"ready": True}
+    assert HTTP.get(server.url + "/v2").json()["name"] == "levit"
+    meta = HTTP.get(server.url + "/v2/models/levit_tiny").json()
     assert meta["name"] == "levit_tiny" and meta["inputs"][0]["datatype"] == "BYTES"
     assert {o["name"]: o["datatype"] for o in meta["outputs"]} == {"class": "INT64", "label": "BYTES", "prob": "FP32"}
-    assert httpx.get(server.url + "/v2/models/levit_tiny/versions/1/ready").json() == {
+    assert HTTP.get(server.url + "/v2/models/levit_tiny/versions/1/ready").json() == {
         "name": "levit_tiny",
         "ready": True,
     }
@@ -833,7 +839,7 @@ def test_v2_model_config_is_what_perf_analyzer_reads(server, files, expected):
         # max_batch_size images in one request are taken, one more is refused before any is decoded
         n = config["max_batch_size"]
         v2 = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [n + 1], "data": ["eA=="] * (n + 1)}]}
-        r = httpx.post(server.url + "/v2/models/levit_tiny/infer", json=v2, timeout=30)
+        r = HTTP.post(server.url + "/v2/models/levit_tiny/infer", json=v2, timeout=30)
         assert f"{n + 1} images in one request: at most {n}" in _error_line(r, 400)
         with pytest.raises(Exception, match="unknown model"):
             gc_.get_model_config("resnet")
@@ -883,19 +889,17 @@ def test_v2_infer_in_json_and_its_errors(server, files, expected):
         "parameters": {"topk": 2},
         "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(jpg).decode()]}],
     }
-    body = httpx.post(url, json=request, timeout=30).json()
+    body = HTTP.post(url, json=request, timeout=30).json()
     assert body["id"] == "r1" and body["model_name"] == "levit_tiny"
     out = {o["name"]: o for o in body["outputs"]}
     assert out["class"]["shape"] == [1, 2] and out["class"]["data"] == [t["class"] for t in expected["a.jpg"][:2]]
     assert out["label"]["data"] == [t["label"] for t in expected["a.jpg"][:2]]
     bad = {**request, "inputs": [{**request["inputs"][0], "data": [base64.b64encode(b"junk").decode()]}]}
-    assert "not an image" in _error_line(httpx.post(url, json=bad, timeout=30), 400)
-    assert "BYTES" in _error_line(httpx.post(url, json={"inputs": [{"datatype": "FP32", "shape": [1]}]}), 400)
-    assert "KServe v2" in _error_line(httpx.post(url, content=b"{not json"), 400)
-    assert "unknown model 'resnet'" in _error_line(
-        httpx.post(server.url + "/v2/models/resnet/infer", json=request), 404
-    )
-    assert "version" in _error_line(httpx.get(server.url + "/v2/models/levit_tiny/versions/7"), 404)
+    assert "not an image" in _error_line(HTTP.post(url, json=bad, timeout=30), 400)
+    assert "BYTES" in _error_line(HTTP.post(url, json={"inputs": [{"datatype": "FP32", "shape": [1]}]}), 400)
+    assert "KServe v2" in _error_line(HTTP.post(url, content=b"{not json"), 400)
+    assert "unknown model 'resnet'" in _error_line(HTTP.post(server.url + "/v2/models/resnet/infer", json=request), 404)
+    assert "version" in _error_line(HTTP.get(server.url + "/v2/models/levit_tiny/versions/7"), 404)
 
 
 def test_v2_grpc_with_tritonclient_equals_predict(server, files, expected):
@@ -940,10 +944,10 @@ def _b64(path: Path) -> str:
 
 
 def test_unknown_routes_and_methods_answer_json_errors(server):
-    assert "Not Found" in _error_line(httpx.get(server.url + "/nowhere"), 404)
-    r = httpx.get(server.url + "/v2/models/levit_tiny/infer")
+    assert "Not Found" in _error_line(HTTP.get(server.url + "/nowhere"), 404)
+    r = HTTP.get(server.url + "/v2/models/levit_tiny/infer")
     assert "Method Not Allowed" in _error_line(r, 405) and r.headers["allow"] == "POST"
-    assert _error_line(httpx.get(server.url + "/v1/classify"), 405)
+    assert _error_line(HTTP.get(server.url + "/v1/classify"), 405)
 
 
 # ---- the command line ------------------------------------------------------------------------------
@@ -1162,19 +1166,19 @@ async def _in_process_post(svc, path: str, **kw) -> httpx.Response:
 def test_sighup_loads_the_checkpoint_again_as_the_next_version(server, files, expected):
     """SIGHUP re-reads --checkpoint: version 2 serves the same answers, named in /v1/classify, v2
     inference, model metadata, the repository index and the metrics."""
-    v0 = httpx.post(server.url + "/v2/repository/index", timeout=10).json()[0]["version"]
+    v0 = HTTP.post(server.url + "/v2/repository/index", timeout=10).json()[0]["version"]
     server.proc.send_signal(signal.SIGHUP)
     want = str(int(v0) + 1)
     end = time.monotonic() + 30
-    while httpx.post(server.url + "/v2/repository/index", timeout=10).json()[0]["version"] != want:
+    while HTTP.post(server.url + "/v2/repository/index", timeout=10).json()[0]["version"] != want:
         assert time.monotonic() < end, server.log.read_text()
         time.sleep(0.1)
     r = post(server.url, files["a.jpg"].read_bytes())
     assert r.json()["version"] == want
     assert_same(r.json()["top"], expected["a.jpg"])
-    assert httpx.get(server.url + "/v2/models/levit_tiny", timeout=10).json()["versions"] == [want]
+    assert HTTP.get(server.url + "/v2/models/levit_tiny", timeout=10).json()["versions"] == [want]
     v2 = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [_b64(files["b.png"])]}]}
-    out = httpx.post(f"{server.url}/v2/models/levit_tiny/versions/{want}/infer", json=v2, timeout=30).json()
+    out = HTTP.post(f"{server.url}/v2/models/levit_tiny/versions/{want}/infer", json=v2, timeout=30).json()
     assert out["model_version"] == want
     assert metric(server.url, "levit_model_version", {"model": "levit_tiny"}) == float(want)
     assert f"version {want} serving" in server.log.read_text()
@@ -1286,11 +1290,11 @@ def test_cli_serves_several_models_named_on_the_command_line(files, versions, tm
         *("--backend", "eager", "--threads", "1", "--lanes", "1", "--topk", "3"),
     )
     try:
-        assert httpx.get(s.url + "/ready").json()["models"] == {"first": "1", "second": "1"}
+        assert HTTP.get(s.url + "/ready").json()["models"] == {"first": "1", "second": "1"}
         jpg = files["a.jpg"].read_bytes()
         first, second = (
             post(s.url, jpg).json(),
-            httpx.post(
+            HTTP.post(
                 s.url + "/v1/classify?model=second", content=jpg, headers={"content-type": "image/jpeg"}, timeout=30
             ).json(),
         )
@@ -1299,7 +1303,7 @@ def test_cli_serves_several_models_named_on_the_command_line(files, versions, tm
         assert [t["class"] for t in first["top"]] != [t["class"] for t in second["top"]]
         s.proc.send_signal(signal.SIGHUP)
         end = time.monotonic() + 30
-        while httpx.get(s.url + "/ready").json()["models"] != {"first": "2", "second": "2"}:
+        while HTTP.get(s.url + "/ready").json()["models"] != {"first": "2", "second": "2"}:
             assert time.monotonic() < end, s.log.read_text()
             time.sleep(0.1)
     finally:
@@ -1348,7 +1352,7 @@ def test_ray_serve_two_replicas_answer_like_the_single_process_server(files, exp
             assert time.monotonic() < end and proc.poll() is None, polls
             t0 = time.monotonic()
             try:
-                status = httpx.get(url + "/ready", timeout=5).status_code
+                status = HTTP.get(url + "/ready", timeout=5).status_code
             except httpx.TransportError:
                 status = "refused"  # before Ray Serve's proxy listens
             polls.append((status, time.monotonic() - t0))
@@ -1396,7 +1400,7 @@ def _two_replicas_answer(url: str, files: dict, expected: dict, server) -> None:
     assert len(replicas) == 2, f"only {replicas} answered"
     assert post(url, b"junk").status_code == 400
     v2 = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [_b64(files["b.png"])]}]}
-    out = httpx.post(f"{url}/v2/models/levit_tiny/infer", json=v2, timeout=30).json()["outputs"]
+    out = HTTP.post(f"{url}/v2/models/levit_tiny/infer", json=v2, timeout=30).json()["outputs"]
     assert out[0]["name"] == "class" and out[0]["data"] == [t["class"] for t in expected["b.png"]]
     # /metrics through the proxy: every replica's series in every scrape, none ever going down,
     # adding up to what was sent once each replica has posted its values (each second)
@@ -1406,7 +1410,7 @@ def _two_replicas_answer(url: str, files: dict, expected: dict, server) -> None:
         time.sleep(0.3)
     scrapes = [_classify_counts(url) for _ in range(4)]
     assert all(s == scrapes[0] and set(s) == replicas for s in scrapes), (scrapes, replicas)
-    r = httpx.post(f"{url}/v2/repository/models/levit_tiny/load", timeout=30)
+    r = HTTP.post(f"{url}/v2/repository/models/levit_tiny/load", timeout=30)
     assert "SIGHUP" in _error_line(r, 501)  # one replica cannot load for all: levit serve rolls them over
     # a replica killed under load: the front retries its requests on the other, no client sees an error
     victim = int(sorted(replicas)[0].rsplit(":", 1)[1])
@@ -1439,7 +1443,7 @@ def _classify_counts(url: str) -> dict[str, float]:
     from prometheus_client.parser import text_string_to_metric_families
 
     out = {}
-    for fam in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
+    for fam in text_string_to_metric_families(HTTP.get(url + "/metrics", timeout=10).text):
         for s in fam.samples:
             if s.name == "levit_requests_total" and s.labels["route"] == "/v1/classify" and s.labels["status"] == "200":
                 out[s.labels["replica"]] = s.value

@@ -179,18 +179,21 @@ def _release() -> None:
 def _heap_frozen() -> Iterator[None]:
     """Within the block, :func:`_release`'s garbage collection skips what was alive when it began (the
     imported libraries, whose objects a collection after every model would otherwise walk each time);
-    what the run makes is collected as before."""
+    what the run makes is collected as before. A heap the caller froze before stays frozen after
+    (``gc.unfreeze`` would thaw the caller's objects too)."""
     import timm  # noqa: F401  (imported here so that the freeze covers it; the runtimes likewise)
 
     for module in ("onnxruntime", "openvino"):
         with contextlib.suppress(ImportError):
             __import__(module)
+    frozen_before = gc.get_freeze_count() > 0
     gc.collect()
     gc.freeze()
     try:
         yield
     finally:
-        gc.unfreeze()
+        if not frozen_before:
+            gc.unfreeze()
 
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
