@@ -213,7 +213,7 @@ def _form_builder(eager: nn.Module, x: torch.Tensor, cache: dict | None = None) 
     from ..runtime.backend_onnxruntime import onnx_bytes, onnxruntime_session
     from ..runtime.backend_openvino import openvino_compiled
     from ..runtime.deploy import build_runner
-    from ..runtime.export import openvino_core
+    from ..runtime.export import openvino_model_from_onnx
 
     threads = torch.get_num_threads()
     cache = {} if cache is None else cache  # "onnx": the bytes or the export's error; "openvino": likewise
@@ -232,12 +232,8 @@ def _form_builder(eager: nn.Module, x: torch.Tensor, cache: dict | None = None) 
         return made("onnx", lambda: onnx_bytes(copy.deepcopy(eager).float().eval(), x))
 
     def openvino() -> Runner:
-        try:
-            # the export read by OpenVINO's ONNX frontend as it is (``Core.read_model``), without the
-            # graph passes of its model converter (:func:`~levit.runtime.export.openvino_model_from_onnx`):
-            # the CPU plugin's compilation applies its own, so the compiled model is the same, for less
-            # CPU (docs/field.md, "How long a run takes", has the comparison)
-            model = made("openvino", lambda: openvino_core().read_model(onnx(), b""))
+        try:  # the ONNX Runtime form's export, read by OpenVINO's ONNX frontend
+            model = made("openvino", lambda: openvino_model_from_onnx(onnx()))
         except Exception:  # no ONNX export of this model: OpenVINO's own conversion of the module
             return build_runner(eager, "openvino", "fp32", example=x, threads=threads)
         return openvino_compiled(model, "fp32", threads)
