@@ -28,10 +28,13 @@ def tiny() -> nn.Module:
     return tiny_model(seed=1)
 
 
-# the files with the longest tests (Ray clusters, ExecuTorch lowering, servers, training runs) start
-# first, so that the short tests fill both processes up to the end instead of waiting behind them
+# the files start in the order of their cost (CPU seconds on the 2-core development machine, the
+# longest tests first: Ray clusters, ExecuTorch lowering, servers, training runs), so that the short
+# files fill both processes up to the end instead of one process finishing a long file alone; files
+# not listed (about a second each) come last
 _LONG_FIRST = (
     "test_serve",
+    "test_serve_ray",
     "test_pipeline",
     "test_edge",
     "test_elastic",
@@ -41,11 +44,29 @@ _LONG_FIRST = (
     "test_docs",
     "test_newcomer",
     "test_field",
+    "test_export",
+    "test_fuse",
+    "test_preprocess",
+    "test_structure",
+    "test_hfds",
+    "test_teacher_cache",
+    "test_parity",
+    "test_ablations",
+    "test_data",
+    "test_hf",
+    "test_shards",
+    "test_first_use",
+    "test_ablate",
+    "test_checkpoint",
+    "test_backbone",
+    "test_model",
+    "test_benchmark",
+    "test_ray_reaper",
 )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Long files first (a stable sort: the order inside a file is kept)."""
+    """Costly files first (a stable sort: the order inside a file is kept)."""
     rank = {name: i for i, name in enumerate(_LONG_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))
 
