@@ -323,7 +323,7 @@ def _batch_as_inferred(gm: torch.fx.GraphModule) -> PassResult:
     infers the same size."""
     changed = False
     for n in gm.graph.nodes:
-        if n.op != "call_function" or "view_copy" not in str(n.target):
+        if n.op != "call_function" or "view_copy" not in str(n.target) or not isinstance(n.meta.get("val"), Tensor):
             continue
         out = list(n.meta["val"].shape)  # the sizes the view makes, -1 resolved
         if any(not isinstance(s, int) for s in n.args[1]) and sum(not isinstance(s, int) for s in out) == 1:
@@ -342,12 +342,12 @@ def xnnpack_friendly(gm: torch.fx.GraphModule, *, convolve: bool = True) -> torc
     ``mean`` over the tokens of (B, N, C) -> a 4-D mean; a channels-last ``contiguous`` -> nothing.
     Anything else is left as it is (it then runs in ExecuTorch's portable kernels).
 
-    A graph exported with a dynamic batch gets three more, because XNNPACK neither slices a tensor
-    of dynamic shape nor views one to a shape that names the batch's symbol: views name the batch as
-    -1; the q/k/v slices become linear layers of the matching weight rows; with ``convolve``, the
+    A graph exported with a dynamic batch gets two more, because XNNPACK slices no tensor of dynamic
+    shape: the q/k/v slices become linear layers of the matching weight rows; with ``convolve``, the
     stride-2 subsampling becomes a 1x1 convolution of stride 2 with weight 1. ``convolve=False``
     keeps that convolution out of a graph that is quantized next (the quantizer would round the
-    copy it makes).
+    copy it makes). Its views, which XNNPACK takes only with the batch as -1, are written so on the
+    edge graph, where torch's decompositions have made them (:func:`lower`'s edge pass).
     """
     g = gm.graph
     for n in list(g.nodes):
