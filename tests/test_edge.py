@@ -10,6 +10,7 @@ batch of 1 through the CLI; the other tests reuse the fp32 program.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -63,6 +64,14 @@ def test_fp32_program_matches_float64_in_the_runtime(model, exported):
         exact = copy.deepcopy(levit.fuse(model)).double()(x.double())
     got = torch.cat([method.execute([x[:2]])[0], method.execute([x[2:]])[0]])
     assert got.shape == (3, 1000) and rel_max_error(got, exact) <= 1e-5
+
+
+def test_the_printed_line_says_when_xnnpack_runs_the_program_in_parts(exported):
+    """One XNNPACK subgraph goes unsaid; more (an int8 program with a dynamic batch: slices between
+    them) are named, as ExecuTorch's portable kernels between them cost time."""
+    res, _ = exported
+    assert "parts" not in str(res)
+    assert "XNNPACK runs it in 7 parts; metadata in" in str(dataclasses.replace(res, xnnpack_subgraphs=7))
 
 
 def test_sidecar_describes_what_an_app_needs(model, exported):

@@ -121,7 +121,10 @@ class EdgeExportResult:
                 f"relative error {self.max_rel_error:.2e} vs a float64 run of the model in ExecuTorch's runtime "
                 f"(fp32 PyTorch: {self.torch_rel_error:.2e}; accepted up to {self.limit:.1e}; {self.images} images)"
             )
-        return f"{head}{check}; metadata in {self.sidecar.name}"
+        parts = ""
+        if self.xnnpack_subgraphs != 1:  # ExecuTorch's portable kernels run between the parts, slower
+            parts = f"; XNNPACK runs it in {self.xnnpack_subgraphs} parts"
+        return f"{head}{check}{parts}; metadata in {self.sidecar.name}"
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:
