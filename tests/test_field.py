@@ -238,7 +238,7 @@ def test_a_group_whose_forms_hold_too_much_memory_is_timed_as_it_stands(monkeypa
     budget = field.memory_budget()
     assert budget is not None and 0 < field.memory_budget(0.1) < budget  # Linux: /proc and sysconf
     monkeypatch.setattr(field, "memory_budget", lambda: 2**30)
-    monkeypatch.setattr(field, "_rss_bytes", lambda: 2**30 + (1 if over_budget else -1))
+    monkeypatch.setattr(field, "process_memory", lambda: 2**30 + (1 if over_budget else -1))
     groups, interleaved = [], field.interleaved
     monkeypatch.setattr(
         field, "interleaved", lambda cands, **kw: groups.append(list(cands)) or interleaved(cands, **kw)

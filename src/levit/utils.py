@@ -148,6 +148,27 @@ def default_workers(cap: int = 8) -> int:
     return max(0, min(cap, available_cpus() // local))
 
 
+def process_memory(field: str = "VmRSS") -> int | None:
+    """Bytes of this process's memory as ``/proc/self/status`` gives it: ``VmRSS`` (resident now) or
+    ``VmHWM`` (the resident peak); None where it cannot be read (not Linux)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def memory_limit() -> int | None:
+    """Bytes of memory this process may hold at most: the machine's, lowered to its cgroup's limit
+    when one is set (a container); None where neither can be read."""
+    sizes = []
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        sizes.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    with contextlib.suppress(OSError, ValueError):
+        sizes.append(int(Path("/sys/fs/cgroup/memory.max").read_text()))  # "max" (no limit) is not a number
+    return min(sizes) if sizes else None
+
+
 def available_memory() -> int | None:
     """Bytes of memory this process can still take: ``MemAvailable`` of ``/proc/meminfo``, lowered
     to a cgroup's limit when one is set; None where neither can be read."""

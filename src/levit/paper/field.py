@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..errors import LeViTError
-from ..utils import num_threads, save_figure
+from ..utils import memory_limit, num_threads, process_memory, save_figure
 from .accuracy import FIELD_ACCURACY, MODERN_QUICK_MODELS
 from .speed import (
     BENCH_MODELS,
@@ -146,23 +146,11 @@ class FastForm:
     img_size: int
 
 
-def _rss_bytes() -> int | None:
-    """This process's resident memory (Linux's ``/proc/self/statm``); ``None`` where it cannot be read."""
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError, AttributeError):
-        return None
-
-
 def memory_budget(share: float = MEMORY_SHARE) -> int | None:
-    """``share`` of the memory this process may use: the machine's, or its cgroup's limit when lower
-    (a container); ``None`` where neither can be read."""
-    sizes = []
-    with contextlib.suppress(ValueError, OSError, AttributeError):
-        sizes.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    with contextlib.suppress(OSError, ValueError):
-        sizes.append(int(Path("/sys/fs/cgroup/memory.max").read_text()))  # "max" (no limit) is not a number
-    return int(share * min(sizes)) if sizes else None
+    """``share`` of the memory this process may hold (:func:`levit.utils.memory_limit`); ``None``
+    where that cannot be read."""
+    limit = memory_limit()
+    return int(share * limit) if limit else None
 
 
 def _release() -> None:
@@ -498,7 +486,7 @@ def _run(
                 if progress:
                     progress(i, n, name, {**done, "batch": batch, "eta_s": eta} if done else {"eta_s": eta})
                 i += 1
-                if done and len(chosen) > 1 and budget and (rss := _rss_bytes()) and rss > budget:
+                if done and len(chosen) > 1 and budget and (rss := process_memory()) and rss > budget:
                     newest = chosen.pop(name)  # the forms alive hold too much: the group so far is timed
                     time_together(chosen)
                     chosen = {name: newest}

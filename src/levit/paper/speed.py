@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import LeViTError
-from ..utils import atomic_path, num_threads, save_figure
+from ..utils import atomic_path, num_threads, process_memory, save_figure
 from .accuracy import FIELD_ACCURACY, MODERN_MODELS, MODERN_QUICK_MODELS
 from .timing import cuda_sync, timed_window, warm_up
 
@@ -153,14 +153,6 @@ def device_name(device: str | torch.device = "cpu") -> str:
 
 
 # ---- memory --------------------------------------------------------------------------------------
-def _rss_kb(field: str) -> int | None:
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return None
-
-
 def _reset_peak_rss() -> bool:
     with contextlib.suppress(OSError, AttributeError):  # hand freed heap back, so RSS shows this model only
         import ctypes
@@ -320,7 +312,7 @@ def _measure(entry: BenchModel, name: str, p: SpeedProtocol, device: torch.devic
     be, precision, batch_size, img_size = p.backend, p.precision, p.batch_size, p.img_size
     threads = p.threads
     peak_ok = device.type == "cpu" and _reset_peak_rss()
-    rss0 = _rss_kb("VmRSS")
+    rss0 = process_memory("VmRSS")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base_gpu = torch.cuda.memory_allocated(device)
@@ -349,8 +341,8 @@ def _measure(entry: BenchModel, name: str, p: SpeedProtocol, device: torch.devic
     if device.type == "cuda":
         peak_mb = (torch.cuda.max_memory_allocated(device) - base_gpu) / 2**20
     else:
-        hwm = _rss_kb("VmHWM") if peak_ok else None
-        peak_mb = (hwm - rss0) / 1024 if (hwm is not None and rss0 is not None) else None
+        hwm = process_memory("VmHWM") if peak_ok else None
+        peak_mb = (hwm - rss0) / 2**20 if (hwm is not None and rss0 is not None) else None
     import timm
 
     return {
