@@ -138,8 +138,8 @@ def server(files, tmp_path_factory):
 
 
 # one client for the plain-HTTP calls of this file: each httpx.get/post builds a client of its own,
-# whose TLS context loads the CA bundle (about 20 ms of CPU, some 140 times here); no keep-alive, so
-# that no connection outlives the server it was opened to
+# whose TLS context loads the CA bundle first; no keep-alive, so that no connection outlives the
+# server it was opened to
 HTTP = httpx.Client(timeout=5, limits=httpx.Limits(max_keepalive_connections=0))
 
 
