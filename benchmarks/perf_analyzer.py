@@ -8,8 +8,9 @@ flight, each one JPEG (a ``BYTES`` tensor of shape ``[1, 1]``, sent with the bin
 cycling through ``--images`` photo-like JPEGs (``benchmarks/serve_load.py``'s). Rounds alternate the
 offline pipeline (the server idle), HTTP and gRPC; medians are reported, with the targets:
 HTTP >= 0.85x offline, gRPC >= HTTP. Beside each protocol's rate: the model's mean batch and time per
-image (the server's ``/metrics``) and the server's context switches per request (``/proc``), which
-show whether a protocol costs in its own work or in what it takes from the model's lanes.
+image (the server's ``/metrics``), the server's context switches per request and its CPU per request
+by kind of thread (``/proc``), which show whether a protocol costs in its own work or in what it takes
+from the model's lanes.
 
     python benchmarks/perf_analyzer.py --fetch ~/.cache/levit-perf-analyzer   # once: get perf_analyzer
     python benchmarks/perf_analyzer.py --perf-analyzer ~/.cache/levit-perf-analyzer/perf_analyzer
@@ -177,13 +178,15 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.rounds):
                 offline.measure()
                 for proto, url in (("http", srv.url.removeprefix("http://")), ("grpc", f"{HOST}:{grpc_port}")):
-                    s0, x0, m0 = srv.cpu_s(), srv.ctx_switches(), model_counters(srv.url)
+                    s0, x0, t0, m0 = srv.cpu_s(), srv.ctx_switches(), srv.thread_cpu_s(), model_counters(srv.url)
                     r = run_perf_analyzer(binary, args.model, url, proto, data, args)
                     # over the whole perf_analyzer run (its stabilising trials too); one image a request
                     images, batches, seconds = (b - a for a, b in zip(m0, model_counters(srv.url), strict=True))
                     r["server_cpu_s"] = srv.cpu_s() - s0
                     r["mean_batch"], r["model_ms"] = images / batches, 1e3 * seconds / images
                     r["switches"] = (srv.ctx_switches() - x0) / images
+                    for kind, cpu in srv.thread_cpu_s().items():  # CPU ms per request, by kind of thread
+                        r[f"{kind}_ms"] = 1e3 * (cpu - t0[kind]) / images
                     runs[proto].append(r)
         finally:
             code = srv.stop()
@@ -207,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"        model: batches of {m['mean_batch']:.1f} on average, {m['model_ms']:.2f} ms per image; "
             f"{m['switches']:.0f} context switches per request (server)"
+        )
+        total = m["loop_ms"] + m["grpc_ms"] + m["other_ms"]
+        print(
+            f"        server CPU ms per request: {total:.2f} = event loop {m['loop_ms']:.2f} + gRPC's C-core "
+            f"threads {m['grpc_ms']:.2f} + decoding, model and other threads {m['other_ms']:.2f}"
         )
     http_ok = med["http"]["req_s"] >= 0.85 * base["img_s"]
     grpc_ok = med["grpc"]["req_s"] >= med["http"]["req_s"]

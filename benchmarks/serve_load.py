@@ -231,6 +231,26 @@ class Server:
                             total += int(line.split()[1])
         return total
 
+    def thread_cpu_s(self) -> dict[str, float]:
+        """CPU seconds of the server process's threads so far, by kind (Linux ``/proc``): ``loop``
+        (the main thread, which runs the event loop), ``grpc`` (the threads gRPC's C core starts,
+        named ``event_engine`` and ``grpc_...``), ``other`` (decoding and model lanes, and the Python
+        threads of grpc.aio). Threads that have ended are not counted, as in :meth:`ctx_switches`."""
+        tick, out = os.sysconf("SC_CLK_TCK"), {"loop": 0.0, "grpc": 0.0, "other": 0.0}
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                stat = (task / "stat").read_text()
+                comm, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat.rsplit(")", 1)[1].split()
+                kind = (
+                    "loop"
+                    if task.name == str(self.proc.pid)
+                    else "grpc"
+                    if comm.startswith(("event_engine", "grpc_"))
+                    else "other"
+                )
+                out[kind] += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+        return out
+
     def stop(self, timeout: float = 120) -> int:
         self.proc.send_signal(signal.SIGTERM)
         try:
