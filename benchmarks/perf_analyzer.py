@@ -42,7 +42,7 @@ import zipfile
 from pathlib import Path
 
 import serve_load
-from serve_load import HOST, Ceiling, free_port, photo_jpegs, start_server
+from serve_load import HOST, Ceiling, cpu_by_kind, free_port, photo_jpegs, start_server
 
 TRITONCLIENT = "tritonclient[all]==2.39.0"  # the last wheel whose perf_analyzer runs on glibc 2.36
 
@@ -185,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                     r["server_cpu_s"] = srv.cpu_s() - s0
                     r["mean_batch"], r["model_ms"] = images / batches, 1e3 * seconds / images
                     r["switches"] = (srv.ctx_switches() - x0) / images
-                    for kind, cpu in srv.thread_cpu_s().items():  # CPU ms per request, by kind of thread
-                        r[f"{kind}_ms"] = 1e3 * (cpu - t0[kind]) / images
+                    for kind, cpu in cpu_by_kind(t0, srv.thread_cpu_s()).items():  # CPU ms per request
+                        r[f"{kind}_ms"] = 1e3 * cpu / images
                     runs[proto].append(r)
         finally:
             code = srv.stop()

@@ -231,24 +231,19 @@ class Server:
                             total += int(line.split()[1])
         return total
 
-    def thread_cpu_s(self) -> dict[str, float]:
-        """CPU seconds of the server process's threads so far, by kind (Linux ``/proc``): ``loop``
-        (the main thread, which runs the event loop), ``grpc`` (the threads gRPC's C core starts,
-        named ``event_engine`` and ``grpc_...``), ``other`` (decoding and model lanes, and the Python
-        threads of grpc.aio). Threads that have ended are not counted, as in :meth:`ctx_switches`."""
-        tick, out = os.sysconf("SC_CLK_TCK"), {"loop": 0.0, "grpc": 0.0, "other": 0.0}
+    def thread_cpu_s(self) -> dict[int, tuple[str, float]]:
+        """CPU seconds of each thread of the server process so far, by thread id, with its kind
+        (Linux ``/proc``): ``loop`` (the main thread, which runs the event loop), ``grpc`` (the threads
+        gRPC's C core starts, named ``event_engine`` and ``grpc_...``), ``other`` (decoding and model
+        lanes, and the Python threads of grpc.aio). :func:`cpu_by_kind` takes the difference."""
+        tick, out = os.sysconf("SC_CLK_TCK"), {}
         for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
             with contextlib.suppress(OSError):
                 stat = (task / "stat").read_text()
                 comm, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat.rsplit(")", 1)[1].split()
-                kind = (
-                    "loop"
-                    if task.name == str(self.proc.pid)
-                    else "grpc"
-                    if comm.startswith(("event_engine", "grpc_"))
-                    else "other"
-                )
-                out[kind] += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+                kind = "loop" if task.name == str(self.proc.pid) else "other"
+                kind = "grpc" if comm.startswith(("event_engine", "grpc_")) else kind
+                out[int(task.name)] = (kind, (int(fields[11]) + int(fields[12])) / tick)  # utime + stime
         return out
 
     def stop(self, timeout: float = 120) -> int:
@@ -258,6 +253,16 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait()
+
+
+def cpu_by_kind(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds by kind of thread between two :meth:`Server.thread_cpu_s` reads: each thread alive
+    at the second read, less what it had at the first (threads that ended between the reads, such as
+    idle worker threads the pool retired, are left out rather than subtracted)."""
+    out = {"loop": 0.0, "grpc": 0.0, "other": 0.0}
+    for tid, (kind, cpu) in after.items():
+        out[kind] += cpu - before.get(tid, (kind, 0.0))[1]
+    return out
 
 
 def start_server(
