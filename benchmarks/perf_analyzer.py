@@ -8,9 +8,9 @@ flight, each one JPEG (a ``BYTES`` tensor of shape ``[1, 1]``, sent with the bin
 cycling through ``--images`` photo-like JPEGs (``benchmarks/serve_load.py``'s). Rounds alternate the
 offline pipeline (the server idle), HTTP and gRPC; medians are reported, with the targets:
 HTTP >= 0.85x offline, gRPC >= HTTP. Beside each protocol's rate: the model's mean batch and time per
-image (the server's ``/metrics``), the server's context switches per request and its CPU per request
-by kind of thread (``/proc``), which show whether a protocol costs in its own work or in what it takes
-from the model's lanes.
+image (the server's ``/metrics``), the server's context switches and page faults per request and its
+CPU per request by kind of thread (``/proc``), which show whether a protocol costs in its own work
+or in what it takes from the model's lanes.
 
     python benchmarks/perf_analyzer.py --fetch ~/.cache/levit-perf-analyzer   # once: get perf_analyzer
     python benchmarks/perf_analyzer.py --perf-analyzer ~/.cache/levit-perf-analyzer/perf_analyzer
@@ -179,12 +179,14 @@ def main(argv: list[str] | None = None) -> int:
                 offline.measure()
                 for proto, url in (("http", srv.url.removeprefix("http://")), ("grpc", f"{HOST}:{grpc_port}")):
                     s0, x0, t0, m0 = srv.cpu_s(), srv.ctx_switches(), srv.thread_cpu_s(), model_counters(srv.url)
+                    f0 = srv.page_faults()
                     r = run_perf_analyzer(binary, args.model, url, proto, data, args)
                     # over the whole perf_analyzer run (its stabilising trials too); one image a request
                     images, batches, seconds = (b - a for a, b in zip(m0, model_counters(srv.url), strict=True))
                     r["server_cpu_s"] = srv.cpu_s() - s0
                     r["mean_batch"], r["model_ms"] = images / batches, 1e3 * seconds / images
                     r["switches"] = (srv.ctx_switches() - x0) / images
+                    r["faults"] = (srv.page_faults() - f0) / images
                     for kind, cpu in cpu_by_kind(t0, srv.thread_cpu_s()).items():  # CPU ms per request
                         r[f"{kind}_ms"] = 1e3 * cpu / images
                     runs[proto].append(r)
@@ -209,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             f"        model: batches of {m['mean_batch']:.1f} on average, {m['model_ms']:.2f} ms per image; "
-            f"{m['switches']:.0f} context switches per request (server)"
+            f"{m['switches']:.0f} context switches and {m['faults']:.0f} page faults per request (server)"
         )
         total = m["loop_ms"] + m["grpc_ms"] + m["other_ms"]
         print(

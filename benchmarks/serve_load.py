@@ -231,6 +231,12 @@ class Server:
                             total += int(line.split()[1])
         return total
 
+    def page_faults(self) -> int:
+        """Page faults of the server process so far (minor and major, every thread's, Linux ``/proc``):
+        memory the process touches for the first time, or again after the allocator gave it back."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[7]) + int(fields[9])  # minflt, majflt
+
     def thread_cpu_s(self) -> dict[int, tuple[str, float]]:
         """CPU seconds of each thread of the server process so far, by thread id, with its kind
         (Linux ``/proc``): ``loop`` (the main thread, which runs the event loop), ``grpc`` (the threads

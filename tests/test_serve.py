@@ -320,6 +320,28 @@ def test_lane_layout_fills_the_cores():
     assert lane_layout(None, 8, 2) == (1, 8) and lane_layout(3, 1, 2) == (3, 1)  # as asked
 
 
+def test_a_lane_stacks_every_batch_into_the_memory_of_its_first():
+    """levit.runtime.serve_app.Lane: each batch is its images stacked in order, in memory allocated
+    once per lane (a fresh batch tensor per batch faults in every page again after an allocator trim,
+    which protobuf's runtime does every few hundred gRPC requests); a larger batch or another image
+    shape gets new memory, then keeps it."""
+    from levit.runtime.serve_app import Lane
+
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randn(3, 8, 8, generator=g) for _ in range(5)]
+    lane = Lane(lambda x: x)
+    first = lane.stack(images[:2])
+    assert torch.equal(first, torch.stack(images[:2]))
+    full = lane.stack(images)  # larger than the first: new memory, held from now on
+    assert torch.equal(full, torch.stack(images)) and full.data_ptr() != first.data_ptr()
+    for batch in (images[3:][::-1], images[1:4], images):
+        got = lane.stack(batch)
+        assert torch.equal(got, torch.stack(batch)) and got.data_ptr() == full.data_ptr()
+    other = lane.stack([torch.ones(3, 4, 4), torch.zeros(3, 4, 4)])  # another size: its own memory
+    assert torch.equal(other, torch.stack([torch.ones(3, 4, 4), torch.zeros(3, 4, 4)]))
+    assert other.data_ptr() != full.data_ptr()
+
+
 def test_lanes_compute_batches_at_once_each_on_its_own_backend(files, monkeypatch):
     """Two lanes: two copies of the backend (one thread each), two batches in flight at once, and
     every request answered by the batch it was in."""
@@ -436,6 +458,7 @@ def test_a_burst_goes_as_one_batch_per_free_lane_and_a_lone_request_does_not_wai
     once, decoded 2 at a time, go as one batch on one free lane and as two of 4 on two, not as the
     first one or two decoded then the rest; a lone request goes at once, not after --max-wait-ms."""
     from levit.runtime.serve import ServeConfig
+    from levit.runtime.serve_app import Lane
 
     jpg = files["a.jpg"].read_bytes()
     threads = torch.get_num_threads()
@@ -444,7 +467,8 @@ def test_a_burst_goes_as_one_batch_per_free_lane_and_a_lone_request_does_not_wai
             config = ServeConfig(lanes=lanes, max_batch_size=8, max_wait_ms=1, decode_workers=2, quiet=True)
             svc = _service_with_fake_lanes(files, monkeypatch, config, 0.01)
             svc.load()  # the warm-up, fast
-            svc.batcher.free = [lambda x: (time.sleep(0.4), torch.zeros(x.shape[0], 10))[1]] * lanes  # past the burst
+            slow = lambda x: (time.sleep(0.4), torch.zeros(x.shape[0], 10))[1]  # noqa: E731 (past the burst)
+            svc.batcher.free = [Lane(slow) for _ in range(lanes)]
             decode = svc.preprocess
 
             def slow_decode(data, decode=decode):  # 40 ms an image: 8 take 160 ms on 2 decoding threads

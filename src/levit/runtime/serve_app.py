@@ -62,7 +62,7 @@ from .serve_kserve import HEADER_LENGTH, add_v2_routes, encode_response, parse_r
 from .serve_models import LoadError, ModelEntry, ModelVersion, naming, read_checkpoint
 from .serve_process import freeze_heap, setup_logging
 
-__all__ = ["LeViTService", "ServeConfig"]
+__all__ = ["Lane", "LeViTService", "ServeConfig"]
 
 log = logging.getLogger("levit.serve")
 
@@ -136,6 +136,28 @@ def _warmup_image(size: int = 320) -> bytes:
     buf = io.BytesIO()
     Image.fromarray((rgb * 255).clip(0, 255).astype("uint8")).save(buf, format="PNG")
     return buf.getvalue()
+
+
+class Lane:
+    """One model lane of the batcher: its predictor and the batch tensor it stacks every batch into.
+
+    The batch tensor is allocated once and reused: a fresh one per batch is megabytes of memory that
+    the C allocator hands back to the system whenever someone calls ``malloc_trim`` (protobuf's
+    Python runtime does, every 10,000 freed arena blocks: every few hundred gRPC requests), after
+    which every page of the next batch faults in again. The batcher gives a lane one batch at a
+    time and takes it back only once the lane's thread has returned, so no two batches share it."""
+
+    def __init__(self, predictor: Callable[[Tensor], Tensor]) -> None:
+        self.predictor = predictor
+        self._batch: Tensor | None = None
+
+    def stack(self, images: list[Tensor]) -> Tensor:
+        """``images`` (each (3, H, W), all alike) as one (N, 3, H, W) batch, in the lane's own memory."""
+        first, n = images[0], len(images)
+        b = self._batch
+        if b is None or len(b) < n or b.shape[1:] != first.shape or (b.dtype, b.device) != (first.dtype, first.device):
+            b = self._batch = torch.empty((n, *first.shape), dtype=first.dtype, device=first.device)
+        return torch.stack(images, out=b[:n])
 
 
 class LeViTService:
@@ -278,7 +300,7 @@ class LeViTService:
             # every lane's predictor sets torch to the same count: set it once, so that no lane's
             # restore (levit.utils.num_threads) changes another lane's count mid-batch
             torch.set_num_threads(self.lane_threads)
-        lanes = deploy_lanes(
+        predictors = deploy_lanes(
             version.model,
             self.lanes,
             threads=self.lane_threads,
@@ -287,6 +309,7 @@ class LeViTService:
             batch_size=c.max_batch_size,
             calibration=list(c.calibration) if c.calibration else None,
         )
+        lanes = [Lane(p) for p in predictors]
         batcher = Batcher(
             lanes,
             lambda lane, images: self._run_batch(batcher, lane, images),
@@ -297,10 +320,10 @@ class LeViTService:
         )
         x, seconds = self._decode(_warmup_image(), version)
         batcher.observe_decode(seconds)
-        for p in lanes:
+        for lane in lanes:
             for n in (1, c.max_batch_size, 1):
                 t = time.perf_counter()
-                self._forward(p, x.expand(n, *x.shape).contiguous())
+                self._forward_images(lane, [x] * n)
                 if n > 1:
                     batcher.observe_batch(time.perf_counter() - t, n)
         return batcher
@@ -389,10 +412,10 @@ class LeViTService:
         return predictor(x).float().softmax(-1)
 
     @classmethod
-    def _forward_images(cls, predictor: Callable[[Tensor], Tensor], images: list[Tensor]) -> list[Tensor]:
+    def _forward_images(cls, lane: Lane, images: list[Tensor]) -> list[Tensor]:
         """:meth:`_forward` on a batch stacked on the lane's thread, not on the event loop: a full batch is
         megabytes to copy, and the event loop only does HTTP."""
-        return list(cls._forward(predictor, torch.stack(images)).unbind(0))
+        return list(cls._forward(lane.predictor, lane.stack(images)).unbind(0))
 
     def _decode(self, data: bytes, version: ModelVersion) -> tuple[Tensor, float]:
         """``version``'s preprocessing on a decoding thread, with its seconds (the batcher's wait for a burst)."""
@@ -409,15 +432,13 @@ class LeViTService:
             self._limiters = tuple(anyio.CapacityLimiter(n) for n in limits)
         return self._limiters[which]
 
-    async def _run_batch(
-        self, batcher: Batcher, predictor: Callable[[Tensor], Tensor], images: list[Tensor]
-    ) -> list[Tensor]:
+    async def _run_batch(self, batcher: Batcher, lane: Lane, images: list[Tensor]) -> list[Tensor]:
         """One forward pass on the lane ``batcher`` gave (each image (3, H, W)) -> their probabilities."""
         import anyio
 
         self.metrics.batch_size.observe(len(images))
         t0 = time.perf_counter()
-        probs = await anyio.to_thread.run_sync(self._forward_images, predictor, images, limiter=self._limiter(1))
+        probs = await anyio.to_thread.run_sync(self._forward_images, lane, images, limiter=self._limiter(1))
         dt = time.perf_counter() - t0
         batcher.observe_batch(dt, len(images))
         self.metrics.batch_latency.observe(dt)
