@@ -340,6 +340,10 @@ def test_a_lane_stacks_every_batch_into_the_memory_of_its_first():
     other = lane.stack([torch.ones(3, 4, 4), torch.zeros(3, 4, 4)])  # another size: its own memory
     assert torch.equal(other, torch.stack([torch.ones(3, 4, 4), torch.zeros(3, 4, 4)]))
     assert other.data_ptr() != full.data_ptr()
+    fresh = Lane(lambda x: x)
+    with torch.inference_mode():  # memory made in inference mode: torch refuses to write it outside
+        inside = fresh.stack(images)
+    assert inside.is_inference() and torch.equal(fresh.stack(images), inside)
 
 
 def test_lanes_compute_batches_at_once_each_on_its_own_backend(files, monkeypatch):

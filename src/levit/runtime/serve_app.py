@@ -153,9 +153,15 @@ class Lane:
 
     def stack(self, images: list[Tensor]) -> Tensor:
         """``images`` (each (3, H, W), all alike) as one (N, 3, H, W) batch, in the lane's own memory."""
-        first, n = images[0], len(images)
-        b = self._batch
-        if b is None or len(b) < n or b.shape[1:] != first.shape or (b.dtype, b.device) != (first.dtype, first.device):
+        first, n, b = images[0], len(images), self._batch
+        # new memory for a larger batch, other images, or across inference mode (torch refuses to
+        # write a tensor made in inference mode outside it)
+        if (
+            b is None
+            or len(b) < n
+            or (b.shape[1:], b.dtype, b.device) != (first.shape, first.dtype, first.device)
+            or b.is_inference() != torch.is_inference_mode_enabled()
+        ):
             b = self._batch = torch.empty((n, *first.shape), dtype=first.dtype, device=first.device)
         return torch.stack(images, out=b[:n])
 
