@@ -58,6 +58,7 @@ _LONG_FIRST = (
     "test_first_use",
     "test_ablate",
     "test_checkpoint",
+    "test_shapes",
     "test_backbone",
     "test_model",
     "test_benchmark",

@@ -323,8 +323,8 @@ def test_lane_layout_fills_the_cores():
 def test_a_lane_stacks_every_batch_into_the_memory_of_its_first():
     """levit.runtime.serve_app.Lane: each batch is its images stacked in order, in memory allocated
     once per lane (a fresh batch tensor per batch faults in every page again after an allocator trim,
-    which protobuf's runtime does every few hundred gRPC requests); a larger batch or another image
-    shape gets new memory, then keeps it."""
+    which protobuf's runtime makes under gRPC load); a larger batch or another image shape gets new
+    memory, then keeps it."""
     from levit.runtime.serve_app import Lane
 
     g = torch.Generator().manual_seed(0)

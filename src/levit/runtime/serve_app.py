@@ -143,8 +143,8 @@ class Lane:
 
     The batch tensor is allocated once and reused: a fresh one per batch is megabytes of memory that
     the C allocator hands back to the system whenever someone calls ``malloc_trim`` (protobuf's
-    Python runtime does, every 10,000 freed arena blocks: every few hundred gRPC requests), after
-    which every page of the next batch faults in again. The batcher gives a lane one batch at a
+    Python runtime does, once every 10,000 arena blocks it frees, so a gRPC server meets it often:
+    docs/serving.md), after which every page of the next batch faults in again. The batcher gives a lane one batch at a
     time and takes it back only once the lane's thread has returned, so no two batches share it."""
 
     def __init__(self, predictor: Callable[[Tensor], Tensor]) -> None:
