@@ -346,6 +346,25 @@ def test_a_lane_stacks_every_batch_into_the_memory_of_its_first():
     assert inside.is_inference() and torch.equal(fresh.stack(images), inside)
 
 
+def test_a_lane_normalizes_uint8_pixels_as_levit_predict_does_image_by_image(files):
+    """The server's decoding threads hand uint8 pixels (Preprocess.pixels) to the lane, which stacks
+    them and normalizes the batch into its own float memory: bit for bit the float tensors that
+    levit predict's Preprocess makes image by image, with the model's own mean and std (not
+    ImageNet's: a lane that normalized with other statistics would fail), batch after batch in the
+    same memory."""
+    from levit.data.preprocess import Preprocess
+    from levit.runtime.serve_app import Lane
+
+    pre = Preprocess(img_size=64, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))  # a model's own statistics
+    photos = [files[n].read_bytes() for n in ("a.jpg", "b.png", "c.webp")]
+    lane = Lane(lambda x: x, pre.normalize)
+    first = lane.stack([pre.pixels(b) for b in photos])
+    assert first.dtype == torch.float32
+    assert torch.equal(first, torch.stack([pre(b) for b in photos]))  # levit predict's tensors, exactly
+    again = lane.stack([pre.pixels(b) for b in photos[::-1]])
+    assert torch.equal(again, torch.stack([pre(b) for b in photos[::-1]])) and again.data_ptr() == first.data_ptr()
+
+
 def test_lanes_compute_batches_at_once_each_on_its_own_backend(files, monkeypatch):
     """Two lanes: two copies of the backend (one thread each), two batches in flight at once, and
     every request answered by the batch it was in."""
@@ -473,13 +492,13 @@ def test_a_burst_goes_as_one_batch_per_free_lane_and_a_lone_request_does_not_wai
             svc.load()  # the warm-up, fast
             slow = lambda x: (time.sleep(0.4), torch.zeros(x.shape[0], 10))[1]  # noqa: E731 (past the burst)
             svc.batcher.free = [Lane(slow) for _ in range(lanes)]
-            decode = svc.preprocess
+            decode = svc.preprocess.pixels
 
             def slow_decode(data, decode=decode):  # 40 ms an image: 8 take 160 ms on 2 decoding threads
                 time.sleep(0.04)
                 return decode(data)
 
-            svc.preprocess = slow_decode
+            monkeypatch.setattr(svc.preprocess, "pixels", slow_decode)
             svc.batcher.per_decode_s = 0.08  # twice the sleep: the batch's wait has room on a busy machine
 
             async def burst(svc=svc):
@@ -513,13 +532,13 @@ def test_large_images_decode_apart_and_do_not_hold_up_the_others(files, monkeypa
         files, monkeypatch, ServeConfig(lanes=1, max_wait_ms=1, decode_workers=2, quiet=True), 0.01
     )
     svc.load()
-    decode = svc.preprocess
+    decode = svc.preprocess.pixels
 
     def slow_decode(data, decode=decode):  # a large image costs 0.6 s; it is decoded as the small one
         time.sleep(0.6 if data is large else 0.02)
         return decode(jpg)
 
-    svc.preprocess = slow_decode
+    monkeypatch.setattr(svc.preprocess, "pixels", slow_decode)
 
     async def go() -> float:
         big = [asyncio.ensure_future(svc.classify(large, 1)) for _ in range(2)]

@@ -294,16 +294,19 @@ class Preprocess:
                 errors[i] = e.reason
         return Batch(list(paths), torch.stack(images) if images else None, ok, errors)
 
-    def normalize(self, x: Tensor) -> Tensor:
+    def normalize(self, x: Tensor, out: Tensor | None = None) -> Tensor:
         """uint8 pixels, (3, H, W) or a (B, 3, H, W) batch, on any device -> float32
         ``(x / 255 - mean) / std``, computed as torchvision's ``ToTensor`` + ``Normalize`` compute it,
-        so the pil decoder's tensors are the authors' bit for bit."""
+        so the pil decoder's tensors are the authors' bit for bit; into ``out`` (float32, ``x``'s shape
+        and device) when given, with the same values."""
         key = str(x.device)
         if key not in self._norm:  # made once per device: no host-to-device copy per batch
             self._norm[key] = tuple(
                 torch.tensor(v, dtype=torch.float32).view(-1, 1, 1).to(x.device) for v in (self.mean, self.std)
             )
         mean, std = self._norm[key]
+        if out is not None:
+            return out.copy_(x).div_(255).sub_(mean).div_(std)
         return x.float().div_(255).sub_(mean).div_(std)
 
     def _bound_box(self, w: int, h: int) -> tuple[int, int, int, int] | None:

@@ -3,8 +3,12 @@
 and as each Ray Serve replica (:mod:`levit.runtime.serve_ray`).
 
 Decoding and preprocessing are :meth:`levit.data.preprocess.Preprocess.from_model`, the code and the
-settings ``levit predict`` uses (the model's ``pretrained_cfg``, ``crop_pct`` overridable), on a
-bounded thread pool off the event loop, so an image gets the same answer from both.
+settings ``levit predict`` uses (the model's ``pretrained_cfg``, ``crop_pct`` overridable), so an
+image gets the same answer from both: a bounded thread pool off the event loop decodes, resizes and
+crops each image to uint8 pixels (:meth:`~levit.data.preprocess.Preprocess.pixels`), and the lane
+that computes its batch normalizes the whole batch at once (:class:`Lane`), bit for bit what
+``levit predict`` computes image by image. A request waiting for its batch holds a quarter of the
+memory of its float tensor.
 
 The model runs as *lanes*, as in ``levit predict``: on a CPU one copy of the backend
 (:func:`levit.runtime.deploy.deploy_lanes`, fused when the model can be) per core, each on one thread
@@ -139,31 +143,45 @@ def _warmup_image(size: int = 320) -> bytes:
 
 
 class Lane:
-    """One model lane of the batcher: its predictor and the batch tensor it stacks every batch into.
+    """One model lane of the batcher: its predictor, and the batch tensors it stacks and normalizes
+    every batch into.
 
-    The batch tensor is allocated once and reused: a fresh one per batch is megabytes of memory that
+    Images arrive as uint8 pixels and are stacked into the lane's uint8 batch, then normalized into its
+    float batch (``normalize``: the version's :meth:`~levit.data.preprocess.Preprocess.normalize`);
+    images that arrive as float tensors are stacked into the float batch as they are.
+
+    Both batch tensors are allocated once and reused: a fresh one per batch is megabytes of memory that
     the C allocator hands back to the system whenever someone calls ``malloc_trim`` (protobuf's
     Python runtime does, once every 10,000 arena blocks it frees, so a gRPC server meets it often:
-    docs/serving.md), after which every page of the next batch faults in again. The batcher gives a lane one batch at a
-    time and takes it back only once the lane's thread has returned, so no two batches share it."""
+    docs/serving.md), after which every page of the next batch faults in again. The batcher gives a
+    lane one batch at a time and takes it back only once the lane's thread has returned, so no two
+    batches share them."""
 
-    def __init__(self, predictor: Callable[[Tensor], Tensor]) -> None:
-        self.predictor = predictor
-        self._batch: Tensor | None = None
+    def __init__(self, predictor: Callable[[Tensor], Tensor], normalize: Callable[..., Tensor] | None = None) -> None:
+        self.predictor, self.normalize = predictor, normalize
+        self._kept: dict[torch.dtype, Tensor] = {}
 
-    def stack(self, images: list[Tensor]) -> Tensor:
-        """``images`` (each (3, H, W), all alike) as one (N, 3, H, W) batch, in the lane's own memory."""
-        first, n, b = images[0], len(images), self._batch
-        # new memory for a larger batch, other images, or across inference mode (torch refuses to
-        # write a tensor made in inference mode outside it)
+    def _memory(self, n: int, like: Tensor, dtype: torch.dtype) -> Tensor:
+        """The lane's (n, *like.shape) tensor of ``dtype`` on ``like``'s device; new memory only for a
+        larger batch, other images, or across inference mode (torch refuses to write a tensor made in
+        inference mode outside it)."""
+        b = self._kept.get(dtype)
         if (
             b is None
             or len(b) < n
-            or (b.shape[1:], b.dtype, b.device) != (first.shape, first.dtype, first.device)
+            or (b.shape[1:], b.device) != (like.shape, like.device)
             or b.is_inference() != torch.is_inference_mode_enabled()
         ):
-            b = self._batch = torch.empty((n, *first.shape), dtype=first.dtype, device=first.device)
-        return torch.stack(images, out=b[:n])
+            b = self._kept[dtype] = torch.empty((n, *like.shape), dtype=dtype, device=like.device)
+        return b[:n]
+
+    def stack(self, images: list[Tensor]) -> Tensor:
+        """``images`` (each (3, H, W), all alike) as one float (N, 3, H, W) batch, in the lane's own memory."""
+        first, n = images[0], len(images)
+        if first.dtype != torch.uint8 or self.normalize is None:
+            return torch.stack(images, out=self._memory(n, first, first.dtype))
+        pixels = torch.stack(images, out=self._memory(n, first, torch.uint8))
+        return self.normalize(pixels, out=self._memory(n, first, torch.float32))
 
 
 class LeViTService:
@@ -237,13 +255,9 @@ class LeViTService:
         return self.serving.num_classes
 
     @property
-    def preprocess(self) -> Callable[[bytes], Tensor]:
-        """The serving version's decoding and preprocessing (:class:`~levit.data.preprocess.Preprocess`)."""
+    def preprocess(self) -> Preprocess:
+        """The serving version's decoding and preprocessing."""
         return self.serving.preprocess
-
-    @preprocess.setter
-    def preprocess(self, value: Callable[[bytes], Tensor]) -> None:
-        self.serving.preprocess = value
 
     @property
     def batcher(self) -> Batcher | None:
@@ -315,7 +329,7 @@ class LeViTService:
             batch_size=c.max_batch_size,
             calibration=list(c.calibration) if c.calibration else None,
         )
-        lanes = [Lane(p) for p in predictors]
+        lanes = [Lane(p, version.preprocess.normalize) for p in predictors]
         batcher = Batcher(
             lanes,
             lambda lane, images: self._run_batch(batcher, lane, images),
@@ -424,9 +438,10 @@ class LeViTService:
         return list(cls._forward(lane.predictor, lane.stack(images)).unbind(0))
 
     def _decode(self, data: bytes, version: ModelVersion) -> tuple[Tensor, float]:
-        """``version``'s preprocessing on a decoding thread, with its seconds (the batcher's wait for a burst)."""
+        """``version``'s uint8 pixels of ``data`` on a decoding thread (its lane normalizes them), with
+        the seconds taken (the batcher's wait for a burst)."""
         t0 = time.perf_counter()
-        x = version.preprocess(data)
+        x = version.preprocess.pixels(data)
         return x, time.perf_counter() - t0
 
     def _limiter(self, which: int):
