@@ -7,11 +7,13 @@ import asyncio
 
 import pytest
 
-from levit.runtime.batcher import MAX_RETRY_AFTER_S, Batcher, QueueFullError, batch_delay
+from levit.runtime.batcher import MAX_RETRY_AFTER_S, Batcher, QueueFullError, batch_delay, batch_size
 
 
 def delay(**kw) -> float | None:
-    args = {"queued": 1, "oldest_wait_s": 0.0, "decoding": 0, "free_lanes": 1, "max_batch_size": 8, "wait_s": 0.05}
+    args = {"queued": 1, "oldest_wait_s": 0.0, "decoding": 0, "free_lanes": 1, "freeing_lanes": 0}
+    args["max_batch_size"] = 8
+    args["wait_s"] = 0.05
     return batch_delay(**{**args, **kw})
 
 
@@ -26,6 +28,22 @@ def test_the_rule():
     # its share: one batch per free lane of those queued and being decoded
     assert delay(queued=4, decoding=4, free_lanes=2) == 0.0
     assert delay(queued=3, decoding=5, free_lanes=2) == pytest.approx(0.05)
+    # another lane has computed for longer than the wait: the share is over it too
+    assert delay(queued=3, decoding=5, freeing_lanes=1) == pytest.approx(0.05)  # share 4: one more to come
+    assert delay(queued=4, decoding=4, freeing_lanes=1) == 0.0  # share 4: it goes
+    assert delay(queued=4, decoding=4) == pytest.approx(0.05)  # no such lane: the 4 decoding join it
+
+
+def test_a_lane_that_frees_shares_with_the_lanes_about_to_free():
+    def size(**kw) -> int:
+        args = {"queued": 20, "decoding": 0, "free_lanes": 1, "freeing_lanes": 1, "max_batch_size": 32}
+        return batch_size(**{**args, **kw})
+
+    assert size(freeing_lanes=0) == 32  # no busy lane about to free: as many as a batch holds
+    assert size() == 10  # another lane about to free: half of the 20, the other half is that lane's
+    assert size(queued=30, decoding=14) == 22  # those being decoded count: they are on their way
+    assert size(free_lanes=2, freeing_lanes=2) == 5
+    assert size(queued=90) == 32 and size(queued=1) == 1 and size(queued=1, freeing_lanes=7) == 1
 
 
 class FakeLanes:
@@ -104,6 +122,34 @@ def test_a_batch_waits_for_requests_being_decoded_or_goes_with_its_share():
     assert asyncio.run(go(("L0",))) == []
     # two free lanes: 2 is the share of each (4 requests, one batch per lane), so it goes at once
     assert asyncio.run(go(("L0", "L1"))) == [("L0", [1, 2])]
+
+
+def test_requests_queued_while_both_lanes_compute_are_shared_between_them():
+    """Two lanes computing for longer than the wait, 6 requests queued: the first lane to free takes 3
+    (its share of them with the other lane, about to free), not 4 (a full batch); the other lane,
+    freeing just after, counts no lane about to free (the first has only started) and takes the rest."""
+
+    async def go():
+        b, lanes, clock = make(lanes=("L0", "L1"), max_wait_s=0.01)
+        busy = []
+        for i in (1, 2):  # one at a time: one lane each
+            busy.append(asyncio.ensure_future(b.submit(i)))
+            await settle()
+        assert lanes.batches == [("L0", [1]), ("L1", [2])]
+        clock.now += 1.0  # both have computed for longer than the wait
+        queued = [asyncio.ensure_future(b.submit(i)) for i in range(3, 9)]
+        await settle()
+        lanes.finish(0)
+        await settle()
+        assert lanes.batches[2] == ("L0", [3, 4, 5])
+        lanes.finish(1)
+        await settle()
+        assert lanes.batches[3] == ("L1", [6, 7, 8])
+        for i in (2, 3):
+            lanes.finish(i)
+        assert await asyncio.gather(*busy, *queued) == [10 * i for i in range(1, 9)]
+
+    asyncio.run(go())
 
 
 def test_the_wait_ends_on_the_clock():

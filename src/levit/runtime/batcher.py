@@ -2,16 +2,23 @@
 batch closes and which lane takes it. No Ray import: the single-process server and each Ray Serve
 replica run it on their own event loop.
 
-The rule (:func:`batch_delay`, asked each time something changes: a request queued, a decode ended,
-a lane freed, a wait ran out):
+The rule (:func:`batch_delay` and :func:`batch_size`, asked each time something changes: a request
+queued, a decode ended, a lane freed, a wait ran out):
 
 - A batch only closes for a **free lane**: while every lane is busy, requests wait in the queue and
-  the first lane to free takes up to ``max_batch_size`` of them, oldest first, as one batch (closing
-  batches for busy lanes would queue many small batches behind them).
+  the first lane to free takes them, oldest first, as one batch (closing batches for busy lanes would
+  queue many small batches behind them).
+- A lane that frees while others have been computing for longer than the wait below takes at most
+  **its share** of the requests queued and being decoded, over itself, the other free lanes and
+  those busy ones (:func:`batch_size`), and goes as soon as it holds it: those lanes free soon and
+  take the rest. Taking everything queued, up to ``max_batch_size``, made that lane's batch longer
+  than the others', and its requests the slowest answers (docs/serving.md, "Batching"). A lane that
+  started within the wait is computing the same burst and frees no sooner: it is not counted.
 - With a lane free, the batch at the head of the queue goes at once when waiting longer would only
-  add latency: it is full, or **no request is being decoded** to join it (a lone request does not
-  wait), or it holds **its share** of the requests queued and being decoded, one batch per free lane
-  (a burst on two free lanes goes as two batches computed at once; on one lane, as one).
+  add latency: it is full (it holds :func:`batch_size` requests), or **no request is being decoded**
+  to join it (a lone request does not wait), or it holds **its share** of the requests queued and
+  being decoded, one batch per free lane (a burst on two free lanes goes as two batches computed at
+  once; on one lane, as one).
 - Otherwise it goes once its oldest request has waited the longer of ``max_wait_s`` and the time the
   decoding threads take to decode a full batch: the clients of a batch just answered send again at
   once, a burst decoded a few images at a time, and without this wait its first one or two decoded
@@ -36,7 +43,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-__all__ = ["MAX_RETRY_AFTER_S", "Batcher", "QueueFullError", "batch_delay"]
+__all__ = ["MAX_RETRY_AFTER_S", "Batcher", "QueueFullError", "batch_delay", "batch_size"]
 
 MAX_RETRY_AFTER_S = 30  # the longest Retry-After: past it a client is better told to go elsewhere
 
@@ -51,12 +58,23 @@ class QueueFullError(Exception):
         self.retry_after_s = retry_after_s
 
 
+def batch_size(*, queued: int, decoding: int, free_lanes: int, freeing_lanes: int, max_batch_size: int) -> int:
+    """The most requests the batch closing now takes: ``max_batch_size``, or, while ``freeing_lanes``
+    busy lanes have computed their batch for longer than a burst's wait, its share of the ``queued``
+    and ``decoding`` requests over them and the ``free_lanes`` (at least one; the module docstring
+    gives the reason)."""
+    if freeing_lanes <= 0:
+        return max_batch_size
+    return max(1, min(max_batch_size, math.ceil((queued + decoding) / (free_lanes + freeing_lanes))))
+
+
 def batch_delay(
     *,
     queued: int,
     oldest_wait_s: float,
     decoding: int,
     free_lanes: int,
+    freeing_lanes: int,
     max_batch_size: int,
     wait_s: float,
 ) -> float | None:
@@ -64,12 +82,20 @@ def batch_delay(
     something changes (nothing queued, or no lane free for it).
 
     ``queued``: requests waiting (decoded); ``oldest_wait_s``: how long the first has waited;
-    ``decoding``: requests being decoded, about to join; ``wait_s``: the longest a batch with a free
-    lane waits for them (the module docstring gives the rule and the reasons)."""
+    ``decoding``: requests being decoded, about to join; ``free_lanes`` and ``freeing_lanes``: as
+    :func:`batch_size`; ``wait_s``: the longest a batch with a free lane waits for them (the module
+    docstring gives the rule and the reasons)."""
     if queued == 0 or free_lanes <= 0:
         return None
-    n = min(queued, max_batch_size)
-    if n >= max_batch_size or decoding == 0 or n * free_lanes >= queued + decoding:
+    full = batch_size(
+        queued=queued,
+        decoding=decoding,
+        free_lanes=free_lanes,
+        freeing_lanes=freeing_lanes,
+        max_batch_size=max_batch_size,
+    )
+    n = min(queued, full)
+    if n >= full or decoding == 0 or n * free_lanes >= queued + decoding:
         return 0.0
     return max(0.0, wait_s - oldest_wait_s)
 
@@ -124,6 +150,7 @@ class Batcher(Generic[Lane]):
         self._turns_end = 0.0  # when the last refused request's turn comes (clock seconds)
         self._state: _LoopState | None = None
         self._running: set[asyncio.Task] = set()  # the batches computing (the loop keeps weak references)
+        self._started: dict[int, float] = {}  # when each busy lane's batch started (clock seconds), by id
 
     # ---- what the requests call ------------------------------------------------------------------
     @contextlib.contextmanager
@@ -215,23 +242,23 @@ class Batcher(Generic[Lane]):
         while True:
             while state.queue and state.queue[0].future.done():  # the waiter left: never computed
                 state.queue.popleft()
-            now = self.clock()
+            now, wait_s = self.clock(), max(self.max_wait_s, self.full_decode_s())
+            counts = {"queued": len(state.queue), "decoding": self.decoding, "free_lanes": len(self.free)}
+            counts["freeing_lanes"] = sum(now - t >= wait_s for t in self._started.values())
+            counts["max_batch_size"] = self.max_batch_size
             delay = batch_delay(
-                queued=len(state.queue),
-                oldest_wait_s=now - state.queue[0].queued_at if state.queue else 0.0,
-                decoding=self.decoding,
-                free_lanes=len(self.free),
-                max_batch_size=self.max_batch_size,
-                wait_s=max(self.max_wait_s, self.full_decode_s()),
+                **counts, oldest_wait_s=now - state.queue[0].queued_at if state.queue else 0.0, wait_s=wait_s
             )
             if delay == 0.0:
-                batch = []
-                while state.queue and len(batch) < self.max_batch_size:
+                size, batch = batch_size(**counts), []
+                while state.queue and len(batch) < size:
                     entry = state.queue.popleft()
                     if not entry.future.done():
                         batch.append(entry)
                 if batch:
-                    task = state.loop.create_task(self._run_batch(self.free.pop(0), batch))
+                    lane = self.free.pop(0)
+                    self._started[id(lane)] = now
+                    task = state.loop.create_task(self._run_batch(lane, batch))
                     self._running.add(task)
                     task.add_done_callback(self._running.discard)
                 continue
@@ -253,5 +280,6 @@ class Batcher(Generic[Lane]):
                 if not entry.future.done():
                     entry.future.set_result(result)
         finally:
+            self._started.pop(id(lane), None)
             self.free.append(lane)
             self._wake()
