@@ -305,9 +305,8 @@ class Preprocess:
                 torch.tensor(v, dtype=torch.float32).view(-1, 1, 1).to(x.device) for v in (self.mean, self.std)
             )
         mean, std = self._norm[key]
-        if out is not None:
-            return out.copy_(x).div_(255).sub_(mean).div_(std)
-        return x.float().div_(255).sub_(mean).div_(std)
+        y = x.float() if out is None else out.copy_(x)
+        return y.div_(255).sub_(mean).div_(std)
 
     def _bound_box(self, w: int, h: int) -> tuple[int, int, int, int] | None:
         """The (left, top, right, bottom) of :meth:`bounded`'s crop of a ``w`` x ``h`` image, or ``None``."""

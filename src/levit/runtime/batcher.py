@@ -243,9 +243,13 @@ class Batcher(Generic[Lane]):
             while state.queue and state.queue[0].future.done():  # the waiter left: never computed
                 state.queue.popleft()
             now, wait_s = self.clock(), max(self.max_wait_s, self.full_decode_s())
-            counts = {"queued": len(state.queue), "decoding": self.decoding, "free_lanes": len(self.free)}
-            counts["freeing_lanes"] = sum(now - t >= wait_s for t in self._started.values())
-            counts["max_batch_size"] = self.max_batch_size
+            counts = {
+                "queued": len(state.queue),
+                "decoding": self.decoding,
+                "free_lanes": len(self.free),
+                "freeing_lanes": sum(now - t >= wait_s for t in self._started.values()),
+                "max_batch_size": self.max_batch_size,
+            }
             delay = batch_delay(
                 **counts, oldest_wait_s=now - state.queue[0].queued_at if state.queue else 0.0, wait_s=wait_s
             )
