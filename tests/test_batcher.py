@@ -11,7 +11,7 @@ from levit.runtime.batcher import MAX_RETRY_AFTER_S, Batcher, QueueFullError, ba
 
 
 def delay(**kw) -> float | None:
-    args = {"queued": 1, "oldest_wait_s": 0.0, "decoding": 0, "free_lanes": 1, "freeing_lanes": 0}
+    args = {"queued": 1, "oldest_wait_s": 0.0, "decoding": 0, "free_lanes": 1, "busy_left": []}
     args["max_batch_size"] = 8
     args["wait_s"] = 0.05
     return batch_delay(**{**args, **kw})
@@ -25,25 +25,29 @@ def test_the_rule():
     assert delay(queued=3, decoding=1) == pytest.approx(0.05)  # one more on its way: wait for it
     assert delay(queued=3, decoding=1, oldest_wait_s=0.03) == pytest.approx(0.02)
     assert delay(queued=3, decoding=1, oldest_wait_s=0.07) == 0.0  # waited long enough
-    # its share: one batch per free lane of those queued and being decoded
+    # its part: one batch per free lane of those queued and being decoded
     assert delay(queued=4, decoding=4, free_lanes=2) == 0.0
     assert delay(queued=3, decoding=5, free_lanes=2) == pytest.approx(0.05)
-    # another lane has computed for longer than the wait: the share is over it too
-    assert delay(queued=3, decoding=5, freeing_lanes=1) == pytest.approx(0.05)  # share 4: one more to come
-    assert delay(queued=4, decoding=4, freeing_lanes=1) == 0.0  # share 4: it goes
+    # another lane about to free: the part is over it too
+    assert delay(queued=3, decoding=5, busy_left=[0.0]) == pytest.approx(0.05)  # part 4: one more to come
+    assert delay(queued=4, decoding=4, busy_left=[0.0]) == 0.0  # part 4: it goes
     assert delay(queued=4, decoding=4) == pytest.approx(0.05)  # no such lane: the 4 decoding join it
+    assert delay(queued=4, decoding=4, busy_left=[8.0]) == pytest.approx(0.05)  # it frees too late to take any
 
 
-def test_a_lane_that_frees_shares_with_the_lanes_about_to_free():
+def test_the_lanes_that_take_a_part_of_the_queue_finish_together():
     def size(**kw) -> int:
-        args = {"queued": 20, "decoding": 0, "free_lanes": 1, "freeing_lanes": 1, "max_batch_size": 32}
+        args = {"queued": 20, "decoding": 0, "free_lanes": 1, "busy_left": [0.0], "max_batch_size": 32}
         return batch_size(**{**args, **kw})
 
-    assert size(freeing_lanes=0) == 32  # no busy lane about to free: as many as a batch holds
     assert size() == 10  # another lane about to free: half of the 20, the other half is that lane's
+    assert size(busy_left=[4.0]) == 12  # it frees 4 images from now and takes 8: both end 12 images from now
+    assert size(busy_left=[20.0]) == 20 and size(busy_left=[]) == 20  # it frees too late / no busy lane
+    assert size(busy_left=[-3.0]) == 10  # a lane past its estimate is about to free
     assert size(queued=30, decoding=14) == 22  # those being decoded count: they are on their way
-    assert size(free_lanes=2, freeing_lanes=2) == 5
-    assert size(queued=90) == 32 and size(queued=1) == 1 and size(queued=1, freeing_lanes=7) == 1
+    assert size(free_lanes=2, busy_left=[0.0, 0.0]) == 5 and size(free_lanes=2, busy_left=[]) == 10
+    assert size(busy_left=[2.0, 30.0]) == 11  # the first busy lane takes 9; the second frees too late
+    assert size(queued=90) == 32 and size(queued=1) == 1 and size(queued=1, busy_left=[0.0] * 7) == 1
 
 
 class FakeLanes:
@@ -124,32 +128,32 @@ def test_a_batch_waits_for_requests_being_decoded_or_goes_with_its_share():
     assert asyncio.run(go(("L0", "L1"))) == [("L0", [1, 2])]
 
 
-def test_requests_queued_while_both_lanes_compute_are_shared_between_them():
-    """Two lanes computing for longer than the wait, 6 requests queued: the first lane to free takes 3
-    (its share of them with the other lane, about to free), not 4 (a full batch); the other lane,
-    freeing just after, counts no lane about to free (the first has only started) and takes the rest."""
+def test_requests_queued_while_both_lanes_compute_are_spread_so_that_they_end_together():
+    """The lane that frees takes 9 of 11 queued requests, not 11 (a full batch) nor 6 (half): the other
+    lane has 7 images' compute left and then takes the last 2, so both end 9 images from now."""
 
     async def go():
-        b, lanes, clock = make(lanes=("L0", "L1"), max_wait_s=0.01)
-        busy = []
-        for i in (1, 2):  # one at a time: one lane each
-            busy.append(asyncio.ensure_future(b.submit(i)))
-            await settle()
-        assert lanes.batches == [("L0", [1]), ("L1", [2])]
-        clock.now += 1.0  # both have computed for longer than the wait
-        queued = [asyncio.ensure_future(b.submit(i)) for i in range(3, 9)]
+        b, lanes, clock = make(lanes=("L0", "L1"), max_batch_size=32, max_wait_s=0.01)
+        busy = [asyncio.ensure_future(b.submit(1))]
         await settle()
+        busy += [asyncio.ensure_future(b.submit(i)) for i in range(2, 12)]  # no batch timed yet: no part
+        await settle()
+        assert lanes.batches == [("L0", [1]), ("L1", list(range(2, 12)))]
+        b.observe_batch(1.0, 10)  # 0.1 s an image
+        clock.now += 0.3  # L1 has computed 3 of its 10 images
+        queued = [asyncio.ensure_future(b.submit(i)) for i in range(12, 23)]
+        await settle()
+        assert len(lanes.batches) == 2 and b.queued == 11
         lanes.finish(0)
         await settle()
-        assert lanes.batches[2] == ("L0", [3, 4, 5])
+        assert lanes.batches[2] == ("L0", list(range(12, 21)))
+        clock.now += 0.7
         lanes.finish(1)
         await settle()
-        assert lanes.batches[3] == ("L1", [6, 7, 8])
+        assert lanes.batches[3] == ("L1", [21, 22])  # L0 has 2 images left: L1 ends with it
         for i in (2, 3):
             lanes.finish(i)
-        assert await asyncio.gather(*busy, *queued) == [10 * i for i in range(1, 9)]
-
-    asyncio.run(go())
+        assert await asyncio.gather(*busy, *queued) == [10 * i for i in range(1, 23)]
 
 
 def test_the_wait_ends_on_the_clock():

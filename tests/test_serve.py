@@ -477,7 +477,7 @@ def _service_with_fake_lanes(files, monkeypatch, config, seconds):
 
 def test_a_burst_goes_as_one_batch_per_free_lane_and_a_lone_request_does_not_wait(files, monkeypatch):
     """A free lane takes its batch once no request is being decoded to join it, or once the batch has
-    its share of those here and on their way (levit.runtime.batcher.batch_delay): 8 requests arriving at
+    its part of those here and on their way (levit.runtime.batcher.batch_delay): 8 requests arriving at
     once, decoded 2 at a time, go as one batch on one free lane and as two of 4 on two, not as the
     first one or two decoded then the rest; a lone request goes at once, not after --max-wait-ms."""
     from levit.runtime.serve import ServeConfig
@@ -500,6 +500,7 @@ def test_a_burst_goes_as_one_batch_per_free_lane_and_a_lone_request_does_not_wai
 
             monkeypatch.setattr(svc.preprocess, "pixels", slow_decode)
             svc.batcher.per_decode_s = 0.08  # twice the sleep: the batch's wait has room on a busy machine
+            svc.batcher.per_image_s = 0.1  # the slow lanes' (0.4 s a batch of 4), not the warm-up's fake ones
 
             async def burst(svc=svc):
                 await asyncio.gather(*(svc.classify(jpg, 1) for _ in range(8)))

@@ -8,17 +8,16 @@ queued, a decode ended, a lane freed, a wait ran out):
 - A batch only closes for a **free lane**: while every lane is busy, requests wait in the queue and
   the first lane to free takes them, oldest first, as one batch (closing batches for busy lanes would
   queue many small batches behind them).
-- A lane that frees while others have been computing for longer than the wait below takes at most
-  **its share** of the requests queued and being decoded, over itself, the other free lanes and
-  those busy ones (:func:`batch_size`), and goes as soon as it holds it: those lanes free soon and
-  take the rest. Taking everything queued, up to ``max_batch_size``, made that lane's batch longer
-  than the others', and its requests the slowest answers (docs/serving.md, "Batching"). A lane that
-  started within the wait is computing the same burst and frees no sooner: it is not counted.
+- The lanes should **finish together**. A batch takes its part of the requests queued and being
+  decoded, spread over the free lanes and the busy lanes by the compute each busy lane has left (its
+  batch size less what it has computed, at the lanes' measured seconds per image), so that every
+  lane that takes some ends at the same time (:func:`batch_size`). A busy lane that frees later than
+  that takes none: a lane that has just taken its part of a burst has as much left as this one
+  would take. Taking everything queued, up to ``max_batch_size``, made that lane's batch longer than
+  the others', and its requests the slowest answers (docs/serving.md, "Batching").
 - With a lane free, the batch at the head of the queue goes at once when waiting longer would only
-  add latency: it is full (it holds :func:`batch_size` requests), or **no request is being decoded**
-  to join it (a lone request does not wait), or it holds **its share** of the requests queued and
-  being decoded, one batch per free lane (a burst on two free lanes goes as two batches computed at
-  once; on one lane, as one).
+  add latency: it holds its part (a burst on two free lanes goes as two batches computed at once; on
+  one lane, as one), or **no request is being decoded** to join it (a lone request does not wait).
 - Otherwise it goes once its oldest request has waited the longer of ``max_wait_s`` and the time the
   decoding threads take to decode a full batch: the clients of a batch just answered send again at
   once, a burst decoded a few images at a time, and without this wait its first one or two decoded
@@ -39,7 +38,7 @@ import contextlib
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -58,14 +57,23 @@ class QueueFullError(Exception):
         self.retry_after_s = retry_after_s
 
 
-def batch_size(*, queued: int, decoding: int, free_lanes: int, freeing_lanes: int, max_batch_size: int) -> int:
-    """The most requests the batch closing now takes: ``max_batch_size``, or, while ``freeing_lanes``
-    busy lanes have computed their batch for longer than a burst's wait, its share of the ``queued``
-    and ``decoding`` requests over them and the ``free_lanes`` (at least one; the module docstring
-    gives the reason)."""
-    if freeing_lanes <= 0:
-        return max_batch_size
-    return max(1, min(max_batch_size, math.ceil((queued + decoding) / (free_lanes + freeing_lanes))))
+def batch_size(
+    *, queued: int, decoding: int, free_lanes: int, busy_left: Sequence[float] = (), max_batch_size: int
+) -> int:
+    """The most requests the batch closing now takes (at least one, at most ``max_batch_size``).
+
+    The ``queued`` and ``decoding`` requests are spread so that the lanes taking some finish together
+    (water-filling): each of the ``free_lanes`` takes ``level`` of them and each busy lane, with
+    ``busy_left`` images' compute still ahead of it (one entry per busy lane), ``level`` less that;
+    a busy lane with ``level`` or more left takes none."""
+    lanes, total = max(free_lanes, 1), float(queued + decoding)
+    level = total / lanes
+    for left in sorted(busy_left):
+        if left >= level:
+            break
+        lanes, total = lanes + 1, total + max(left, 0.0)
+        level = total / lanes
+    return max(1, min(max_batch_size, math.ceil(level)))
 
 
 def batch_delay(
@@ -74,7 +82,7 @@ def batch_delay(
     oldest_wait_s: float,
     decoding: int,
     free_lanes: int,
-    freeing_lanes: int,
+    busy_left: Sequence[float] = (),
     max_batch_size: int,
     wait_s: float,
 ) -> float | None:
@@ -82,20 +90,15 @@ def batch_delay(
     something changes (nothing queued, or no lane free for it).
 
     ``queued``: requests waiting (decoded); ``oldest_wait_s``: how long the first has waited;
-    ``decoding``: requests being decoded, about to join; ``free_lanes`` and ``freeing_lanes``: as
+    ``decoding``: requests being decoded, about to join; ``free_lanes`` and ``busy_left``: as
     :func:`batch_size`; ``wait_s``: the longest a batch with a free lane waits for them (the module
     docstring gives the rule and the reasons)."""
     if queued == 0 or free_lanes <= 0:
         return None
-    full = batch_size(
-        queued=queued,
-        decoding=decoding,
-        free_lanes=free_lanes,
-        freeing_lanes=freeing_lanes,
-        max_batch_size=max_batch_size,
+    part = batch_size(
+        queued=queued, decoding=decoding, free_lanes=free_lanes, busy_left=busy_left, max_batch_size=max_batch_size
     )
-    n = min(queued, full)
-    if n >= full or decoding == 0 or n * free_lanes >= queued + decoding:
+    if queued >= part or decoding == 0:
         return 0.0
     return max(0.0, wait_s - oldest_wait_s)
 
@@ -150,7 +153,7 @@ class Batcher(Generic[Lane]):
         self._turns_end = 0.0  # when the last refused request's turn comes (clock seconds)
         self._state: _LoopState | None = None
         self._running: set[asyncio.Task] = set()  # the batches computing (the loop keeps weak references)
-        self._started: dict[int, float] = {}  # when each busy lane's batch started (clock seconds), by id
+        self._started: dict[int, tuple[float, int]] = {}  # each busy lane's batch: (start, images), by id
 
     # ---- what the requests call ------------------------------------------------------------------
     @contextlib.contextmanager
@@ -180,7 +183,8 @@ class Batcher(Generic[Lane]):
         self.per_decode_s = seconds if self.per_decode_s == 0 else 0.9 * self.per_decode_s + 0.1 * seconds
 
     def observe_batch(self, seconds: float, images: int) -> None:
-        """One batch's compute time, for :meth:`retry_after_s`."""
+        """One batch's compute time: the lanes' seconds per image, for the compute a busy lane has left
+        (:func:`batch_size`) and :meth:`retry_after_s`."""
         per = seconds / max(images, 1)
         self.per_image_s = per if self.per_image_s == 0 else 0.8 * self.per_image_s + 0.2 * per
 
@@ -242,16 +246,18 @@ class Batcher(Generic[Lane]):
         while True:
             while state.queue and state.queue[0].future.done():  # the waiter left: never computed
                 state.queue.popleft()
-            now, wait_s = self.clock(), max(self.max_wait_s, self.full_decode_s())
+            now, per_image_s = self.clock(), self.per_image_s
             counts = {
                 "queued": len(state.queue),
                 "decoding": self.decoding,
                 "free_lanes": len(self.free),
-                "freeing_lanes": sum(now - t >= wait_s for t in self._started.values()),
+                # images' compute each busy lane has left; unknown before a batch was timed: none shared
+                "busy_left": [n - (now - t) / per_image_s for t, n in self._started.values()] if per_image_s else [],
                 "max_batch_size": self.max_batch_size,
             }
+            oldest_wait_s = now - state.queue[0].queued_at if state.queue else 0.0
             delay = batch_delay(
-                **counts, oldest_wait_s=now - state.queue[0].queued_at if state.queue else 0.0, wait_s=wait_s
+                **counts, oldest_wait_s=oldest_wait_s, wait_s=max(self.max_wait_s, self.full_decode_s())
             )
             if delay == 0.0:
                 size, batch = batch_size(**counts), []
@@ -261,7 +267,7 @@ class Batcher(Generic[Lane]):
                         batch.append(entry)
                 if batch:
                     lane = self.free.pop(0)
-                    self._started[id(lane)] = now
+                    self._started[id(lane)] = (now, len(batch))
                     task = state.loop.create_task(self._run_batch(lane, batch))
                     self._running.add(task)
                     task.add_done_callback(self._running.discard)
