@@ -139,21 +139,23 @@ def test_requests_queued_while_both_lanes_compute_are_spread_so_that_they_end_to
         busy += [asyncio.ensure_future(b.submit(i)) for i in range(2, 12)]  # no batch timed yet: no part
         await settle()
         assert lanes.batches == [("L0", [1]), ("L1", list(range(2, 12)))]
-        b.observe_batch(1.0, 10)  # 0.1 s an image
-        clock.now += 0.3  # L1 has computed 3 of its 10 images
+        b.observe_batch(1.25, 10)  # 0.125 s an image (binary fractions: exact arithmetic)
+        clock.now += 0.375  # L1 has computed 3 of its 10 images
         queued = [asyncio.ensure_future(b.submit(i)) for i in range(12, 23)]
         await settle()
         assert len(lanes.batches) == 2 and b.queued == 11
         lanes.finish(0)
         await settle()
         assert lanes.batches[2] == ("L0", list(range(12, 21)))
-        clock.now += 0.7
+        clock.now += 0.875  # L1 ends its 7 images
         lanes.finish(1)
         await settle()
         assert lanes.batches[3] == ("L1", [21, 22])  # L0 has 2 images left: L1 ends with it
         for i in (2, 3):
             lanes.finish(i)
         assert await asyncio.gather(*busy, *queued) == [10 * i for i in range(1, 23)]
+
+    asyncio.run(go())
 
 
 def test_the_wait_ends_on_the_clock():
