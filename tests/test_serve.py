@@ -808,6 +808,63 @@ def test_slow_request_heads_and_silent_connections_are_closed(server):
     assert HTTP.get(server.url + "/health").status_code == 200
 
 
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_the_request_head_limits_hold_with_either_http_parser(parser):
+    """The server runs uvicorn's httptools protocol where httptools is installed and its h11 one
+    otherwise; both get the head limits: 431 for a head over the limit (also when it arrives in
+    pieces), 408 for a head not in within the header timeout (a silent connection, and the second
+    request of a kept-alive one), a JSON 400 for bytes that are not HTTP, a head under the limit served."""
+    import uvicorn
+
+    from levit.runtime.serve_process import _protocol_class, listen
+
+    async def app(scope, receive, send):
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+    cls = _protocol_class(8192, 1.0, parser)
+    assert f"uvicorn.protocols.http.{parser}_impl" in {b.__module__ for b in cls.__mro__}
+    sock = listen("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, http=cls, lifespan="off", log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.01)
+        connect = lambda: socket.create_connection(("127.0.0.1", port), timeout=10)  # noqa: E731
+        silent, kept = connect(), connect()
+        t0 = time.monotonic()
+        kept.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = b""
+        while not first.endswith(b"ok"):
+            first += kept.recv(1024)
+        assert first.startswith(b"HTTP/1.1 200")
+        kept.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # the next head, never finished
+        with connect() as big:
+            big.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            for _ in range(3):  # 12 KB in three pieces, none over the limit alone; then nothing more,
+                big.sendall(b"X-Big: " + b"a" * 4000 + b"\r\n")  # so that the server's close is no reset
+                time.sleep(0.05)
+            assert _raw_reply(big).startswith(b"HTTP/1.1 431")
+        with connect() as under:
+            under.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Fill: " + b"b" * 7000 + b"\r\nConnection: close\r\n\r\n")
+            assert _raw_reply(under).startswith(b"HTTP/1.1 200")
+        with connect() as junk:
+            junk.sendall(b"\x16\x03\x01 not http\r\n\r\n")
+            reply = _raw_reply(junk)
+            assert reply.startswith(b"HTTP/1.1 400") and b'{"error": ' in reply, reply
+        for s in (silent, kept):
+            reply = _raw_reply(s)
+            assert reply.startswith(b"HTTP/1.1 408") and b"--header-timeout" in reply, reply
+            s.close()
+        assert time.monotonic() - t0 < 3
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
 def test_access_log_has_one_line_per_request_and_no_traceback(server, files):
     marker = f"topk=2&probe={time.monotonic_ns()}"
     post(server.url + "", files["a.jpg"].read_bytes(), params=dict(p.split("=") for p in marker.split("&")))
