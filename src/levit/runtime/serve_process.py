@@ -80,100 +80,94 @@ def _raw_error(status: int, reason: str, message: str) -> bytes:
     return head.encode() + body
 
 
-def _protocol_class(max_header_bytes: int, header_timeout_s: float, parser: str = "auto") -> type:
-    """uvicorn's HTTP/1.1 protocol (the class its ``http`` setting takes) with the limits of a request
-    head: a head over ``max_header_bytes`` gets 431 (the parsers alone would give 400 or nothing), a
-    connection whose head has not arrived ``header_timeout_s`` after its first byte (or after the
-    connection opened) gets 408 and is closed, so that slow clients cannot hold connections open by
-    trickling headers, and a request the parser cannot read gets a JSON 400.
+class _HeadLimits:
+    """The limits of a request head, mixed into either of uvicorn's HTTP/1.1 protocols (the class its
+    ``http`` setting takes): a head over ``max_header_bytes`` gets 431, a connection whose head has
+    not arrived ``header_timeout_s`` after its first byte (or after the connection opened) gets 408
+    and is closed, so that slow clients cannot hold connections open by trickling headers, and a
+    request the parser cannot read gets a JSON 400. A protocol says whether a head is awaited
+    (:meth:`awaiting_head`) and passes the start of one to :meth:`head_checked`."""
 
-    ``parser``: ``"httptools"`` (llhttp, in C), ``"h11"`` (pure Python) or ``"auto"``, httptools where it
-    is installed, as uvicorn's own default. Under load the event loop's time per request is mostly
-    parsing and writing HTTP, and httptools takes less of it (docs/serving.md: "Event loop")."""
-    if parser == "auto":
-        try:
-            import httptools  # noqa: F401
+    max_header_bytes: int
+    header_timeout_s: float
+    head_timer: asyncio.TimerHandle | None = None
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
 
-            parser = "httptools"
-        except ImportError:
-            parser = "h11"
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self.head_timer = self.loop.call_later(self.header_timeout_s, self.head_too_slow)
 
-    class Limits:
-        """The head timer and the refusals, shared by both parsers' protocols."""
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.stop_head_timer()
+        super().connection_lost(exc)  # type: ignore[misc]
 
-        head_timer: asyncio.TimerHandle | None = None
-        loop: asyncio.AbstractEventLoop
-        transport: asyncio.Transport
+    def awaiting_head(self) -> bool:
+        raise NotImplementedError
 
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)  # type: ignore[misc]
-            self.head_timer = self.loop.call_later(header_timeout_s, self.head_too_slow)
+    def head_checked(self, pending: bytes) -> bool:
+        """False (and 431 sent) when ``pending``, the start of a request head, is over the limit;
+        else, while the head is unfinished, the head timer runs from now if it was not running."""
+        end = pending.find(b"\r\n\r\n")
+        if (end if end >= 0 else len(pending)) > self.max_header_bytes:
+            self.refuse(
+                431,
+                "Request Header Fields Too Large",
+                f"request head over {self.max_header_bytes // 1024} KB (--max-header-kb)",
+            )
+            return False
+        if end < 0 and self.head_timer is None:
+            self.head_timer = self.loop.call_later(self.header_timeout_s, self.head_too_slow)
+        return True
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            self.stop_head_timer()
-            super().connection_lost(exc)  # type: ignore[misc]
-
-        def head_checked(self, pending: bytes) -> bool:
-            """False (and 431 sent) when ``pending``, the start of a request head, is over the limit;
-            else, while the head is unfinished, the head timer runs from now if it was not running."""
-            end = pending.find(b"\r\n\r\n")
-            if (end if end >= 0 else len(pending)) > max_header_bytes:
-                self.refuse(
-                    431,
-                    "Request Header Fields Too Large",
-                    f"request head over {max_header_bytes // 1024} KB (--max-header-kb)",
-                )
-                return False
-            if end < 0 and self.head_timer is None:
-                self.head_timer = self.loop.call_later(header_timeout_s, self.head_too_slow)
-            return True
-
-        def awaiting_head(self) -> bool:
-            raise NotImplementedError
-
-        def stop_head_timer(self) -> None:
-            if self.head_timer is not None:
-                self.head_timer.cancel()
-                self.head_timer = None
-
-        def head_too_slow(self) -> None:
+    def stop_head_timer(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
             self.head_timer = None
-            if self.awaiting_head() and not self.transport.is_closing():
-                self.refuse(
-                    408,
-                    "Request Timeout",
-                    f"request head not received within {header_timeout_s:g} s (--header-timeout)",
-                )
 
-        def send_400_response(self, msg: str) -> None:
-            self.refuse(400, "Bad Request", msg)
+    def head_too_slow(self) -> None:
+        self.head_timer = None
+        if self.awaiting_head() and not self.transport.is_closing():
+            self.refuse(
+                408,
+                "Request Timeout",
+                f"request head not received within {self.header_timeout_s:g} s (--header-timeout)",
+            )
 
-        def refuse(self, status: int, reason: str, message: str) -> None:
-            self.stop_head_timer()
-            if not self.transport.is_closing():
-                self.transport.write(_raw_error(status, reason, message))
-                self.transport.close()
+    def send_400_response(self, msg: str) -> None:
+        self.refuse(400, "Bad Request", msg)
 
-    if parser == "h11":
-        import h11
-        from uvicorn.protocols.http.h11_impl import H11Protocol
+    def refuse(self, status: int, reason: str, message: str) -> None:
+        self.stop_head_timer()
+        if not self.transport.is_closing():
+            self.transport.write(_raw_error(status, reason, message))
+            self.transport.close()
 
-        class H11HeadLimits(Limits, H11Protocol):
-            def awaiting_head(self) -> bool:
-                return self.conn.their_state is h11.IDLE
 
-            def data_received(self, data: bytes) -> None:
-                if self.awaiting_head() and not self.head_checked(self.conn.trailing_data[0] + data):
-                    return
-                super().data_received(data)
-                if not self.awaiting_head():  # the head is in
-                    self.stop_head_timer()
+def _h11_head_limits() -> type:
+    """uvicorn's h11 protocol (pure Python) with :class:`_HeadLimits`."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
 
-        return H11HeadLimits
+    class H11HeadLimits(_HeadLimits, H11Protocol):
+        def awaiting_head(self) -> bool:
+            return self.conn.their_state is h11.IDLE
 
+        def data_received(self, data: bytes) -> None:
+            if self.awaiting_head() and not self.head_checked(self.conn.trailing_data[0] + data):
+                return
+            super().data_received(data)
+            if not self.awaiting_head():  # the head is in
+                self.stop_head_timer()
+
+    return H11HeadLimits
+
+
+def _httptools_head_limits() -> type:
+    """uvicorn's httptools protocol (llhttp, in C) with :class:`_HeadLimits`."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    class HttptoolsHeadLimits(Limits, HttpToolsProtocol):
+    class HttptoolsHeadLimits(_HeadLimits, HttpToolsProtocol):
         # llhttp keeps no unparsed bytes: the start of a head received so far is kept here (at most
         # max_header_bytes of it), and the head is awaited from the end of one request to the end of
         # the next one's headers
@@ -201,6 +195,24 @@ def _protocol_class(max_header_bytes: int, header_timeout_s: float, parser: str 
             self.waiting = True
 
     return HttptoolsHeadLimits
+
+
+def _protocol_class(max_header_bytes: int, header_timeout_s: float, parser: str = "auto") -> type:
+    """uvicorn's HTTP/1.1 protocol with the limits of a request head (:class:`_HeadLimits`).
+
+    ``parser``: ``"httptools"`` (llhttp, in C), ``"h11"`` (pure Python) or ``"auto"``, httptools where it
+    is installed, as uvicorn's own default. Under load the event loop's time per request is mostly
+    parsing and writing HTTP, and httptools takes less of it (docs/serving.md: "Event loop")."""
+    if parser == "auto":
+        try:
+            import httptools  # noqa: F401
+
+            parser = "httptools"
+        except ImportError:
+            parser = "h11"
+    base = _httptools_head_limits() if parser == "httptools" else _h11_head_limits()
+    limits = {"max_header_bytes": max_header_bytes, "header_timeout_s": header_timeout_s}
+    return type(base.__name__, (base,), limits)
 
 
 def _server_class() -> type:
