@@ -195,6 +195,25 @@ def test_classify_multipart_and_topk(server, files, expected):
     assert_same(r.json()["top"], expected["a.jpg"])
 
 
+def test_a_form_field_named_data_carries_the_image_as_torchserve_clients_send_it(server, files, expected):
+    """TorchServe's clients (perf_analyzer --service-kind=torchserve, `curl -F 'data=<img.jpg'`) send
+    the image as a form part named data, with no filename: its bytes, binary as they are, are the
+    image. Beside a text field, and as a field named body; two files are refused."""
+    jpg, png = files["a.jpg"].read_bytes(), files["b.png"].read_bytes()
+    for form in ({"data": (None, jpg)}, {"note": (None, "hello"), "body": (None, jpg)}):
+        r = HTTP.post(server.url + "/v1/classify", files=form, timeout=30)
+        assert r.status_code == 200, r.text
+        assert_same(r.json()["top"], expected["a.jpg"])
+    r = HTTP.post(server.url + "/v1/classify", files={"data": (None, png)}, timeout=30)
+    assert_same(r.json()["top"], expected["b.png"])
+    two = {"a": ("a.jpg", jpg, "image/jpeg"), "b": ("b.png", png, "image/png")}
+    assert "2 files" in _error_line(HTTP.post(server.url + "/v1/classify", files=two, timeout=30), 400)
+    bad = HTTP.post(
+        server.url + "/v1/classify", content=b"no parts", headers={"content-type": "multipart/form-data"}, timeout=30
+    )
+    assert "boundary" in _error_line(bad, 400)
+
+
 def _same_top(a: list[dict], b: list[dict]) -> bool:
     """The same classes in the same order, with the same probabilities (as :func:`assert_same`)."""
     return [t["class"] for t in a] == [t["class"] for t in b] and np.allclose(

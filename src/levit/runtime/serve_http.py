@@ -1,7 +1,8 @@
 """The server's HTTP protocol: what a classify request may carry and how each refusal is answered.
 
 This module owns the wire side of :class:`levit.runtime.serve.LeViTService`: reading the image of a
-``POST /v1/classify`` (raw bytes of an image media type, or the one file of a multipart form), the
+``POST /v1/classify`` (raw bytes of an image media type, or the one file of a multipart form, or its
+field named ``data``), the
 limits a body must meet (size, read time), the ``topk`` parameter, the one-line JSON errors, the
 OpenAPI description of the route and the access log. Bad input is refused here, by the request's own
 coroutine, before any batch sees it: 400 (not an image, truncated, empty, bad ``topk``, a form without
@@ -244,30 +245,65 @@ async def _discard(stream: AsyncIterator[bytes], limit: int, seconds: float = 2.
                 break
 
 
+# The form fields that carry an image without being a file part: TorchServe's inference API reads the
+# image from a field named "data" or "body", and so its clients (perf_analyzer --service-kind=torchserve,
+# `curl -F 'data=<img.jpg'`) send it as a part without a filename.
+IMAGE_FIELDS = (b"data", b"body")
+MAX_FORM_PARTS = 16
+
+
 async def _form_file(headers: Any, body: bytes) -> bytes:
-    """The bytes of the one file in a multipart/form-data body (400 if there is none or it is malformed)."""
-    from starlette.datastructures import UploadFile
-    from starlette.formparsers import MultiPartException, MultiPartParser
+    """The image in a multipart/form-data body: its one file part, else a field named as in
+    :data:`IMAGE_FIELDS`; 400 if there is neither, more than one file, or the body is malformed.
 
-    async def stream() -> AsyncIterator[bytes]:
-        yield body
+    Parsed with python-multipart's streaming parser, which hands over each part's bytes as they are
+    (Starlette's form parser decodes a part without a filename as text)."""
+    from python_multipart import MultipartParser
+    from python_multipart.exceptions import FormParserError
+    from python_multipart.multipart import parse_options_header
 
+    boundary = parse_options_header(headers.get("content-type", ""))[1].get(b"boundary")
+    if not boundary:
+        raise ClientError(400, "malformed multipart/form-data: no boundary in its content-type")
+    parts: list[tuple[dict, bytearray]] = []  # each part's Content-Disposition parameters and bytes
+    field, value = bytearray(), bytearray()
+
+    def header_end() -> None:
+        if bytes(field).strip().lower() == b"content-disposition":
+            parts[-1][0].update(parse_options_header(bytes(value))[1])
+        field.clear()
+        value.clear()
+
+    callbacks = {
+        "on_part_begin": lambda: parts.append(({}, bytearray())),
+        "on_header_field": lambda data, start, end: field.extend(data[start:end]),
+        "on_header_value": lambda data, start, end: value.extend(data[start:end]),
+        "on_header_end": header_end,
+        "on_part_data": lambda data, start, end: parts[-1][1].extend(data[start:end]),
+    }
     try:
-        form = await MultiPartParser(headers, stream(), max_files=1, max_fields=16).parse()
-    except MultiPartException as e:
+        parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+        parser.write(body)
+        parser.finalize()
+    except FormParserError as e:
         raise ClientError(400, f"malformed multipart/form-data: {first_line(e)}") from None
-    try:
-        files = [v for v in form.values() if isinstance(v, UploadFile)]
-        if not files:
-            raise ClientError(400, "multipart/form-data without a file: expected one image file field")
-        return await files[0].read()
-    finally:
-        await form.close()
+    if len(parts) > MAX_FORM_PARTS:
+        raise ClientError(400, f"multipart/form-data with {len(parts)} parts: at most {MAX_FORM_PARTS}")
+    files = [bytes(data) for opts, data in parts if b"filename" in opts]
+    if len(files) > 1:
+        raise ClientError(400, f"multipart/form-data with {len(files)} files: expected one image")
+    fields = [bytes(data) for opts, data in parts if opts.get(b"name") in IMAGE_FIELDS]
+    if not files and not fields:
+        raise ClientError(
+            400, "multipart/form-data without a file: expected one image file field (or a field named data)"
+        )
+    return (files or fields)[0]
 
 
 CLASSIFY_OPENAPI = {
     "summary": "Classify one image",
-    "description": "The body is the image (JPEG, PNG, WebP, 16-bit PNG, ...) or a multipart form with one file. "
+    "description": "The body is the image (JPEG, PNG, WebP, 16-bit PNG, ...) or a multipart form with one file "
+    "(or a field named data or body, as TorchServe's clients send it). "
     "Answers `{top: [{class, label, prob}], model, latency_ms}`; 400 unreadable image, 413 body too "
     "large, 415 unsupported media type, 503 loading or shutting down.",
     "parameters": [
