@@ -916,6 +916,36 @@ def test_access_log_off_with_quiet_in_process(files, caplog):
         assert len(lines) == (0 if quiet else 2), lines
 
 
+def test_while_the_model_loads_requests_get_503_with_retry_after(files):
+    """Before the model is ready, a classify request (v1 and v2), its gRPC twin's call and /ready get 503
+    with Retry-After: 1, so that clients poll instead of retrying at once; /health answers 200."""
+    from levit.runtime.serve import LeViTService, ServeConfig
+    from levit.runtime.serve_http import ClientError
+
+    model = levit.create_model("levit_tiny", checkpoint=files["model"])
+    service = LeViTService(model, ServeConfig(backend="eager", quiet=True), load_now=False)
+    jpg = files["a.jpg"].read_bytes()
+
+    async def go() -> list:
+        transport = httpx.ASGITransport(app=service.build_app())
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            return [
+                await c.post("/v1/classify", content=jpg, headers={"content-type": "image/jpeg"}),
+                await c.post("/v2/models/levit_tiny/infer", json={"inputs": []}),
+                await c.get("/ready"),
+                await c.get("/health"),
+            ]
+
+    *refused, health = asyncio.run(go())
+    for r in refused:
+        assert r.status_code == 503 and r.headers["retry-after"] == "1", (r.request.url, r.headers)
+        assert "loading" in r.json()["error"]
+    assert health.status_code == 200
+    with pytest.raises(ClientError) as e:
+        asyncio.run(service.infer_images([jpg], 1))
+    assert e.value.status == 503 and e.value.retry_after == 1
+
+
 # ---- the Open Inference Protocol (KServe v2) ----------------------------------------------------------
 def test_v2_health_server_and_model_metadata(server):
     assert HTTP.get(server.url + "/v2/health/live").json() == {"live": True}

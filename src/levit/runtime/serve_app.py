@@ -76,6 +76,9 @@ _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # a burst of huge images would otherwise hold every decoding thread and stretch every batch's wait,
 # so that the other clients wait for them (docs/serving.md, "Faults at full size", has the figures)
 LARGE_IMAGE_PIXELS = 4_000_000
+# ``Retry-After`` of a 503 while the model loads: clients poll about once a second, as they are told
+# under --ray while no replica is up (levit.runtime.serve_ray_front), instead of at once in a loop
+LOADING_RETRY_AFTER_S = 1
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -514,7 +517,9 @@ class LeViTService:
         if self.draining:
             return error_response(503, "server is shutting down", close=True)
         if not self.ready:
-            return error_response(503, "model is loading: retry when GET /ready answers 200")
+            return error_response(
+                503, "model is loading: retry when GET /ready answers 200", retry_after=LOADING_RETRY_AFTER_S
+            )
         return None
 
     @contextlib.asynccontextmanager
@@ -559,8 +564,10 @@ class LeViTService:
         and the version that computed them, under the queue bound and the deadline ``timeout_s``, for a
         caller with no HTTP request (gRPC); :class:`~levit.runtime.serve_http.ClientError` for a refusal
         (503 loading or draining, 429, 400, 404, 504)."""
-        if self.draining or not self.ready:
-            raise ClientError(503, "server is shutting down" if self.draining else "model is loading")
+        if self.draining:
+            raise ClientError(503, "server is shutting down")
+        if not self.ready:
+            raise ClientError(503, "model is loading", retry_after=LOADING_RETRY_AFTER_S)
         version = self.entry_for(model).serving
         topk = parse_topk(str(topk), self.config.topk, version.num_classes)
         async with self._admitted(version):
@@ -625,8 +632,10 @@ class LeViTService:
         async def ready() -> Response:
             if self.draining:
                 return error_response(503, "shutting down")
+            if self.load_error:  # the server stops
+                return error_response(503, self.load_error)
             if not self.ready:
-                return error_response(503, self.load_error or "model is loading")
+                return error_response(503, "model is loading", retry_after=LOADING_RETRY_AFTER_S)
             models = {name: e.serving.label for name, e in self.entries.items()}
             return JSONResponse(
                 {"status": "ready", "model": self.model_name, "version": self.serving.label, "models": models}

@@ -146,11 +146,15 @@ async def _client_gone(request: Any) -> None:
         await asyncio.Event().wait()
 
 
-def error_response(status: int, message: str, *, close: bool = False) -> Any:
-    """The JSON answer ``{"error": message}`` with ``status`` (``close``: the connection closes after it)."""
+def error_response(status: int, message: str, *, close: bool = False, retry_after: int | None = None) -> Any:
+    """The JSON answer ``{"error": message}`` with ``status`` (``close``: the connection closes after it;
+    ``retry_after``: seconds, its ``Retry-After``)."""
     from fastapi.responses import JSONResponse
 
-    return JSONResponse({"error": message}, status_code=status, headers={"connection": "close"} if close else None)
+    headers = {"connection": "close"} if close else {}
+    if retry_after is not None:
+        headers["retry-after"] = str(retry_after)
+    return JSONResponse({"error": message}, status_code=status, headers=headers or None)
 
 
 def json_errors(app: Any) -> None:
