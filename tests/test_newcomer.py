@@ -109,6 +109,44 @@ def test_folders_that_cannot_be_listed_or_devices_given_as_images_say_why(photos
     one_line_error(cli("predict", photos, "-c", ckpt), 1, str(photos), "permission denied")
 
 
+def test_a_pipe_or_a_broken_link_given_as_an_image_is_an_error_row_not_the_end_of_the_job(photos, ckpt, tmp_path):
+    """Given on the command line among good images, or found in a folder, a pipe named like a photo, a
+    loop of symbolic links and a link to nothing are error rows saying why, as unreadable images are:
+    the job classifies the rest and exits 0. A path that is not there at all still stops it (a
+    mistyped argument)."""
+    import signal
+
+    pipe = "not a regular file (a pipe, socket or device), not an image file"
+    loop, dangling = "a loop of symbolic links, not an image file", "a symbolic link to a missing file"
+    os.mkfifo(tmp_path / "pipe.jpg")
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    (tmp_path / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    given = [photos / "a.jpg", *(tmp_path / n for n in ("pipe.jpg", "loop1", "dangling.jpg"))]
+    os.mkfifo(photos / "c.jpg")
+    (photos / "d.jpg").symlink_to(photos / "d.jpg")
+    (photos / "e.jpg").symlink_to(photos / "nowhere.jpg")
+
+    def rows(*inputs) -> dict:
+        out = tmp_path / f"out{len(inputs)}.jsonl"
+        r = cli("predict", *inputs, "-c", ckpt, "-o", out)
+        assert r.returncode == 0, r.stderr
+        return {Path(x["path"]).name: x["error"] for x in map(json.loads, out.read_text().splitlines())}
+
+    def hung(*_):
+        raise AssertionError("reading a pipe blocked")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        assert rows(*given) == {"a.jpg": None, "pipe.jpg": pipe, "loop1": loop, "dangling.jpg": dangling}
+        assert rows(photos) == {"a.jpg": None, "b.jpg": None, "c.jpg": pipe, "d.jpg": loop, "e.jpg": dangling}
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    one_line_error(cli("predict", photos / "a.jpg", tmp_path / "typo.jpg", "-c", ckpt), 1, "typo.jpg", "no such")
+
+
 def test_an_unknown_option_before_the_command_is_refused_not_dropped():
     one_line_error(cli("--verbose", "models"), 2, "unrecognized arguments: --verbose")
 

@@ -381,9 +381,11 @@ def test_labels_must_match_the_classes(ckpt, folder, tmp_path, capsys):
 def test_all_unreadable_is_a_failure(ckpt, folder, capsys):
     assert main(["predict", str(folder / "empty.jpg"), str(folder / "notes.jpg"), "-c", str(ckpt)]) == 1
     err = capsys.readouterr().err
+    first = f"{folder / 'empty.jpg'}: empty file (0 bytes)"  # the last line names the first and why
     assert (
         "skipped" in err
-        and err.strip().splitlines()[-1] == "levit predict: error: none of the 2 image file(s) could be read"
+        and err.strip().splitlines()[-1]
+        == f"levit predict: error: none of the 2 image file(s) could be read (the first: {first})"
     )
 
 

@@ -147,6 +147,7 @@ class _Printer:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args, self.collected, self.errors = args, [], 0
+        self.first_error: str | None = None  # "path: reason" of the first unreadable file
 
     def rows(self, rows: list[dict]) -> None:
         from tqdm.auto import tqdm
@@ -168,6 +169,7 @@ class _Printer:
         from tqdm.auto import tqdm
 
         self.errors += 1
+        self.first_error = self.first_error or f"{path}: {reason}"
         if self.errors <= PREDICT_ERROR_LINES:
             tqdm.write(f"skipped {path}: {reason}", file=sys.stderr)
 
@@ -220,7 +222,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise
     _print_summary(args, summary, out.collected)
     if summary.classified == 0 and summary.failed > 0:
-        print(f"levit predict: error: none of the {summary.failed} image file(s) could be read", file=sys.stderr)
+        first = "" if out.first_error is None else f" (the first: {out.first_error})"
+        print(f"levit predict: error: none of the {summary.failed} image file(s) could be read{first}", file=sys.stderr)
         return 1
     return 0
 

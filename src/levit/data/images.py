@@ -23,22 +23,23 @@ def is_image(path: str | os.PathLike) -> bool:
 
 def find_images(paths: Iterable[str | os.PathLike], *, skipped: list[Path] | None = None) -> list[Path]:
     """Files as given, plus every image (by extension) under each folder, recursively and sorted.
-    A missing path raises ``FileNotFoundError`` naming it, a folder that cannot be listed
-    ``PermissionError`` (a walk would silently find nothing in it); the other files found in
-    folders are appended to ``skipped`` when given, so that a caller can say what it left out."""
+    A missing path raises ``FileNotFoundError`` naming it (a mistyped argument stops the job at once),
+    a folder that cannot be listed ``PermissionError`` (a walk would silently find nothing in it); the
+    other files found in folders are appended to ``skipped`` when given, so that a caller can say what
+    it left out. A path given or found that is there but is no regular file (a pipe, socket or device)
+    or no file at all (a symbolic link to nothing, or in a loop) is kept: its reader refuses it
+    (:func:`levit.data.preprocess.read_image_bytes`), as one unreadable image among the others."""
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
             if not os.access(p, os.R_OK | os.X_OK):
                 raise PermissionError(f"permission denied: cannot list the folder {p}")
-            found = sorted(f for f in p.rglob("*") if f.is_file())
+            found = sorted(f for f in p.rglob("*") if not f.is_dir())  # special files too: error rows
             out += [f for f in found if is_image(f)]
             if skipped is not None:
                 skipped += [f for f in found if not is_image(f)]
-        elif p.is_file():
+        elif p.is_file() or p.exists() or p.is_symlink():
             out.append(p)
-        elif p.exists():  # a device or a pipe: no image to decode
-            raise ValueError(f"{p}: not a regular file (expected an image file or a folder)")
         else:
             raise FileNotFoundError(f"no such image file or folder: {p}")
     return out

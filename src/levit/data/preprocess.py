@@ -12,6 +12,7 @@ unreadable file is an item carrying its reason instead of an exception.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import warnings
@@ -71,11 +72,13 @@ def _image_error(src: object, e: BaseException) -> ImageError:
 
     name = None if isinstance(src, (bytes, bytearray)) else src
     if isinstance(e, FileNotFoundError):
-        reason = "no such file"
+        reason = "a symbolic link to a missing file" if name is not None and os.path.islink(name) else "no such file"
     elif isinstance(e, IsADirectoryError):
         reason = "is a folder, not an image file"
     elif isinstance(e, PermissionError):
         reason = "permission denied"
+    elif isinstance(e, OSError) and e.errno == errno.ELOOP:
+        reason = "a loop of symbolic links, not an image file"
     elif (len(src) if name is None else _size(src)) == 0:  # type: ignore[arg-type]
         reason = "empty file (0 bytes)"
     elif isinstance(e, Image.DecompressionBombError):
