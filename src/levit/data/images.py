@@ -38,7 +38,7 @@ def find_images(paths: Iterable[str | os.PathLike], *, skipped: list[Path] | Non
             out += [f for f in found if is_image(f)]
             if skipped is not None:
                 skipped += [f for f in found if not is_image(f)]
-        elif p.is_file() or p.exists() or p.is_symlink():
+        elif p.exists() or p.is_symlink():  # a file, a pipe or device, or a link that leads nowhere
             out.append(p)
         else:
             raise FileNotFoundError(f"no such image file or folder: {p}")

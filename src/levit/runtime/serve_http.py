@@ -2,9 +2,8 @@
 
 This module owns the wire side of :class:`levit.runtime.serve.LeViTService`: reading the image of a
 ``POST /v1/classify`` (raw bytes of an image media type, or the one file of a multipart form, or its
-field named ``data``), the
-limits a body must meet (size, read time), the ``topk`` parameter, the one-line JSON errors, the
-OpenAPI description of the route and the access log. Bad input is refused here, by the request's own
+field named ``data``), the limits a body must meet (size, read time), the ``topk`` parameter, the
+one-line JSON errors, the OpenAPI description of the route and the access log. Bad input is refused here, by the request's own
 coroutine, before any batch sees it: 400 (not an image, truncated, empty, bad ``topk``, a form without
 a file), 408 (body too slow), 413 (body over the limit), 415 (not an image media type), 499 (the
 client left mid-upload, for the metrics).
