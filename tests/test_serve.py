@@ -850,7 +850,9 @@ def test_the_request_head_limits_hold_with_either_http_parser(parser):
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
+        deadline = time.monotonic() + 30
         while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
             time.sleep(0.01)
         connect = lambda: socket.create_connection(("127.0.0.1", port), timeout=10)  # noqa: E731
         silent, kept = connect(), connect()
