@@ -51,6 +51,7 @@ from .pipeline import class_names_for, lane_layout
 from .serve_config import ServeConfig
 from .serve_http import (
     CLASSIFY_OPENAPI,
+    LOADING_RETRY_AFTER_S,
     AccessLog,
     ClientError,
     answer_within,
@@ -76,9 +77,6 @@ _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # a burst of huge images would otherwise hold every decoding thread and stretch every batch's wait,
 # so that the other clients wait for them (docs/serving.md, "Faults at full size", has the figures)
 LARGE_IMAGE_PIXELS = 4_000_000
-# ``Retry-After`` of a 503 while the model loads: clients poll about once a second, as they are told
-# under --ray while no replica is up (levit.runtime.serve_ray_front), instead of at once in a loop
-LOADING_RETRY_AFTER_S = 1
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 

@@ -83,16 +83,10 @@ class ClientError(Exception):
 
 
 def client_error_response(error: ClientError) -> Any:
-    """The JSON answer to a :class:`ClientError`: its status, ``Retry-After`` for a 429, the connection
-    closed after a status of :data:`CLOSE_AFTER` (the rest of the body may still be on its way)."""
-    from fastapi.responses import JSONResponse
-
-    headers = {}
-    if error.status in CLOSE_AFTER:
-        headers["connection"] = "close"
-    if error.retry_after is not None:
-        headers["retry-after"] = str(error.retry_after)
-    return JSONResponse({"error": str(error)}, status_code=error.status, headers=headers or None)
+    """The JSON answer to a :class:`ClientError`: its status, its ``Retry-After`` if it has one (a 429,
+    a 503 while loading), the connection closed after a status of :data:`CLOSE_AFTER` (the rest of
+    the body may still be on its way)."""
+    return error_response(error.status, str(error), close=error.status in CLOSE_AFTER, retry_after=error.retry_after)
 
 
 # The request's own deadline: this header, or the ``timeout_ms`` query parameter.
@@ -143,6 +137,11 @@ async def _client_gone(request: Any) -> None:
             pass
     except Exception:  # a server that cannot say: wait for the answer or the deadline
         await asyncio.Event().wait()
+
+
+# ``Retry-After`` of a 503 while the model loads (one process, or Ray's replicas): clients poll about once
+# a second instead of at once in a loop
+LOADING_RETRY_AFTER_S = 1
 
 
 def error_response(status: int, message: str, *, close: bool = False, retry_after: int | None = None) -> Any:

@@ -201,8 +201,9 @@ def _protocol_class(max_header_bytes: int, header_timeout_s: float, parser: str 
     """uvicorn's HTTP/1.1 protocol with the limits of a request head (:class:`_HeadLimits`).
 
     ``parser``: ``"httptools"`` (llhttp, in C), ``"h11"`` (pure Python) or ``"auto"``, httptools where it
-    is installed, as uvicorn's own default. Under load the event loop's time per request is mostly
-    parsing and writing HTTP, and httptools takes less of it (docs/serving.md: "Event loop")."""
+    is installed, as uvicorn's own default. httptools parses and writes HTTP in C: every request then
+    takes less of the event loop, which under overload reads and refuses the most (docs/serving.md:
+    "Event loop")."""
     if parser == "auto":
         try:
             import httptools  # noqa: F401

@@ -19,7 +19,7 @@ import logging
 from typing import Any
 
 from .serve_config import ServeConfig
-from .serve_http import ClientError, client_error_response, error_response, read_body
+from .serve_http import LOADING_RETRY_AFTER_S, ClientError, client_error_response, error_response, read_body
 
 __all__ = ["RETRIES", "Front", "Starting", "idempotent"]
 
@@ -43,7 +43,7 @@ class Starting:
         if request.url.path in ("/health", "/v2/health/live"):
             return JSONResponse({"status": "alive"})
         message = "starting: the replicas are loading the model; retry when GET /ready answers 200"
-        return JSONResponse({"error": message}, status_code=503, headers={"retry-after": "1"})
+        return error_response(503, message, retry_after=LOADING_RETRY_AFTER_S)
 
 
 class Front:
