@@ -7,7 +7,9 @@ open); perf_analyzer reads the model's metadata and Triton configuration
 flight, each one JPEG (a ``BYTES`` tensor of shape ``[1, 1]``, sent with the binary tensor extension)
 cycling through ``--images`` photo-like JPEGs (``benchmarks/serve_load.py``'s). Rounds alternate the
 offline pipeline (the server idle), HTTP and gRPC; medians are reported, with the targets:
-HTTP >= 0.85x offline, gRPC >= HTTP. Beside each protocol's rate: the model's mean batch and time per
+HTTP >= 0.85x offline, gRPC >= HTTP. With ``--torchserve`` each round also runs perf_analyzer as
+TorchServe's client (``--service-kind=torchserve``: each JPEG a form field named ``data`` posted to
+``/predictions/{name}``). Beside each protocol's rate: the model's mean batch and time per
 image (the server's ``/metrics``), the server's context switches and page faults per request and its
 CPU per request by kind of thread (``/proc``), which show whether a protocol costs in its own work
 or in what it takes from the model's lanes.
@@ -15,6 +17,7 @@ or in what it takes from the model's lanes.
     python benchmarks/perf_analyzer.py --fetch ~/.cache/levit-perf-analyzer   # once: get perf_analyzer
     python benchmarks/perf_analyzer.py --perf-analyzer ~/.cache/levit-perf-analyzer/perf_analyzer
     python benchmarks/perf_analyzer.py --perf-analyzer PATH --short            # a minute: checks the script
+    python benchmarks/perf_analyzer.py --perf-analyzer PATH --torchserve       # TorchServe's API as well
     python benchmarks/perf_analyzer.py --perf-analyzer PATH --server-env GRPC_POLL_STRATEGY=poll
 
 Getting perf_analyzer without a Triton container: the current ``perf-analyzer`` wheel needs glibc 2.38;
@@ -77,12 +80,25 @@ def input_data(jpegs: list[bytes], path: Path) -> Path:
     return path
 
 
+def torchserve_input_data(jpegs: list[bytes], folder: Path) -> Path:
+    """perf_analyzer's ``--input-data`` file for ``--service-kind=torchserve``: the path of each JPEG,
+    written into ``folder``, which it sends as a form's ``data`` field."""
+    rows = []
+    for i, j in enumerate(jpegs):
+        (path := folder / f"photo{i:03d}.jpg").write_bytes(j)
+        rows.append({"TORCHSERVE_INPUT": [str(path)]})
+    (out := folder / "torchserve.json").write_text(json.dumps({"data": rows}))
+    return out
+
+
 def run_perf_analyzer(binary: Path, model: str, url: str, protocol: str, data: Path, args: argparse.Namespace) -> dict:
-    """One perf_analyzer run at ``--concurrency``: its throughput and latency percentiles (ms)."""
+    """One perf_analyzer run at ``--concurrency``: its throughput and latency percentiles (ms).
+    ``protocol``: ``http`` or ``grpc`` (KServe v2), or ``torchserve`` (TorchServe's API, over HTTP)."""
     env = dict(os.environ)
     if (binary.parent / "libcudart.so.12").exists():
         env["LD_LIBRARY_PATH"] = f"{binary.parent}:{env.get('LD_LIBRARY_PATH', '')}"
-    cmd = [str(binary), "-m", model, "-u", url, "-i", protocol, "--input-data", str(data)]
+    kind = ["--service-kind", "torchserve", "-i", "http"] if protocol == "torchserve" else ["-i", protocol]
+    cmd = [str(binary), "-m", model, "-u", url, *kind, "--input-data", str(data)]
     cmd += ["--concurrency-range", str(args.concurrency), "--measurement-interval", str(args.window_ms)]
     cmd += ["--stability-percentage", "25", "--max-trials", "8"]
     c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -104,19 +120,23 @@ def run_perf_analyzer(binary: Path, model: str, url: str, protocol: str, data: P
     }
 
 
-def model_counters(url: str) -> tuple[float, float, float]:
-    """(images, batches, seconds) the server's model has computed so far, summed over its
-    ``levit_batch_size`` and ``levit_batch_latency_seconds`` series in ``/metrics``."""
+def model_counters(url: str) -> tuple[float, float, float, float]:
+    """(images, batches, seconds, refused) so far: what the server's model has computed, summed over
+    its ``levit_batch_size`` and ``levit_batch_latency_seconds`` series in ``/metrics``, and the HTTP
+    answers other than 200 (``levit_requests_total``; gRPC's refusals are not counted there)."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
     want = dict.fromkeys(("levit_batch_size_sum", "levit_batch_size_count", "levit_batch_latency_seconds_sum"), 0.0)
+    refused = 0.0
     for fam in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
         for sample in fam.samples:
             if sample.name in want:
                 want[sample.name] += sample.value
+            elif sample.name == "levit_requests_total" and sample.labels["status"] != "200":
+                refused += sample.value
     images, batches, seconds = want.values()
-    return images, batches, seconds
+    return images, batches, seconds, refused
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -133,6 +153,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="offline, HTTP and gRPC in turn, this many times")
     p.add_argument("--window-ms", type=int, default=10000, help="perf_analyzer's measurement window")
     p.add_argument("--short", action="store_true", help="1 round, 3 s windows, 16 JPEGs: checks the script")
+    p.add_argument(
+        "--torchserve", action="store_true", help="each round also drives /predictions as TorchServe's client"
+    )
     p.add_argument(
         "--server-env",
         action="append",
@@ -168,21 +191,30 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="levit-perf-analyzer-") as d:
         ckpt = Path(d) / f"{args.model}.safetensors"
         levit.save(randomize_weights(levit.create_model(args.model), seed=0), ckpt)
-        data = input_data(jpegs, Path(d) / "input.json")
+        data = {"http": input_data(jpegs, Path(d) / "input.json")}
+        data["grpc"] = data["http"]
+        if args.torchserve:
+            data["torchserve"] = torchserve_input_data(jpegs, Path(d))
         offline = Ceiling(ckpt, jpegs, sargs.backend, sargs.threads, sargs.max_batch_size, sargs.lanes)
         grpc_port = free_port()
         extra = ("--grpc-port", str(grpc_port))
         srv = start_server("plain", ckpt, sargs, Path(d), extra=extra, env=args.server_env)
-        runs: dict[str, list[dict]] = {"http": [], "grpc": []}
+        urls = {"http": srv.url.removeprefix("http://"), "grpc": f"{HOST}:{grpc_port}"}
+        if args.torchserve:
+            urls["torchserve"] = urls["http"]
+        runs: dict[str, list[dict]] = {proto: [] for proto in urls}
         try:
             for _ in range(args.rounds):
                 offline.measure()
-                for proto, url in (("http", srv.url.removeprefix("http://")), ("grpc", f"{HOST}:{grpc_port}")):
+                for proto, url in urls.items():
                     s0, x0, t0, m0 = srv.cpu_s(), srv.ctx_switches(), srv.thread_cpu_s(), model_counters(srv.url)
                     f0 = srv.page_faults()
-                    r = run_perf_analyzer(binary, args.model, url, proto, data, args)
+                    r = run_perf_analyzer(binary, args.model, url, proto, data[proto], args)
                     # over the whole perf_analyzer run (its stabilising trials too); one image a request
-                    images, batches, seconds = (b - a for a, b in zip(m0, model_counters(srv.url), strict=True))
+                    images, batches, seconds, refused = (
+                        b - a for a, b in zip(m0, model_counters(srv.url), strict=True)
+                    )
+                    r["refused"] = refused
                     r["server_cpu_s"] = srv.cpu_s() - s0
                     r["mean_batch"], r["model_ms"] = images / batches, 1e3 * seconds / images
                     r["switches"] = (srv.ctx_switches() - x0) / images
@@ -207,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"  {proto:4s}: {m['req_s']:.1f} req/s = {m['req_s'] / base['img_s']:.2f}x offline, "
             f"p50 {m['p50']:.0f} ms, p99 {m['p99']:.0f} ms; CPU s server {m['server_cpu_s']:.1f}, "
-            f"perf_analyzer {m['client_cpu_s']:.1f} (rounds: {each})"
+            f"perf_analyzer {m['client_cpu_s']:.1f} (rounds: {each}); HTTP answers other than 200: "
+            f"{sum(r['refused'] for r in rs):.0f}"
         )
         print(
             f"        model: batches of {m['mean_batch']:.1f} on average, {m['model_ms']:.2f} ms per image; "
@@ -223,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"target: HTTP >= 0.85x offline: {'met' if http_ok else 'MISSED'}; gRPC >= HTTP: {'met' if grpc_ok else 'MISSED'}"
     )
+    if "torchserve" in med:  # no target of its own: the same handler as /v1/classify behind a form parser
+        print(f"TorchServe's API / KServe v2 HTTP: {med['torchserve']['req_s'] / med['http']['req_s']:.3f}")
     return 0
 
 

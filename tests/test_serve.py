@@ -214,6 +214,38 @@ def test_a_form_field_named_data_carries_the_image_as_torchserve_clients_send_it
     assert "boundary" in _error_line(bad, 400)
 
 
+def test_torchserve_clients_get_torchserves_answers(server, files, expected):
+    """TorchServe's inference API: /ping, and /predictions/{model}[/{version}] taking the image as
+    `curl -T` PUTs it or as a form field named data, answering {label: prob} most probable first,
+    the same top-k as /v1/classify and levit predict; an unknown model or version is a JSON 404, and the
+    metrics count the route under one label whatever the model."""
+    from levit.runtime.serve_torchserve import torchserve_body
+
+    def assert_torchserve(r: httpx.Response, want: list[dict]) -> None:
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert list(body) == [w["label"] for w in want]  # the order is the ranking
+        np.testing.assert_allclose(list(body.values()), [w["prob"] for w in want], atol=2e-5)
+
+    assert HTTP.get(server.url + "/ping").json() == {"status": "Healthy"}
+    counted = metric(server.url, "levit_requests_total", {"route": "/predictions/{name}", "status": "200"})
+    jpg, png = files["a.jpg"].read_bytes(), files["b.png"].read_bytes()
+    assert_torchserve(HTTP.put(server.url + "/predictions/levit_tiny", content=jpg, timeout=30), expected["a.jpg"])
+    r = HTTP.post(server.url + "/predictions/levit_tiny", files={"data": (None, png)}, timeout=30)
+    assert_torchserve(r, expected["b.png"])
+    serving = HTTP.post(server.url + "/v2/repository/index", timeout=10).json()[0]["version"]
+    r = HTTP.post(f"{server.url}/predictions/levit_tiny/{serving}?topk=1", content=png, timeout=30)
+    assert_torchserve(r, expected["b.png"][:1])
+    assert r.headers["x-levit-model-version"] == serving
+    assert "version '99'" in _error_line(HTTP.post(server.url + "/predictions/levit_tiny/99", content=png), 404)
+    assert "'levit_tiny'" in _error_line(HTTP.post(server.url + "/predictions/nope", content=png), 404)
+    after = metric(server.url, "levit_requests_total", {"route": "/predictions/{name}", "status": "200"})
+    assert after - counted == 3
+    # a repeated label keeps both rows
+    rows = [{"class": 4, "label": "crane", "prob": 0.5}, {"class": 9, "label": "crane", "prob": 0.25}]
+    assert torchserve_body(rows) == {"crane": 0.5, "crane (9)": 0.25}
+
+
 def _same_top(a: list[dict], b: list[dict]) -> bool:
     """The same classes in the same order, with the same probabilities (as :func:`assert_same`)."""
     return [t["class"] for t in a] == [t["class"] for t in b] and np.allclose(
@@ -919,8 +951,9 @@ def test_access_log_off_with_quiet_in_process(files, caplog):
 
 
 def test_while_the_model_loads_requests_get_503_with_retry_after(files):
-    """Before the model is ready, a classify request (v1 and v2), its gRPC twin's call and /ready get 503
-    with Retry-After: 1, so that clients poll instead of retrying at once; /health answers 200."""
+    """Before the model is ready, a classify request (v1, v2 and TorchServe's), its gRPC twin's call,
+    /ready and /ping get 503 with Retry-After: 1, so that clients poll instead of retrying at once;
+    /health answers 200."""
     from levit.runtime.serve import LeViTService, ServeConfig
     from levit.runtime.serve_http import ClientError
 
@@ -934,7 +967,9 @@ def test_while_the_model_loads_requests_get_503_with_retry_after(files):
             return [
                 await c.post("/v1/classify", content=jpg, headers={"content-type": "image/jpeg"}),
                 await c.post("/v2/models/levit_tiny/infer", json={"inputs": []}),
+                await c.put("/predictions/levit_tiny", content=jpg),
                 await c.get("/ready"),
+                await c.get("/ping"),
                 await c.get("/health"),
             ]
 

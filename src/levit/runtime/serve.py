@@ -10,7 +10,8 @@ The server, by concern:
 - :mod:`levit.runtime.serve_process`: one serving process (logging, the socket, uvicorn with draining
   on SIGTERM, the frozen heap);
 - :mod:`levit.runtime.serve_kserve`, :mod:`levit.runtime.serve_grpc`: the Open Inference Protocol
-  (KServe v2) over HTTP and over gRPC;
+  (KServe v2) over HTTP and over gRPC; :mod:`levit.runtime.serve_torchserve`: TorchServe's
+  inference API, for its clients;
 - :mod:`levit.runtime.serve_models`: the models' versions (hot reload) and reading a checkpoint;
 - :mod:`levit.runtime.serve_ray`: the same application as a Ray Serve deployment of N replicas,
   behind :mod:`levit.runtime.serve_ray_front` (retries on a lost replica), with

@@ -1,5 +1,5 @@
 """The serving application: :class:`LeViTService`, the model, its lanes, the metrics and the routes
-(``/v1/classify``, health, and the KServe v2 protocol's); the same object runs in one process (:func:`levit.runtime.serve_process.run_server`)
+(``/v1/classify``, health, the KServe v2 protocol's and TorchServe's); the same object runs in one process (:func:`levit.runtime.serve_process.run_server`)
 and as each Ray Serve replica (:mod:`levit.runtime.serve_ray`).
 
 Decoding and preprocessing are :meth:`levit.data.preprocess.Preprocess.from_model`, the code and the
@@ -66,6 +66,7 @@ from .serve_http import (
 from .serve_kserve import HEADER_LENGTH, add_v2_routes, encode_response, parse_request
 from .serve_models import LoadError, ModelEntry, ModelVersion, naming, read_checkpoint
 from .serve_process import freeze_heap, setup_logging
+from .serve_torchserve import add_torchserve_routes, torchserve_body
 
 __all__ = ["Lane", "LeViTService", "ServeConfig"]
 
@@ -280,6 +281,17 @@ class LeViTService:
             served = ", ".join(repr(n) for n in self.entries)
             raise ClientError(404, f"unknown model {name!r}: this server serves {served}")
         return entry
+
+    def version_for(self, name: str | None, version: str | None = None) -> ModelVersion:
+        """The version of the model ``name`` (None: the default one) serving now; ``version`` (a label
+        such as ``"2"``, or None for whichever serves) must be that one:
+        :class:`~levit.runtime.serve_http.ClientError` 404 naming the model or the version otherwise."""
+        serving = self.entry_for(name).serving
+        if version not in (None, serving.label):
+            raise ClientError(
+                404, f"unknown version {version!r} of {serving.name!r}: the version serving is {serving.label}"
+            )
+        return serving
 
     @property
     def max_queue(self) -> int:
@@ -534,6 +546,22 @@ class LeViTService:
             self.in_flight -= 1
             self.metrics.in_flight.dec()
 
+    async def _classify_request(
+        self, request: Any, t0: float, model: str | None, version: str | None = None
+    ) -> tuple[list[dict], ModelVersion]:
+        """The one image of ``request`` (its body, or its form's image part) classified by the version of
+        ``model`` serving when it arrived (``version``: 404 unless that one), under the queue bound, the
+        deadline counted from ``t0`` and the body limits: its top-k rows and the version;
+        :class:`~levit.runtime.serve_http.ClientError` for a refusal."""
+        serving = self.version_for(model, version)
+        async with self._admitted(serving):
+            topk = parse_topk(request.query_params.get("topk"), self.config.topk, serving.num_classes)
+            timeout_s = parse_timeout(request)
+            c = self.config
+            data = await read_image(request, max_body_mb=c.max_body_mb, read_timeout_s=c.read_timeout_s)
+            rows = await answer_within(self.classify_many([data], topk, serving), request, timeout_s, t0)
+        return rows[0], serving
+
     async def _handle_classify(self, request: Any) -> Any:
         from fastapi.responses import JSONResponse
 
@@ -541,19 +569,27 @@ class LeViTService:
         if (refused := self._refusal()) is not None:
             return refused
         try:
-            # the request is answered by the version of its model serving when it arrived
-            version = self.entry_for(request.query_params.get("model")).serving
-            async with self._admitted(version):
-                topk = parse_topk(request.query_params.get("topk"), self.config.topk, version.num_classes)
-                timeout_s = parse_timeout(request)
-                c = self.config
-                data = await read_image(request, max_body_mb=c.max_body_mb, read_timeout_s=c.read_timeout_s)
-                rows = await answer_within(self.classify_many([data], topk, version), request, timeout_s, t0)
+            top, version = await self._classify_request(request, t0, request.query_params.get("model"))
         except ClientError as e:
             return client_error_response(e)
         ms = (time.perf_counter() - t0) * 1e3
-        body = {"top": rows[0], "model": version.name, "version": version.label, "latency_ms": round(ms, 2)}
+        body = {"top": top, "model": version.name, "version": version.label, "latency_ms": round(ms, 2)}
         return JSONResponse(body, headers={"x-levit-replica": self.replica})
+
+    async def handle_torchserve(self, request: Any, name: str, version: str | None = None) -> Any:
+        """``POST /predictions/{name}[/{version}]`` (:mod:`levit.runtime.serve_torchserve`): the image
+        classified as ``/v1/classify`` does, answered as TorchServe's image classifier answers."""
+        from fastapi.responses import JSONResponse
+
+        t0 = time.perf_counter()
+        if (refused := self._refusal()) is not None:
+            return refused
+        try:
+            top, serving = await self._classify_request(request, t0, name, version)
+        except ClientError as e:
+            return client_error_response(e)
+        headers = {"x-levit-replica": self.replica, "x-levit-model-version": serving.label}
+        return JSONResponse(torchserve_body(top), headers=headers)
 
     async def infer_images(
         self, images: list[bytes], topk: int, timeout_s: float | None = None, *, model: str | None = None
@@ -576,10 +612,11 @@ class LeViTService:
             except TimeoutError:
                 raise ClientError(504, f"no answer within the request's deadline of {timeout_s * 1e3:g} ms") from None
 
-    async def handle_v2_infer(self, request: Any, name: str | None = None) -> Any:
-        """``POST /v2/models/{name}/infer`` (:mod:`levit.runtime.serve_kserve`): its images batched as
-        classify requests are, under the same queue bound, deadline and limits, by the version of the
-        model ``name`` (None: the default one) serving when it arrived."""
+    async def handle_v2_infer(self, request: Any, name: str | None = None, label: str | None = None) -> Any:
+        """``POST /v2/models/{name}[/versions/{label}]/infer`` (:mod:`levit.runtime.serve_kserve`): its
+        images batched as classify requests are, under the same queue bound, deadline and limits, by the
+        version of the model ``name`` (None: the default one) serving when it arrived (404 unless it is
+        ``label``, where one is named)."""
         from fastapi.responses import Response
 
         t0 = time.perf_counter()
@@ -587,7 +624,7 @@ class LeViTService:
             return refused
         c = self.config
         try:
-            version = self.entry_for(name).serving
+            version = self.version_for(name, label)
             async with self._admitted(version):
                 timeout_s = parse_timeout(request)
                 body = await read_body(request, max_body_mb=c.max_body_mb, read_timeout_s=c.read_timeout_s)
@@ -649,6 +686,7 @@ class LeViTService:
             return Response(body, media_type=ctype)
 
         add_v2_routes(app, self)
+        add_torchserve_routes(app, self)
         json_errors(app)
 
         return AccessLog(app, self.metrics, quiet=self.config.quiet)

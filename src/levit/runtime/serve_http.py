@@ -23,6 +23,7 @@ __all__ = [
     "CLASSIFY_OPENAPI",
     "IMAGE_TYPES",
     "INFER_ROUTE",
+    "PREDICTIONS_ROUTE",
     "ROUTES",
     "TIMEOUT_HEADER",
     "AccessLog",
@@ -50,19 +51,23 @@ ROUTES = (
     "/v2/health/ready",
     "/v2",
     "/v2/repository/index",
+    "/ping",
 )
 INFER_ROUTE = "/v2/models/{name}/infer"  # the metrics' label for every model's inference route
+PREDICTIONS_ROUTE = "/predictions/{name}"  # and for TorchServe's, whatever the model and version
 
 
 def route_of(path: str) -> str:
     """The metrics' route label of a request path: one of :data:`ROUTES`, the v2 inference route
-    (whatever the model name), the other v2 model routes, or ``other``."""
+    (whatever the model name), the other v2 model routes, TorchServe's predictions, or ``other``."""
     if path in ROUTES:
         return path
     if path.startswith("/v2/models/"):
         return INFER_ROUTE if path.endswith("/infer") else "/v2/models/{name}"
     if path.startswith("/v2/repository/models/"):
         return "/v2/repository/models/{name}/load"
+    if path.startswith("/predictions/"):
+        return PREDICTIONS_ROUTE
     return "other"
 
 
@@ -353,7 +358,7 @@ class AccessLog:
             path, status = scope["path"], state["status"]
             route = route_of(path)
             self.metrics.requests.labels(route, str(status)).inc()
-            if route in ("/v1/classify", INFER_ROUTE) and status == 200:
+            if route in ("/v1/classify", INFER_ROUTE, PREDICTIONS_ROUTE) and status == 200:
                 self.metrics.latency.observe(dt)
             if not self.quiet:
                 client = "{}:{}".format(*scope["client"]) if scope.get("client") else "-"

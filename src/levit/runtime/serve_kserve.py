@@ -248,11 +248,9 @@ def add_v2_routes(app: Any, service: LeViTService) -> None:
 
     def known(name: str, version: str | None) -> Response | None:
         try:
-            serving = service.entry_for(name).serving.label
+            service.version_for(name, version)
         except ClientError as e:
             return error_response(e.status, str(e))
-        if version not in (None, serving):
-            return error_response(404, f"unknown version {version!r} of {name!r}: the version serving is {serving}")
         return None
 
     def ready_now() -> bool:
@@ -281,7 +279,7 @@ def add_v2_routes(app: Any, service: LeViTService) -> None:
         )
 
     async def infer(request: Request, name: str, version: str | None = None) -> Response:
-        return known(name, version) or await service.handle_v2_infer(request, name)
+        return await service.handle_v2_infer(request, name, version)
 
     infer.__annotations__ = {"request": Request, "name": str, "version": str | None, "return": Response}
     for f in (ready, model, config, model_ready):
