@@ -118,6 +118,8 @@ def _two_replicas_answer(url: str, files: dict, expected: dict) -> None:
     v2 = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [_b64(files["b.png"])]}]}
     out = HTTP.post(f"{url}/v2/models/levit_tiny/infer", json=v2, timeout=30).json()["outputs"]
     assert out[0]["name"] == "class" and out[0]["data"] == [t["class"] for t in expected["b.png"]]
+    r = HTTP.put(f"{url}/predictions/levit_tiny", content=files["b.png"].read_bytes(), timeout=30)
+    assert list(r.json()) == [t["label"] for t in expected["b.png"]], r.text  # TorchServe's API
     # /metrics through the proxy: every replica's series in every scrape, none ever going down,
     # adding up to what was sent once each replica has posted its values (each second)
     sent, end = len(names) * rounds, time.monotonic() + 10
@@ -164,3 +166,14 @@ def _classify_counts(url: str) -> dict[str, float]:
             if s.name == "levit_requests_total" and s.labels["route"] == "/v1/classify" and s.labels["status"] == "200":
                 out[s.labels["replica"]] = s.value
     return out
+
+
+def test_a_lost_replicas_classify_requests_are_retried_and_a_model_load_is_not():
+    """The front sends a request again on another replica only where that cannot do anything twice:
+    reading and classifying (v1, v2, TorchServe's POST or PUT), never a repository load."""
+    from levit.runtime.serve_ray_front import idempotent
+
+    for method, path in (("GET", "/ready"), ("POST", "/v1/classify"), ("POST", "/v2/models/m/infer")):
+        assert idempotent(method, path)
+    assert idempotent("PUT", "/predictions/m") and idempotent("POST", "/predictions/m/2")
+    assert not idempotent("POST", "/v2/repository/models/m/load")

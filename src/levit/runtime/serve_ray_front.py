@@ -28,8 +28,9 @@ RETRIES = 3  # tries after the first, each on a replica the router still has
 
 
 def idempotent(method: str, path: str) -> bool:
-    """Whether a request may be sent again after its replica was lost: reading, or classifying."""
-    return method in ("GET", "HEAD") or (method == "POST" and not path.startswith("/v2/repository/"))
+    """Whether a request may be sent again after its replica was lost: reading, or classifying (POST,
+    or PUT as TorchServe's clients send an image), not loading a model version."""
+    return method in ("GET", "HEAD") or (method in ("POST", "PUT") and not path.startswith("/v2/repository/"))
 
 
 class Starting:
@@ -62,7 +63,7 @@ class Front:
         path = request.url.path
         if path in ("/health", "/v2/health/live"):
             return JSONResponse({"status": "alive"} if path == "/health" else {"live": True})
-        if not self.seen_ready and path in ("/ready", "/v2/health/ready"):
+        if not self.seen_ready and path in ("/ready", "/v2/health/ready", "/ping"):
             return await self._ready_now(path)
         c = self.config
         try:
