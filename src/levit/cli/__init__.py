@@ -65,7 +65,8 @@ COMMANDS: dict[str, Command] = {
         "  levit serve --model levit_128s --pretrained --max-batch-size 32 --max-wait-ms 10\n"
         "  levit serve --checkpoint mine.safetensors --backend openvino --port 8080 --quiet\n"
         "  levit serve --model levit_256 --pretrained --ray --replicas 4   # Ray Serve, local cluster\n"
-        "  curl -s --data-binary @cat.jpg -H 'content-type: image/jpeg' 'http://127.0.0.1:8000/v1/classify?topk=3'",
+        "  curl -s --data-binary @cat.jpg -H 'content-type: image/jpeg' 'http://127.0.0.1:8000/v1/classify?topk=3'\n"
+        "  curl -s -T cat.jpg http://127.0.0.1:8000/predictions/levit_128s   # TorchServe's API, as its clients call it",
         args_serve,
         cmd_serve,
     ),
