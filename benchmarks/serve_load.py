@@ -155,10 +155,10 @@ class Ceiling:
         return time.perf_counter() - t0
 
     def time_full_batch(self, n: int = 5) -> None:
-        """Time one full batch on one lane ``n`` times (after one untimed), for the p99 target. Timed in
-        every round and again after the runs, as the offline rate is, and the median of all taken: on a
-        machine whose speed drifts by a quarter within the hour, one timing at the start makes the
-        target's own reference move more than its margin."""
+        """Time one full batch on one lane ``n`` times (after one untimed), for the p99 target: in every
+        round, as the offline rate is, and the median of all taken. On a machine whose speed drifts by
+        a quarter within the hour, one timing at the start made the target's own reference move more
+        than its margin."""
         import torch
 
         with torch.inference_mode():
@@ -529,7 +529,7 @@ def bench_engine(
             run, _ = measured_load(srv, jpegs, c, args.requests, args.duration, reference=reference)
             run.batches = histogram_text(h0, batch_histogram(srv.url))
             out["runs"].append(run)
-        ceiling.time_full_batch()  # the p99 target's reference, after the runs too
+        ceiling.measure()  # after the runs too: the offline references bracket the server's runs
         out["rss_clean"] = srv.rss_mb()
         c = max(args.clients)
         if not args.no_mixed:
@@ -1153,8 +1153,8 @@ def print_report(results: list[dict], ceiling: dict, args: argparse.Namespace) -
         f"max wait {args.max_wait_ms} ms; {len(args.jpegs)} JPEGs {args.image_size}"
     )
     print(
-        f"offline, the pipeline of levit predict (same JPEGs/backend/threads, median of {ceiling['rounds']} rounds between "
-        f"the runs): {ceiling['img_s']:.1f} img/s at batch {args.max_batch_size}; single image "
+        f"offline, the pipeline of levit predict (same JPEGs/backend/threads, median of {ceiling['rounds']} rounds before, "
+        f"between and after the runs): {ceiling['img_s']:.1f} img/s at batch {args.max_batch_size}; single image "
         f"{ceiling['single_ms']:.1f} ms (decode + model)\n"
     )
     head = ["run", "clients", "ok", "req/s", "p50 ms", "p95 ms", "p99 ms", "errors", "wrong", "bad 4xx", "dropped"]

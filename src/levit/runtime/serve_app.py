@@ -577,8 +577,8 @@ class LeViTService:
         return JSONResponse(body, headers={"x-levit-replica": self.replica})
 
     async def handle_torchserve(self, request: Any, name: str, version: str | None = None) -> Any:
-        """``POST /predictions/{name}[/{version}]`` (:mod:`levit.runtime.serve_torchserve`): the image
-        classified as ``/v1/classify`` does, answered as TorchServe's image classifier answers."""
+        """``POST`` or ``PUT /predictions/{name}[/{version}]`` (:mod:`levit.runtime.serve_torchserve`):
+        the image classified as ``/v1/classify`` does, answered as TorchServe's image classifier answers."""
         from fastapi.responses import JSONResponse
 
         t0 = time.perf_counter()
