@@ -3,10 +3,11 @@
 
 The image is the body (``curl -T cat.jpg``, which PUTs) or a form's field named ``data`` or ``body``
 (``curl -F data=@cat.jpg``, ``perf_analyzer --service-kind=torchserve``), read, limited, batched and
-classified exactly as ``POST /v1/classify`` does (:meth:`LeViTService.handle_torchserve`). The answer
-is what TorchServe's built-in image classifier returns: one JSON object mapping each of the top-k
-labels to its probability, the most probable first (``?topk=N``, default ``--topk``). Errors keep
-this server's ``{"error": ...}`` body and status codes (503 loading, 429, 413, 504...).
+classified exactly as ``POST /v1/classify`` does
+(:meth:`levit.runtime.serve_app.LeViTService.handle_torchserve`). The answer is what TorchServe's
+built-in image classifier returns: one JSON object mapping each of the top-k labels to its
+probability, the most probable first (``?topk=N``, default ``--topk``). Errors keep this server's
+``{"error": ...}`` body and status codes (503 loading, 429, 413, 504...).
 """
 
 from __future__ import annotations
