@@ -1,5 +1,6 @@
 """A Ray Serve replica SIGKILLed under load: ``levit serve --ray --replicas 2`` (a local Ray, one CPU a
-replica), C clients for ``--duration`` s, and at ``--kill-at`` s one replica's process killed. Prints
+replica), C clients for ``--duration`` s (and on, until the lost replica's successor has answered or
+60 s have passed since the kill), and at ``--kill-at`` s one replica's process killed. Prints
 the requests answered and failed, the failed share against the target (at most 1%), and how long
 after the kill a replica that was not serving before answered a request (the lost one's successor;
 target: within 60 s).
@@ -51,19 +52,31 @@ def start(ckpt: Path, log: Path) -> tuple:
     raise SystemExit(f"levit serve --ray was not ready after 300 s:\n{log.read_text()[-3000:]}")
 
 
+BACK_WITHIN_S = 60.0  # the target: the lost replica's successor answers within this many seconds
+
+
 async def load_with_a_kill(url: str, jpegs: list[bytes], clients: int, duration: float, kill_at: float) -> dict:
-    """``clients`` clients for ``duration`` s; at ``kill_at`` s the first replica (sorted) is SIGKILLed."""
+    """``clients`` clients for ``duration`` s, and on until a new replica has answered or
+    :data:`BACK_WITHIN_S` s have passed since the kill (a slower machine starts the successor later
+    than a short run lasts); at ``kill_at`` s the first replica (sorted) is SIGKILLed."""
     import aiohttp
 
     out = {"ok": 0, "failed": 0, "errors": {}, "before": set(), "victim": None, "kill_t": None, "back_s": None}
     t0 = time.perf_counter()
     end = t0 + duration
+
+    def going() -> bool:
+        now = time.perf_counter()
+        if now < end or out["kill_t"] is None:
+            return True
+        return out["back_s"] is None and now < out["kill_t"] + BACK_WITHIN_S
+
     async with aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=120)
     ) as session:
 
         async def client(i: int) -> None:
-            while time.perf_counter() < end:
+            while going():
                 try:
                     async with session.post(url + "/v1/classify", data=jpegs[i % len(jpegs)]) as r:
                         await r.read()
@@ -89,6 +102,7 @@ async def load_with_a_kill(url: str, jpegs: list[bytes], clients: int, duration:
             out["kill_t"] = time.perf_counter()
 
         await asyncio.gather(kill(), *(client(i) for i in range(clients)))
+    out["seconds"] = time.perf_counter() - t0
     return out
 
 
@@ -124,12 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n$ python benchmarks/serve_ray_kill.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     print(
         f"a replica killed under load, --ray --replicas 2 ({_machine()}; model {args.model}, start-up {startup:.1f} s): "
-        f"{args.clients} clients for {args.duration:g} s, replica {res['victim']} SIGKILLed at {args.kill_at:g} s; "
+        f"{args.clients} clients for {res['seconds']:.0f} s (--duration {args.duration:g}, longer until a new replica "
+        f"answered or {BACK_WITHIN_S:g} s after the kill), replica {res['victim']} SIGKILLed at {args.kill_at:g} s; "
         f"{total} requests, {res['ok']} answered, {res['failed']} failed ({share:.2%}) {res['errors'] or ''}; "
         f"a new replica answered {back} after the kill; exit {code}"
     )
-    ok = share <= 0.01 and res["back_s"] is not None and res["back_s"] <= 60
-    print(f"target: at most 1% failed and the replica back within 60 s: {'met' if ok else 'MISSED'}")
+    ok = share <= 0.01 and res["back_s"] is not None and res["back_s"] <= BACK_WITHIN_S
+    print(f"target: at most 1% failed and the replica back within {BACK_WITHIN_S:g} s: {'met' if ok else 'MISSED'}")
     return 0
 
 

@@ -1095,8 +1095,9 @@ def test_v2_infer_in_json_and_its_errors(server, files, expected):
 
 def test_v2_grpc_with_tritonclient_equals_predict(server, files, expected):
     """KServe v2 over gRPC (--grpc-port), with tritonclient's gRPC client: health, metadata, and a batch
-    of images whose answers equal levit predict's; another model's name is NOT_FOUND, a bad image
-    INVALID_ARGUMENT with the HTTP route's message."""
+    of images whose answers equal levit predict's; another model's name or another version is
+    NOT_FOUND, the version serving named is answered, a bad image INVALID_ARGUMENT with the HTTP
+    route's message."""
     grpc = pytest.importorskip("tritonclient.grpc", reason="the KServe v2 gRPC round trip needs tritonclient")
     from tritonclient.utils import InferenceServerException
 
@@ -1119,6 +1120,11 @@ def test_v2_grpc_with_tritonclient_equals_predict(server, files, expected):
             assert_same(top, expected[name])
         with pytest.raises(InferenceServerException, match="unknown model"):
             client.infer("resnet", [tensor])
+        with pytest.raises(InferenceServerException, match="unknown version '99'") as e:
+            client.infer("levit_tiny", [tensor], model_version="99")
+        assert "NOT_FOUND" in str(e.value.status())
+        serving = client.get_model_metadata("levit_tiny").versions[0]
+        assert client.infer("levit_tiny", [tensor], model_version=serving).get_response().model_version == serving
         junk = grpc.InferInput("image", [1], "BYTES")
         junk.set_data_from_numpy(np.array([b"junk"], dtype=object))
         with pytest.raises(InferenceServerException, match="not an image") as e:

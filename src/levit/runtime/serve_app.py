@@ -592,17 +592,24 @@ class LeViTService:
         return JSONResponse(torchserve_body(top), headers=headers)
 
     async def infer_images(
-        self, images: list[bytes], topk: int, timeout_s: float | None = None, *, model: str | None = None
+        self,
+        images: list[bytes],
+        topk: int,
+        timeout_s: float | None = None,
+        *,
+        model: str | None = None,
+        label: str | None = None,
     ) -> tuple[list[list[dict]], str]:
         """The top-``topk`` of each encoded image by the model named ``model`` (None: the default one)
-        and the version that computed them, under the queue bound and the deadline ``timeout_s``, for a
-        caller with no HTTP request (gRPC); :class:`~levit.runtime.serve_http.ClientError` for a refusal
-        (503 loading or draining, 429, 400, 404, 504)."""
+        and the version that computed them (404 unless it is ``label``, where one is named), under the
+        queue bound and the deadline ``timeout_s``, for a caller with no HTTP request (gRPC);
+        :class:`~levit.runtime.serve_http.ClientError` for a refusal (503 loading or draining, 429,
+        400, 404, 504)."""
         if self.draining:
             raise ClientError(503, "server is shutting down")
         if not self.ready:
             raise ClientError(503, "model is loading", retry_after=LOADING_RETRY_AFTER_S)
-        version = self.entry_for(model).serving
+        version = self.version_for(model, label)
         topk = parse_topk(str(topk), self.config.topk, version.num_classes)
         async with self._admitted(version):
             if len(images) > self.max_queue:

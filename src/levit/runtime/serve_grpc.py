@@ -176,13 +176,11 @@ def messages() -> dict[str, type]:
     }
 
 
-def _parse(service: LeViTService, request: Any) -> V2Request:
-    """The :class:`V2Request` in a ``ModelInferRequest``; :class:`ClientError` 404 or 400 otherwise."""
+def _parse(request: Any) -> V2Request:
+    """The :class:`V2Request` in a ``ModelInferRequest``; :class:`ClientError` 400 otherwise (the model
+    and its version are :meth:`levit.runtime.serve_app.LeViTService.infer_images`'s to check)."""
     import math
 
-    serving = service.entry_for(request.model_name).serving.label
-    if request.model_version not in ("", serving):
-        raise ClientError(404, f"unknown version {request.model_version!r}: the version serving is {serving}")
     if len(request.inputs) != 1 or request.inputs[0].datatype != "BYTES":
         raise ClientError(400, "expected one input: the encoded images, datatype BYTES, shape [N] or [N, 1]")
     count = math.prod(request.inputs[0].shape)
@@ -260,11 +258,12 @@ class _Servicer:
     async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
         s = self.service
         try:
-            req = _parse(s, request)
+            req = _parse(request)
             topk = req.topk if req.topk is not None else s.config.topk
             timeouts = [t for t in (req.timeout_s, context.time_remaining()) if t is not None]
             deadline = min(timeouts) if timeouts else None
-            rows, version = await s.infer_images(req.images, topk, deadline, model=request.model_name)
+            label = request.model_version or None
+            rows, version = await s.infer_images(req.images, topk, deadline, model=request.model_name, label=label)
         except ClientError as e:
             await _abort(context, e)
         answer = self.m["ModelInferResponse"](model_name=request.model_name, model_version=version, id=req.id or "")
