@@ -216,7 +216,8 @@ def test_a_form_field_named_data_carries_the_image_as_torchserve_clients_send_it
 
 def test_torchserve_clients_get_torchserves_answers(server, files, expected):
     """TorchServe's inference API: /ping, and /predictions/{model}[/{version}] taking the image as
-    `curl -T` PUTs it or as a form field named data, answering {label: prob} most probable first,
+    `curl -T` PUTs it, as `curl --data-binary` POSTs it (labelled a urlencoded form, which /v1/classify
+    refuses) or as a form field named data, answering {label: prob} most probable first,
     the same top-k as /v1/classify and levit predict; an unknown model or version is a JSON 404, and the
     metrics count the route under one label whatever the model."""
     from levit.runtime.serve_torchserve import torchserve_body
@@ -231,6 +232,11 @@ def test_torchserve_clients_get_torchserves_answers(server, files, expected):
     counted = metric(server.url, "levit_requests_total", {"route": "/predictions/{name}", "status": "200"})
     jpg, png = files["a.jpg"].read_bytes(), files["b.png"].read_bytes()
     assert_torchserve(HTTP.put(server.url + "/predictions/levit_tiny", content=jpg, timeout=30), expected["a.jpg"])
+    # `curl --data-binary @a.jpg` labels the bytes a urlencoded form: TorchServe reads them as the image
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    r = HTTP.post(server.url + "/predictions/levit_tiny", content=jpg, headers=form, timeout=30)
+    assert_torchserve(r, expected["a.jpg"])
+    assert HTTP.post(server.url + "/v1/classify", content=jpg, headers=form, timeout=30).status_code == 415
     r = HTTP.post(server.url + "/predictions/levit_tiny", files={"data": (None, png)}, timeout=30)
     assert_torchserve(r, expected["b.png"])
     serving = HTTP.post(server.url + "/v2/repository/index", timeout=10).json()[0]["version"]
@@ -240,7 +246,7 @@ def test_torchserve_clients_get_torchserves_answers(server, files, expected):
     assert "version '99'" in _error_line(HTTP.post(server.url + "/predictions/levit_tiny/99", content=png), 404)
     assert "'levit_tiny'" in _error_line(HTTP.post(server.url + "/predictions/nope", content=png), 404)
     after = metric(server.url, "levit_requests_total", {"route": "/predictions/{name}", "status": "200"})
-    assert after - counted == 3
+    assert after - counted == 4
     # a repeated label keeps both rows
     rows = [{"class": 4, "label": "crane", "prob": 0.5}, {"class": 9, "label": "crane", "prob": 0.25}]
     assert torchserve_body(rows) == {"crane": 0.5, "crane (9)": 0.25}

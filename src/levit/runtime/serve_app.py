@@ -547,18 +547,21 @@ class LeViTService:
             self.metrics.in_flight.dec()
 
     async def _classify_request(
-        self, request: Any, t0: float, model: str | None, version: str | None = None
+        self, request: Any, t0: float, model: str | None, version: str | None = None, *, any_type: bool = False
     ) -> tuple[list[dict], ModelVersion]:
         """The one image of ``request`` (its body, or its form's image part) classified by the version of
         ``model`` serving when it arrived (``version``: 404 unless that one), under the queue bound, the
         deadline counted from ``t0`` and the body limits: its top-k rows and the version;
-        :class:`~levit.runtime.serve_http.ClientError` for a refusal."""
+        :class:`~levit.runtime.serve_http.ClientError` for a refusal. ``any_type``: as
+        :func:`~levit.runtime.serve_http.read_image`'s."""
         serving = self.version_for(model, version)
         async with self._admitted(serving):
             topk = parse_topk(request.query_params.get("topk"), self.config.topk, serving.num_classes)
             timeout_s = parse_timeout(request)
             c = self.config
-            data = await read_image(request, max_body_mb=c.max_body_mb, read_timeout_s=c.read_timeout_s)
+            data = await read_image(
+                request, max_body_mb=c.max_body_mb, read_timeout_s=c.read_timeout_s, any_type=any_type
+            )
             rows = await answer_within(self.classify_many([data], topk, serving), request, timeout_s, t0)
         return rows[0], serving
 
@@ -585,7 +588,7 @@ class LeViTService:
         if (refused := self._refusal()) is not None:
             return refused
         try:
-            top, serving = await self._classify_request(request, t0, name, version)
+            top, serving = await self._classify_request(request, t0, name, version, any_type=True)
         except ClientError as e:
             return client_error_response(e)
         headers = {"x-levit-replica": self.replica, "x-levit-model-version": serving.label}

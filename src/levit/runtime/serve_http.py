@@ -193,12 +193,14 @@ def parse_topk(text: str | None, default: int, num_classes: int) -> int:
     return k
 
 
-async def read_image(request: Any, *, max_body_mb: float, read_timeout_s: float) -> bytes:
+async def read_image(request: Any, *, max_body_mb: float, read_timeout_s: float, any_type: bool = False) -> bytes:
     """The image in a request: the raw body (an image media type, or none: the bytes are sniffed) or the
-    one file of a multipart form; :class:`ClientError` 415, 413, 408, 499 or 400 otherwise."""
+    one file of a multipart form; :class:`ClientError` 415, 413, 408, 499 or 400 otherwise.
+    ``any_type``: a body of any other media type is the image's bytes too, sniffed, as TorchServe reads
+    one (``curl --data-binary @cat.jpg`` labels it ``application/x-www-form-urlencoded``)."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     multipart = ctype == "multipart/form-data"
-    if ctype and not multipart and not ctype.startswith(IMAGE_TYPES):
+    if ctype and not multipart and not any_type and not ctype.startswith(IMAGE_TYPES):
         raise ClientError(
             415,
             f"unsupported media type {ctype!r}: send the image bytes (image/jpeg, image/png, image/webp, "
