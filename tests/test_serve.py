@@ -230,6 +230,7 @@ def test_torchserve_clients_get_torchserves_answers(server, files, expected):
 
     assert HTTP.get(server.url + "/ping").json() == {"status": "Healthy"}
     counted = metric(server.url, "levit_requests_total", {"route": "/predictions/{name}", "status": "200"})
+    timed = metric(server.url, "levit_request_latency_seconds_count")
     jpg, png = files["a.jpg"].read_bytes(), files["b.png"].read_bytes()
     assert_torchserve(HTTP.put(server.url + "/predictions/levit_tiny", content=jpg, timeout=30), expected["a.jpg"])
     # `curl --data-binary @a.jpg` labels the bytes a urlencoded form: TorchServe reads them as the image
@@ -247,6 +248,7 @@ def test_torchserve_clients_get_torchserves_answers(server, files, expected):
     assert "'levit_tiny'" in _error_line(HTTP.post(server.url + "/predictions/nope", content=png), 404)
     after = metric(server.url, "levit_requests_total", {"route": "/predictions/{name}", "status": "200"})
     assert after - counted == 4
+    assert metric(server.url, "levit_request_latency_seconds_count") - timed == 4  # timed as /v1/classify is
     # a repeated label keeps both rows
     rows = [{"class": 4, "label": "crane", "prob": 0.5}, {"class": 9, "label": "crane", "prob": 0.25}]
     assert torchserve_body(rows) == {"crane": 0.5, "crane (9)": 0.25}
