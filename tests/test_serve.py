@@ -173,6 +173,8 @@ def test_health_ready_docs(server):
     assert "swagger" in HTTP.get(server.url + "/docs").text.lower()
     spec = HTTP.get(server.url + "/openapi.json").json()
     assert "multipart/form-data" in spec["paths"]["/v1/classify"]["post"]["requestBody"]["content"]
+    predictions = spec["paths"]["/predictions/{name}/{version}"]
+    assert {"post", "put"} <= set(predictions) and "*/*" in predictions["put"]["requestBody"]["content"]
 
 
 @pytest.mark.parametrize("name", ["a.jpg", "b.png", "c.webp", "d16.png"])

@@ -17,7 +17,23 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .serve_app import LeViTService
 
-__all__ = ["add_torchserve_routes", "torchserve_body"]
+__all__ = ["PREDICTIONS_OPENAPI", "add_torchserve_routes", "torchserve_body"]
+
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+PREDICTIONS_OPENAPI = {  # the route's entry on /docs: FastAPI cannot infer a body read by hand
+    "summary": "Classify one image (TorchServe's inference API)",
+    "description": "The body is the image, whatever its media type, or a multipart form with a field named "
+    "data (or body, or one file). Answers `{label: probability}`, the most probable first; errors as "
+    "/v1/classify's, and 404 for an unknown model or version.",
+    "parameters": [{"name": "topk", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1}}],
+    "requestBody": {
+        "required": True,
+        "content": {
+            "*/*": _BINARY,
+            "multipart/form-data": {"schema": {"type": "object", "properties": {"data": _BINARY["schema"]}}},
+        },
+    },
+}
 
 
 def torchserve_body(top: list[dict]) -> dict[str, float]:
@@ -54,4 +70,6 @@ def add_torchserve_routes(app: Any, service: LeViTService) -> None:
     ping.__annotations__["return"] = Response
     app.get("/ping", response_model=None)(ping)
     for path in ("/predictions/{name}", "/predictions/{name}/{version}"):
-        app.api_route(path, methods=["POST", "PUT"], response_model=None)(predictions)
+        app.api_route(path, methods=["POST", "PUT"], response_model=None, openapi_extra=PREDICTIONS_OPENAPI)(
+            predictions
+        )
