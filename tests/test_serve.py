@@ -177,6 +177,22 @@ def test_health_ready_docs(server):
     assert {"post", "put"} <= set(predictions) and "*/*" in predictions["put"]["requestBody"]["content"]
 
 
+def test_the_openapi_page_gives_each_operation_its_own_id(files):
+    """FastAPI warns of a duplicate operation id (and OpenAPI clients generated from the page clash)
+    when one route takes two methods: TorchServe's POST and PUT are routes of their own."""
+    import warnings
+
+    from levit.runtime.serve import LeViTService, ServeConfig
+
+    model = levit.create_model("levit_tiny", checkpoint=files["model"])
+    app = LeViTService(model, ServeConfig(backend="eager", quiet=True), load_now=False).build_app().app
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spec = app.openapi()
+    ids = [op["operationId"] for path in spec["paths"].values() for op in path.values()]
+    assert len(ids) == len(set(ids)) and len(spec["paths"]["/predictions/{name}"]) == 2
+
+
 @pytest.mark.parametrize("name", ["a.jpg", "b.png", "c.webp", "d16.png"])
 def test_classify_raw_bytes_matches_predict(server, files, expected, name):
     ctype = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp"}[name.rsplit(".", 1)[1]]

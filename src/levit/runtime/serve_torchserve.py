@@ -70,6 +70,5 @@ def add_torchserve_routes(app: Any, service: LeViTService) -> None:
     ping.__annotations__["return"] = Response
     app.get("/ping", response_model=None)(ping)
     for path in ("/predictions/{name}", "/predictions/{name}/{version}"):
-        app.api_route(path, methods=["POST", "PUT"], response_model=None, openapi_extra=PREDICTIONS_OPENAPI)(
-            predictions
-        )
+        for method in (app.post, app.put):  # a route each: an OpenAPI operation id each
+            method(path, response_model=None, openapi_extra=PREDICTIONS_OPENAPI)(predictions)
