@@ -8,8 +8,9 @@ shares the server's cores). After the clean runs: a mixed run (10% bad requests:
 over ``--max-body-mb``) and a run where 10% of the clients drop the connection mid-upload. Every good
 answer is checked against the answer the server gave that image alone (``wrong`` column); the
 server's RSS is read before and after. The ceiling it is compared with is ``levit predict``'s own
-pipeline on the same JPEGs, backend and threads, timed in this process in rounds between the server
-runs (the server idle meanwhile).
+pipeline on the same JPEGs, backend and threads, timed in this process in rounds before, between and
+after the server runs (the server idle meanwhile), with the full batch on one lane that the p99
+target counts.
 
 ``--compare-engines`` times the same application on uvicorn and on Ray Serve (one replica on a local
 Ray) side by side: start-up (process start to ``/ready``), then both running and measured in
