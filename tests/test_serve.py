@@ -1302,22 +1302,33 @@ def test_reload_under_load_answers_every_request_from_a_version_loaded_when_it_a
     async def go():
         transport = httpx.ASGITransport(app=svc.build_app())
         async with httpx.AsyncClient(transport=transport, base_url="http://levit", timeout=60) as c:
+            loaded = asyncio.Event()
 
-            async def one(delay_s):
-                await asyncio.sleep(delay_s)
-                seen = svc.serving.version
-                r = await c.post("/v1/classify", content=jpg, headers={"content-type": "image/jpeg"})
-                log.append((seen, r, svc.serving.version))
+            async def client(start_s):
+                # requests one after another until both loads are done, and one more after them: the
+                # load keeps arriving however long a load takes on a busy machine
+                await asyncio.sleep(start_s)
+                while True:
+                    last = loaded.is_set()
+                    seen = svc.serving.version
+                    r = await c.post("/v1/classify", content=jpg, headers={"content-type": "image/jpeg"})
+                    log.append((seen, r, svc.serving.version))
+                    if last:
+                        return
+                    await asyncio.sleep(0.02)
 
             async def loads():
                 out = []
-                for v in (2, 3):
-                    await asyncio.sleep(0.3)
-                    body = {"parameters": {"checkpoint": str(versions[v])}}
-                    out.append(await c.post("/v2/repository/models/levit_tiny/load", json=body))
+                try:
+                    for v in (2, 3):
+                        await asyncio.sleep(0.3)
+                        body = {"parameters": {"checkpoint": str(versions[v])}}
+                        out.append(await c.post("/v2/repository/models/levit_tiny/load", json=body))
+                finally:
+                    loaded.set()
                 return out
 
-            clients = [one(i * 0.04) for i in range(40)]
+            clients = [client(i * 0.04) for i in range(8)]
             done = await asyncio.gather(loads(), *clients)
             await asyncio.sleep(0.3)  # the retired versions' batchers close once idle
             index = await c.post("/v2/repository/index")
@@ -1333,7 +1344,7 @@ def test_reload_under_load_answers_every_request_from_a_version_loaded_when_it_a
         assert seen <= v <= after, (seen, v, after)
         assert_same(r.json()["top"], want[str(v)])
         answered.add(v)
-    assert len(answered) >= 2, answered
+    assert {1, 3} <= answered, answered  # 1 before the loads, 3 after them (and 2 between, but not always)
     assert any(int(r.json()["version"]) < after for _, r, after in log), "no request finished across a swap"
     assert index.json() == [{"name": "levit_tiny", "version": "3", "state": "READY"}]
     assert first.batcher is None  # version 1 retired: its lanes let go
