@@ -1305,8 +1305,8 @@ def test_reload_under_load_answers_every_request_from_a_version_loaded_when_it_a
             loaded = asyncio.Event()
 
             async def client(start_s):
-                # requests one after another until both loads are done, and one more after them: the
-                # load keeps arriving however long a load takes on a busy machine
+                # requests one after another until both versions are loaded, and one more after them:
+                # requests keep arriving however long a model takes to load on a busy machine
                 await asyncio.sleep(start_s)
                 while True:
                     last = loaded.is_set()
