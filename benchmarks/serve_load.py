@@ -157,9 +157,8 @@ class Ceiling:
 
     def time_full_batch(self, n: int = 5) -> None:
         """Time one full batch on one lane ``n`` times (after one untimed), for the p99 target: in every
-        round, as the offline rate is, and the median of all taken. On a machine whose speed drifts by
-        a quarter within the hour, one timing at the start made the target's own reference move more
-        than its margin."""
+        round, as the offline rate is, and the median of all taken, so that the target's reference
+        moves with the machine's speed as the server's runs do (docs/serving.md has the spread)."""
         import torch
 
         with torch.inference_mode():
