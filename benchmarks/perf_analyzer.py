@@ -6,9 +6,10 @@ open); perf_analyzer reads the model's metadata and Triton configuration
 (``GET /v2/models/{name}/config``, the ``ModelConfig`` RPC), then keeps ``--concurrency`` requests in
 flight, each one JPEG (a ``BYTES`` tensor of shape ``[1, 1]``, sent with the binary tensor extension)
 cycling through ``--images`` photo-like JPEGs (``benchmarks/serve_load.py``'s). Rounds alternate the
-offline pipeline (the server idle), HTTP and gRPC; medians are reported, with the targets:
-HTTP >= 0.85x offline, gRPC >= HTTP. With ``--torchserve`` each round also runs perf_analyzer as
-TorchServe's client (``--service-kind=torchserve``: each JPEG a form field named ``data`` posted to
+offline pipeline (the server idle), HTTP and gRPC (gRPC first every other round); medians are
+reported, with the targets: HTTP >= 0.85x offline, gRPC >= HTTP, and each round's gRPC / HTTP. With
+``--torchserve`` each round also runs perf_analyzer as TorchServe's client
+(``--service-kind=torchserve``: each JPEG a form field named ``data`` posted to
 ``/predictions/{name}``). Beside each protocol's rate: the model's mean batch and time per
 image (the server's ``/metrics``), the server's context switches and page faults per request and its
 CPU per request by kind of thread (``/proc``), which show whether a protocol costs in its own work
@@ -204,9 +205,11 @@ def main(argv: list[str] | None = None) -> int:
             urls["torchserve"] = urls["http"]
         runs: dict[str, list[dict]] = {proto: [] for proto in urls}
         try:
-            for _ in range(args.rounds):
+            for i in range(args.rounds):
                 offline.measure()
-                for proto, url in urls.items():
+                # the protocols' order reverses every other round, so that neither always runs on a
+                # server warmed by the other or at the same point of the machine's drift
+                for proto, url in list(urls.items())[:: -1 if i % 2 else 1]:
                     s0, x0, t0, m0 = srv.cpu_s(), srv.ctx_switches(), srv.thread_cpu_s(), model_counters(srv.url)
                     f0 = srv.page_faults()
                     r = run_perf_analyzer(binary, args.model, url, proto, data[proto], args)
@@ -251,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
             f"        server CPU ms per request: {total:.2f} = event loop {m['loop_ms']:.2f} + gRPC's C-core "
             f"threads {m['grpc_ms']:.2f} + decoding, model and other threads {m['other_ms']:.2f}"
         )
+    # each round's gRPC rate over its own HTTP rate: the two ran minutes apart at most, so the
+    # machine's drift between rounds cancels out of the ratio
+    paired = [g["req_s"] / h["req_s"] for g, h in zip(runs["grpc"], runs["http"], strict=True)]
+    print(f"gRPC / HTTP by round: {', '.join(f'{r:.3f}' for r in paired)}; median {statistics.median(paired):.3f}")
     http_ok = med["http"]["req_s"] >= 0.85 * base["img_s"]
     grpc_ok = med["grpc"]["req_s"] >= med["http"]["req_s"]
     print(
