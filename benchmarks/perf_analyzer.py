@@ -13,7 +13,8 @@ reported, with the targets: HTTP >= 0.85x offline, gRPC >= HTTP, and each round'
 ``/predictions/{name}``). Beside each protocol's rate: the model's mean batch and time per
 image (the server's ``/metrics``), the server's context switches and page faults per request and its
 CPU per request by kind of thread (``/proc``), which show whether a protocol costs in its own work
-or in what it takes from the model's lanes.
+or in what it takes from the model's lanes, and perf_analyzer's own context switches per request
+(the load generator shares the cores).
 
     python benchmarks/perf_analyzer.py --fetch ~/.cache/levit-perf-analyzer   # once: get perf_analyzer
     python benchmarks/perf_analyzer.py --perf-analyzer ~/.cache/levit-perf-analyzer/perf_analyzer
@@ -118,6 +119,7 @@ def run_perf_analyzer(binary: Path, model: str, url: str, protocol: str, data: P
         "p99": float(found["p99"].group(1)) / 1e3,
         # the client's CPU over the whole run, its stabilising trials included
         "client_cpu_s": c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime,
+        "client_switches": c1.ru_nvcsw + c1.ru_nivcsw - c0.ru_nvcsw - c0.ru_nivcsw,
     }
 
 
@@ -221,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                     r["server_cpu_s"] = srv.cpu_s() - s0
                     r["mean_batch"], r["model_ms"] = images / batches, 1e3 * seconds / images
                     r["switches"] = (srv.ctx_switches() - x0) / images
+                    r["client_switches"] /= images
                     r["faults"] = (srv.page_faults() - f0) / images
                     for kind, cpu in cpu_by_kind(t0, srv.thread_cpu_s()).items():  # CPU ms per request
                         r[f"{kind}_ms"] = 1e3 * cpu / images
@@ -247,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             f"        model: batches of {m['mean_batch']:.1f} on average, {m['model_ms']:.2f} ms per image; "
-            f"{m['switches']:.0f} context switches and {m['faults']:.0f} page faults per request (server)"
+            f"{m['switches']:.0f} context switches and {m['faults']:.0f} page faults per request (server), "
+            f"{m['client_switches']:.0f} context switches per request (perf_analyzer)"
         )
         total = m["loop_ms"] + m["grpc_ms"] + m["other_ms"]
         print(
