@@ -522,6 +522,17 @@ class LeViTService:
         return out
 
     # ---- HTTP --------------------------------------------------------------------------------------
+    def unready_response(self) -> Any:
+        """The 503 a readiness probe (``/ready``, TorchServe's ``/ping``) gets while the server drains, its
+        model failed to load (the server then stops) or is loading (with ``Retry-After``); None once ready."""
+        if self.draining:
+            return error_response(503, "shutting down")
+        if self.load_error:
+            return error_response(503, self.load_error)
+        if not self.ready:
+            return error_response(503, "model is loading", retry_after=LOADING_RETRY_AFTER_S)
+        return None
+
     def _refusal(self) -> Any:
         """The 503 for a request arriving while loading or draining, else None."""
         if self.draining:
@@ -675,12 +686,8 @@ class LeViTService:
 
         @app.get("/ready", response_model=None)
         async def ready() -> Response:
-            if self.draining:
-                return error_response(503, "shutting down")
-            if self.load_error:  # the server stops
-                return error_response(503, self.load_error)
-            if not self.ready:
-                return error_response(503, "model is loading", retry_after=LOADING_RETRY_AFTER_S)
+            if (unready := self.unready_response()) is not None:
+                return unready
             models = {name: e.serving.label for name, e in self.entries.items()}
             return JSONResponse(
                 {"status": "ready", "model": self.model_name, "version": self.serving.label, "models": models}

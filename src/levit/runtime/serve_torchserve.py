@@ -54,14 +54,8 @@ def add_torchserve_routes(app: Any, service: LeViTService) -> None:
     from fastapi import Request
     from fastapi.responses import JSONResponse, Response
 
-    from .serve_http import LOADING_RETRY_AFTER_S, error_response
-
     async def ping() -> Response:
-        if service.ready and not service.draining:
-            return JSONResponse({"status": "Healthy"})
-        if service.draining:
-            return error_response(503, "shutting down")
-        return error_response(503, "model is loading", retry_after=LOADING_RETRY_AFTER_S)
+        return service.unready_response() or JSONResponse({"status": "Healthy"})
 
     async def predictions(request: Request, name: str, version: str | None = None) -> Response:
         return await service.handle_torchserve(request, name, version)
