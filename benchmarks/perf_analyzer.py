@@ -7,14 +7,15 @@ open); perf_analyzer reads the model's metadata and Triton configuration
 flight, each one JPEG (a ``BYTES`` tensor of shape ``[1, 1]``, sent with the binary tensor extension)
 cycling through ``--images`` photo-like JPEGs (``benchmarks/serve_load.py``'s). Rounds alternate the
 offline pipeline (the server idle), HTTP and gRPC (gRPC first every other round); medians are
-reported, with the targets: HTTP >= 0.85x offline, gRPC >= HTTP, and each round's gRPC / HTTP. With
+reported, with the targets: HTTP >= 0.85x offline, gRPC >= HTTP, and each round's gRPC / HTTP with
+an interval for their median (:func:`median_interval`: whether the run tells the two apart). With
 ``--torchserve`` each round also runs perf_analyzer as TorchServe's client
 (``--service-kind=torchserve``: each JPEG a form field named ``data`` posted to
-``/predictions/{name}``). Beside each protocol's rate: the model's mean batch and time per
-image (the server's ``/metrics``), the server's context switches and page faults per request and its
-CPU per request by kind of thread (``/proc``), which show whether a protocol costs in its own work
-or in what it takes from the model's lanes, and perf_analyzer's own context switches per request
-(the load generator shares the cores).
+``/predictions/{name}``). Beside each protocol's rate: the model's mean batch, its batches by size
+and its time per image (the server's ``/metrics``), the server's context switches and page faults
+per request and its CPU per request by kind of thread (``/proc``), which show whether a protocol
+costs in its own work or in what it takes from the model's lanes, and perf_analyzer's own context
+switches per request (the load generator shares the cores). ``--json FILE`` keeps every round.
 
     python benchmarks/perf_analyzer.py --fetch ~/.cache/levit-perf-analyzer   # once: get perf_analyzer
     python benchmarks/perf_analyzer.py --perf-analyzer ~/.cache/levit-perf-analyzer/perf_analyzer
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import math
 import os
 import re
 import resource
@@ -123,7 +125,7 @@ def run_perf_analyzer(binary: Path, model: str, url: str, protocol: str, data: P
     }
 
 
-def model_counters(url: str) -> tuple[float, float, float, float]:
+def model_counters(url: str) -> tuple[float, float, float, float, dict[float, float]]:
     """(images, batches, seconds, refused) so far: what the server's model has computed, summed over
     its ``levit_batch_size`` and ``levit_batch_latency_seconds`` series in ``/metrics``, and the HTTP
     answers other than 200 (``levit_requests_total``; gRPC's refusals are not counted there)."""
@@ -132,14 +134,44 @@ def model_counters(url: str) -> tuple[float, float, float, float]:
 
     want = dict.fromkeys(("levit_batch_size_sum", "levit_batch_size_count", "levit_batch_latency_seconds_sum"), 0.0)
     refused = 0.0
+    below: dict[float, float] = {}  # batches of at most this many images (the histogram's buckets)
     for fam in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
         for sample in fam.samples:
             if sample.name in want:
                 want[sample.name] += sample.value
+            elif sample.name == "levit_batch_size_bucket":
+                le = float(sample.labels["le"])
+                below[le] = below.get(le, 0.0) + sample.value
             elif sample.name == "levit_requests_total" and sample.labels["status"] != "200":
                 refused += sample.value
     images, batches, seconds = want.values()
-    return images, batches, seconds, refused
+    return images, batches, seconds, refused, below
+
+
+def batch_shares(before: dict[float, float], after: dict[float, float], batches: float) -> dict[str, float]:
+    """The share of the batches computed between two reads of the batch-size histogram that held
+    1-8, 9-16, 17-32 and more images (``batches_le8``, ...): two protocols at the same mean batch can
+    still batch differently, and a lane's time per image depends on its batch."""
+    edges = [(0, 8, "le8"), (8, 16, "le16"), (16, 32, "le32"), (32, float("inf"), "gt32")]
+    count = {le: after[le] - before.get(le, 0.0) for le in after}
+    return {f"batches_{name}": (count[hi] - count.get(lo, 0.0)) / max(batches, 1) for lo, hi, name in edges}
+
+
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """A distribution-free interval for the median of ``values`` (order statistics: the median lies
+    between the k-th smallest and the k-th largest of n values with probability 1 - 2 P(Bin(n, 1/2) < k)):
+    ``(low, high, coverage)`` for the largest k whose coverage is at least ``confidence``, or k = 1
+    (the smallest and largest) with the coverage it has when too few values reach it."""
+    xs, n = sorted(values), len(values)
+    below = 0.0  # P(Bin(n, 1/2) < k), k = 1, 2, ...
+    k, coverage = 1, 1 - 2 * 0.5**n
+    for j in range(1, (n + 1) // 2):
+        below += math.comb(n, j - 1) * 0.5**n
+        below_next = below + math.comb(n, j) * 0.5**n
+        if 1 - 2 * below_next < confidence:
+            break
+        k, coverage = j + 1, 1 - 2 * below_next
+    return xs[k - 1], xs[n - k], coverage
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -166,6 +198,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="an environment variable for the server alone, e.g. GRPC_POLL_STRATEGY=poll (repeatable)",
     )
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write every round's figures to FILE")
     args = p.parse_args(argv)
     bad = [kv for kv in args.server_env if "=" not in kv or kv.startswith("=")]
     if bad:
@@ -216,9 +249,9 @@ def main(argv: list[str] | None = None) -> int:
                     f0 = srv.page_faults()
                     r = run_perf_analyzer(binary, args.model, url, proto, data[proto], args)
                     # over the whole perf_analyzer run (its stabilising trials too); one image a request
-                    images, batches, seconds, refused = (
-                        b - a for a, b in zip(m0, model_counters(srv.url), strict=True)
-                    )
+                    m1 = model_counters(srv.url)
+                    images, batches, seconds, refused = (b - a for a, b in zip(m0[:4], m1[:4], strict=True))
+                    r |= batch_shares(m0[4], m1[4], batches)
                     r["refused"] = refused
                     r["server_cpu_s"] = srv.cpu_s() - s0
                     r["mean_batch"], r["model_ms"] = images / batches, 1e3 * seconds / images
@@ -253,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{m['switches']:.0f} context switches and {m['faults']:.0f} page faults per request (server), "
             f"{m['client_switches']:.0f} context switches per request (perf_analyzer)"
         )
+        print(
+            f"        batches of 1-8, 9-16, 17-32, more images: {100 * m['batches_le8']:.0f}%, "
+            f"{100 * m['batches_le16']:.0f}%, {100 * m['batches_le32']:.0f}%, {100 * m['batches_gt32']:.0f}%"
+        )
         total = m["loop_ms"] + m["grpc_ms"] + m["other_ms"]
         print(
             f"        server CPU ms per request: {total:.2f} = event loop {m['loop_ms']:.2f} + gRPC's C-core "
@@ -261,12 +298,19 @@ def main(argv: list[str] | None = None) -> int:
     # each round's gRPC rate over its own HTTP rate: the two ran minutes apart at most, so the
     # machine's drift between rounds cancels out of the ratio
     paired = [g["req_s"] / h["req_s"] for g, h in zip(runs["grpc"], runs["http"], strict=True)]
-    print(f"gRPC / HTTP by round: {', '.join(f'{r:.3f}' for r in paired)}; median {statistics.median(paired):.3f}")
+    low, high, coverage = median_interval(paired)
+    verdict = "gRPC ahead" if low > 1 else "gRPC behind" if high < 1 else "parity within this run's spread"
+    print(
+        f"gRPC / HTTP by round: {', '.join(f'{r:.3f}' for r in paired)}; median {statistics.median(paired):.3f}, "
+        f"{100 * coverage:.0f}% interval for the median {low:.3f}-{high:.3f} ({verdict})"
+    )
     http_ok = med["http"]["req_s"] >= 0.85 * base["img_s"]
     grpc_ok = med["grpc"]["req_s"] >= med["http"]["req_s"]
     print(
         f"target: HTTP >= 0.85x offline: {'met' if http_ok else 'MISSED'}; gRPC >= HTTP: {'met' if grpc_ok else 'MISSED'}"
     )
+    if args.json:
+        args.json.write_text(json.dumps({"offline": base, "rounds": runs}, indent=1))
     if "torchserve" in med:  # no target of its own: the same handler as /v1/classify behind a form parser
         print(f"TorchServe's API / KServe v2 HTTP: {med['torchserve']['req_s'] / med['http']['req_s']:.3f}")
     return 0
