@@ -126,9 +126,10 @@ def run_perf_analyzer(binary: Path, model: str, url: str, protocol: str, data: P
 
 
 def model_counters(url: str) -> tuple[float, float, float, float, dict[float, float]]:
-    """(images, batches, seconds, refused) so far: what the server's model has computed, summed over
-    its ``levit_batch_size`` and ``levit_batch_latency_seconds`` series in ``/metrics``, and the HTTP
-    answers other than 200 (``levit_requests_total``; gRPC's refusals are not counted there)."""
+    """(images, batches, seconds, refused, buckets) so far: what the server's model has computed, summed
+    over its ``levit_batch_size`` and ``levit_batch_latency_seconds`` series in ``/metrics``, the HTTP
+    answers other than 200 (``levit_requests_total``; gRPC's refusals are not counted there), and the
+    batches of at most each bucket's size (:func:`batch_shares` takes the difference)."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -300,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     paired = [g["req_s"] / h["req_s"] for g, h in zip(runs["grpc"], runs["http"], strict=True)]
     low, high, coverage = median_interval(paired)
     verdict = "gRPC ahead" if low > 1 else "gRPC behind" if high < 1 else "parity within this run's spread"
+    if coverage < 0.85:  # fewer than 4 rounds: their smallest and largest say little of the median
+        verdict = "too few rounds to tell"
     print(
         f"gRPC / HTTP by round: {', '.join(f'{r:.3f}' for r in paired)}; median {statistics.median(paired):.3f}, "
         f"{100 * coverage:.0f}% interval for the median {low:.3f}-{high:.3f} ({verdict})"
