@@ -1201,6 +1201,36 @@ def test_cli_usage_errors_are_one_line(capsys, files):
         assert main(["serve", "--checkpoint", str(files["model"]), "--host", HOST, "--port", str(port)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"cannot listen on {HOST}:{port}" in err[0]
+    with socket.socket() as taken:  # the gRPC port too, before the model loads, naming its flag
+        taken.bind((HOST, 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        argv = ["serve", "--checkpoint", str(files["model"]), "--host", HOST, "--port", "0", "--grpc-port", str(port)]
+        assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot listen on {HOST}:{port} (--grpc-port): Address already in use" in err[0], err
+
+
+def test_a_second_grpc_server_cannot_take_the_port_of_the_first():
+    """The gRPC port is one server's alone, as the HTTP port is: with gRPC's default (SO_REUSEPORT) a
+    second `levit serve --grpc-port` on the same port would start, and the kernel would split the
+    clients between the old server and the new one."""
+    pytest.importorskip("grpc", reason="--grpc-port needs the serve extra: pip install 'levit[serve]'")
+    from types import SimpleNamespace
+
+    from levit.runtime.serve_grpc import start_grpc
+
+    service = SimpleNamespace(config=SimpleNamespace(max_body_mb=1.0))
+
+    async def two_servers() -> None:
+        first, port = await start_grpc(service, HOST, 0)
+        try:
+            with pytest.raises(RuntimeError, match=f"cannot listen on {HOST}:{port}"):
+                await start_grpc(service, HOST, port)
+        finally:
+            await first.stop(None)
+
+    asyncio.run(two_servers())
 
 
 def test_cli_names_the_missing_extra(capsys, monkeypatch):

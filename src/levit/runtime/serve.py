@@ -85,7 +85,7 @@ def serve(
     a new local Ray, an address joins that cluster (:func:`levit.runtime.serve_ray.run_ray`), with
     ``replicas`` copies reserving ``replica_cpus`` CPUs each. Raises
     :class:`~levit.runtime.options.OptionError` for a bad engine option and
-    :class:`~levit.errors.LeViTError` when the serve extra is missing or the port is taken.
+    :class:`~levit.errors.LeViTError` when the serve extra is missing or a port is taken.
     """
     if replicas < 1:
         raise OptionError("replicas", f"must be >= 1, got {replicas}")
@@ -102,6 +102,12 @@ def serve(
 
         return run_ray(_built(model), config, address=ray or None, replicas=replicas, replica_cpus=replica_cpus)
     sock = listen(config.host, config.port)
+    if config.grpc_port:  # taken: one line before a model loads, as for the HTTP port (closed for gRPC to bind)
+        try:
+            listen(config.host, config.grpc_port, "--grpc-port").close()
+        except BaseException:
+            sock.close()
+            raise
     try:
         service = LeViTService(_built(model), config)
     except BaseException:

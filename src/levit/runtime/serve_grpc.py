@@ -299,11 +299,15 @@ async def start_grpc(service: LeViTService, host: str, port: int) -> tuple[Any, 
         )
         for rpc in _RPCS
     }
-    server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
-    )
+    # the port is this server's alone, as the HTTP port is: gRPC's default (SO_REUSEPORT) would let a
+    # second server bind it too, and the kernel would then split the clients between the two
+    options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+    server = grpc.aio.server(options=[*options, ("grpc.so_reuseport", 0)])
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    except RuntimeError:  # grpcio raises where older releases returned 0
+        bound = 0
     if not bound:
         raise RuntimeError(f"cannot listen on {host}:{port}")
     await server.start()

@@ -51,9 +51,9 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
-def listen(host: str, port: int) -> socket.socket:
+def listen(host: str, port: int, flag: str = "--host/--port") -> socket.socket:
     """A listening TCP socket on ``host:port`` (port 0: a free one), or :class:`~levit.errors.LeViTError`
-    saying why not."""
+    saying why not, naming the option ``flag`` that set the port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -62,7 +62,7 @@ def listen(host: str, port: int) -> socket.socket:
         sock.listen(2048)
     except OSError as e:
         sock.close()
-        raise LeViTError(f"cannot listen on {host}:{port} (--host/--port): {e.strerror or e}") from None
+        raise LeViTError(f"cannot listen on {host}:{port} ({flag}): {e.strerror or e}") from None
     sock.set_inheritable(True)
     return sock
 
