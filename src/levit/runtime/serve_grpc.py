@@ -306,10 +306,8 @@ async def start_grpc(service: LeViTService, host: str, port: int) -> tuple[Any, 
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     try:
         bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-    except RuntimeError:  # grpcio raises where older releases returned 0
-        bound = 0
-    if not bound:
-        raise RuntimeError(f"cannot listen on {host}:{port}")
+    except RuntimeError:  # gRPC's own wording ("Failed to bind ..."): said as for the HTTP port
+        raise RuntimeError(f"cannot listen on {host}:{port}") from None
     await server.start()
     log.warning("KServe v2 gRPC on %s:%d", host, bound)
     return server, bound
