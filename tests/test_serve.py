@@ -9,6 +9,7 @@ server (and each Ray replica) preprocesses as the model says, not as ImageNet's 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import io
 import os
 import re
@@ -1209,6 +1210,35 @@ def test_cli_usage_errors_are_one_line(capsys, files):
         assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"cannot listen on {HOST}:{port} (--grpc-port): Address already in use" in err[0], err
+    if importlib.util.find_spec("ray.serve") is not None:  # and before a new local Ray cluster starts
+        with socket.socket() as taken:
+            taken.bind((HOST, 0))
+            taken.listen(1)
+            port = taken.getsockname()[1]
+            assert (
+                main(["serve", "--checkpoint", str(files["model"]), "--host", HOST, "--port", str(port), "--ray"]) == 1
+            )
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"cannot listen on {HOST}:{port} (--host/--port)" in err[0], err
+
+
+def test_a_ray_clusters_proxy_that_cannot_bind_the_port_is_one_line(files, monkeypatch):
+    """On a cluster levit joins (--ray ADDRESS) Ray Serve's proxy binds the port on a node of its own:
+    its failure (a Ray task error around gRPC's RuntimeError) is one line naming the port and flag."""
+    ray = pytest.importorskip("ray.serve", reason="levit serve --ray needs Ray Serve: pip install 'levit[serve]'")
+    from ray.exceptions import RayTaskError
+
+    from levit.errors import LeViTError
+    from levit.runtime.serve import ServeConfig
+    from levit.runtime.serve_ray import run_deployment
+
+    def proxy_fails(**kwargs):
+        raise RayTaskError("ProxyActor.ready", "", RuntimeError(f"Failed to bind to address '{HOST}:9'."))
+
+    monkeypatch.setattr(ray, "start", proxy_fails)
+    config = ServeConfig(host=HOST, port=9)
+    with pytest.raises(LeViTError, match=rf"^Ray Serve cannot listen on {HOST}:9 \(--host/--port\): Failed to bind"):
+        run_deployment(torch.nn.Identity(), config)
 
 
 def test_a_second_grpc_server_cannot_take_the_port_of_the_first():
@@ -1216,8 +1246,6 @@ def test_a_second_grpc_server_cannot_take_the_port_of_the_first():
     second `levit serve --grpc-port` on the same port would start, and the kernel would split the
     clients between the old server and the new one."""
     pytest.importorskip("grpc", reason="--grpc-port needs the serve extra: pip install 'levit[serve]'")
-    from types import SimpleNamespace
-
     from levit.runtime.serve_grpc import start_grpc
 
     service = SimpleNamespace(config=SimpleNamespace(max_body_mb=1.0))
@@ -1234,8 +1262,6 @@ def test_a_second_grpc_server_cannot_take_the_port_of_the_first():
 
 
 def test_cli_names_the_missing_extra(capsys, monkeypatch):
-    import importlib.util
-
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a))
     assert main(["serve"]) == 1

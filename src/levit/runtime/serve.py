@@ -100,6 +100,8 @@ def serve(
     if ray is not None:
         from .serve_ray import run_ray
 
+        if not ray:  # a new local cluster, whose proxy binds the port here: taken, one line before Ray starts
+            listen(config.host, config.port).close()
         return run_ray(_built(model), config, address=ray or None, replicas=replicas, replica_cpus=replica_cpus)
     sock = listen(config.host, config.port)
     if config.grpc_port:  # taken: one line before a model loads, as for the HTTP port (closed for gRPC to bind)

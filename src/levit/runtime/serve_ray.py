@@ -29,6 +29,8 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import LeViTError
+from ..utils import first_line
 from .pipeline import lane_layout
 from .ray_setup import check_reachable, init_quietly
 from .serve_app import LeViTService, ServeConfig
@@ -130,8 +132,6 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
 def cluster_gone(gcs_address: str) -> bool:
     """Whether the Ray cluster at ``gcs_address`` no longer accepts connections (checked within a
     second)."""
-    from ..errors import LeViTError
-
     try:
         check_reachable(gcs_address, timeout=1.0)
     except LeViTError:
@@ -174,8 +174,6 @@ def check_capacity(replicas: int, replica_cpus: float) -> None:
     one-machine cluster this process started, which cannot grow (an autoscaling cluster can)."""
     import ray
 
-    from ..errors import LeViTError
-
     have = ray.cluster_resources().get("CPU", 0)
     if replicas * replica_cpus > have:
         raise LeViTError(
@@ -211,7 +209,13 @@ def run_deployment(
     import ray
     from ray import serve
 
-    serve.start(http_options={"host": config.host, "port": config.port}, logging_config=SERVE_LOGGING)
+    try:
+        serve.start(http_options={"host": config.host, "port": config.port}, logging_config=SERVE_LOGGING)
+    except ray.exceptions.RayTaskError as e:  # the proxy actor's start, on whichever node runs it
+        cause = e.cause if e.cause is not None else e
+        raise LeViTError(
+            f"Ray Serve cannot listen on {config.host}:{config.port} (--host/--port): {first_line(cause)}"
+        ) from None
     if version == 1:
         starting = serve.deployment(
             Starting, name=FRONT, ray_actor_options={"num_cpus": 0}, logging_config=SERVE_LOGGING
