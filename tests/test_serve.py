@@ -1222,9 +1222,10 @@ def test_cli_usage_errors_are_one_line(capsys, files):
         assert len(err) == 1 and f"cannot listen on {HOST}:{port} (--host/--port)" in err[0], err
 
 
-def test_a_ray_clusters_proxy_that_cannot_bind_the_port_is_one_line(files, monkeypatch):
+def test_a_ray_clusters_proxy_that_cannot_bind_the_port_is_one_line(monkeypatch):
     """On a cluster levit joins (--ray ADDRESS) Ray Serve's proxy binds the port on a node of its own:
-    its failure (a Ray task error around gRPC's RuntimeError) is one line naming the port and flag."""
+    its failure (a Ray task error around the proxy's RuntimeError, as Ray Serve raises it) is one
+    line naming the port and the flag."""
     ray = pytest.importorskip("ray.serve", reason="levit serve --ray needs Ray Serve: pip install 'levit[serve]'")
     from ray.exceptions import RayTaskError
 
