@@ -28,6 +28,7 @@ def _err_line(capsys) -> str:
         (["bench", "--plot", "fig.txt"], "--plot must end in"),
         (["bench", "--threads", "0"], "--threads must be >= 1"),
         (["export", "--model", "levit_tiny", "--output", "x.zip"], "cannot tell the format from 'x.zip'"),
+        (["export", "--model", "levit_tiny", "--output", "x.zip"], ".pt (torchscript), .pte (executorch)"),
         (["export", "--model", "levit_tiny", "--output", "x.onnx", "--opset", "5"], "--opset: ONNX opset 5"),
         (["export", "--model", "levit_tiny", "--output", "x.onnx", "--tolerance", "0"], "--tolerance: must be > 0"),
         (["export", "--model", "levit_999", "--output", "x.onnx"], "unknown model 'levit_999'"),

@@ -80,7 +80,7 @@ def args_export(p: argparse.ArgumentParser) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from levit.runtime.export import ExportError, check_opset, check_packages, export, resolve_format
-    from levit.runtime.options import EDGE_FORMAT
+    from levit.runtime.options import EDGE_FORMAT, FORMATS
 
     if args.format == EDGE_FORMAT[0] or (args.format is None and args.output.suffix.lower() == EDGE_FORMAT[1]):
         return cmd_export_executorch(args)
@@ -96,6 +96,9 @@ def cmd_export(args: argparse.Namespace) -> int:
                 f"{flag} is only for --format executorch (onnx/openvino/torchscript are fp32, batch dynamic)"
             )
     args.batch_size = 2 if args.batch_size is None else args.batch_size
+    if args.format is None and args.output.suffix.lower() not in FORMATS.values():  # the CLI's formats, .pte too
+        known = ", ".join(f"{s} ({f})" for f, s in [*FORMATS.items(), EDGE_FORMAT])
+        raise UsageError(f"--output/--format: cannot tell the format from {args.output.name!r}: give one of {known}")
     try:
         fmt = resolve_format(args.output, args.format)
         if fmt == "onnx":
