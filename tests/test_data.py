@@ -54,6 +54,33 @@ def test_repeat_aug_sampler_resume_position():
     assert [i for i, _ in plain] == list(range(6))
 
 
+def test_a_pipe_named_like_an_image_in_a_training_folder_is_a_bad_sample_not_a_hang(tmp_path):
+    """A FIFO with no writer among a class's images (opening it for reading would wait forever, and
+    the training or evaluation run with it): a bad sample saying why, in training and evaluation."""
+    import os
+    import threading
+
+    make_folder(tmp_path / "d", {"a": 1, "b": 1})
+    os.mkfifo(tmp_path / "d" / "a" / "a_pipe.png")  # listed after a_000.png
+    got = {}
+
+    def load() -> None:
+        train = SafeImageFolder(tmp_path / "d", transform=train_transform(_cfg()))
+        ev = SafeImageFolder(tmp_path / "d", transform=train_transform(_cfg()), replace_bad=False)
+        got["train"], got["eval"] = train[1], collate_skip([ev[i] for i in range(len(ev))])
+
+    worker = threading.Thread(target=load, daemon=True)  # a hang leaves only a daemon thread behind
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "opening a pipe blocked"
+    pipe = str(tmp_path / "d" / "a" / "a_pipe.png")
+    img, target, bad = got["train"]  # replaced by the next readable image, b_000
+    assert target == 1 and img.shape == (3, 32, 32) and [p for p, _ in bad] == [pipe]
+    assert "not a regular file (a pipe, socket or device)" in bad[0][1]
+    x, y, bad = got["eval"]
+    assert x.shape[0] == 2 and y.tolist() == [0, 1] and [p for p, _ in bad] == [pipe]
+
+
 def test_shard_sampler_counts_every_sample_once():
     shards = [list(ShardSampler(7, 3, r)) for r in range(3)]
     assert sorted(i for s in shards for i in s) == list(range(7))

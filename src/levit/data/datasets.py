@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torchvision
 
-from ..errors import LeViTError
+from ..errors import ImageError, LeViTError
 from ..utils import first_line
 from .images import IMAGE_EXTENSIONS, is_image, open_rgb
 from .samplers import RepeatAugSampler, ShardSampler
@@ -49,22 +49,22 @@ def check_image_folder(root: str | os.PathLike, what: str = "--data") -> list[st
     return classes
 
 
-def check_train_val_layout(root: str | os.PathLike) -> tuple[list[str], list[str]]:
+def check_train_val_layout(root: str | os.PathLike, what: str = "--data") -> tuple[list[str], list[str]]:
     """Check ``root/train`` and ``root/val`` (ImageFolder layouts, val classes a subset of train's);
-    returns (train classes, val classes)."""
+    returns (train classes, val classes). Errors name ``root`` as ``what`` (the flag or argument)."""
     root = Path(root)
     if not root.is_dir():
-        raise LeViTError(f"--data: {root} is not a folder (expected DIR/train/CLASS/*.jpg and DIR/val/CLASS/*.jpg)")
+        raise LeViTError(f"{what}: {root} is not a folder (expected DIR/train/CLASS/*.jpg and DIR/val/CLASS/*.jpg)")
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise LeViTError(
-                f"--data: {root} has no '{split}' sub-folder (expected DIR/train/CLASS/*.jpg and DIR/val/CLASS/*.jpg)"
+                f"{what}: {root} has no '{split}' sub-folder (expected DIR/train/CLASS/*.jpg and DIR/val/CLASS/*.jpg)"
             )
-    train_classes = check_image_folder(root / "train")
-    val_classes = check_image_folder(root / "val")
+    train_classes = check_image_folder(root / "train", what)
+    val_classes = check_image_folder(root / "val", what)
     extra = sorted(set(val_classes) - set(train_classes))
     if extra:
-        raise LeViTError(f"--data: {root / 'val'} has classes missing from {root / 'train'}: {extra[:5]}")
+        raise LeViTError(f"{what}: {root / 'val'} has classes missing from {root / 'train'}: {extra[:5]}")
     return train_classes, val_classes
 
 
@@ -120,6 +120,8 @@ class SafeImageFolder(torchvision.datasets.ImageFolder):
             path, target = self.samples[(index + attempt) % len(self.samples)]
             try:
                 return self._load(path, seed), target, bad
+            except ImageError as e:  # ours says why in one line, without the path again
+                bad.append((path, e.reason))
             except Exception as e:  # a corrupt file, or an augmentation that fails on this image
                 bad.append((path, f"{type(e).__name__}: {first_line(e, 120)}"))
         if not self.replace_bad:

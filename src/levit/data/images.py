@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
-__all__ = ["IMAGE_EXTENSIONS", "find_images", "is_image", "open_rgb"]
+__all__ = ["IMAGE_EXTENSIONS", "find_images", "is_image", "open_image_file", "open_rgb"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -19,6 +21,27 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 def is_image(path: str | os.PathLike) -> bool:
     """Whether the file name has an image extension (case-insensitive)."""
     return str(path).lower().endswith(IMAGE_EXTENSIONS)
+
+
+def open_image_file(path: str | os.PathLike) -> BinaryIO:
+    """``path`` opened for reading in binary, without ever blocking: opened non-blocking, and refused
+    with a one-line :class:`~levit.errors.ImageError` unless it is a regular file. A pipe, socket or
+    device named like a photo (or swapped in after a folder was listed) would otherwise make a plain
+    ``open`` wait forever for a writer, stopping a whole job at that file. The ``OSError`` of a path
+    that cannot be opened (missing, no permission, a folder) is raised as it is."""
+    from ..errors import ImageError
+
+    f = open(path, "rb", opener=_open_nonblocking)  # noqa: SIM115 (returned open)
+    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # a folder is IsADirectoryError from open()
+        f.close()
+        raise ImageError("not a regular file (a pipe, socket or device), not an image file", path)
+    return f
+
+
+def _open_nonblocking(path: str, flags: int) -> int:
+    """``open``'s opener: ``os.open`` with ``O_NONBLOCK`` (where the system has it), which opens a pipe
+    at once instead of waiting for a writer; it changes nothing for a regular file."""
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
 
 
 def find_images(paths: Iterable[str | os.PathLike], *, skipped: list[Path] | None = None) -> list[Path]:
@@ -88,26 +111,28 @@ def open_rgb(
     from ..errors import ImageError
 
     source = None if isinstance(path, bytes) else path
-    with warnings.catch_warnings():  # Pillow's decompression-bomb warning: one line of ours instead
-        warnings.simplefilter("error" if max_pixels == 0 else "ignore", Image.DecompressionBombWarning)
-        try:
-            im = Image.open(io.BytesIO(path) if isinstance(path, bytes) else path)
-        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-            m = re.search(r"\((\d+) pixels\)", str(e))
-            size = f"{int(m.group(1)) / 1e6:.1f}-megapixel " if m else ""
-            raise ImageError(
-                f"{size}image too large to decode safely (Pillow's limit: {Image.MAX_IMAGE_PIXELS:,} pixels, "
-                "PIL.Image.MAX_IMAGE_PIXELS)",
-                source,
-            ) from None
-    with im:
-        if max_pixels and im.size[0] * im.size[1] > max_pixels:
-            w, h = im.size
-            raise ImageError(f"image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}", source)
-        if draft is not None and im.format == "JPEG":
-            im.draft("RGB", (draft, draft))
-        im.load()
-        if im.mode in ("I", "F") or im.mode.startswith("I;16"):
-            im = _to_8bit(im)
-        # an RGB image is returned as loaded: convert("RGB") would copy it (48 MB for a phone photo)
-        return im if im.mode == "RGB" else im.convert("RGB")
+    # the file is opened here, not by Pillow: a pipe named like a photo must not block (open_image_file)
+    with io.BytesIO(path) if isinstance(path, bytes) else open_image_file(path) as fp:
+        with warnings.catch_warnings():  # Pillow's decompression-bomb warning: one line of ours instead
+            warnings.simplefilter("error" if max_pixels == 0 else "ignore", Image.DecompressionBombWarning)
+            try:
+                im = Image.open(fp)
+            except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+                m = re.search(r"\((\d+) pixels\)", str(e))
+                size = f"{int(m.group(1)) / 1e6:.1f}-megapixel " if m else ""
+                raise ImageError(
+                    f"{size}image too large to decode safely (Pillow's limit: {Image.MAX_IMAGE_PIXELS:,} pixels, "
+                    "PIL.Image.MAX_IMAGE_PIXELS)",
+                    source,
+                ) from None
+        with im:
+            if max_pixels and im.size[0] * im.size[1] > max_pixels:
+                w, h = im.size
+                raise ImageError(f"image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}", source)
+            if draft is not None and im.format == "JPEG":
+                im.draft("RGB", (draft, draft))
+            im.load()
+            if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+                im = _to_8bit(im)
+            # an RGB image is returned as loaded: convert("RGB") would copy it (48 MB for a phone photo)
+            return im if im.mode == "RGB" else im.convert("RGB")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -28,7 +27,7 @@ from ..errors import ImageError, LeViTError
 from ..models.config import DEFAULT_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, check_crop_pct
 from ..utils import first_line
 from . import DECODERS
-from .images import open_rgb
+from .images import open_image_file, open_rgb
 from .transforms import eval_transform, resize_size, squash_size
 
 __all__ = [
@@ -100,19 +99,13 @@ def read_image_bytes(src: str | os.PathLike | bytes | bytearray) -> bytes:
     if isinstance(src, (bytes, bytearray)):
         return bytes(src)
     try:
-        fd = os.open(src, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        f = open_image_file(src)
+    except ImageError:
+        raise
     except Exception as e:
         raise _image_error(src, e) from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
-            raise ImageError("is a folder, not an image file", src)
-        if not stat.S_ISREG(mode):
-            raise ImageError("not a regular file (a pipe, socket or device), not an image file", src)
-        with os.fdopen(os.dup(fd), "rb") as f:
-            return f.read()
-    finally:
-        os.close(fd)
+    with f:
+        return f.read()
 
 
 def _model_cfg(model: Any) -> tuple[Any, Mapping[str, Any]]:
