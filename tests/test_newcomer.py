@@ -421,22 +421,27 @@ def test_openvino_export_on_a_full_disk_names_the_file_not_a_stream_error(ckpt, 
 
 
 def test_shards_on_a_full_disk_or_a_file_name_dst_and_leave_no_half_written_folder(tmp_path, monkeypatch):
-    import levit.data.shards
+    import webdataset
+    from train_utils import make_dataset
 
-    def full(src, dst, **kwargs):  # the first shard half-written, then a flush that names no file
-        (Path(dst) / "train").mkdir(parents=True)
-        (Path(dst) / "train" / "shard-000000.tar").write_bytes(bytes(100))
+    data = make_dataset(tmp_path / "data", classes=2, train=3, val=1)
+    write = webdataset.ShardWriter.write
+
+    def full(self, sample):  # the first sample written, then a flush that names no file
+        write(self, sample)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(levit.data.shards, "write_shards", full)
+    monkeypatch.setattr(webdataset.ShardWriter, "write", full)
     dst = tmp_path / "shards"
-    one_line_error(cli("data", "shard", tmp_path, dst), 1, f"DST {dst}", "no space left on device (ENOSPC)")
-    assert not dst.exists()
+    one_line_error(cli("data", "shard", data, dst), 1, f"DST {dst}", "no space left on device (ENOSPC)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # neither DST nor its partial folder
     # a DST that is a file, or where no folder can be made: named before anything is read
     afile = tmp_path / "afile"
     afile.write_text("keep me")
-    one_line_error(cli("data", "shard", tmp_path, afile), 2, f"DST {afile} is a file; expected a folder")
-    one_line_error(cli("data", "shard", tmp_path, "/proc/shards"), 2, "DST /proc/shards: cannot write in /proc")
+    one_line_error(cli("data", "shard", data, afile), 2, f"DST {afile} is a file; expected a folder")
+    one_line_error(cli("data", "shard", data, "/proc/shards"), 2, "DST /proc/shards: cannot write in /proc")
+    # SRC without the layout: named as the command names it
+    one_line_error(cli("data", "shard", data / "train", dst), 1, f"SRC: {data / 'train'} has no 'train' sub-folder")
     assert afile.read_text() == "keep me"
 
 

@@ -141,6 +141,75 @@ def test_shard_cli_and_its_errors(tmp_path):
         read_index(tmp_path / "empty")
 
 
+def test_shards_appear_whole_or_not_at_all_and_a_pipe_among_the_images_is_skipped(tmp_path, monkeypatch):
+    """DST gets every shard and the index, or nothing: a folder of tar files is data to every reader,
+    so a run stopped midway (an exception, SIGTERM) leaves neither a DST it made nor its partial folder.
+    A pipe named like an image (opening it would wait for a writer forever) is skipped and named."""
+    import os
+    import signal
+    import threading
+
+    import webdataset
+
+    folder = make_dataset(tmp_path / "folder", classes=2, train=3, val=2)
+    os.mkfifo(folder / "val" / "c1" / "pipe.png")
+    dst = tmp_path / "given"
+    dst.mkdir()  # an empty folder given as DST is filled
+    result = {}
+
+    def shard() -> None:
+        result["cli"] = cli("data", "shard", folder, dst, "--shard-size", "2")
+
+    worker = threading.Thread(target=shard, daemon=True)  # a hang leaves only a daemon thread behind
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "opening a pipe blocked"
+    done = result["cli"]
+    assert done.returncode == 0, done.stderr
+    pipe = "not a regular file (a pipe, socket or device), not an image file"
+    assert f"warning: skipped {folder / 'val' / 'c1' / 'pipe.png'} ({pipe})" in done.stderr
+    assert "val: 4 samples in 2 shard(s)" in done.stderr
+    assert [n for _, n in read_index(dst).splits["val"]] == [2, 2]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert before == ["folder", "given"]
+
+    write, calls = webdataset.ShardWriter.write, []
+
+    def stopping(stop):  # the third sample stops the run, after two were written
+        def patched(self, sample):
+            calls.append(1)
+            if len(calls) % 3 == 0:
+                stop()
+            write(self, sample)
+
+        return patched
+
+    def interrupt():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(webdataset.ShardWriter, "write", stopping(interrupt))
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(folder, tmp_path / "cut", shard_size=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+    def unhandled(*_):  # stands in for the default action (the end of the process), which a test must not take
+        raise AssertionError("levit data shard left SIGTERM to the process's handler")
+
+    monkeypatch.setattr(webdataset.ShardWriter, "write", stopping(lambda: os.kill(os.getpid(), signal.SIGTERM)))
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        stopped = cli("data", "shard", folder, tmp_path / "term")
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # the command's own handler went with it
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stopped.returncode == 128 + signal.SIGTERM and len(calls) == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    # a given DST keeps only what a kill -9 could not clean: the hidden partial folder, named when met
+    (tmp_path / "killed" / ".partial-99999" / "train").mkdir(parents=True)
+    with pytest.raises(LeViTError, match=r"not empty \(\.partial-99999 is what a stopped run left: remove it\)"):
+        write_shards(folder, tmp_path / "killed")
+
+
 class InterruptError(Exception):
     pass
 

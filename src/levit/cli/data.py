@@ -5,8 +5,9 @@ distillation also its top-k logits), for ``teacher_cache=PATH``."""
 from __future__ import annotations
 
 import argparse
-import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .common import UsageError, check_output, check_output_folder
@@ -15,8 +16,15 @@ from .common import UsageError, check_output, check_output_folder
 def args_data(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     shard = sub.add_parser("shard", help="write SRC/{train,val} as SRC's shards in DST/{train,val}/shard-NNNNNN.tar")
-    shard.add_argument("src", type=Path, help="folder with train/ and val/ sub-folders (ImageFolder layout)")
-    shard.add_argument("dst", type=Path, help="new folder for the shards (train/*.tar, val/*.tar, levit-shards.json)")
+    shard.add_argument(
+        "src", metavar="SRC", type=Path, help="folder with train/ and val/ sub-folders (ImageFolder layout)"
+    )
+    shard.add_argument(
+        "dst",
+        metavar="DST",
+        type=Path,
+        help="new folder for the shards (train/*.tar, val/*.tar, levit-shards.json); it appears once complete",
+    )
     shard.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: 1000)")
     shard.add_argument("--seed", type=int, default=0, help="the training samples' shuffled order (default: 0)")
     cache = sub.add_parser(
@@ -63,19 +71,29 @@ def cmd_data(args: argparse.Namespace) -> int:
     if args.shard_size < 1:
         raise UsageError(f"--shard-size must be >= 1, got {args.shard_size}")
     check_output_folder(args.dst, "DST")
-    made = not args.dst.exists()
+    skipped: list[tuple[Path, str]] = []
+    # SIGTERM (a scheduler's stop) as an exception, so that write_shards removes its partial folder;
+    # only the main thread may set a handler (called from another one, the process's stays)
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if main else None
     try:
-        written = write_shards(args.src, args.dst, shard_size=args.shard_size, seed=args.seed)
-    except BaseException:
-        # a full disk or a stop midway leaves a folder of half-written shards that a later run would
-        # read as data: the folder this call made goes (one it was given stays as it is)
-        if made:
-            shutil.rmtree(args.dst, ignore_errors=True)
-        raise
+        written = write_shards(args.src, args.dst, shard_size=args.shard_size, seed=args.seed, skipped=skipped)
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+    for path, reason in skipped[:5]:
+        print(f"warning: skipped {path} ({reason})", file=sys.stderr)
+    if len(skipped) > 5:
+        print(f"warning: ... and {len(skipped) - 5} more files that could not be read", file=sys.stderr)
     shards = {split: len(list((args.dst / split).glob("*.tar"))) for split in written}
     summary = ", ".join(f"{split}: {n} samples in {shards[split]} shard(s)" for split, n in written.items())
     print(f"wrote {args.dst} ({summary})", file=sys.stderr)
     return 0
+
+
+def _terminated(signum: int, frame: object) -> None:
+    """A signal handler: the signal as ``SystemExit`` (exit status 128 + its number, as the shell's)."""
+    raise SystemExit(128 + signum)
 
 
 def _teacher_cache(args: argparse.Namespace) -> int:

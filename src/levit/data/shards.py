@@ -33,10 +33,10 @@ from typing import BinaryIO
 
 import torch
 
-from ..errors import LeViTError
+from ..errors import ImageError, LeViTError
 from ..utils import first_line
 from .datasets import TrainValData, check_batch, check_train_val_layout, collate_skip, read_to_quota, seeded
-from .images import IMAGE_EXTENSIONS, is_image, open_rgb
+from .images import IMAGE_EXTENSIONS, is_image, open_image_file, open_rgb
 from .transforms import eval_transform, train_transform
 
 __all__ = [
@@ -526,39 +526,90 @@ class EpochLoader:
 
 
 def write_shards(
-    src: str | os.PathLike, dst: str | os.PathLike, *, shard_size: int = 1000, seed: int = 0
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    shard_size: int = 1000,
+    seed: int = 0,
+    skipped: list[tuple[Path, str]] | None = None,
 ) -> dict[str, int]:
     """Write the ImageFolder ``src`` (``train/`` and ``val/``, one sub-folder per class) as WebDataset
     shards in ``dst`` (``train/shard-000000.tar`` ...: ``KEY.<ext>`` with the file's own bytes, never
     re-encoded, and ``KEY.cls``), ``shard_size`` samples each, training samples in a seeded random
     order so that every shard mixes the classes; writes ``levit-shards.json``. Returns the samples
-    written per split."""
-    import webdataset as wds
+    written per split.
+
+    ``dst`` gets its shards all at once or not at all, because a folder of tar files is data to every
+    reader (:func:`is_shard_folder`): they are written into a hidden ``dst/.partial-PID`` folder (on
+    ``dst``'s own disk, which may be a mount), moved into place once all are written, and removed
+    with whatever was moved on any error; a ``dst`` this call made goes too. A file that cannot be
+    read (no permission, gone since the folder was listed, or no regular file: a pipe named like a
+    photo would block the run) is left out and appended to ``skipped`` as ``(path, reason)``; an
+    undecodable image is written as it is, and skipped by the readers as a corrupt file of an
+    ImageFolder is."""
+    import shutil
 
     if shard_size < 1:
         raise LeViTError(f"--shard-size must be >= 1, got {shard_size}")
     src, dst = Path(src), Path(dst)
-    classes, _ = check_train_val_layout(src)
+    classes, _ = check_train_val_layout(src, "SRC")
     if dst.exists() and any(dst.iterdir()):
-        raise LeViTError(f"{dst} exists and is not empty: shards are written into a new folder")
+        left = sorted(p.name for p in dst.iterdir() if p.name.startswith(".partial-"))
+        hint = f" ({left[0]} is what a stopped run left: remove it)" if left else ""
+        raise LeViTError(f"{dst} exists and is not empty{hint}: shards are written into a new folder")
+    made, moved = not dst.exists(), []
+    work = dst / f".partial-{os.getpid()}"
+    work.mkdir(parents=True)
+    try:
+        written = _write_splits(src, work, classes, shard_size, seed, skipped)
+        for name in ("train", "val", INDEX_NAME):
+            os.replace(work / name, dst / name)
+            moved.append(dst / name)
+        work.rmdir()
+    except BaseException:
+        for path in (dst,) if made else (work, *moved):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        raise
+    return written
+
+
+def _write_splits(
+    src: Path, dst: Path, classes: list[str], shard_size: int, seed: int, skipped: list | None
+) -> dict[str, int]:
+    """:func:`write_shards`' shards and index, written into the new folder ``dst``."""
+    import webdataset as wds
+
     index: dict = {"classes": classes}
     written = {}
     for split in ("train", "val"):
         files = [(p, k) for k, c in enumerate(classes) for p in sorted((src / split / c).rglob("*")) if is_image(p)]
         if split == "train":
             random.Random(seed).shuffle(files)
-        (dst / split).mkdir(parents=True, exist_ok=True)
+        (dst / split).mkdir()
         counts: dict[str, int] = {}
         # a whole-second mtime (fixed: the same images give the same shards): a fractional one makes
         # tarfile add a second (pax) header to every member, which every read parses again
         pattern = str(dst / split / "shard-%06d.tar")
         with wds.ShardWriter(pattern, maxcount=shard_size, verbose=0, mtime=0) as sink:
-            for i, (path, label) in enumerate(files):
+            n = 0
+            for path, label in files:
+                try:
+                    with open_image_file(path) as f:
+                        data = f.read()
+                except (ImageError, OSError) as e:  # ImageError: no regular file
+                    if skipped is not None:
+                        why = e.reason if isinstance(e, ImageError) else (e.strerror or str(e)).lower()
+                        skipped.append((path, why))
+                    continue
                 ext = path.suffix.lower().lstrip(".")
-                sink.write({"__key__": f"{i:09d}", ext: path.read_bytes(), "cls": str(label).encode()})
-                name = f"shard-{i // shard_size:06d}.tar"
+                sink.write({"__key__": f"{n:09d}", ext: data, "cls": str(label).encode()})
+                name = f"shard-{n // shard_size:06d}.tar"
                 counts[name] = counts.get(name, 0) + 1
-        index[split], written[split] = counts, len(files)
+                n += 1
+        index[split], written[split] = counts, n
     (dst / INDEX_NAME).write_text(json.dumps(index, indent=1) + "\n")
     return written
 
