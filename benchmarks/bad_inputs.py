@@ -195,6 +195,9 @@ def make_datasets(fx: Path) -> None:
     make_folder(fx / "corrupt_img" / "train", two)
     (fx / "corrupt_img" / "train" / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n garbage")
     make_folder(fx / "corrupt_img" / "val", {"cat": 2, "dog": 2})
+    make_folder(fx / "pipe_img" / "train", two)
+    os.mkfifo(fx / "pipe_img" / "train" / "cat" / "pipe.png")  # no writer: a plain open waits forever
+    make_folder(fx / "pipe_img" / "val", {"cat": 2, "dog": 2})
     make_folder(fx / "no_images" / "train", {})
     for c in ("cat", "dog"):
         (fx / "no_images" / "train" / c).mkdir(parents=True)
@@ -553,6 +556,7 @@ def eval_cases() -> list[Case]:
         Case("eval-data-train-val-root", f"{E} --data $FX/data {CK2} --workers 0", (0,), check=stdout_has("(4 images)")),
         Case("eval-more-classes-than-model", f"{E} --data $FX/evalset_many {CK2} --workers 0", (1, 2), "class"),
         Case("eval-corrupt-image", f"{E} --data $FX/corrupt_img/train {CK2} --workers 0", (0, 1), "broken.png"),
+        Case("eval-pipe-image", f"{E} --data $FX/pipe_img/train {CK2} --workers 0", (0, 1), "pipe.png"),
         Case("eval-output-missing-folder", f"{E} --data $FX/evalset {CK2} --workers 0 --output no/e.json", (0, 1, 2), "no/e.json"),
         Case("eval-output-is-folder", f"{E} --data $FX/evalset {CK2} --workers 0 --output adir", (1, 2), "adir", setup=lambda d: (d / "adir").mkdir()),
         Case("eval-output-proc", f"{E} --data $FX/evalset {CK2} --workers 0 --output /proc/e.json", (1, 2), "/proc/e.json"),
@@ -628,6 +632,7 @@ def train_cases() -> list[Case]:
         Case("train-ok-recipe-split", f"{T} --data $FX/data -o run epochs=1 -m levit_tiny lr=1e-3 --img-size 32 -b 2 --distillation none --device cpu workers=0 progress=false total_batch=null", (0,), check=file_has("run/best.pth"), timeout=240),
         Case("train-ok-config-file", f"{T} --data $FX/data -o run --config $FX/recipe.yaml --img-size 32 -b 2 --distillation none --device cpu workers=0 progress=false total_batch=null", (0,), check=file_has("run/best.pth"), timeout=240),
         Case("train-corrupt-image", f"{T} --data $FX/corrupt_img -o run {TRAIN_FAST}", (0, 1), "broken.png", timeout=240, leaves=True),
+        Case("train-pipe-image", f"{T} --data $FX/pipe_img -o run {TRAIN_FAST} repeated_aug=1", (0, 1), "pipe.png", leaves=True),
         Case("train-no-data", f"{T} -o run {TRAIN_FAST}", (2,), "--data"),
         Case("train-data-and-dataset", f"{T} --data $FX/data --dataset digits -o run {TRAIN_FAST}", (2,), "--dataset"),
         Case("train-dataset-bad", f"{T} --dataset mnist -o run", (2,), "--dataset"),
@@ -779,6 +784,7 @@ def data_cases() -> list[Case]:
         Case("data-shard-no-val", "data shard $FX/no_val shards", (0, 1, 2), "val"),
         Case("data-shard-empty-class", "data shard $FX/empty_class shards", (0, 1, 2), "emu"),
         Case("data-shard-corrupt", "data shard $FX/corrupt_img shards", (0, 1), "broken.png"),
+        Case("data-shard-pipe", "data shard $FX/pipe_img shards", (0, 1), "pipe.png"),
         Case("data-shard-size-0", "data shard $FX/data shards --shard-size 0", (2,), "--shard-size"),
         Case("data-shard-dst-exists", "data shard $FX/data shards", (1, 2), "shards", setup=existing("shards/keep.txt")),
         Case("data-shard-dst-file", "data shard $FX/data afile", (1, 2), "afile", setup=existing("afile")),
@@ -786,7 +792,7 @@ def data_cases() -> list[Case]:
         Case("data-shard-dst-proc", "data shard $FX/data /proc/shards", (1, 2), "/proc/shards"),
         Case("data-shard-dst-read-only", "data shard $FX/data $RO/shards", (1, 2), "$RO", needs="mount"),
         Case("data-shard-dst-full", "data shard $FX/data $FULL/shards", (1,), "no space & $FULL", needs="mount"),
-        Case("data-shard-missing-dst", "data shard $FX/data", (2,), "dst"),
+        Case("data-shard-missing-dst", "data shard $FX/data", (2,), "DST"),
         Case("data-teacher-no-ckpt", "data teacher-cache t.cache --data $FX/data", (2,), "--teacher-checkpoint"),
         Case("data-teacher-ckpt-missing", f"{TC} --teacher-checkpoint nope.pth", (1, 2), "nope.pth"),
         Case("data-teacher-ckpt-text", f"{TC} --teacher-checkpoint $FX/text.pth", (1, 2), "text.pth"),
