@@ -254,6 +254,40 @@ def test_a_truncated_shard_is_reported_and_training_keeps_its_batches(shards, tm
     assert sum(img is not None for img, _, _ in evaluated) + len(reported) == 31  # each sample counted or reported
 
 
+def test_a_pipe_named_like_a_shard_is_a_broken_shard_not_a_hang(shards, tmp_path):
+    """A FIFO with no writer in a shard's place (opening it for reading would wait forever): listed
+    without an index, one line naming it; read through the saved index, its samples are reported
+    missing and the other shards read, in training and evaluation."""
+    import os
+    import threading
+
+    _, out, _ = shards
+    shutil.copytree(out, tmp_path / "piped")
+    first = sorted((tmp_path / "piped" / "train").glob("*.tar"))[0]
+    first.unlink()
+    os.mkfifo(first)
+    split, got = read_index(tmp_path / "piped").splits["train"], {}
+
+    def read() -> None:
+        got["train"] = list(ShardStream(split, None, shuffle=True))
+        got["eval"] = list(ShardStream(split, None))
+        (tmp_path / "piped" / INDEX_NAME).unlink()
+        with pytest.raises(LeViTError, match=rf"{first.name} is not a readable tar shard \(not a regular file"):
+            read_index(tmp_path / "piped")
+        got["listed"] = True
+
+    worker = threading.Thread(target=read, daemon=True)  # a hang leaves only a daemon thread behind
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "opening a pipe blocked"
+    assert got.pop("listed")
+    for mode, rows in got.items():
+        reported = [b for _, _, r in rows for b in r]
+        assert [name for name, _ in reported] == [f"{first.name}:missing-{i}" for i in range(4)], mode
+        assert "not a regular file" in reported[0][1], reported[0]
+        assert sum(img is not None for img, _, _ in rows) == (31 if mode == "train" else 27), mode
+
+
 def test_brace_patterns_train_as_the_shard_folder(shards, tmp_path):
     """``train_shards``/``val_shards`` brace patterns (no --data) name the same shards as the folder:
     the same per-step losses and weights; a file the pattern names but that does not exist, one line."""

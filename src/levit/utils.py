@@ -8,9 +8,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 if TYPE_CHECKING:  # matplotlib is an optional extra (plot)
     from matplotlib.figure import Figure
@@ -23,6 +24,7 @@ __all__ = [
     "first_line",
     "fsync_dir",
     "num_threads",
+    "open_regular",
     "os_error_line",
     "save_figure",
     "unwritable_reason",
@@ -51,6 +53,24 @@ def os_error_line(e: OSError, path: str | os.PathLike | None = None) -> str:
     code = errno.errorcode.get(e.errno or 0)
     text = f"{reason} ({code})" if code else reason
     return f"{where}: {text}" if where is not None else text
+
+
+def open_regular(path: str | os.PathLike, buffering: int = -1) -> BinaryIO | None:
+    """``path`` opened for binary reading without ever blocking, or ``None`` where it is no regular
+    file (a pipe, socket or device). A plain ``open`` of a pipe waits for a writer forever, so one
+    named like a photo or a shard (or swapped in after a folder was listed) would stop a whole job
+    there; it is opened non-blocking instead, which changes nothing for a regular file. ``open``'s
+    ``OSError`` where the path cannot be opened (missing, no permission, a folder)."""
+    f = open(path, "rb", buffering=buffering, opener=_open_nonblocking)  # noqa: SIM115 (returned open)
+    if stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        return f
+    f.close()
+    return None
+
+
+def _open_nonblocking(path: str, flags: int) -> int:
+    """``open``'s opener: ``os.open`` with ``O_NONBLOCK`` where the system has it."""
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
+
+from ..utils import open_regular
 
 __all__ = ["IMAGE_EXTENSIONS", "find_images", "is_image", "open_image_file", "open_rgb"]
 
@@ -24,24 +25,16 @@ def is_image(path: str | os.PathLike) -> bool:
 
 
 def open_image_file(path: str | os.PathLike) -> BinaryIO:
-    """``path`` opened for reading in binary, without ever blocking: opened non-blocking, and refused
-    with a one-line :class:`~levit.errors.ImageError` unless it is a regular file. A pipe, socket or
-    device named like a photo (or swapped in after a folder was listed) would otherwise make a plain
-    ``open`` wait forever for a writer, stopping a whole job at that file. The ``OSError`` of a path
-    that cannot be opened (missing, no permission, a folder) is raised as it is."""
+    """``path`` opened for reading in binary without ever blocking (:func:`levit.utils.open_regular`),
+    refused with a one-line :class:`~levit.errors.ImageError` unless it is a regular file: a pipe,
+    socket or device named like a photo would otherwise stop the job at that file. The ``OSError``
+    of a path that cannot be opened (missing, no permission, a folder) is raised as it is."""
     from ..errors import ImageError
 
-    f = open(path, "rb", opener=_open_nonblocking)  # noqa: SIM115 (returned open)
-    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # a folder is IsADirectoryError from open()
-        f.close()
+    f = open_regular(path)
+    if f is None:
         raise ImageError("not a regular file (a pipe, socket or device), not an image file", path)
     return f
-
-
-def _open_nonblocking(path: str, flags: int) -> int:
-    """``open``'s opener: ``os.open`` with ``O_NONBLOCK`` (where the system has it), which opens a pipe
-    at once instead of waiting for a writer; it changes nothing for a regular file."""
-    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
 
 
 def find_images(paths: Iterable[str | os.PathLike], *, skipped: list[Path] | None = None) -> list[Path]:

@@ -34,7 +34,7 @@ from typing import BinaryIO
 import torch
 
 from ..errors import ImageError, LeViTError
-from ..utils import first_line
+from ..utils import first_line, open_regular
 from .datasets import TrainValData, check_batch, check_train_val_layout, collate_skip, read_to_quota, seeded
 from .images import IMAGE_EXTENSIONS, is_image, open_image_file, open_rgb
 from .transforms import eval_transform, train_transform
@@ -76,7 +76,7 @@ def _count_samples(shard: Path) -> tuple[int, set[int]]:
     """Samples (``.cls`` members) of one shard and the class indices they hold, from the tar alone."""
     classes: set[int] = set()
     n = 0
-    with tarfile.open(shard) as tar:
+    with _open_shard(shard) as f, tarfile.open(fileobj=f) as tar:
         for member in tar:
             if member.name.endswith(".cls"):
                 n += 1
@@ -87,7 +87,17 @@ def _count_samples(shard: Path) -> tuple[int, set[int]]:
 
 class ShardFormatError(ValueError):
     """A shard that is not a readable tar from some byte on: a header whose checksum is wrong, a
-    member cut short, a number or extended header that does not parse, a sparse member."""
+    member cut short, a number or extended header that does not parse, a sparse member; or no tar at
+    all, a pipe, socket or device named like one."""
+
+
+def _open_shard(path: str | os.PathLike, buffering: int = -1) -> BinaryIO:
+    """Shard ``path`` opened for reading, never blocking: a pipe named like a shard is a
+    :class:`ShardFormatError` (a broken shard to the readers), not a read that waits forever."""
+    f = open_regular(path, buffering)
+    if f is None:
+        raise ShardFormatError("not a regular file (a pipe, socket or device), not a tar")
+    return f
 
 
 #: a tar block: every header is one, and every member's data is padded to a whole number of them
@@ -179,7 +189,7 @@ def tar_members(path: str | os.PathLike) -> Iterator[tuple[str, bytes]]:
     :class:`ShardFormatError` after the members before it: where the next header starts cannot be
     known, so the rest of the shard is unreadable. The archive ends at a zero block or at the end of
     the file where a header would start (``tarfile`` accepts both)."""
-    with open(path, "rb", buffering=1 << 20) as raw, _decompressing(raw) as f:
+    with _open_shard(path, buffering=1 << 20) as raw, _decompressing(raw) as f:
         global_records: dict[str, str] = {}  # pax ``g`` records: for every member after them
         chain: list[str | dict[str, str]] = []  # the extension headers before a member: L names, x records
         at = 0  # the offset of the header read (uncompressed), for the messages
