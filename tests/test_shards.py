@@ -191,6 +191,13 @@ def test_shards_appear_whole_or_not_at_all_and_a_pipe_among_the_images_is_skippe
     with pytest.raises(KeyboardInterrupt):
         write_shards(folder, tmp_path / "cut", shard_size=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+    (dst / "inner").mkdir()
+    with pytest.raises(KeyboardInterrupt):  # a DST given empty stays as it was given
+        write_shards(folder, dst / "inner", shard_size=2)
+    assert sorted(p.name for p in dst.iterdir()) == ["inner", INDEX_NAME, "train", "val"]
+    assert list((dst / "inner").iterdir()) == []
+    (dst / "inner").rmdir()
+    calls.clear()
 
     def unhandled(*_):  # stands in for the default action (the end of the process), which a test must not take
         raise AssertionError("levit data shard left SIGTERM to the process's handler")
@@ -202,7 +209,7 @@ def test_shards_appear_whole_or_not_at_all_and_a_pipe_among_the_images_is_skippe
         assert signal.getsignal(signal.SIGTERM) is unhandled  # the command's own handler went with it
     finally:
         signal.signal(signal.SIGTERM, previous)
-    assert stopped.returncode == 128 + signal.SIGTERM and len(calls) == 6
+    assert stopped.returncode == 128 + signal.SIGTERM and len(calls) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     # a given DST keeps only what a kill -9 could not clean: the hidden partial folder, named when met
     (tmp_path / "killed" / ".partial-99999" / "train").mkdir(parents=True)

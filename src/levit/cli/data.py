@@ -23,7 +23,7 @@ def args_data(p: argparse.ArgumentParser) -> None:
         "dst",
         metavar="DST",
         type=Path,
-        help="new folder for the shards (train/*.tar, val/*.tar, levit-shards.json); it appears once complete",
+        help="new folder for the shards (train/*.tar, val/*.tar, levit-shards.json), which they enter once all are written",
     )
     shard.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: 1000)")
     shard.add_argument("--seed", type=int, default=0, help="the training samples' shuffled order (default: 0)")
@@ -79,7 +79,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     try:
         written = write_shards(args.src, args.dst, shard_size=args.shard_size, seed=args.seed, skipped=skipped)
     finally:
-        if main:
+        if previous is not None:  # None: a handler not set from Python, which cannot be put back
             signal.signal(signal.SIGTERM, previous)
     for path, reason in skipped[:5]:
         print(f"warning: skipped {path} ({reason})", file=sys.stderr)
