@@ -125,15 +125,17 @@ def run_perf_analyzer(binary: Path, model: str, url: str, protocol: str, data: P
     }
 
 
-def model_counters(url: str) -> tuple[float, float, float, float, dict[float, float]]:
-    """(images, batches, seconds, refused, buckets) so far: what the server's model has computed, summed
-    over its ``levit_batch_size`` and ``levit_batch_latency_seconds`` series in ``/metrics``, the HTTP
+def model_counters(url: str) -> tuple[float, float, float, float, float, dict[float, float]]:
+    """(images, batches, seconds, refused, CPU seconds, buckets) so far: what the server's model has
+    computed, summed over its ``levit_batch_size``, ``levit_batch_latency_seconds`` and
+    ``levit_batch_cpu_seconds`` series in ``/metrics``, the HTTP
     answers other than 200 (``levit_requests_total``; gRPC's refusals are not counted there), and the
     batches of at most each bucket's size (:func:`batch_shares` takes the difference)."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
-    want = dict.fromkeys(("levit_batch_size_sum", "levit_batch_size_count", "levit_batch_latency_seconds_sum"), 0.0)
+    names = ("levit_batch_size_sum", "levit_batch_size_count", "levit_batch_latency_seconds_sum")
+    want = dict.fromkeys((*names, "levit_batch_cpu_seconds_total"), 0.0)
     refused = 0.0
     below: dict[float, float] = {}  # batches of at most this many images (the histogram's buckets)
     for fam in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
@@ -145,8 +147,8 @@ def model_counters(url: str) -> tuple[float, float, float, float, dict[float, fl
                 below[le] = below.get(le, 0.0) + sample.value
             elif sample.name == "levit_requests_total" and sample.labels["status"] != "200":
                 refused += sample.value
-    images, batches, seconds = want.values()
-    return images, batches, seconds, refused, below
+    images, batches, seconds, cpu = want.values()
+    return images, batches, seconds, refused, cpu, below
 
 
 def batch_shares(before: dict[float, float], after: dict[float, float], batches: float) -> dict[str, float]:
@@ -251,11 +253,12 @@ def main(argv: list[str] | None = None) -> int:
                     r = run_perf_analyzer(binary, args.model, url, proto, data[proto], args)
                     # over the whole perf_analyzer run (its stabilising trials too); one image a request
                     m1 = model_counters(srv.url)
-                    images, batches, seconds, refused = (b - a for a, b in zip(m0[:4], m1[:4], strict=True))
-                    r |= batch_shares(m0[4], m1[4], batches)
+                    images, batches, seconds, refused, cpu = (b - a for a, b in zip(m0[:5], m1[:5], strict=True))
+                    r |= batch_shares(m0[5], m1[5], batches)
                     r["refused"] = refused
                     r["server_cpu_s"] = srv.cpu_s() - s0
                     r["mean_batch"], r["model_ms"] = images / batches, 1e3 * seconds / images
+                    r["model_cpu_ms"] = 1e3 * cpu / images
                     r["switches"] = (srv.ctx_switches() - x0) / images
                     r["client_switches"] /= images
                     r["faults"] = (srv.page_faults() - f0) / images
@@ -283,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{sum(r['refused'] for r in rs):.0f}"
         )
         print(
-            f"        model: batches of {m['mean_batch']:.1f} on average, {m['model_ms']:.2f} ms per image; "
+            f"        model: batches of {m['mean_batch']:.1f} on average, {m['model_ms']:.2f} ms per image "
+            f"({m['model_cpu_ms']:.2f} of them computing); "
             f"{m['switches']:.0f} context switches and {m['faults']:.0f} page faults per request (server), "
             f"{m['client_switches']:.0f} context switches per request (perf_analyzer)"
         )
@@ -294,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         total = m["loop_ms"] + m["grpc_ms"] + m["other_ms"]
         print(
             f"        server CPU ms per request: {total:.2f} = event loop {m['loop_ms']:.2f} + gRPC's C-core "
-            f"threads {m['grpc_ms']:.2f} + decoding, model and other threads {m['other_ms']:.2f}"
+            f"threads {m['grpc_ms']:.2f} + decoding, model and other threads {m['other_ms']:.2f} (the model's "
+            f"passes {m['model_cpu_ms']:.2f}, the rest {m['other_ms'] - m['model_cpu_ms']:.2f})"
         )
     # each round's gRPC rate over its own HTTP rate: the two ran minutes apart at most, so the
     # machine's drift between rounds cancels out of the ratio

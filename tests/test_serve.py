@@ -369,6 +369,10 @@ def test_concurrent_requests_are_batched_and_bad_ones_harm_none(server, files, e
     every good answer equals the one-at-a-time answer, every bad one gets its 4xx."""
     n0 = metric(server.url, "levit_batch_size_count")
     s0 = metric(server.url, "levit_batch_size_sum")
+    cpu0, wall0 = (
+        metric(server.url, "levit_batch_cpu_seconds_total"),
+        metric(server.url, "levit_batch_latency_seconds_sum"),
+    )
     good = ["a.jpg", "b.png", "c.webp", "d16.png"] * 4
     jpg = files["e.jpg"].read_bytes()
     bad = [
@@ -388,6 +392,12 @@ def test_concurrent_requests_are_batched_and_bad_ones_harm_none(server, files, e
     batches = metric(server.url, "levit_batch_size_count") - n0
     assert metric(server.url, "levit_batch_size_sum") - s0 == len(good)  # each good image in exactly one batch
     assert batches < len(good), f"{len(good)} concurrent requests ran as {batches} batches: nothing was batched"
+    # the passes' CPU time is counted, and is within their wall time (a thread computes at most that long)
+    cpu, wall = (
+        metric(server.url, "levit_batch_cpu_seconds_total") - cpu0,
+        metric(server.url, "levit_batch_latency_seconds_sum") - wall0,
+    )
+    assert 0 < cpu <= wall, (cpu, wall)
 
 
 def test_lane_layout_fills_the_cores():

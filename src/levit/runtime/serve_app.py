@@ -112,6 +112,10 @@ class _Metrics:
         self.batch_latency = Histogram(
             "levit_batch_latency_seconds", "one forward pass", buckets=_LATENCY_BUCKETS, registry=r
         )
+        # beside the wall time: a pass that waited for a core is longer, not dearer
+        self.batch_cpu = Counter(
+            "levit_batch_cpu_seconds", "CPU time of the thread running each forward pass", registry=r
+        )
         self.queue_depth = Gauge("levit_queue_depth", "decoded images waiting for a batch", registry=r)
         self.in_flight = Gauge("levit_in_flight", "POST /v1/classify requests being handled", registry=r)
         self.ready = Gauge("levit_ready", "1 once the model is loaded and warmed up", registry=r)
@@ -445,10 +449,13 @@ class LeViTService:
         return predictor(x).float().softmax(-1)
 
     @classmethod
-    def _forward_images(cls, lane: Lane, images: list[Tensor]) -> list[Tensor]:
+    def _forward_images(cls, lane: Lane, images: list[Tensor]) -> tuple[list[Tensor], float]:
         """:meth:`_forward` on a batch stacked on the lane's thread, not on the event loop: a full batch is
-        megabytes to copy, and the event loop only does HTTP."""
-        return list(cls._forward(lane.predictor, lane.stack(images)).unbind(0))
+        megabytes to copy, and the event loop only does HTTP. Returns the probabilities and the CPU
+        seconds this thread spent (a backend's own threads not counted)."""
+        cpu = time.thread_time()
+        probs = list(cls._forward(lane.predictor, lane.stack(images)).unbind(0))
+        return probs, time.thread_time() - cpu
 
     def _decode(self, data: bytes, version: ModelVersion) -> tuple[Tensor, float]:
         """``version``'s uint8 pixels of ``data`` on a decoding thread (its lane normalizes them), with
@@ -472,10 +479,11 @@ class LeViTService:
 
         self.metrics.batch_size.observe(len(images))
         t0 = time.perf_counter()
-        probs = await anyio.to_thread.run_sync(self._forward_images, lane, images, limiter=self._limiter(1))
+        probs, cpu = await anyio.to_thread.run_sync(self._forward_images, lane, images, limiter=self._limiter(1))
         dt = time.perf_counter() - t0
         batcher.observe_batch(dt, len(images))
         self.metrics.batch_latency.observe(dt)
+        self.metrics.batch_cpu.inc(cpu)
         return probs
 
     async def classify(self, data: bytes, topk: int) -> list[dict]:
