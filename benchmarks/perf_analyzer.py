@@ -101,7 +101,10 @@ def run_perf_analyzer(binary: Path, model: str, url: str, protocol: str, data: P
     env = dict(os.environ)
     if (binary.parent / "libcudart.so.12").exists():
         env["LD_LIBRARY_PATH"] = f"{binary.parent}:{env.get('LD_LIBRARY_PATH', '')}"
-    kind = ["--service-kind", "torchserve", "-i", "http"] if protocol == "torchserve" else ["-i", protocol]
+    kind = {
+        "torchserve": ["--service-kind", "torchserve", "-i", "http"],
+        "grpc-stream": ["-i", "grpc", "--streaming"],  # Triton's ModelStreamInfer: one stream per client
+    }.get(protocol, ["-i", protocol])
     cmd = [str(binary), "-m", model, "-u", url, *kind, "--input-data", str(data)]
     cmd += ["--concurrency-range", str(args.concurrency), "--measurement-interval", str(args.window_ms)]
     cmd += ["--stability-percentage", "25", "--max-trials", "8"]
@@ -201,6 +204,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="an environment variable for the server alone, e.g. GRPC_POLL_STRATEGY=poll (repeatable)",
     )
+    p.add_argument(
+        "--streaming",
+        action="store_true",
+        help="also gRPC's streaming RPC (perf_analyzer --streaming: each client's requests on one stream)",
+    )
     p.add_argument("--json", type=Path, metavar="FILE", help="also write every round's figures to FILE")
     args = p.parse_args(argv)
     bad = [kv for kv in args.server_env if "=" not in kv or kv.startswith("=")]
@@ -241,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         urls = {"http": srv.url.removeprefix("http://"), "grpc": f"{HOST}:{grpc_port}"}
         if args.torchserve:
             urls["torchserve"] = urls["http"]
+        if args.streaming:
+            urls["grpc-stream"], data["grpc-stream"] = urls["grpc"], data["grpc"]
         runs: dict[str, list[dict]] = {proto: [] for proto in urls}
         try:
             for i in range(args.rounds):
@@ -303,15 +313,19 @@ def main(argv: list[str] | None = None) -> int:
         )
     # each round's gRPC rate over its own HTTP rate: the two ran minutes apart at most, so the
     # machine's drift between rounds cancels out of the ratio
-    paired = [g["req_s"] / h["req_s"] for g, h in zip(runs["grpc"], runs["http"], strict=True)]
-    low, high, coverage = median_interval(paired)
-    verdict = "gRPC ahead" if low > 1 else "gRPC behind" if high < 1 else "parity within this run's spread"
-    if coverage < 0.85:  # fewer than 4 rounds: their smallest and largest say little of the median
-        verdict = "too few rounds to tell"
-    print(
-        f"gRPC / HTTP by round: {', '.join(f'{r:.3f}' for r in paired)}; median {statistics.median(paired):.3f}, "
-        f"{100 * coverage:.0f}% interval for the median {low:.3f}-{high:.3f} ({verdict})"
-    )
+    for proto, name in (("grpc", "gRPC"), ("grpc-stream", "gRPC streaming")):
+        if proto not in runs:
+            continue
+        paired = [g["req_s"] / h["req_s"] for g, h in zip(runs[proto], runs["http"], strict=True)]
+        low, high, coverage = median_interval(paired)
+        verdict = f"{name} ahead" if low > 1 else f"{name} behind" if high < 1 else "parity within this run's spread"
+        if coverage < 0.85:  # fewer than 4 rounds: their smallest and largest say little of the median
+            verdict = "too few rounds to tell"
+        print(
+            f"{name} / HTTP by round: {', '.join(f'{r:.3f}' for r in paired)}; median "
+            f"{statistics.median(paired):.3f}, {100 * coverage:.0f}% interval for the median {low:.3f}-{high:.3f} "
+            f"({verdict})"
+        )
     http_ok = med["http"]["req_s"] >= 0.85 * base["img_s"]
     grpc_ok = med["grpc"]["req_s"] >= med["http"]["req_s"]
     print(

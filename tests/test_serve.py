@@ -1172,6 +1172,67 @@ def test_v2_grpc_with_tritonclient_equals_predict(server, files, expected):
         client.close()
 
 
+def test_v2_grpc_streaming_answers_each_request_on_the_stream(server, files, expected):
+    """Triton's streaming RPC (ModelStreamInfer) with tritonclient's stream API: every request sent on
+    one stream is answered on it, by id, as levit predict answers; a bad image or an unknown model is
+    an answer carrying the HTTP route's message, and the stream goes on serving; a client that cancels
+    its stream with requests in flight leaves the server answering."""
+    grpc_client = pytest.importorskip("tritonclient.grpc", reason="the KServe v2 gRPC round trip needs tritonclient")
+    import queue
+
+    port = re.search(r"KServe v2 gRPC on 127\.0\.0\.1:(\d+)", server.log.read_text()).group(1)
+    client = grpc_client.InferenceServerClient(url=f"{HOST}:{port}")
+    answers: queue.Queue = queue.Queue()
+
+    def send(model: str, data: bytes, rid: str) -> None:
+        tensor = grpc_client.InferInput("image", [1, 1], "BYTES")
+        tensor.set_data_from_numpy(np.array([[data]], dtype=object))
+        client.async_stream_infer(model, [tensor], request_id=rid, parameters={"topk": 3})
+
+    names = ["a.jpg", "b.png", "c.webp", "d16.png"]
+    logged = len(server.log.read_text())
+    try:
+        serving = client.get_model_metadata("levit_tiny").versions[0]
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        # each image 4 times: a batch's answers are ready together and written one after the other
+        for k in range(4):
+            for name in names:
+                send("levit_tiny", files[name].read_bytes(), f"{name}#{k}")
+            if k == 1:  # two refusals halfway, on the same stream
+                send("levit_tiny", b"junk", "junk")
+                send("resnet", files["a.jpg"].read_bytes(), "resnet")
+        got, errors = {}, []
+        for _ in range(4 * len(names) + 2):
+            result, error = answers.get(timeout=60)
+            if error is not None:
+                errors.append(str(error))
+                continue
+            response = result.get_response()
+            classes, labels, probs = (result.as_numpy(n)[0] for n in ("class", "label", "prob"))
+            got[response.id] = [
+                {"class": int(c), "label": lab.decode(), "prob": float(p)}
+                for c, lab, p in zip(classes, labels, probs, strict=True)
+            ]
+            assert response.model_version == serving
+        client.stop_stream()
+        assert sorted(got) == sorted(f"{name}#{k}" for name in names for k in range(4))
+        for rid, top in got.items():
+            assert_same(top, expected[rid.split("#")[0]])
+        assert len(errors) == 2 and any("not an image" in e for e in errors), errors
+        assert any("unknown model 'resnet'" in e for e in errors), errors
+        # a stream cancelled with its requests in flight: the server goes on answering
+        client.start_stream(callback=lambda result, error: None)
+        for i in range(4):
+            send("levit_tiny", files["a.jpg"].read_bytes(), f"gone-{i}")
+        client.stop_stream(cancel_requests=True)
+        tensor = grpc_client.InferInput("image", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([files["b.png"].read_bytes()], dtype=object))
+        assert client.infer("levit_tiny", [tensor]).as_numpy("class")[0][0] == expected["b.png"][0]["class"]
+    finally:
+        client.close()
+    assert "Traceback" not in server.log.read_text()[logged:]
+
+
 def _b64(path: Path) -> str:
     import base64
 

@@ -13,6 +13,8 @@ Served: ``ServerLive``, ``ServerReady``, ``ModelReady``, ``ServerMetadata``, ``M
 (each element a 4-byte little-endian length then the bytes, as ``tritonclient.grpc`` sends them) or
 in ``contents.bytes_contents``; outputs ``class``, ``label``, ``prob`` in ``raw_output_contents``.
 Refusals are gRPC status codes (:data:`STATUS`) with the message the HTTP route would give.
+``ModelStreamInfer`` (Triton's streaming extension) answers each ``ModelInferRequest`` sent on a
+stream with a ``ModelStreamInferResponse``: the answer, or the refusal's message in ``error_message``.
 """
 
 from __future__ import annotations
@@ -119,8 +121,11 @@ _MESSAGES: dict[str, list[tuple]] = {
         ("outputs", 5, "ModelInferResponse.InferOutputTensor*"),
         ("raw_output_contents", 6, "bytes*"),
     ],
+    # Triton's streaming extension: one answer per request on the stream, or the refusal's message
+    "ModelStreamInferResponse": [("error_message", 1, "string"), ("infer_response", 2, "ModelInferResponse")],
 }
 _RPCS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelConfig", "ModelInfer")
+_STREAM = "ModelStreamInfer"  # stream ModelInferRequest -> stream ModelStreamInferResponse
 _DATA_TYPES = {"TYPE_INT64": 9, "TYPE_FP32": 11, "TYPE_STRING": 13}  # Triton's DataType enum
 
 
@@ -169,6 +174,13 @@ def messages() -> dict[str, type]:
     service = proto.service.add(name=SERVICE.split(".")[1])
     for rpc in _RPCS:
         service.method.add(name=rpc, input_type=f".inference.{rpc}Request", output_type=f".inference.{rpc}Response")
+    service.method.add(
+        name=_STREAM,
+        input_type=".inference.ModelInferRequest",
+        output_type=".inference.ModelStreamInferResponse",
+        client_streaming=True,
+        server_streaming=True,
+    )
     pool = descriptor_pool.DescriptorPool()
     pool.Add(proto)
     return {
@@ -256,16 +268,54 @@ class _Servicer:
         return self.m["ModelConfigResponse"](config=config)
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
-        s = self.service
         try:
-            req = _parse(request)
-            topk = req.topk if req.topk is not None else s.config.topk
-            timeouts = [t for t in (req.timeout_s, context.time_remaining()) if t is not None]
-            deadline = min(timeouts) if timeouts else None
-            label = request.model_version or None
-            rows, version = await s.infer_images(req.images, topk, deadline, model=request.model_name, label=label)
+            return await self._infer(request, context.time_remaining())
         except ClientError as e:
             await _abort(context, e)
+
+    async def ModelStreamInfer(self, requests: Any, context: Any) -> None:  # noqa: N802
+        """Triton's streaming extension: each request on the stream is answered on it as soon as its
+        images are classified, in the order they finish (a client matches answers by ``id``); a
+        refusal is an answer whose ``error_message`` is the HTTP route's, and the stream goes on.
+        Requests are batched with every other client's, under the same queue bound; a request's
+        deadline is its ``timeout`` parameter (the stream's own deadline ends the stream)."""
+        import asyncio
+
+        writing, pending = asyncio.Lock(), set()
+
+        async def answer(request: Any) -> None:
+            try:
+                reply = self.m["ModelStreamInferResponse"](infer_response=await self._infer(request, None))
+            except Exception as e:  # a refusal or a fault is this request's answer, not the stream's end
+                if not isinstance(e, ClientError):
+                    log.exception("ModelStreamInfer: request %r failed", request.id)
+                head = self.m["ModelInferResponse"](model_name=request.model_name, id=request.id)
+                reply = self.m["ModelStreamInferResponse"](error_message=str(e), infer_response=head)
+            # one write at a time on a stream: a second one while the first is in flight stalls it
+            async with writing:
+                await context.write(reply)
+
+        try:
+            async for request in requests:
+                task = asyncio.ensure_future(answer(request))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            if pending:  # the client has sent all: its last answers, then the stream ends
+                await asyncio.gather(*pending)
+        finally:  # the client went away: nothing more is computed for it
+            for task in pending:
+                task.cancel()
+
+    async def _infer(self, request: Any, time_remaining: float | None) -> Any:
+        """The ``ModelInferResponse`` to ``request`` within the sooner of its ``timeout`` parameter
+        and ``time_remaining`` (s); :class:`ClientError` for a refusal."""
+        s = self.service
+        req = _parse(request)
+        topk = req.topk if req.topk is not None else s.config.topk
+        timeouts = [t for t in (req.timeout_s, time_remaining) if t is not None]
+        deadline = min(timeouts) if timeouts else None
+        label = request.model_version or None
+        rows, version = await s.infer_images(req.images, topk, deadline, model=request.model_name, label=label)
         answer = self.m["ModelInferResponse"](model_name=request.model_name, model_version=version, id=req.id or "")
         for name in req.outputs:
             head, raw = encode_tensor(name, rows, True)
@@ -299,6 +349,11 @@ async def start_grpc(service: LeViTService, host: str, port: int) -> tuple[Any, 
         )
         for rpc in _RPCS
     }
+    handlers[_STREAM] = grpc.stream_stream_rpc_method_handler(
+        servicer.ModelStreamInfer,
+        request_deserializer=m["ModelInferRequest"].FromString,
+        response_serializer=m["ModelStreamInferResponse"].SerializeToString,
+    )
     # the port is this server's alone, as the HTTP port is: gRPC's default (SO_REUSEPORT) would let a
     # second server bind it too, and the kernel would then split the clients between the two
     options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
