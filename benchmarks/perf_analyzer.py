@@ -11,7 +11,9 @@ reported, with the targets: HTTP >= 0.85x offline, gRPC >= HTTP, and each round'
 an interval for their median (:func:`median_interval`: whether the run tells the two apart). With
 ``--torchserve`` each round also runs perf_analyzer as TorchServe's client
 (``--service-kind=torchserve``: each JPEG a form field named ``data`` posted to
-``/predictions/{name}``). Beside each protocol's rate: the model's mean batch, its batches by size
+``/predictions/{name}``); with ``--streaming``, as a gRPC client of Triton's streaming RPC
+(``perf_analyzer --streaming``: each client's requests on one ``ModelStreamInfer`` stream), its
+rate over HTTP's printed by round as gRPC's is. Beside each protocol's rate: the model's mean batch, its batches by size
 and its time per image (the server's ``/metrics``), the server's context switches and page faults
 per request and its CPU per request by kind of thread (``/proc``), which show whether a protocol
 costs in its own work or in what it takes from the model's lanes, and perf_analyzer's own context
@@ -21,6 +23,7 @@ switches per request (the load generator shares the cores). ``--json FILE`` keep
     python benchmarks/perf_analyzer.py --perf-analyzer ~/.cache/levit-perf-analyzer/perf_analyzer
     python benchmarks/perf_analyzer.py --perf-analyzer PATH --short            # a minute: checks the script
     python benchmarks/perf_analyzer.py --perf-analyzer PATH --torchserve       # TorchServe's API as well
+    python benchmarks/perf_analyzer.py --perf-analyzer PATH --streaming        # gRPC's streaming RPC as well
     python benchmarks/perf_analyzer.py --perf-analyzer PATH --server-env GRPC_POLL_STRATEGY=poll
 
 Getting perf_analyzer without a Triton container: the current ``perf-analyzer`` wheel needs glibc 2.38;
