@@ -1333,6 +1333,53 @@ def test_a_second_grpc_server_cannot_take_the_port_of_the_first():
     asyncio.run(two_servers())
 
 
+def test_a_stream_is_read_no_further_than_the_queue_bound_and_its_client_leaving_cancels_its_requests():
+    """A client that sends on its ModelStreamInfer stream faster than it is answered gets no more than
+    ``max_queue`` requests read (past that gRPC's flow control holds it back, so its requests cannot
+    pile up in the server's memory); when it cancels the stream, its requests still waiting are
+    cancelled, so nothing more is computed for it."""
+    grpc = pytest.importorskip("grpc", reason="--grpc-port needs the serve extra: pip install 'levit[serve]'")
+    from levit.runtime.serve_grpc import SERVICE, messages, start_grpc
+
+    m, started, cancelled = messages(), [], []
+
+    async def infer_images(images, topk, deadline, *, model, label):  # a model that never answers
+        started.append(images)
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.append(images)
+            raise
+
+    service = SimpleNamespace(config=SimpleNamespace(max_body_mb=1.0, topk=5), max_queue=3, infer_images=infer_images)
+    request = m["ModelInferRequest"](model_name="levit_tiny")
+    request.inputs.add(name="image", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"image")
+
+    async def flood() -> None:
+        server, port = await start_grpc(service, HOST, 0)
+        try:
+            async with grpc.aio.insecure_channel(f"{HOST}:{port}") as channel:
+                call = channel.stream_stream(f"/{SERVICE}/ModelStreamInfer", m["ModelInferRequest"].SerializeToString)()
+                for _ in range(10):  # small messages: gRPC's buffers take them all without reading
+                    await call.write(request)
+                for _ in range(100):
+                    await asyncio.sleep(0.02)
+                    if len(started) >= 3:
+                        break
+                await asyncio.sleep(0.2)  # time for a fourth one to be read, were the bound broken
+                assert len(started) == 3
+                call.cancel()
+                for _ in range(100):
+                    await asyncio.sleep(0.02)
+                    if len(cancelled) == 3:
+                        break
+                assert len(cancelled) == 3
+        finally:
+            await server.stop(None)
+
+    asyncio.run(flood())
+
+
 def test_cli_names_the_missing_extra(capsys, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a))

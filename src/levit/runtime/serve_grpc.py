@@ -282,6 +282,10 @@ class _Servicer:
         import asyncio
 
         writing, pending = asyncio.Lock(), set()
+        # a stream's unanswered requests are bounded as the queue is: past the bound the stream is not
+        # read, and gRPC's flow control holds the client back; unbounded, a client that sends without
+        # reading its answers would pile its requests up in the server's memory
+        room = asyncio.Semaphore(self.service.max_queue)
 
         async def answer(request: Any) -> None:
             try:
@@ -291,12 +295,21 @@ class _Servicer:
                     log.exception("ModelStreamInfer: request %r failed", request.id)
                 head = self.m["ModelInferResponse"](model_name=request.model_name, id=request.id)
                 reply = self.m["ModelStreamInferResponse"](error_message=str(e), infer_response=head)
-            # one write at a time on a stream: a second one while the first is in flight stalls it
-            async with writing:
-                await context.write(reply)
+            try:
+                # one write at a time on a stream: a second one while the first is in flight stalls it
+                async with writing:
+                    await context.write(reply)
+            finally:
+                room.release()
 
+        stream = aiter(requests)
         try:
-            async for request in requests:
+            while True:
+                await room.acquire()  # room for its answer before a request is read
+                try:
+                    request = await anext(stream)
+                except StopAsyncIteration:
+                    break
                 task = asyncio.ensure_future(answer(request))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
