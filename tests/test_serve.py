@@ -1380,6 +1380,48 @@ def test_a_stream_is_read_no_further_than_the_queue_bound_and_its_client_leaving
     asyncio.run(flood())
 
 
+def test_a_fault_in_one_streamed_request_is_its_answer_alone(caplog):
+    """A request whose computation fails (not a refusal: a fault) is answered on its stream with a
+    message that keeps the fault's details in the server's log, and the stream's other requests are
+    answered as usual."""
+    grpc = pytest.importorskip("grpc", reason="--grpc-port needs the serve extra: pip install 'levit[serve]'")
+    from levit.runtime.serve_grpc import SERVICE, messages, start_grpc
+
+    m = messages()
+
+    async def infer_images(images, topk, deadline, *, model, label):
+        if images == [b"boom"]:
+            raise RuntimeError("secret detail")
+        return [[{"class": 7, "label": "seven", "prob": 0.5}]], "1"
+
+    service = SimpleNamespace(config=SimpleNamespace(max_body_mb=1.0, topk=5), max_queue=3, infer_images=infer_images)
+
+    def request(data: bytes, rid: str):
+        r = m["ModelInferRequest"](model_name="levit_tiny", id=rid)
+        r.inputs.add(name="image", datatype="BYTES", shape=[1]).contents.bytes_contents.append(data)
+        return r
+
+    async def stream() -> list:
+        server, port = await start_grpc(service, HOST, 0)
+        try:
+            async with grpc.aio.insecure_channel(f"{HOST}:{port}") as channel:
+                call = channel.stream_stream(
+                    f"/{SERVICE}/ModelStreamInfer",
+                    m["ModelInferRequest"].SerializeToString,
+                    m["ModelStreamInferResponse"].FromString,
+                )(iter([request(b"a", "a"), request(b"boom", "boom"), request(b"b", "b")]))
+                return [answer async for answer in call]
+        finally:
+            await server.stop(None)
+
+    answers = {a.infer_response.id: a for a in asyncio.run(stream())}
+    assert sorted(answers) == ["a", "b", "boom"]
+    assert answers["boom"].error_message == "internal error (the server's log has the details)"
+    assert "secret detail" in caplog.text
+    for rid in ("a", "b"):
+        assert not answers[rid].error_message and answers[rid].infer_response.model_version == "1"
+
+
 def test_cli_names_the_missing_extra(capsys, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a))

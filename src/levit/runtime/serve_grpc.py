@@ -291,10 +291,12 @@ class _Servicer:
             try:
                 reply = self.m["ModelStreamInferResponse"](infer_response=await self._infer(request, None))
             except Exception as e:  # a refusal or a fault is this request's answer, not the stream's end
-                if not isinstance(e, ClientError):
+                message = str(e)
+                if not isinstance(e, ClientError):  # its details go to the log, not to the client
                     log.exception("ModelStreamInfer: request %r failed", request.id)
+                    message = "internal error (the server's log has the details)"
                 head = self.m["ModelInferResponse"](model_name=request.model_name, id=request.id)
-                reply = self.m["ModelStreamInferResponse"](error_message=str(e), infer_response=head)
+                reply = self.m["ModelStreamInferResponse"](error_message=message, infer_response=head)
             try:
                 # one write at a time on a stream: a second one while the first is in flight stalls it
                 async with writing:
