@@ -1333,6 +1333,21 @@ def test_a_second_grpc_server_cannot_take_the_port_of_the_first():
     asyncio.run(two_servers())
 
 
+def _grpc_service(infer_images) -> SimpleNamespace:
+    """What start_grpc and its servicer read of a LeViTService, with ``infer_images`` as its model
+    and a queue bound of 3."""
+    return SimpleNamespace(config=SimpleNamespace(max_body_mb=1.0, topk=5), max_queue=3, infer_images=infer_images)
+
+
+def _infer_request(data: bytes, rid: str = ""):
+    """A ModelInferRequest of one encoded image for levit_tiny."""
+    from levit.runtime.serve_grpc import messages
+
+    r = messages()["ModelInferRequest"](model_name="levit_tiny", id=rid)
+    r.inputs.add(name="image", datatype="BYTES", shape=[1]).contents.bytes_contents.append(data)
+    return r
+
+
 def test_a_stream_is_read_no_further_than_the_queue_bound_and_its_client_leaving_cancels_its_requests():
     """A client that sends on its ModelStreamInfer stream faster than it is answered gets no more than
     ``max_queue`` requests read (past that gRPC's flow control holds it back, so its requests cannot
@@ -1351,9 +1366,7 @@ def test_a_stream_is_read_no_further_than_the_queue_bound_and_its_client_leaving
             cancelled.append(images)
             raise
 
-    service = SimpleNamespace(config=SimpleNamespace(max_body_mb=1.0, topk=5), max_queue=3, infer_images=infer_images)
-    request = m["ModelInferRequest"](model_name="levit_tiny")
-    request.inputs.add(name="image", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"image")
+    service, request = _grpc_service(infer_images), _infer_request(b"image")
 
     async def flood() -> None:
         server, port = await start_grpc(service, HOST, 0)
@@ -1394,12 +1407,7 @@ def test_a_fault_in_one_streamed_request_is_its_answer_alone(caplog):
             raise RuntimeError("secret detail")
         return [[{"class": 7, "label": "seven", "prob": 0.5}]], "1"
 
-    service = SimpleNamespace(config=SimpleNamespace(max_body_mb=1.0, topk=5), max_queue=3, infer_images=infer_images)
-
-    def request(data: bytes, rid: str):
-        r = m["ModelInferRequest"](model_name="levit_tiny", id=rid)
-        r.inputs.add(name="image", datatype="BYTES", shape=[1]).contents.bytes_contents.append(data)
-        return r
+    service = _grpc_service(infer_images)
 
     async def stream() -> list:
         server, port = await start_grpc(service, HOST, 0)
@@ -1409,7 +1417,7 @@ def test_a_fault_in_one_streamed_request_is_its_answer_alone(caplog):
                     f"/{SERVICE}/ModelStreamInfer",
                     m["ModelInferRequest"].SerializeToString,
                     m["ModelStreamInferResponse"].FromString,
-                )(iter([request(b"a", "a"), request(b"boom", "boom"), request(b"b", "b")]))
+                )(iter([_infer_request(b"a", "a"), _infer_request(b"boom", "boom"), _infer_request(b"b", "b")]))
                 return [answer async for answer in call]
         finally:
             await server.stop(None)

@@ -315,8 +315,7 @@ class _Servicer:
                 task = asyncio.ensure_future(answer(request))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
-            if pending:  # the client has sent all: its last answers, then the stream ends
-                await asyncio.gather(*pending)
+            await asyncio.gather(*pending)  # the client has sent all: its last answers, then the stream ends
         finally:  # the client went away: nothing more is computed for it
             for task in pending:
                 task.cancel()
