@@ -38,6 +38,7 @@ __all__ = [
     "ImageFiles",
     "Preprocess",
     "collate",
+    "collate_into",
     "load_item",
     "read_image_bytes",
 ]
@@ -391,3 +392,21 @@ def collate(items: list[tuple[str, Tensor | None, str | None]]) -> Batch:
     ok = [i for i, (_, x, _) in enumerate(items) if x is not None]
     x = default_collate([items[i][1] for i in ok]) if ok else None
     return Batch([p for p, _, _ in items], x, ok, {i: e for i, (_, _, e) in enumerate(items) if e is not None})
+
+
+def collate_into(
+    items: list[tuple[str, Tensor | None, str | None]], out: Tensor, preprocess: Preprocess, pixels: bool = False
+) -> Batch:
+    """:func:`collate` for items of uint8 pixels (:func:`load_item` with ``pixels=True``), written into
+    ``out`` (a ``(batch_size, 3, H, W)`` tensor kept for batch after batch): normalised with the values
+    of :meth:`Preprocess.__call__` (float32 ``out``), or with ``pixels`` as they are (uint8 ``out``).
+    Each image goes straight to its place, with no tensor of its own and no copy to stack them."""
+    ok, errors = [], {}
+    for pos, (_, px, error) in enumerate(items):
+        if px is None:
+            errors[pos] = error
+            continue
+        dst = out[len(ok)]
+        dst.copy_(px) if pixels else preprocess.normalize(px, out=dst)
+        ok.append(pos)
+    return Batch([p for p, _, _ in items], out[: len(ok)] if ok else None, ok, errors)

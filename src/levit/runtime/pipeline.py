@@ -37,7 +37,8 @@ import torch
 from torch import Tensor, nn
 
 from ..data.datasets import imagenet_class_names
-from ..data.preprocess import Batch, ImageFiles, Preprocess, collate, load_item
+from ..data.preprocess import Batch, Preprocess, collate, load_item
+from ..data.shared_batches import SharedBatches
 from ..errors import LeViTError
 from ..utils import available_cpus, num_threads
 from .options import PredictOptions
@@ -263,7 +264,9 @@ def iter_batches(
         return
     if runners:  # decoding processes, and the lanes' backends as the model lanes
         eager_cpu, run = True, _RoundRobin(runners)
-    loader = decoding_loader(paths, pre, batch_size, workers, pixels=pixels, pin_memory=dev.type == "cuda")
+    loader = decoding_loader(
+        paths, pre, batch_size, workers, pixels=pixels, hold=lanes + 1, pin_memory=dev.type == "cuda"
+    )
     yield from _workers_decode(loader, run, rows, lanes, one_thread=eager_cpu)
 
 
@@ -274,22 +277,19 @@ def decoding_loader(
     workers: int | None,
     *,
     pixels: bool = False,
+    hold: int = 1,
     pin_memory: bool = False,
     persistent: bool = False,
-) -> torch.utils.data.DataLoader:
-    """The DataLoader of ``levit predict``'s decoding processes: ``workers`` of them (:func:`plan`
+) -> SharedBatches:
+    """The batches of ``levit predict``'s decoding processes: ``workers`` of them (:func:`plan`
     fits them and the batch to the files), each batch normalised float, or with ``pixels`` uint8
-    pixels that the model's device normalises; ``persistent``: the processes stay between passes
-    (benchmarks/decoders.py times passes of the same loader)."""
+    pixels that the model's device normalises, in shared memory reused batch after batch (the
+    consumer holding at most ``hold``; :class:`~levit.data.shared_batches.SharedBatches`);
+    ``persistent``: the processes stay between passes (benchmarks/decoders.py times passes of the
+    same loader)."""
     workers, batch_size = plan(paths, batch_size, workers)
-    return torch.utils.data.DataLoader(
-        ImageFiles(paths, pre, pixels),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=collate,
-        pin_memory=pin_memory,
-        prefetch_factor=2 if workers else None,
-        persistent_workers=persistent and workers > 0,
+    return SharedBatches(
+        paths, pre, batch_size, workers, pixels=pixels, hold=hold, pin_memory=pin_memory, persistent=persistent
     )
 
 
@@ -327,20 +327,29 @@ def preprocess_for(model: nn.Module, options: PredictOptions) -> Preprocess:
 
 
 def _workers_decode(
-    loader: torch.utils.data.DataLoader,
+    loader: SharedBatches,
     run: Callable[[Tensor], Tensor],
     rows: RowMaker,
     lanes: int,
     one_thread: bool,
 ) -> Iterator[list[dict]]:
     """The layout with decoding processes: the ``loader``'s workers decode the batches, ``lanes``
-    threads run ``run`` on them (with ``one_thread``, each on one torch thread), rows in input order."""
+    threads run ``run`` on them (with ``one_thread``, each on one torch thread), rows in input order.
+    A lane releases its batch's memory to the loader as soon as its rows are made: at most ``lanes``
+    batches are held when the next one is asked for."""
+
+    def work(batch: Batch) -> list[dict]:
+        try:
+            return rows(run, batch)
+        finally:
+            loader.release(batch)
+
     batches = iter(loader)  # workers start here, before any model thread exists (fork-safe)
     with num_threads(1 if one_thread else None), ThreadPoolExecutor(lanes) as pool:
         pending: collections.deque[tuple[Batch, Future | None]] = collections.deque()
         try:
             for batch in batches:
-                pending.append((batch, pool.submit(rows, run, batch)))
+                pending.append((batch, pool.submit(work, batch)))
                 if len(pending) > lanes:
                     yield pending.popleft()[1].result()
             while pending:
