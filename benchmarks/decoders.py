@@ -12,10 +12,11 @@ error, top-1 agreement. Speed: decode + preprocess CPU ms per image on one threa
 photo-like 500x375 and 4032x3024 JPEGs (as benchmarks/predict_e2e.py writes them), and the
 images/s of one and two decoding processes in `levit predict`'s layout (`levit.runtime.pipeline`
 with `--workers N`: its batch size and its split of the files), over 2,560 and 64 files so that
-filling and draining the processes at the ends of a pass costs a few per cent of it, the two counts
+filling and draining the processes at the ends of a pass costs a few per cent of it, the counts
 taking turns pass by pass; once with the batches normalised in the processes (the CPU's layout) and
 once as uint8 pixels normalised where the model runs (a GPU's layout: a quarter of the bytes through
-shared memory).
+shared memory); beside them, torch's DataLoader as it comes (each batch in shared memory of its own)
+in the same layout and the same turns, the peer of `levit.data.shared_batches`.
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ import torch
 
 import levit
 from levit.data.decoders import tensor_decoder_name
-from levit.data.preprocess import Preprocess
+from levit.data.preprocess import ImageFiles, Preprocess, collate
 from levit.runtime.options import CPU_BATCH_SIZE
-from levit.runtime.pipeline import decoding_loader
+from levit.runtime.pipeline import decoding_loader, plan
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' helpers (test support)
 from helpers import randomize_weights, write_sample_jpegs
@@ -94,27 +95,49 @@ def cpu_ms(files: list[Path], pre: Preprocess, rounds: int = 3) -> float:
     return best * 1e3
 
 
-def rates(
-    files: list[Path], pre: Preprocess, workers: tuple[int, ...] = (1, 2), rounds: int = 5, pixels: bool = False
-) -> list[float]:
-    """Images/s decoded + preprocessed by each count of DataLoader processes in ``workers``, in
-    `levit predict`'s layout (its batch size, its split of the files among the processes, prefetch
-    2): the median of ``rounds`` passes over ``files``, the counts taking turns pass by pass (a
-    disturbance of the machine falls on both alike), once their processes run (a first pass starts
-    them: starting them is not decoding). ``pixels``: the batches travel as uint8 pixels, normalised
-    where the model runs (a GPU's layout), instead of normalised float (the CPU's ``--workers``)."""
-    loaders = []
-    for n in workers:
-        loader = decoding_loader(files, pre, CPU_BATCH_SIZE, n, pixels=pixels, persistent=True)
-        sum(len(b.paths) for b in loader)
-        loaders.append(loader)
-    passes: list[list[float]] = [[] for _ in workers]
+def _count(loader) -> int:
+    """One pass over ``loader``: its images, each batch released once counted (a plain DataLoader's
+    batches need no release)."""
+    n = 0
+    for b in loader:
+        n += len(b.paths)
+        getattr(loader, "release", lambda _: None)(b)
+    return n
+
+
+def plain_loader(files: list[Path], pre: Preprocess, workers: int, pixels: bool) -> torch.utils.data.DataLoader:
+    """torch's DataLoader as it comes, in `levit predict`'s layout (:func:`plan`): each batch collated
+    into shared memory of its own by the worker, mapped and unmapped by the parent (the peer of
+    levit.data.shared_batches)."""
+    workers, batch = plan(files, CPU_BATCH_SIZE, workers)
+    data = ImageFiles(files, pre, pixels)
+    return torch.utils.data.DataLoader(
+        data, batch, num_workers=workers, collate_fn=collate, prefetch_factor=2, persistent_workers=True
+    )
+
+
+def rates(files: list[Path], pre: Preprocess, rounds: int = 5, pixels: bool = False) -> dict[str, float]:
+    """Images/s decoded + preprocessed by 1 and 2 DataLoader processes in `levit predict`'s layout (its
+    batch size, its split of the files among the processes, prefetch 2), through `levit predict`'s
+    reused shared memory (``levit1``, ``levit2``) and through torch's DataLoader as it comes
+    (``plain1``, ``plain2``): the median of ``rounds`` passes over ``files``, the four taking turns pass
+    by pass (a disturbance of the machine falls on all alike), once their processes run (a first pass
+    starts them: starting them is not decoding). ``pixels``: the batches travel as uint8 pixels,
+    normalised where the model runs (a GPU's layout), instead of normalised float (the CPU's
+    ``--workers``)."""
+    loaders = {
+        f"levit{n}": decoding_loader(files, pre, CPU_BATCH_SIZE, n, pixels=pixels, persistent=True) for n in (1, 2)
+    }
+    loaders.update({f"plain{n}": plain_loader(files, pre, n, pixels) for n in (1, 2)})
+    for loader in loaders.values():
+        _count(loader)
+    passes: dict[str, list[float]] = {k: [] for k in loaders}
     for _ in range(rounds):
-        for loader, out in zip(loaders, passes):
+        for k, loader in loaders.items():
             t = time.perf_counter()
-            n = sum(len(b.paths) for b in loader)
-            out.append(n / (time.perf_counter() - t))
-    return [statistics.median(p) for p in passes]
+            n = _count(loader)
+            passes[k].append(n / (time.perf_counter() - t))
+    return {k: statistics.median(p) for k, p in passes.items()}
 
 
 def _decode_all(files: list[Path], pre: Preprocess, out) -> None:
@@ -154,23 +177,27 @@ def main() -> None:
         print("| " + " | ".join(res) + " |\n|" + "---|" * len(res))
         print("| " + " | ".join(f"{v:.4g}" if k != "top-1 agreement" else f"{v:.1%}" for k, v in res.items()) + " |")
         print(
-            "\n| images | pil CPU ms/img | tensor CPU ms/img | tensor / pil speed | 1 worker img/s (tensor) | 2 workers "
-            "| 2 / 1 | 2 / 1, uint8 batches (a GPU's layout) | 2 / 1, independent processes |"
+            "\n| images | pil CPU ms/img | tensor CPU ms/img | tensor / pil speed | 1 process img/s (tensor) "
+            "| 2 processes | 2 / 1 | 2 / 1, uint8 batches (a GPU's layout) | 2 / 1, independent processes "
+            "| torch's DataLoader as it comes: 1, 2 processes | its 2 / 1 | 2 processes / DataLoader's |"
         )
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("|---" * 12 + "|")
         for name, hw, n in (
             ("500x375", (375, 500), 40 if args.quick else 2560),
             ("4032x3024", (3024, 4032), 4 if args.quick else 64),
         ):
             files = write_sample_jpegs(root / name, n, hw, seed=0)
+            tensor = Preprocess(224, decoder="tensor")
             p = cpu_ms(files, Preprocess(224))
-            t = cpu_ms(files, Preprocess(224, decoder="tensor"))
-            r1, r2 = rates(files, Preprocess(224, decoder="tensor"))
-            u1, u2 = rates(files, Preprocess(224, decoder="tensor"), pixels=True)
-            i1, i2 = (independent(files, Preprocess(224, decoder="tensor"), k) for k in (1, 2))
+            t = cpu_ms(files, tensor)
+            r = rates(files, tensor)
+            u = rates(files, tensor, pixels=True)
+            i1, i2 = (independent(files, tensor, k) for k in (1, 2))
             print(
-                f"| {n} x {name} | {p:.2f} | {t:.2f} | {p / t:.2f}x | {r1:.1f} | {r2:.1f} | {r2 / r1:.2f}x "
-                f"| {u2 / u1:.2f}x ({u1:.1f}, {u2:.1f}) | {i2 / i1:.2f}x |"
+                f"| {n} x {name} | {p:.2f} | {t:.2f} | {p / t:.2f}x | {r['levit1']:.1f} | {r['levit2']:.1f} "
+                f"| {r['levit2'] / r['levit1']:.2f}x | {u['levit2'] / u['levit1']:.2f}x ({u['levit1']:.1f}, "
+                f"{u['levit2']:.1f}) | {i2 / i1:.2f}x | {r['plain1']:.1f}, {r['plain2']:.1f} "
+                f"| {r['plain2'] / r['plain1']:.2f}x | {r['levit2'] / r['plain2']:.2f}x |"
             )
     print(
         f"\ntorch {torch.__version__}, one torch thread per process; command: python benchmarks/decoders.py"
