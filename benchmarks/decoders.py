@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from intervals import median_interval
 
 import levit
 from levit.data.decoders import tensor_decoder_name
@@ -116,15 +117,15 @@ def plain_loader(files: list[Path], pre: Preprocess, workers: int, pixels: bool)
     )
 
 
-def rates(files: list[Path], pre: Preprocess, rounds: int = 5, pixels: bool = False) -> dict[str, float]:
-    """Images/s decoded + preprocessed by 1 and 2 DataLoader processes in `levit predict`'s layout (its
-    batch size, its split of the files among the processes, prefetch 2), through `levit predict`'s
-    reused shared memory (``levit1``, ``levit2``) and through torch's DataLoader as it comes
-    (``plain1``, ``plain2``): the median of ``rounds`` passes over ``files``, the four taking turns pass
-    by pass (a disturbance of the machine falls on all alike), once their processes run (a first pass
-    starts them: starting them is not decoding). ``pixels``: the batches travel as uint8 pixels,
-    normalised where the model runs (a GPU's layout), instead of normalised float (the CPU's
-    ``--workers``)."""
+def rates(files: list[Path], pre: Preprocess, rounds: int = 5, pixels: bool = False) -> dict[str, list[float]]:
+    """Images/s of each pass, decoded + preprocessed by 1 and 2 DataLoader processes in `levit
+    predict`'s layout (its batch size, its split of the files among the processes, prefetch 2),
+    through `levit predict`'s reused shared memory (``levit1``, ``levit2``) and through torch's
+    DataLoader as it comes (``plain1``, ``plain2``): ``rounds`` passes over ``files`` each, the four
+    taking turns pass by pass (a disturbance of the machine falls on all alike, and each round's
+    ratios compare passes run side by side), once their processes run (a first pass starts them:
+    starting them is not decoding). ``pixels``: the batches travel as uint8 pixels, normalised
+    where the model runs (a GPU's layout), instead of normalised float (the CPU's ``--workers``)."""
     loaders = {
         f"levit{n}": decoding_loader(files, pre, CPU_BATCH_SIZE, n, pixels=pixels, persistent=True) for n in (1, 2)
     }
@@ -137,7 +138,14 @@ def rates(files: list[Path], pre: Preprocess, rounds: int = 5, pixels: bool = Fa
             t = time.perf_counter()
             n = _count(loader)
             passes[k].append(n / (time.perf_counter() - t))
-    return {k: statistics.median(p) for k, p in passes.items()}
+    return passes
+
+
+def by_round(passes: dict[str, list[float]], num: str, den: str) -> str:
+    """``num`` / ``den`` round by round: their median and an interval for it (benchmarks/intervals.py)."""
+    ratios = [a / b for a, b in zip(passes[num], passes[den])]
+    low, high, coverage = median_interval(ratios)
+    return f"{statistics.median(ratios):.2f}x ({coverage:.0%} interval {low:.2f}-{high:.2f})"
 
 
 def _decode_all(files: list[Path], pre: Preprocess, out) -> None:
@@ -167,6 +175,7 @@ def independent(files: list[Path], pre: Preprocess, n: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="3 photos, fewer speed images")
+    ap.add_argument("--rounds", type=int, default=5, help="passes of each loader, taking turns (default 5)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -182,6 +191,7 @@ def main() -> None:
             "| torch's DataLoader as it comes: 1, 2 processes | its 2 / 1 | 2 processes / DataLoader's |"
         )
         print("|---" * 12 + "|")
+        rounds: list[str] = []
         for name, hw, n in (
             ("500x375", (375, 500), 40 if args.quick else 2560),
             ("4032x3024", (3024, 4032), 4 if args.quick else 64),
@@ -190,8 +200,14 @@ def main() -> None:
             tensor = Preprocess(224, decoder="tensor")
             p = cpu_ms(files, Preprocess(224))
             t = cpu_ms(files, tensor)
-            r = rates(files, tensor)
-            u = rates(files, tensor, pixels=True)
+            passes = rates(files, tensor, args.rounds)
+            r = {k: statistics.median(v) for k, v in passes.items()}
+            u = {k: statistics.median(v) for k, v in rates(files, tensor, args.rounds, pixels=True).items()}
+            rounds.append(
+                f"{n} x {name}, round by round: levit 2 / 1 {by_round(passes, 'levit2', 'levit1')}; DataLoader's "
+                f"2 / 1 {by_round(passes, 'plain2', 'plain1')}; levit's 2 processes / DataLoader's "
+                f"{by_round(passes, 'levit2', 'plain2')}"
+            )
             i1, i2 = (independent(files, tensor, k) for k in (1, 2))
             print(
                 f"| {n} x {name} | {p:.2f} | {t:.2f} | {p / t:.2f}x | {r['levit1']:.1f} | {r['levit2']:.1f} "
@@ -199,6 +215,7 @@ def main() -> None:
                 f"{u['levit2']:.1f}) | {i2 / i1:.2f}x | {r['plain1']:.1f}, {r['plain2']:.1f} "
                 f"| {r['plain2'] / r['plain1']:.2f}x | {r['levit2'] / r['plain2']:.2f}x |"
             )
+        print("\n" + "\n".join(rounds))
     print(
         f"\ntorch {torch.__version__}, one torch thread per process; command: python benchmarks/decoders.py"
         + (" --quick" if args.quick else "")

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import math
 import os
 import re
 import resource
@@ -52,6 +51,7 @@ import zipfile
 from pathlib import Path
 
 import serve_load
+from intervals import median_interval
 from serve_load import HOST, Ceiling, cpu_by_kind, free_port, photo_jpegs, start_server
 
 TRITONCLIENT = "tritonclient[all]==2.39.0"  # the last wheel whose perf_analyzer runs on glibc 2.36
@@ -164,23 +164,6 @@ def batch_shares(before: dict[float, float], after: dict[float, float], batches:
     edges = [(0, 8, "le8"), (8, 16, "le16"), (16, 32, "le32"), (32, float("inf"), "gt32")]
     count = {le: after[le] - before.get(le, 0.0) for le in after}
     return {f"batches_{name}": (count[hi] - count.get(lo, 0.0)) / max(batches, 1) for lo, hi, name in edges}
-
-
-def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
-    """A distribution-free interval for the median of ``values`` (order statistics: the median lies
-    between the k-th smallest and the k-th largest of n values with probability 1 - 2 P(Bin(n, 1/2) < k)):
-    ``(low, high, coverage)`` for the largest k whose coverage is at least ``confidence``, or k = 1
-    (the smallest and largest) with the coverage it has when too few values reach it."""
-    xs, n = sorted(values), len(values)
-    below = 0.0  # P(Bin(n, 1/2) < k), k = 1, 2, ...
-    k, coverage = 1, 1 - 2 * 0.5**n
-    for j in range(1, (n + 1) // 2):
-        below += math.comb(n, j - 1) * 0.5**n
-        below_next = below + math.comb(n, j) * 0.5**n
-        if 1 - 2 * below_next < confidence:
-            break
-        k, coverage = j + 1, 1 - 2 * below_next
-    return xs[k - 1], xs[n - k], coverage
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
