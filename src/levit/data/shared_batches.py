@@ -118,7 +118,8 @@ class SharedBatches:
     float, or with ``pixels`` uint8 to be normalised where the model runs.
 
     A batch's ``x`` lives in shared memory that later batches reuse: call :meth:`release` once done
-    with it, from any thread. The consumer may hold up to ``hold`` batches at a time; asking for
+    with it, from any thread, also for a batch taken in a pass left early (its slot waits for that).
+    The consumer may hold up to ``hold`` batches at a time; asking for
     another while holding ``hold`` is a :class:`~levit.errors.LeViTError` (the workers would wait
     for a release that never comes). ``pin_memory``: batches in pinned memory for a GPU's copy
     (collated per batch). ``persistent``: the processes stay between passes.
