@@ -219,6 +219,7 @@ def main() -> None:
     print(
         f"\ntorch {torch.__version__}, one torch thread per process; command: python benchmarks/decoders.py"
         + (" --quick" if args.quick else "")
+        + (f" --rounds {args.rounds}" if args.rounds != 5 else "")
     )
 
 
