@@ -283,8 +283,9 @@ def decoding_loader(
 ) -> SharedBatches:
     """The batches of ``levit predict``'s decoding processes: ``workers`` of them (:func:`plan`
     fits them and the batch to the files), each batch normalised float, or with ``pixels`` uint8
-    pixels that the model's device normalises, in shared memory reused batch after batch (the
-    consumer holding at most ``hold``; :class:`~levit.data.shared_batches.SharedBatches`);
+    pixels that the model's device normalises; with processes and no ``pin_memory``, in shared memory
+    reused batch after batch (the consumer holding at most ``hold``;
+    :class:`~levit.data.shared_batches.SharedBatches`);
     ``persistent``: the processes stay between passes (benchmarks/decoders.py times passes of the
     same loader)."""
     workers, batch_size = plan(paths, batch_size, workers)
