@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -455,3 +456,28 @@ def test_unreadable_files_are_listed_up_to_a_limit_then_counted(ckpt, folder, ca
     err = capsys.readouterr().err
     assert err.count("skipped ") == 1 and "... and 2 more unreadable file(s)\n" in err
     assert "1 classified, 3 unreadable" in err
+
+
+def test_too_little_shared_memory_for_the_decoding_processes_is_one_line_and_no_output(
+    ckpt, folder, tmp_path, capsys, monkeypatch
+):
+    """A container's small /dev/shm: `levit predict --workers 2` says in one line how much shared
+    memory its decoding processes need and what to do, before any worker starts (instead of torch's
+    RuntimeError and a traceback), and leaves no output file."""
+    from types import SimpleNamespace
+
+    real = os.statvfs
+    monkeypatch.setattr(
+        os, "statvfs", lambda p: SimpleNamespace(f_bavail=32, f_frsize=4096) if p == "/dev/shm" else real(p)
+    )
+    out = tmp_path / "p.jsonl"
+    argv = ["predict", str(folder), "-c", str(ckpt), "--workers", "2", "-b", "2", "--output", str(out)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert re.fullmatch(
+        r"levit predict: error: decoding processes need [\d.]+ MB of shared memory and /dev/shm has 0.1 MB free: "
+        r"decode in this process \(--workers 0\), .*\(docker run --shm-size\)",
+        err[-1],
+    ), err
+    assert not out.exists()
+    assert main([*argv[:4], "--workers", "0", *argv[6:]]) == 0 and out.exists()  # what the message says works

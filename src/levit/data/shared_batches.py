@@ -45,12 +45,36 @@ class _AbandonedError(Exception):
     """The batch a worker waits to write belongs to a pass the consumer left."""
 
 
+SHM = "/dev/shm"  # where Linux keeps POSIX shared memory, torch's included
+
+
+def _check_shared_memory(nbytes: int) -> None:
+    """Refuse, in one line saying what to change, a ring larger than the shared memory free (a
+    container's /dev/shm is 64 MB unless given more), where torch would raise a RuntimeError ("unable
+    to allocate shared memory ... No space left on device") and the run end in a traceback. Where
+    there is no /dev/shm (macOS keeps shared memory elsewhere) there is nothing to check."""
+    try:
+        st = os.statvfs(SHM)
+    except OSError:
+        return
+    free = st.f_bavail * st.f_frsize
+    if nbytes > free:
+        mb = 1 << 20
+        raise LeViTError(
+            f"decoding processes need {nbytes / mb:,.1f} MB of shared memory and {SHM} has {free / mb:,.1f} MB "
+            "free: decode in this process (--workers 0), use fewer --workers or a smaller --batch-size, or give "
+            "the container more shared memory (docker run --shm-size)"
+        )
+
+
 class _Ring:
     """``slots`` batches of shared memory and each slot's turn (above); picklable into workers."""
 
     def __init__(self, slots: int, batch_size: int, shape: tuple[int, ...], dtype: torch.dtype) -> None:
         self.slots = slots
-        self.x = torch.empty((slots, batch_size, *shape), dtype=dtype).share_memory_()
+        x = torch.empty((slots, batch_size, *shape), dtype=dtype)
+        _check_shared_memory(x.nbytes)
+        self.x = x.share_memory_()
         self.turn = torch.arange(slots, dtype=torch.int64).share_memory_()
         self.first_live = torch.zeros(1, dtype=torch.int64).share_memory_()  # lower numbers: written off
 
