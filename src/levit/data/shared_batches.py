@@ -52,10 +52,11 @@ def _check_shared_memory(nbytes: int) -> None:
     """Refuse, in one line saying what to change, a ring larger than the shared memory free (a
     container's /dev/shm is 64 MB unless given more), where torch would raise a RuntimeError ("unable
     to allocate shared memory ... No space left on device") and the run end in a traceback. Where
-    there is no /dev/shm (macOS keeps shared memory elsewhere) there is nothing to check."""
+    there is no /dev/shm (macOS keeps shared memory elsewhere, Windows has no ``statvfs``) there is
+    nothing to check."""
     try:
         st = os.statvfs(SHM)
-    except OSError:
+    except (AttributeError, OSError):
         return
     free = st.f_bavail * st.f_frsize
     if nbytes > free:
