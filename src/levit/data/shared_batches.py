@@ -2,9 +2,9 @@
 
 A DataLoader worker hands every batch over in shared memory of its own: the worker creates it and
 faults its fresh pages in, the parent receives a file descriptor, maps the memory and unmaps it when
-the batch is dropped. For ``levit predict``'s normalised batches of 32 at 224 (19 MB) the parent
-spends about 3.5 ms a batch on that, most of what two decoding processes lose against two processes
-on their own (docs/predict.md). Here the parent makes ``slots`` batches of shared memory before the
+the batch is dropped. For normalised float batches that work is most of what two decoding processes
+lose against two processes on their own (docs/predict.md measures both). Here the parent makes
+``slots`` batches of shared memory before the
 workers start; a worker normalises each image of batch number ``b`` straight into slot ``b % slots``
 (no float tensor per image, no copy to stack them) and sends back only the file names and which were
 readable.
