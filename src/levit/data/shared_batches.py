@@ -4,10 +4,9 @@ A DataLoader worker hands every batch over in shared memory of its own: the work
 faults its fresh pages in, the parent receives a file descriptor, maps the memory and unmaps it when
 the batch is dropped. For normalised float batches that work is most of what two decoding processes
 lose against two processes on their own (docs/predict.md measures both). Here the parent makes
-``slots`` batches of shared memory before the
-workers start; a worker normalises each image of batch number ``b`` straight into slot ``b % slots``
-(no float tensor per image, no copy to stack them) and sends back only the file names and which were
-readable.
+``slots`` batches of shared memory before the workers start; a worker normalises each image of batch
+number ``b`` straight into slot ``b % slots`` (no float tensor per image, no copy to stack them) and
+sends back only the file names and which were readable.
 
 The rule that keeps a batch from being overwritten while it is in use: ``turn[s]`` is the one batch
 number allowed to write slot ``s`` next. A worker decoding batch ``b`` waits until
